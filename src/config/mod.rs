@@ -1,0 +1,196 @@
+//! The compiled configuration: what `routes.toml` means once validated.
+//!
+//! Everything a request needs is compiled here once, at load: match values, CIDRs, URLs,
+//! JSONPaths, header names. The request path never parses configuration text. Secrets are
+//! held in [`Secret`], whose `Debug` never shows the value.
+//!
+//! `raw` mirrors the file for serde, `validate` turns it into a [`Config`] collecting every
+//! problem, `table` prints the routing table for `check` and reload answers.
+
+mod raw;
+mod table;
+mod validate;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+
+use crate::routing::{Filter, Matcher};
+
+pub use table::routing_table;
+pub use validate::{load, parse, ConfigErrors, Problem};
+
+/// A secret string (auth value, client secret, signing key). `Debug`/`Display` print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    pub fn new(v: impl AsRef<[u8]>) -> Self {
+        Secret(Arc::from(v.as_ref()))
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug)]
+pub struct Config {
+    /// The file this was loaded from (for reload and messages).
+    pub file: PathBuf,
+    pub server: Server,
+    pub store: StoreSettings,
+    pub dedup_window: Duration,
+    pub sources: Vec<Arc<Source>>,
+    pub destinations: Vec<Arc<Destination>>,
+    pub routes: Vec<Arc<Route>>,
+    /// Source index by ingress path.
+    pub by_path: HashMap<String, usize>,
+}
+
+impl Config {
+    pub fn destination(&self, name: &str) -> Option<&Arc<Destination>> {
+        self.destinations.iter().find(|d| d.name == name)
+    }
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+    pub fn source_for_path(&self, path: &str) -> Option<&Arc<Source>> {
+        self.by_path.get(path).map(|&i| &self.sources[i])
+    }
+    pub fn dir(&self) -> &Path {
+        self.file.parent().unwrap_or(Path::new("."))
+    }
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: u64,
+    pub trusted_proxies: Vec<IpNet>,
+    pub tls: Option<TlsFiles>,
+    pub token_secret: Option<Secret>,
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send its headers, and then its body.
+    pub read_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sled,
+    Jetstream,
+}
+
+#[derive(Debug)]
+pub struct StoreSettings {
+    pub backend: Backend,
+    pub path: PathBuf,
+    pub retain: Duration,
+    pub url: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Source {
+    pub name: String,
+    pub path: String,
+    /// Empty = any address.
+    pub allow_ips: Vec<IpNet>,
+    pub auth: Auth,
+    pub event_id: Vec<crate::event_id::IdPath>,
+    pub decode_json: Vec<String>,
+    /// Indexes into `Config::routes` of the routes whose source this is, in file order.
+    pub routes: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub enum Auth {
+    None,
+    Header {
+        header: HeaderName,
+        value: Secret,
+    },
+    OAuth2 {
+        clients: Vec<Client>,
+        token_ttl: Duration,
+    },
+    StandardWebhooks {
+        secret: Secret,
+        tolerance: Duration,
+    },
+}
+
+#[derive(Debug)]
+pub struct Client {
+    pub id: String,
+    pub secret: Secret,
+}
+
+#[derive(Debug)]
+pub struct Destination {
+    pub name: String,
+    pub url: Uri,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub sign: Option<Secret>,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+    pub max_queue: u64,
+    pub retry: RetryPolicy,
+    pub rate: Rate,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub first: Duration,
+    pub factor: f64,
+    pub max_delay: Duration,
+    pub give_up_after: Duration,
+    /// 0 = no count limit.
+    pub max_attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub source: usize,
+    pub matchers: Vec<Matcher>,
+    pub filter: Option<Filter>,
+    /// Indexes into `Config::destinations`.
+    pub to: Vec<usize>,
+    pub reply: Option<Reply>,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    /// Index into `Config::destinations`.
+    pub from: usize,
+    pub timeout: Duration,
+    pub fallback_status: u16,
+    pub fallback_body: String,
+    pub fallback_content_type: String,
+}

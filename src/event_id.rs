@@ -1,0 +1,160 @@
+//! Event ids: the source's `event_id` JSONPaths, or the body's SHA-256.
+//!
+//! Each path is compiled once. Plain member paths (`$.payload.eventId`) take a direct walk
+//! over the JSON tree; anything else goes through the RFC 9535 engine. The values found are
+//! joined with [`SEPARATOR`] (strings as they are, other values as compact JSON); when no
+//! path finds anything the id is the lowercase hex SHA-256 of the received bytes.
+
+use std::fmt;
+
+use jsonpath_rust::parser::model::JpQuery;
+use jsonpath_rust::parser::parse_json_path;
+use jsonpath_rust::query::js_path_process;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Joins the values of several `event_id` paths: `dids:update:48213`.
+pub const SEPARATOR: char = ':';
+
+#[derive(Clone)]
+pub struct IdPath {
+    pub text: String,
+    /// `Some` for plain member paths, walked without the JSONPath engine.
+    members: Option<Vec<String>>,
+    query: JpQuery,
+}
+
+impl fmt::Debug for IdPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IdPath({:?})", self.text)
+    }
+}
+
+impl IdPath {
+    pub fn compile(text: &str) -> Result<Self, String> {
+        let query = parse_json_path(text).map_err(|e| e.to_string())?;
+        Ok(IdPath {
+            text: text.to_string(),
+            members: plain_members(text),
+            query,
+        })
+    }
+
+    /// Appends what this path finds in `event` to `out`; returns whether it found anything.
+    fn find_into(&self, event: &Value, out: &mut String) -> bool {
+        if let Some(members) = &self.members {
+            let mut v = event;
+            for m in members {
+                match v.get(m) {
+                    Some(next) => v = next,
+                    None => return false,
+                }
+            }
+            return push_value(v, out);
+        }
+        let Ok(found) = js_path_process(&self.query, event) else {
+            return false;
+        };
+        let mut any = false;
+        for r in found {
+            if any {
+                out.push(SEPARATOR);
+            }
+            any |= push_value(r.val, out);
+        }
+        any
+    }
+}
+
+/// `$.a.b` → `["a","b"]` when every segment is a plain identifier.
+fn plain_members(text: &str) -> Option<Vec<String>> {
+    let rest = text.strip_prefix("$.")?;
+    let parts: Vec<String> = rest.split('.').map(str::to_string).collect();
+    let ok = parts.iter().all(|p| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !p.starts_with(|c: char| c.is_ascii_digit())
+    });
+    ok.then_some(parts)
+}
+
+fn push_value(v: &Value, out: &mut String) -> bool {
+    match v {
+        Value::Null => false,
+        Value::String(s) => {
+            out.push_str(s);
+            true
+        }
+        other => {
+            out.push_str(&other.to_string());
+            true
+        }
+    }
+}
+
+/// The event id of `event` (the decoded JSON) received as `body`.
+pub fn event_id(paths: &[IdPath], event: &Value, body: &[u8]) -> String {
+    let mut out = String::new();
+    for p in paths {
+        let mark = out.len();
+        if !out.is_empty() {
+            out.push(SEPARATOR);
+        }
+        if !p.find_into(event, &mut out) {
+            out.truncate(mark);
+        }
+    }
+    if out.is_empty() {
+        body_hash(body)
+    } else {
+        out
+    }
+}
+
+/// Lowercase hex SHA-256 of `body`.
+pub fn body_hash(body: &[u8]) -> String {
+    let digest = Sha256::digest(body);
+    let mut s = String::with_capacity(64);
+    for b in digest.iter() {
+        use std::fmt::Write;
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn paths(p: &[&str]) -> Vec<IdPath> {
+        p.iter().map(|s| IdPath::compile(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn joins_found_values() {
+        let ev = json!({"schema":"dids","type":"update","data":{"id":48213}});
+        let id = event_id(&paths(&["$.schema", "$.type", "$.data.id"]), &ev, b"x");
+        assert_eq!(id, "dids:update:48213");
+    }
+
+    #[test]
+    fn skips_missing_and_falls_back_to_hash() {
+        let ev = json!({"payload":{"umid":"u1"}});
+        let p = paths(&["$.payload.umid", "$.payload.status.state"]);
+        assert_eq!(event_id(&p, &ev, b"x"), "u1");
+        let none = event_id(&paths(&["$.nope"]), &ev, b"abc");
+        assert_eq!(
+            none,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn general_paths_use_the_engine() {
+        let ev = json!({"payload":[{"eventId":"a"},{"eventId":"b"}]});
+        let p = paths(&["$.payload[*].eventId"]);
+        assert!(p[0].members.is_none());
+        assert_eq!(event_id(&p, &ev, b"x"), "a:b");
+    }
+}

@@ -1,0 +1,122 @@
+//! Inbound credentials of a source: a static header, an OAuth2 bearer token issued by this
+//! relay, or a Standard Webhooks signature. Every comparison of a secret is constant-time.
+//!
+//! The contract checks auth before size and JSON, so everything that can be judged from the
+//! headers is judged first; a Standard Webhooks signature covers the body and is verified
+//! once the body is read ([`BodyCheck`]).
+
+use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::HeaderMap;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use crate::config::{Auth, Config, Source};
+use crate::{signature, token};
+
+/// A check that still needs the body.
+pub struct BodyCheck {
+    id: String,
+    timestamp: String,
+    signatures: String,
+}
+
+impl BodyCheck {
+    pub fn verify(&self, source: &Source, body: &[u8]) -> Result<(), ApiError> {
+        let Auth::StandardWebhooks { secret, .. } = &source.auth else {
+            return Ok(());
+        };
+        if signature::verify(
+            secret.expose(),
+            &self.id,
+            &self.timestamp,
+            body,
+            &self.signatures,
+        ) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "webhook-signature does not match the body",
+            ))
+        }
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Checks what the headers alone can prove. `now` is unix seconds.
+pub fn check_headers(
+    config: &Config,
+    source: &Source,
+    headers: &HeaderMap,
+    now: u64,
+) -> Result<Option<BodyCheck>, ApiError> {
+    match &source.auth {
+        Auth::None => Ok(None),
+        Auth::Header {
+            header: name,
+            value,
+        } => {
+            let got = headers.get(name).map(|v| v.as_bytes()).unwrap_or_default();
+            if bool::from(got.ct_eq(value.expose())) {
+                Ok(None)
+            } else {
+                Err(ApiError::unauthorized(format!(
+                    "missing or wrong {name} header"
+                )))
+            }
+        }
+        Auth::OAuth2 { .. } => {
+            let bearer = headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                });
+            let unauthorized = |m: &str| {
+                ApiError::unauthorized(m.to_string()).with_header(WWW_AUTHENTICATE, "Bearer")
+            };
+            let Some(tok) = bearer else {
+                return Err(unauthorized(
+                    "a Bearer token from POST /oauth/token is required",
+                ));
+            };
+            let Some(key) = &config.server.token_secret else {
+                return Err(unauthorized("no token secret is configured"));
+            };
+            match token::verify(key.expose(), tok.trim(), now) {
+                Ok(claims) if claims.source == source.name => Ok(None),
+                Ok(_) => Err(unauthorized("the token was issued for another source")),
+                Err(e) => Err(unauthorized(&format!("invalid token: {e}"))),
+            }
+        }
+        Auth::StandardWebhooks { tolerance, .. } => {
+            let (Some(id), Some(ts), Some(sig)) = (
+                header(headers, "webhook-id"),
+                header(headers, "webhook-timestamp"),
+                header(headers, "webhook-signature"),
+            ) else {
+                return Err(ApiError::unauthorized(
+                    "webhook-id, webhook-timestamp and webhook-signature are required",
+                ));
+            };
+            let Ok(t) = ts.trim().parse::<u64>() else {
+                return Err(ApiError::unauthorized(
+                    "webhook-timestamp is not unix seconds",
+                ));
+            };
+            if now.abs_diff(t) > tolerance.as_secs() {
+                return Err(ApiError::unauthorized(
+                    "webhook-timestamp is outside the allowed tolerance",
+                ));
+            }
+            Ok(Some(BodyCheck {
+                id: id.to_string(),
+                timestamp: ts.trim().to_string(),
+                signatures: sig.to_string(),
+            }))
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The public ingress: accepts provider callbacks and answers only once they are durable.
+//!
+//! Checks run in the contract's order — path → IP allowlist → method → auth → size → JSON —
+//! and every failure is the contract's JSON error. An accepted event is routed, given its
+//! id, deduplicated and written with one pending delivery per destination by
+//! [`Store::accept`](crate::store::Store::accept) before the 200 goes out. The ingress never
+//! calls a destination, except the one synchronous call of a reply route.
+
+mod auth;
+pub mod client_ip;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_LENGTH;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::app::App;
+use crate::config::{Config, Source};
+use crate::event_id::event_id;
+use crate::routing::route;
+use crate::store::{now_ms, Admission, NewEvent, StoreError};
+use error::{json_response, ApiError, Body};
+
+/// Where OAuth2 clients fetch tokens (on the ingress port).
+pub const TOKEN_PATH: &str = "/oauth/token";
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    accepted: bool,
+    id: &'a str,
+    duplicate: bool,
+    deliveries: usize,
+}
+
+/// Serves the ingress on `listener` until `shutdown`; then stops accepting and lets
+/// requests in flight finish (bounded by `drain`).
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    drain: Duration,
+) {
+    let config = app.config();
+    let slots = Arc::new(Semaphore::new(config.server.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.server.read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(handle(&app, peer, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            ?drain,
+            "ingress connections still open after the drain period"
+        );
+    }
+}
+
+/// One request: never fails, every problem is an answer.
+pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let config = app.config();
+    match accept(app, &config, peer, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(
+    app: &App,
+    config: &Arc<Config>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path();
+    let Some(source) = config.source_for_path(path).cloned() else {
+        return Err(ApiError::not_found(path));
+    };
+    let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
+    if !client_ip::allowed(ip, &source.allow_ips) {
+        return Err(ApiError::forbidden());
+    }
+    if req.method() != Method::POST {
+        return Err(ApiError::method_not_allowed());
+    }
+    let now_s = now_ms() / 1000;
+    let body_check = auth::check_headers(config, &source, req.headers(), now_s)?;
+    let limit = config.server.max_body_bytes;
+    let announced = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit));
+    }
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = read_body(req.into_body(), limit, config.server.read_timeout).await?;
+    if let Some(check) = body_check {
+        check.verify(&source, &body)?;
+    }
+    let wrapped = parse_event(&source, &body)?;
+    let id = event_id(&source.event_id, &wrapped[0], &body);
+    let fanout = route(config, &source, &wrapped);
+    let destinations: Vec<String> = fanout
+        .destinations
+        .iter()
+        .map(|&d| config.destinations[d].name.clone())
+        .collect();
+    for &d in &fanout.destinations {
+        let dest = &config.destinations[d];
+        if app.store.queue_depth(&dest.name) >= dest.max_queue {
+            return Err(ApiError::unavailable(
+                format!(
+                    "destination {} has {} deliveries queued (max_queue); try again later",
+                    dest.name, dest.max_queue
+                ),
+                "5",
+            ));
+        }
+    }
+    let n = destinations.len();
+    let admission = app
+        .store
+        .accept(NewEvent {
+            source: source.name.clone(),
+            id: id.clone(),
+            body,
+            content_type,
+            received_ms: now_ms(),
+            destinations,
+            dedup_window: config.dedup_window,
+        })
+        .await
+        .map_err(store_unavailable)?;
+    let (duplicate, deliveries) = match admission {
+        Admission::Accepted { .. } => (false, n),
+        Admission::Duplicate { .. } => (true, 0),
+    };
+    debug!(source = %source.name, event_id = %id, duplicate, deliveries, "accepted");
+    let out = serde_json::to_vec(&Accepted {
+        accepted: true,
+        id: &id,
+        duplicate,
+        deliveries,
+    })
+    .expect("answer serializes");
+    Ok(json_response(StatusCode::OK, out))
+}
+
+fn store_unavailable(e: StoreError) -> ApiError {
+    warn!(error = %e, "store write failed; answering 503");
+    ApiError::unavailable("the event store is unavailable; try again later", "1")
+}
+
+async fn read_body(body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, limit as usize);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the body was not received within {timeout:?}"),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the body could not be read: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Parses the body, decodes the source's `decode_json` fields, and returns `[event]`.
+pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
+    let mut event: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_json(format!("the body is not valid JSON: {e}")))?;
+    for field in &source.decode_json {
+        let Some(Value::String(text)) = event.get(field) else {
+            continue;
+        };
+        let decoded: Value = serde_json::from_str(text).map_err(|e| {
+            ApiError::bad_json(format!(
+                "field {field:?} is a string but not valid JSON: {e}"
+            ))
+        })?;
+        event[field] = decoded;
+    }
+    Ok(Value::Array(vec![event]))
+}

@@ -1,0 +1,47 @@
+//! hookrelay: a webhook fan-out relay for provider callbacks.
+//!
+//! # Layout
+//! - [`config`]: `routes.toml` → a validated, compiled [`config::Config`].
+//! - [`ingress`]: the public listener; checks, routes and durably accepts events.
+//! - [`routing`], [`event_id`]: which destinations an event goes to, and its id.
+//! - [`store`]: the narrow storage trait and its sled backend (group commit).
+//! - [`delivery`]: per-destination schedulers that send, retry and dead-letter.
+//! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.
+//! - [`sink`]: `hookrelay sink`, a local receiver for trying routes.
+//! - [`relay`]: starts and stops the whole thing; [`telemetry`]: logs.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod event_id;
+pub mod ingress;
+pub mod relay;
+pub mod routing;
+pub mod signature;
+pub mod sink;
+pub mod store;
+pub mod telemetry;
+pub mod token;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+pub use relay::{run_serve, Relay};
+
+/// `hookrelay check`: prints the routing table, or every problem.
+pub fn run_check(path: &Path) -> anyhow::Result<ExitCode> {
+    match config::load(path) {
+        Ok(c) => {
+            print!("{}", config::routing_table(&c));
+            println!("{}: OK", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for p in &errors.0 {
+                println!("{p}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Starting and stopping the relay: store, ingress, delivery, background upkeep, signals.
+//!
+//! Shutdown order: stop accepting → let requests in flight finish → give deliveries in
+//! flight `shutdown_grace` → close (flush) the store.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::app::App;
+use crate::config::{self, Backend, Config};
+use crate::store::sled::SledStore;
+use crate::store::Store;
+
+/// How often expired dedup records and old delivered events are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// A running relay.
+pub struct Relay {
+    pub ingress: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Relay {
+    /// Opens the store, binds the listeners and starts every part.
+    pub async fn start(config: Config) -> anyhow::Result<Relay> {
+        let store: Arc<dyn Store> = match config.store.backend {
+            Backend::Sled => {
+                let path = config.store.path.clone();
+                tokio::task::spawn_blocking(move || SledStore::open(&path))
+                    .await?
+                    .with_context(|| "opening the store")?
+            }
+            Backend::Jetstream => anyhow::bail!("the jetstream backend is not built in yet"),
+        };
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let ingress = listener.local_addr()?;
+        let app = App::new(config, store);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(app.clone(), listener, shutdown.clone()));
+        Ok(Relay {
+            ingress,
+            app,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Asks the relay to stop (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the relay has stopped.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let config = app.config();
+    let delivery_stop = CancellationToken::new();
+    let delivery = crate::delivery::start(app.clone(), delivery_stop.clone());
+    let upkeep = tokio::spawn(purge_loop(app.clone(), shutdown.clone()));
+    crate::ingress::serve(
+        listener,
+        app.clone(),
+        shutdown.clone(),
+        config.server.read_timeout * 3,
+    )
+    .await;
+    let grace = app.config().server.shutdown_grace;
+    delivery_stop.cancel();
+    if tokio::time::timeout(grace, delivery.wait()).await.is_err() {
+        warn!(
+            ?grace,
+            "deliveries still in flight after shutdown_grace; they stay pending"
+        );
+    }
+    upkeep.abort();
+    app.store.close().await.context("flushing the store")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn purge_loop(app: Arc<App>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+        let retain = app.config().store.retain;
+        match app.store.purge(retain).await {
+            Ok(n) if n > 0 => info!(removed = n, "purged expired records"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "purge failed"),
+        }
+    }
+}
+
+/// `hookrelay serve`: runs until SIGTERM or Ctrl-C; a second signal exits at once.
+pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for p in &errors.0 {
+                eprintln!("{p}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let relay = Relay::start(config).await?;
+    println!("hookrelay listening ingress={}", relay.ingress);
+    info!(ingress = %relay.ingress, "listening");
+    let stop = relay.shutdown.clone();
+    tokio::spawn(async move {
+        stop_signal().await;
+        info!("stopping: finishing requests and deliveries in flight");
+        stop.cancel();
+        stop_signal().await;
+        error!("second signal: exiting at once");
+        std::process::exit(1);
+    });
+    relay.stopped().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,127 @@
+//! `hookrelay sink`: a small local receiver for trying routes.
+//!
+//! Prints one JSON line per request to stdout (`method`, `path`, `headers`, `body`), answers
+//! `--status` after `--delay`, 503 to the first `--fail-first` requests, and `--reply FILE`
+//! as the body.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+pub struct SinkOptions {
+    pub listen: SocketAddr,
+    pub status: u16,
+    pub delay: Option<Duration>,
+    pub fail_first: u64,
+    pub reply: Option<PathBuf>,
+}
+
+struct Sink {
+    status: StatusCode,
+    delay: Option<Duration>,
+    fail_first: u64,
+    reply: Bytes,
+    seen: AtomicU64,
+}
+
+pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
+    let status = StatusCode::from_u16(opts.status).context("--status is not an HTTP status")?;
+    let reply = match &opts.reply {
+        Some(p) => {
+            Bytes::from(std::fs::read(p).with_context(|| format!("--reply {}", p.display()))?)
+        }
+        None => Bytes::new(),
+    };
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    eprintln!("hookrelay sink listening on {}", listener.local_addr()?);
+    let sink = Arc::new(Sink {
+        status,
+        delay: opts.delay,
+        fail_first: opts.fail_first,
+        reply,
+        seen: AtomicU64::new(0),
+    });
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r?,
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+        };
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let sink = sink.clone();
+                async move { Ok::<_, std::convert::Infallible>(sink.answer(req).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+impl Sink {
+    async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let headers: BTreeMap<String, String> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let line = json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        });
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = self.delay {
+            tokio::time::sleep(d).await;
+        }
+        let status = if n < self.fail_first {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            self.status
+        };
+        let mut resp = Response::new(Full::new(self.reply.clone()));
+        *resp.status_mut() = status;
+        if !self.reply.is_empty() {
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        resp
+    }
+}

@@ -1,0 +1,201 @@
+//! The store: the one narrow interface between the relay and its durable state.
+//!
+//! Ingress calls [`Store::accept`] and answers 200 only after it returns: the event, its
+//! dedup record and one pending delivery per destination are then durable. Delivery reads
+//! [`Store::due`] in due order and writes each attempt's outcome with [`Store::record`]. The
+//! admin API looks events up, lists and replays dead deliveries. Everything else (keys,
+//! batching, flushing) is the backend's business: `sled` today, JetStream later, behind the
+//! same trait. Memory holds no queue: the store is the truth.
+
+pub mod sled;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// Milliseconds since the Unix epoch: the store's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store is closed")]
+    Closed,
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+/// An event as ingress hands it to the store.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: String,
+    pub id: String,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub received_ms: u64,
+    /// Destination names, each once.
+    pub destinations: Vec<String>,
+    /// How long the id is remembered for deduplication.
+    pub dedup_window: Duration,
+}
+
+/// What `accept` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Accepted {
+        seq: u64,
+    },
+    /// The id was seen within the window: nothing was written.
+    Duplicate {
+        seq: u64,
+        reply: Option<StoredReply>,
+    },
+}
+
+/// A reply route's answer, kept so a duplicate gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReply {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// One event as stored.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub id: String,
+    pub source: String,
+    pub received_ms: u64,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// Identifies one delivery: an event (by its store sequence number) × a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    pub seq: u64,
+    pub destination: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+/// The state of one delivery, as stored and as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub seq: u64,
+    pub destination: String,
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the current retry window started (first attempt, or the last replay).
+    pub first_attempt_ms: Option<u64>,
+    pub next_due_ms: u64,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub updated_ms: u64,
+}
+
+/// The outcome of one attempt, written by delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    Retry {
+        due_ms: u64,
+        status: Option<u16>,
+        error: String,
+    },
+    Dead {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// Which dead deliveries to replay.
+#[derive(Debug, Clone)]
+pub enum ReplaySelector {
+    Destination(String),
+    EventId(String),
+}
+
+/// An event and its deliveries, for the admin API.
+#[derive(Debug, Clone)]
+pub struct EventView {
+    pub event: StoredEvent,
+    pub deliveries: Vec<Delivery>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Dedup check, then event + dedup record + one pending delivery per destination,
+    /// atomically and durably. Returns only once flushed.
+    async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError>;
+
+    /// Up to `limit` pending deliveries of `destination` in due order (earliest first),
+    /// whether due yet or not, skipping those for which `skip` is true (in flight).
+    async fn pending(
+        &self,
+        destination: &str,
+        limit: usize,
+        skip: &(dyn Fn(u64) -> bool + Send + Sync),
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// The stored event with this sequence number.
+    async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError>;
+
+    /// Writes the outcome of an attempt on a pending delivery (one more attempt counted).
+    async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError>;
+
+    /// Keeps the reply route's answer so duplicates get it too.
+    async fn save_reply(&self, seq: u64, reply: StoredReply) -> Result<(), StoreError>;
+
+    /// Dead deliveries, oldest first, optionally of one destination.
+    async fn dead(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Makes dead deliveries pending again, due now; returns how many.
+    async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError>;
+
+    /// Every stored event with this id (one per source that used it), with deliveries.
+    async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError>;
+
+    /// Drops dedup records past their window, and events older than `retain` whose
+    /// deliveries are all delivered. Returns how many records went.
+    async fn purge(&self, retain: Duration) -> Result<usize, StoreError>;
+
+    /// Pending deliveries of `destination` (the `max_queue` measure).
+    fn queue_depth(&self, destination: &str) -> u64;
+
+    /// Woken whenever a delivery of `destination` becomes pending (accept, replay).
+    fn wakeup(&self, destination: &str) -> Arc<Notify>;
+
+    /// Flushes everything and stops accepting writes.
+    async fn close(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,18 @@
+//! Logs: `tracing` to stderr, level from `HOOKRELAY_LOG` (env-filter syntax, default
+//! `info`), shape from `--log-format`. No secret is ever a field of a log event.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+
+pub fn init_logs(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_env("HOOKRELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
