@@ -1,0 +1,359 @@
+//! The ingress against the contract's §3 table, with the 8x8 and dids fixtures.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{fixture, send, TestRelay};
+use hookrelay::store::DeliveryState;
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Destinations point at a closed port with hour-long retries: deliveries stay pending.
+fn config(extra_server: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 4096
+read_timeout = "500ms"
+token_secret = "test-token-secret"
+{extra_server}
+
+[delivery]
+retry = {{ first = "1h" }}
+max_queue = 1000
+
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+auth = {{ kind = "header", header = "Authorization", value = "Basic dGVzdA==" }}
+event_id = ["$.payload.eventId"]
+
+[[sources]]
+name = "open"
+path = "/open"
+
+[[sources]]
+name = "walled"
+path = "/walled"
+allow_ips = ["203.0.113.0/24"]
+
+[[sources]]
+name = "sms"
+path = "/8x8/sms"
+auth = {{ kind = "oauth2", clients = [{{ id = "c", secret = "s" }}] }}
+
+[[destinations]]
+name = "calls"
+url = "http://127.0.0.1:9/calls"
+
+[[destinations]]
+name = "analytics"
+url = "http://127.0.0.1:9/analytics"
+
+[[routes]]
+name = "voice-status"
+source = "voice"
+match = {{ namespace = "VOICE", eventType = ["CALL_STATUS", "SESSION_SUMMARY"] }}
+filter = "@.payload.callDirection == 'INBOUND'"
+to = ["calls", "analytics"]
+
+[[routes]]
+name = "all-voice"
+source = "voice"
+match = {{ namespace = "VOICE" }}
+to = ["analytics"]
+
+[[routes]]
+name = "open"
+source = "open"
+to = ["calls"]
+
+[[routes]]
+name = "walled"
+source = "walled"
+to = ["calls"]
+{extra}
+"#
+    )
+}
+
+const AUTH: (&str, &str) = ("authorization", "Basic dGVzdA==");
+
+#[tokio::test]
+async fn accepted_event_is_stored_with_one_delivery_per_destination() {
+    let r = TestRelay::start(&config("", "")).await;
+    let a = r
+        .post_with(
+            "/8x8/voice",
+            &[AUTH],
+            &fixture("8x8/voice-call-status.json"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let v = a.json();
+    assert_eq!(v["accepted"], true);
+    assert_eq!(v["duplicate"], false);
+    assert_eq!(v["id"], "eb0fc709-9693-11ea-454d-1705dde98182");
+    // Two routes match; analytics is named by both and receives the event once.
+    assert_eq!(v["deliveries"], 2);
+    let views = r
+        .app()
+        .store
+        .lookup("eb0fc709-9693-11ea-454d-1705dde98182")
+        .await
+        .unwrap();
+    assert_eq!(views.len(), 1);
+    assert_eq!(views[0].event.source, "voice");
+    assert_eq!(
+        &views[0].event.body[..],
+        &fixture("8x8/voice-call-status.json")[..]
+    );
+    let mut dests: Vec<_> = views[0]
+        .deliveries
+        .iter()
+        .map(|d| d.destination.clone())
+        .collect();
+    dests.sort();
+    assert_eq!(dests, ["analytics", "calls"]);
+    assert!(views[0]
+        .deliveries
+        .iter()
+        .all(|d| d.state == DeliveryState::Pending));
+}
+
+#[tokio::test]
+async fn duplicate_within_window_adds_no_delivery() {
+    let r = TestRelay::start(&config("", "")).await;
+    let body = fixture("8x8/voice-session-summary.json");
+    let first = r.post_with("/8x8/voice", &[AUTH], &body).await.json();
+    assert_eq!(first["duplicate"], false);
+    // No eventId in a session summary: the id is the body's SHA-256.
+    let id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64);
+    let second = r.post_with("/8x8/voice", &[AUTH], &body).await;
+    assert_eq!(second.status, 200);
+    let v = second.json();
+    assert_eq!(v["duplicate"], true);
+    assert_eq!(v["deliveries"], 0);
+    assert_eq!(v["id"], id.as_str());
+    let views = r.app().store.lookup(&id).await.unwrap();
+    assert_eq!(views.len(), 1, "one event stored");
+    assert_eq!(
+        views[0].deliveries.len(),
+        1,
+        "only all-voice matched (no callDirection)"
+    );
+    assert_eq!(r.app().store.queue_depth("analytics"), 1);
+}
+
+#[tokio::test]
+async fn every_8x8_fixture_is_accepted() {
+    let r = TestRelay::start(&config("", "")).await;
+    for f in [
+        "voice-call-action.json",
+        "voice-call-status.json",
+        "voice-session-summary.json",
+        "voice-virtual-number-update.json",
+    ] {
+        let a = r
+            .post_with("/8x8/voice", &[AUTH], &fixture(&format!("8x8/{f}")))
+            .await;
+        assert_eq!(a.status, 200, "{f}");
+        assert_eq!(a.json()["deliveries"].as_u64().unwrap() >= 1, true, "{f}");
+    }
+    for f in [
+        "sms-inbound.json",
+        "sms-delivery-receipt.json",
+        "chatapps-inbound.json",
+    ] {
+        let a = r.post("/open", &fixture(&format!("8x8/{f}"))).await;
+        assert_eq!(a.status, 200, "{f}");
+        assert_eq!(a.json()["deliveries"], 1, "{f}");
+    }
+}
+
+#[tokio::test]
+async fn no_matching_route_is_accepted_with_zero_deliveries() {
+    let r = TestRelay::start(&config("", "")).await;
+    let a = r
+        .post_with("/8x8/voice", &[AUTH], br#"{"namespace":"SMS"}"#)
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["deliveries"], 0);
+    assert_eq!(a.json()["duplicate"], false);
+}
+
+#[tokio::test]
+async fn unknown_path_is_404() {
+    let r = TestRelay::start(&config("", "")).await;
+    r.post("/nope", b"{}").await.error(404, "not_found");
+}
+
+#[tokio::test]
+async fn wrong_method_is_405_with_allow() {
+    let r = TestRelay::start(&config("", "")).await;
+    let a = send(Method::GET, &r.url("/open"), &[], b"").await;
+    a.error(405, "method_not_allowed");
+    assert_eq!(a.headers["allow"], "POST");
+}
+
+#[tokio::test]
+async fn address_outside_allowlist_is_403_even_before_method() {
+    let r = TestRelay::start(&config("", "")).await;
+    r.post("/walled", b"{}").await.error(403, "forbidden");
+    // IP is checked before the method.
+    send(Method::GET, &r.url("/walled"), &[], b"")
+        .await
+        .error(403, "forbidden");
+    // X-Forwarded-For is not believed from an untrusted peer.
+    r.post_with("/walled", &[("x-forwarded-for", "203.0.113.7")], b"{}")
+        .await
+        .error(403, "forbidden");
+}
+
+#[tokio::test]
+async fn forwarded_address_is_believed_from_a_trusted_proxy() {
+    let r = TestRelay::start(&config(r#"trusted_proxies = ["127.0.0.0/8"]"#, "")).await;
+    let ok = r
+        .post_with(
+            "/walled",
+            &[("x-forwarded-for", "203.0.113.7, 127.0.0.5")],
+            b"{}",
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    // The right-most untrusted entry counts, not a spoofed left-most one.
+    r.post_with(
+        "/walled",
+        &[("x-forwarded-for", "203.0.113.7, 198.51.100.1")],
+        b"{}",
+    )
+    .await
+    .error(403, "forbidden");
+}
+
+#[tokio::test]
+async fn missing_or_wrong_credentials_are_401() {
+    let r = TestRelay::start(&config("", "")).await;
+    let body = fixture("8x8/voice-call-status.json");
+    r.post("/8x8/voice", &body).await.error(401, "unauthorized");
+    r.post_with("/8x8/voice", &[("authorization", "Basic dGVzdA=!")], &body)
+        .await
+        .error(401, "unauthorized");
+    let a = r.post("/8x8/sms", &fixture("8x8/sms-inbound.json")).await;
+    a.error(401, "unauthorized");
+    assert_eq!(a.headers["www-authenticate"], "Bearer");
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", "Bearer forged.token")],
+            b"{}",
+        )
+        .await;
+    a.error(401, "unauthorized");
+    // Auth is checked before size and JSON.
+    r.post("/8x8/voice", &[b'x'; 10_000])
+        .await
+        .error(401, "unauthorized");
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_announced_or_streamed() {
+    let r = TestRelay::start(&config("", "")).await;
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(5000));
+    r.post("/open", big.as_bytes())
+        .await
+        .error(413, "payload_too_large");
+    // A chunked body with no length announced is cut off at the limit, not buffered.
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(b"POST /open HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let chunk = format!("1000\r\n{}\r\n", "y".repeat(4096));
+    let mut answer = Vec::new();
+    for _ in 0..4 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
+}
+
+#[tokio::test]
+async fn invalid_json_is_400_saying_where() {
+    let r = TestRelay::start(&config("", "")).await;
+    let msg = r
+        .post("/open", b"{\"a\": 1,\n \"b\": }")
+        .await
+        .error(400, "invalid_json");
+    assert!(msg.contains("line 2"), "{msg}");
+}
+
+#[tokio::test]
+async fn stalled_body_is_cut_off_by_the_read_timeout() {
+    let r = TestRelay::start(&config("", "")).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"a\":")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the relay must answer or close within its read timeout"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test]
+async fn stalled_headers_are_cut_off() {
+    let r = TestRelay::start(&config("", "")).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(b"POST /open HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "connection closed by the header read timeout");
+}
+
+#[tokio::test]
+async fn queue_over_max_queue_is_503_with_retry_after() {
+    let extra_server = "";
+    let cfg = config(extra_server, "").replace("max_queue = 1000", "max_queue = 2");
+    let r = TestRelay::start(&cfg).await;
+    for i in 0..2 {
+        let a = r.post("/open", format!("{{\"n\":{i}}}").as_bytes()).await;
+        assert_eq!(a.status, 200);
+    }
+    let a = r.post("/open", b"{\"n\":3}").await;
+    a.error(503, "unavailable");
+    assert!(a.headers.contains_key("retry-after"));
+    // Nothing was stored for the refused event.
+    let id = hookrelay::event_id::body_hash(b"{\"n\":3}");
+    assert!(r.app().store.lookup(&id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_served() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let r = TestRelay::start(&config("", "")).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let req = http::Request::post(r.url("/open"))
+        .body(Full::new(Bytes::from_static(b"{\"h2\":true}")))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"accepted\":true"));
+}
