@@ -1,0 +1,84 @@
+//! Crash safety: every event answered 200 survives a SIGKILL right after, with its
+//! deliveries.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use hookrelay::store::sled::SledStore;
+use hookrelay::store::Store;
+
+const N: usize = 64;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_answered_200_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[delivery]
+retry = { first = "1h" }
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "calls"
+url = "http://127.0.0.1:9/calls"
+[[destinations]]
+name = "analytics"
+url = "http://127.0.0.1:9/analytics"
+[[routes]]
+name = "all"
+source = "voice"
+to = ["calls", "analytics"]
+"#,
+    )
+    .unwrap();
+    let mut child = Command::new(common::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("HOOKRELAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("hookrelay listening ingress=")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let url = format!("http://{addr}/8x8/voice");
+        tasks.push(tokio::spawn(async move {
+            let body = format!(r#"{{"namespace":"VOICE","payload":{{"eventId":"crash-{i}"}}}}"#);
+            let a = common::send(http::Method::POST, &url, &[], body.as_bytes()).await;
+            assert_eq!(a.status, 200, "{:?}", a.body);
+            a.json()["id"].as_str().unwrap().to_string()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown, no final flush
+    child.wait().unwrap();
+
+    let store = SledStore::open(&dir.path().join("data")).unwrap();
+    for id in &ids {
+        let views = store.lookup(id).await.unwrap();
+        assert_eq!(views.len(), 1, "event {id} lost");
+        assert_eq!(views[0].deliveries.len(), 2, "deliveries of {id} lost");
+    }
+    assert_eq!(store.queue_depth("calls") as usize, N);
+    store.close().await.unwrap();
+}
