@@ -85,6 +85,7 @@ pub fn parse(
         text,
         env,
         problems: Vec::new(),
+        client_ids: HashSet::new(),
     };
     let raw = match deserialize(text) {
         Ok(raw) => raw,
@@ -157,6 +158,8 @@ struct Cx<'a> {
     text: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<Problem>,
+    /// OAuth2 client ids seen so far: unique across sources, since a token names one.
+    client_ids: HashSet<String>,
 }
 
 /// Defaults of `[delivery]`, after the file's own `[delivery]` is applied.
@@ -792,17 +795,16 @@ impl Cx<'_> {
             }
             RawAuth::Oauth2 { clients, token_ttl } => {
                 let mut out = Vec::new();
-                let mut ids = HashSet::new();
                 for (i, c) in clients.iter().enumerate() {
                     let ck = format!("{key}.clients[{i}]");
                     let Some(id) = self.expand(&c.id, span.clone(), &format!("{ck}.id")) else {
                         continue;
                     };
-                    if id.is_empty() || !ids.insert(id.clone()) {
+                    if id.is_empty() || !self.client_ids.insert(id.clone()) {
                         self.err(
                             Some(span.clone()),
                             &format!("{ck}.id"),
-                            format!("client id {id:?} is empty or listed twice"),
+                            format!("client id {id:?} is empty or used twice (ids are unique across sources)"),
                         );
                     }
                     let secret =

@@ -9,6 +9,7 @@
 mod auth;
 pub mod client_ip;
 pub mod error;
+mod oauth;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,6 +112,9 @@ pub async fn serve(
 /// One request: never fails, every problem is an answer.
 pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let config = app.config();
+    if req.uri().path() == TOKEN_PATH {
+        return oauth::token_endpoint(&config, peer, req).await;
+    }
     match accept(app, &config, peer, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -1,0 +1,232 @@
+//! `POST /oauth/token`: the OAuth2 client-credentials grant (RFC 6749 §4.4) that 8x8 calls
+//! before each webhook of a source whose auth is `oauth2`.
+//!
+//! Client credentials come as HTTP Basic (id and secret form-urlencoded first, RFC 6749
+//! §2.3.1) or as `client_id`/`client_secret` form fields, never both. Errors follow §5.2
+//! (`invalid_request`, `invalid_client` with `WWW-Authenticate`, `unsupported_grant_type`),
+//! every answer carries `Cache-Control: no-store`. The token is signed, not stored
+//! (see `crate::token`). Secrets are compared in constant time.
+
+use std::net::SocketAddr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::client_ip;
+use super::error::Body;
+use crate::config::{Auth, Config, Source};
+use crate::store::now_ms;
+use crate::token::{self, Claims};
+
+/// Token requests are small forms.
+const MAX_FORM_BYTES: u64 = 8 * 1024;
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
+    let mut r = answer(
+        status,
+        json!({"error": kind, "error_description": message, "message": message}),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"hookrelay\""),
+        );
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        r.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+    }
+    r
+}
+
+fn invalid_client() -> Response<Body> {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+        "client authentication failed",
+    )
+}
+
+/// `id:secret` from a Basic header, each part form-urlencoded (RFC 6749 §2.3.1).
+/// Many clients skip that encoding, so the raw pair is returned too.
+fn basic_credentials(value: &str) -> Option<[(String, String); 2]> {
+    let b64 = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let raw = STANDARD.decode(b64.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some([
+        (form_decode(id), form_decode(secret)),
+        (id.to_string(), secret.to_string()),
+    ])
+}
+
+/// One form-urlencoded component: `+` is a space, `%XX` a byte.
+fn form_decode(s: &str) -> String {
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Finds the oauth2 source and checks the client's secret in constant time.
+fn authenticate<'a>(config: &'a Config, id: &str, secret: &str) -> Option<&'a Source> {
+    let mut found = None;
+    for s in &config.sources {
+        let Auth::OAuth2 { clients, .. } = &s.auth else {
+            continue;
+        };
+        for c in clients {
+            let id_ok = c.id.as_bytes().ct_eq(id.as_bytes());
+            let secret_ok = c.secret.expose().ct_eq(secret.as_bytes());
+            if bool::from(id_ok & secret_ok) {
+                found = Some(s.as_ref());
+            }
+        }
+    }
+    found
+}
+
+pub async fn token_endpoint(
+    config: &Config,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "the token endpoint takes POST",
+        );
+    }
+    let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
+    let basic = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body =
+        match super::read_body(req.into_body(), MAX_FORM_BYTES, config.server.read_timeout).await {
+            Ok(b) => b,
+            Err(e) => return error(e.status, "invalid_request", &e.message),
+        };
+    let mut grant = None;
+    let mut form_id = None;
+    let mut form_secret = None;
+    let mut scope = None;
+    for (k, v) in form_urlencoded::parse(&body) {
+        let slot = match k.as_ref() {
+            "grant_type" => &mut grant,
+            "client_id" => &mut form_id,
+            "client_secret" => &mut form_secret,
+            "scope" => &mut scope,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &format!("parameter {k} is repeated"),
+            );
+        }
+        *slot = Some(v.into_owned());
+    }
+    let candidates = match (basic, form_id, form_secret) {
+        (Some(h), None, None) => match basic_credentials(&h) {
+            Some(c) => c.to_vec(),
+            None => return invalid_client(),
+        },
+        (Some(_), _, _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "send client credentials either as HTTP Basic or in the form, not both",
+            )
+        }
+        (None, Some(id), Some(secret)) => vec![(id, secret)],
+        (None, _, _) => return invalid_client(),
+    };
+    match grant.as_deref() {
+        Some("client_credentials") => {}
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            )
+        }
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "grant_type is required",
+            )
+        }
+    }
+    let Some((source, id)) = candidates
+        .into_iter()
+        .find_map(|(id, secret)| authenticate(config, &id, &secret).map(|s| (s, id)))
+    else {
+        return invalid_client();
+    };
+    if !client_ip::allowed(ip, &source.allow_ips) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "access_denied",
+            "the client address is not allowed for this source",
+        );
+    }
+    let (Auth::OAuth2 { token_ttl, .. }, Some(key)) = (&source.auth, &config.server.token_secret)
+    else {
+        return invalid_client();
+    };
+    let ttl = token_ttl.as_secs().max(1);
+    let claims = Claims {
+        source: source.name.clone(),
+        client: id,
+        scope: scope.clone(),
+        exp: now_ms() / 1000 + ttl,
+    };
+    let mut body = json!({
+        "access_token": token::issue(key.expose(), &claims),
+        "token_type": "Bearer",
+        "expires_in": ttl,
+    });
+    if let Some(s) = scope {
+        body["scope"] = json!(s);
+    }
+    answer(StatusCode::OK, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_decoded() {
+        let h = format!("Basic {}", STANDARD.encode("my%20id:p%3Ass+word"));
+        let c = basic_credentials(&h).unwrap();
+        assert_eq!(c[0], ("my id".to_string(), "p:ss word".to_string()));
+        assert_eq!(c[1], ("my%20id".to_string(), "p%3Ass+word".to_string()));
+        assert_eq!(basic_credentials("Bearer x"), None);
+        assert_eq!(basic_credentials("Basic !!!"), None);
+    }
+}

@@ -1,0 +1,345 @@
+//! 8x8 and telecom-style providers: the OAuth2 token flow, Standard Webhooks inbound
+//! signatures, and `decode_json` change events (dids fixtures).
+
+mod common;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use common::{fixture, TestRelay};
+use hmac::{KeyInit, Mac};
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+token_secret = "${TOKEN_SECRET}"
+
+[delivery]
+retry = { first = "1h" }
+
+[[sources]]
+name = "sms"
+path = "/8x8/sms"
+auth = { kind = "oauth2", clients = [{ id = "8x8-sms", secret = "s3cr3t&=:x" }], token_ttl = "1h" }
+event_id = ["$.payload.umid", "$.payload.status.state"]
+
+[[sources]]
+name = "chat"
+path = "/8x8/chatapps"
+auth = { kind = "oauth2", clients = [{ id = "8x8-chat", secret = "other" }] }
+
+[[sources]]
+name = "dids"
+path = "/hooks/dids"
+auth = { kind = "standard-webhooks", secret = "whsec_c2lnbmluZy1zZWNyZXQtZm9yLWRpZHM=", tolerance = "5m" }
+decode_json = ["data"]
+event_id = ["$.schema", "$.type", "$.data.id"]
+
+[[destinations]]
+name = "messaging"
+url = "http://127.0.0.1:9/m"
+
+[[destinations]]
+name = "numbers"
+url = "http://127.0.0.1:9/n"
+
+[[routes]]
+name = "sms"
+source = "sms"
+match = { namespace = "SMS", eventType = "*" }
+to = ["messaging"]
+
+[[routes]]
+name = "chat"
+source = "chat"
+to = ["messaging"]
+
+[[routes]]
+name = "did-changes"
+source = "dids"
+match = { schema = ["dids", "lnp_requests", "sms_enablement"] }
+to = ["numbers"]
+"#;
+
+const ENV: &[(&str, &str)] = &[("TOKEN_SECRET", "token-signing-key")];
+
+fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    s.finish().into_bytes()
+}
+
+const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+async fn token_basic(r: &TestRelay, id: &str, secret: &str) -> common::Answer {
+    // RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("{}:{}", enc(id), enc(secret)))
+    );
+    r.post_with(
+        "/oauth/token",
+        &[FORM, ("authorization", &basic)],
+        &form(&[("grant_type", "client_credentials")]),
+    )
+    .await
+}
+
+fn bearer(a: &common::Answer) -> String {
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    let v = a.json();
+    assert_eq!(v["token_type"], "Bearer");
+    assert_eq!(v["expires_in"], 3600);
+    format!("Bearer {}", v["access_token"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn token_with_basic_credentials_opens_the_source() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &auth)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["id"], "0f7a2c1e-6b9d-4f3a-9e51-2b7c8d1a4e10");
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &auth)],
+            &fixture("8x8/sms-delivery-receipt.json"),
+        )
+        .await;
+    assert_eq!(
+        a.json()["id"],
+        "5a1e9c0d-2f4b-4c8e-8d3a-7b6f1e2d9c44:delivered"
+    );
+}
+
+#[tokio::test]
+async fn token_with_form_credentials_and_scope() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let a = r
+        .post_with(
+            "/oauth/token",
+            &[FORM],
+            &form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "8x8-sms"),
+                ("client_secret", "s3cr3t&=:x"),
+                ("scope", "webhooks"),
+            ]),
+        )
+        .await;
+    assert_eq!(a.json()["scope"], "webhooks");
+    let auth = bearer(&a);
+    let ok = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &auth)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn wrong_secret_is_invalid_client() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let a = token_basic(&r, "8x8-sms", "wrong").await;
+    assert_eq!(a.status, 401);
+    assert_eq!(a.json()["error"], "invalid_client");
+    assert!(a.headers.contains_key("www-authenticate"));
+    assert_eq!(a.headers["cache-control"], "no-store");
+    let a = token_basic(&r, "nobody", "s3cr3t&=:x").await;
+    assert_eq!(a.json()["error"], "invalid_client");
+    // No credentials at all.
+    let a = r
+        .post_with(
+            "/oauth/token",
+            &[FORM],
+            &form(&[("grant_type", "client_credentials")]),
+        )
+        .await;
+    assert_eq!(a.status, 401);
+}
+
+#[tokio::test]
+async fn bad_grant_and_bad_requests() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let a = r
+        .post_with(
+            "/oauth/token",
+            &[FORM],
+            &form(&[
+                ("grant_type", "password"),
+                ("client_id", "8x8-sms"),
+                ("client_secret", "s3cr3t&=:x"),
+            ]),
+        )
+        .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.json()["error"], "unsupported_grant_type");
+    let a = r
+        .post_with(
+            "/oauth/token",
+            &[FORM],
+            &form(&[("client_id", "8x8-sms"), ("client_secret", "s3cr3t&=:x")]),
+        )
+        .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.json()["error"], "invalid_request");
+}
+
+#[tokio::test]
+async fn token_of_another_source_is_refused() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let chat = bearer(&token_basic(&r, "8x8-chat", "other").await);
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &chat)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    let msg = a.error(401, "unauthorized");
+    assert!(msg.contains("another source"), "{msg}");
+    assert_eq!(a.headers["www-authenticate"], "Bearer");
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let claims = hookrelay::token::Claims {
+        source: "sms".into(),
+        client: "8x8-sms".into(),
+        scope: None,
+        exp: hookrelay::store::now_ms() / 1000 - 1,
+    };
+    let old = hookrelay::token::issue(b"token-signing-key", &claims);
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &format!("Bearer {old}"))],
+            b"{}",
+        )
+        .await;
+    let msg = a.error(401, "unauthorized");
+    assert!(msg.contains("expired"), "{msg}");
+}
+
+#[tokio::test]
+async fn token_stays_valid_after_a_restart() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
+    let dir = r.stop().await;
+    let r = TestRelay::start_in(dir, CONFIG, ENV).await;
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &auth)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+}
+
+// ---- Standard Webhooks inbound ----
+
+const DIDS_SECRET: &[u8] = b"signing-secret-for-dids";
+
+/// An independent Standard Webhooks signature (not hookrelay's code).
+fn signed_headers(id: &str, ts: u64, body: &[u8]) -> Vec<(String, String)> {
+    let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(DIDS_SECRET).unwrap();
+    m.update(format!("{id}.{ts}.").as_bytes());
+    m.update(body);
+    let sig = STANDARD.encode(m.finalize().into_bytes());
+    vec![
+        ("webhook-id".into(), id.into()),
+        ("webhook-timestamp".into(), ts.to_string()),
+        ("webhook-signature".into(), format!("v1,AAAA v1,{sig}")),
+    ]
+}
+
+async fn post_signed(r: &TestRelay, headers: &[(String, String)], body: &[u8]) -> common::Answer {
+    let h: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    r.post_with("/hooks/dids", &h, body).await
+}
+
+fn now_s() -> u64 {
+    hookrelay::store::now_ms() / 1000
+}
+
+#[tokio::test]
+async fn signed_request_accepted_tampered_and_stale_refused() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let body = fixture("dids/dids-update.json");
+    let h = signed_headers("msg_1", now_s(), &body);
+    assert_eq!(post_signed(&r, &h, &body).await.status, 200);
+
+    let mut tampered = body.clone();
+    let at = tampered.iter().position(|&b| b == b'7').unwrap();
+    tampered[at] = b'8';
+    let msg = post_signed(&r, &h, &tampered)
+        .await
+        .error(401, "unauthorized");
+    assert!(msg.contains("signature"), "{msg}");
+
+    let stale = signed_headers("msg_2", now_s() - 600, &body);
+    let msg = post_signed(&r, &stale, &body)
+        .await
+        .error(401, "unauthorized");
+    assert!(msg.contains("tolerance"), "{msg}");
+
+    r.post("/hooks/dids", &body)
+        .await
+        .error(401, "unauthorized");
+}
+
+#[tokio::test]
+async fn every_dids_fixture_routed_and_deduplicated_by_decoded_id() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let cases = [
+        ("dids-delete.json", "dids:delete:48213"),
+        ("dids-insert.json", "dids:insert:48214"),
+        ("dids-update.json", "dids:update:48213"),
+        ("lnp-request-update.json", "lnp_requests:update:901"),
+        ("sms-enablement-error.json", "sms_enablement:update"),
+    ];
+    for (i, (f, id)) in cases.iter().enumerate() {
+        let body = fixture(&format!("dids/{f}"));
+        let h = signed_headers(&format!("m{i}"), now_s(), &body);
+        let a = post_signed(&r, &h, &body).await;
+        assert_eq!(a.status, 200, "{f}: {:?}", a.body);
+        let v = a.json();
+        assert_eq!(v["id"], *id, "{f}");
+        assert_eq!(v["deliveries"], 1, "{f}");
+        assert_eq!(v["duplicate"], false, "{f}");
+        // The same change again (a provider retry, new message id) is a duplicate.
+        let h = signed_headers(&format!("retry{i}"), now_s(), &body);
+        let v = post_signed(&r, &h, &body).await.json();
+        assert_eq!(v["duplicate"], true, "{f}");
+        // Stored byte-for-byte, not the decoded form.
+        let views = r.app().store.lookup(id).await.unwrap();
+        assert_eq!(&views[0].event.body[..], &body[..], "{f}");
+    }
+    assert_eq!(r.app().store.queue_depth("numbers"), cases.len() as u64);
+}
+
+#[tokio::test]
+async fn decode_json_field_that_is_not_json_is_400_naming_it() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let body = br#"{"type":"update","schema":"dids","data":"{not json"}"#;
+    let h = signed_headers("bad", now_s(), body);
+    let msg = post_signed(&r, &h, body).await.error(400, "invalid_json");
+    assert!(msg.contains("\"data\""), "{msg}");
+}
