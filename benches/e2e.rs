@@ -1,0 +1,281 @@
+//! End-to-end throughput and latency, in one process on loopback:
+//! - the reference: a bare hyper 1 handler that reads the body and answers a small JSON;
+//! - the relay on a temp store, one route to an in-process fast sink;
+//! - a load generator of `BENCH_CONNS` (64) HTTP/1.1 keep-alive connections posting the
+//!   8x8 voice fixture with a unique `eventId` per request.
+//!
+//! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000)
+//! runs an open-loop fixed-rate phase on the relay as well. Prints one table with the ratios.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A server that reads each body and answers `{"ok":true}`, counting requests.
+async fn start_plain_server(count: Arc<AtomicU64>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let count = count.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        count.fetch_add(1, Ordering::Relaxed);
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"{\"ok\":true}"),
+                        )))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Load {
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&mut self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_us.sort_unstable();
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+fn body_for(template: &str, n: u64) -> Bytes {
+    Bytes::from(template.replace("EVENT_ID", &format!("bench-{n:012}")))
+}
+
+/// Closed loop: `conns` connections each send as fast as answers come. With `rate`, an
+/// open loop instead: requests are started on a fixed schedule shared by the connections.
+async fn run_load(
+    addr: SocketAddr,
+    path: &str,
+    conns: usize,
+    secs: u64,
+    rate: Option<u64>,
+    seq: Arc<AtomicU64>,
+) -> Load {
+    let template = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/8x8/voice-call-status.json"),
+    )
+    .expect("fixture")
+    .replace("eb0fc709-9693-11ea-454d-1705dde98182", "EVENT_ID");
+    let template = Arc::new(template);
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        let template = template.clone();
+        let seq = seq.clone();
+        let stop = stop.clone();
+        let uri = format!("http://{addr}{path}");
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut lat = Vec::new();
+            let (mut ok, mut errors) = (0u64, 0u64);
+            let mut k: u64 = 0;
+            loop {
+                if let Some(r) = rate {
+                    // Request number k of this connection is due at start + (k*conns + c)/r.
+                    let due = start
+                        + Duration::from_secs_f64((k * conns as u64 + c as u64) as f64 / r as f64);
+                    k += 1;
+                    if due >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                } else if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let req = Request::post(&uri)
+                    .header("content-type", "application/json")
+                    .header("host", "bench")
+                    .body(Full::new(body_for(&template, n)))
+                    .unwrap();
+                let t0 = Instant::now();
+                if send.ready().await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                match send.send_request(req).await {
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let _ = resp.into_body().collect().await;
+                        if status.is_success() {
+                            ok += 1;
+                            lat.push(t0.elapsed().as_micros() as u32);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    let mut load = Load {
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+    };
+    for t in tasks {
+        let (ok, errors, lat) = t.await.unwrap();
+        load.ok += ok;
+        load.errors += errors;
+        load.latencies_us.extend(lat);
+    }
+    load.elapsed = start.elapsed();
+    load
+}
+
+fn main() {
+    let secs = env_u64("BENCH_SECONDS", 5);
+    let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let rate = std::env::var("BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let seq = Arc::new(AtomicU64::new(0));
+        // Reference.
+        let ref_count = Arc::new(AtomicU64::new(0));
+        let ref_addr = start_plain_server(ref_count.clone()).await;
+        let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
+
+        // Relay → fast sink.
+        let delivered = Arc::new(AtomicU64::new(0));
+        let sink = start_plain_server(delivered.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("routes.toml");
+        let toml = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+[delivery]
+max_in_flight = 64
+max_queue = 100000000
+rate = {{ per_second = 1000000000, burst = 1000000 }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "sink"
+url = "http://{sink}/hooks"
+[[routes]]
+name = "all"
+source = "voice"
+match = {{ namespace = "VOICE" }}
+to = ["sink"]
+"#
+        );
+        let config = hookrelay::config::parse(&toml, &file, &|_| None).unwrap();
+        let relay = hookrelay::Relay::start(config).await.unwrap();
+        let d0 = delivered.load(Ordering::Relaxed);
+        let mut relay_load =
+            run_load(relay.ingress, "/8x8/voice", conns, secs, None, seq.clone()).await;
+        let d1 = delivered.load(Ordering::Relaxed);
+        let delivery_rate = (d1 - d0) as f64 / relay_load.elapsed.as_secs_f64();
+
+        let mut fixed = match rate {
+            Some(r) => Some(
+                run_load(
+                    relay.ingress,
+                    "/8x8/voice",
+                    conns,
+                    secs,
+                    Some(r),
+                    seq.clone(),
+                )
+                .await,
+            ),
+            None => None,
+        };
+        relay.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(15), relay.stopped()).await;
+
+        println!();
+        println!("hookrelay e2e bench: {conns} connections, {secs}s per phase, 2 runtime threads");
+        println!("| run | ok/s | p50 ms | p99 ms | errors |");
+        println!("|---|---:|---:|---:|---:|");
+        let row = |name: &str, l: &mut Load| {
+            println!(
+                "| {name} | {:.0} | {:.2} | {:.2} | {} |",
+                l.rate(),
+                l.pct(0.50),
+                l.pct(0.99),
+                l.errors
+            );
+        };
+        row("bare hyper reference", &mut reference);
+        row(
+            "relay accept (durable, deduplicated, routed)",
+            &mut relay_load,
+        );
+        if let (Some(r), Some(f)) = (rate, fixed.as_mut()) {
+            row(&format!("relay accept at fixed {r}/s"), f);
+        }
+        println!("| deliveries reaching the sink | {delivery_rate:.0} | | | |");
+        println!();
+        println!(
+            "accept / reference = {:.2}; deliveries / accepts = {:.2}",
+            relay_load.rate() / reference.rate(),
+            delivery_rate / relay_load.rate()
+        );
+    });
+}
