@@ -206,6 +206,7 @@ fn main() {
             r#"
 [server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 [delivery]
 max_in_flight = 64
 max_queue = 100000000

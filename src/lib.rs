@@ -8,14 +8,17 @@
 //! - [`delivery`]: per-destination schedulers that send, retry and dead-letter.
 //! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.
 //! - [`sink`]: `hookrelay sink`, a local receiver for trying routes.
-//! - [`relay`]: starts and stops the whole thing; [`telemetry`]: logs.
+//! - [`admin`]: health, readiness, metrics, events, dead letters, reload.
+//! - [`relay`]: starts and stops the whole thing; [`telemetry`]: logs; [`metrics`].
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod event_id;
 pub mod ingress;
+pub mod metrics;
 pub mod relay;
 pub mod routing;
 pub mod signature;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -26,6 +27,7 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// A running relay.
 pub struct Relay {
     pub ingress: SocketAddr,
+    pub admin: SocketAddr,
     pub app: Arc<App>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -47,11 +49,31 @@ impl Relay {
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let ingress = listener.local_addr()?;
+        let admin_listener = TcpListener::bind(config.server.admin_listen)
+            .await
+            .with_context(|| {
+                format!("binding server.admin_listen {}", config.server.admin_listen)
+            })?;
+        let admin = admin_listener.local_addr()?;
         let app = App::new(config, store);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(app.clone(), listener, shutdown.clone()));
+        let admin_stop = CancellationToken::new();
+        tokio::spawn(crate::admin::serve(
+            admin_listener,
+            app.clone(),
+            admin_stop.clone(),
+        ));
+        let task = {
+            let (app, shutdown) = (app.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let r = run(app, listener, shutdown).await;
+                admin_stop.cancel();
+                r
+            })
+        };
         Ok(Relay {
             ingress,
+            admin,
             app,
             shutdown,
             task,
@@ -78,6 +100,14 @@ async fn run(
     let delivery_stop = CancellationToken::new();
     let delivery = crate::delivery::start(app.clone(), delivery_stop.clone());
     let upkeep = tokio::spawn(purge_loop(app.clone(), shutdown.clone()));
+    {
+        // readyz answers 503 from the moment shutdown starts.
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            app.set_stopping();
+        });
+    }
     crate::ingress::serve(
         listener,
         app.clone(),
@@ -126,14 +156,29 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let relay = Relay::start(config).await?;
-    println!("hookrelay listening ingress={}", relay.ingress);
-    info!(ingress = %relay.ingress, "listening");
+    // Handlers are in place before the relay says it is listening, so no early signal
+    // takes the default action (which would kill the process).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    println!(
+        "hookrelay listening ingress={} admin={}",
+        relay.ingress, relay.admin
+    );
+    info!(ingress = %relay.ingress, admin = %relay.admin, "listening");
+    tokio::spawn(reload_on_sighup(relay.app.clone(), hup));
     let stop = relay.shutdown.clone();
     tokio::spawn(async move {
-        stop_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         info!("stopping: finishing requests and deliveries in flight");
         stop.cancel();
-        stop_signal().await;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         error!("second signal: exiting at once");
         std::process::exit(1);
     });
@@ -141,18 +186,16 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+/// SIGHUP: reload as `POST /api/reload` does; on errors the old config stays.
+async fn reload_on_sighup(app: Arc<App>, mut hup: Signal) {
+    while hup.recv().await.is_some() {
+        match app.reload() {
+            Ok(_) => info!("config reloaded (SIGHUP)"),
+            Err(errors) => {
+                for p in &errors.0 {
+                    warn!(problem = %p, "config reload refused; the old config stays");
+                }
+            }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

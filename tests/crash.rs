@@ -20,6 +20,7 @@ async fn events_answered_200_survive_sigkill() {
         r#"
 [server]
 listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 [delivery]
 retry = { first = "1h" }
 [[sources]]
@@ -51,8 +52,8 @@ to = ["calls", "analytics"]
         .read_line(&mut line)
         .unwrap();
     let addr = line
-        .trim()
-        .strip_prefix("hookrelay listening ingress=")
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ingress="))
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_string();
 

@@ -115,10 +115,18 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
     if req.uri().path() == TOKEN_PATH {
         return oauth::token_endpoint(&config, peer, req).await;
     }
-    match accept(app, &config, peer, req).await {
+    let source = config
+        .source_for_path(req.uri().path())
+        .map(|s| s.name.clone());
+    let resp = match accept(app, &config, peer, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    app.metrics.ingress(
+        source.as_deref().unwrap_or("(none)"),
+        resp.status().as_u16(),
+    );
+    resp
 }
 
 async fn accept(
@@ -179,6 +187,15 @@ async fn accept(
         }
     }
     let n = destinations.len();
+    if fanout.destinations.is_empty() {
+        app.metrics
+            .unrouted
+            .get_or_create(&crate::metrics::SourceLabel {
+                source: source.name.clone(),
+            })
+            .inc();
+    }
+    let started = std::time::Instant::now();
     let admission = app
         .store
         .accept(NewEvent {
@@ -192,9 +209,20 @@ async fn accept(
         })
         .await
         .map_err(store_unavailable)?;
+    app.metrics
+        .accept_duration
+        .observe(started.elapsed().as_secs_f64());
     let (duplicate, deliveries) = match admission {
         Admission::Accepted { .. } => (false, n),
-        Admission::Duplicate { .. } => (true, 0),
+        Admission::Duplicate { .. } => {
+            app.metrics
+                .duplicates
+                .get_or_create(&crate::metrics::SourceLabel {
+                    source: source.name.clone(),
+                })
+                .inc();
+            (true, 0)
+        }
     };
     debug!(source = %source.name, event_id = %id, duplicate, deliveries, "accepted");
     let out = serde_json::to_vec(&Accepted {

@@ -193,6 +193,10 @@ pub trait Store: Send + Sync + 'static {
     /// Pending deliveries of `destination` (the `max_queue` measure).
     fn queue_depth(&self, destination: &str) -> u64;
 
+    /// Every destination that has pending deliveries, with their count (also those no
+    /// longer configured: their deliveries stay on disk).
+    fn queue_depths(&self) -> Vec<(String, u64)>;
+
     /// Woken whenever a delivery of `destination` becomes pending (accept, replay).
     fn wakeup(&self, destination: &str) -> Arc<Notify>;
 

@@ -583,6 +583,20 @@ impl Store for SledStore {
             .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
+    fn queue_depths(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .shared
+            .depth
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    }
+
     fn wakeup(&self, destination: &str) -> Arc<Notify> {
         if let Some(n) = self.shared.wakeups.read().unwrap().get(destination) {
             return n.clone();

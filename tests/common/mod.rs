@@ -43,8 +43,10 @@ impl TestRelay {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let config = hookrelay::config::parse(toml, &file, &lookup)
+        let mut config = hookrelay::config::parse(toml, &file, &lookup)
             .unwrap_or_else(|e| panic!("config: {e}"));
+        // Tests run in parallel: every relay gets its own admin port.
+        config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
         let relay = hookrelay::Relay::start(config).await.unwrap();
         TestRelay {
             relay: Some(relay),
@@ -54,6 +56,10 @@ impl TestRelay {
 
     pub fn addr(&self) -> std::net::SocketAddr {
         self.relay.as_ref().unwrap().ingress
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.relay.as_ref().unwrap().admin, path)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,168 @@
+//! Prometheus metrics of one relay (a registry per relay, no global state).
+//!
+//! The contract's names: `hookrelay_ingress_requests_total{source,status}`,
+//! `hookrelay_events_duplicate_total{source}`, `hookrelay_deliveries_total{destination,outcome}`,
+//! `hookrelay_queue_depth{destination}`, `hookrelay_delivery_duration_seconds{destination}`;
+//! plus `hookrelay_events_unrouted_total{source}`,
+//! `hookrelay_oldest_pending_age_seconds{destination}` and
+//! `hookrelay_store_accept_duration_seconds`. Label values are config names, status codes and
+//! outcome words only: never ids, addresses or secrets.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceStatus {
+    pub source: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationOutcome {
+    pub destination: String,
+    /// `delivered`, `retried` or `dead`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabel {
+    pub destination: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~33 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub ingress_requests: Family<SourceStatus, Counter>,
+    pub duplicates: Family<SourceLabel, Counter>,
+    pub unrouted: Family<SourceLabel, Counter>,
+    pub deliveries: Family<DestinationOutcome, Counter>,
+    pub delivery_duration: HistogramFamily<DestinationLabel>,
+    pub queue_depth: Family<DestinationLabel, Gauge>,
+    pub oldest_pending_age: Family<DestinationLabel, Gauge>,
+    pub accept_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hookrelay");
+        let m = Metrics {
+            registry: Registry::default(),
+            ingress_requests: Family::default(),
+            duplicates: Family::default(),
+            unrouted: Family::default(),
+            deliveries: Family::default(),
+            delivery_duration: Family::new_with_constructor(latency_histogram),
+            queue_depth: Family::default(),
+            oldest_pending_age: Family::default(),
+            accept_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        registry.register(
+            "ingress_requests",
+            "Requests answered by the ingress, by source and status",
+            m.ingress_requests.clone(),
+        );
+        registry.register(
+            "events_duplicate",
+            "Events answered as duplicates within the dedup window",
+            m.duplicates.clone(),
+        );
+        registry.register(
+            "events_unrouted",
+            "Events accepted that matched no route",
+            m.unrouted.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Delivery attempts by destination and outcome (delivered, retried, dead)",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "delivery_duration_seconds",
+            "Time of one delivery attempt, request to answer",
+            m.delivery_duration.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Pending deliveries per destination",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the earliest-due pending delivery, per destination",
+            m.oldest_pending_age.clone(),
+        );
+        registry.register(
+            "store_accept_duration_seconds",
+            "Time for the store to accept and flush one event",
+            m.accept_duration.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn ingress(&self, source: &str, status: u16) {
+        self.ingress_requests
+            .get_or_create(&SourceStatus {
+                source: source.to_string(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Creates a destination's series at zero, so they show before its first delivery.
+    pub fn announce_destination(&self, destination: &str) {
+        for outcome in ["delivered", "retried", "dead"] {
+            let _ = self.deliveries.get_or_create(&DestinationOutcome {
+                destination: destination.to_string(),
+                outcome,
+            });
+        }
+        let label = DestinationLabel {
+            destination: destination.to_string(),
+        };
+        let _ = self.delivery_duration.get_or_create(&label);
+        let _ = self.queue_depth.get_or_create(&label);
+    }
+
+    pub fn delivery(&self, destination: &str, outcome: &'static str, seconds: f64) {
+        self.deliveries
+            .get_or_create(&DestinationOutcome {
+                destination: destination.to_string(),
+                outcome,
+            })
+            .inc();
+        self.delivery_duration
+            .get_or_create(&DestinationLabel {
+                destination: destination.to_string(),
+            })
+            .observe(seconds);
+    }
+}

@@ -1,0 +1,569 @@
+//! The admin API, metrics, reload (API and SIGHUP), SIGTERM, and secrets kept out of logs
+//! and admin answers.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::{fixture, send, TestRelay};
+use hookrelay::store::{DeliveryKey, Outcome};
+use http::Method;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[delivery]
+retry = { first = "1h" }
+
+[[sources]]
+name = "open"
+path = "/open"
+event_id = ["$.payload.eventId"]
+
+[[sources]]
+name = "locked"
+path = "/locked"
+auth = { kind = "header", header = "X-Key", value = "k" }
+
+[[destinations]]
+name = "calls"
+url = "http://127.0.0.1:9/calls"
+
+[[routes]]
+name = "open"
+source = "open"
+to = ["calls"]
+"#;
+
+#[tokio::test]
+async fn health_ready_and_unknown_paths() {
+    let r = TestRelay::start(CONFIG).await;
+    let a = send(Method::GET, &r.admin_url("/healthz"), &[], b"").await;
+    assert_eq!(a.status, 200);
+    let a = send(Method::GET, &r.admin_url("/readyz"), &[], b"").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["status"], "ready");
+    send(Method::GET, &r.admin_url("/nope"), &[], b"")
+        .await
+        .error(404, "not_found");
+    let a = send(Method::GET, &r.admin_url("/api/reload"), &[], b"").await;
+    a.error(405, "method_not_allowed");
+    assert_eq!(a.headers["allow"], "POST");
+    send(Method::GET, &r.admin_url("/api/dead?limit=zero"), &[], b"")
+        .await
+        .error(400, "bad_request");
+    send(Method::POST, &r.admin_url("/api/dead/replay"), &[], b"")
+        .await
+        .error(400, "bad_request");
+    send(Method::GET, &r.admin_url("/api/events/missing"), &[], b"")
+        .await
+        .error(404, "not_found");
+}
+
+#[tokio::test]
+async fn event_lookup_dead_list_and_replay() {
+    let r = TestRelay::start(CONFIG).await;
+    let body = fixture("8x8/voice-call-status.json");
+    let id = r.post("/open", &body).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a = send(
+        Method::GET,
+        &r.admin_url(&format!("/api/events/{id}")),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let v = a.json();
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["source"], "open");
+    assert_eq!(v["body"]["payload"]["eventId"], id.as_str());
+    assert!(v["received"].as_str().unwrap().ends_with("GMT"));
+    assert_eq!(v["deliveries"][0]["destination"], "calls");
+    assert_eq!(v["deliveries"][0]["state"], "pending");
+
+    // Make it dead as delivery would after a final 4xx.
+    let seq = r.app().store.lookup(&id).await.unwrap()[0].event.seq;
+    let key = DeliveryKey {
+        seq,
+        destination: "calls".into(),
+    };
+    r.app()
+        .store
+        .record(
+            &key,
+            Outcome::Dead {
+                status: Some(400),
+                error: "HTTP 400".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let a = send(
+        Method::GET,
+        &r.admin_url("/api/dead?destination=calls&limit=10"),
+        &[],
+        b"",
+    )
+    .await;
+    let dead = a.json();
+    assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
+    assert_eq!(dead[0]["state"], "dead");
+    assert_eq!(dead[0]["last_status"], 400);
+    let a = send(
+        Method::GET,
+        &r.admin_url("/api/dead?destination=other"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.json().as_array().unwrap().len(), 0);
+
+    let a = send(
+        Method::POST,
+        &r.admin_url(&format!("/api/dead/replay?id={id}")),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.json()["replayed"], 1);
+    let a = send(
+        Method::POST,
+        &r.admin_url("/api/dead/replay?destination=calls"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.json()["replayed"], 0, "nothing left to replay");
+    let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
+    assert_eq!(a.json().as_array().unwrap().len(), 0);
+}
+
+fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_exactly() {
+    let r = TestRelay::start(CONFIG).await;
+    for i in 0..3 {
+        let a = r
+            .post(
+                "/open",
+                format!("{{\"payload\":{{\"eventId\":\"m{i}\"}}}}").as_bytes(),
+            )
+            .await;
+        assert_eq!(a.status, 200);
+    }
+    assert_eq!(
+        r.post("/open", br#"{"payload":{"eventId":"m0"}}"#)
+            .await
+            .json()["duplicate"],
+        true
+    );
+    assert_eq!(r.post("/locked", b"{}").await.status, 401);
+    assert_eq!(r.post("/locked", b"{}").await.status, 401);
+    assert_eq!(r.post("/nowhere", b"{}").await.status, 404);
+    let text = String::from_utf8(
+        send(Method::GET, &r.admin_url("/metrics"), &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            r#"hookrelay_ingress_requests_total{source="open",status="200"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"hookrelay_ingress_requests_total{source="locked",status="401"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"hookrelay_ingress_requests_total{source="(none)",status="404"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, r#"hookrelay_events_duplicate_total{source="open"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, r#"hookrelay_queue_depth{destination="calls"}"#),
+        3.0
+    );
+    assert!(
+        text.contains("# TYPE hookrelay_delivery_duration_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE hookrelay_deliveries counter"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"hookrelay_deliveries_total{destination="calls",outcome="dead"}"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn reload_refuses_a_broken_file_and_applies_a_good_one() {
+    let r = TestRelay::start(CONFIG).await;
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    std::fs::write(
+        &file,
+        CONFIG.replace("url = \"http://127.0.0.1:9/calls\"", "url = \"nope\""),
+    )
+    .unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 400);
+    let v = a.json();
+    assert_eq!(v["error"], "invalid_config");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("destinations[0].url"),
+        "{v}"
+    );
+    // The old routes still work.
+    assert_eq!(r.post("/open", b"{}").await.status, 200);
+    assert_eq!(r.post("/new", b"{}").await.status, 404);
+
+    let good = format!("{CONFIG}\n[[sources]]\nname = \"new\"\npath = \"/new\"\n");
+    std::fs::write(&file, good).unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(a.json()["routing_table"]
+        .as_str()
+        .unwrap()
+        .contains("source new"));
+    assert_eq!(r.post("/new", b"{}").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = TestRelay::start(CONFIG).await;
+    // Start a request: headers sent, body still coming.
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(
+        b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    // Meanwhile the config drops the source.
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    let without = CONFIG.replace(
+        "name = \"open\"\npath = \"/open\"",
+        "name = \"open\"\npath = \"/moved\"",
+    );
+    std::fs::write(&file, without).unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200);
+    s.write_all(b"}").await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // New requests see the new config.
+    assert_eq!(r.post("/open", b"{}").await.status, 404);
+}
+
+// ---- the binary: SIGHUP, SIGTERM, secrets in logs ----
+
+struct Proc {
+    child: Child,
+    ingress: String,
+    admin: String,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(cfg: &std::path::Path, log: &str) -> Proc {
+    let mut child = Command::new(common::bin())
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .env("HOOKRELAY_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let word = |p: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} in {line:?}"))
+            .to_string()
+    };
+    let (ingress, admin) = (word("ingress="), word("admin="));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(err).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    Proc {
+        child,
+        ingress,
+        admin,
+        stderr: rx,
+    }
+}
+
+impl Proc {
+    /// Kills the process and returns everything it wrote to stderr.
+    fn finish(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = String::new();
+        // The reader thread ends at EOF, which closes the channel.
+        while let Ok(l) = self.stderr.recv_timeout(std::time::Duration::from_secs(5)) {
+            out.push_str(&l);
+            out.push('\n');
+        }
+        out
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for a stderr line containing `text`.
+    fn wait_log(&self, text: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(l) if l.contains(text) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let p = spawn(&cfg, "info");
+    let new = |path: &str| format!("http://{}{path}", p.ingress);
+    assert_eq!(
+        send(Method::POST, &new("/hup"), &[], b"{}").await.status,
+        404
+    );
+    std::fs::write(
+        &cfg,
+        format!("{CONFIG}\n[[sources]]\nname = \"hup\"\npath = \"/hup\"\n"),
+    )
+    .unwrap();
+    p.signal("HUP");
+    assert!(p.wait_log("config reloaded (SIGHUP)"));
+    assert_eq!(
+        send(Method::POST, &new("/hup"), &[], b"{}").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn sigterm_exits_0_and_keeps_pending_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(
+        &cfg,
+        CONFIG.replace("[server]", "[server]\nshutdown_grace = \"1s\""),
+    )
+    .unwrap();
+    let mut p = spawn(&cfg, "info");
+    let url = format!("http://{}/open", p.ingress);
+    let id = send(
+        Method::POST,
+        &url,
+        &[],
+        br#"{"payload":{"eventId":"term-1"}}"#,
+    )
+    .await
+    .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    p.signal("TERM");
+    let status = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay did not exit after SIGTERM"
+            );
+            p.wait_log("stopped");
+        }
+    };
+    assert_eq!(status.code(), Some(0));
+    let store = hookrelay::store::sled::SledStore::open(&dir.path().join("data")).unwrap();
+    use hookrelay::store::Store;
+    let v = store.lookup(&id).await.unwrap();
+    assert_eq!(
+        v[0].deliveries[0].state,
+        hookrelay::store::DeliveryState::Pending
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_or_admin_answers() {
+    let secrets = [
+        "SECRETHDR8812",
+        "SECRETCLIENT7731",
+        "SECRETTOKSIGN5520",
+        "SECRETDESTKEY4410",
+        "SECRETSIGN9906",
+    ];
+    let cfg_text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+token_secret = "{}"
+[delivery]
+retry = {{ first = "1h" }}
+[[sources]]
+name = "voice"
+path = "/voice"
+auth = {{ kind = "header", header = "Authorization", value = "{}" }}
+[[sources]]
+name = "sms"
+path = "/sms"
+auth = {{ kind = "oauth2", clients = [{{ id = "c1", secret = "{}" }}] }}
+[[destinations]]
+name = "calls"
+url = "http://127.0.0.1:9/calls"
+headers = {{ "X-Api-Key" = "{}" }}
+sign = {{ secret = "{}" }}
+[[routes]]
+name = "v"
+source = "voice"
+to = ["calls"]
+[[routes]]
+name = "s"
+source = "sms"
+to = ["calls"]
+"#,
+        secrets[2], secrets[0], secrets[1], secrets[3], secrets[4]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let p = spawn(&cfg, "debug");
+    let ing = |path: &str| format!("http://{}{path}", p.ingress);
+    let adm = |path: &str| format!("http://{}{path}", p.admin);
+    let mut answers = Vec::new();
+    let a = send(
+        Method::POST,
+        &ing("/voice"),
+        &[("authorization", secrets[0])],
+        br#"{"n":1}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    send(
+        Method::POST,
+        &ing("/voice"),
+        &[("authorization", "wrong")],
+        b"{}",
+    )
+    .await;
+    let tok = send(
+        Method::POST,
+        &ing("/oauth/token"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!(
+            "grant_type=client_credentials&client_id=c1&client_secret={}",
+            secrets[1]
+        )
+        .as_bytes(),
+    )
+    .await;
+    let token = tok.json()["access_token"].as_str().unwrap().to_string();
+    let a = send(
+        Method::POST,
+        &ing("/sms"),
+        &[("authorization", &format!("Bearer {token}"))],
+        b"{}",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    for path in [
+        "/metrics",
+        "/readyz",
+        &format!("/api/events/{id}"),
+        "/api/dead",
+    ] {
+        answers.push(send(Method::GET, &adm(path), &[], b"").await.body);
+    }
+    answers.push(send(Method::POST, &adm("/api/reload"), &[], b"").await.body);
+    let check = Command::new(common::bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let logs = p.finish();
+    assert!(logs.contains("listening"), "logs were captured: {logs}");
+    let mut seen = logs;
+    seen.push_str(&String::from_utf8_lossy(&check.stdout));
+    for a in &answers {
+        seen.push_str(&String::from_utf8_lossy(a));
+    }
+    assert!(
+        seen.contains("source voice"),
+        "the reload answered with the table"
+    );
+    for s in secrets.iter().chain([token.as_str()].iter()) {
+        assert!(
+            !seen.contains(s),
+            "secret {s} in an admin answer or check output"
+        );
+    }
+}
