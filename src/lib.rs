@@ -25,6 +25,7 @@ pub mod signature;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 use std::path::Path;

@@ -93,6 +93,8 @@ pub struct Server {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Built (files read and checked) at load.
+    pub server_config: Arc<rustls::ServerConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

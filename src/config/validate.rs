@@ -456,12 +456,25 @@ impl Cx<'_> {
         };
         let r = raw.map(|s| s.get_ref()).unwrap_or(&empty);
         let tls = r.tls.as_ref().and_then(|t| {
-            let cert = self.string(&t.get_ref().cert, "server.tls.cert")?;
-            let key = self.string(&t.get_ref().key, "server.tls.key")?;
-            Some(TlsFiles {
-                cert: self.dir.join(cert),
-                key: self.dir.join(key),
-            })
+            let t = t.get_ref();
+            let cert = self.string(&t.cert, "server.tls.cert")?;
+            let key = self.string(&t.key, "server.tls.key")?;
+            let (cert, key) = (self.dir.join(cert), self.dir.join(key));
+            match crate::tls::server_config(&cert, &key) {
+                Ok(server_config) => Some(TlsFiles {
+                    cert,
+                    key,
+                    server_config,
+                }),
+                Err(crate::tls::TlsProblem::Cert(m)) => {
+                    self.err(Some(t.cert.span()), "server.tls.cert", m);
+                    None
+                }
+                Err(crate::tls::TlsProblem::Key(m)) => {
+                    self.err(Some(t.key.span()), "server.tls.key", m);
+                    None
+                }
+            }
         });
         Server {
             listen: self.addr(&r.listen, "server.listen", "0.0.0.0:8080"),

@@ -1,0 +1,98 @@
+//! HTTPS on the ingress with a self-signed certificate made in the test: HTTP/1.1 and
+//! HTTP/2 over ALPN, and a bad certificate file as a config error naming it.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::TestRelay;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+fn config() -> String {
+    r#"
+[server]
+listen = "127.0.0.1:0"
+tls = { cert = "relay.crt", key = "relay.key" }
+[[sources]]
+name = "open"
+path = "/open"
+"#
+    .to_string()
+}
+
+fn write_cert(dir: &std::path::Path) -> rustls::RootCertStore {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("relay.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("relay.key"), ck.signing_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    roots
+}
+
+async fn post_https(
+    roots: rustls::RootCertStore,
+    port: u16,
+    h2: bool,
+) -> (u16, http::Version, String) {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if h2 {
+        b.enable_http2().build()
+    } else {
+        b.enable_http1().build()
+    };
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build::<_, Full<Bytes>>(connector);
+    let req = http::Request::post(format!("https://localhost:{port}/open"))
+        .body(Full::new(Bytes::from_static(b"{\"tls\":true}")))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let (status, version) = (resp.status().as_u16(), resp.version());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, version, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn https_ingress_speaks_http1_and_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let roots = write_cert(dir.path());
+    let r = TestRelay::start_in(dir, &config(), &[]).await;
+    let port = r.addr().port();
+    let (status, version, body) = post_https(roots.clone(), port, false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(version, http::Version::HTTP_11);
+    assert!(body.contains("\"accepted\":true"), "{body}");
+    let (status, version, _) = post_https(roots, port, true).await;
+    assert_eq!(status, 200);
+    assert_eq!(version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn bad_certificate_file_is_a_config_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cert(dir.path());
+    std::fs::write(dir.path().join("relay.crt"), "not a certificate").unwrap();
+    let file = dir.path().join("routes.toml");
+    let err = hookrelay::config::parse(&config(), &file, &|_| None).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("server.tls.cert"), "{text}");
+    assert!(text.contains("relay.crt"), "{text}");
+    std::fs::remove_file(dir.path().join("relay.key")).unwrap();
+    write_cert(dir.path());
+    std::fs::write(dir.path().join("relay.key"), "").unwrap();
+    let text = hookrelay::config::parse(&config(), &file, &|_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(text.contains("server.tls.key"), "{text}");
+}
