@@ -27,7 +27,8 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::field::Empty;
+use tracing::{debug, info_span, warn, Instrument, Span};
 
 use crate::app::App;
 use crate::config::{Config, Source};
@@ -146,14 +147,22 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
     let source = config
         .source_for_path(req.uri().path())
         .map(|s| s.name.clone());
-    let resp = match accept(app, &config, peer, req).await {
+    let source = source.as_deref().unwrap_or("(none)");
+    let span = info_span!("ingress", source, event_id = Empty, status = Empty);
+    let resp = match accept(app, &config, peer, req)
+        .instrument(span.clone())
+        .await
+    {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            span.in_scope(|| debug!(kind = e.kind, message = %e.message, "refused"));
+            e.into_response()
+        }
     };
-    app.metrics.ingress(
-        source.as_deref().unwrap_or("(none)"),
-        resp.status().as_u16(),
-    );
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    span.in_scope(|| debug!("answered"));
+    app.metrics.ingress(source, status);
     resp
 }
 
@@ -196,6 +205,7 @@ async fn accept(
     }
     let wrapped = parse_event(&source, &body)?;
     let id = event_id(&source.event_id, &wrapped[0], &body);
+    Span::current().record("event_id", id.as_str());
     let fanout = route(config, &source, &wrapped);
     let destinations: Vec<String> = fanout
         .destinations
@@ -252,7 +262,7 @@ async fn accept(
             (true, 0)
         }
     };
-    debug!(source = %source.name, event_id = %id, duplicate, deliveries, "accepted");
+    debug!(duplicate, deliveries, "accepted");
     let out = serde_json::to_vec(&Accepted {
         accepted: true,
         id: &id,

@@ -1,0 +1,154 @@
+//! Micro-benchmarks of the per-request work: routing with 1/50/500 routes, event-id
+//! extraction, JSONPath filters, signatures, and the store's accept path.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use hookrelay::config::Config;
+use hookrelay::event_id::{event_id, IdPath};
+use hookrelay::routing::{route, Filter};
+use hookrelay::store::sled::SledStore;
+use hookrelay::store::{now_ms, NewEvent, Store};
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// A config with `n` routes on one source; the last one matches the voice fixture.
+fn config_with_routes(n: usize) -> Config {
+    let mut t = String::from(
+        "[[sources]]\nname = \"voice\"\npath = \"/v\"\n[[destinations]]\nname = \"d\"\nurl = \"http://127.0.0.1:1/\"\n",
+    );
+    for i in 0..n {
+        let event_type = if i + 1 == n { "CALL_STATUS" } else { "OTHER" };
+        t.push_str(&format!(
+            "[[routes]]\nname = \"r{i}\"\nsource = \"voice\"\nmatch = {{ namespace = \"VOICE\", eventType = [\"X{i}\", \"{event_type}\"] }}\nto = [\"d\"]\n"
+        ));
+    }
+    hookrelay::config::parse(&t, Path::new("bench.toml"), &|_| None).unwrap()
+}
+
+fn routing(c: &mut Criterion) {
+    let body = fixture("8x8/voice-call-status.json");
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let wrapped = serde_json::Value::Array(vec![event]);
+    let mut g = c.benchmark_group("routing");
+    for n in [1usize, 50, 500] {
+        let cfg = config_with_routes(n);
+        let src = cfg.sources[0].clone();
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                let f = route(&cfg, &src, black_box(&wrapped));
+                assert_eq!(f.destinations.len(), 1);
+                f
+            })
+        });
+    }
+    g.finish();
+}
+
+fn ids_and_filters(c: &mut Criterion) {
+    let body = fixture("8x8/voice-call-status.json");
+    let event: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let plain = vec![IdPath::compile("$.payload.eventId").unwrap()];
+    let general = vec![IdPath::compile("$['payload']['eventId']").unwrap()];
+    let mut g = c.benchmark_group("event_id");
+    g.bench_function("plain_member_path", |b| {
+        b.iter(|| event_id(&plain, black_box(&event), &body))
+    });
+    g.bench_function("jsonpath_engine", |b| {
+        b.iter(|| event_id(&general, black_box(&event), &body))
+    });
+    g.bench_function("sha256_fallback", |b| {
+        b.iter(|| event_id(&[], black_box(&event), &body))
+    });
+    g.finish();
+
+    let wrapped = serde_json::Value::Array(vec![event]);
+    let f = Filter::compile("@.payload.callDirection == 'INBOUND' && @.payload.sipCode >= 200")
+        .unwrap();
+    c.bench_function("filter/two_comparisons", |b| {
+        b.iter(|| assert!(f.matches(black_box(&wrapped))))
+    });
+    c.bench_function("parse_json/voice_call_status", |b| {
+        b.iter(|| serde_json::from_slice::<serde_json::Value>(black_box(&body)).unwrap())
+    });
+}
+
+fn signatures(c: &mut Criterion) {
+    let body = fixture("8x8/voice-call-status.json");
+    let secret = b"bench-signing-secret";
+    let sig = hookrelay::signature::sign(secret, "msg_1", "1700000000", &body);
+    c.bench_function("signature/sign", |b| {
+        b.iter(|| hookrelay::signature::sign(secret, "msg_1", "1700000000", black_box(&body)))
+    });
+    c.bench_function("signature/verify", |b| {
+        b.iter(|| {
+            assert!(hookrelay::signature::verify(
+                secret,
+                "msg_1",
+                "1700000000",
+                black_box(&body),
+                &sig
+            ))
+        })
+    });
+}
+
+fn store_accept(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = rt.block_on(async { SledStore::open(dir.path()).unwrap() });
+    let body = Bytes::from(fixture("8x8/voice-call-status.json"));
+    let mut n = 0u64;
+    let mut g = c.benchmark_group("store_accept");
+    g.measurement_time(Duration::from_secs(5));
+    for batch in [1usize, 64] {
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_with_input(
+            BenchmarkId::new("concurrent", batch),
+            &batch,
+            |b, &batch| {
+                b.to_async(&rt).iter(|| {
+                    let tasks: Vec<_> = (0..batch)
+                        .map(|_| {
+                            n += 1;
+                            let store = store.clone();
+                            let ev = NewEvent {
+                                source: "voice".into(),
+                                id: format!("bench-{n}"),
+                                body: body.clone(),
+                                content_type: Some("application/json".into()),
+                                received_ms: now_ms(),
+                                destinations: vec!["d".into()],
+                                dedup_window: Duration::from_secs(3600),
+                            };
+                            tokio::spawn(async move { store.accept(ev).await })
+                        })
+                        .collect();
+                    async move {
+                        for t in tasks {
+                            t.await.unwrap().unwrap();
+                        }
+                    }
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, routing, ids_and_filters, signatures, store_accept);
+criterion_main!(benches);
