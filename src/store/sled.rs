@@ -8,13 +8,11 @@
 //!
 //! Keys (one tree, prefixed; integers big-endian so they sort):
 //! - `e/<seq>` event: `u32` meta length, meta JSON, body bytes
-//! - `i/<id>\0<seq>` id index, for lookups
-//! - `d/<source>\0<id>` dedup record: seq, expiry
-//! - `x/<expiry><source>\0<id>` dedup expiry index, so purging never scans the store
+//! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
+//!   expiry is checked when read, and the record goes when its event is purged
 //! - `l/<seq><dest>` delivery record (JSON)
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order
 //! - `z/<dest>\0<seq>` dead deliveries
-//! - `t/<received><seq>` events by age, for `retain`
 //! - `r/<seq>` the stored answer of a reply route
 
 use std::collections::{HashMap, HashSet};
@@ -92,8 +90,12 @@ fn dead_key(dest: &str, seq: u64) -> Vec<u8> {
 fn delivery_key(seq: u64, dest: &str) -> Vec<u8> {
     key(&[b"l/", &be(seq), dest.as_bytes()])
 }
+/// Id first, so a lookup by id is a prefix scan.
 fn dedup_key(source: &str, id: &str) -> Vec<u8> {
-    key(&[b"d/", source.as_bytes(), b"\0", id.as_bytes()])
+    key(&[b"d/", id.as_bytes(), b"\0", source.as_bytes()])
+}
+fn id_prefix(id: &str) -> Vec<u8> {
+    key(&[b"d/", id.as_bytes(), b"\0"])
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -181,10 +183,7 @@ impl Writer {
         };
         let mut b = ::sled::Batch::default();
         b.insert(key(&[b"e/", &be(seq)]), encode_event(&meta, &ev.body));
-        b.insert(key(&[b"i/", ev.id.as_bytes(), b"\0", &be(seq)]), &[][..]);
         b.insert(dk.clone(), key(&[&be(seq), &be(expires)]));
-        b.insert(key(&[b"x/", &be(expires), &dk[2..]]), &[][..]);
-        b.insert(key(&[b"t/", &be(ev.received_ms), &be(seq)]), &[][..]);
         for dest in &ev.destinations {
             let d = Delivery {
                 seq,
@@ -302,9 +301,9 @@ impl Writer {
                 }
             }
             ReplaySelector::EventId(id) => {
-                for kv in db.scan_prefix(key(&[b"i/", id.as_bytes(), b"\0"])) {
-                    let (k, _) = kv?;
-                    let seq = read_u64(&k[k.len() - 8..]);
+                for kv in db.scan_prefix(id_prefix(&id)) {
+                    let (_, v) = kv?;
+                    let seq = read_u64(&v);
                     for d in self.shared.deliveries_of(seq)? {
                         targets.push((seq, d.destination));
                     }
@@ -318,29 +317,27 @@ impl Writer {
         Ok(n)
     }
 
+    /// Events go, with their dedup record, once older than both `retain` and their dedup
+    /// window and every delivery is delivered. Events are scanned in sequence (= arrival)
+    /// order, stopping at the first one too young.
     fn purge(&mut self, retain: Duration) -> Result<usize, StoreError> {
         let db = self.shared.db.clone();
-        let now = now_ms();
+        let cutoff = now_ms().saturating_sub(retain.as_millis() as u64);
         let mut removed = 0;
         let mut b = ::sled::Batch::default();
-        // Dedup records past their window, found through the expiry index.
-        for kv in db.range(key(&[b"x/"])..key(&[b"x/", &be(now)])) {
-            let (k, _) = kv?;
-            let expires = read_u64(&k[2..10]);
-            let dk = key(&[b"d/", &k[10..]]);
-            if let Some(v) = db.get(&dk)? {
-                if read_u64(&v[8..]) == expires {
-                    b.remove(dk);
-                }
+        for kv in db.scan_prefix(b"e/") {
+            let (k, raw) = kv?;
+            let seq = read_u64(&k[2..10]);
+            let ev = decode_event(seq, &raw)?;
+            if ev.received_ms >= cutoff {
+                break;
             }
-            b.remove(k);
-            removed += 1;
-        }
-        // Events past `retain` whose deliveries are all delivered.
-        let cutoff = now.saturating_sub(retain.as_millis() as u64);
-        for kv in db.range(key(&[b"t/"])..key(&[b"t/", &be(cutoff)])) {
-            let (k, _) = kv?;
-            let seq = read_u64(&k[10..18]);
+            let dk = dedup_key(&ev.source, &ev.id);
+            let dedup = db.get(&dk)?;
+            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == seq);
+            if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now_ms()) {
+                continue; // still inside its dedup window
+            }
             let deliveries = self.shared.deliveries_of(seq)?;
             if deliveries
                 .iter()
@@ -348,16 +345,14 @@ impl Writer {
             {
                 continue;
             }
-            if let Some(raw) = db.get(key(&[b"e/", &be(seq)]))? {
-                let ev = decode_event(seq, &raw)?;
-                b.remove(key(&[b"i/", ev.id.as_bytes(), b"\0", &be(seq)]));
+            if ours {
+                b.remove(dk);
             }
             for d in deliveries {
                 b.remove(delivery_key(seq, &d.destination));
             }
-            b.remove(key(&[b"e/", &be(seq)]));
-            b.remove(key(&[b"r/", &be(seq)]));
             b.remove(k);
+            b.remove(key(&[b"r/", &be(seq)]));
             removed += 1;
         }
         db.apply_batch(b)?;
@@ -553,13 +548,9 @@ impl Store for SledStore {
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut out = Vec::new();
-        for kv in self
-            .shared
-            .db
-            .scan_prefix(key(&[b"i/", id.as_bytes(), b"\0"]))
-        {
-            let (k, _) = kv?;
-            let seq = read_u64(&k[k.len() - 8..]);
+        for kv in self.shared.db.scan_prefix(id_prefix(id)) {
+            let (_, v) = kv?;
+            let seq = read_u64(&v);
             if let Some(event) = self.event(seq).await? {
                 out.push(EventView {
                     event,
@@ -693,16 +684,27 @@ mod tests {
         let mut e = ev("e2", &["a"]);
         e.dedup_window = Duration::from_millis(1);
         e.received_ms -= 10;
-        st.accept(e.clone()).await.unwrap();
+        let Admission::Accepted { seq: old } = st.accept(e.clone()).await.unwrap() else {
+            panic!()
+        };
         // Window passed: the same id is a new event.
         assert!(matches!(
             st.accept(ev("e2", &["a"])).await.unwrap(),
             Admission::Accepted { .. }
         ));
-        let n = st.purge(Duration::ZERO).await.unwrap();
-        assert!(n >= 1, "expired dedup record purged");
-        // Pending deliveries keep their events.
-        assert_eq!(st.lookup("e2").await.unwrap().len(), 2);
+        // Nothing delivered yet: nothing goes.
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 0);
+        let k = DeliveryKey {
+            seq: old,
+            destination: "a".into(),
+        };
+        st.record(&k, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1);
+        assert!(st.event(old).await.unwrap().is_none());
+        // The newer event, still pending, stays and is found by id.
+        assert_eq!(st.lookup("e2").await.unwrap().len(), 1);
         st.close().await.unwrap();
     }
 }
