@@ -357,3 +357,33 @@ async fn http2_prior_knowledge_is_served() {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("\"accepted\":true"));
 }
+
+#[tokio::test]
+async fn huge_headers_and_malformed_http_are_refused_without_harm() {
+    let r = TestRelay::start(&config("", "")).await;
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    let big = format!(
+        "POST /open HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    // The relay still serves.
+    assert_eq!(r.post("/open", b"{}").await.status, 200);
+}

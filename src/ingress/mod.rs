@@ -37,6 +37,9 @@ use crate::routing::route;
 use crate::store::{now_ms, Admission, NewEvent, StoreError};
 use error::{json_response, ApiError, Body};
 
+/// Request head limit: headers past this get 431, a connection is not a memory sink.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Where OAuth2 clients fetch tokens (on the ingress port).
 pub const TOKEN_PATH: &str = "/oauth/token";
 
@@ -62,8 +65,14 @@ pub async fn serve(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.server.read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(config.server.read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(100);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(64);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let tls = config
         .server
