@@ -179,6 +179,68 @@ async fn run_load(
     load
 }
 
+struct RelayPhase {
+    accept: Load,
+    fixed: Option<Load>,
+    delivery_rate: f64,
+}
+
+/// The relay on `backend` with one route to an in-process fast sink.
+async fn relay_phase(
+    backend: &str,
+    conns: usize,
+    secs: u64,
+    rate: Option<u64>,
+    seq: Arc<AtomicU64>,
+) -> RelayPhase {
+    let delivered = Arc::new(AtomicU64::new(0));
+    let sink = start_plain_server(delivered.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[store]
+backend = "{backend}"
+[delivery]
+max_in_flight = 64
+max_queue = 100000000
+rate = {{ per_second = 1000000000, burst = 1000000 }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "sink"
+url = "http://{sink}/hooks"
+[[routes]]
+name = "all"
+source = "voice"
+match = {{ namespace = "VOICE" }}
+to = ["sink"]
+"#
+    );
+    let config = hookrelay::config::parse(&toml, &file, &|_| None).unwrap();
+    let relay = hookrelay::Relay::start(config).await.unwrap();
+    let d0 = delivered.load(Ordering::Relaxed);
+    let accept = run_load(relay.ingress, "/8x8/voice", conns, secs, None, seq.clone()).await;
+    let d1 = delivered.load(Ordering::Relaxed);
+    let delivery_rate = (d1 - d0) as f64 / accept.elapsed.as_secs_f64();
+    let fixed = match rate {
+        Some(r) => Some(run_load(relay.ingress, "/8x8/voice", conns, secs, Some(r), seq).await),
+        None => None,
+    };
+    relay.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(15), relay.stopped()).await;
+    RelayPhase {
+        accept,
+        fixed,
+        delivery_rate,
+    }
+}
+
 fn main() {
     let secs = env_u64("BENCH_SECONDS", 5);
     let conns = env_u64("BENCH_CONNS", 64) as usize;
@@ -197,59 +259,13 @@ fn main() {
         let ref_addr = start_plain_server(ref_count.clone()).await;
         let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
 
-        // Relay → fast sink.
-        let delivered = Arc::new(AtomicU64::new(0));
-        let sink = start_plain_server(delivered.clone()).await;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("routes.toml");
-        let toml = format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[delivery]
-max_in_flight = 64
-max_queue = 100000000
-rate = {{ per_second = 1000000000, burst = 1000000 }}
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
-event_id = ["$.payload.eventId"]
-[[destinations]]
-name = "sink"
-url = "http://{sink}/hooks"
-[[routes]]
-name = "all"
-source = "voice"
-match = {{ namespace = "VOICE" }}
-to = ["sink"]
-"#
-        );
-        let config = hookrelay::config::parse(&toml, &file, &|_| None).unwrap();
-        let relay = hookrelay::Relay::start(config).await.unwrap();
-        let d0 = delivered.load(Ordering::Relaxed);
-        let mut relay_load =
-            run_load(relay.ingress, "/8x8/voice", conns, secs, None, seq.clone()).await;
-        let d1 = delivered.load(Ordering::Relaxed);
-        let delivery_rate = (d1 - d0) as f64 / relay_load.elapsed.as_secs_f64();
-
-        let mut fixed = match rate {
-            Some(r) => Some(
-                run_load(
-                    relay.ingress,
-                    "/8x8/voice",
-                    conns,
-                    secs,
-                    Some(r),
-                    seq.clone(),
-                )
-                .await,
-            ),
-            None => None,
-        };
-        relay.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(15), relay.stopped()).await;
-
+        let mut rows = Vec::new();
+        for backend in ["sled", "redb"] {
+            rows.push((
+                backend,
+                relay_phase(backend, conns, secs, rate, seq.clone()).await,
+            ));
+        }
         println!();
         println!("hookrelay e2e bench: {conns} connections, {secs}s per phase, 2 runtime threads");
         println!("| run | ok/s | p50 ms | p99 ms | errors |");
@@ -264,19 +280,26 @@ to = ["sink"]
             );
         };
         row("bare hyper reference", &mut reference);
-        row(
-            "relay accept (durable, deduplicated, routed)",
-            &mut relay_load,
-        );
-        if let (Some(r), Some(f)) = (rate, fixed.as_mut()) {
-            row(&format!("relay accept at fixed {r}/s"), f);
+        for (backend, p) in rows.iter_mut() {
+            row(
+                &format!("relay accept, {backend} (durable, deduplicated, routed)"),
+                &mut p.accept,
+            );
+            if let (Some(r), Some(f)) = (rate, p.fixed.as_mut()) {
+                row(&format!("relay accept, {backend}, at fixed {r}/s"), f);
+            }
+            println!(
+                "| deliveries reaching the sink, {backend} | {:.0} | | | |",
+                p.delivery_rate
+            );
         }
-        println!("| deliveries reaching the sink | {delivery_rate:.0} | | | |");
         println!();
-        println!(
-            "accept / reference = {:.2}; deliveries / accepts = {:.2}",
-            relay_load.rate() / reference.rate(),
-            delivery_rate / relay_load.rate()
-        );
+        for (backend, p) in rows.iter() {
+            println!(
+                "{backend}: accept / reference = {:.2}; deliveries / accepts = {:.2}",
+                p.accept.rate() / reference.rate(),
+                p.delivery_rate / p.accept.rate()
+            );
+        }
     });
 }

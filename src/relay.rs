@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::config::{self, Backend, Config};
+use crate::store::redb::RedbStore;
 use crate::store::sled::SledStore;
 use crate::store::Store;
 
@@ -40,6 +41,12 @@ impl Relay {
             Backend::Sled => {
                 let path = config.store.path.clone();
                 tokio::task::spawn_blocking(move || SledStore::open(&path))
+                    .await?
+                    .with_context(|| "opening the store")?
+            }
+            Backend::Redb => {
+                let path = config.store.path.clone();
+                tokio::task::spawn_blocking(move || RedbStore::open(&path))
                     .await?
                     .with_context(|| "opening the store")?
             }

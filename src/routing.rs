@@ -50,7 +50,7 @@ impl Matcher {
             (Accept::OneOf(set), Value::String(s)) => set.iter().any(|x| x == s),
             (Accept::OneOf(set), Value::Number(n)) => {
                 let text = n.to_string();
-                set.iter().any(|x| *x == text)
+                set.contains(&text)
             }
             (Accept::OneOf(set), Value::Bool(b)) => {
                 let text = if *b { "true" } else { "false" };

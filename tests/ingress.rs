@@ -161,7 +161,7 @@ async fn every_8x8_fixture_is_accepted() {
             .post_with("/8x8/voice", &[AUTH], &fixture(&format!("8x8/{f}")))
             .await;
         assert_eq!(a.status, 200, "{f}");
-        assert_eq!(a.json()["deliveries"].as_u64().unwrap() >= 1, true, "{f}");
+        assert!(a.json()["deliveries"].as_u64().unwrap() >= 1, "{f}");
     }
     for f in [
         "sms-inbound.json",

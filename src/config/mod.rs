@@ -100,6 +100,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Sled,
+    Redb,
     Jetstream,
 }
 

@@ -514,6 +514,7 @@ impl Cx<'_> {
         if let Some(b) = &r.backend {
             match self.string(b, "store.backend").as_deref() {
                 Some("sled") => out.backend = Backend::Sled,
+                Some("redb") => out.backend = Backend::Redb,
                 Some("jetstream") => {
                     out.backend = Backend::Jetstream;
                     self.err(
@@ -525,7 +526,9 @@ impl Cx<'_> {
                 Some(other) => self.err(
                     Some(b.span()),
                     "store.backend",
-                    format!("unknown backend {other:?}; expected \"sled\" or \"jetstream\""),
+                    format!(
+                        "unknown backend {other:?}; expected \"sled\", \"redb\" or \"jetstream\""
+                    ),
                 ),
                 None => {}
             }

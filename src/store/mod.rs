@@ -7,6 +7,9 @@
 //! batching, flushing) is the backend's business: `sled` today, JetStream later, behind the
 //! same trait. Memory holds no queue: the store is the truth.
 
+pub mod engine;
+pub mod kv;
+pub mod redb;
 pub mod sled;
 
 use std::sync::Arc;
@@ -25,7 +28,7 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -33,12 +36,6 @@ pub enum StoreError {
     Closed,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-}
-
-impl From<::sled::Error> for StoreError {
-    fn from(e: ::sled::Error) -> Self {
-        StoreError::Unavailable(e.to_string())
-    }
 }
 
 /// An event as ingress hands it to the store.

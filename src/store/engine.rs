@@ -1,0 +1,38 @@
+//! The key-value engine under the store: ordered byte keys, atomic groups of writes.
+//!
+//! `kv::KvStore` holds all of the store's logic (keys, dedup, queue, group commit) and asks
+//! an engine for only this: point reads, prefix scans, and a write transaction that commits
+//! a whole group durably. `sled` and `redb` implement it; so could anything else that can.
+
+use super::StoreError;
+
+/// Visits `(key, value)` pairs; returns `false` to stop.
+pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
+
+pub trait Engine: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Keys starting with `prefix`, in ascending order.
+    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
+    /// The greatest key starting with `prefix`.
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Starts the write transaction of one group (one writer at a time).
+    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError>;
+    /// Makes everything committed so far durable (at close).
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// A group's write transaction. Operations run one after another inside it; each ends with
+/// `end_op` (its writes then form one atomic unit, even for engines that cannot roll back a
+/// group); `commit` makes the whole group durable.
+pub trait Txn {
+    /// Reads see the writes of operations already ended in this group.
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, key: &[u8]) -> Result<(), StoreError>;
+    fn end_op(&mut self) -> Result<(), StoreError>;
+    /// Drops the current operation's writes where the engine can (operations do all their
+    /// reads, and fail, before they write, so this is a second line of defence).
+    fn abort_op(&mut self);
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}

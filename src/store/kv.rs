@@ -1,0 +1,841 @@
+//! The store's logic over any [`Engine`]: key layout, dedup, the delivery queue, and group
+//! commit.
+//!
+//! One writer thread applies every mutation. Operations that queue up while a group commits
+//! form the next group: one write transaction, one durable commit, then every caller of the
+//! group is answered. So 64 concurrent accepts cost one commit, not 64, and committing never
+//! blocks the async workers. Because one thread writes, dedup checks and state changes need
+//! no locks. Reads go straight to the engine.
+//!
+//! Keys (integers big-endian so they sort):
+//! - `e/<seq>` event: `u32` meta length, meta JSON, body bytes
+//! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
+//!   expiry is checked when read, and the record goes when its event is purged
+//! - `l/<seq><dest>` delivery record (JSON)
+//! - `q/<dest>\0<due><seq>` pending deliveries in due order
+//! - `z/<dest>\0<seq>` dead deliveries
+//! - `r/<seq>` the stored answer of a reply route
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+
+use super::engine::{Engine, Txn};
+use super::*;
+
+/// Operations one commit may cover at most.
+const MAX_GROUP: usize = 4096;
+
+#[derive(Serialize, Deserialize)]
+struct EventMeta {
+    id: String,
+    source: String,
+    received_ms: u64,
+    content_type: Option<String>,
+}
+
+type Done = Box<dyn FnOnce(Option<StoreError>) + Send>;
+type Job = Box<dyn FnOnce(&mut Writer<'_>) -> Done + Send>;
+
+struct Shared<E> {
+    engine: Arc<E>,
+    depth: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    wakeups: RwLock<HashMap<String, Arc<Notify>>>,
+}
+
+/// The writer thread's view of one group.
+struct Writer<'a> {
+    txn: Box<dyn Txn + 'a>,
+    next_seq: &'a mut u64,
+    /// Queue depth changes, applied once the group is committed.
+    depth: HashMap<String, i64>,
+    /// Destinations to wake once the group is committed.
+    wakes: HashSet<String>,
+}
+
+/// The store over engine `E`.
+pub struct KvStore<E: Engine> {
+    shared: Arc<Shared<E>>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+fn read_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn queue_prefix(dest: &str) -> Vec<u8> {
+    key(&[b"q/", dest.as_bytes(), b"\0"])
+}
+fn queue_key(dest: &str, due: u64, seq: u64) -> Vec<u8> {
+    key(&[b"q/", dest.as_bytes(), b"\0", &be(due), &be(seq)])
+}
+fn dead_key(dest: &str, seq: u64) -> Vec<u8> {
+    key(&[b"z/", dest.as_bytes(), b"\0", &be(seq)])
+}
+fn delivery_key(seq: u64, dest: &str) -> Vec<u8> {
+    key(&[b"l/", &be(seq), dest.as_bytes()])
+}
+fn event_key(seq: u64) -> Vec<u8> {
+    key(&[b"e/", &be(seq)])
+}
+fn reply_key(seq: u64) -> Vec<u8> {
+    key(&[b"r/", &be(seq)])
+}
+/// Id first, so a lookup by id is a prefix scan.
+fn dedup_key(source: &str, id: &str) -> Vec<u8> {
+    key(&[b"d/", id.as_bytes(), b"\0", source.as_bytes()])
+}
+fn id_prefix(id: &str) -> Vec<u8> {
+    key(&[b"d/", id.as_bytes(), b"\0"])
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn encode_event(meta: &EventMeta, body: &[u8]) -> Vec<u8> {
+    let m = serde_json::to_vec(meta).expect("meta serializes");
+    let mut v = Vec::with_capacity(4 + m.len() + body.len());
+    v.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    v.extend_from_slice(&m);
+    v.extend_from_slice(body);
+    v
+}
+
+fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
+    if raw.len() < 4 {
+        return Err(corrupt("short event record"));
+    }
+    let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    let meta: EventMeta =
+        serde_json::from_slice(raw.get(4..4 + n).ok_or_else(|| corrupt("short meta"))?)
+            .map_err(corrupt)?;
+    Ok(StoredEvent {
+        seq,
+        id: meta.id,
+        source: meta.source,
+        received_ms: meta.received_ms,
+        content_type: meta.content_type,
+        body: Bytes::copy_from_slice(&raw[4 + n..]),
+    })
+}
+
+fn decode_delivery(v: &[u8]) -> Result<Delivery, StoreError> {
+    serde_json::from_slice(v).map_err(corrupt)
+}
+
+fn encode_delivery(d: &Delivery) -> Vec<u8> {
+    serde_json::to_vec(d).expect("delivery serializes")
+}
+
+/// The destination name in a `q/` or `z/` key.
+fn dest_of(k: &[u8]) -> String {
+    let end = k[2..]
+        .iter()
+        .position(|&c| c == 0)
+        .map_or(k.len(), |p| p + 2);
+    String::from_utf8_lossy(&k[2..end]).into_owned()
+}
+
+impl<E: Engine> Shared<E> {
+    fn depth_counter(&self, dest: &str) -> Arc<AtomicU64> {
+        if let Some(c) = self.depth.read().unwrap().get(dest) {
+            return c.clone();
+        }
+        self.depth
+            .write()
+            .unwrap()
+            .entry(dest.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn delivery(&self, seq: u64, dest: &str) -> Result<Option<Delivery>, StoreError> {
+        self.engine
+            .get(&delivery_key(seq, dest))?
+            .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    fn deliveries_of(&self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
+        let mut out = Vec::new();
+        self.engine
+            .scan_prefix(&key(&[b"l/", &be(seq)]), &mut |_, v| {
+                out.push(decode_delivery(v)?);
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+}
+
+impl Writer<'_> {
+    fn delivery(&mut self, seq: u64, dest: &str) -> Result<Option<Delivery>, StoreError> {
+        self.txn
+            .get(&delivery_key(seq, dest))?
+            .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    fn deliveries_of(&mut self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
+        let mut out = Vec::new();
+        self.txn
+            .scan_prefix(&key(&[b"l/", &be(seq)]), &mut |_, v| {
+                out.push(decode_delivery(v)?);
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+
+    fn accept(&mut self, ev: NewEvent) -> Result<Admission, StoreError> {
+        let dk = dedup_key(&ev.source, &ev.id);
+        if let Some(v) = self.txn.get(&dk)? {
+            let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
+            if expires > ev.received_ms {
+                let reply = match self.txn.get(&reply_key(seq))? {
+                    Some(r) => Some(serde_json::from_slice(&r).map_err(corrupt)?),
+                    None => None,
+                };
+                return Ok(Admission::Duplicate { seq, reply });
+            }
+        }
+        let seq = *self.next_seq;
+        *self.next_seq += 1;
+        let expires = ev.received_ms + ev.dedup_window.as_millis() as u64;
+        let meta = EventMeta {
+            id: ev.id.clone(),
+            source: ev.source.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type.clone(),
+        };
+        self.txn
+            .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
+        self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
+        for dest in &ev.destinations {
+            let d = Delivery {
+                seq,
+                destination: dest.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                first_attempt_ms: None,
+                next_due_ms: ev.received_ms,
+                last_status: None,
+                last_error: None,
+                updated_ms: ev.received_ms,
+            };
+            self.txn
+                .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
+            self.txn.put(&queue_key(dest, ev.received_ms, seq), &[])?;
+        }
+        for dest in &ev.destinations {
+            *self.depth.entry(dest.clone()).or_default() += 1;
+            self.wakes.insert(dest.clone());
+        }
+        Ok(Admission::Accepted { seq })
+    }
+
+    fn record(&mut self, k: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        let Some(mut d) = self.delivery(k.seq, &k.destination)? else {
+            return Ok(()); // purged meanwhile: nothing to record
+        };
+        if d.state != DeliveryState::Pending {
+            return Ok(());
+        }
+        let now = now_ms();
+        self.txn
+            .delete(&queue_key(&k.destination, d.next_due_ms, k.seq))?;
+        d.attempts += 1;
+        d.first_attempt_ms.get_or_insert(now);
+        d.updated_ms = now;
+        let leaves_queue = match outcome {
+            Outcome::Delivered { status } => {
+                d.state = DeliveryState::Delivered;
+                d.last_status = Some(status);
+                d.last_error = None;
+                true
+            }
+            Outcome::Retry {
+                due_ms,
+                status,
+                error,
+            } => {
+                d.next_due_ms = due_ms;
+                d.last_status = status;
+                d.last_error = Some(error);
+                self.txn
+                    .put(&queue_key(&k.destination, due_ms, k.seq), &[])?;
+                false
+            }
+            Outcome::Dead { status, error } => {
+                d.state = DeliveryState::Dead;
+                d.last_status = status;
+                d.last_error = Some(error);
+                self.txn.put(&dead_key(&k.destination, k.seq), &[])?;
+                true
+            }
+        };
+        self.txn
+            .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
+        if leaves_queue {
+            *self.depth.entry(k.destination.clone()).or_default() -= 1;
+        }
+        Ok(())
+    }
+
+    fn replay_one(&mut self, seq: u64, dest: &str) -> Result<bool, StoreError> {
+        let Some(mut d) = self.delivery(seq, dest)? else {
+            return Ok(false);
+        };
+        if d.state != DeliveryState::Dead {
+            return Ok(false);
+        }
+        let now = now_ms();
+        d.state = DeliveryState::Pending;
+        d.first_attempt_ms = None;
+        d.next_due_ms = now;
+        d.updated_ms = now;
+        self.txn.delete(&dead_key(dest, seq))?;
+        self.txn.put(&queue_key(dest, now, seq), &[])?;
+        self.txn
+            .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
+        *self.depth.entry(dest.to_string()).or_default() += 1;
+        self.wakes.insert(dest.to_string());
+        Ok(true)
+    }
+
+    fn replay(&mut self, which: ReplaySelector) -> Result<usize, StoreError> {
+        let mut targets: Vec<(u64, String)> = Vec::new();
+        match which {
+            ReplaySelector::Destination(dest) => {
+                self.txn
+                    .scan_prefix(&key(&[b"z/", dest.as_bytes(), b"\0"]), &mut |k, _| {
+                        targets.push((read_u64(&k[k.len() - 8..]), dest.clone()));
+                        Ok(true)
+                    })?;
+            }
+            ReplaySelector::EventId(id) => {
+                let mut seqs = Vec::new();
+                self.txn.scan_prefix(&id_prefix(&id), &mut |_, v| {
+                    seqs.push(read_u64(v));
+                    Ok(true)
+                })?;
+                for seq in seqs {
+                    for d in self.deliveries_of(seq)? {
+                        targets.push((seq, d.destination));
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for (seq, dest) in targets {
+            n += usize::from(self.replay_one(seq, &dest)?);
+        }
+        Ok(n)
+    }
+
+    /// Events go, with their dedup record, once older than both `retain` and their dedup
+    /// window and every delivery is delivered. Events are scanned in sequence (= arrival)
+    /// order, stopping at the first one too young.
+    fn purge(&mut self, retain: Duration) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(retain.as_millis() as u64);
+        let mut old = Vec::new();
+        self.txn.scan_prefix(b"e/", &mut |k, raw| {
+            let ev = decode_event(read_u64(&k[2..10]), raw)?;
+            if ev.received_ms >= cutoff {
+                return Ok(false);
+            }
+            old.push(ev);
+            Ok(true)
+        })?;
+        let mut removed = 0;
+        for ev in old {
+            let dk = dedup_key(&ev.source, &ev.id);
+            let dedup = self.txn.get(&dk)?;
+            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == ev.seq);
+            if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now) {
+                continue; // still inside its dedup window
+            }
+            let deliveries = self.deliveries_of(ev.seq)?;
+            if deliveries
+                .iter()
+                .any(|d| d.state != DeliveryState::Delivered)
+            {
+                continue;
+            }
+            if ours {
+                self.txn.delete(&dk)?;
+            }
+            for d in deliveries {
+                self.txn.delete(&delivery_key(ev.seq, &d.destination))?;
+            }
+            self.txn.delete(&event_key(ev.seq))?;
+            self.txn.delete(&reply_key(ev.seq))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::Receiver<Job>) {
+    let mut done: Vec<Done> = Vec::with_capacity(MAX_GROUP);
+    while let Ok(first) = rx.recv() {
+        let txn = match shared.engine.begin() {
+            Ok(t) => t,
+            Err(e) => {
+                let d = first(&mut Writer {
+                    txn: Box::new(FailedTxn(e.clone())),
+                    next_seq: &mut next_seq,
+                    depth: HashMap::new(),
+                    wakes: HashSet::new(),
+                });
+                d(Some(e));
+                continue;
+            }
+        };
+        let mut w = Writer {
+            txn,
+            next_seq: &mut next_seq,
+            depth: HashMap::new(),
+            wakes: HashSet::new(),
+        };
+        done.push(first(&mut w));
+        while done.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => done.push(job(&mut w)),
+                Err(_) => break,
+            }
+        }
+        let Writer {
+            txn, depth, wakes, ..
+        } = w;
+        let committed = txn.commit();
+        // Counters first, so a caller that reads them after its answer sees its change.
+        if committed.is_ok() {
+            for (dest, delta) in depth {
+                let c = shared.depth_counter(&dest);
+                if delta >= 0 {
+                    c.fetch_add(delta as u64, Ordering::Relaxed);
+                } else {
+                    let down = delta.unsigned_abs();
+                    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(down))
+                    });
+                }
+            }
+        }
+        for d in done.drain(..) {
+            d(committed.as_ref().err().cloned());
+        }
+        if committed.is_ok() {
+            let wakeups = shared.wakeups.read().unwrap();
+            for dest in wakes {
+                if let Some(n) = wakeups.get(&dest) {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+    let _ = shared.engine.sync();
+}
+
+/// Stands in when a group's transaction cannot even start: every operation fails.
+struct FailedTxn(StoreError);
+
+impl Txn for FailedTxn {
+    fn get(&mut self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(self.0.clone())
+    }
+    fn scan_prefix(&mut self, _: &[u8], _: &mut engine::Visit<'_>) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn put(&mut self, _: &[u8], _: &[u8]) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn delete(&mut self, _: &[u8]) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn end_op(&mut self) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn abort_op(&mut self) {}
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        Err(self.0)
+    }
+}
+
+impl<E: Engine> KvStore<E> {
+    /// Starts the store over an opened engine: counts pending deliveries per destination
+    /// and starts the writer thread.
+    pub fn start(engine: E) -> Result<Arc<Self>, StoreError> {
+        let engine = Arc::new(engine);
+        let mut depth: HashMap<String, Arc<AtomicU64>> = HashMap::new();
+        engine.scan_prefix(b"q/", &mut |k, _| {
+            depth
+                .entry(dest_of(k))
+                .or_default()
+                .fetch_add(1, Ordering::Relaxed);
+            Ok(true)
+        })?;
+        let next_seq = match engine.last_with_prefix(b"e/")? {
+            Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
+            _ => 1,
+        };
+        let shared = Arc::new(Shared {
+            engine,
+            depth: RwLock::new(depth),
+            wakeups: RwLock::new(HashMap::new()),
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let s2 = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(s2, next_seq, rx))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Arc::new(KvStore {
+            shared,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+
+    /// Runs `f` on the writer thread as one atomic operation and waits until its group is
+    /// committed.
+    async fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            let r = match f(w) {
+                Ok(v) => w.txn.end_op().map(|_| v),
+                Err(e) => {
+                    w.txn.abort_op();
+                    Err(e)
+                }
+            };
+            Box::new(move |commit_err: Option<StoreError>| {
+                let _ = tx.send(match commit_err {
+                    Some(e) => Err(e),
+                    None => r,
+                });
+            })
+        });
+        {
+            let guard = self.jobs.lock().unwrap();
+            let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(job).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl<E: Engine> Store for KvStore<E> {
+    async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
+        self.submit(move |w| w.accept(ev)).await
+    }
+
+    async fn pending(
+        &self,
+        destination: &str,
+        limit: usize,
+        skip: &(dyn Fn(u64) -> bool + Send + Sync),
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let prefix = queue_prefix(destination);
+        let mut found = Vec::new();
+        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
+            if found.len() >= limit {
+                return Ok(false);
+            }
+            let seq = read_u64(&k[k.len() - 8..]);
+            if !skip(seq) {
+                found.push((seq, read_u64(&k[prefix.len()..])));
+            }
+            Ok(true)
+        })?;
+        let mut out = Vec::with_capacity(found.len());
+        for (seq, due) in found {
+            if let Some(mut d) = self.shared.delivery(seq, destination)? {
+                if d.state == DeliveryState::Pending {
+                    d.next_due_ms = due;
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        self.shared
+            .engine
+            .get(&event_key(seq))?
+            .map(|raw| decode_event(seq, &raw))
+            .transpose()
+    }
+
+    async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.submit(move |w| w.record(&k, outcome)).await
+    }
+
+    async fn save_reply(&self, seq: u64, reply: StoredReply) -> Result<(), StoreError> {
+        self.submit(move |w| {
+            let v = serde_json::to_vec(&reply).expect("reply serializes");
+            w.txn.put(&reply_key(seq), &v)
+        })
+        .await
+    }
+
+    async fn dead(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let prefix = match destination {
+            Some(d) => key(&[b"z/", d.as_bytes(), b"\0"]),
+            None => b"z/".to_vec(),
+        };
+        let mut found = Vec::new();
+        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
+            if found.len() >= limit {
+                return Ok(false);
+            }
+            found.push((read_u64(&k[k.len() - 8..]), dest_of(k)));
+            Ok(true)
+        })?;
+        let mut out = Vec::new();
+        for (seq, dest) in found {
+            if let Some(d) = self.shared.delivery(seq, &dest)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
+        self.submit(move |w| w.replay(which)).await
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
+        let mut seqs = Vec::new();
+        self.shared
+            .engine
+            .scan_prefix(&id_prefix(id), &mut |_, v| {
+                seqs.push(read_u64(v));
+                Ok(true)
+            })?;
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Some(event) = self.event(seq).await? {
+                out.push(EventView {
+                    event,
+                    deliveries: self.shared.deliveries_of(seq)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
+        self.submit(move |w| w.purge(retain)).await
+    }
+
+    fn queue_depth(&self, destination: &str) -> u64 {
+        self.shared
+            .depth
+            .read()
+            .unwrap()
+            .get(destination)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn queue_depths(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .shared
+            .depth
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn wakeup(&self, destination: &str) -> Arc<Notify> {
+        if let Some(n) = self.shared.wakeups.read().unwrap().get(destination) {
+            return n.clone();
+        }
+        self.shared
+            .wakeups
+            .write()
+            .unwrap()
+            .entry(destination.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let sender = self.jobs.lock().unwrap().take();
+        drop(sender);
+        let handle = self.writer.lock().unwrap().take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .map_err(|_| StoreError::Unavailable("writer thread panicked".into()))?;
+        }
+        let engine = self.shared.engine.clone();
+        tokio::task::spawn_blocking(move || engine.sync())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, dests: &[&str]) -> NewEvent {
+        NewEvent {
+            source: "s".into(),
+            id: id.into(),
+            body: Bytes::from_static(b"{}"),
+            content_type: Some("application/json".into()),
+            received_ms: now_ms(),
+            destinations: dests.iter().map(|s| s.to_string()).collect(),
+            dedup_window: Duration::from_secs(60),
+        }
+    }
+
+    async fn accept_dedup_record_replay(st: Arc<dyn Store>) {
+        let a = st.accept(ev("e1", &["a", "b"])).await.unwrap();
+        let Admission::Accepted { seq } = a else {
+            panic!("{a:?}")
+        };
+        assert!(matches!(
+            st.accept(ev("e1", &["a", "b"])).await.unwrap(),
+            Admission::Duplicate { .. }
+        ));
+        assert_eq!(st.queue_depth("a"), 1);
+        let p = st.pending("a", 10, &|_| false).await.unwrap();
+        assert_eq!(p.len(), 1);
+        let k = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        st.record(
+            &k,
+            Outcome::Dead {
+                status: Some(400),
+                error: "HTTP 400".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(st.queue_depth("a"), 0);
+        assert_eq!(st.dead(Some("a"), 10).await.unwrap().len(), 1);
+        assert_eq!(st.dead(None, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            st.replay(ReplaySelector::EventId("e1".into()))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(st.queue_depth("a"), 1);
+        assert!(st.dead(None, 10).await.unwrap().is_empty());
+        let views = st.lookup("e1").await.unwrap();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].deliveries.len(), 2);
+        st.close().await.unwrap();
+    }
+
+    async fn dedup_expires_and_purge_keeps_undelivered(st: Arc<dyn Store>) {
+        let mut e = ev("e2", &["a"]);
+        e.dedup_window = Duration::from_millis(1);
+        e.received_ms -= 10;
+        let Admission::Accepted { seq: old } = st.accept(e.clone()).await.unwrap() else {
+            panic!()
+        };
+        // Window passed: the same id is a new event.
+        assert!(matches!(
+            st.accept(ev("e2", &["a"])).await.unwrap(),
+            Admission::Accepted { .. }
+        ));
+        // Nothing delivered yet: nothing goes.
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 0);
+        let k = DeliveryKey {
+            seq: old,
+            destination: "a".into(),
+        };
+        st.record(&k, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1);
+        assert!(st.event(old).await.unwrap().is_none());
+        // The newer event, still pending, stays and is found by id.
+        assert_eq!(st.lookup("e2").await.unwrap().len(), 1);
+        st.close().await.unwrap();
+    }
+
+    /// Every engine passes the same checks, and keeps its data across a reopen.
+    async fn on_every_engine(check: fn(Arc<dyn Store>) -> BoxCheck) {
+        type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
+        let engines: [(&str, Open); 2] = [
+            ("sled", |p| {
+                Ok(crate::store::sled::SledStore::open(p)? as Arc<dyn Store>)
+            }),
+            ("redb", |p| {
+                Ok(crate::store::redb::RedbStore::open(p)? as Arc<dyn Store>)
+            }),
+        ];
+        for (name, open) in engines {
+            let dir = tempfile::tempdir().unwrap();
+            let st = open(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            check(st.clone()).await;
+            st.close().await.unwrap();
+            drop(st);
+            let again = open(dir.path()).unwrap_or_else(|e| panic!("{name} reopen: {e}"));
+            assert!(
+                !again.lookup("e1").await.unwrap().is_empty()
+                    || !again.lookup("e2").await.unwrap().is_empty(),
+                "{name}: data survives a reopen"
+            );
+            again.close().await.unwrap();
+        }
+    }
+
+    type BoxCheck = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+    #[tokio::test]
+    async fn accept_dedup_record_replay_on_every_engine() {
+        on_every_engine(|st| Box::pin(accept_dedup_record_replay(st))).await;
+    }
+
+    #[tokio::test]
+    async fn purge_on_every_engine() {
+        on_every_engine(|st| Box::pin(dedup_expires_and_purge_keeps_undelivered(st))).await;
+    }
+}

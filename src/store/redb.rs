@@ -1,0 +1,119 @@
+//! The redb engine: one table in one file; a group is one write transaction committed with
+//! `fsync` (redb's default durability), so an accepted event survives power loss too.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+
+use super::engine::{Engine, Txn, Visit};
+use super::kv::KvStore;
+use super::StoreError;
+
+const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hookrelay");
+
+/// The store on redb.
+pub type RedbStore = KvStore<RedbEngine>;
+
+pub struct RedbEngine {
+    db: Database,
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in the directory `path` (file `hookrelay.redb`).
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let file = path.join("hookrelay.redb");
+        let db = Database::create(&file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(TABLE).map_err(err)?;
+        tx.commit().map_err(err)?;
+        KvStore::start(RedbEngine { db })
+    }
+}
+
+fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &T,
+    prefix: &[u8],
+    visit: &mut Visit<'_>,
+) -> Result<(), StoreError> {
+    for kv in table.range(prefix..).map_err(err)? {
+        let (k, v) = kv.map_err(err)?;
+        if !k.value().starts_with(prefix) || !visit(k.value(), v.value())? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl Engine for RedbEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = match tx.open_table(TABLE) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(err(e)),
+        };
+        Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(TABLE).map_err(err)?;
+        scan(&table, prefix, visit)
+    }
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = tx.open_table(TABLE).map_err(err)?;
+        let mut last = None;
+        scan(&table, prefix, &mut |k, _| {
+            last = Some(k.to_vec());
+            Ok(true)
+        })?;
+        Ok(last)
+    }
+    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
+        Ok(Box::new(RedbTxn {
+            tx: self.db.begin_write().map_err(err)?,
+        }))
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(()) // every commit is already durable
+    }
+}
+
+struct RedbTxn {
+    tx: redb::WriteTransaction,
+}
+
+impl Txn for RedbTxn {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let table = self.tx.open_table(TABLE).map_err(err)?;
+        let v = table.get(key).map_err(err)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        let table = self.tx.open_table(TABLE).map_err(err)?;
+        scan(&table, prefix, visit)
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut table = self.tx.open_table(TABLE).map_err(err)?;
+        table.insert(key, value).map_err(err)?;
+        Ok(())
+    }
+    fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        let mut table = self.tx.open_table(TABLE).map_err(err)?;
+        table.remove(key).map_err(err)?;
+        Ok(())
+    }
+    fn end_op(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn abort_op(&mut self) {}
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.tx.commit().map_err(err)
+    }
+}
