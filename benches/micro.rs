@@ -133,6 +133,7 @@ fn store_accept(c: &mut Criterion) {
                                 content_type: Some("application/json".into()),
                                 received_ms: now_ms(),
                                 destinations: vec!["d".into()],
+                                held: None,
                                 dedup_window: Duration::from_secs(3600),
                             };
                             tokio::spawn(async move { store.accept(ev).await })

@@ -252,6 +252,7 @@ async fn accept(
             content_type,
             received_ms: now_ms(),
             destinations,
+            held: None,
             dedup_window: config.dedup_window,
         })
         .await

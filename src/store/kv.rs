@@ -232,20 +232,24 @@ impl Writer<'_> {
             .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
         self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
         for dest in &ev.destinations {
+            let due = match &ev.held {
+                Some((held, until)) if held == dest => *until,
+                _ => ev.received_ms,
+            };
             let d = Delivery {
                 seq,
                 destination: dest.clone(),
                 state: DeliveryState::Pending,
                 attempts: 0,
                 first_attempt_ms: None,
-                next_due_ms: ev.received_ms,
+                next_due_ms: due,
                 last_status: None,
                 last_error: None,
                 updated_ms: ev.received_ms,
             };
             self.txn
                 .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
-            self.txn.put(&queue_key(dest, ev.received_ms, seq), &[])?;
+            self.txn.put(&queue_key(dest, due, seq), &[])?;
         }
         for dest in &ev.destinations {
             *self.depth.entry(dest.clone()).or_default() += 1;
@@ -726,6 +730,7 @@ mod tests {
             content_type: Some("application/json".into()),
             received_ms: now_ms(),
             destinations: dests.iter().map(|s| s.to_string()).collect(),
+            held: None,
             dedup_window: Duration::from_secs(60),
         }
     }

@@ -48,6 +48,9 @@ pub struct NewEvent {
     pub received_ms: u64,
     /// Destination names, each once.
     pub destinations: Vec<String>,
+    /// A destination whose delivery is due only later (ms): a reply route calls it
+    /// synchronously first, and the stored delivery is the fallback if that call fails.
+    pub held: Option<(String, u64)>,
     /// How long the id is remembered for deduplication.
     pub dedup_window: Duration,
 }
