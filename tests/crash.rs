@@ -6,23 +6,36 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use hookrelay::store::redb::RedbStore;
 use hookrelay::store::sled::SledStore;
 use hookrelay::store::Store;
 
 const N: usize = 64;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_answered_200_survive_sigkill() {
+async fn events_answered_200_survive_sigkill_sled() {
+    survive_sigkill("sled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_answered_200_survive_sigkill_redb() {
+    survive_sigkill("redb").await;
+}
+
+async fn survive_sigkill(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
     std::fs::write(
         &cfg,
-        r#"
+        format!(
+            r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+[store]
+backend = "{backend}"
 [delivery]
-retry = { first = "1h" }
+retry = {{ first = "1h" }}
 [[sources]]
 name = "voice"
 path = "/8x8/voice"
@@ -37,7 +50,8 @@ url = "http://127.0.0.1:9/analytics"
 name = "all"
 source = "voice"
 to = ["calls", "analytics"]
-"#,
+"#
+        ),
     )
     .unwrap();
     let mut child = Command::new(common::bin())
@@ -74,7 +88,11 @@ to = ["calls", "analytics"]
     child.kill().unwrap(); // SIGKILL: no shutdown, no final flush
     child.wait().unwrap();
 
-    let store = SledStore::open(&dir.path().join("data")).unwrap();
+    let data = dir.path().join("data");
+    let store: std::sync::Arc<dyn Store> = match backend {
+        "sled" => SledStore::open(&data).unwrap(),
+        _ => RedbStore::open(&data).unwrap(),
+    };
     for id in &ids {
         let views = store.lookup(id).await.unwrap();
         assert_eq!(views.len(), 1, "event {id} lost");
