@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use crate::config::{self, Config, ConfigErrors};
+use crate::delivery::HttpClient;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -18,22 +19,26 @@ pub struct App {
     generation: watch::Sender<u64>,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
+    /// The outbound client: deliveries and reply routes share its connection pool.
+    pub client: HttpClient,
     stopping: AtomicBool,
 }
 
 impl App {
-    pub fn new(config: Config, store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(config: Config, store: Arc<dyn Store>) -> Result<Arc<Self>, rustls::Error> {
+        let client = HttpClient::new()?;
         let metrics = Metrics::new();
         for d in &config.destinations {
             metrics.announce_destination(&d.name);
         }
-        Arc::new(App {
+        Ok(Arc::new(App {
             config: RwLock::new(Arc::new(config)),
             generation: watch::channel(0).0,
             store,
             metrics,
+            client,
             stopping: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// The config in force now.

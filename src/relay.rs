@@ -62,7 +62,7 @@ impl Relay {
                 format!("binding server.admin_listen {}", config.server.admin_listen)
             })?;
         let admin = admin_listener.local_addr()?;
-        let app = App::new(config, store);
+        let app = App::new(config, store).context("building the HTTP client")?;
         let shutdown = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(

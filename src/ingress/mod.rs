@@ -10,6 +10,7 @@ mod auth;
 pub mod client_ip;
 pub mod error;
 mod oauth;
+mod reply;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use crate::app::App;
 use crate::config::{Config, Source};
 use crate::event_id::event_id;
 use crate::routing::route;
-use crate::store::{now_ms, Admission, NewEvent, StoreError};
+use crate::store::{now_ms, Admission, NewEvent, StoreError, StoredEvent};
 use error::{json_response, ApiError, Body};
 
 /// Request head limit: headers past this get 431, a connection is not a memory sink.
@@ -234,6 +235,14 @@ async fn accept(
         }
     }
     let n = destinations.len();
+    let reply = fanout
+        .reply_route
+        .and_then(|ri| config.routes[ri].reply.as_ref());
+    let received_ms = now_ms();
+    let held = reply.map(|r| {
+        let until = received_ms + r.timeout.as_millis() as u64 + reply::HOLD_MARGIN_MS;
+        (config.destinations[r.from].name.clone(), until)
+    });
     if fanout.destinations.is_empty() {
         app.metrics
             .unrouted
@@ -248,11 +257,11 @@ async fn accept(
         .accept(NewEvent {
             source: source.name.clone(),
             id: id.clone(),
-            body,
-            content_type,
-            received_ms: now_ms(),
+            body: body.clone(),
+            content_type: content_type.clone(),
+            received_ms,
             destinations,
-            held: None,
+            held,
             dedup_window: config.dedup_window,
         })
         .await
@@ -260,6 +269,24 @@ async fn accept(
     app.metrics
         .accept_duration
         .observe(started.elapsed().as_secs_f64());
+    if let Some(reply) = reply {
+        let (seq, fresh) = match &admission {
+            Admission::Duplicate {
+                reply: Some(kept), ..
+            } => return Ok(reply::stored(kept)),
+            Admission::Duplicate { seq, .. } => (*seq, false),
+            Admission::Accepted { seq } => (*seq, true),
+        };
+        let event = StoredEvent {
+            seq,
+            id: id.clone(),
+            source: source.name.clone(),
+            received_ms,
+            content_type,
+            body,
+        };
+        return Ok(reply::call(app, config, reply, &event, fresh).await);
+    }
     let (duplicate, deliveries) = match admission {
         Admission::Accepted { .. } => (false, n),
         Admission::Duplicate { .. } => {

@@ -1,0 +1,122 @@
+//! Reply routes (8x8 Voice Call Action): the provider expects the next call action in the
+//! HTTP answer, so after the event is stored the relay calls `reply.from` synchronously and
+//! answers with that destination's status, body and content type.
+//!
+//! The stored delivery to `reply.from` is held back (due after the reply timeout), so the
+//! scheduler does not send it meanwhile. A 2xx answer is kept with the event (a duplicate
+//! gets it again, without a new call) and counts as that destination's delivery. A timeout,
+//! connection failure or non-2xx answer gets the route's `fallback`, and the held delivery
+//! follows the destination's retry policy like any other.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use tracing::{info, warn};
+
+use super::error::Body;
+use crate::app::App;
+use crate::config::{Config, Reply};
+use crate::delivery::{retry, send_once};
+use crate::store::{
+    now_ms, Delivery, DeliveryKey, DeliveryState, Outcome, StoredEvent, StoredReply,
+};
+
+/// How long after the reply timeout the held delivery falls due.
+pub const HOLD_MARGIN_MS: u64 = 2_000;
+
+/// The answer for a stored reply.
+pub fn stored(reply: &StoredReply) -> Response<Body> {
+    answer(
+        reply.status,
+        reply.content_type.as_deref(),
+        Bytes::from(reply.body.clone()),
+    )
+}
+
+fn answer(status: u16, content_type: Option<&str>, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
+        r.headers_mut().insert(CONTENT_TYPE, ct);
+    }
+    r
+}
+
+fn fallback(reply: &Reply) -> Response<Body> {
+    answer(
+        reply.fallback_status,
+        Some(&reply.fallback_content_type),
+        Bytes::from(reply.fallback_body.clone()),
+    )
+}
+
+/// Calls `reply.from` for `event` and answers with its response or the fallback.
+/// `fresh` says whether this request stored the event (a duplicate has no delivery of its
+/// own to settle).
+pub async fn call(
+    app: &App,
+    config: &Config,
+    reply: &Reply,
+    event: &StoredEvent,
+    fresh: bool,
+) -> Response<Body> {
+    let dest = &config.destinations[reply.from];
+    let started = std::time::Instant::now();
+    let result = send_once(&app.client, dest, event, 1, reply.timeout).await;
+    let took = started.elapsed().as_secs_f64();
+    let key = DeliveryKey {
+        seq: event.seq,
+        destination: dest.name.clone(),
+    };
+    match &result {
+        Ok(a) if (200..300).contains(&a.status) => {
+            let kept = StoredReply {
+                status: a.status,
+                content_type: a.content_type.clone(),
+                body: a.body.to_vec(),
+            };
+            if let Err(e) = app.store.save_reply(event.seq, kept).await {
+                warn!(error = %e, "keeping the reply failed; a duplicate will call again");
+            }
+            if fresh {
+                settle(app, &key, Outcome::Delivered { status: a.status }, took).await;
+            }
+            info!(destination = %dest.name, status = a.status, "reply forwarded");
+            answer(a.status, a.content_type.as_deref(), a.body.clone())
+        }
+        _ => {
+            warn!(destination = %dest.name, result = %retry::describe(&result), "reply destination failed; answering the fallback");
+            if fresh {
+                // The held delivery follows the retry policy from this first attempt.
+                let now = now_ms();
+                let pending = Delivery {
+                    seq: event.seq,
+                    destination: dest.name.clone(),
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    first_attempt_ms: None,
+                    next_due_ms: now,
+                    last_status: None,
+                    last_error: None,
+                    updated_ms: now,
+                };
+                let outcome = retry::decide(&dest.retry, &pending, &result, now, rand::random());
+                settle(app, &key, outcome, took).await;
+            }
+            fallback(reply)
+        }
+    }
+}
+
+async fn settle(app: &App, key: &DeliveryKey, outcome: Outcome, seconds: f64) {
+    let word = match &outcome {
+        Outcome::Delivered { .. } => "delivered",
+        Outcome::Retry { .. } => "retried",
+        Outcome::Dead { .. } => "dead",
+    };
+    app.metrics.delivery(&key.destination, word, seconds);
+    if let Err(e) = app.store.record(key, outcome).await {
+        warn!(error = %e, "recording the reply's delivery failed; it stays pending");
+    }
+}
