@@ -1,0 +1,458 @@
+//! The retry policy: which answers are final, how long to wait before the next attempt, and
+//! when to give up.
+//!
+//! Pure functions over the stored attempt count and times, so a restart resumes the schedule
+//! where it was: nothing here keeps state between attempts.
+//!
+//! - 2xx: delivered. 408, 429, 5xx, connection errors and timeouts: retried. Any other status
+//!   (including 3xx: redirects are not followed): dead at once.
+//! - The wait after the n-th failed attempt is `first × factor^(n-1)`, capped at `max_delay`,
+//!   minus up to [`JITTER`] of itself at random (so it never exceeds the cap, and retries of
+//!   many deliveries that failed together spread out).
+//! - A `Retry-After` (seconds or HTTP date) on a retried answer raises the wait to at least
+//!   what it says.
+//! - Dead when `max_attempts` (> 0) attempts were made, or when the next attempt would fall
+//!   after `give_up_after` counted from the first attempt of the current retry window.
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+
+use crate::config::RetryPolicy;
+use crate::store::{Delivery, Outcome};
+
+use super::client::AttemptResult;
+
+/// The largest share of a backoff delay that jitter takes off.
+pub const JITTER: f64 = 0.25;
+
+/// What an answer (or its absence) means for the delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Delivered,
+    Retry,
+    Dead,
+}
+
+/// The class of an HTTP status.
+pub fn classify_status(status: u16) -> Class {
+    match status {
+        200..=299 => Class::Delivered,
+        408 | 429 | 500..=599 => Class::Retry,
+        _ => Class::Dead,
+    }
+}
+
+/// The class of one attempt's result: every failure to get an answer is retried.
+pub fn classify(result: &AttemptResult) -> Class {
+    match result {
+        Ok(answer) => classify_status(answer.status),
+        Err(_) => Class::Retry,
+    }
+}
+
+/// The wait before the next attempt after `failed` failed attempts (1 = the first one
+/// failed), without jitter: `first × factor^(failed-1)`, capped at `max_delay`.
+pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
+    let exp = failed.saturating_sub(1).min(i32::MAX as u32) as i32;
+    let secs = policy.first.as_secs_f64() * policy.factor.max(1.0).powi(exp);
+    let cap = policy.max_delay.max(policy.first);
+    if !secs.is_finite() || secs >= cap.as_secs_f64() {
+        cap
+    } else {
+        Duration::from_secs_f64(secs)
+    }
+}
+
+/// [`base_delay`] with jitter: `unit` (in `[0, 1)`, random) takes off up to [`JITTER`].
+pub fn backoff(policy: &RetryPolicy, failed: u32, unit: f64) -> Duration {
+    let base = base_delay(policy, failed);
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    base.mul_f64(1.0 - JITTER * unit)
+}
+
+/// A `Retry-After` value: delay-seconds or an HTTP date (then relative to `now`; a date in
+/// the past means no wait). `None` when it is neither.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Absurd values saturate; the give-up rule deals with them.
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The `Retry-After` of a response, if it has a valid one.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(v, now)
+}
+
+/// A short description of a result for the delivery's `last_error` and logs. Never holds
+/// the response body (it may carry anything).
+pub fn describe(result: &AttemptResult) -> String {
+    match result {
+        Ok(a) => match http::StatusCode::from_u16(a.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+        {
+            Some(reason) => format!("HTTP {} {reason}", a.status),
+            None => format!("HTTP {}", a.status),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The outcome to store for an attempt on `delivery` (as it was before the attempt) that
+/// gave `result`. `now_ms` is when the answer came; `unit` is the jitter draw in `[0, 1)`.
+pub fn decide(
+    policy: &RetryPolicy,
+    delivery: &Delivery,
+    result: &AttemptResult,
+    now_ms: u64,
+    unit: f64,
+) -> Outcome {
+    let status = result.as_ref().ok().map(|a| a.status);
+    let what = describe(result);
+    match classify(result) {
+        Class::Delivered => Outcome::Delivered {
+            status: status.unwrap_or(200),
+        },
+        Class::Dead => Outcome::Dead {
+            status,
+            error: format!("{what}: not retried"),
+        },
+        Class::Retry => {
+            let failed = delivery.attempts.saturating_add(1);
+            if policy.max_attempts > 0 && failed >= policy.max_attempts {
+                return Outcome::Dead {
+                    status,
+                    error: format!("{what}; gave up after {failed} attempts (max_attempts)"),
+                };
+            }
+            let mut wait = backoff(policy, failed, unit);
+            let told = match result {
+                Ok(a) => {
+                    let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
+                    retry_after(&a.headers, now)
+                }
+                Err(_) => None,
+            };
+            if let Some(told) = told {
+                wait = wait.max(told);
+            }
+            let due_ms = now_ms.saturating_add(ms(wait));
+            let window_start = delivery.first_attempt_ms.unwrap_or(now_ms);
+            let deadline = window_start.saturating_add(ms(policy.give_up_after));
+            if due_ms > deadline {
+                return Outcome::Dead {
+                    status,
+                    error: format!(
+                        "{what}; gave up after {failed} attempts (give_up_after {})",
+                        humantime::format_duration(policy.give_up_after)
+                    ),
+                };
+            }
+            Outcome::Retry {
+                due_ms,
+                status,
+                error: what,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::client::{Answer, SendError};
+    use crate::store::DeliveryState;
+    use bytes::Bytes;
+    use http::HeaderValue;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            first: Duration::from_millis(100),
+            factor: 2.0,
+            max_delay: Duration::from_secs(1),
+            give_up_after: Duration::from_secs(60),
+            max_attempts: 0,
+        }
+    }
+
+    fn delivery(attempts: u32, first_attempt_ms: Option<u64>) -> Delivery {
+        Delivery {
+            seq: 1,
+            destination: "d".into(),
+            state: DeliveryState::Pending,
+            attempts,
+            first_attempt_ms,
+            next_due_ms: 0,
+            last_status: None,
+            last_error: None,
+            updated_ms: 0,
+        }
+    }
+
+    fn answer(status: u16, headers: &[(&str, &str)]) -> AttemptResult {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        Ok(Answer {
+            status,
+            content_type: None,
+            headers: h,
+            body: Bytes::new(),
+            truncated: false,
+        })
+    }
+
+    #[test]
+    fn classes() {
+        for s in [200, 201, 202, 204, 299] {
+            assert_eq!(classify_status(s), Class::Delivered, "{s}");
+        }
+        for s in [408, 429, 500, 502, 503, 504, 599] {
+            assert_eq!(classify_status(s), Class::Retry, "{s}");
+        }
+        for s in [
+            100, 301, 302, 304, 400, 401, 403, 404, 405, 409, 410, 413, 422,
+        ] {
+            assert_eq!(classify_status(s), Class::Dead, "{s}");
+        }
+        assert_eq!(
+            classify(&Err(SendError::Timeout(Duration::from_secs(1)))),
+            Class::Retry
+        );
+        assert_eq!(
+            classify(&Err(SendError::Connect("refused".into()))),
+            Class::Retry
+        );
+        assert_eq!(
+            classify(&Err(SendError::Request("reset".into()))),
+            Class::Retry
+        );
+    }
+
+    #[test]
+    fn backoff_grows_by_factor_and_caps() {
+        let p = policy();
+        let got: Vec<u128> = (1..=8).map(|n| base_delay(&p, n).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        // Huge attempt counts neither overflow nor exceed the cap.
+        assert_eq!(base_delay(&p, u32::MAX), Duration::from_secs(1));
+        // factor 1: constant.
+        let flat = RetryPolicy { factor: 1.0, ..p };
+        assert_eq!(base_delay(&flat, 7), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let p = policy();
+        for n in 1..=10 {
+            let base = base_delay(&p, n);
+            assert_eq!(backoff(&p, n, 0.0), base);
+            let low = base.mul_f64(1.0 - JITTER);
+            for i in 0..100 {
+                let d = backoff(&p, n, i as f64 / 100.0);
+                assert!(d <= base && d >= low, "n={n} d={d:?} base={base:?}");
+                assert!(d <= p.max_delay);
+            }
+            let d = backoff(&p, n, rand::random::<f64>());
+            assert!(d <= base && d >= low);
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("1", now), Some(Duration::from_secs(1)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("0", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn decide_outcomes() {
+        let p = policy();
+        let now = 1_000_000;
+        assert_eq!(
+            decide(&p, &delivery(0, None), &answer(204, &[]), now, 0.5),
+            Outcome::Delivered { status: 204 }
+        );
+        match decide(&p, &delivery(0, None), &answer(400, &[]), now, 0.5) {
+            Outcome::Dead { status, error } => {
+                assert_eq!(status, Some(400));
+                assert!(error.contains("HTTP 400"), "{error}");
+            }
+            o => panic!("{o:?}"),
+        }
+        // Third failure: 400 ms base, jitter takes at most 25 %.
+        match decide(
+            &p,
+            &delivery(2, Some(now - 300)),
+            &answer(503, &[]),
+            now,
+            0.99,
+        ) {
+            Outcome::Retry { due_ms, status, .. } => {
+                assert_eq!(status, Some(503));
+                assert!((now + 300..=now + 400).contains(&due_ms), "{due_ms}");
+            }
+            o => panic!("{o:?}"),
+        }
+        match decide(
+            &p,
+            &delivery(0, None),
+            &Err(SendError::Connect("refused".into())),
+            now,
+            0.0,
+        ) {
+            Outcome::Retry {
+                due_ms,
+                status,
+                error,
+            } => {
+                assert_eq!(due_ms, now + 100);
+                assert_eq!(status, None);
+                assert!(error.contains("refused"), "{error}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_raises_the_delay_never_lowers_it() {
+        let p = policy();
+        let now = 1_700_000_000_000;
+        match decide(
+            &p,
+            &delivery(0, None),
+            &answer(429, &[("retry-after", "2")]),
+            now,
+            0.0,
+        ) {
+            Outcome::Retry { due_ms, .. } => assert_eq!(due_ms, now + 2000),
+            o => panic!("{o:?}"),
+        }
+        // A date 3 s ahead.
+        let date = httpdate::fmt_http_date(
+            SystemTime::UNIX_EPOCH + Duration::from_millis(now) + Duration::from_secs(3),
+        );
+        match decide(
+            &p,
+            &delivery(0, None),
+            &answer(503, &[("retry-after", &date)]),
+            now,
+            0.0,
+        ) {
+            Outcome::Retry { due_ms, .. } => assert_eq!(due_ms, now + 3000),
+            o => panic!("{o:?}"),
+        }
+        // Shorter than the backoff: the backoff wins.
+        match decide(
+            &p,
+            &delivery(3, Some(now)),
+            &answer(429, &[("retry-after", "0")]),
+            now,
+            0.0,
+        ) {
+            Outcome::Retry { due_ms, .. } => assert_eq!(due_ms, now + 800),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn gives_up_by_count_and_by_time() {
+        let now = 10_000_000;
+        let counted = RetryPolicy {
+            max_attempts: 3,
+            ..policy()
+        };
+        assert!(matches!(
+            decide(
+                &counted,
+                &delivery(1, Some(now)),
+                &answer(500, &[]),
+                now,
+                0.0
+            ),
+            Outcome::Retry { .. }
+        ));
+        match decide(
+            &counted,
+            &delivery(2, Some(now)),
+            &answer(500, &[]),
+            now,
+            0.0,
+        ) {
+            Outcome::Dead { error, .. } => assert!(error.contains("3 attempts"), "{error}"),
+            o => panic!("{o:?}"),
+        }
+        let timed = RetryPolicy {
+            give_up_after: Duration::from_secs(10),
+            ..policy()
+        };
+        // 9.5 s into the window, the next retry (>= 750 ms) would fall after 10 s.
+        assert!(matches!(
+            decide(
+                &timed,
+                &delivery(5, Some(now - 9_500)),
+                &answer(503, &[]),
+                now,
+                0.0
+            ),
+            Outcome::Dead { .. }
+        ));
+        assert!(matches!(
+            decide(
+                &timed,
+                &delivery(5, Some(now - 5_000)),
+                &answer(503, &[]),
+                now,
+                0.0
+            ),
+            Outcome::Retry { .. }
+        ));
+        // A Retry-After past the deadline gives up rather than retry early.
+        assert!(matches!(
+            decide(
+                &timed,
+                &delivery(0, None),
+                &answer(429, &[("retry-after", "3600")]),
+                now,
+                0.0
+            ),
+            Outcome::Dead { .. }
+        ));
+    }
+}
