@@ -15,15 +15,17 @@ pub trait Engine: Send + Sync + 'static {
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
     /// The greatest key starting with `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Starts the write transaction of one group (one writer at a time).
-    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError>;
+    /// Runs one group: `f` does its operations in a write transaction (one writer at a
+    /// time), which is then committed durably. An error means nothing of the group is
+    /// known to be durable.
+    fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError>;
     /// Makes everything committed so far durable (at close).
     fn sync(&self) -> Result<(), StoreError>;
 }
 
 /// A group's write transaction. Operations run one after another inside it; each ends with
 /// `end_op` (its writes then form one atomic unit, even for engines that cannot roll back a
-/// group); `commit` makes the whole group durable.
+/// group); the engine commits the whole group when `Engine::group`'s closure returns.
 pub trait Txn {
     /// Reads see the writes of operations already ended in this group.
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -34,5 +36,4 @@ pub trait Txn {
     /// Drops the current operation's writes where the engine can (operations do all their
     /// reads, and fail, before they write, so this is a second line of defence).
     fn abort_op(&mut self);
-    fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }

@@ -51,7 +51,7 @@ struct Shared<E> {
 
 /// The writer thread's view of one group.
 struct Writer<'a> {
-    txn: Box<dyn Txn + 'a>,
+    txn: &'a mut dyn Txn,
     next_seq: &'a mut u64,
     /// Queue depth changes, applied once the group is committed.
     depth: HashMap<String, i64>,
@@ -404,36 +404,42 @@ impl Writer<'_> {
 fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::Receiver<Job>) {
     let mut done: Vec<Done> = Vec::with_capacity(MAX_GROUP);
     while let Ok(first) = rx.recv() {
-        let txn = match shared.engine.begin() {
-            Ok(t) => t,
-            Err(e) => {
-                let d = first(&mut Writer {
-                    txn: Box::new(FailedTxn(e.clone())),
-                    next_seq: &mut next_seq,
-                    depth: HashMap::new(),
-                    wakes: HashSet::new(),
-                });
-                d(Some(e));
-                continue;
+        let mut first = Some(first);
+        let mut depth = HashMap::new();
+        let mut wakes = HashSet::new();
+        let committed = shared.engine.group(&mut |txn| {
+            let mut w = Writer {
+                txn,
+                next_seq: &mut next_seq,
+                depth: HashMap::new(),
+                wakes: HashSet::new(),
+            };
+            if let Some(job) = first.take() {
+                done.push(job(&mut w));
             }
-        };
-        let mut w = Writer {
-            txn,
-            next_seq: &mut next_seq,
-            depth: HashMap::new(),
-            wakes: HashSet::new(),
-        };
-        done.push(first(&mut w));
-        while done.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => done.push(job(&mut w)),
-                Err(_) => break,
+            while done.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => done.push(job(&mut w)),
+                    Err(_) => break,
+                }
             }
+            depth = std::mem::take(&mut w.depth);
+            wakes = std::mem::take(&mut w.wakes);
+        });
+        if let Some(job) = first.take() {
+            // The transaction could not even start: the operation fails unrun.
+            let e = committed
+                .err()
+                .unwrap_or_else(|| StoreError::Unavailable("no transaction".into()));
+            let d = job(&mut Writer {
+                txn: &mut FailedTxn(e.clone()),
+                next_seq: &mut next_seq,
+                depth: HashMap::new(),
+                wakes: HashSet::new(),
+            });
+            d(Some(e));
+            continue;
         }
-        let Writer {
-            txn, depth, wakes, ..
-        } = w;
-        let committed = txn.commit();
         // Counters first, so a caller that reads them after its answer sees its change.
         if committed.is_ok() {
             for (dest, delta) in depth {
@@ -483,9 +489,6 @@ impl Txn for FailedTxn {
         Err(self.0.clone())
     }
     fn abort_op(&mut self) {}
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        Err(self.0)
-    }
 }
 
 impl<E: Engine> KvStore<E> {

@@ -75,45 +75,45 @@ impl Engine for RedbEngine {
         })?;
         Ok(last)
     }
-    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
-        Ok(Box::new(RedbTxn {
-            tx: self.db.begin_write().map_err(err)?,
-        }))
+    fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            // One open table for the whole group.
+            let mut table = tx.open_table(TABLE).map_err(err)?;
+            f(&mut RedbTxn { table: &mut table });
+        }
+        tx.commit().map_err(err)
     }
     fn sync(&self) -> Result<(), StoreError> {
         Ok(()) // every commit is already durable
     }
 }
 
-struct RedbTxn {
-    tx: redb::WriteTransaction,
+struct RedbTxn<'a, 't> {
+    table: &'a mut redb::Table<'t, &'static [u8], &'static [u8]>,
 }
 
-impl Txn for RedbTxn {
+impl Txn for RedbTxn<'_, '_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let table = self.tx.open_table(TABLE).map_err(err)?;
-        let v = table.get(key).map_err(err)?.map(|v| v.value().to_vec());
-        Ok(v)
+        Ok(self
+            .table
+            .get(key)
+            .map_err(err)?
+            .map(|v| v.value().to_vec()))
     }
     fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        let table = self.tx.open_table(TABLE).map_err(err)?;
-        scan(&table, prefix, visit)
+        scan(&*self.table, prefix, visit)
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let mut table = self.tx.open_table(TABLE).map_err(err)?;
-        table.insert(key, value).map_err(err)?;
+        self.table.insert(key, value).map_err(err)?;
         Ok(())
     }
     fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        let mut table = self.tx.open_table(TABLE).map_err(err)?;
-        table.remove(key).map_err(err)?;
+        self.table.remove(key).map_err(err)?;
         Ok(())
     }
     fn end_op(&mut self) -> Result<(), StoreError> {
         Ok(())
     }
     fn abort_op(&mut self) {}
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.tx.commit().map_err(err)
-    }
 }

@@ -61,12 +61,14 @@ impl Engine for SledEngine {
             .transpose()?
             .map(|(k, _)| k.to_vec()))
     }
-    fn begin(&self) -> Result<Box<dyn Txn + '_>, StoreError> {
-        Ok(Box::new(SledTxn {
+    fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
+        f(&mut SledTxn {
             db: &self.db,
             batch: ::sled::Batch::default(),
             overlay: BTreeMap::new(),
-        }))
+        });
+        self.db.flush()?;
+        Ok(())
     }
     fn sync(&self) -> Result<(), StoreError> {
         self.db.flush()?;
@@ -110,9 +112,5 @@ impl Txn for SledTxn<'_> {
     fn abort_op(&mut self) {
         self.overlay.clear();
         self.batch = ::sled::Batch::default();
-    }
-    fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
     }
 }
