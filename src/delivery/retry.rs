@@ -52,16 +52,24 @@ pub fn classify(result: &AttemptResult) -> Class {
 }
 
 /// The wait before the next attempt after `failed` failed attempts (1 = the first one
-/// failed), without jitter: `first × factor^(failed-1)`, capped at `max_delay`.
+/// failed), without jitter: `first × factor^(failed-1)`, capped at `max_delay` — backon's
+/// exponential policy, evaluated at the stored count so a restart resumes the schedule.
 pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
-    let exp = failed.saturating_sub(1).min(i32::MAX as u32) as i32;
-    let secs = policy.first.as_secs_f64() * policy.factor.max(1.0).powi(exp);
+    use backon::BackoffBuilder;
     let cap = policy.max_delay.max(policy.first);
-    if !secs.is_finite() || secs >= cap.as_secs_f64() {
-        cap
-    } else {
-        Duration::from_secs_f64(secs)
-    }
+    // The curve is flat once it reaches the cap; 64 steps reach it for any factor > 1.
+    let step = failed.clamp(1, 64) as usize - 1;
+    let d = backon::ExponentialBuilder::default()
+        .with_min_delay(policy.first)
+        .with_factor(policy.factor.max(1.0) as f32)
+        .with_max_delay(cap)
+        .without_max_times()
+        .build()
+        .nth(step)
+        .unwrap_or(cap)
+        .min(cap);
+    // backon multiplies in f32; whole microseconds drop its rounding noise.
+    Duration::from_micros(d.as_micros() as u64)
 }
 
 /// [`base_delay`] with jitter: `unit` (in `[0, 1)`, random) takes off up to [`JITTER`].
