@@ -1,0 +1,168 @@
+//! A large backlog: `BENCH_PENDING` (default 1,000,000) pending deliveries on disk, then the
+//! relay binary started on them. Prints how long the first delivery takes to reach a sink
+//! after the start, and the relay's resident memory (VmRSS from /proc) a few seconds later,
+//! for each backend (`BENCH_BACKENDS`, default "redb,sled").
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hookrelay::store::{now_ms, NewEvent, Store};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::mpsc;
+
+/// A sink that reports the time of each request.
+async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<Instant>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let _ = tx.send(Instant::now());
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn fill(store: Arc<dyn Store>, n: u64) {
+    let body = Bytes::from_static(
+        br#"{"namespace":"VOICE","eventType":"CALL_STATUS","payload":{"eventId":"x"}}"#,
+    );
+    let concurrency = 512;
+    let mut next = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while next < n || !tasks.is_empty() {
+        while next < n && tasks.len() < concurrency {
+            let store = store.clone();
+            let body = body.clone();
+            let id = format!("backlog-{next}");
+            tasks.spawn(async move {
+                store
+                    .accept(NewEvent {
+                        source: "voice".into(),
+                        id,
+                        body,
+                        content_type: Some("application/json".into()),
+                        received_ms: now_ms(),
+                        destinations: vec!["slow".into()],
+                        held: None,
+                        dedup_window: Duration::from_secs(3600),
+                    })
+                    .await
+                    .unwrap();
+            });
+            next += 1;
+        }
+        tasks.join_next().await;
+    }
+}
+
+fn main() {
+    let n: u64 = std::env::var("BENCH_PENDING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redb,sled".into());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    println!("| backend | pending | fill time | first delivery after start | relay RSS |");
+    println!("|---|---:|---:|---:|---:|");
+    for backend in backends.split(',') {
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let started = Instant::now();
+            let store: Arc<dyn Store> = match backend {
+                "sled" => hookrelay::store::sled::SledStore::open(&data).unwrap(),
+                _ => hookrelay::store::redb::RedbStore::open(&data).unwrap(),
+            };
+            fill(store.clone(), n).await;
+            store.close().await.unwrap();
+            drop(store);
+            let fill_time = started.elapsed();
+
+            let (addr, mut arrivals) = sink().await;
+            let cfg = dir.path().join("routes.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[store]
+backend = "{backend}"
+[[sources]]
+name = "voice"
+path = "/v"
+[[destinations]]
+name = "slow"
+url = "http://{addr}/"
+rate = {{ per_second = 50, burst = 1 }}
+"#
+                ),
+            )
+            .unwrap();
+            let start = Instant::now();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .env("HOOKRELAY_LOG", "warn")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let first = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+                .await
+                .ok()
+                .flatten()
+                .map(|t| t.duration_since(start));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let rss = rss_kib(child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+            println!(
+                "| {backend} | {n} | {:.1} s | {} | {:.1} MiB |",
+                fill_time.as_secs_f64(),
+                first.map_or("none within 60 s".to_string(), |d| format!(
+                    "{} ms",
+                    d.as_millis()
+                )),
+                rss as f64 / 1024.0
+            );
+        });
+    }
+}
