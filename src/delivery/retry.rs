@@ -140,7 +140,11 @@ pub fn decide(
             error: format!("{what}: not retried"),
         },
         Class::Retry => {
-            let failed = delivery.attempts.saturating_add(1);
+            // Counted from the current retry window (a replay starts a new one).
+            let failed = delivery
+                .attempts
+                .saturating_sub(delivery.window_base)
+                .saturating_add(1);
             if policy.max_attempts > 0 && failed >= policy.max_attempts {
                 return Outcome::Dead {
                     status,
@@ -203,6 +207,7 @@ mod tests {
             destination: "d".into(),
             state: DeliveryState::Pending,
             attempts,
+            window_base: 0,
             first_attempt_ms,
             next_due_ms: 0,
             last_status: None,
@@ -462,5 +467,20 @@ mod tests {
             ),
             Outcome::Dead { .. }
         ));
+    }
+
+    #[test]
+    fn a_replay_starts_a_new_retry_window() {
+        let mut p = policy();
+        p.max_attempts = 2;
+        let mut d = delivery(7, None);
+        d.window_base = 7; // replayed after 7 attempts
+        let busy = answer(503, &[]);
+        match decide(&p, &d, &busy, 1_000, 0.0) {
+            Outcome::Retry { due_ms, .. } => {
+                assert_eq!(due_ms, 1_000 + base_delay(&p, 1).as_millis() as u64)
+            }
+            o => panic!("a replayed delivery gets its own attempts: {o:?}"),
+        }
     }
 }

@@ -95,6 +95,7 @@ pub async fn call(
                     destination: dest.name.clone(),
                     state: DeliveryState::Pending,
                     attempts: 0,
+                    window_base: 0,
                     first_attempt_ms: None,
                     next_due_ms: now,
                     last_status: None,

@@ -241,6 +241,7 @@ impl Writer<'_> {
                 destination: dest.clone(),
                 state: DeliveryState::Pending,
                 attempts: 0,
+                window_base: 0,
                 first_attempt_ms: None,
                 next_due_ms: due,
                 last_status: None,
@@ -316,6 +317,7 @@ impl Writer<'_> {
         let now = now_ms();
         d.state = DeliveryState::Pending;
         d.first_attempt_ms = None;
+        d.window_base = d.attempts;
         d.next_due_ms = now;
         d.updated_ms = now;
         self.txn.delete(&dead_key(dest, seq))?;

@@ -110,6 +110,10 @@ pub struct Delivery {
     pub state: DeliveryState,
     /// Attempts made so far.
     pub attempts: u32,
+    /// `attempts` when the current retry window started (0, or the count at the last
+    /// replay): backoff and `max_attempts` count from here, so a replay starts afresh.
+    #[serde(default)]
+    pub window_base: u32,
     /// When the current retry window started (first attempt, or the last replay).
     pub first_attempt_ms: Option<u64>,
     pub next_due_ms: u64,
