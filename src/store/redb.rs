@@ -10,6 +10,9 @@ use super::engine::{Engine, Txn, Visit};
 use super::kv::KvStore;
 use super::StoreError;
 
+/// Page cache; more only helps lookups of old events.
+const CACHE_BYTES: usize = 32 << 20;
+
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hookrelay");
 
 /// The store on redb.
@@ -28,7 +31,11 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         let file = path.join("hookrelay.redb");
-        let db = Database::create(&file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+        // redb's default cache is 1 GiB; the store's working set is the queue heads.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&file)
+            .map_err(|e| err(format!("{}: {e}", file.display())))?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(TABLE).map_err(err)?;
         tx.commit().map_err(err)?;
