@@ -5,7 +5,8 @@
 //!   8x8 voice fixture with a unique `eventId` per request.
 //!
 //! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000)
-//! runs an open-loop fixed-rate phase on the relay as well. Prints one table with the ratios.
+//! runs an open-loop fixed-rate phase on the relay as well; `BENCH_BACKENDS` (default
+//! "sled,redb") picks the stores. Prints one table with the ratios.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -260,7 +261,8 @@ fn main() {
         let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
 
         let mut rows = Vec::new();
-        for backend in ["sled", "redb"] {
+        let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sled,redb".into());
+        for backend in backends.split(',') {
             rows.push((
                 backend,
                 relay_phase(backend, conns, secs, rate, seq.clone()).await,
