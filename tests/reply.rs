@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{fixture, TestRelay};
+use hookrelay::store::{Delivery, DeliveryState};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -98,6 +99,29 @@ reply = {{ from = "ivr", timeout = "300ms", fallback = {{ status = 200, body = '
     )
 }
 
+/// The call-action fixture's delivery to `dest`, once `ready` holds (bounded wait: the
+/// reply route records it just after answering).
+async fn delivery_of(r: &TestRelay, dest: &str, ready: impl Fn(&Delivery) -> bool) -> Delivery {
+    for _ in 0..500 {
+        let v = r
+            .app()
+            .store
+            .lookup("77e6a667-133a-11ef-9dd4-e911cc6fc82f")
+            .await
+            .unwrap();
+        if let Some(d) = v
+            .first()
+            .and_then(|v| v.deliveries.iter().find(|d| d.destination == dest))
+        {
+            if ready(d) {
+                return d.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the delivery to {dest} was not recorded within 5 s");
+}
+
 const REPLY: &[u8] = include_bytes!("../../shared/fixtures/8x8/voice-call-action-reply.json");
 
 #[tokio::test]
@@ -114,17 +138,9 @@ async fn call_action_is_answered_with_the_destination_reply() {
     // The analytics destination still gets the event, asynchronously.
     assert_eq!(analytics.next().await, Bytes::from(body.clone()));
     // The reply counts as ivr's delivery: recorded delivered, not sent again.
-    let id = "77e6a667-133a-11ef-9dd4-e911cc6fc82f";
-    let v = r.app().store.lookup(id).await.unwrap();
-    let ivr_delivery = v[0]
-        .deliveries
-        .iter()
-        .find(|d| d.destination == "ivr")
-        .unwrap();
-    assert_eq!(
-        ivr_delivery.state,
-        hookrelay::store::DeliveryState::Delivered
-    );
+    // (Recorded right after the answer, in the store's next commit.)
+    let d = delivery_of(&r, "ivr", |d| d.state != DeliveryState::Pending).await;
+    assert_eq!(d.state, DeliveryState::Delivered);
 
     // A duplicate gets the stored reply without a new call.
     let again = r.post("/8x8/voice", &body).await;
@@ -166,22 +182,8 @@ async fn failing_destination_gets_the_fallback_and_stays_pending() {
         .await;
     assert_eq!(a.status, 200);
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
-    let v = r
-        .app()
-        .store
-        .lookup("77e6a667-133a-11ef-9dd4-e911cc6fc82f")
-        .await
-        .unwrap();
-    let d = v[0]
-        .deliveries
-        .iter()
-        .find(|d| d.destination == "ivr")
-        .unwrap();
-    assert_eq!(
-        d.state,
-        hookrelay::store::DeliveryState::Pending,
-        "retried later"
-    );
+    let d = delivery_of(&r, "ivr", |d| d.attempts > 0).await;
+    assert_eq!(d.state, DeliveryState::Pending, "retried later");
     assert_eq!(d.attempts, 1);
     assert_eq!(d.last_status, Some(500));
 }

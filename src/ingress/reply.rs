@@ -76,18 +76,14 @@ pub async fn call(
                 content_type: a.content_type.clone(),
                 body: a.body.to_vec(),
             };
-            if let Err(e) = app.store.save_reply(event.seq, kept).await {
-                warn!(error = %e, "keeping the reply failed; a duplicate will call again");
-            }
-            if fresh {
-                settle(app, &key, Outcome::Delivered { status: a.status }, took).await;
-            }
+            let outcome = fresh.then_some(Outcome::Delivered { status: a.status });
+            settle(app, key, Some(kept), outcome, took);
             info!(destination = %dest.name, status = a.status, "reply forwarded");
             answer(a.status, a.content_type.as_deref(), a.body.clone())
         }
         _ => {
             warn!(destination = %dest.name, result = %retry::describe(&result), "reply destination failed; answering the fallback");
-            if fresh {
+            let outcome = fresh.then(|| {
                 // The held delivery follows the retry policy from this first attempt.
                 let now = now_ms();
                 let pending = Delivery {
@@ -102,22 +98,34 @@ pub async fn call(
                     last_error: None,
                     updated_ms: now,
                 };
-                let outcome = retry::decide(&dest.retry, &pending, &result, now, rand::random());
-                settle(app, &key, outcome, took).await;
-            }
+                retry::decide(&dest.retry, &pending, &result, now, rand::random())
+            });
+            settle(app, key, None, outcome, took);
             fallback(reply)
         }
     }
 }
 
-async fn settle(app: &App, key: &DeliveryKey, outcome: Outcome, seconds: f64) {
-    let word = match &outcome {
-        Outcome::Delivered { .. } => "delivered",
-        Outcome::Retry { .. } => "retried",
-        Outcome::Dead { .. } => "dead",
-    };
-    app.metrics.delivery(&key.destination, word, seconds);
-    if let Err(e) = app.store.record(key, outcome).await {
-        warn!(error = %e, "recording the reply's delivery failed; it stays pending");
+/// Queues the kept answer and the held delivery's outcome; the answer does not wait.
+fn settle(
+    app: &App,
+    key: DeliveryKey,
+    reply: Option<StoredReply>,
+    outcome: Option<Outcome>,
+    seconds: f64,
+) {
+    if let Some(o) = &outcome {
+        let word = match o {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Retry { .. } => "retried",
+            Outcome::Dead { .. } => "dead",
+        };
+        app.metrics.delivery(&key.destination, word, seconds);
+    }
+    if let Err(e) = app
+        .store
+        .after_reply(key.seq, reply, outcome.map(|o| (key, o)))
+    {
+        warn!(error = %e, "keeping the reply failed; a duplicate will call again");
     }
 }

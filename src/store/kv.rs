@@ -608,12 +608,37 @@ impl<E: Engine> Store for KvStore<E> {
         self.submit(move |w| w.record(&k, outcome)).await
     }
 
-    async fn save_reply(&self, seq: u64, reply: StoredReply) -> Result<(), StoreError> {
-        self.submit(move |w| {
-            let v = serde_json::to_vec(&reply).expect("reply serializes");
-            w.txn.put(&reply_key(seq), &v)
-        })
-        .await
+    fn after_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            let mut r = Ok(());
+            if let Some(reply) = reply {
+                let v = serde_json::to_vec(&reply).expect("reply serializes");
+                r = w.txn.put(&reply_key(seq), &v);
+            }
+            if let (Ok(()), Some((key, outcome))) = (&r, attempt) {
+                r = w.record(&key, outcome);
+            }
+            r = match r {
+                Ok(()) => w.txn.end_op(),
+                Err(e) => {
+                    w.txn.abort_op();
+                    Err(e)
+                }
+            };
+            Box::new(move |commit_err: Option<StoreError>| {
+                if let Some(e) = commit_err.or(r.err()) {
+                    tracing::warn!(seq, error = %e, "keeping a reply route's answer failed");
+                }
+            })
+        });
+        let guard = self.jobs.lock().unwrap();
+        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(job).map_err(|_| StoreError::Closed)
     }
 
     async fn dead(

@@ -174,8 +174,17 @@ pub trait Store: Send + Sync + 'static {
     /// Writes the outcome of an attempt on a pending delivery (one more attempt counted).
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError>;
 
-    /// Keeps the reply route's answer so duplicates get it too.
-    async fn save_reply(&self, seq: u64, reply: StoredReply) -> Result<(), StoreError>;
+    /// After a reply route's call: keeps the answer (so duplicates get it too) and records
+    /// the attempt on the held delivery. Queued in order behind everything submitted before
+    /// and committed with the next group, but not waited for: the provider's answer need
+    /// not wait for a second commit. If it is lost in a crash, a duplicate calls again and
+    /// the held delivery goes out later (at least once).
+    fn after_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError>;
 
     /// Dead deliveries, oldest first, optionally of one destination.
     async fn dead(
