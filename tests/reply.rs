@@ -3,74 +3,15 @@
 //! destinations still get the event.
 
 mod common;
+#[path = "common/delivery_support.rs"]
+mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::{fixture, TestRelay};
 use hookrelay::store::{Delivery, DeliveryState};
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::sync::mpsc;
-
-/// A destination that answers `status` with `body` after `delay`, and reports each request
-/// body on a channel. Stops when dropped.
-struct Sink {
-    addr: SocketAddr,
-    seen: mpsc::UnboundedReceiver<Bytes>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Sink {
-    async fn start(status: u16, body: &'static [u8], delay: Duration) -> Sink {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, seen) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let tx = tx.clone();
-                        async move {
-                            let b = req.into_body().collect().await.unwrap().to_bytes();
-                            let _ = tx.send(b);
-                            tokio::time::sleep(delay).await;
-                            let mut r = Response::new(Full::new(Bytes::from_static(body)));
-                            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            r.headers_mut()
-                                .insert("content-type", "application/json".parse().unwrap());
-                            Ok::<_, std::convert::Infallible>(r)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Sink { addr, seen, task }
-    }
-
-    async fn next(&mut self) -> Bytes {
-        tokio::time::timeout(Duration::from_secs(10), self.seen.recv())
-            .await
-            .expect("a request within 10s")
-            .unwrap()
-    }
-}
+use support::{Reply, Sink};
 
 fn config(ivr: SocketAddr, analytics: SocketAddr) -> String {
     format!(
@@ -122,21 +63,30 @@ async fn delivery_of(r: &TestRelay, dest: &str, ready: impl Fn(&Delivery) -> boo
     panic!("the delivery to {dest} was not recorded within 5 s");
 }
 
+/// A destination answering `status` with `body` (JSON) after `delay`.
+async fn replying(status: u16, body: &[u8], delay: Duration) -> Sink {
+    let reply = Reply::status(status)
+        .header("content-type", "application/json")
+        .body(body)
+        .delay(delay);
+    Sink::start(Vec::new(), reply).await
+}
+
 const REPLY: &[u8] = include_bytes!("../../shared/fixtures/8x8/voice-call-action-reply.json");
 
 #[tokio::test]
 async fn call_action_is_answered_with_the_destination_reply() {
-    let mut ivr = Sink::start(200, REPLY, Duration::ZERO).await;
-    let mut analytics = Sink::start(200, b"{}", Duration::ZERO).await;
+    let ivr = replying(200, REPLY, Duration::ZERO).await;
+    let analytics = Sink::always(200).await;
     let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
     let body = fixture("8x8/voice-call-action.json");
     let a = r.post("/8x8/voice", &body).await;
     assert_eq!(a.status, 200);
     assert_eq!(a.headers["content-type"], "application/json");
     assert_eq!(&a.body[..], REPLY);
-    assert_eq!(ivr.next().await, Bytes::from(body.clone()));
+    assert_eq!(ivr.wait_for(1).await[0].body, body);
     // The analytics destination still gets the event, asynchronously.
-    assert_eq!(analytics.next().await, Bytes::from(body.clone()));
+    assert_eq!(analytics.wait_for(1).await[0].body, body);
     // The reply counts as ivr's delivery: recorded delivered, not sent again.
     // (Recorded right after the answer, in the store's next commit.)
     let d = delivery_of(&r, "ivr", |d| d.state != DeliveryState::Pending).await;
@@ -146,18 +96,14 @@ async fn call_action_is_answered_with_the_destination_reply() {
     let again = r.post("/8x8/voice", &body).await;
     assert_eq!(again.status, 200);
     assert_eq!(&again.body[..], REPLY);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), ivr.seen.recv())
-            .await
-            .is_err(),
-        "no second call to ivr"
-    );
+    // Had it called ivr, that call would have finished before this answer.
+    assert_eq!(ivr.seen().len(), 1, "no second call to ivr");
 }
 
 #[tokio::test]
 async fn slow_destination_gets_the_fallback() {
-    let ivr = Sink::start(200, REPLY, Duration::from_secs(3)).await;
-    let mut analytics = Sink::start(200, b"{}", Duration::ZERO).await;
+    let ivr = replying(200, REPLY, Duration::from_secs(3)).await;
+    let analytics = Sink::always(200).await;
     let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
     let started = std::time::Instant::now();
     let a = r
@@ -169,13 +115,13 @@ async fn slow_destination_gets_the_fallback() {
     );
     assert_eq!(a.status, 200);
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
-    analytics.next().await;
+    analytics.wait_for(1).await;
 }
 
 #[tokio::test]
 async fn failing_destination_gets_the_fallback_and_stays_pending() {
-    let ivr = Sink::start(500, b"oops", Duration::ZERO).await;
-    let analytics = Sink::start(200, b"{}", Duration::ZERO).await;
+    let ivr = replying(500, b"oops", Duration::ZERO).await;
+    let analytics = Sink::always(200).await;
     let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
     let a = r
         .post("/8x8/voice", &fixture("8x8/voice-call-action.json"))
