@@ -4,47 +4,15 @@
 //! for each backend (`BENCH_BACKENDS`, default "redb,sled").
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use bytes::Bytes;
 use hookrelay::store::{now_ms, NewEvent, Store};
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
-
-/// A sink that reports the time of each request.
-async fn sink() -> (SocketAddr, mpsc::UnboundedReceiver<Instant>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        let _ = tx.send(Instant::now());
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -111,7 +79,11 @@ fn main() {
             drop(store);
             let fill_time = started.elapsed();
 
-            let (addr, mut arrivals) = sink().await;
+            let (tx, mut arrivals) = mpsc::unbounded_channel();
+            let addr = support::answering_server(Bytes::new(), move || {
+                let _ = tx.send(Instant::now());
+            })
+            .await;
             let cfg = dir.path().join("routes.toml");
             std::fs::write(
                 &cfg,

@@ -13,50 +13,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A server that reads each body and answers `{"ok":true}`, counting requests.
-async fn start_plain_server(count: Arc<AtomicU64>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let count = count.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let count = count.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        count.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"{\"ok\":true}"),
-                        )))
-                    }
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 struct Load {
@@ -195,7 +164,13 @@ async fn relay_phase(
     seq: Arc<AtomicU64>,
 ) -> RelayPhase {
     let delivered = Arc::new(AtomicU64::new(0));
-    let sink = start_plain_server(delivered.clone()).await;
+    let sink = {
+        let d = delivered.clone();
+        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move || {
+            d.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+    };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("routes.toml");
     let toml = format!(
@@ -257,7 +232,13 @@ fn main() {
         let seq = Arc::new(AtomicU64::new(0));
         // Reference.
         let ref_count = Arc::new(AtomicU64::new(0));
-        let ref_addr = start_plain_server(ref_count.clone()).await;
+        let ref_addr = {
+            let c = ref_count.clone();
+            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move || {
+                c.fetch_add(1, Ordering::Relaxed);
+            })
+            .await
+        };
         let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
 
         let mut rows = Vec::new();

@@ -9,11 +9,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use bytes::Bytes;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -22,36 +23,6 @@ fn fixture(name: &str) -> Vec<u8> {
             .join(name),
     )
     .unwrap()
-}
-
-async fn destination(reply: Bytes) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let reply = reply.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let reply = reply.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        let mut r = Response::new(Full::new(reply));
-                        r.headers_mut()
-                            .insert("content-type", "application/json".parse().unwrap());
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 /// Latencies (µs) of `n` sequential posts with unique event ids.
@@ -99,7 +70,8 @@ fn main() {
         let template = String::from_utf8(fixture("voice-call-action.json"))
             .unwrap()
             .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "EVENT_ID");
-        let dest = destination(Bytes::from(fixture("voice-call-action-reply.json"))).await;
+        let reply = Bytes::from(fixture("voice-call-action-reply.json"));
+        let dest = support::answering_server(reply, || {}).await;
         let direct = measure(dest, "/call-action", n, &template).await;
         println!();
         println!("reply route latency, {n} sequential requests per row");
