@@ -387,3 +387,32 @@ async fn huge_headers_and_malformed_http_are_refused_without_harm() {
     // The relay still serves.
     assert_eq!(r.post("/open", b"{}").await.status, 200);
 }
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_their_turn() {
+    let r = TestRelay::start(&config("max_connections = 2", "")).await;
+    let req = b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
+    // Two keep-alive connections, each served once and left open.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+        s.write_all(req).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    // A third is accepted by the kernel but not served while both are open.
+    let mut third = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    third.write_all(req).await.unwrap();
+    let mut buf = [0u8; 512];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served beyond max_connections");
+    // Closing one frees a slot.
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+}
