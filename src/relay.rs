@@ -52,6 +52,11 @@ impl Relay {
             }
             Backend::Jetstream => anyhow::bail!("the jetstream backend is not built in yet"),
         };
+        Self::start_with_store(config, store).await
+    }
+
+    /// Starts the relay on an already opened store (any [`Store`] implementation).
+    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Relay> {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;

@@ -1,0 +1,153 @@
+//! The store failing: the ingress answers 503 with `Retry-After` (the §3 row "store
+//! unavailable"), loses nothing it accepted before, and accepts again once the store
+//! recovers.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hookrelay::store::*;
+use tokio::sync::Notify;
+
+/// A real store whose writes can be switched to fail.
+struct Flaky {
+    inner: Arc<dyn Store>,
+    failing: AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("disk full (simulated)".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl Store for Flaky {
+    async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
+        self.check()?;
+        self.inner.accept(ev).await
+    }
+    async fn pending(
+        &self,
+        d: &str,
+        limit: usize,
+        skip: &(dyn Fn(u64) -> bool + Send + Sync),
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.pending(d, limit, skip).await
+    }
+    async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        self.inner.event(seq).await
+    }
+    async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.record(key, outcome).await
+    }
+    fn after_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.after_reply(seq, reply, attempt)
+    }
+    async fn dead(&self, d: Option<&str>, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.dead(d, limit).await
+    }
+    async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
+        self.check()?;
+        self.inner.replay(which).await
+    }
+    async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
+        self.inner.lookup(id).await
+    }
+    async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
+        self.inner.purge(retain).await
+    }
+    fn queue_depth(&self, d: &str) -> u64 {
+        self.inner.queue_depth(d)
+    }
+    fn queue_depths(&self) -> Vec<(String, u64)> {
+        self.inner.queue_depths()
+    }
+    fn wakeup(&self, d: &str) -> Arc<Notify> {
+        self.inner.wakeup(d)
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test]
+async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[delivery]
+retry = { first = "1h" }
+[[sources]]
+name = "open"
+path = "/open"
+event_id = ["$.id"]
+[[destinations]]
+name = "down"
+url = "http://127.0.0.1:9/"
+[[routes]]
+name = "all"
+source = "open"
+to = ["down"]
+"#;
+    let config =
+        hookrelay::config::parse(toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+    let inner = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
+    let store = Arc::new(Flaky {
+        inner,
+        failing: AtomicBool::new(false),
+    });
+    let relay = hookrelay::Relay::start_with_store(config, store.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}/open", relay.ingress);
+    let post = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            common::send(
+                http::Method::POST,
+                &url,
+                &[],
+                format!("{{\"id\":\"{id}\"}}").as_bytes(),
+            )
+            .await
+        }
+    };
+    assert_eq!(post("before").await.status, 200);
+
+    store.failing.store(true, Ordering::SeqCst);
+    let a = post("during").await;
+    a.error(503, "unavailable");
+    assert!(a.headers.contains_key("retry-after"));
+
+    store.failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        post("during").await.json()["duplicate"],
+        false,
+        "not half-stored"
+    );
+    assert_eq!(post("after").await.status, 200);
+    for id in ["before", "during", "after"] {
+        let v = relay.app.store.lookup(id).await.unwrap();
+        assert_eq!(v.len(), 1, "{id}");
+        assert_eq!(v[0].deliveries.len(), 1, "{id}");
+    }
+    relay.shutdown();
+    relay.stopped().await.unwrap();
+}
