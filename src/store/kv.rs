@@ -15,6 +15,9 @@
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order
 //! - `z/<dest>\0<seq>` dead deliveries
 //! - `r/<seq>` the stored answer of a reply route
+//! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
+//!   `m/clean` marks a clean close. After a crash the counts are rebuilt from `q/` once,
+//!   otherwise a start reads them instead of scanning the queue.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +109,13 @@ fn reply_key(seq: u64) -> Vec<u8> {
 fn dedup_key(source: &str, id: &str) -> Vec<u8> {
     key(&[b"d/", id.as_bytes(), b"\0", source.as_bytes()])
 }
+/// Pending deliveries of a destination, kept with every group.
+fn depth_key(dest: &str) -> Vec<u8> {
+    key(&[DEPTH_PREFIX, dest.as_bytes()])
+}
+const DEPTH_PREFIX: &[u8] = b"m/depth/";
+/// Present while the store is closed cleanly: the kept counts are then exact.
+const CLEAN_KEY: &[u8] = b"m/clean";
 fn id_prefix(id: &str) -> Vec<u8> {
     key(&[b"d/", id.as_bytes(), b"\0"])
 }
@@ -425,6 +435,9 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
                     Err(_) => break,
                 }
             }
+            if let Err(e) = persist_depth(w.txn, &w.depth) {
+                tracing::warn!(error = %e, "keeping the queue counts failed; rebuilt at the next start");
+            }
             depth = std::mem::take(&mut w.depth);
             wakes = std::mem::take(&mut w.wakes);
         });
@@ -471,6 +484,66 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
     let _ = shared.engine.sync();
 }
 
+/// Adds a group's queue changes to the kept counts (an operation of its own, last).
+fn persist_depth(txn: &mut dyn Txn, deltas: &HashMap<String, i64>) -> Result<(), StoreError> {
+    for (dest, delta) in deltas {
+        if *delta == 0 {
+            continue;
+        }
+        let k = depth_key(dest);
+        let cur = txn.get(&k)?.map_or(0, |v| read_u64(&v));
+        let new = if *delta >= 0 {
+            cur.saturating_add(*delta as u64)
+        } else {
+            cur.saturating_sub(delta.unsigned_abs())
+        };
+        txn.put(&k, &be(new))?;
+    }
+    txn.end_op()
+}
+
+/// The pending count per destination: the kept counts after a clean close, else a count of
+/// the queue (which then replaces the kept counts). Marks the store as open (not clean).
+fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>, StoreError> {
+    let clean = engine.get(CLEAN_KEY)?.is_some();
+    let mut kept: HashMap<String, u64> = HashMap::new();
+    engine.scan_prefix(DEPTH_PREFIX, &mut |k, v| {
+        let dest = String::from_utf8_lossy(&k[DEPTH_PREFIX.len()..]).into_owned();
+        kept.insert(dest, read_u64(v));
+        Ok(true)
+    })?;
+    let depth = if clean {
+        kept.clone()
+    } else {
+        let mut counted: HashMap<String, u64> = HashMap::new();
+        engine.scan_prefix(b"q/", &mut |k, _| {
+            *counted.entry(dest_of(k)).or_default() += 1;
+            Ok(true)
+        })?;
+        counted
+    };
+    let mut failed = None;
+    engine.group(&mut |txn| {
+        let mut write = || -> Result<(), StoreError> {
+            txn.delete(CLEAN_KEY)?;
+            if !clean {
+                for dest in kept.keys() {
+                    txn.put(&depth_key(dest), &be(depth.get(dest).copied().unwrap_or(0)))?;
+                }
+                for (dest, n) in &depth {
+                    txn.put(&depth_key(dest), &be(*n))?;
+                }
+            }
+            txn.end_op()
+        };
+        failed = write().err();
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(depth),
+    }
+}
+
 /// Stands in when a group's transaction cannot even start: every operation fails.
 struct FailedTxn(StoreError);
 
@@ -498,14 +571,10 @@ impl<E: Engine> KvStore<E> {
     /// and starts the writer thread.
     pub fn start(engine: E) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(engine);
-        let mut depth: HashMap<String, Arc<AtomicU64>> = HashMap::new();
-        engine.scan_prefix(b"q/", &mut |k, _| {
-            depth
-                .entry(dest_of(k))
-                .or_default()
-                .fetch_add(1, Ordering::Relaxed);
-            Ok(true)
-        })?;
+        let depth: HashMap<String, Arc<AtomicU64>> = load_depths(engine.as_ref())?
+            .into_iter()
+            .map(|(d, n)| (d, Arc::new(AtomicU64::new(n))))
+            .collect();
         let next_seq = match engine.last_with_prefix(b"e/")? {
             Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
             _ => 1,
@@ -556,6 +625,17 @@ impl<E: Engine> KvStore<E> {
             sender.send(job).map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl<E: Engine> Drop for KvStore<E> {
+    /// Stops the writer after what is queued (without the clean mark `close` writes), so
+    /// the engine's files are released when the store is.
+    fn drop(&mut self) {
+        drop(self.jobs.lock().unwrap().take());
+        if let Some(h) = self.writer.lock().unwrap().take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -741,10 +821,18 @@ impl<E: Engine> Store for KvStore<E> {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?
                 .map_err(|_| StoreError::Unavailable("writer thread panicked".into()))?;
         }
+        // Every write is done: the kept counts are exact; say so for the next start.
         let engine = self.shared.engine.clone();
-        tokio::task::spawn_blocking(move || engine.sync())
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        tokio::task::spawn_blocking(move || {
+            let mut marked = Ok(());
+            engine.group(&mut |txn| {
+                marked = txn.put(CLEAN_KEY, b"1").and_then(|_| txn.end_op());
+            })?;
+            marked?;
+            engine.sync()
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
     }
 }
 
@@ -872,5 +960,50 @@ mod tests {
     #[tokio::test]
     async fn purge_on_every_engine() {
         on_every_engine(|st| Box::pin(dedup_expires_and_purge_keeps_undelivered(st))).await;
+    }
+
+    /// Queue counts come back exact after a clean close (read, not counted) and after a
+    /// crash (rebuilt from the queue), on every engine.
+    #[tokio::test]
+    async fn queue_counts_survive_close_and_crash() {
+        type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
+        let engines: [(&str, Open); 2] = [
+            ("sled", |p| {
+                Ok(crate::store::sled::SledStore::open(p)? as Arc<dyn Store>)
+            }),
+            ("redb", |p| {
+                Ok(crate::store::redb::RedbStore::open(p)? as Arc<dyn Store>)
+            }),
+        ];
+        for (name, open) in engines {
+            let dir = tempfile::tempdir().unwrap();
+            let st = open(dir.path()).unwrap();
+            let mut seqs = Vec::new();
+            for i in 0..3 {
+                match st.accept(ev(&format!("q{i}"), &["a", "b"])).await.unwrap() {
+                    Admission::Accepted { seq } => seqs.push(seq),
+                    d => panic!("{d:?}"),
+                }
+            }
+            let k = DeliveryKey {
+                seq: seqs[0],
+                destination: "a".into(),
+            };
+            st.record(&k, Outcome::Delivered { status: 200 })
+                .await
+                .unwrap();
+            st.close().await.unwrap();
+            drop(st);
+            let st = open(dir.path()).unwrap();
+            assert_eq!(st.queue_depth("a"), 2, "{name}: after a clean close");
+            assert_eq!(st.queue_depth("b"), 3, "{name}: after a clean close");
+            // A crash: no close, so no clean mark; one more accepted first.
+            st.accept(ev("q9", &["a"])).await.unwrap();
+            drop(st);
+            let st = open(dir.path()).unwrap();
+            assert_eq!(st.queue_depth("a"), 3, "{name}: after a crash");
+            assert_eq!(st.queue_depth("b"), 3, "{name}: after a crash");
+            st.close().await.unwrap();
+        }
     }
 }
