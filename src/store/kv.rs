@@ -923,18 +923,21 @@ mod tests {
         st.close().await.unwrap();
     }
 
+    type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
+
+    /// Every engine, by name, with how to open a store on it.
+    const ENGINES: [(&str, Open); 2] = [
+        ("sled", |p| {
+            Ok(crate::store::sled::SledStore::open(p)? as Arc<dyn Store>)
+        }),
+        ("redb", |p| {
+            Ok(crate::store::redb::RedbStore::open(p)? as Arc<dyn Store>)
+        }),
+    ];
+
     /// Every engine passes the same checks, and keeps its data across a reopen.
     async fn on_every_engine(check: fn(Arc<dyn Store>) -> BoxCheck) {
-        type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
-        let engines: [(&str, Open); 2] = [
-            ("sled", |p| {
-                Ok(crate::store::sled::SledStore::open(p)? as Arc<dyn Store>)
-            }),
-            ("redb", |p| {
-                Ok(crate::store::redb::RedbStore::open(p)? as Arc<dyn Store>)
-            }),
-        ];
-        for (name, open) in engines {
+        for (name, open) in ENGINES {
             let dir = tempfile::tempdir().unwrap();
             let st = open(dir.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
             check(st.clone()).await;
@@ -966,16 +969,7 @@ mod tests {
     /// crash (rebuilt from the queue), on every engine.
     #[tokio::test]
     async fn queue_counts_survive_close_and_crash() {
-        type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
-        let engines: [(&str, Open); 2] = [
-            ("sled", |p| {
-                Ok(crate::store::sled::SledStore::open(p)? as Arc<dyn Store>)
-            }),
-            ("redb", |p| {
-                Ok(crate::store::redb::RedbStore::open(p)? as Arc<dyn Store>)
-            }),
-        ];
-        for (name, open) in engines {
+        for (name, open) in ENGINES {
             let dir = tempfile::tempdir().unwrap();
             let st = open(dir.path()).unwrap();
             let mut seqs = Vec::new();
