@@ -44,6 +44,7 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
                         content_type: Some("application/json".into()),
                         received_ms: now_ms(),
                         destinations: vec!["slow".into()],
+                        max_queue: Vec::new(),
                         held: None,
                         dedup_window: Duration::from_secs(3600),
                     })

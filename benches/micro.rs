@@ -133,6 +133,7 @@ fn store_accept(c: &mut Criterion) {
                                 content_type: Some("application/json".into()),
                                 received_ms: now_ms(),
                                 destinations: vec!["d".into()],
+                                max_queue: Vec::new(),
                                 held: None,
                                 dedup_window: Duration::from_secs(3600),
                             };

@@ -236,9 +236,14 @@ fn readyz(app: &App) -> Response<Body> {
         .map(|(d, n)| (d, json!(n)))
         .collect();
     if app.is_stopping() {
-        let mut r = ApiError::unavailable("the relay is shutting down", "5").into_response();
-        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        return r;
+        return ApiError::unavailable("the relay is shutting down", "5").into_response();
+    }
+    if !app.store_healthy() {
+        return ApiError::unavailable(
+            "the store failed its last write (disk full or I/O error?); the ingress answers 503",
+            "5",
+        )
+        .into_response();
     }
     ok(json!({"status": "ready", "unconfigured_destinations_with_pending": orphans}))
 }

@@ -22,6 +22,8 @@ pub struct App {
     /// The outbound client: deliveries and reply routes share its connection pool.
     pub client: HttpClient,
     stopping: AtomicBool,
+    /// False after the store failed a write, until one succeeds again.
+    store_healthy: AtomicBool,
 }
 
 impl App {
@@ -38,6 +40,7 @@ impl App {
             metrics,
             client,
             stopping: AtomicBool::new(false),
+            store_healthy: AtomicBool::new(true),
         }))
     }
 
@@ -72,6 +75,15 @@ impl App {
 
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_store_healthy(&self, ok: bool) {
+        self.store_healthy.store(ok, Ordering::Relaxed);
+    }
+
+    /// Whether the last write the ingress asked of the store succeeded.
+    pub fn store_healthy(&self) -> bool {
+        self.store_healthy.load(Ordering::Relaxed)
     }
 
     pub fn is_stopping(&self) -> bool {

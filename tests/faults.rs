@@ -385,11 +385,6 @@ async fn a_full_disk_answers_503_and_keeps_what_was_accepted_redb() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: with sled, once a commit hits ENOSPC the store's writer thread blocks \
-            in sled's Tree::flush (src/store/sled.rs, SledEngine::group) until sled's \
-            background flusher notices the error (observed 0 to 14 s, once over 60 s), and the \
-            ingress awaits Store::accept with no time limit, so senders wait that long for \
-            their 503 and every other store write queues behind it"]
 async fn a_full_disk_is_answered_503_promptly_sled() {
     if let Some(r) = full_disk("sled", true).await {
         assert!(
@@ -401,16 +396,11 @@ async fn a_full_disk_is_answered_503_promptly_sled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: after a write fails with ENOSPC the store stays failed until the process \
-            restarts (sled keeps the I/O error; redb answers 'Previous I/O error occurred') \
-            while /readyz still answers 200, so the relay answers 503 to every event for good \
-            and nothing tells an orchestrator to restart it"]
 async fn after_a_full_disk_the_relay_recovers_or_reports_unready_sled() {
     recovers_or_reports_unready("sled").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: see after_a_full_disk_the_relay_recovers_or_reports_unready_sled"]
 async fn after_a_full_disk_the_relay_recovers_or_reports_unready_redb() {
     recovers_or_reports_unready("redb").await;
 }
@@ -635,9 +625,6 @@ async fn over_max_queue_the_ingress_sheds_load_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src bug: src/ingress/mod.rs checks queue_depth >= max_queue before Store::accept \
-            and the depth only grows after the group commit, so concurrent requests all pass \
-            the check: 32 senders push a max_queue of 50 to about 64"]
 async fn concurrent_posts_never_push_the_queue_past_max_queue() {
     const MAX_QUEUE: u64 = 50;
     const SENDERS: usize = 32;

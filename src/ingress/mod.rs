@@ -41,6 +41,10 @@ use error::{json_response, ApiError, Body};
 /// Request head limit: headers past this get 431, a connection is not a memory sink.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The longest the ingress waits for the store to commit an event before answering 503
+/// (the event may still be committed: the provider's retry is then a duplicate).
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where OAuth2 clients fetch tokens (on the ingress port).
 pub const TOKEN_PATH: &str = "/oauth/token";
 
@@ -225,13 +229,7 @@ async fn accept(
     for &d in &fanout.destinations {
         let dest = &config.destinations[d];
         if app.store.queue_depth(&dest.name) >= dest.max_queue {
-            return Err(ApiError::unavailable(
-                format!(
-                    "destination {} has {} deliveries queued (max_queue); try again later",
-                    dest.name, dest.max_queue
-                ),
-                "5",
-            ));
+            return Err(queue_full(&dest.name, config));
         }
     }
     let n = destinations.len();
@@ -252,31 +250,59 @@ async fn accept(
             .inc();
     }
     let started = std::time::Instant::now();
-    let admission = app
-        .store
-        .accept(NewEvent {
-            source: source.name.clone(),
-            id: id.clone(),
-            body: body.clone(),
-            content_type: content_type.clone(),
-            received_ms,
-            destinations,
-            held,
-            dedup_window: config.dedup_window,
-        })
-        .await
-        .map_err(store_unavailable)?;
+    let max_queue = fanout
+        .destinations
+        .iter()
+        .map(|&d| config.destinations[d].max_queue)
+        .collect();
+    let accepting = app.store.accept(NewEvent {
+        source: source.name.clone(),
+        id: id.clone(),
+        body: body.clone(),
+        content_type: content_type.clone(),
+        received_ms,
+        destinations,
+        max_queue,
+        held,
+        dedup_window: config.dedup_window,
+    });
+    // A store stuck on a failing disk must not hold the provider (or this task) forever.
+    let admission = match tokio::time::timeout(ACCEPT_TIMEOUT, accepting).await {
+        Ok(Ok(a)) => {
+            app.set_store_healthy(true);
+            a
+        }
+        Ok(Err(e)) => {
+            app.set_store_healthy(false);
+            return Err(store_unavailable(e));
+        }
+        Err(_) => {
+            app.set_store_healthy(false);
+            return Err(store_unavailable(StoreError::Unavailable(format!(
+                "no commit within {ACCEPT_TIMEOUT:?}"
+            ))));
+        }
+    };
     app.metrics
         .accept_duration
         .observe(started.elapsed().as_secs_f64());
+    let (seq, duplicate, kept) = match admission {
+        Admission::Accepted { seq } => (seq, false, None),
+        Admission::Duplicate { seq, reply } => {
+            app.metrics
+                .duplicates
+                .get_or_create(&crate::metrics::SourceLabel {
+                    source: source.name.clone(),
+                })
+                .inc();
+            (seq, true, reply)
+        }
+        Admission::QueueFull { destination } => return Err(queue_full(&destination, config)),
+    };
     if let Some(reply) = reply {
-        let (seq, fresh) = match &admission {
-            Admission::Duplicate {
-                reply: Some(kept), ..
-            } => return Ok(reply::stored(kept)),
-            Admission::Duplicate { seq, .. } => (*seq, false),
-            Admission::Accepted { seq } => (*seq, true),
-        };
+        if let Some(kept) = &kept {
+            return Ok(reply::stored(kept));
+        }
         let event = StoredEvent {
             seq,
             id: id.clone(),
@@ -285,20 +311,9 @@ async fn accept(
             content_type,
             body,
         };
-        return Ok(reply::call(app, config, reply, &event, fresh).await);
+        return Ok(reply::call(app, config, reply, &event, !duplicate).await);
     }
-    let (duplicate, deliveries) = match admission {
-        Admission::Accepted { .. } => (false, n),
-        Admission::Duplicate { .. } => {
-            app.metrics
-                .duplicates
-                .get_or_create(&crate::metrics::SourceLabel {
-                    source: source.name.clone(),
-                })
-                .inc();
-            (true, 0)
-        }
-    };
+    let deliveries = if duplicate { 0 } else { n };
     debug!(duplicate, deliveries, "accepted");
     let out = serde_json::to_vec(&Accepted {
         accepted: true,
@@ -308,6 +323,16 @@ async fn accept(
     })
     .expect("answer serializes");
     Ok(json_response(StatusCode::OK, out))
+}
+
+fn queue_full(destination: &str, config: &Config) -> ApiError {
+    let max = config.destination(destination).map_or(0, |d| d.max_queue);
+    ApiError::unavailable(
+        format!(
+            "destination {destination} has {max} deliveries queued (max_queue); try again later"
+        ),
+        "5",
+    )
 }
 
 fn store_unavailable(e: StoreError) -> ApiError {

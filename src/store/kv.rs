@@ -55,6 +55,8 @@ struct Shared<E> {
 /// The writer thread's view of one group.
 struct Writer<'a> {
     txn: &'a mut dyn Txn,
+    /// Pending counts as of the last commit.
+    committed: &'a RwLock<HashMap<String, Arc<AtomicU64>>>,
     next_seq: &'a mut u64,
     /// Queue depth changes, applied once the group is committed.
     depth: HashMap<String, i64>,
@@ -200,6 +202,14 @@ impl<E: Engine> Shared<E> {
 }
 
 impl Writer<'_> {
+    fn committed_depth(&self, dest: &str) -> u64 {
+        self.committed
+            .read()
+            .unwrap()
+            .get(dest)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
     fn delivery(&mut self, seq: u64, dest: &str) -> Result<Option<Delivery>, StoreError> {
         self.txn
             .get(&delivery_key(seq, dest))?
@@ -227,6 +237,17 @@ impl Writer<'_> {
                     None => None,
                 };
                 return Ok(Admission::Duplicate { seq, reply });
+            }
+        }
+        for (i, dest) in ev.destinations.iter().enumerate() {
+            let Some(&max) = ev.max_queue.get(i) else {
+                continue;
+            };
+            let committed = self.committed_depth(dest) as i64;
+            if committed + self.depth.get(dest).copied().unwrap_or(0) >= max as i64 {
+                return Ok(Admission::QueueFull {
+                    destination: dest.clone(),
+                });
             }
         }
         let seq = *self.next_seq;
@@ -422,6 +443,7 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
         let committed = shared.engine.group(&mut |txn| {
             let mut w = Writer {
                 txn,
+                committed: &shared.depth,
                 next_seq: &mut next_seq,
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
@@ -448,6 +470,7 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
                 .unwrap_or_else(|| StoreError::Unavailable("no transaction".into()));
             let d = job(&mut Writer {
                 txn: &mut FailedTxn(e.clone()),
+                committed: &shared.depth,
                 next_seq: &mut next_seq,
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
@@ -848,6 +871,7 @@ mod tests {
             content_type: Some("application/json".into()),
             received_ms: now_ms(),
             destinations: dests.iter().map(|s| s.to_string()).collect(),
+            max_queue: Vec::new(),
             held: None,
             dedup_window: Duration::from_secs(60),
         }

@@ -48,6 +48,9 @@ pub struct NewEvent {
     pub received_ms: u64,
     /// Destination names, each once.
     pub destinations: Vec<String>,
+    /// The `max_queue` of each destination, in the same order (checked by the writer, so
+    /// concurrent requests cannot push a queue past it).
+    pub max_queue: Vec<u64>,
     /// A destination whose delivery is due only later (ms): a reply route calls it
     /// synchronously first, and the stored delivery is the fallback if that call fails.
     pub held: Option<(String, u64)>,
@@ -65,6 +68,10 @@ pub enum Admission {
     Duplicate {
         seq: u64,
         reply: Option<StoredReply>,
+    },
+    /// A destination already has `max_queue` pending deliveries: nothing was written.
+    QueueFull {
+        destination: String,
     },
 }
 
