@@ -14,7 +14,7 @@ mod validate;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,14 +63,8 @@ impl Config {
     pub fn destination(&self, name: &str) -> Option<&Arc<Destination>> {
         self.destinations.iter().find(|d| d.name == name)
     }
-    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
-        self.sources.iter().find(|s| s.name == name)
-    }
     pub fn source_for_path(&self, path: &str) -> Option<&Arc<Source>> {
         self.by_path.get(path).map(|&i| &self.sources[i])
-    }
-    pub fn dir(&self) -> &Path {
-        self.file.parent().unwrap_or(Path::new("."))
     }
 }
 

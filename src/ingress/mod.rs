@@ -226,6 +226,8 @@ async fn accept(
         .iter()
         .map(|&d| config.destinations[d].name.clone())
         .collect();
+    // Fast path under overload: skip the store round trip. The store's writer makes the
+    // exact check (`Admission::QueueFull`), which concurrent requests cannot race past.
     for &d in &fanout.destinations {
         let dest = &config.destinations[d];
         if app.store.queue_depth(&dest.name) >= dest.max_queue {
@@ -258,7 +260,7 @@ async fn accept(
     let accepting = app.store.accept(NewEvent {
         source: source.name.clone(),
         id: id.clone(),
-        body: body.clone(),
+        body: body.clone(), // a refcount: a reply route still needs the body
         content_type: content_type.clone(),
         received_ms,
         destinations,
