@@ -18,10 +18,6 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-/// The allocator the `hookrelay` binary uses.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};

@@ -5,10 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use hookrelay::cli::{Cli, Command};
 
-/// mimalloc: glibc's malloc/free were ~10 % of the relay's CPU under load (docs/performance.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     hookrelay::telemetry::init_logs(cli.log_format);
