@@ -29,7 +29,16 @@ pub trait Engine: Send + Sync + 'static {
 pub trait Txn {
     /// Reads see the writes of operations already ended in this group.
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
-    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
+    /// Keys starting with `prefix` and not below `from`, in ascending order.
+    fn scan_from(
+        &mut self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError>;
+    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        self.scan_from(prefix, prefix, visit)
+    }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, key: &[u8]) -> Result<(), StoreError>;
     fn end_op(&mut self) -> Result<(), StoreError>;

@@ -35,6 +35,10 @@ use super::*;
 /// Operations one commit may cover at most.
 const MAX_GROUP: usize = 4096;
 
+/// Events one purge operation looks at. A purge is as many operations as it takes, so the
+/// writer serves other work between them and holds at most this many events' metadata.
+const PURGE_BATCH: usize = 1024;
+
 #[derive(Serialize, Deserialize)]
 struct EventMeta {
     id: String,
@@ -135,7 +139,8 @@ fn encode_event(meta: &EventMeta, body: &[u8]) -> Vec<u8> {
     v
 }
 
-fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
+/// An event record's metadata, and where its body starts.
+fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
     if raw.len() < 4 {
         return Err(corrupt("short event record"));
     }
@@ -143,13 +148,18 @@ fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
     let meta: EventMeta =
         serde_json::from_slice(raw.get(4..4 + n).ok_or_else(|| corrupt("short meta"))?)
             .map_err(corrupt)?;
+    Ok((meta, 4 + n))
+}
+
+fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
+    let (meta, body) = decode_meta(raw)?;
     Ok(StoredEvent {
         seq,
         id: meta.id,
         source: meta.source,
         received_ms: meta.received_ms,
         content_type: meta.content_type,
-        body: Bytes::copy_from_slice(&raw[4 + n..]),
+        body: Bytes::copy_from_slice(&raw[body..]),
     })
 }
 
@@ -393,27 +403,40 @@ impl Writer<'_> {
     /// Events go, with their dedup record, once older than both `retain` and their dedup
     /// window and every delivery is delivered. Events are scanned in sequence (= arrival)
     /// order, stopping at the first one too young.
-    fn purge(&mut self, retain: Duration) -> Result<usize, StoreError> {
+    /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most: those
+    /// received before `now - retain`, out of their dedup window, and delivered everywhere.
+    /// Returns how many went and where the next batch starts (`None`: no older event left).
+    fn purge_batch(
+        &mut self,
+        retain: Duration,
+        from: u64,
+    ) -> Result<(usize, Option<u64>), StoreError> {
         let now = now_ms();
         let cutoff = now.saturating_sub(retain.as_millis() as u64);
         let mut old = Vec::new();
-        self.txn.scan_prefix(b"e/", &mut |k, raw| {
-            let ev = decode_event(read_u64(&k[2..10]), raw)?;
-            if ev.received_ms >= cutoff {
+        let mut next = None;
+        self.txn.scan_from(b"e/", &event_key(from), &mut |k, raw| {
+            let seq = read_u64(&k[2..10]);
+            if old.len() == PURGE_BATCH {
+                next = Some(seq);
                 return Ok(false);
             }
-            old.push(ev);
+            let (meta, _) = decode_meta(raw)?;
+            if meta.received_ms >= cutoff {
+                return Ok(false);
+            }
+            old.push((seq, meta));
             Ok(true)
         })?;
         let mut removed = 0;
-        for ev in old {
-            let dk = dedup_key(&ev.source, &ev.id);
+        for (seq, meta) in old {
+            let dk = dedup_key(&meta.source, &meta.id);
             let dedup = self.txn.get(&dk)?;
-            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == ev.seq);
+            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == seq);
             if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now) {
                 continue; // still inside its dedup window
             }
-            let deliveries = self.deliveries_of(ev.seq)?;
+            let deliveries = self.deliveries_of(seq)?;
             if deliveries
                 .iter()
                 .any(|d| d.state != DeliveryState::Delivered)
@@ -424,13 +447,13 @@ impl Writer<'_> {
                 self.txn.delete(&dk)?;
             }
             for d in deliveries {
-                self.txn.delete(&delivery_key(ev.seq, &d.destination))?;
+                self.txn.delete(&delivery_key(seq, &d.destination))?;
             }
-            self.txn.delete(&event_key(ev.seq))?;
-            self.txn.delete(&reply_key(ev.seq))?;
+            self.txn.delete(&event_key(seq))?;
+            self.txn.delete(&reply_key(seq))?;
             removed += 1;
         }
-        Ok(removed)
+        Ok((removed, next))
     }
 }
 
@@ -574,7 +597,12 @@ impl Txn for FailedTxn {
     fn get(&mut self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Err(self.0.clone())
     }
-    fn scan_prefix(&mut self, _: &[u8], _: &mut engine::Visit<'_>) -> Result<(), StoreError> {
+    fn scan_from(
+        &mut self,
+        _: &[u8],
+        _: &[u8],
+        _: &mut engine::Visit<'_>,
+    ) -> Result<(), StoreError> {
         Err(self.0.clone())
     }
     fn put(&mut self, _: &[u8], _: &[u8]) -> Result<(), StoreError> {
@@ -795,7 +823,15 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
-        self.submit(move |w| w.purge(retain)).await
+        let (mut removed, mut from) = (0, 0);
+        loop {
+            let (n, next) = self.submit(move |w| w.purge_batch(retain, from)).await?;
+            removed += n;
+            match next {
+                Some(seq) if seq > from => from = seq,
+                _ => return Ok(removed),
+            }
+        }
     }
 
     fn queue_depth(&self, destination: &str) -> u64 {
@@ -947,6 +983,42 @@ mod tests {
         st.close().await.unwrap();
     }
 
+    /// Old undelivered events fill more than one purge batch; a delivered event after them
+    /// still goes, and the undelivered ones stay.
+    async fn purge_crosses_batches(st: Arc<dyn Store>) {
+        let n = PURGE_BATCH as u64 + 100;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let st = st.clone();
+            tasks.spawn(async move {
+                let mut e = ev(&format!("old-{i}"), &["a"]);
+                e.dedup_window = Duration::ZERO;
+                e.received_ms -= 10;
+                st.accept(e).await.unwrap();
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let mut e = ev("e1", &["a"]);
+        e.dedup_window = Duration::ZERO;
+        e.received_ms -= 10;
+        let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            panic!()
+        };
+        let k = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        st.record(&k, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1);
+        assert!(st.event(seq).await.unwrap().is_none());
+        assert_eq!(st.queue_depth("a"), n);
+        assert_eq!(st.lookup("old-0").await.unwrap().len(), 1);
+        // Keep one event for the reopen check of `on_every_engine`.
+        st.accept(ev("e1", &["a"])).await.unwrap();
+    }
+
     type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
 
     /// Every engine, by name, with how to open a store on it.
@@ -987,6 +1059,7 @@ mod tests {
     #[tokio::test]
     async fn purge_on_every_engine() {
         on_every_engine(|st| Box::pin(dedup_expires_and_purge_keeps_undelivered(st))).await;
+        on_every_engine(|st| Box::pin(purge_crosses_batches(st))).await;
     }
 
     /// Queue counts come back exact after a clean close (read, not counted) and after a

@@ -46,9 +46,10 @@ impl RedbStore {
 fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
     table: &T,
     prefix: &[u8],
+    from: &[u8],
     visit: &mut Visit<'_>,
 ) -> Result<(), StoreError> {
-    for kv in table.range(prefix..).map_err(err)? {
+    for kv in table.range(from.max(prefix)..).map_err(err)? {
         let (k, v) = kv.map_err(err)?;
         if !k.value().starts_with(prefix) || !visit(k.value(), v.value())? {
             break;
@@ -70,13 +71,13 @@ impl Engine for RedbEngine {
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(TABLE).map_err(err)?;
-        scan(&table, prefix, visit)
+        scan(&table, prefix, prefix, visit)
     }
     fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(TABLE).map_err(err)?;
         let mut last = None;
-        scan(&table, prefix, &mut |k, _| {
+        scan(&table, prefix, prefix, &mut |k, _| {
             last = Some(k.to_vec());
             Ok(true)
         })?;
@@ -108,8 +109,13 @@ impl Txn for RedbTxn<'_, '_> {
             .map_err(err)?
             .map(|v| v.value().to_vec()))
     }
-    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        scan(&*self.table, prefix, visit)
+    fn scan_from(
+        &mut self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        scan(&*self.table, prefix, from, visit)
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.table.insert(key, value).map_err(err)?;

@@ -91,8 +91,19 @@ impl Txn for SledTxn<'_> {
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
     /// Sees earlier operations of the group, not the current one's own writes.
-    fn scan_prefix(&mut self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        scan(self.db, prefix, visit)
+    fn scan_from(
+        &mut self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        for kv in self.db.range(from.max(prefix)..) {
+            let (k, v) = kv?;
+            if !k.starts_with(prefix) || !visit(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.batch.insert(key, value);
