@@ -3,6 +3,7 @@
 
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use hookrelay::config::Config;
 use hookrelay::event_id::{event_id, IdPath};
 use hookrelay::routing::{route, Filter};
+use hookrelay::store::redb::RedbStore;
 use hookrelay::store::sled::SledStore;
 use hookrelay::store::{now_ms, NewEvent, Store};
 
@@ -109,16 +111,21 @@ fn store_accept(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = rt.block_on(async { SledStore::open(dir.path()).unwrap() });
     let body = Bytes::from(fixture("8x8/voice-call-status.json"));
     let mut n = 0u64;
     let mut g = c.benchmark_group("store_accept");
     g.measurement_time(Duration::from_secs(5));
-    for batch in [1usize, 64] {
+    for (backend, batch) in [("sled", 1usize), ("sled", 64), ("redb", 1), ("redb", 64)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = rt.block_on(async {
+            match backend {
+                "sled" => SledStore::open(dir.path()).unwrap() as Arc<dyn Store>,
+                _ => RedbStore::open(dir.path()).unwrap(),
+            }
+        });
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_with_input(
-            BenchmarkId::new("concurrent", batch),
+            BenchmarkId::new(format!("{backend}/concurrent"), batch),
             &batch,
             |b, &batch| {
                 b.to_async(&rt).iter(|| {
