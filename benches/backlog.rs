@@ -1,7 +1,8 @@
 //! A large backlog: `BENCH_PENDING` (default 1,000,000) pending deliveries on disk, then the
 //! relay binary started on them. Prints how long the first delivery takes to reach a sink
-//! after the start, and the relay's resident memory (VmRSS from /proc) a few seconds later,
-//! for each backend (`BENCH_BACKENDS`, default "redb,sled").
+//! after the start, and the relay's resident memory (VmRSS from /proc) 3 s after the start,
+//! for each backend (`BENCH_BACKENDS`, default "redb,sled"): once after a clean stop, once
+//! after a SIGKILL.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -57,6 +58,37 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
     }
 }
 
+/// Starts the relay binary on `cfg`; returns how long the first delivery took and the
+/// relay's RSS 3 s after the start, then SIGKILLs it.
+async fn start_relay(
+    cfg: &std::path::Path,
+    arrivals: &mut mpsc::UnboundedReceiver<Instant>,
+) -> (Option<Duration>, u64) {
+    while arrivals.try_recv().is_ok() {}
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .env("HOOKRELAY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
+        .await
+        .ok()
+        .flatten()
+        .map(|t| t.duration_since(start));
+    tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
+    let rss = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    (first, rss)
+}
+
 fn main() {
     let n: u64 = std::env::var("BENCH_PENDING")
         .ok()
@@ -64,8 +96,10 @@ fn main() {
         .unwrap_or(1_000_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redb,sled".into());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    println!("| backend | pending | fill time | first delivery after start | relay RSS |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| backend | pending | fill time | restart after | first delivery after start | relay RSS |"
+    );
+    println!("|---|---:|---:|---|---:|---:|");
     for backend in backends.split(',') {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
@@ -106,36 +140,19 @@ rate = {{ per_second = 50, burst = 1 }}
                 ),
             )
             .unwrap();
-            let start = Instant::now();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-                .args(["serve", "--config"])
-                .arg(&cfg)
-                .env("HOOKRELAY_LOG", "warn")
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            let first = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
-                .await
-                .ok()
-                .flatten()
-                .map(|t| t.duration_since(start));
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let rss = rss_kib(child.id());
-            let _ = child.kill();
-            let _ = child.wait();
-            println!(
-                "| {backend} | {n} | {:.1} s | {} | {:.1} MiB |",
-                fill_time.as_secs_f64(),
-                first.map_or("none within 60 s".to_string(), |d| format!(
-                    "{} ms",
-                    d.as_millis()
-                )),
-                rss as f64 / 1024.0
-            );
+            // First after the clean close of the fill, then after a SIGKILL of that relay.
+            for restart in ["clean stop", "SIGKILL"] {
+                let (first, rss) = start_relay(&cfg, &mut arrivals).await;
+                println!(
+                    "| {backend} | {n} | {:.1} s | {restart} | {} | {:.1} MiB |",
+                    fill_time.as_secs_f64(),
+                    first.map_or("none within 60 s".to_string(), |d| format!(
+                        "{} ms",
+                        d.as_millis()
+                    )),
+                    rss as f64 / 1024.0
+                );
+            }
         });
     }
 }

@@ -21,6 +21,9 @@ pub trait Engine: Send + Sync + 'static {
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError>;
     /// Makes everything committed so far durable (at close).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Whether a group commits all or nothing, so that what a group writes last (the queue
+    /// counts) always agrees with the rest of it, crash or not.
+    fn atomic_groups(&self) -> bool;
 }
 
 /// A group's write transaction. Operations run one after another inside it; each ends with

@@ -16,8 +16,9 @@
 //! - `z/<dest>\0<seq>` dead deliveries
 //! - `r/<seq>` the stored answer of a reply route
 //! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
-//!   `m/clean` marks a clean close. After a crash the counts are rebuilt from `q/` once,
-//!   otherwise a start reads them instead of scanning the queue.
+//!   `m/clean` marks a clean close, `m/recount` a failed count update. A start reads the
+//!   counts instead of scanning the queue, unless they may disagree with it: after a crash
+//!   on an engine whose groups are not atomic (sled), or after a failed update.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,6 +123,7 @@ fn depth_key(dest: &str) -> Vec<u8> {
 const DEPTH_PREFIX: &[u8] = b"m/depth/";
 /// Present while the store is closed cleanly: the kept counts are then exact.
 const CLEAN_KEY: &[u8] = b"m/clean";
+const RECOUNT_KEY: &[u8] = b"m/recount";
 fn id_prefix(id: &str) -> Vec<u8> {
     key(&[b"d/", id.as_bytes(), b"\0"])
 }
@@ -481,6 +483,8 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
                 }
             }
             if let Err(e) = persist_depth(w.txn, &w.depth) {
+                w.txn.abort_op();
+                let _ = w.txn.put(RECOUNT_KEY, b"1").and_then(|_| w.txn.end_op());
                 tracing::warn!(error = %e, "keeping the queue counts failed; rebuilt at the next start");
             }
             depth = std::mem::take(&mut w.depth);
@@ -551,14 +555,15 @@ fn persist_depth(txn: &mut dyn Txn, deltas: &HashMap<String, i64>) -> Result<(),
 /// The pending count per destination: the kept counts after a clean close, else a count of
 /// the queue (which then replaces the kept counts). Marks the store as open (not clean).
 fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>, StoreError> {
-    let clean = engine.get(CLEAN_KEY)?.is_some();
+    let trusted = engine.get(RECOUNT_KEY)?.is_none()
+        && (engine.get(CLEAN_KEY)?.is_some() || engine.atomic_groups());
     let mut kept: HashMap<String, u64> = HashMap::new();
     engine.scan_prefix(DEPTH_PREFIX, &mut |k, v| {
         let dest = String::from_utf8_lossy(&k[DEPTH_PREFIX.len()..]).into_owned();
         kept.insert(dest, read_u64(v));
         Ok(true)
     })?;
-    let depth = if clean {
+    let depth = if trusted {
         kept.clone()
     } else {
         let mut counted: HashMap<String, u64> = HashMap::new();
@@ -572,7 +577,8 @@ fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>, StoreError
     engine.group(&mut |txn| {
         let mut write = || -> Result<(), StoreError> {
             txn.delete(CLEAN_KEY)?;
-            if !clean {
+            txn.delete(RECOUNT_KEY)?;
+            if !trusted {
                 for dest in kept.keys() {
                     txn.put(&depth_key(dest), &be(depth.get(dest).copied().unwrap_or(0)))?;
                 }
@@ -1063,7 +1069,8 @@ mod tests {
     }
 
     /// Queue counts come back exact after a clean close (read, not counted) and after a
-    /// crash (rebuilt from the queue), on every engine.
+    /// crash (rebuilt from the queue on sled, read on redb whose groups are atomic), on
+    /// every engine.
     #[tokio::test]
     async fn queue_counts_survive_close_and_crash() {
         for (name, open) in ENGINES {

@@ -95,6 +95,9 @@ impl Engine for RedbEngine {
     fn sync(&self) -> Result<(), StoreError> {
         Ok(()) // every commit is already durable
     }
+    fn atomic_groups(&self) -> bool {
+        true // one write transaction per group
+    }
 }
 
 struct RedbTxn<'a, 't> {

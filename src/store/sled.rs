@@ -74,6 +74,9 @@ impl Engine for SledEngine {
         self.db.flush()?;
         Ok(())
     }
+    fn atomic_groups(&self) -> bool {
+        false // each operation is its own batch
+    }
 }
 
 /// Buffers one operation's writes (readable through `overlay`) until `end_op`.
