@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -51,6 +51,20 @@ struct EventMeta {
 type Done = Box<dyn FnOnce(Option<StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&mut Writer<'_>) -> Done + Send>;
 
+/// Whether a job's caller is waiting on its commit to answer somebody (an accept: the
+/// provider waits for its 200) or only bookkeeping that may ride with a later commit
+/// (a delivery outcome: lost in a crash, the delivery is made again).
+#[derive(Clone, Copy, PartialEq)]
+enum Urgency {
+    Now,
+    CanWait,
+}
+
+/// How long a group made only of jobs that can wait stays open for company. Outcomes then
+/// share the commit of the next accept instead of paying for one of their own: at 2,000
+/// events/s that halves the commits (docs/performance.md).
+const COMPANY_WAIT: Duration = Duration::from_millis(2);
+
 struct Shared<E> {
     engine: Arc<E>,
     depth: RwLock<HashMap<String, Arc<AtomicU64>>>,
@@ -72,7 +86,7 @@ struct Writer<'a> {
 /// The store over engine `E`.
 pub struct KvStore<E: Engine> {
     shared: Arc<Shared<E>>,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<mpsc::Sender<(Job, Urgency)>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -459,10 +473,15 @@ impl Writer<'_> {
     }
 }
 
-fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::Receiver<Job>) {
+fn writer_loop<E: Engine>(
+    shared: Arc<Shared<E>>,
+    mut next_seq: u64,
+    rx: mpsc::Receiver<(Job, Urgency)>,
+) {
     let mut done: Vec<Done> = Vec::with_capacity(MAX_GROUP);
-    while let Ok(first) = rx.recv() {
+    while let Ok((first, urgency)) = rx.recv() {
         let mut first = Some(first);
+        let mut urgent = urgency == Urgency::Now;
         let mut depth = HashMap::new();
         let mut wakes = HashSet::new();
         let committed = shared.engine.group(&mut |txn| {
@@ -476,11 +495,21 @@ fn writer_loop<E: Engine>(shared: Arc<Shared<E>>, mut next_seq: u64, rx: mpsc::R
             if let Some(job) = first.take() {
                 done.push(job(&mut w));
             }
+            let company_until = Instant::now() + COMPANY_WAIT;
             while done.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(job) => done.push(job(&mut w)),
-                    Err(_) => break,
-                }
+                let (job, urgency) = match rx.try_recv() {
+                    Ok(next) => next,
+                    Err(_) if urgent => break,
+                    Err(_) => {
+                        let left = company_until.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                urgent |= urgency == Urgency::Now;
+                done.push(job(&mut w));
             }
             if let Err(e) = persist_depth(w.txn, &w.depth) {
                 w.txn.abort_op();
@@ -641,7 +670,7 @@ impl<E: Engine> KvStore<E> {
             depth: RwLock::new(depth),
             wakeups: RwLock::new(HashMap::new()),
         });
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
@@ -658,6 +687,14 @@ impl<E: Engine> KvStore<E> {
     /// committed.
     async fn submit<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit_with(Urgency::Now, f).await
+    }
+
+    async fn submit_with<T: Send + 'static>(
+        &self,
+        urgency: Urgency,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
@@ -679,7 +716,9 @@ impl<E: Engine> KvStore<E> {
         {
             let guard = self.jobs.lock().unwrap();
             let sender = guard.as_ref().ok_or(StoreError::Closed)?;
-            sender.send(job).map_err(|_| StoreError::Closed)?;
+            sender
+                .send((job, urgency))
+                .map_err(|_| StoreError::Closed)?;
         }
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -742,7 +781,8 @@ impl<E: Engine> Store for KvStore<E> {
 
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
         let k = key.clone();
-        self.submit(move |w| w.record(&k, outcome)).await
+        self.submit_with(Urgency::CanWait, move |w| w.record(&k, outcome))
+            .await
     }
 
     fn after_reply(
@@ -775,7 +815,9 @@ impl<E: Engine> Store for KvStore<E> {
         });
         let guard = self.jobs.lock().unwrap();
         let sender = guard.as_ref().ok_or(StoreError::Closed)?;
-        sender.send(job).map_err(|_| StoreError::Closed)
+        sender
+            .send((job, Urgency::CanWait))
+            .map_err(|_| StoreError::Closed)
     }
 
     async fn dead(
