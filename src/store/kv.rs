@@ -137,6 +137,7 @@ fn depth_key(dest: &str) -> Vec<u8> {
 const DEPTH_PREFIX: &[u8] = b"m/depth/";
 /// Present while the store is closed cleanly: the kept counts are then exact.
 const CLEAN_KEY: &[u8] = b"m/clean";
+/// Present after a failed update of the kept counts: the next start counts the queue.
 const RECOUNT_KEY: &[u8] = b"m/recount";
 fn id_prefix(id: &str) -> Vec<u8> {
     key(&[b"d/", id.as_bytes(), b"\0"])
@@ -416,12 +417,11 @@ impl Writer<'_> {
         Ok(n)
     }
 
-    /// Events go, with their dedup record, once older than both `retain` and their dedup
-    /// window and every delivery is delivered. Events are scanned in sequence (= arrival)
-    /// order, stopping at the first one too young.
-    /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most: those
-    /// received before `now - retain`, out of their dedup window, and delivered everywhere.
-    /// Returns how many went and where the next batch starts (`None`: no older event left).
+    /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most. Events
+    /// go, with their dedup record, once older than both `retain` and their dedup window and
+    /// every delivery is delivered. Events are scanned in sequence (= arrival) order,
+    /// stopping at the first one too young. Returns how many went and where the next batch
+    /// starts (`None`: no older event left).
     fn purge_batch(
         &mut self,
         retain: Duration,
