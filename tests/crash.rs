@@ -2,9 +2,8 @@
 //! deliveries.
 
 mod common;
-
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+#[path = "common/kill_support.rs"]
+mod kill_support;
 
 use hookrelay::store::redb::RedbStore;
 use hookrelay::store::sled::SledStore;
@@ -54,22 +53,8 @@ to = ["calls", "analytics"]
         ),
     )
     .unwrap();
-    let mut child = Command::new(common::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("HOOKRELAY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ingress="))
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let relay = kill_support::RelayProcess::spawn(&cfg, &dir.path().join("relay.log")).await;
+    let addr = relay.ingress;
 
     let mut tasks = Vec::new();
     for i in 0..N {
@@ -85,8 +70,7 @@ to = ["calls", "analytics"]
     for t in tasks {
         ids.push(t.await.unwrap());
     }
-    child.kill().unwrap(); // SIGKILL: no shutdown, no final flush
-    child.wait().unwrap();
+    relay.sigkill().await; // no shutdown, no final flush
 
     let data = dir.path().join("data");
     let store: std::sync::Arc<dyn Store> = match backend {
