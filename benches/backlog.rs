@@ -115,7 +115,7 @@ fn main() {
             let fill_time = started.elapsed();
 
             let (tx, mut arrivals) = mpsc::unbounded_channel();
-            let addr = support::answering_server(Bytes::new(), move || {
+            let addr = support::answering_server(Bytes::new(), move |_| {
                 let _ = tx.send(Instant::now());
             })
             .await;

@@ -175,54 +175,29 @@ async fn run_load(
 }
 
 /// The forwarder: answers at once, then posts the body to `sink` (at most 64 in flight).
-/// Returns its address and the count of forwards that reached the sink.
 async fn forwarder(sink: SocketAddr) -> SocketAddr {
     use hyper_util::client::legacy::Client;
     let client: Client<_, Full<Bytes>> =
         Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let gate = Arc::new(tokio::sync::Semaphore::new(64));
     let uri: http::Uri = format!("http://{sink}/hooks").parse().unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let _ = stream.set_nodelay(true);
+    support::answering_server(
+        Bytes::from_static(b"{\"status\":\"accepted\"}"),
+        move |body| {
             let (client, gate, uri) = (client.clone(), gate.clone(), uri.clone());
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (client, gate, uri) = (client.clone(), gate.clone(), uri.clone());
-                    async move {
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                        if let Ok(body) = body {
-                            tokio::spawn(async move {
-                                let _permit = gate.acquire().await;
-                                let req = Request::post(uri)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(body))
-                                    .unwrap();
-                                if let Ok(resp) = client.request(req).await {
-                                    let _ = resp.into_body().collect().await;
-                                }
-                            });
-                        }
-                        let mut r = http::Response::new(Full::new(Bytes::from_static(
-                            b"{\"status\":\"accepted\"}",
-                        )));
-                        r.headers_mut()
-                            .insert("content-type", "application/json".parse().unwrap());
-                        Ok::<_, std::convert::Infallible>(r)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _permit = gate.acquire().await;
+                let req = Request::post(uri)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body))
+                    .unwrap();
+                if let Ok(resp) = client.request(req).await {
+                    let _ = resp.into_body().collect().await;
+                }
             });
-        }
-    });
-    addr
+        },
+    )
+    .await
 }
 
 struct RelayPhase {
@@ -242,7 +217,7 @@ async fn relay_phase(
     let delivered = Arc::new(AtomicU64::new(0));
     let sink = {
         let d = delivered.clone();
-        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move || {
+        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
             d.fetch_add(1, Ordering::Relaxed);
         })
         .await
@@ -310,7 +285,7 @@ fn main() {
         let ref_count = Arc::new(AtomicU64::new(0));
         let ref_addr = {
             let c = ref_count.clone();
-            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move || {
+            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
                 c.fetch_add(1, Ordering::Relaxed);
             })
             .await
@@ -321,7 +296,7 @@ fn main() {
         let fwd_count = Arc::new(AtomicU64::new(0));
         let fwd_sink = {
             let c = fwd_count.clone();
-            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move || {
+            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
                 c.fetch_add(1, Ordering::Relaxed);
             })
             .await

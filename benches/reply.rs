@@ -71,7 +71,7 @@ fn main() {
             .unwrap()
             .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "EVENT_ID");
         let reply = Bytes::from(fixture("voice-call-action-reply.json"));
-        let dest = support::answering_server(reply, || {}).await;
+        let dest = support::answering_server(reply, |_| {}).await;
         let direct = measure(dest, "/call-action", n, &template).await;
         println!();
         println!("reply route latency, {n} sequential requests per row");

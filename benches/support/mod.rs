@@ -1,5 +1,5 @@
 //! Shared by the end-to-end benches: a small in-process HTTP server on 127.0.0.1:0 that reads
-//! each body, calls `on_request`, and answers 200 with a fixed JSON body.
+//! each body, hands it to `on_request`, and answers 200 with a fixed JSON body.
 
 use std::net::SocketAddr;
 
@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 pub async fn answering_server(
     answer: Bytes,
-    on_request: impl Fn() + Clone + Send + Sync + 'static,
+    on_request: impl Fn(Bytes) + Clone + Send + Sync + 'static,
 ) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -28,8 +28,9 @@ pub async fn answering_server(
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (answer, on_request) = (answer.clone(), on_request.clone());
                     async move {
-                        let _ = req.into_body().collect().await;
-                        on_request();
+                        if let Ok(body) = req.into_body().collect().await {
+                            on_request(body.to_bytes());
+                        }
                         let mut r = Response::new(Full::new(answer));
                         r.headers_mut()
                             .insert("content-type", "application/json".parse().unwrap());
