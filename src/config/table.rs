@@ -75,7 +75,7 @@ pub fn routing_table(c: &Config) -> String {
             out,
             "destination {}  {}  timeout {:?}  rate {}/s burst {}  max_in_flight {}{}",
             d.name,
-            d.url,
+            shown_url(&d.url),
             d.timeout,
             d.rate.per_second,
             d.rate.burst,
@@ -84,4 +84,34 @@ pub fn routing_table(c: &Config) -> String {
         );
     }
     out
+}
+
+/// A destination URL without what may carry a credential (user info, query): the table is
+/// printed by `check` and returned by `/api/reload`.
+fn shown_url(u: &http::Uri) -> String {
+    let host = u.authority().map_or("", |a| {
+        let a = a.as_str();
+        a.rsplit_once('@').map_or(a, |(_, host)| host)
+    });
+    let query = if u.query().is_some() { "?…" } else { "" };
+    format!(
+        "{}://{host}{}{query}",
+        u.scheme_str().unwrap_or("http"),
+        u.path()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_url;
+
+    #[test]
+    fn shown_urls_drop_user_info_and_query() {
+        let u = "https://user:p4ss@hooks.example:8443/in/x?key=s3cret"
+            .parse()
+            .unwrap();
+        assert_eq!(shown_url(&u), "https://hooks.example:8443/in/x?…");
+        let u = "http://127.0.0.1:9/calls".parse().unwrap();
+        assert_eq!(shown_url(&u), "http://127.0.0.1:9/calls");
+    }
 }

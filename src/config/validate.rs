@@ -656,7 +656,11 @@ impl Cx<'_> {
                     self.err(
                         Some(r.url.span()),
                         &format!("{key}.url"),
-                        format!("invalid URL {text:?}: need http:// or https:// with a host"),
+                        // The text as written: an expanded ${VAR} may hold a credential.
+                        format!(
+                            "invalid URL {:?}: need http:// or https:// with a host",
+                            r.url.get_ref()
+                        ),
                     );
                     Uri::from_static("http://invalid.invalid/")
                 }
