@@ -70,7 +70,8 @@ pub async fn call(
         destination: dest.name.clone(),
     };
     match &result {
-        Ok(a) if (200..300).contains(&a.status) => {
+        // A cut-off body is not the destination's answer: the fallback goes instead.
+        Ok(a) if (200..300).contains(&a.status) && !a.truncated => {
             let kept = StoredReply {
                 status: a.status,
                 content_type: a.content_type.clone(),

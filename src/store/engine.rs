@@ -45,7 +45,7 @@ pub trait Txn {
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, key: &[u8]) -> Result<(), StoreError>;
     fn end_op(&mut self) -> Result<(), StoreError>;
-    /// Drops the current operation's writes where the engine can (operations do all their
-    /// reads, and fail, before they write, so this is a second line of defence).
+    /// Drops the current operation's writes. An engine that cannot drop just those (redb)
+    /// fails the whole group instead, so an operation is never half committed.
     fn abort_op(&mut self);
 }

@@ -85,12 +85,27 @@ impl Engine for RedbEngine {
     }
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
-        {
+        let broken = {
             // One open table for the whole group.
             let mut table = tx.open_table(TABLE).map_err(err)?;
-            f(&mut RedbTxn { table: &mut table });
+            let mut txn = RedbTxn {
+                table: &mut table,
+                op_wrote: false,
+                broken: None,
+            };
+            f(&mut txn);
+            txn.broken
+        };
+        match broken {
+            // An operation failed after writing and redb cannot drop just its writes: the
+            // whole group goes, rather than half an operation (a queue entry deleted, its
+            // delivery record not updated).
+            Some(e) => {
+                let _ = tx.abort();
+                Err(e)
+            }
+            None => tx.commit().map_err(err),
         }
-        tx.commit().map_err(err)
     }
     fn sync(&self) -> Result<(), StoreError> {
         Ok(()) // every commit is already durable
@@ -102,6 +117,10 @@ impl Engine for RedbEngine {
 
 struct RedbTxn<'a, 't> {
     table: &'a mut redb::Table<'t, &'static [u8], &'static [u8]>,
+    /// Whether the current operation has written.
+    op_wrote: bool,
+    /// Set when an operation failed after writing: the group must not commit.
+    broken: Option<StoreError>,
 }
 
 impl Txn for RedbTxn<'_, '_> {
@@ -121,15 +140,57 @@ impl Txn for RedbTxn<'_, '_> {
         scan(&*self.table, prefix, from, visit)
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.op_wrote = true;
         self.table.insert(key, value).map_err(err)?;
         Ok(())
     }
     fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.op_wrote = true;
         self.table.remove(key).map_err(err)?;
         Ok(())
     }
     fn end_op(&mut self) -> Result<(), StoreError> {
+        self.op_wrote = false;
         Ok(())
     }
-    fn abort_op(&mut self) {}
+    fn abort_op(&mut self) {
+        if std::mem::take(&mut self.op_wrote) && self.broken.is_none() {
+            self.broken = Some(StoreError::Unavailable(
+                "an operation failed halfway; its group was not committed".into(),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operation_failing_after_a_write_fails_its_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("t.redb")).unwrap();
+        let engine = RedbEngine { db };
+        let done = engine.group(&mut |txn| {
+            txn.put(b"a", b"1").unwrap();
+            txn.end_op().unwrap();
+            txn.put(b"b", b"2").unwrap();
+            txn.abort_op(); // failed after writing
+        });
+        assert!(done.is_err());
+        assert_eq!(
+            engine.get(b"a").unwrap(),
+            None,
+            "nothing of the group commits"
+        );
+        // An operation that fails before writing does not take the group with it.
+        engine
+            .group(&mut |txn| {
+                txn.put(b"a", b"1").unwrap();
+                txn.end_op().unwrap();
+                txn.abort_op();
+            })
+            .unwrap();
+        assert_eq!(engine.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    }
 }
