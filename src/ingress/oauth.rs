@@ -105,6 +105,14 @@ fn authenticate<'a>(config: &'a Config, id: &str, secret: &str) -> Option<&'a So
     found
 }
 
+fn forbidden() -> Response<Body> {
+    error(
+        StatusCode::FORBIDDEN,
+        "access_denied",
+        "the client address is not allowed for this source",
+    )
+}
+
 pub async fn token_endpoint(
     config: &Config,
     peer: SocketAddr,
@@ -181,6 +189,14 @@ pub async fn token_endpoint(
             )
         }
     }
+    // An address no token source allows learns nothing about the credentials it tries.
+    let allowed_somewhere = config
+        .sources
+        .iter()
+        .any(|s| matches!(s.auth, Auth::OAuth2 { .. }) && client_ip::allowed(ip, &s.allow_ips));
+    if !allowed_somewhere {
+        return forbidden();
+    }
     let Some((source, id)) = candidates
         .into_iter()
         .find_map(|(id, secret)| authenticate(config, &id, &secret).map(|s| (s, id)))
@@ -188,11 +204,7 @@ pub async fn token_endpoint(
         return invalid_client();
     };
     if !client_ip::allowed(ip, &source.allow_ips) {
-        return error(
-            StatusCode::FORBIDDEN,
-            "access_denied",
-            "the client address is not allowed for this source",
-        );
+        return forbidden();
     }
     let (Auth::OAuth2 { token_ttl, .. }, Some(key)) = (&source.auth, &config.server.token_secret)
     else {
