@@ -6,7 +6,6 @@
 //! `Event::wrapped`), because a JSONPath filter selects children, not the node itself.
 //! Routing never allocates per route; it returns destination indexes, each once.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use jsonpath_rust::parser::model::JpQuery;
@@ -108,15 +107,12 @@ pub struct Fanout {
     pub destinations: Vec<usize>,
     /// Index of the first matching route that has a `reply`.
     pub reply_route: Option<usize>,
-    /// Indexes of the routes that matched.
-    pub routes: Vec<usize>,
 }
 
 /// Runs every route of `source` over the event. `wrapped` is `[event]`.
 pub fn route(config: &Config, source: &Source, wrapped: &Value) -> Fanout {
     let event = &wrapped[0];
     let mut out = Fanout::default();
-    let mut seen: HashSet<usize> = HashSet::new();
     for &ri in &source.routes {
         let r = &config.routes[ri];
         if !r.matchers.iter().all(|m| m.matches(event)) {
@@ -127,12 +123,11 @@ pub fn route(config: &Config, source: &Source, wrapped: &Value) -> Fanout {
                 continue;
             }
         }
-        out.routes.push(ri);
         if r.reply.is_some() && out.reply_route.is_none() {
             out.reply_route = Some(ri);
         }
         for &d in &r.to {
-            if seen.insert(d) {
+            if !out.destinations.contains(&d) {
                 out.destinations.push(d);
             }
         }

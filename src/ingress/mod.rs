@@ -158,12 +158,10 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
     if req.uri().path() == TOKEN_PATH {
         return oauth::token_endpoint(&config, peer, req).await;
     }
-    let source = config
-        .source_for_path(req.uri().path())
-        .map(|s| s.name.clone());
-    let source = source.as_deref().unwrap_or("(none)");
+    let found = config.source_for_path(req.uri().path()).cloned();
+    let source = found.as_ref().map_or("(none)", |s| s.name.as_str());
     let span = info_span!("ingress", source, event_id = Empty, status = Empty);
-    let resp = match accept(app, &config, peer, req)
+    let resp = match accept(app, &config, found.clone(), peer, req)
         .instrument(span.clone())
         .await
     {
@@ -183,12 +181,12 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
 async fn accept(
     app: &App,
     config: &Arc<Config>,
+    source: Option<Arc<Source>>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let path = req.uri().path();
-    let Some(source) = config.source_for_path(path).cloned() else {
-        return Err(ApiError::not_found(path));
+    let Some(source) = source else {
+        return Err(ApiError::not_found(req.uri().path()));
     };
     let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
     if !client_ip::allowed(ip, &source.allow_ips) {
