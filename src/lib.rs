@@ -4,7 +4,7 @@
 //! - [`config`]: `routes.toml` → a validated, compiled [`config::Config`].
 //! - [`ingress`]: the public listener; checks, routes and durably accepts events.
 //! - [`routing`], [`event_id`]: which destinations an event goes to, and its id.
-//! - [`store`]: the narrow storage trait and its sled backend (group commit).
+//! - [`store`]: the narrow storage trait, its sled and redb engines (group commit).
 //! - [`delivery`]: per-destination schedulers that send, retry and dead-letter.
 //! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.
 //! - [`sink`]: `hookrelay sink`, a local receiver for trying routes.

@@ -228,3 +228,18 @@ fn the_binary_exits_1_with_every_problem_and_0_when_valid() {
         "{text}"
     );
 }
+
+#[test]
+fn a_burst_beyond_u32_is_refused_not_wrapped() {
+    let text = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"",
+        "url = \"http://127.0.0.1:8001/hooks\"\nrate = { per_second = 10, burst = 5000000000 }",
+    );
+    rejects(&text, "destinations[0].rate.burst", "at most 4294967295");
+}
+
+#[test]
+fn jetstream_is_refused_naming_the_backends_there_are() {
+    let text = format!("{BASE}\n[store]\nbackend = \"jetstream\"\n");
+    rejects(&text, "store.backend", "use \"sled\" or \"redb\"");
+}

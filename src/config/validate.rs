@@ -520,7 +520,7 @@ impl Cx<'_> {
                     self.err(
                         Some(b.span()),
                         "store.backend",
-                        "\"jetstream\" is not available in this build yet; use \"sled\"",
+                        "\"jetstream\" is not available in this build yet; use \"sled\" or \"redb\"",
                     );
                 }
                 Some(other) => self.err(
@@ -599,7 +599,15 @@ impl Cx<'_> {
             }
         }
         if let Some(b) = &r.burst {
-            out.burst = self.positive(&Some(b.clone()), &format!("{key}.burst"), 1) as u32;
+            let n = self.positive(&Some(b.clone()), &format!("{key}.burst"), 1);
+            out.burst = u32::try_from(n).unwrap_or_else(|_| {
+                self.err(
+                    Some(b.span()),
+                    &format!("{key}.burst"),
+                    format!("must be at most {}", u32::MAX),
+                );
+                1
+            });
         }
         out
     }
