@@ -243,3 +243,9 @@ fn jetstream_is_refused_naming_the_backends_there_are() {
     let text = format!("{BASE}\n[store]\nbackend = \"jetstream\"\n");
     rejects(&text, "store.backend", "use \"sled\" or \"redb\"");
 }
+
+#[test]
+fn a_missing_field_names_the_table_it_is_missing_from() {
+    let text = BASE.replace("name = \"ivr\"\n", "");
+    rejects(&text, "destinations[1]", "missing field `name`");
+}

@@ -123,29 +123,31 @@ fn key_path_at(text: &str, offset: usize) -> String {
     for line in text.split_inclusive('\n') {
         let end = line_start + line.len();
         let t = line.trim();
+        // A header line belongs to the table it opens (serde points a missing field there).
+        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+            true
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+            true
+        } else {
+            false
+        };
         if offset < end {
-            if t.starts_with('[') {
-                return if table.is_empty() {
-                    "(top level)".into()
-                } else {
-                    table
-                };
-            }
-            let key = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+            let key = if header {
+                ""
+            } else {
+                t.split('=').next().unwrap_or("").trim().trim_matches('"')
+            };
             return match (table.is_empty(), key.is_empty()) {
                 (true, true) => "(top level)".into(),
                 (true, false) => key.to_string(),
                 (false, true) => table,
                 (false, false) => format!("{table}.{key}"),
             };
-        }
-        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
-            let name = name.trim().to_string();
-            let n = counts.entry(name.clone()).or_insert(0);
-            table = format!("{name}[{n}]");
-            *n += 1;
-        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().to_string();
         }
         line_start = end;
     }
