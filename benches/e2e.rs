@@ -87,7 +87,7 @@ async fn run_load(
 ) -> Load {
     let template = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/8x8/voice-call-status.json"),
+            .join("examples/payloads/8x8/voice-call-status.json"),
     )
     .expect("fixture")
     .replace("eb0fc709-9693-11ea-454d-1705dde98182", "EVENT_ID");

@@ -18,7 +18,7 @@ use hookrelay::store::{now_ms, NewEvent, Store};
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures")
+            .join("examples/payloads")
             .join(name),
     )
     .unwrap()

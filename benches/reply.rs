@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/8x8")
+            .join("examples/payloads/8x8")
             .join(name),
     )
     .unwrap()

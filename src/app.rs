@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::{self, Config, ConfigErrors};
 use crate::delivery::HttpClient;
+use crate::destinations::Statuses;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -21,6 +22,8 @@ pub struct App {
     pub metrics: Metrics,
     /// The outbound client: deliveries and reply routes share its connection pool.
     pub client: HttpClient,
+    /// Live figures per destination (in flight, failures), reported by delivery.
+    pub statuses: Statuses,
     stopping: AtomicBool,
     /// False after the store failed a write, until one succeeds again.
     store_healthy: AtomicBool,
@@ -39,6 +42,7 @@ impl App {
             store,
             metrics,
             client,
+            statuses: Statuses::default(),
             stopping: AtomicBool::new(false),
             store_healthy: AtomicBool::new(true),
         }))

@@ -16,6 +16,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod destinations;
 pub mod event_id;
 pub mod ingress;
 pub mod metrics;
@@ -27,6 +28,7 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod web;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -4,7 +4,8 @@
 //! `hookrelay_events_duplicate_total{source}`, `hookrelay_deliveries_total{destination,outcome}`,
 //! `hookrelay_queue_depth{destination}`, `hookrelay_delivery_duration_seconds{destination}`;
 //! plus `hookrelay_events_unrouted_total{source}`,
-//! `hookrelay_oldest_pending_age_seconds{destination}` and
+//! `hookrelay_oldest_pending_age_seconds{destination}`,
+//! `hookrelay_destination_state{destination,state}` and
 //! `hookrelay_store_accept_duration_seconds`. Label values are config names, status codes and
 //! outcome words only: never ids, addresses or secrets.
 
@@ -34,6 +35,15 @@ pub struct DestinationOutcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationState {
+    pub destination: String,
+    pub state: &'static str,
+}
+
+/// The states `hookrelay_destination_state` shows (1 for the current one, 0 for the others).
+pub const DESTINATION_STATES: [&str; 3] = ["ok", "open", "paused"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabel {
     pub destination: String,
 }
@@ -54,6 +64,7 @@ pub struct Metrics {
     pub delivery_duration: HistogramFamily<DestinationLabel>,
     pub queue_depth: Family<DestinationLabel, Gauge>,
     pub oldest_pending_age: Family<DestinationLabel, Gauge>,
+    pub destination_state: Family<DestinationState, Gauge>,
     pub accept_duration: Histogram,
 }
 
@@ -75,6 +86,7 @@ impl Metrics {
             delivery_duration: Family::new_with_constructor(latency_histogram),
             queue_depth: Family::default(),
             oldest_pending_age: Family::default(),
+            destination_state: Family::default(),
             accept_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
         registry.register(
@@ -111,6 +123,11 @@ impl Metrics {
             "oldest_pending_age_seconds",
             "Age of the earliest-due pending delivery, per destination",
             m.oldest_pending_age.clone(),
+        );
+        registry.register(
+            "destination_state",
+            "1 for the state each destination is in (ok, open, paused), 0 for the others",
+            m.destination_state.clone(),
         );
         registry.register(
             "store_accept_duration_seconds",
@@ -164,5 +181,17 @@ impl Metrics {
                 destination: destination.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// Sets `hookrelay_destination_state` of `destination` to `state`.
+    pub fn destination_state(&self, destination: &str, state: &str) {
+        for s in DESTINATION_STATES {
+            self.destination_state
+                .get_or_create(&DestinationState {
+                    destination: destination.to_string(),
+                    state: s,
+                })
+                .set(i64::from(s == state));
+        }
     }
 }

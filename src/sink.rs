@@ -18,10 +18,10 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
+
+use crate::web::server::{self, Limits};
 
 pub struct SinkOptions {
     pub listen: SocketAddr,
@@ -58,22 +58,27 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
         reply,
         seen: AtomicU64::new(0),
     });
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => r?,
-            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
-        };
-        let sink = sink.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let sink = sink.clone();
-                async move { Ok::<_, std::convert::Infallible>(sink.answer(req).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let limits = Limits {
+        max_connections: 1024,
+        header_timeout: Duration::from_secs(10),
+        drain: Duration::from_secs(1),
+        tls: None,
+        name: "sink",
+    };
+    let serving = tokio::spawn(server::serve(
+        listener,
+        limits,
+        stop.clone(),
+        move |_peer, req| {
+            let sink = sink.clone();
+            async move { sink.answer(req).await }
+        },
+    ));
+    let _ = tokio::signal::ctrl_c().await;
+    stop.cancel();
+    let _ = serving.await;
+    Ok(ExitCode::SUCCESS)
 }
 
 impl Sink {

@@ -249,3 +249,97 @@ fn a_missing_field_names_the_table_it_is_missing_from() {
     let text = BASE.replace("name = \"ivr\"\n", "");
     rejects(&text, "destinations[1]", "missing field `name`");
 }
+
+#[test]
+fn an_admin_listener_other_hosts_reach_needs_a_token() {
+    let open = BASE.replace(
+        "token_secret = \"t\"\n",
+        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\n",
+    );
+    rejects(&open, "server.admin_listen", "set server.admin_token");
+    let empty = BASE.replace(
+        "token_secret = \"t\"\n",
+        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"\"\n",
+    );
+    rejects(&empty, "server.admin_listen", "set server.admin_token");
+    let guarded = BASE.replace(
+        "token_secret = \"t\"\n",
+        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"s3cret\"\n",
+    );
+    assert!(problems(&guarded).is_empty(), "{:#?}", problems(&guarded));
+}
+
+#[test]
+fn the_store_is_redb_unless_told_otherwise() {
+    let c = hookrelay::config::parse(BASE, Path::new("routes.toml"), &|_| None).unwrap();
+    assert_eq!(c.store.backend, hookrelay::config::Backend::Redb);
+    let sled = format!("{BASE}\n[store]\nbackend = \"sled\"\n");
+    let c = hookrelay::config::parse(&sled, Path::new("routes.toml"), &|_| None).unwrap();
+    assert_eq!(c.store.backend, hookrelay::config::Backend::Sled);
+}
+
+/// Names, `to`, `match` keys and values, route sources and header names expand `${VAR}`
+/// like every other string; an unset one is an error at its key, never a literal `${...}`.
+#[test]
+fn every_string_expands_variables() {
+    let text = r#"
+[[sources]]
+name = "${SRC}"
+path = "/in"
+
+[[destinations]]
+name = "${DEST}"
+url = "http://127.0.0.1:8001/"
+headers = { "${HEADER}" = "v" }
+
+[[routes]]
+name = "${ROUTE}"
+source = "${SRC}"
+match = { "${FIELD}" = ["${VALUE}", "fixed"] }
+to = ["${DEST}"]
+"#;
+    let env = |k: &str| {
+        Some(
+            match k {
+                "SRC" => "voice",
+                "DEST" => "calls",
+                "HEADER" => "x-team",
+                "ROUTE" => "r",
+                "FIELD" => "eventType",
+                "VALUE" => "CALL_STATUS",
+                _ => return None,
+            }
+            .to_string(),
+        )
+    };
+    let c = hookrelay::config::parse(text, Path::new("routes.toml"), &env).unwrap();
+    assert_eq!(c.sources[0].name, "voice");
+    assert_eq!(c.destinations[0].name, "calls");
+    assert_eq!(c.destinations[0].headers[0].0.as_str(), "x-team");
+    assert_eq!(c.routes[0].name, "r");
+    let table = hookrelay::config::routing_table(&c);
+    assert!(
+        table.contains("route r: eventType=[CALL_STATUS|fixed] -> calls"),
+        "{table}"
+    );
+    assert!(!table.contains("${"), "{table}");
+
+    let only_src = |k: &str| (k == "SRC").then(|| "voice".to_string());
+    let p: Vec<String> = match hookrelay::config::parse(text, Path::new("routes.toml"), &only_src)
+    {
+        Ok(_) => panic!("unset variables must be refused"),
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    };
+    for key in [
+        "destinations[0].name",
+        "routes[0].name",
+        "routes[0].match.${FIELD}",
+        "routes[0].to[0]",
+    ] {
+        assert!(
+            p.iter().any(|l| l.contains(&format!(": {key}: "))
+                && l.contains("is not set")),
+            "{key} in {p:#?}"
+        );
+    }
+}

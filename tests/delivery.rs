@@ -22,7 +22,7 @@ const CALL_STATUS_ID: &str = "eb0fc709-9693-11ea-454d-1705dde98182";
 
 fn fixture(name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
+        .join("examples/payloads")
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

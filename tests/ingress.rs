@@ -388,6 +388,54 @@ async fn huge_headers_and_malformed_http_are_refused_without_harm() {
     assert_eq!(r.post("/open", b"{}").await.status, 200);
 }
 
+/// Without an oauth2 source the token endpoint does not exist.
+#[tokio::test]
+async fn the_token_path_is_unknown_without_an_oauth2_source() {
+    let r = TestRelay::start(&config("", "")).await;
+    let a = r
+        .post_with(
+            "/oauth/token",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            b"grant_type=client_credentials&client_id=a&client_secret=b",
+        )
+        .await;
+    a.error(404, "not_found");
+}
+
+/// The answers hyper makes itself (head over the limit: 431; not HTTP: 400) carry the
+/// contract's JSON error body like every other error.
+#[tokio::test]
+async fn the_http_layers_own_answers_are_json_errors() {
+    let r = TestRelay::start(&config("", "")).await;
+    for (request, status, kind) in [
+        (
+            format!(
+                "POST /open HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+                "a".repeat(100 * 1024)
+            ),
+            "431",
+            "headers_too_large",
+        ),
+        (
+            "NOT HTTP AT ALL\r\n\r\n".to_string(),
+            "400",
+            "bad_request",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["error"], kind, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    }
+}
+
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_their_turn() {
     let r = TestRelay::start(&config("max_connections = 2", "")).await;

@@ -72,7 +72,7 @@ async fn replying(status: u16, body: &[u8], delay: Duration) -> Sink {
     Sink::start(Vec::new(), reply).await
 }
 
-const REPLY: &[u8] = include_bytes!("../../shared/fixtures/8x8/voice-call-action-reply.json");
+const REPLY: &[u8] = include_bytes!("../examples/payloads/8x8/voice-call-action-reply.json");
 
 #[tokio::test]
 async fn call_action_is_answered_with_the_destination_reply() {

@@ -58,8 +58,22 @@ impl Store for Flaky {
         self.check()?;
         self.inner.after_reply(seq, reply, attempt)
     }
-    async fn dead(&self, d: Option<&str>, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+    async fn dead(
+        &self,
+        d: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
         self.inner.dead(d, limit).await
+    }
+    async fn recent(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        self.inner.recent(q).await
+    }
+    async fn set_paused(&self, d: &str, paused: bool) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.set_paused(d, paused).await
+    }
+    fn paused(&self, d: &str) -> bool {
+        self.inner.paused(d)
     }
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
         self.check()?;

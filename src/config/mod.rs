@@ -23,7 +23,7 @@ use ipnet::IpNet;
 
 use crate::routing::{Filter, Matcher};
 
-pub use table::routing_table;
+pub use table::{routing_table, shown_url};
 pub use validate::{load, parse, ConfigErrors, Problem};
 
 /// A secret string (auth value, client secret, signing key). `Debug`/`Display` print `***`.
@@ -63,6 +63,12 @@ impl Config {
     pub fn destination(&self, name: &str) -> Option<&Arc<Destination>> {
         self.destinations.iter().find(|d| d.name == name)
     }
+    /// Whether a source uses oauth2: only then is `POST /oauth/token` served.
+    pub fn issues_tokens(&self) -> bool {
+        self.sources
+            .iter()
+            .any(|s| matches!(s.auth, Auth::OAuth2 { .. }))
+    }
     pub fn source_for_path(&self, path: &str) -> Option<&Arc<Source>> {
         self.by_path.get(path).map(|&i| &self.sources[i])
     }
@@ -76,6 +82,8 @@ pub struct Server {
     pub trusted_proxies: Vec<IpNet>,
     pub tls: Option<TlsFiles>,
     pub token_secret: Option<Secret>,
+    /// Bearer token of the admin API and console; `None` (unset or empty) = open.
+    pub admin_token: Option<Secret>,
     pub shutdown_grace: Duration,
     /// How long a client may take to send its headers, and then its body.
     pub read_timeout: Duration,

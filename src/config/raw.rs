@@ -37,6 +37,7 @@ pub struct RawServer {
     pub trusted_proxies: Option<Vec<Str>>,
     pub tls: Option<Spanned<RawTls>>,
     pub token_secret: Option<Str>,
+    pub admin_token: Option<Str>,
     pub shutdown_grace: Option<Str>,
     pub read_timeout: Option<Str>,
     pub max_connections: Option<Spanned<i64>>,

@@ -88,7 +88,7 @@ pub fn routing_table(c: &Config) -> String {
 
 /// A destination URL without what may carry a credential (user info, query): the table is
 /// printed by `check` and returned by `/api/reload`.
-fn shown_url(u: &http::Uri) -> String {
+pub fn shown_url(u: &http::Uri) -> String {
     let host = u.authority().map_or("", |a| {
         let a = a.as_str();
         a.rsplit_once('@').map_or(a, |(_, host)| host)

@@ -354,7 +354,9 @@ impl Cx<'_> {
     }
 
     fn name(&mut self, s: &Str, key: &str, seen: &mut HashSet<String>, what: &str) -> String {
-        let name = s.get_ref().clone();
+        let Some(name) = self.string(s, key) else {
+            return String::new();
+        };
         let ok = !name.is_empty()
             && name
                 .chars()
@@ -452,6 +454,7 @@ impl Cx<'_> {
             trusted_proxies: None,
             tls: None,
             token_secret: None,
+            admin_token: None,
             shutdown_grace: None,
             read_timeout: None,
             max_connections: None,
@@ -478,9 +481,27 @@ impl Cx<'_> {
                 }
             }
         });
+        let admin_listen = self.addr(&r.admin_listen, "server.admin_listen", "127.0.0.1:9090");
+        let admin_token = r
+            .admin_token
+            .as_ref()
+            .and_then(|t| self.string(t, "server.admin_token"))
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+            self.err(
+                r.admin_listen.as_ref().map(|a| a.span()),
+                "server.admin_listen",
+                format!(
+                    "{admin_listen} is reachable from other hosts: set server.admin_token \
+                     (e.g. \"${{HOOKRELAY_ADMIN_TOKEN}}\") or listen on a loopback address"
+                ),
+            );
+        }
         Server {
             listen: self.addr(&r.listen, "server.listen", "0.0.0.0:8080"),
-            admin_listen: self.addr(&r.admin_listen, "server.admin_listen", "127.0.0.1:9090"),
+            admin_listen,
+            admin_token,
             max_body_bytes: self.positive(&r.max_body_bytes, "server.max_body_bytes", 1 << 20),
             trusted_proxies: self.cidrs(&r.trusted_proxies, "server.trusted_proxies"),
             tls,
@@ -505,7 +526,7 @@ impl Cx<'_> {
 
     fn store(&mut self, raw: Option<&Spanned<RawStore>>) -> StoreSettings {
         let mut out = StoreSettings {
-            backend: Backend::Sled,
+            backend: Backend::Redb,
             path: self.dir.join("data"),
             retain: Duration::from_secs(7 * 24 * 3600),
             url: None,
@@ -680,6 +701,9 @@ impl Cx<'_> {
         let mut headers = Vec::new();
         for (h, v) in r.headers.iter().flatten() {
             let k = format!("{key}.headers.{h}");
+            let Some(h) = self.expand(h, v.span(), &k) else {
+                continue;
+            };
             let Ok(hn) = HeaderName::from_bytes(h.as_bytes()) else {
                 self.err(Some(v.span()), &k, format!("invalid header name {h:?}"));
                 continue;
@@ -895,33 +919,40 @@ impl Cx<'_> {
         let key = format!("routes[{i}]");
         let raw = r.get_ref();
         let name = self.name(&raw.name, &format!("{key}.name"), names, "route");
-        let source = src_index.get(raw.source.get_ref()).copied();
+        let source_name = self
+            .string(&raw.source, &format!("{key}.source"))
+            .unwrap_or_default();
+        let source = src_index.get(&source_name).copied();
         if source.is_none() {
             let known: Vec<&str> = src_index.keys().map(String::as_str).collect();
             self.err(
                 Some(raw.source.span()),
                 &format!("{key}.source"),
-                format!(
-                    "unknown source {:?} (known: {})",
-                    raw.source.get_ref(),
-                    sorted(known)
-                ),
+                format!("unknown source {source_name:?} (known: {})", sorted(known)),
             );
         }
         let mut matchers = Vec::new();
         for (field, v) in raw.match_.iter().flatten() {
-            let values = match v.get_ref() {
-                RawMatchValue::One(s) => vec![s.clone()],
-                RawMatchValue::Many(list) => list.clone(),
+            let mk = format!("{key}.match.{field}");
+            let Some(field) = self.expand(field, v.span(), &mk) else {
+                continue;
             };
+            let listed = match v.get_ref() {
+                RawMatchValue::One(s) => std::slice::from_ref(s),
+                RawMatchValue::Many(list) => list.as_slice(),
+            };
+            let values: Vec<String> = listed
+                .iter()
+                .filter_map(|x| self.expand(x, v.span(), &mk))
+                .collect();
             if values.is_empty() {
                 self.err(
                     Some(v.span()),
-                    &format!("{key}.match.{field}"),
+                    &mk,
                     "an empty list matches nothing; list values or use \"*\"",
                 );
             }
-            matchers.push(Matcher::new(field.clone(), values));
+            matchers.push(Matcher::new(field, values));
         }
         let filter = raw.filter.as_ref().and_then(|f| {
             let k = format!("{key}.filter");
@@ -937,8 +968,13 @@ impl Cx<'_> {
                 .ok()
         });
         let mut to = Vec::new();
+        let mut to_names = Vec::new();
         for (j, d) in raw.to.get_ref().iter().enumerate() {
-            match dest_index.get(d.get_ref()) {
+            let Some(dname) = self.string(d, &format!("{key}.to[{j}]")) else {
+                continue;
+            };
+            to_names.push(dname.clone());
+            match dest_index.get(&dname) {
                 Some(&di) if !to.contains(&di) => to.push(di),
                 Some(_) => {}
                 None => {
@@ -946,11 +982,7 @@ impl Cx<'_> {
                     self.err(
                         Some(d.span()),
                         &format!("{key}.to[{j}]"),
-                        format!(
-                            "unknown destination {:?} (known: {})",
-                            d.get_ref(),
-                            sorted(known)
-                        ),
+                        format!("unknown destination {dname:?} (known: {})", sorted(known)),
                     );
                 }
             }
@@ -965,8 +997,8 @@ impl Cx<'_> {
         let reply = raw.reply.as_ref().and_then(|rp| {
             let rk = format!("{key}.reply");
             let rp = rp.get_ref();
-            let from = rp.from.get_ref();
-            let Some(&di) = dest_index.get(from) else {
+            let from = self.string(&rp.from, &format!("{rk}.from"))?;
+            let Some(&di) = dest_index.get(&from) else {
                 self.err(
                     Some(rp.from.span()),
                     &format!("{rk}.from"),
@@ -974,7 +1006,7 @@ impl Cx<'_> {
                 );
                 return None;
             };
-            if !raw.to.get_ref().iter().any(|t| t.get_ref() == from) {
+            if !to_names.contains(&from) {
                 self.err(
                     Some(rp.from.span()),
                     &format!("{rk}.from"),

@@ -31,6 +31,7 @@ use super::client::send_once;
 use super::retry;
 use super::Context;
 use crate::config::{Destination, Rate};
+use crate::destinations::DestinationStatus;
 use crate::store::{now_ms, Delivery, DeliveryKey, Outcome};
 
 /// The fewest and most deliveries one pass reads.
@@ -131,19 +132,29 @@ async fn sleep_ms(ms: Option<u64>) {
 
 /// Sequence numbers in flight; an attempt's guard takes its own out when dropped (after
 /// the outcome is stored, so the next pass cannot send it twice) and wakes the scheduler.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct InFlight {
     seqs: Arc<Mutex<HashSet<u64>>>,
     finished: Arc<Notify>,
+    status: Arc<DestinationStatus>,
 }
 
 impl InFlight {
+    fn new(status: Arc<DestinationStatus>) -> Self {
+        InFlight {
+            seqs: Arc::default(),
+            finished: Arc::default(),
+            status,
+        }
+    }
+
     fn contains(&self, seq: u64) -> bool {
         self.seqs.lock().unwrap().contains(&seq)
     }
 
     fn enter(&self, seq: u64) -> InFlightGuard {
         self.seqs.lock().unwrap().insert(seq);
+        self.status.started();
         InFlightGuard {
             seq,
             set: self.clone(),
@@ -159,6 +170,7 @@ struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.set.seqs.lock().unwrap().remove(&self.seq);
+        self.set.status.finished();
         self.set.finished.notify_one();
     }
 }
@@ -166,13 +178,21 @@ impl Drop for InFlightGuard {
 /// Runs the scheduler of destination `name` until the stop token is cancelled.
 pub(super) async fn run(ctx: Arc<Context>, name: String) {
     let wakeup = ctx.app.store.wakeup(&name);
-    let in_flight = InFlight::default();
+    let in_flight = InFlight::new(ctx.app.statuses.of(&name));
     let mut changes = ctx.app.config_changes();
     let mut limits: Option<Limits> = None;
     debug!(destination = %name, "scheduler started");
     'passes: loop {
         if ctx.stop.is_cancelled() {
             break;
+        }
+        if ctx.app.store.paused(&name) {
+            // Paused by the operator: nothing is sent until a resume (which wakes us).
+            tokio::select! {
+                _ = ctx.stop.cancelled() => break,
+                _ = wakeup.notified() => continue,
+                _ = changed(&mut changes) => continue,
+            }
         }
         let Some(dest) = ctx.app.config().destination(&name).cloned() else {
             // Not configured (any more): its deliveries wait on disk.
@@ -209,6 +229,9 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
         let full = batch.len() >= window;
         let mut next_due = None;
         for d in batch {
+            if ctx.app.store.paused(&name) {
+                break;
+            }
             if d.next_due_ms > now_ms() {
                 next_due = Some(d.next_due_ms);
                 break;
@@ -319,6 +342,10 @@ async fn attempt(
         ctx.app
             .metrics
             .delivery(&dest.name, word, took.as_secs_f64());
+        guard.set.status.outcome(match &outcome {
+            Outcome::Delivered { .. } => None,
+            Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error),
+        });
         store_outcome(&ctx, &key, outcome, guard).await;
     }
     .instrument(span)

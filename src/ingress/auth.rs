@@ -9,7 +9,7 @@ use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use crate::web::response::ApiError;
 use crate::config::{Auth, Config, Source};
 use crate::{signature, token};
 

@@ -8,7 +8,7 @@
 
 mod auth;
 pub mod client_ip;
-pub mod error;
+
 mod oauth;
 mod reply;
 
@@ -21,12 +21,9 @@ use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{debug, info_span, warn, Instrument, Span};
@@ -36,10 +33,8 @@ use crate::config::{Config, Source};
 use crate::event_id::event_id;
 use crate::routing::route;
 use crate::store::{now_ms, Admission, NewEvent, StoreError, StoredEvent};
-use error::{json_response, ApiError, Body};
-
-/// Request head limit: headers past this get 431, a connection is not a memory sink.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+use crate::web::response::{json_response, ApiError, Body};
+use crate::web::server::{self, Limits};
 
 /// The longest the ingress waits for the store to commit an event before answering 503
 /// (the event may still be committed: the provider's retry is then a duplicate).
@@ -65,97 +60,28 @@ pub async fn serve(
     drain: Duration,
 ) {
     let config = app.config();
-    let slots = Arc::new(Semaphore::new(config.server.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.server.read_timeout)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(100);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(64);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone()));
-    let handshake_timeout = config.server.read_timeout;
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    let limits = Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: config.server.read_timeout,
+        drain,
+        tls: config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone())),
+        name: "ingress",
+    };
+    server::serve(listener, limits, shutdown, move |peer, req| {
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&app, peer, req).await) }
-        });
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(acceptor) => {
-                    // The handshake is bounded like the headers that follow it.
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let conn = builder.serve_connection(TokioIo::new(tls_stream), svc);
-                            watcher.watch(conn.into_owned()).await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(error = %e, %peer, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            debug!(%peer, "TLS handshake timed out");
-                            Ok(())
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                debug!(error = %e, %peer, "connection ended with an error");
-            }
-            drop(permit);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!(
-            ?drain,
-            "ingress connections still open after the drain period"
-        );
-    }
+        async move { handle(&app, peer, req).await }
+    })
+    .await
 }
 
 /// One request: never fails, every problem is an answer.
 pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let config = app.config();
-    if req.uri().path() == TOKEN_PATH {
+    if req.uri().path() == TOKEN_PATH && config.issues_tokens() {
         return oauth::token_endpoint(&config, peer, req).await;
     }
     let found = config.source_for_path(req.uri().path()).cloned();

@@ -20,7 +20,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::client_ip;
-use super::error::Body;
+use crate::web::response::Body;
 use crate::config::{Auth, Config, Source};
 use crate::store::now_ms;
 use crate::token::{self, Claims};

@@ -14,7 +14,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use tracing::{info, warn};
 
-use super::error::Body;
+use crate::web::response::Body;
 use crate::app::App;
 use crate::config::{Config, Reply};
 use crate::delivery::{retry, send_once};

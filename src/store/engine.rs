@@ -13,8 +13,25 @@ pub trait Engine: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Keys starting with `prefix`, in ascending order.
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
+    /// Keys starting with `prefix` and below `below`, in descending order.
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        below: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError>;
     /// The greatest key starting with `prefix`.
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut below = prefix.to_vec();
+        below.push(0xff);
+        below.extend_from_slice(&[0xff; 16]);
+        let mut last = None;
+        self.scan_back(prefix, &below, &mut |k, _| {
+            last = Some(k.to_vec());
+            Ok(false)
+        })?;
+        Ok(last)
+    }
     /// Runs one group: `f` does its operations in a write transaction (one writer at a
     /// time), which is then committed durably. An error means nothing of the group is
     /// known to be durable.

@@ -15,6 +15,7 @@
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order
 //! - `z/<dest>\0<seq>` dead deliveries
 //! - `r/<seq>` the stored answer of a reply route
+//! - `p/<dest>` present while the destination is paused
 //! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
 //!   `m/clean` marks a clean close, `m/recount` a failed count update. A start reads the
 //!   counts instead of scanning the queue, unless they may disagree with it: after a crash
@@ -35,6 +36,10 @@ use super::*;
 
 /// Operations one commit may cover at most.
 const MAX_GROUP: usize = 4096;
+
+/// Events one `recent` call looks at most: a filter that few events match still answers
+/// promptly, with a cursor to go on from.
+const RECENT_EXAMINE: usize = 10_000;
 
 /// Events one purge operation looks at. A purge is as many operations as it takes, so the
 /// writer serves other work between them and holds at most this many events' metadata.
@@ -69,6 +74,8 @@ struct Shared<E> {
     engine: Arc<E>,
     depth: RwLock<HashMap<String, Arc<AtomicU64>>>,
     wakeups: RwLock<HashMap<String, Arc<Notify>>>,
+    /// Paused destinations (`p/` keys), as of the last commit.
+    paused: RwLock<HashSet<String>>,
 }
 
 /// The writer thread's view of one group.
@@ -139,6 +146,10 @@ const DEPTH_PREFIX: &[u8] = b"m/depth/";
 const CLEAN_KEY: &[u8] = b"m/clean";
 /// Present after a failed update of the kept counts: the next start counts the queue.
 const RECOUNT_KEY: &[u8] = b"m/recount";
+fn paused_key(dest: &str) -> Vec<u8> {
+    key(&[PAUSED_PREFIX, dest.as_bytes()])
+}
+const PAUSED_PREFIX: &[u8] = b"p/";
 fn id_prefix(id: &str) -> Vec<u8> {
     key(&[b"d/", id.as_bytes(), b"\0"])
 }
@@ -214,6 +225,14 @@ impl<E: Engine> Shared<E> {
         self.engine
             .get(&delivery_key(seq, dest))?
             .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    /// The event's id and source, without its body.
+    fn meta(&self, seq: u64) -> Result<Option<EventMeta>, StoreError> {
+        self.engine
+            .get(&event_key(seq))?
+            .map(|raw| decode_meta(&raw).map(|(m, _)| m))
             .transpose()
     }
 
@@ -665,10 +684,16 @@ impl<E: Engine> KvStore<E> {
             Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
             _ => 1,
         };
+        let mut paused = HashSet::new();
+        engine.scan_prefix(PAUSED_PREFIX, &mut |k, _| {
+            paused.insert(String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned());
+            Ok(true)
+        })?;
         let shared = Arc::new(Shared {
             engine,
             depth: RwLock::new(depth),
             wakeups: RwLock::new(HashMap::new()),
+            paused: RwLock::new(paused),
         });
         let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
@@ -824,7 +849,7 @@ impl<E: Engine> Store for KvStore<E> {
         &self,
         destination: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
         let prefix = match destination {
             Some(d) => key(&[b"z/", d.as_bytes(), b"\0"]),
             None => b"z/".to_vec(),
@@ -839,11 +864,75 @@ impl<E: Engine> Store for KvStore<E> {
         })?;
         let mut out = Vec::new();
         for (seq, dest) in found {
-            if let Some(d) = self.shared.delivery(seq, &dest)? {
-                out.push(d);
-            }
+            let (Some(delivery), Some(meta)) =
+                (self.shared.delivery(seq, &dest)?, self.shared.meta(seq)?)
+            else {
+                continue;
+            };
+            out.push(NamedDelivery {
+                event_id: meta.id,
+                source: meta.source,
+                delivery,
+            });
         }
         Ok(out)
+    }
+
+    async fn recent(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        let below = event_key(q.before.unwrap_or(u64::MAX));
+        let limit = q.limit.max(1);
+        let mut events = Vec::new();
+        let mut next = None;
+        let mut examined = 0;
+        let shared = &self.shared;
+        shared.engine.scan_back(b"e/", &below, &mut |k, raw| {
+            let seq = read_u64(&k[2..10]);
+            if events.len() == limit || examined == RECENT_EXAMINE {
+                next = Some(seq + 1);
+                return Ok(false);
+            }
+            examined += 1;
+            let event = decode_event(seq, raw)?;
+            if q.source.as_ref().is_some_and(|s| &event.source != s) {
+                return Ok(true);
+            }
+            let deliveries = shared.deliveries_of(seq)?;
+            let wanted = |d: &Delivery| {
+                q.destination.as_ref().is_none_or(|n| &d.destination == n)
+                    && q.state.is_none_or(|s| d.state == s)
+            };
+            if (q.destination.is_some() || q.state.is_some()) && !deliveries.iter().any(wanted) {
+                return Ok(true);
+            }
+            events.push(EventView { event, deliveries });
+            Ok(true)
+        })?;
+        Ok(EventPage { events, next })
+    }
+
+    async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
+        let dest = destination.to_string();
+        self.submit(move |w| {
+            if paused {
+                w.txn.put(&paused_key(&dest), b"1")
+            } else {
+                w.txn.delete(&paused_key(&dest))
+            }
+        })
+        .await?;
+        let mut set = self.shared.paused.write().unwrap();
+        if paused {
+            set.insert(destination.to_string());
+        } else {
+            set.remove(destination);
+            drop(set);
+            self.wakeup(destination).notify_one();
+        }
+        Ok(())
+    }
+
+    fn paused(&self, destination: &str) -> bool {
+        self.shared.paused.read().unwrap().contains(destination)
     }
 
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {

@@ -153,6 +153,35 @@ pub enum ReplaySelector {
     EventId(String),
 }
 
+/// A delivery with the event it belongs to, as the admin API lists dead letters.
+#[derive(Debug, Clone)]
+pub struct NamedDelivery {
+    pub event_id: String,
+    pub source: String,
+    pub delivery: Delivery,
+}
+
+/// Which events `recent` lists: newest first, all filters must hold.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub source: Option<String>,
+    /// Events with a delivery to this destination.
+    pub destination: Option<String>,
+    /// Events with a delivery in this state (to `destination`, when given).
+    pub state: Option<DeliveryState>,
+    pub limit: usize,
+    /// Only events stored before this sequence number (the cursor of the previous page).
+    pub before: Option<u64>,
+}
+
+/// One page of `recent`.
+#[derive(Debug, Clone)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    /// The cursor for the next page (`before`), when there may be more.
+    pub next: Option<u64>,
+}
+
 /// An event and its deliveries, for the admin API.
 #[derive(Debug, Clone)]
 pub struct EventView {
@@ -198,13 +227,23 @@ pub trait Store: Send + Sync + 'static {
         &self,
         destination: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<Delivery>, StoreError>;
+    ) -> Result<Vec<NamedDelivery>, StoreError>;
 
     /// Makes dead deliveries pending again, due now; returns how many.
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError>;
 
     /// Every stored event with this id (one per source that used it), with deliveries.
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError>;
+
+    /// The newest events matching `query`, walking back from its cursor. A selective filter
+    /// looks at a bounded number of events per call and returns a cursor to go on from.
+    async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError>;
+
+    /// Pauses (nothing is sent) or resumes a destination; kept across restarts.
+    async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError>;
+
+    /// Whether `destination` is paused.
+    fn paused(&self, destination: &str) -> bool;
 
     /// Drops dedup records past their window, and events older than `retain` whose
     /// deliveries are all delivered. Returns how many records went.

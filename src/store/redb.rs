@@ -73,15 +73,24 @@ impl Engine for RedbEngine {
         let table = tx.open_table(TABLE).map_err(err)?;
         scan(&table, prefix, prefix, visit)
     }
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        below: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(TABLE).map_err(err)?;
-        let mut last = None;
-        scan(&table, prefix, prefix, &mut |k, _| {
-            last = Some(k.to_vec());
-            Ok(true)
-        })?;
-        Ok(last)
+        if below <= prefix {
+            return Ok(());
+        }
+        for kv in table.range(prefix..below).map_err(err)?.rev() {
+            let (k, v) = kv.map_err(err)?;
+            if !visit(k.value(), v.value())? {
+                break;
+            }
+        }
+        Ok(())
     }
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;

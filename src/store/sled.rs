@@ -53,13 +53,22 @@ impl Engine for SledEngine {
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
         scan(&self.db, prefix, visit)
     }
-    fn last_with_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .db
-            .scan_prefix(prefix)
-            .next_back()
-            .transpose()?
-            .map(|(k, _)| k.to_vec()))
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        below: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        if below <= prefix {
+            return Ok(());
+        }
+        for kv in self.db.range(prefix..below).rev() {
+            let (k, v) = kv?;
+            if !visit(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
         f(&mut SledTxn {

@@ -10,10 +10,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tempfile::TempDir;
 
-/// A payload from `../shared/fixtures/`, e.g. `fixture("8x8/voice-call-status.json")`.
+/// A payload from `examples/payloads/`, e.g. `fixture("8x8/voice-call-status.json")`.
 pub fn fixture(name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
+        .join("examples/payloads")
         .join(name);
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

@@ -1,4 +1,4 @@
-//! The contract's JSON error answers: `{"error":"<kind>","message":"<sentence>"}` with the
+//! The contract's JSON answers: errors as `{"error":"<kind>","message":"<sentence>"}` with the
 //! status and headers (`Allow`, `WWW-Authenticate`, `Retry-After`) each case needs.
 
 use bytes::Bytes;

@@ -1,0 +1,403 @@
+//! The admin listener (`admin_listen`): health, readiness, metrics, the admin API (events,
+//! dead letters and replay, destinations and pause, config and reload) and the operator
+//! console.
+//!
+//! With `admin_token` set, every request but `GET /healthz`, `GET /readyz` and the console's
+//! own files (which hold no data) needs `Authorization: Bearer <token>`, compared in
+//! constant time. Answers are JSON; errors use the contract's `{"error","message"}` shape.
+//! Nothing here prints a secret: events are shown as received (the provider's body),
+//! destination URLs without user info or query, and the routing table without auth values.
+
+mod console;
+pub mod views;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::config::shown_url;
+use crate::metrics::DestinationLabel;
+use crate::store::{now_ms, DeliveryState, EventQuery, ReplaySelector, StoreError};
+use crate::web::response::{json_response, ApiError, Body};
+use crate::web::server::{self, Limits};
+
+/// Most entries one list answer holds.
+const MAX_LIMIT: usize = 10_000;
+/// Admin connections open at once.
+const MAX_CONNECTIONS: usize = 256;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_timeout: app.config().server.read_timeout,
+        drain: Duration::from_secs(2),
+        tls: None,
+        name: "admin",
+    };
+    server::serve(listener, limits, shutdown, move |_peer: SocketAddr, req| {
+        let app = app.clone();
+        async move { handle(&app, req).await }
+    })
+    .await
+}
+
+pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+    match route(app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn ok(v: Value) -> Response<Body> {
+    json_response(StatusCode::OK, v.to_string().into_bytes())
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn not_found(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    ApiError::unavailable(format!("{e}"), "1")
+}
+
+/// `Err` unless the request is made with `method`.
+fn only(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
+    if req.method() == method {
+        return Ok(());
+    }
+    let allow = if method == Method::GET { "GET" } else { "POST" };
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} takes {allow}", req.uri().path()),
+    )
+    .with_header(header::ALLOW, allow))
+}
+
+/// The request carries the admin token, or no token is configured.
+fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let config = app.config();
+    let Some(token) = &config.server.admin_token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if bool::from(t.as_bytes().ct_eq(token.expose())) => Ok(()),
+        Some(_) => Err(unauthorized("the admin token is not valid")),
+        None => Err(unauthorized(
+            "the admin API needs Authorization: Bearer <admin_token>",
+        )),
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::unauthorized(message).with_header(header::WWW_AUTHENTICATE, "Bearer")
+}
+
+/// A positive `limit` no larger than [`MAX_LIMIT`], or `default`.
+fn limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(l) => match l.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n.min(MAX_LIMIT)),
+            _ => Err(bad_request("limit must be a positive whole number")),
+        },
+    }
+}
+
+async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/healthz" => {
+            only(&req, Method::GET)?;
+            return Ok(ok(json!({"status": "ok"})));
+        }
+        "/readyz" => {
+            only(&req, Method::GET)?;
+            return Ok(readyz(app));
+        }
+        p => {
+            if let Some(page) = console::asset(p) {
+                only(&req, Method::GET)?;
+                return Ok(page);
+            }
+        }
+    }
+    authorized(app, &req)?;
+    match path.as_str() {
+        "/metrics" => {
+            only(&req, Method::GET)?;
+            let text = metrics(app).await;
+            let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            Ok(r)
+        }
+        "/api/events" => {
+            only(&req, Method::GET)?;
+            events(app, &query(&req)).await
+        }
+        "/api/dead" => {
+            only(&req, Method::GET)?;
+            let q = query(&req);
+            let limit = limit(&q, 100)?;
+            let dest = q.get("destination").map(String::as_str);
+            let dead = app.store.dead(dest, limit).await.map_err(store_error)?;
+            Ok(ok(Value::Array(
+                dead.iter()
+                    .map(|n| views::delivery(&n.event_id, &n.source, &n.delivery))
+                    .collect(),
+            )))
+        }
+        "/api/dead/replay" => {
+            only(&req, Method::POST)?;
+            let q = query(&req);
+            let which = match (q.get("destination"), q.get("id")) {
+                (Some(d), None) => ReplaySelector::Destination(d.clone()),
+                (None, Some(id)) => ReplaySelector::EventId(id.clone()),
+                _ => return Err(bad_request("give exactly one of ?destination= or ?id=")),
+            };
+            let n = app.store.replay(which).await.map_err(store_error)?;
+            info!(replayed = n, "dead deliveries replayed");
+            Ok(ok(json!({"replayed": n})))
+        }
+        "/api/destinations" => {
+            only(&req, Method::GET)?;
+            let mut out = Vec::new();
+            for name in destination_names(app) {
+                out.push(destination(app, &name).await);
+            }
+            Ok(ok(Value::Array(out)))
+        }
+        "/api/config" => {
+            only(&req, Method::GET)?;
+            let c = app.config();
+            Ok(ok(json!({
+                "file": c.file.display().to_string(),
+                "routing_table": crate::config::routing_table(&c),
+                "sources": c.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+                "destinations": c.destinations.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            })))
+        }
+        "/api/reload" => {
+            only(&req, Method::POST)?;
+            Ok(reload(app))
+        }
+        p if p.starts_with("/api/destinations/") => {
+            only(&req, Method::POST)?;
+            let rest = &p["/api/destinations/".len()..];
+            let (name, paused) = match rest.rsplit_once('/') {
+                Some((n, "pause")) => (n, true),
+                Some((n, "resume")) => (n, false),
+                _ => {
+                    return Err(not_found(
+                        "use /api/destinations/{name}/pause or /api/destinations/{name}/resume",
+                    ))
+                }
+            };
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            if !destination_names(app).iter().any(|d| *d == name) {
+                return Err(not_found(format!("no destination is named {name:?}")));
+            }
+            app.store
+                .set_paused(&name, paused)
+                .await
+                .map_err(store_error)?;
+            info!(destination = %name, paused, "destination {}", if paused { "paused" } else { "resumed" });
+            Ok(ok(destination(app, &name).await))
+        }
+        p if p.starts_with("/api/events/") => {
+            only(&req, Method::GET)?;
+            let raw = &p["/api/events/".len()..];
+            let id = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+            if id.is_empty() {
+                return Err(bad_request("give an event id: /api/events/{id}"));
+            }
+            let found = app.store.lookup(&id).await.map_err(store_error)?;
+            let mut events: Vec<Value> = found.iter().map(views::event).collect();
+            // One event per id in the common case; several when sources share an id.
+            match events.len() {
+                0 => Err(not_found(format!("no stored event has id {id:?}"))),
+                1 => Ok(ok(events.remove(0))),
+                _ => Ok(ok(json!({ "events": events }))),
+            }
+        }
+        _ => Err(not_found(format!("no admin endpoint at {path}"))),
+    }
+}
+
+/// `GET /api/events`: newest first, filtered, paged by the `next` cursor.
+async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>, ApiError> {
+    let state = match q.get("state").map(String::as_str) {
+        None | Some("") => None,
+        Some("pending") => Some(DeliveryState::Pending),
+        Some("delivered") => Some(DeliveryState::Delivered),
+        Some("dead") => Some(DeliveryState::Dead),
+        Some(other) => {
+            return Err(bad_request(format!(
+                "state {other:?} is not one of pending, delivered, dead"
+            )))
+        }
+    };
+    let before = match q.get("before").map(String::as_str) {
+        None | Some("") => None,
+        Some(b) => Some(
+            b.parse::<u64>()
+                .map_err(|_| bad_request("before must be the `next` of an earlier answer"))?,
+        ),
+    };
+    let nonempty = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
+    let query = EventQuery {
+        source: nonempty("source"),
+        destination: nonempty("destination"),
+        state,
+        limit: limit(q, 50)?,
+        before,
+    };
+    let page = app.store.recent(&query).await.map_err(store_error)?;
+    Ok(ok(json!({
+        "events": page.events.iter().map(views::event_summary).collect::<Vec<_>>(),
+        "next": page.next.map(|n| n.to_string()),
+    })))
+}
+
+/// Configured destinations, then those with pending deliveries the config no longer names.
+fn destination_names(app: &App) -> Vec<String> {
+    let config = app.config();
+    let mut names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
+    for (d, _) in app.store.queue_depths() {
+        if !names.contains(&d) {
+            names.push(d);
+        }
+    }
+    names
+}
+
+/// `ok`, `open` or `paused`.
+fn state_of(app: &App, name: &str) -> &'static str {
+    if app.store.paused(name) {
+        "paused"
+    } else {
+        "ok"
+    }
+}
+
+/// Seconds the earliest-due pending delivery of `name` has been due.
+async fn oldest_pending_age(app: &App, name: &str) -> u64 {
+    let now = now_ms();
+    match app.store.pending(name, 1, &|_| false).await {
+        Ok(p) => p
+            .first()
+            .map_or(0, |x| now.saturating_sub(x.next_due_ms.min(now)) / 1000),
+        Err(_) => 0,
+    }
+}
+
+async fn destination(app: &App, name: &str) -> Value {
+    let config = app.config();
+    let status = app.statuses.of(name);
+    json!({
+        "name": name,
+        "url": config.destination(name).map(|d| shown_url(&d.url)),
+        "configured": config.destination(name).is_some(),
+        "state": state_of(app, name),
+        "queue_depth": app.store.queue_depth(name),
+        "in_flight": status.in_flight(),
+        "oldest_pending_age_seconds": oldest_pending_age(app, name).await,
+        "consecutive_failures": status.consecutive_failures(),
+        "last_error": status.last_error(),
+    })
+}
+
+fn readyz(app: &App) -> Response<Body> {
+    let config = app.config();
+    let orphans: serde_json::Map<String, Value> = app
+        .store
+        .queue_depths()
+        .into_iter()
+        .filter(|(d, _)| config.destination(d).is_none())
+        .map(|(d, n)| (d, json!(n)))
+        .collect();
+    if app.is_stopping() {
+        return ApiError::unavailable("the relay is shutting down", "5").into_response();
+    }
+    if !app.store_healthy() {
+        return ApiError::unavailable(
+            "the store failed its last write (disk full or I/O error?); the ingress answers 503",
+            "5",
+        )
+        .into_response();
+    }
+    ok(json!({"status": "ready", "unconfigured_destinations_with_pending": orphans}))
+}
+
+async fn metrics(app: &App) -> String {
+    for d in destination_names(app) {
+        let label = DestinationLabel {
+            destination: d.clone(),
+        };
+        app.metrics
+            .queue_depth
+            .get_or_create(&label)
+            .set(app.store.queue_depth(&d) as i64);
+        let age = oldest_pending_age(app, &d).await as i64;
+        app.metrics.oldest_pending_age.get_or_create(&label).set(age);
+        app.metrics.destination_state(&d, state_of(app, &d));
+    }
+    app.metrics.render()
+}
+
+fn reload(app: &App) -> Response<Body> {
+    match app.reload() {
+        Ok(table) => {
+            info!("config reloaded");
+            ok(json!({"reloaded": true, "routing_table": table}))
+        }
+        Err(errors) => {
+            warn!(
+                problems = errors.0.len(),
+                "config reload refused; the old config stays"
+            );
+            let problems: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            json_response(
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "error": "invalid_config",
+                    "message": format!("the config has {} problem(s); the old config stays in force", problems.len()),
+                    "problems": problems,
+                })
+                .to_string()
+                .into_bytes(),
+            )
+        }
+    }
+}

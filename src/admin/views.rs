@@ -1,0 +1,101 @@
+//! The admin API's JSON: events, deliveries and destinations as the contract shows them.
+//! A delivery always names its event (`event_id`, `source`); times are RFC 3339.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::store::{Delivery, DeliveryState, EventView, StoredEvent};
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// One delivery of the event `event_id` from `source`.
+pub fn delivery(event_id: &str, source: &str, d: &Delivery) -> Value {
+    let mut v = json!({
+        "event_id": event_id,
+        "source": source,
+        "destination": d.destination,
+        "state": d.state,
+        "attempts": d.attempts,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "seq": d.seq,
+        "updated_at": rfc3339(d.updated_ms),
+    });
+    if d.state == DeliveryState::Pending {
+        v["next_attempt_at"] = json!(rfc3339(d.next_due_ms));
+    }
+    v
+}
+
+fn deliveries(e: &StoredEvent, ds: &[Delivery]) -> Vec<Value> {
+    ds.iter().map(|d| delivery(&e.id, &e.source, d)).collect()
+}
+
+/// An event in a list: no body.
+pub fn event_summary(v: &EventView) -> Value {
+    let e = &v.event;
+    json!({
+        "id": e.id,
+        "source": e.source,
+        "seq": e.seq,
+        "received": received(e.received_ms),
+        "received_at": rfc3339(e.received_ms),
+        "deliveries": deliveries(e, &v.deliveries),
+    })
+}
+
+/// The received time as an HTTP date (the first shape of `/api/events/{id}`).
+fn received(ms: u64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// An event with its body: the JSON as received, or base64 when it is not JSON.
+pub fn event(v: &EventView) -> Value {
+    let e = &v.event;
+    let body = serde_json::from_slice::<Value>(&e.body).unwrap_or_else(
+        |_| json!({"base64": base64::engine::general_purpose::STANDARD.encode(&e.body)}),
+    );
+    json!({
+        "id": e.id,
+        "source": e.source,
+        "seq": e.seq,
+        "received": received(e.received_ms),
+        "received_at": rfc3339(e.received_ms),
+        "received_ms": e.received_ms,
+        "content_type": e.content_type,
+        "body": body,
+        "deliveries": deliveries(e, &v.deliveries),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_delivery_says_when_it_is_next_tried_and_a_dead_one_does_not() {
+        let mut d = Delivery {
+            seq: 7,
+            destination: "calls".into(),
+            state: DeliveryState::Pending,
+            attempts: 1,
+            window_base: 0,
+            first_attempt_ms: Some(0),
+            next_due_ms: 1_764_000_000_000,
+            last_status: Some(503),
+            last_error: Some("HTTP 503".into()),
+            updated_ms: 1_764_000_000_000,
+        };
+        let v = delivery("ev-1", "voice", &d);
+        assert_eq!(v["event_id"], "ev-1");
+        assert_eq!(v["source"], "voice");
+        assert_eq!(v["next_attempt_at"], "2025-11-24T16:00:00.000Z");
+        d.state = DeliveryState::Dead;
+        assert!(delivery("ev-1", "voice", &d).get("next_attempt_at").is_none());
+    }
+}

@@ -1,0 +1,92 @@
+//! The project on its own: the shipped `routes.toml` passes `check` and `serve` runs on it
+//! with no environment variable set, on the redb store (the default), and answers an 8x8
+//! sample payload from `examples/payloads/`.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{bin, fixture, send};
+use http::Method;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test]
+async fn shipped_routes_toml_checks_and_serves_on_redb_with_no_environment() {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("routes.toml");
+    let text = std::fs::read_to_string(&shipped).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped file as it is, but on free ports: tests run side by side.
+    let file = dir.path().join("routes.toml");
+    std::fs::write(
+        &file,
+        text.replace("127.0.0.1:8080", "127.0.0.1:0")
+            .replace("127.0.0.1:9090", "127.0.0.1:0"),
+    )
+    .unwrap();
+
+    let check = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&shipped)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+
+    let mut child = tokio::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+        .await
+        .expect("serve says it listens within 30 s")
+        .unwrap();
+    let addr = |p: &str| -> String {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} in {line:?}"))
+            .to_string()
+    };
+    let (ingress, admin) = (addr("ingress="), addr("admin="));
+
+    // The development value of VOICE_AUTH, as the README's "Try it" posts it.
+    let a = send(
+        Method::POST,
+        &format!("http://{ingress}/8x8/voice"),
+        &[("authorization", "Basic dm9pY2U6ZGV2")],
+        &fixture("8x8/voice-call-status.json"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["accepted"], true);
+    let ready = send(Method::GET, &format!("http://{admin}/readyz"), &[], b"").await;
+    assert_eq!(ready.status, 200);
+    assert!(
+        dir.path().join("data/hookrelay.redb").is_file(),
+        "the default store is redb"
+    );
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("exits within 20 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
