@@ -391,7 +391,10 @@ async fn huge_headers_and_malformed_http_are_refused_without_harm() {
 /// Without an oauth2 source the token endpoint does not exist.
 #[tokio::test]
 async fn the_token_path_is_unknown_without_an_oauth2_source() {
-    let r = TestRelay::start(&config("", "")).await;
+    let r = TestRelay::start(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[sources]]\nname = \"open\"\npath = \"/open\"\n",
+    )
+    .await;
     let a = r
         .post_with(
             "/oauth/token",
