@@ -441,7 +441,8 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
         }
     };
     assert_eq!(status.code(), Some(0));
-    let store = hookrelay::store::sled::SledStore::open(&dir.path().join("data")).unwrap();
+    // The default store.
+    let store = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
     use hookrelay::store::Store;
     let v = store.lookup(&id).await.unwrap();
     assert_eq!(
