@@ -325,8 +325,7 @@ to = ["${DEST}"]
     assert!(!table.contains("${"), "{table}");
 
     let only_src = |k: &str| (k == "SRC").then(|| "voice".to_string());
-    let p: Vec<String> = match hookrelay::config::parse(text, Path::new("routes.toml"), &only_src)
-    {
+    let p: Vec<String> = match hookrelay::config::parse(text, Path::new("routes.toml"), &only_src) {
         Ok(_) => panic!("unset variables must be refused"),
         Err(e) => e.0.iter().map(ToString::to_string).collect(),
     };
@@ -337,8 +336,8 @@ to = ["${DEST}"]
         "routes[0].to[0]",
     ] {
         assert!(
-            p.iter().any(|l| l.contains(&format!(": {key}: "))
-                && l.contains("is not set")),
+            p.iter()
+                .any(|l| l.contains(&format!(": {key}: ")) && l.contains("is not set")),
             "{key} in {p:#?}"
         );
     }

@@ -419,11 +419,7 @@ async fn the_http_layers_own_answers_are_json_errors() {
             "431",
             "headers_too_large",
         ),
-        (
-            "NOT HTTP AT ALL\r\n\r\n".to_string(),
-            "400",
-            "bad_request",
-        ),
+        ("NOT HTTP AT ALL\r\n\r\n".to_string(), "400", "bad_request"),
     ] {
         let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
         let _ = s.write_all(request.as_bytes()).await;
@@ -433,7 +429,8 @@ async fn the_http_layers_own_answers_are_json_errors() {
         assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "{text}");
         let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
         assert!(head.contains("content-type: application/json"), "{head}");
-        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
         assert_eq!(v["error"], kind, "{v}");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     }

@@ -98,7 +98,11 @@ async fn every_admin_path_but_health_needs_the_token() {
         assert_eq!(a.status, 200, "{m} {p}: {:?}", a.body);
     }
     for p in ["/healthz", "/readyz"] {
-        assert_eq!(send(Method::GET, &url(p), &[], b"").await.status, 200, "{p}");
+        assert_eq!(
+            send(Method::GET, &url(p), &[], b"").await.status,
+            200,
+            "{p}"
+        );
     }
     // The console's page holds no data: it loads without the token and asks for it.
     let page = send(Method::GET, &url("/"), &[], b"").await;
@@ -121,7 +125,9 @@ async fn a_dead_letter_names_its_event_and_is_replayed_by_that_id() {
     sink.wait_for(1).await;
     wait_state(&relay, "ev-400", "d", DeliveryState::Dead).await;
 
-    let dead = admin(&relay, Method::GET, "/api/dead?destination=d").await.json();
+    let dead = admin(&relay, Method::GET, "/api/dead?destination=d")
+        .await
+        .json();
     let dead = dead.as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     let d = &dead[0];
@@ -140,12 +146,22 @@ async fn a_dead_letter_names_its_event_and_is_replayed_by_that_id() {
     let seen = sink.wait_for(2).await;
     assert_eq!(seen[1].body, seen[0].body);
     wait_state(&relay, "ev-400", "d", DeliveryState::Delivered).await;
-    let ev = admin(&relay, Method::GET, "/api/events/ev-400").await.json();
+    let ev = admin(&relay, Method::GET, "/api/events/ev-400")
+        .await
+        .json();
     let d = &ev["deliveries"][0];
-    assert_eq!((d["state"].as_str(), d["attempts"].as_u64()), (Some("delivered"), Some(2)));
+    assert_eq!(
+        (d["state"].as_str(), d["attempts"].as_u64()),
+        (Some("delivered"), Some(2))
+    );
     assert_eq!(d["event_id"], "ev-400");
     assert!(d.get("next_attempt_at").is_none(), "{d}");
-    assert!(admin(&relay, Method::GET, "/api/dead").await.json().as_array().unwrap().is_empty());
+    assert!(admin(&relay, Method::GET, "/api/dead")
+        .await
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
     stop_relay(relay).await;
     sink.stop().await;
 }
@@ -183,21 +199,46 @@ async fn the_event_list_pages_through_everything_once_and_filters_exactly() {
     .await;
     // Nothing is sent while the list is checked: both destinations paused.
     for d in ["a", "b"] {
-        assert_eq!(admin(&relay, Method::POST, &format!("/api/destinations/{d}/pause")).await.status, 200);
+        assert_eq!(
+            admin(
+                &relay,
+                Method::POST,
+                &format!("/api/destinations/{d}/pause")
+            )
+            .await
+            .status,
+            200
+        );
     }
     let mut posted = Vec::new();
     for i in 0..250 {
-        let (path, src) = if i % 5 == 0 { ("/other", "other") } else { ("/open", "open") };
+        let (path, src) = if i % 5 == 0 {
+            ("/other", "other")
+        } else {
+            ("/open", "open")
+        };
         let id = format!("ev-{i:03}");
-        let (status, _) = post(&relay, path, "application/json", format!(r#"{{"id":"{id}"}}"#).as_bytes()).await;
+        let (status, _) = post(
+            &relay,
+            path,
+            "application/json",
+            format!(r#"{{"id":"{id}"}}"#).as_bytes(),
+        )
+        .await;
         assert_eq!(status, 200);
         posted.push((id, src));
     }
     // Ten of `a`'s deliveries dead.
     for (id, _) in posted.iter().filter(|(_, s)| *s == "open").take(10) {
         let seq = relay.app.store.lookup(id).await.unwrap()[0].event.seq;
-        let key = DeliveryKey { seq, destination: "a".into() };
-        let dead = Outcome::Dead { status: Some(400), error: "HTTP 400".into() };
+        let key = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        let dead = Outcome::Dead {
+            status: Some(400),
+            error: "HTTP 400".into(),
+        };
         relay.app.store.record(&key, dead).await.unwrap();
     }
     let ids = |pred: &dyn Fn(usize, &str) -> bool| -> Vec<String> {
@@ -213,9 +254,18 @@ async fn the_event_list_pages_through_everything_once_and_filters_exactly() {
     let every = all_pages(&relay, "").await;
     assert_eq!(every, ids(&|_, _| true), "newest first, each once");
     assert_eq!(every.iter().collect::<HashSet<_>>().len(), 250);
-    assert_eq!(all_pages(&relay, "&source=other").await, ids(&|_, s| s == "other"));
-    assert_eq!(all_pages(&relay, "&destination=a").await, ids(&|_, s| s == "open"));
-    assert_eq!(all_pages(&relay, "&destination=b").await, ids(&|_, s| s == "other"));
+    assert_eq!(
+        all_pages(&relay, "&source=other").await,
+        ids(&|_, s| s == "other")
+    );
+    assert_eq!(
+        all_pages(&relay, "&destination=a").await,
+        ids(&|_, s| s == "open")
+    );
+    assert_eq!(
+        all_pages(&relay, "&destination=b").await,
+        ids(&|_, s| s == "other")
+    );
     let mut dead: Vec<String> = posted
         .iter()
         .filter(|(_, s)| *s == "open")
@@ -224,11 +274,23 @@ async fn the_event_list_pages_through_everything_once_and_filters_exactly() {
         .collect();
     dead.reverse();
     assert_eq!(all_pages(&relay, "&state=dead").await, dead);
-    assert_eq!(all_pages(&relay, "&state=dead&destination=a&source=open").await, dead);
-    assert!(all_pages(&relay, "&state=dead&destination=b").await.is_empty());
-    assert_eq!(all_pages(&relay, "&state=pending&source=other").await, ids(&|_, s| s == "other"));
-    admin(&relay, Method::GET, "/api/events?state=lost").await.error(400, "bad_request");
-    admin(&relay, Method::GET, "/api/events?before=x").await.error(400, "bad_request");
+    assert_eq!(
+        all_pages(&relay, "&state=dead&destination=a&source=open").await,
+        dead
+    );
+    assert!(all_pages(&relay, "&state=dead&destination=b")
+        .await
+        .is_empty());
+    assert_eq!(
+        all_pages(&relay, "&state=pending&source=other").await,
+        ids(&|_, s| s == "other")
+    );
+    admin(&relay, Method::GET, "/api/events?state=lost")
+        .await
+        .error(400, "bad_request");
+    admin(&relay, Method::GET, "/api/events?before=x")
+        .await
+        .error(400, "bad_request");
     stop_relay(relay).await;
 }
 
@@ -250,15 +312,24 @@ async fn a_paused_destination_gets_nothing_across_a_restart_and_resume_delivers_
         .replace("to = [\"p\"]", "to = [\"p\", \"w\"]");
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay(dir.path(), &toml).await;
-    let p = admin(&relay, Method::POST, "/api/destinations/p/pause").await.json();
+    let p = admin(&relay, Method::POST, "/api/destinations/p/pause")
+        .await
+        .json();
     assert_eq!(p["state"], "paused");
     for i in 0..5 {
-        let (s, _) = post(&relay, "/open", "application/json", format!(r#"{{"id":"a{i}"}}"#).as_bytes()).await;
+        let (s, _) = post(
+            &relay,
+            "/open",
+            "application/json",
+            format!(r#"{{"id":"a{i}"}}"#).as_bytes(),
+        )
+        .await;
         assert_eq!(s, 200);
     }
     // The witness shares every event: once it has them all, `p` had every chance.
     witness.wait_for(5).await;
-    let text = String::from_utf8(admin(&relay, Method::GET, "/metrics").await.body.to_vec()).unwrap();
+    let text =
+        String::from_utf8(admin(&relay, Method::GET, "/metrics").await.body.to_vec()).unwrap();
     assert_eq!(gauge(&text, "p", "paused"), "1");
     assert_eq!(gauge(&text, "p", "ok"), "0");
     assert_eq!(gauge(&text, "w", "ok"), "1");
@@ -266,17 +337,35 @@ async fn a_paused_destination_gets_nothing_across_a_restart_and_resume_delivers_
 
     let relay = start_relay(dir.path(), &toml).await;
     let list = admin(&relay, Method::GET, "/api/destinations").await.json();
-    let p = list.as_array().unwrap().iter().find(|d| d["name"] == "p").unwrap().clone();
+    let p = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "p")
+        .unwrap()
+        .clone();
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(p["queue_depth"], 5, "{p}");
     for i in 5..10 {
-        let (s, _) = post(&relay, "/open", "application/json", format!(r#"{{"id":"a{i}"}}"#).as_bytes()).await;
+        let (s, _) = post(
+            &relay,
+            "/open",
+            "application/json",
+            format!(r#"{{"id":"a{i}"}}"#).as_bytes(),
+        )
+        .await;
         assert_eq!(s, 200);
     }
     witness.wait_for(10).await;
-    assert!(paused.seen().is_empty(), "a paused destination got {} requests", paused.seen().len());
+    assert!(
+        paused.seen().is_empty(),
+        "a paused destination got {} requests",
+        paused.seen().len()
+    );
 
-    let p = admin(&relay, Method::POST, "/api/destinations/p/resume").await.json();
+    let p = admin(&relay, Method::POST, "/api/destinations/p/resume")
+        .await
+        .json();
     assert_eq!(p["state"], "ok");
     let seen = paused.wait_for(10).await;
     let got: HashSet<String> = seen
@@ -284,7 +373,9 @@ async fn a_paused_destination_gets_nothing_across_a_restart_and_resume_delivers_
         .map(|s| s.header("webhook-id").unwrap().to_string())
         .collect();
     assert_eq!(got.len(), 10);
-    admin(&relay, Method::POST, "/api/destinations/nope/pause").await.error(404, "not_found");
+    admin(&relay, Method::POST, "/api/destinations/nope/pause")
+        .await
+        .error(404, "not_found");
     stop_relay(relay).await;
     paused.stop().await;
     witness.stop().await;

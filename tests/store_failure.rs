@@ -58,11 +58,7 @@ impl Store for Flaky {
         self.check()?;
         self.inner.after_reply(seq, reply, attempt)
     }
-    async fn dead(
-        &self,
-        d: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<NamedDelivery>, StoreError> {
+    async fn dead(&self, d: Option<&str>, limit: usize) -> Result<Vec<NamedDelivery>, StoreError> {
         self.inner.dead(d, limit).await
     }
     async fn recent(&self, q: &EventQuery) -> Result<EventPage, StoreError> {

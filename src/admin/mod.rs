@@ -370,7 +370,10 @@ async fn metrics(app: &App) -> String {
             .get_or_create(&label)
             .set(app.store.queue_depth(&d) as i64);
         let age = oldest_pending_age(app, &d).await as i64;
-        app.metrics.oldest_pending_age.get_or_create(&label).set(age);
+        app.metrics
+            .oldest_pending_age
+            .get_or_create(&label)
+            .set(age);
         app.metrics.destination_state(&d, state_of(app, &d));
     }
     app.metrics.render()

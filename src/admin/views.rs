@@ -96,6 +96,8 @@ mod tests {
         assert_eq!(v["source"], "voice");
         assert_eq!(v["next_attempt_at"], "2025-11-24T16:00:00.000Z");
         d.state = DeliveryState::Dead;
-        assert!(delivery("ev-1", "voice", &d).get("next_attempt_at").is_none());
+        assert!(delivery("ev-1", "voice", &d)
+            .get("next_attempt_at")
+            .is_none());
     }
 }

@@ -9,8 +9,8 @@ use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::web::response::ApiError;
 use crate::config::{Auth, Config, Source};
+use crate::web::response::ApiError;
 use crate::{signature, token};
 
 /// A check that still needs the body.

@@ -20,10 +20,10 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::client_ip;
-use crate::web::response::Body;
 use crate::config::{Auth, Config, Source};
 use crate::store::now_ms;
 use crate::token::{self, Claims};
+use crate::web::response::Body;
 
 /// Token requests are small forms.
 const MAX_FORM_BYTES: u64 = 8 * 1024;

@@ -14,13 +14,13 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use tracing::{info, warn};
 
-use crate::web::response::Body;
 use crate::app::App;
 use crate::config::{Config, Reply};
 use crate::delivery::{retry, send_once};
 use crate::store::{
     now_ms, Delivery, DeliveryKey, DeliveryState, Outcome, StoredEvent, StoredReply,
 };
+use crate::web::response::Body;
 
 /// How long after the reply timeout the held delivery falls due.
 pub const HOLD_MARGIN_MS: u64 = 2_000;

@@ -149,7 +149,10 @@ mod tests {
         let (h, body) = out.split_once("\r\n\r\n").unwrap();
         assert!(h.starts_with("HTTP/1.1 431 "), "{h}");
         assert!(h.contains("content-type: application/json"), "{h}");
-        assert!(h.contains(&format!("content-length: {}", body.len())), "{h}");
+        assert!(
+            h.contains(&format!("content-length: {}", body.len())),
+            "{h}"
+        );
         assert!(h.contains("date: Tue"), "{h}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"], "headers_too_large");

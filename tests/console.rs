@@ -1,0 +1,300 @@
+//! The operator console in a real headless Chromium (Debian's `chromium` driven through
+//! `chromedriver` by fantoccini): the operator enters the token, finds an event by its id,
+//! sees its deliveries, replays a dead one and watches it become delivered, pauses and
+//! resumes a destination; an event whose body holds markup runs no script when shown.
+//!
+//! `HOOKRELAY_SCREENSHOTS=docs` writes the screenshots the README links to.
+
+#[path = "common/delivery_support.rs"]
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::FutureExt;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::json;
+use support::{post, start_relay, stop_relay, wait_state, Reply, Sink};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const TOKEN: &str = "console-token-41d9";
+/// The longest any one thing the page does may take.
+const UI_WAIT: Duration = Duration::from_secs(15);
+
+/// `chromedriver` on a free loopback port; it and every Chromium process of the test's
+/// profile are killed when dropped.
+struct Driver {
+    _child: tokio::process::Child,
+    port: u16,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(self.profile.path())
+            .status();
+    }
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = tokio::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromedriver (Debian's chromium-driver) on PATH: run scripts/test");
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = out.next_line().await.unwrap() {
+                if line.contains("started successfully") {
+                    return;
+                }
+            }
+            panic!("chromedriver ended before it was ready");
+        })
+        .await
+        .expect("chromedriver ready within 20 s");
+        // Keep reading so chromedriver never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+        Driver {
+            _child: child,
+            port,
+            profile: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    async fn browser(&self) -> Client {
+        let profile = self.profile.path();
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": "/usr/bin/chromium",
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--window-size=1400,1000",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            }),
+        );
+        ClientBuilder::new(HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("a Chromium session")
+    }
+}
+
+/// Waits for the element at `xpath`.
+async fn appears(c: &Client, xpath: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(UI_WAIT)
+        .for_element(Locator::XPath(xpath))
+        .await
+        .unwrap_or_else(|e| panic!("{xpath} did not appear within {UI_WAIT:?}: {e}"))
+}
+
+/// A cell of the row of `table` for destination `dest` whose class holds `class` and
+/// whose text is `text`.
+fn cell(table: &str, dest: &str, class: &str, text: &str) -> String {
+    format!(
+        "//table[@id='{table}']//tr[@data-destination='{dest}']/td[contains(concat(' ', @class, ' '), ' {class} ') and normalize-space(.)='{text}']"
+    )
+}
+
+async fn open_event(c: &Client, id: &str) {
+    appears(c, "//button[@id='tab-events']")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let search = appears(c, "//input[@id='search-id']").await;
+    search.clear().await.unwrap();
+    search.send_keys(id).await.unwrap();
+    c.find(Locator::Id("search-button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    appears(
+        c,
+        &format!("//*[@id='event-id' and normalize-space(.)='{id}']"),
+    )
+    .await;
+}
+
+async fn screenshot(c: &Client, dir: &std::path::Path, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    std::fs::write(dir.join(format!("console-{name}.png")), png).unwrap();
+}
+
+#[tokio::test]
+async fn the_console_finds_replays_and_pauses_and_shows_bodies_as_text() {
+    // The first delivery is refused for good (400): dead. Everything after is taken.
+    let sink = Sink::start(vec![Reply::status(400)], Reply::status(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token = "{TOKEN}"
+
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+
+[[destinations]]
+name = "calls"
+url = "{}"
+
+[[routes]]
+name = "all"
+source = "voice"
+to = ["calls"]
+"#,
+        sink.url("/calls")
+    );
+    let relay = start_relay(dir.path(), &toml).await;
+    let status = |id: &str, extra: &str| {
+        format!(
+            r#"{{"namespace":"VOICE","eventType":"CALL_STATUS","payload":{{"eventId":"{id}"{extra}}}}}"#
+        )
+    };
+    let (s, _) = post(
+        &relay,
+        "/8x8/voice",
+        "application/json",
+        status("ev-dead", "").as_bytes(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    wait_state(
+        &relay,
+        "ev-dead",
+        "calls",
+        hookrelay::store::DeliveryState::Dead,
+    )
+    .await;
+    let hostile = status(
+        "ev-xss",
+        r#","note":"<script>window.__xss=1</script><img src=x onerror=\"window.__xss=2\">""#,
+    );
+    let (s, _) = post(&relay, "/8x8/voice", "application/json", hostile.as_bytes()).await;
+    assert_eq!(s, 200);
+
+    let shots = match std::env::var("HOOKRELAY_SCREENSHOTS") {
+        Ok(d) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d),
+        Err(_) => dir.path().to_path_buf(),
+    };
+    let driver = Driver::start().await;
+    let c = driver.browser().await;
+    let run = async {
+        c.goto(&format!("http://{}/", relay.admin)).await.unwrap();
+        // The token form; the token goes into the Authorization header only.
+        let token = appears(&c, "//input[@id='token']").await;
+        token.send_keys(TOKEN).await.unwrap();
+        c.find(Locator::Id("login-button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        appears(&c, "//table[@id='events']//tr[@data-event-id='ev-dead']").await;
+        screenshot(&c, &shots, "events").await;
+
+        // Find the dead event, see its delivery, replay it, watch it become delivered.
+        open_event(&c, "ev-dead").await;
+        appears(&c, &cell("deliveries", "calls", "state", "dead")).await;
+        appears(&c, &cell("deliveries", "calls", "last-status", "400")).await;
+        screenshot(&c, &shots, "event-dead").await;
+        c.find(Locator::XPath("//table[@id='deliveries']//tr[@data-destination='calls']//button[contains(@class,'replay')]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        appears(&c, &cell("deliveries", "calls", "state", "delivered")).await;
+        appears(&c, &cell("deliveries", "calls", "attempts", "2")).await;
+
+        // A body full of markup is shown as text and runs nothing.
+        open_event(&c, "ev-xss").await;
+        let body = appears(&c, "//pre[@id='event-body']")
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(body.contains("<script>window.__xss=1</script>"), "{body}");
+        assert!(body.contains("<img src=x onerror="), "{body}");
+        let probe = c
+            .execute(
+                "return [typeof window.__xss, document.querySelectorAll('#event-body *').length, document.querySelectorAll('script').length];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            probe,
+            json!(["undefined", 0, 1]),
+            "no script ran, no element was made"
+        );
+        screenshot(&c, &shots, "event-body").await;
+
+        // Pause and resume the destination.
+        c.find(Locator::Id("tab-destinations"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        appears(&c, &cell("destinations", "calls", "state", "ok")).await;
+        c.find(Locator::XPath("//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'pause')]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        appears(&c, &cell("destinations", "calls", "state", "paused")).await;
+        assert!(relay.app.store.paused("calls"));
+        screenshot(&c, &shots, "destinations").await;
+        c.find(Locator::XPath("//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'resume')]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        appears(&c, &cell("destinations", "calls", "state", "ok")).await;
+        assert!(!relay.app.store.paused("calls"));
+    };
+    // Whatever happens above (a failed assertion too), the browser and its driver go.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        std::panic::AssertUnwindSafe(run).catch_unwind(),
+    )
+    .await;
+    let _ = c.close().await;
+    drop(driver);
+    match outcome {
+        Err(_) => panic!("the console scenario did not finish within 120 s"),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Ok(Ok(())) => {}
+    }
+    stop_relay(relay).await;
+    sink.stop().await;
+}
