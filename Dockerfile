@@ -18,7 +18,11 @@ COPY routes.toml /etc/hookrelay/routes.toml
 VOLUME ["/var/lib/hookrelay"]
 USER hookrelay
 WORKDIR /var/lib/hookrelay
-# The shipped routes.toml reads these (see its ${VAR:-default} values).
+# The shipped routes.toml reads these (see its ${VAR:-default} values). The store is redb
+# (the default) in the volume. The admin listener is reachable from outside the container,
+# so `check` and `serve` refuse to start without a token: pass one at run time,
+#   docker run -e HOOKRELAY_ADMIN_TOKEN="$(openssl rand -hex 32)" -p 8080:8080 -p 9090:9090 hookrelay
+# and send it as `Authorization: Bearer <token>` (the console at :9090 asks for it).
 ENV HOOKRELAY_CONFIG=/etc/hookrelay/routes.toml \
     HOOKRELAY_DATA=/var/lib/hookrelay/data \
     HOOKRELAY_LISTEN=0.0.0.0:8080 \

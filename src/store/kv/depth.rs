@@ -1,0 +1,73 @@
+//! Kept queue counts: pending deliveries per destination, stored with every group and read
+//! at start instead of counting the queue, unless they may disagree with it.
+
+use std::collections::HashMap;
+
+use super::keys::*;
+use crate::store::engine::{Engine, Txn};
+use crate::store::StoreError;
+
+/// Adds a group's queue changes to the kept counts (an operation of its own, last).
+pub(super) fn persist_depth(
+    txn: &mut dyn Txn,
+    deltas: &HashMap<String, i64>,
+) -> Result<(), StoreError> {
+    for (dest, delta) in deltas {
+        if *delta == 0 {
+            continue;
+        }
+        let k = depth_key(dest);
+        let cur = txn.get(&k)?.map_or(0, |v| read_u64(&v));
+        let new = if *delta >= 0 {
+            cur.saturating_add(*delta as u64)
+        } else {
+            cur.saturating_sub(delta.unsigned_abs())
+        };
+        txn.put(&k, &be(new))?;
+    }
+    txn.end_op()
+}
+
+/// The pending count per destination: the kept counts after a clean close, else a count of
+/// the queue (which then replaces the kept counts). Marks the store as open (not clean).
+pub(super) fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>, StoreError> {
+    let trusted = engine.get(RECOUNT_KEY)?.is_none()
+        && (engine.get(CLEAN_KEY)?.is_some() || engine.atomic_groups());
+    let mut kept: HashMap<String, u64> = HashMap::new();
+    engine.scan_prefix(DEPTH_PREFIX, &mut |k, v| {
+        let dest = String::from_utf8_lossy(&k[DEPTH_PREFIX.len()..]).into_owned();
+        kept.insert(dest, read_u64(v));
+        Ok(true)
+    })?;
+    let depth = if trusted {
+        kept.clone()
+    } else {
+        let mut counted: HashMap<String, u64> = HashMap::new();
+        engine.scan_prefix(b"q/", &mut |k, _| {
+            *counted.entry(dest_of(k)).or_default() += 1;
+            Ok(true)
+        })?;
+        counted
+    };
+    let mut failed = None;
+    engine.group(&mut |txn| {
+        let mut write = || -> Result<(), StoreError> {
+            txn.delete(CLEAN_KEY)?;
+            txn.delete(RECOUNT_KEY)?;
+            if !trusted {
+                for dest in kept.keys() {
+                    txn.put(&depth_key(dest), &be(depth.get(dest).copied().unwrap_or(0)))?;
+                }
+                for (dest, n) in &depth {
+                    txn.put(&depth_key(dest), &be(*n))?;
+                }
+            }
+            txn.end_op()
+        };
+        failed = write().err();
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(depth),
+    }
+}

@@ -1,0 +1,126 @@
+//! The key layout and record codecs of the key-value store (integers big-endian so keys
+//! sort); see the table in [`super`].
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Delivery, StoreError, StoredEvent};
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct EventMeta {
+    pub id: String,
+    pub source: String,
+    pub received_ms: u64,
+    pub content_type: Option<String>,
+}
+
+pub(super) fn be(n: u64) -> [u8; 8] {
+    n.to_be_bytes()
+}
+
+pub(super) fn read_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+pub(super) fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+pub(super) fn queue_prefix(dest: &str) -> Vec<u8> {
+    key(&[b"q/", dest.as_bytes(), b"\0"])
+}
+pub(super) fn queue_key(dest: &str, due: u64, seq: u64) -> Vec<u8> {
+    key(&[b"q/", dest.as_bytes(), b"\0", &be(due), &be(seq)])
+}
+pub(super) fn dead_key(dest: &str, seq: u64) -> Vec<u8> {
+    key(&[b"z/", dest.as_bytes(), b"\0", &be(seq)])
+}
+pub(super) fn delivery_key(seq: u64, dest: &str) -> Vec<u8> {
+    key(&[b"l/", &be(seq), dest.as_bytes()])
+}
+pub(super) fn event_key(seq: u64) -> Vec<u8> {
+    key(&[b"e/", &be(seq)])
+}
+pub(super) fn reply_key(seq: u64) -> Vec<u8> {
+    key(&[b"r/", &be(seq)])
+}
+/// Id first, so a lookup by id is a prefix scan.
+pub(super) fn dedup_key(source: &str, id: &str) -> Vec<u8> {
+    key(&[b"d/", id.as_bytes(), b"\0", source.as_bytes()])
+}
+/// Pending deliveries of a destination, kept with every group.
+pub(super) fn depth_key(dest: &str) -> Vec<u8> {
+    key(&[DEPTH_PREFIX, dest.as_bytes()])
+}
+pub(super) const DEPTH_PREFIX: &[u8] = b"m/depth/";
+/// Present while the store is closed cleanly: the kept counts are then exact.
+pub(super) const CLEAN_KEY: &[u8] = b"m/clean";
+/// Present after a failed update of the kept counts: the next start counts the queue.
+pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
+pub(super) fn paused_key(dest: &str) -> Vec<u8> {
+    key(&[PAUSED_PREFIX, dest.as_bytes()])
+}
+pub(super) const PAUSED_PREFIX: &[u8] = b"p/";
+pub(super) fn id_prefix(id: &str) -> Vec<u8> {
+    key(&[b"d/", id.as_bytes(), b"\0"])
+}
+
+pub(super) fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+pub(super) fn encode_event(meta: &EventMeta, body: &[u8]) -> Vec<u8> {
+    let m = serde_json::to_vec(meta).expect("meta serializes");
+    let mut v = Vec::with_capacity(4 + m.len() + body.len());
+    v.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    v.extend_from_slice(&m);
+    v.extend_from_slice(body);
+    v
+}
+
+/// An event record's metadata, and where its body starts.
+pub(super) fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
+    if raw.len() < 4 {
+        return Err(corrupt("short event record"));
+    }
+    let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    let meta: EventMeta =
+        serde_json::from_slice(raw.get(4..4 + n).ok_or_else(|| corrupt("short meta"))?)
+            .map_err(corrupt)?;
+    Ok((meta, 4 + n))
+}
+
+pub(super) fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
+    let (meta, body) = decode_meta(raw)?;
+    Ok(StoredEvent {
+        seq,
+        id: meta.id,
+        source: meta.source,
+        received_ms: meta.received_ms,
+        content_type: meta.content_type,
+        body: Bytes::copy_from_slice(&raw[body..]),
+    })
+}
+
+pub(super) fn decode_delivery(v: &[u8]) -> Result<Delivery, StoreError> {
+    serde_json::from_slice(v).map_err(corrupt)
+}
+
+pub(super) fn encode_delivery(d: &Delivery) -> Vec<u8> {
+    serde_json::to_vec(d).expect("delivery serializes")
+}
+
+/// The destination name in a `q/` or `z/` key.
+pub(super) fn dest_of(k: &[u8]) -> String {
+    let end = k[2..]
+        .iter()
+        .position(|&c| c == 0)
+        .map_or(k.len(), |p| p + 2);
+    String::from_utf8_lossy(&k[2..end]).into_owned()
+}

@@ -1,0 +1,462 @@
+//! The store's logic over any [`Engine`]: key layout, dedup, the delivery queue, and group
+//! commit.
+//!
+//! One writer thread applies every mutation ([`writer`]); operations ([`ops`]) that queue up
+//! while a group commits form the next group: one write transaction, one durable commit,
+//! then every caller of the group is answered. So 64 concurrent accepts cost one commit, not
+//! 64, and committing never blocks the async workers. Because one thread writes, dedup
+//! checks and state changes need no locks. Reads go straight to the engine.
+//!
+//! Keys (integers big-endian so they sort):
+//! - `e/<seq>` event: `u32` meta length, meta JSON, body bytes
+//! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
+//!   expiry is checked when read, and the record goes when its event is purged
+//! - `l/<seq><dest>` delivery record (JSON)
+//! - `q/<dest>\0<due><seq>` pending deliveries in due order
+//! - `z/<dest>\0<seq>` dead deliveries
+//! - `r/<seq>` the stored answer of a reply route
+//! - `p/<dest>` present while the destination is paused
+//! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
+//!   `m/clean` marks a clean close, `m/recount` a failed count update. A start reads the
+//!   counts instead of scanning the queue, unless they may disagree with it: after a crash
+//!   on an engine whose groups are not atomic (sled), or after a failed update.
+
+mod depth;
+mod keys;
+mod ops;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, Notify};
+
+use super::engine::Engine;
+use super::*;
+use depth::load_depths;
+use keys::*;
+use writer::{writer_loop, Job, Urgency, Writer};
+
+/// Events one `recent` call looks at most: a filter that few events match still answers
+/// promptly, with a cursor to go on from.
+const RECENT_EXAMINE: usize = 10_000;
+
+struct Shared<E> {
+    engine: Arc<E>,
+    depth: RwLock<HashMap<String, Arc<AtomicU64>>>,
+    wakeups: RwLock<HashMap<String, Arc<Notify>>>,
+    /// Paused destinations (`p/` keys), as of the last commit.
+    paused: RwLock<HashSet<String>>,
+}
+
+/// The store over engine `E`.
+pub struct KvStore<E: Engine> {
+    shared: Arc<Shared<E>>,
+    jobs: Mutex<Option<mpsc::Sender<(Job, Urgency)>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl<E: Engine> Shared<E> {
+    fn depth_counter(&self, dest: &str) -> Arc<AtomicU64> {
+        if let Some(c) = self.depth.read().unwrap().get(dest) {
+            return c.clone();
+        }
+        self.depth
+            .write()
+            .unwrap()
+            .entry(dest.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn delivery(&self, seq: u64, dest: &str) -> Result<Option<Delivery>, StoreError> {
+        self.engine
+            .get(&delivery_key(seq, dest))?
+            .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    /// The event's id and source, without its body.
+    fn meta(&self, seq: u64) -> Result<Option<EventMeta>, StoreError> {
+        self.engine
+            .get(&event_key(seq))?
+            .map(|raw| decode_meta(&raw).map(|(m, _)| m))
+            .transpose()
+    }
+
+    fn deliveries_of(&self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
+        let mut out = Vec::new();
+        self.engine
+            .scan_prefix(&key(&[b"l/", &be(seq)]), &mut |_, v| {
+                out.push(decode_delivery(v)?);
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+}
+
+impl<E: Engine> KvStore<E> {
+    /// Starts the store over an opened engine: counts pending deliveries per destination
+    /// and starts the writer thread.
+    pub fn start(engine: E) -> Result<Arc<Self>, StoreError> {
+        let engine = Arc::new(engine);
+        let depth: HashMap<String, Arc<AtomicU64>> = load_depths(engine.as_ref())?
+            .into_iter()
+            .map(|(d, n)| (d, Arc::new(AtomicU64::new(n))))
+            .collect();
+        let next_seq = match engine.last_with_prefix(b"e/")? {
+            Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
+            _ => 1,
+        };
+        let mut paused = HashSet::new();
+        engine.scan_prefix(PAUSED_PREFIX, &mut |k, _| {
+            paused.insert(String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned());
+            Ok(true)
+        })?;
+        let shared = Arc::new(Shared {
+            engine,
+            depth: RwLock::new(depth),
+            wakeups: RwLock::new(HashMap::new()),
+            paused: RwLock::new(paused),
+        });
+        let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
+        let s2 = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(s2, next_seq, rx))
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Arc::new(KvStore {
+            shared,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+
+    /// Runs `f` on the writer thread as one atomic operation and waits until its group is
+    /// committed.
+    async fn submit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit_with(Urgency::Now, f).await
+    }
+
+    async fn submit_with<T: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            let r = match f(w) {
+                Ok(v) => w.txn.end_op().map(|_| v),
+                Err(e) => {
+                    w.txn.abort_op();
+                    Err(e)
+                }
+            };
+            Box::new(move |commit_err: Option<StoreError>| {
+                let _ = tx.send(match commit_err {
+                    Some(e) => Err(e),
+                    None => r,
+                });
+            })
+        });
+        {
+            let guard = self.jobs.lock().unwrap();
+            let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+            sender
+                .send((job, urgency))
+                .map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl<E: Engine> Drop for KvStore<E> {
+    /// Stops the writer after what is queued (without the clean mark `close` writes), so
+    /// the engine's files are released when the store is.
+    fn drop(&mut self) {
+        drop(self.jobs.lock().unwrap().take());
+        if let Some(h) = self.writer.lock().unwrap().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[async_trait]
+impl<E: Engine> Store for KvStore<E> {
+    async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
+        self.submit(move |w| w.accept(ev)).await
+    }
+
+    async fn pending(
+        &self,
+        destination: &str,
+        limit: usize,
+        skip: &(dyn Fn(u64) -> bool + Send + Sync),
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let prefix = queue_prefix(destination);
+        let mut found = Vec::new();
+        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
+            if found.len() >= limit {
+                return Ok(false);
+            }
+            let seq = read_u64(&k[k.len() - 8..]);
+            if !skip(seq) {
+                found.push((seq, read_u64(&k[prefix.len()..])));
+            }
+            Ok(true)
+        })?;
+        let mut out = Vec::with_capacity(found.len());
+        for (seq, due) in found {
+            if let Some(mut d) = self.shared.delivery(seq, destination)? {
+                if d.state == DeliveryState::Pending {
+                    d.next_due_ms = due;
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        self.shared
+            .engine
+            .get(&event_key(seq))?
+            .map(|raw| decode_event(seq, &raw))
+            .transpose()
+    }
+
+    async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        let k = key.clone();
+        self.submit_with(Urgency::CanWait, move |w| w.record(&k, outcome))
+            .await
+    }
+
+    fn after_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            let mut r = Ok(());
+            if let Some(reply) = reply {
+                let v = serde_json::to_vec(&reply).expect("reply serializes");
+                r = w.txn.put(&reply_key(seq), &v);
+            }
+            if let (Ok(()), Some((key, outcome))) = (&r, attempt) {
+                r = w.record(&key, outcome);
+            }
+            r = match r {
+                Ok(()) => w.txn.end_op(),
+                Err(e) => {
+                    w.txn.abort_op();
+                    Err(e)
+                }
+            };
+            Box::new(move |commit_err: Option<StoreError>| {
+                if let Some(e) = commit_err.or(r.err()) {
+                    tracing::warn!(seq, error = %e, "keeping a reply route's answer failed");
+                }
+            })
+        });
+        let guard = self.jobs.lock().unwrap();
+        let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+        sender
+            .send((job, Urgency::CanWait))
+            .map_err(|_| StoreError::Closed)
+    }
+
+    async fn dead(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
+        let prefix = match destination {
+            Some(d) => key(&[b"z/", d.as_bytes(), b"\0"]),
+            None => b"z/".to_vec(),
+        };
+        let mut found = Vec::new();
+        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
+            if found.len() >= limit {
+                return Ok(false);
+            }
+            found.push((read_u64(&k[k.len() - 8..]), dest_of(k)));
+            Ok(true)
+        })?;
+        let mut out = Vec::new();
+        for (seq, dest) in found {
+            let (Some(delivery), Some(meta)) =
+                (self.shared.delivery(seq, &dest)?, self.shared.meta(seq)?)
+            else {
+                continue;
+            };
+            out.push(NamedDelivery {
+                event_id: meta.id,
+                source: meta.source,
+                delivery,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn recent(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
+        let below = event_key(q.before.unwrap_or(u64::MAX));
+        let limit = q.limit.max(1);
+        let mut events = Vec::new();
+        let mut next = None;
+        let mut examined = 0;
+        let shared = &self.shared;
+        shared.engine.scan_back(b"e/", &below, &mut |k, raw| {
+            let seq = read_u64(&k[2..10]);
+            if events.len() == limit || examined == RECENT_EXAMINE {
+                next = Some(seq + 1);
+                return Ok(false);
+            }
+            examined += 1;
+            let event = decode_event(seq, raw)?;
+            if q.source.as_ref().is_some_and(|s| &event.source != s) {
+                return Ok(true);
+            }
+            let deliveries = shared.deliveries_of(seq)?;
+            let wanted = |d: &Delivery| {
+                q.destination.as_ref().is_none_or(|n| &d.destination == n)
+                    && q.state.is_none_or(|s| d.state == s)
+            };
+            if (q.destination.is_some() || q.state.is_some()) && !deliveries.iter().any(wanted) {
+                return Ok(true);
+            }
+            events.push(EventView { event, deliveries });
+            Ok(true)
+        })?;
+        Ok(EventPage { events, next })
+    }
+
+    async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
+        let dest = destination.to_string();
+        self.submit(move |w| {
+            if paused {
+                w.txn.put(&paused_key(&dest), b"1")
+            } else {
+                w.txn.delete(&paused_key(&dest))
+            }
+        })
+        .await?;
+        let mut set = self.shared.paused.write().unwrap();
+        if paused {
+            set.insert(destination.to_string());
+        } else {
+            set.remove(destination);
+            drop(set);
+            self.wakeup(destination).notify_one();
+        }
+        Ok(())
+    }
+
+    fn paused(&self, destination: &str) -> bool {
+        self.shared.paused.read().unwrap().contains(destination)
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
+        self.submit(move |w| w.replay(which)).await
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
+        let mut seqs = Vec::new();
+        self.shared
+            .engine
+            .scan_prefix(&id_prefix(id), &mut |_, v| {
+                seqs.push(read_u64(v));
+                Ok(true)
+            })?;
+        let mut out = Vec::new();
+        for seq in seqs {
+            if let Some(event) = self.event(seq).await? {
+                out.push(EventView {
+                    event,
+                    deliveries: self.shared.deliveries_of(seq)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
+        let (mut removed, mut from) = (0, 0);
+        loop {
+            let (n, next) = self.submit(move |w| w.purge_batch(retain, from)).await?;
+            removed += n;
+            match next {
+                Some(seq) if seq > from => from = seq,
+                _ => return Ok(removed),
+            }
+        }
+    }
+
+    fn queue_depth(&self, destination: &str) -> u64 {
+        self.shared
+            .depth
+            .read()
+            .unwrap()
+            .get(destination)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    fn queue_depths(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .shared
+            .depth
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn wakeup(&self, destination: &str) -> Arc<Notify> {
+        if let Some(n) = self.shared.wakeups.read().unwrap().get(destination) {
+            return n.clone();
+        }
+        self.shared
+            .wakeups
+            .write()
+            .unwrap()
+            .entry(destination.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let sender = self.jobs.lock().unwrap().take();
+        drop(sender);
+        let handle = self.writer.lock().unwrap().take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || h.join())
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .map_err(|_| StoreError::Unavailable("writer thread panicked".into()))?;
+        }
+        // Every write is done: the kept counts are exact; say so for the next start.
+        let engine = self.shared.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut marked = Ok(());
+            engine.group(&mut |txn| {
+                marked = txn.put(CLEAN_KEY, b"1").and_then(|_| txn.end_op());
+            })?;
+            marked?;
+            engine.sync()
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}

@@ -1,0 +1,262 @@
+//! The store's operations as the writer thread runs them inside a group: accept (dedup,
+//! max_queue, the event and its deliveries), record an attempt's outcome, replay, purge.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::keys::*;
+use super::writer::Writer;
+use crate::store::*;
+
+/// Events one purge operation looks at. A purge is as many operations as it takes, so the
+/// writer serves other work between them and holds at most this many events' metadata.
+pub(super) const PURGE_BATCH: usize = 1024;
+
+impl Writer<'_> {
+    pub(super) fn committed_depth(&self, dest: &str) -> u64 {
+        self.committed
+            .read()
+            .unwrap()
+            .get(dest)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn delivery(
+        &mut self,
+        seq: u64,
+        dest: &str,
+    ) -> Result<Option<Delivery>, StoreError> {
+        self.txn
+            .get(&delivery_key(seq, dest))?
+            .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    pub(super) fn deliveries_of(&mut self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
+        let mut out = Vec::new();
+        self.txn
+            .scan_prefix(&key(&[b"l/", &be(seq)]), &mut |_, v| {
+                out.push(decode_delivery(v)?);
+                Ok(true)
+            })?;
+        Ok(out)
+    }
+
+    pub(super) fn accept(&mut self, ev: NewEvent) -> Result<Admission, StoreError> {
+        let dk = dedup_key(&ev.source, &ev.id);
+        if let Some(v) = self.txn.get(&dk)? {
+            let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
+            if expires > ev.received_ms {
+                let reply = match self.txn.get(&reply_key(seq))? {
+                    Some(r) => Some(serde_json::from_slice(&r).map_err(corrupt)?),
+                    None => None,
+                };
+                return Ok(Admission::Duplicate { seq, reply });
+            }
+        }
+        for (i, dest) in ev.destinations.iter().enumerate() {
+            let Some(&max) = ev.max_queue.get(i) else {
+                continue;
+            };
+            let committed = self.committed_depth(dest) as i64;
+            if committed + self.depth.get(dest).copied().unwrap_or(0) >= max as i64 {
+                return Ok(Admission::QueueFull {
+                    destination: dest.clone(),
+                });
+            }
+        }
+        let seq = *self.next_seq;
+        *self.next_seq += 1;
+        let expires = ev.received_ms + ev.dedup_window.as_millis() as u64;
+        let meta = EventMeta {
+            id: ev.id.clone(),
+            source: ev.source.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type.clone(),
+        };
+        self.txn
+            .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
+        self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
+        for dest in &ev.destinations {
+            let due = match &ev.held {
+                Some((held, until)) if held == dest => *until,
+                _ => ev.received_ms,
+            };
+            let d = Delivery {
+                seq,
+                destination: dest.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                window_base: 0,
+                first_attempt_ms: None,
+                next_due_ms: due,
+                last_status: None,
+                last_error: None,
+                updated_ms: ev.received_ms,
+            };
+            self.txn
+                .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
+            self.txn.put(&queue_key(dest, due, seq), &[])?;
+        }
+        for dest in &ev.destinations {
+            *self.depth.entry(dest.clone()).or_default() += 1;
+            self.wakes.insert(dest.clone());
+        }
+        Ok(Admission::Accepted { seq })
+    }
+
+    pub(super) fn record(&mut self, k: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        let Some(mut d) = self.delivery(k.seq, &k.destination)? else {
+            return Ok(()); // purged meanwhile: nothing to record
+        };
+        if d.state != DeliveryState::Pending {
+            return Ok(());
+        }
+        let now = now_ms();
+        self.txn
+            .delete(&queue_key(&k.destination, d.next_due_ms, k.seq))?;
+        d.attempts += 1;
+        d.first_attempt_ms.get_or_insert(now);
+        d.updated_ms = now;
+        let leaves_queue = match outcome {
+            Outcome::Delivered { status } => {
+                d.state = DeliveryState::Delivered;
+                d.last_status = Some(status);
+                d.last_error = None;
+                true
+            }
+            Outcome::Retry {
+                due_ms,
+                status,
+                error,
+            } => {
+                d.next_due_ms = due_ms;
+                d.last_status = status;
+                d.last_error = Some(error);
+                self.txn
+                    .put(&queue_key(&k.destination, due_ms, k.seq), &[])?;
+                false
+            }
+            Outcome::Dead { status, error } => {
+                d.state = DeliveryState::Dead;
+                d.last_status = status;
+                d.last_error = Some(error);
+                self.txn.put(&dead_key(&k.destination, k.seq), &[])?;
+                true
+            }
+        };
+        self.txn
+            .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
+        if leaves_queue {
+            *self.depth.entry(k.destination.clone()).or_default() -= 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn replay_one(&mut self, seq: u64, dest: &str) -> Result<bool, StoreError> {
+        let Some(mut d) = self.delivery(seq, dest)? else {
+            return Ok(false);
+        };
+        if d.state != DeliveryState::Dead {
+            return Ok(false);
+        }
+        let now = now_ms();
+        d.state = DeliveryState::Pending;
+        d.first_attempt_ms = None;
+        d.window_base = d.attempts;
+        d.next_due_ms = now;
+        d.updated_ms = now;
+        self.txn.delete(&dead_key(dest, seq))?;
+        self.txn.put(&queue_key(dest, now, seq), &[])?;
+        self.txn
+            .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
+        *self.depth.entry(dest.to_string()).or_default() += 1;
+        self.wakes.insert(dest.to_string());
+        Ok(true)
+    }
+
+    pub(super) fn replay(&mut self, which: ReplaySelector) -> Result<usize, StoreError> {
+        let mut targets: Vec<(u64, String)> = Vec::new();
+        match which {
+            ReplaySelector::Destination(dest) => {
+                self.txn
+                    .scan_prefix(&key(&[b"z/", dest.as_bytes(), b"\0"]), &mut |k, _| {
+                        targets.push((read_u64(&k[k.len() - 8..]), dest.clone()));
+                        Ok(true)
+                    })?;
+            }
+            ReplaySelector::EventId(id) => {
+                let mut seqs = Vec::new();
+                self.txn.scan_prefix(&id_prefix(&id), &mut |_, v| {
+                    seqs.push(read_u64(v));
+                    Ok(true)
+                })?;
+                for seq in seqs {
+                    for d in self.deliveries_of(seq)? {
+                        targets.push((seq, d.destination));
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for (seq, dest) in targets {
+            n += usize::from(self.replay_one(seq, &dest)?);
+        }
+        Ok(n)
+    }
+
+    /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most. Events
+    /// go, with their dedup record, once older than both `retain` and their dedup window and
+    /// every delivery is delivered. Events are scanned in sequence (= arrival) order,
+    /// stopping at the first one too young. Returns how many went and where the next batch
+    /// starts (`None`: no older event left).
+    pub(super) fn purge_batch(
+        &mut self,
+        retain: Duration,
+        from: u64,
+    ) -> Result<(usize, Option<u64>), StoreError> {
+        let now = now_ms();
+        let cutoff = now.saturating_sub(retain.as_millis() as u64);
+        let mut old = Vec::new();
+        let mut next = None;
+        self.txn.scan_from(b"e/", &event_key(from), &mut |k, raw| {
+            let seq = read_u64(&k[2..10]);
+            if old.len() == PURGE_BATCH {
+                next = Some(seq);
+                return Ok(false);
+            }
+            let (meta, _) = decode_meta(raw)?;
+            if meta.received_ms >= cutoff {
+                return Ok(false);
+            }
+            old.push((seq, meta));
+            Ok(true)
+        })?;
+        let mut removed = 0;
+        for (seq, meta) in old {
+            let dk = dedup_key(&meta.source, &meta.id);
+            let dedup = self.txn.get(&dk)?;
+            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == seq);
+            if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now) {
+                continue; // still inside its dedup window
+            }
+            let deliveries = self.deliveries_of(seq)?;
+            if deliveries
+                .iter()
+                .any(|d| d.state != DeliveryState::Delivered)
+            {
+                continue;
+            }
+            if ours {
+                self.txn.delete(&dk)?;
+            }
+            for d in deliveries {
+                self.txn.delete(&delivery_key(seq, &d.destination))?;
+            }
+            self.txn.delete(&event_key(seq))?;
+            self.txn.delete(&reply_key(seq))?;
+            removed += 1;
+        }
+        Ok((removed, next))
+    }
+}

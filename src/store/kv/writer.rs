@@ -1,0 +1,163 @@
+//! The writer thread and group commit: one thread applies every mutation; operations that
+//! queue up while a group commits form the next group (one transaction, one durable
+//! commit), and then every caller of the group is answered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use super::depth::persist_depth;
+use super::keys::*;
+use super::Shared;
+use crate::store::engine::{self, Engine, Txn};
+use crate::store::StoreError;
+
+/// Operations one commit may cover at most.
+pub(super) const MAX_GROUP: usize = 4096;
+
+pub(super) type Done = Box<dyn FnOnce(Option<StoreError>) + Send>;
+pub(super) type Job = Box<dyn FnOnce(&mut Writer<'_>) -> Done + Send>;
+
+/// Whether a job's caller is waiting on its commit to answer somebody (an accept: the
+/// provider waits for its 200) or only bookkeeping that may ride with a later commit
+/// (a delivery outcome: lost in a crash, the delivery is made again).
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Urgency {
+    Now,
+    CanWait,
+}
+
+/// How long a group made only of jobs that can wait stays open for company. Outcomes then
+/// share the commit of the next accept instead of paying for one of their own: at 2,000
+/// events/s that halves the commits (docs/performance.md).
+pub(super) const COMPANY_WAIT: Duration = Duration::from_millis(2);
+
+/// The writer thread's view of one group.
+pub(super) struct Writer<'a> {
+    pub(super) txn: &'a mut dyn Txn,
+    /// Pending counts as of the last commit.
+    pub(super) committed: &'a RwLock<HashMap<String, Arc<AtomicU64>>>,
+    pub(super) next_seq: &'a mut u64,
+    /// Queue depth changes, applied once the group is committed.
+    pub(super) depth: HashMap<String, i64>,
+    /// Destinations to wake once the group is committed.
+    pub(super) wakes: HashSet<String>,
+}
+
+pub(super) fn writer_loop<E: Engine>(
+    shared: Arc<Shared<E>>,
+    mut next_seq: u64,
+    rx: mpsc::Receiver<(Job, Urgency)>,
+) {
+    let mut done: Vec<Done> = Vec::with_capacity(MAX_GROUP);
+    while let Ok((first, urgency)) = rx.recv() {
+        let mut first = Some(first);
+        let mut urgent = urgency == Urgency::Now;
+        let mut depth = HashMap::new();
+        let mut wakes = HashSet::new();
+        let committed = shared.engine.group(&mut |txn| {
+            let mut w = Writer {
+                txn,
+                committed: &shared.depth,
+                next_seq: &mut next_seq,
+                depth: HashMap::new(),
+                wakes: HashSet::new(),
+            };
+            if let Some(job) = first.take() {
+                done.push(job(&mut w));
+            }
+            let company_until = Instant::now() + COMPANY_WAIT;
+            while done.len() < MAX_GROUP {
+                let (job, urgency) = match rx.try_recv() {
+                    Ok(next) => next,
+                    Err(_) if urgent => break,
+                    Err(_) => {
+                        let left = company_until.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(left) {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        }
+                    }
+                };
+                urgent |= urgency == Urgency::Now;
+                done.push(job(&mut w));
+            }
+            if let Err(e) = persist_depth(w.txn, &w.depth) {
+                w.txn.abort_op();
+                let _ = w.txn.put(RECOUNT_KEY, b"1").and_then(|_| w.txn.end_op());
+                tracing::warn!(error = %e, "keeping the queue counts failed; rebuilt at the next start");
+            }
+            depth = std::mem::take(&mut w.depth);
+            wakes = std::mem::take(&mut w.wakes);
+        });
+        if let Some(job) = first.take() {
+            // The transaction could not even start: the operation fails unrun.
+            let e = committed
+                .err()
+                .unwrap_or_else(|| StoreError::Unavailable("no transaction".into()));
+            let d = job(&mut Writer {
+                txn: &mut FailedTxn(e.clone()),
+                committed: &shared.depth,
+                next_seq: &mut next_seq,
+                depth: HashMap::new(),
+                wakes: HashSet::new(),
+            });
+            d(Some(e));
+            continue;
+        }
+        // Counters first, so a caller that reads them after its answer sees its change.
+        if committed.is_ok() {
+            for (dest, delta) in depth {
+                let c = shared.depth_counter(&dest);
+                if delta >= 0 {
+                    c.fetch_add(delta as u64, Ordering::Relaxed);
+                } else {
+                    let down = delta.unsigned_abs();
+                    let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(down))
+                    });
+                }
+            }
+        }
+        for d in done.drain(..) {
+            d(committed.as_ref().err().cloned());
+        }
+        if committed.is_ok() {
+            let wakeups = shared.wakeups.read().unwrap();
+            for dest in wakes {
+                if let Some(n) = wakeups.get(&dest) {
+                    n.notify_one();
+                }
+            }
+        }
+    }
+    let _ = shared.engine.sync();
+}
+
+/// Stands in when a group's transaction cannot even start: every operation fails.
+pub(super) struct FailedTxn(StoreError);
+
+impl Txn for FailedTxn {
+    fn get(&mut self, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Err(self.0.clone())
+    }
+    fn scan_from(
+        &mut self,
+        _: &[u8],
+        _: &[u8],
+        _: &mut engine::Visit<'_>,
+    ) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn put(&mut self, _: &[u8], _: &[u8]) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn delete(&mut self, _: &[u8]) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn end_op(&mut self) -> Result<(), StoreError> {
+        Err(self.0.clone())
+    }
+    fn abort_op(&mut self) {}
+}
