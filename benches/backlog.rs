@@ -46,6 +46,7 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
                         received_ms: now_ms(),
                         destinations: vec!["slow".into()],
                         max_queue: Vec::new(),
+                        order_keys: Vec::new(),
                         held: None,
                         dedup_window: Duration::from_secs(3600),
                     })

@@ -141,6 +141,7 @@ fn store_accept(c: &mut Criterion) {
                                 received_ms: now_ms(),
                                 destinations: vec!["d".into()],
                                 max_queue: Vec::new(),
+                                order_keys: Vec::new(),
                                 held: None,
                                 dedup_window: Duration::from_secs(3600),
                             };

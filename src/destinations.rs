@@ -1,11 +1,18 @@
 //! What the delivery side knows of each destination right now, for the admin API and the
-//! console: requests in flight, consecutive failed attempts and the last error. Written by
-//! the schedulers, read by the admin listener; kept in memory only (a restart starts at
-//! zero, while pauses, which are the operator's decision, live in the store).
+//! console: requests in flight, consecutive failed attempts, the last error, and its
+//! breaker (CONTRACT §8). Written by the schedulers, read by the admin listener; kept in
+//! memory only (a restart starts closed and at zero, while pauses, which are the
+//! operator's decision, live in the store).
+//!
+//! The breaker: after `failures` consecutive failed (non-2xx) attempts it opens and nothing
+//! is sent for `cool_down`; then one attempt probes: a 2xx closes it, a failure opens it
+//! again. Deliveries wait meanwhile: no attempt is spent, nothing is made dead.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::Breaker;
 
 /// One destination's live figures.
 #[derive(Debug, Default)]
@@ -13,6 +20,37 @@ pub struct DestinationStatus {
     in_flight: AtomicU64,
     consecutive_failures: AtomicU64,
     last_error: Mutex<Option<String>>,
+    breaker: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum BreakerState {
+    #[default]
+    Closed,
+    /// Nothing is sent before this time (ms).
+    Open { until_ms: u64 },
+    /// One attempt is out to probe the destination.
+    Probing,
+}
+
+/// What the breaker lets the scheduler do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Send,
+    /// Send this one only: it probes the destination.
+    Probe,
+    /// Send nothing before this time (ms).
+    WaitUntil(u64),
+    /// Send nothing until the probe's outcome.
+    WaitProbe,
+}
+
+/// A change of the breaker's state, to be logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Opened,
+    Reopened,
+    Closed,
 }
 
 impl DestinationStatus {
@@ -28,15 +66,55 @@ impl DestinationStatus {
             });
     }
 
-    /// An attempt succeeded (`None`) or failed with `error`.
-    pub fn outcome(&self, error: Option<&str>) {
-        match error {
-            None => self.consecutive_failures.store(0, Ordering::Relaxed),
-            Some(_) => {
-                self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+    /// What `breaker` lets the scheduler do at `now_ms`.
+    pub fn gate(&self, breaker: &Breaker, now_ms: u64) -> Gate {
+        let mut state = self.breaker.lock().unwrap();
+        match *state {
+            _ if breaker.failures == 0 => {
+                *state = BreakerState::Closed;
+                Gate::Send
             }
+            BreakerState::Closed => Gate::Send,
+            BreakerState::Open { until_ms } if now_ms < until_ms => Gate::WaitUntil(until_ms),
+            BreakerState::Open { .. } => {
+                *state = BreakerState::Probing;
+                Gate::Probe
+            }
+            BreakerState::Probing => Gate::WaitProbe,
         }
+    }
+
+    /// An attempt was delivered (`error` is `None`) or failed with `error`, at `now_ms`;
+    /// returns the breaker's change of state, if any.
+    pub fn outcome(&self, error: Option<&str>, breaker: &Breaker, now_ms: u64) -> Option<Change> {
         *self.last_error.lock().unwrap() = error.map(str::to_string);
+        let mut state = self.breaker.lock().unwrap();
+        let Some(_) = error else {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            let was = std::mem::take(&mut *state);
+            return (was != BreakerState::Closed).then_some(Change::Closed);
+        };
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let open = BreakerState::Open {
+            until_ms: now_ms.saturating_add(breaker.cool_down.as_millis() as u64),
+        };
+        match *state {
+            _ if breaker.failures == 0 => None,
+            BreakerState::Probing => {
+                *state = open;
+                Some(Change::Reopened)
+            }
+            BreakerState::Closed if failures >= u64::from(breaker.failures) => {
+                *state = open;
+                Some(Change::Opened)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the breaker is open (or probing): the destination's state is `open`.
+    pub fn breaker_open(&self) -> bool {
+        *self.breaker.lock().unwrap() != BreakerState::Closed
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -67,5 +145,50 @@ impl Statuses {
             .entry(name.to_string())
             .or_default()
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn opens_after_n_failures_waits_probes_once_and_closes_on_success() {
+        let b = Breaker {
+            failures: 3,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
+        assert_eq!(s.gate(&b, 0), Gate::Send);
+        assert_eq!(s.outcome(Some("HTTP 503"), &b, 10), Some(Change::Opened));
+        assert!(s.breaker_open());
+        assert_eq!(s.gate(&b, 500), Gate::WaitUntil(1010));
+        assert_eq!(s.gate(&b, 1010), Gate::Probe);
+        assert_eq!(s.gate(&b, 1011), Gate::WaitProbe, "one probe at a time");
+        assert_eq!(s.outcome(Some("timeout"), &b, 1100), Some(Change::Reopened));
+        assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(2100));
+        assert_eq!(s.gate(&b, 2100), Gate::Probe);
+        assert_eq!(s.outcome(None, &b, 2150), Some(Change::Closed));
+        assert!(!s.breaker_open());
+        assert_eq!(s.consecutive_failures(), 0);
+        assert_eq!(s.gate(&b, 2151), Gate::Send);
+    }
+
+    #[test]
+    fn failures_zero_is_off() {
+        let b = Breaker {
+            failures: 0,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        for _ in 0..100 {
+            assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
+        }
+        assert_eq!(s.gate(&b, 0), Gate::Send);
+        assert_eq!(s.consecutive_failures(), 100);
     }
 }

@@ -1,4 +1,5 @@
-//! Event ids: the source's `event_id` JSONPaths, or the body's SHA-256.
+//! Event ids (the source's `event_id` JSONPaths, or the body's SHA-256) and `order_by`
+//! keys: both are the values of compiled JSONPaths, joined.
 //!
 //! Each path is compiled once. Plain member paths (`$.payload.eventId`) take a direct walk
 //! over the JSON tree; anything else goes through the RFC 9535 engine. The values found are
@@ -92,8 +93,9 @@ fn push_value(v: &Value, out: &mut String) -> bool {
     }
 }
 
-/// The event id of `event` (the decoded JSON) received as `body`.
-pub fn event_id(paths: &[IdPath], event: &Value, body: &[u8]) -> String {
+/// The values `paths` find in `event`, joined with [`SEPARATOR`]; `None` when none finds one.
+/// Event ids and `order_by` keys are made this way.
+pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut out = String::new();
     for p in paths {
         let mark = out.len();
@@ -104,11 +106,12 @@ pub fn event_id(paths: &[IdPath], event: &Value, body: &[u8]) -> String {
             out.truncate(mark);
         }
     }
-    if out.is_empty() {
-        body_hash(body)
-    } else {
-        out
-    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The event id of `event` (the decoded JSON) received as `body`.
+pub fn event_id(paths: &[IdPath], event: &Value, body: &[u8]) -> String {
+    joined(paths, event).unwrap_or_else(|| body_hash(body))
 }
 
 /// Lowercase hex SHA-256 of `body`.

@@ -105,6 +105,9 @@ impl Filter {
 pub struct Fanout {
     /// Destination indexes, each once, in the order routes name them.
     pub destinations: Vec<usize>,
+    /// For each destination, the first route (in file order) that sends the event there:
+    /// its `order_by` orders the delivery.
+    pub via: Vec<usize>,
     /// Index of the first matching route that has a `reply`.
     pub reply_route: Option<usize>,
 }
@@ -129,6 +132,7 @@ pub fn route(config: &Config, source: &Source, wrapped: &Value) -> Fanout {
         for &d in &r.to {
             if !out.destinations.contains(&d) {
                 out.destinations.push(d);
+                out.via.push(ri);
             }
         }
     }

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
-use hookrelay::config::{Destination, Rate, RetryPolicy};
+use hookrelay::config::{Breaker, Destination, Rate, RetryPolicy};
 use hookrelay::delivery::{send_once, HttpClient, SendError};
 use hookrelay::store::{DeliveryState, ReplaySelector, StoredEvent};
 use support::{post, start_relay, stop_relay, wait_state, Reply, Sink};
@@ -609,6 +609,10 @@ fn destination(url: &str) -> Destination {
         rate: Rate {
             per_second: 1.0,
             burst: 1,
+        },
+        breaker: Breaker {
+            failures: 0,
+            cool_down: Duration::from_secs(30),
         },
     }
 }

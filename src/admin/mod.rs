@@ -306,6 +306,8 @@ fn destination_names(app: &App) -> Vec<String> {
 fn state_of(app: &App, name: &str) -> &'static str {
     if app.store.paused(name) {
         "paused"
+    } else if app.statuses.of(name).breaker_open() {
+        "open"
     } else {
         "ok"
     }

@@ -90,6 +90,7 @@ mod tests {
             last_status: Some(503),
             last_error: Some("HTTP 503".into()),
             updated_ms: 1_764_000_000_000,
+            order_key: None,
         };
         let v = delivery("ev-1", "voice", &d);
         assert_eq!(v["event_id"], "ev-1");

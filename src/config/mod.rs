@@ -161,6 +161,15 @@ pub struct Destination {
     pub max_queue: u64,
     pub retry: RetryPolicy,
     pub rate: Rate,
+    pub breaker: Breaker,
+}
+
+/// `breaker`: after `failures` consecutive failed attempts nothing is sent for `cool_down`,
+/// then one attempt probes. `failures = 0`: off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breaker {
+    pub failures: u32,
+    pub cool_down: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +197,8 @@ pub struct Route {
     /// Indexes into `Config::destinations`.
     pub to: Vec<usize>,
     pub reply: Option<Reply>,
+    /// `order_by`: deliveries sharing the joined values go one at a time, in accept order.
+    pub order_by: Vec<crate::event_id::IdPath>,
 }
 
 #[derive(Debug)]

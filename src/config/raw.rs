@@ -74,6 +74,14 @@ pub struct RawDelivery {
     pub max_queue: Option<Spanned<i64>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub rate: Option<Spanned<RawRate>>,
+    pub breaker: Option<Spanned<RawBreaker>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failures: Option<Spanned<i64>>,
+    pub cool_down: Option<Str>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -142,6 +150,7 @@ pub struct RawDestination {
     pub max_queue: Option<Spanned<i64>>,
     pub retry: Option<Spanned<RawRetry>>,
     pub rate: Option<Spanned<RawRate>>,
+    pub breaker: Option<Spanned<RawBreaker>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +169,7 @@ pub struct RawRoute {
     pub filter: Option<Str>,
     pub to: Spanned<Vec<Str>>,
     pub reply: Option<Spanned<RawReply>>,
+    pub order_by: Option<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -171,6 +171,7 @@ struct DeliveryDefaults {
     max_queue: u64,
     retry: RetryPolicy,
     rate: Rate,
+    breaker: Breaker,
 }
 
 impl Cx<'_> {
@@ -608,6 +609,29 @@ impl Cx<'_> {
         p
     }
 
+    fn breaker(&mut self, r: &RawBreaker, key: &str, base: &Breaker) -> Breaker {
+        let mut out = base.clone();
+        if let Some(f) = &r.failures {
+            match u32::try_from(*f.get_ref()) {
+                Ok(n) => out.failures = n,
+                Err(_) => self.err(
+                    Some(f.span()),
+                    &format!("{key}.failures"),
+                    format!("must be a whole number from 0 (off) to {}", u32::MAX),
+                ),
+            }
+        }
+        out.cool_down = self.duration(&r.cool_down, &format!("{key}.cool_down"), out.cool_down);
+        if out.cool_down.is_zero() {
+            self.err(
+                r.cool_down.as_ref().map(|s| s.span()),
+                &format!("{key}.cool_down"),
+                "must be greater than 0",
+            );
+        }
+        out
+    }
+
     fn rate(&mut self, r: &RawRate, key: &str, base: &Rate) -> Rate {
         let mut out = base.clone();
         if let Some(ps) = &r.per_second {
@@ -651,8 +675,15 @@ impl Cx<'_> {
                 per_second: 100.0,
                 burst: 100,
             },
+            breaker: Breaker {
+                failures: 0,
+                cool_down: Duration::from_secs(30),
+            },
         };
         let Some(r) = raw else { return d };
+        if let Some(b) = &r.breaker {
+            d.breaker = self.breaker(b.get_ref(), "delivery.breaker", &d.breaker);
+        }
         d.timeout = self.duration(&r.timeout, "delivery.timeout", d.timeout);
         d.max_in_flight = self.positive(&r.max_in_flight, "delivery.max_in_flight", 32) as usize;
         d.max_queue = self.positive(&r.max_queue, "delivery.max_queue", d.max_queue);
@@ -735,6 +766,10 @@ impl Cx<'_> {
             Some(rt) => self.rate(rt.get_ref(), &format!("{key}.rate"), &defaults.rate),
             None => defaults.rate.clone(),
         };
+        let breaker = match &r.breaker {
+            Some(b) => self.breaker(b.get_ref(), &format!("{key}.breaker"), &defaults.breaker),
+            None => defaults.breaker.clone(),
+        };
         Destination {
             name,
             url,
@@ -753,6 +788,7 @@ impl Cx<'_> {
             ),
             retry,
             rate,
+            breaker,
         }
     }
 
@@ -1053,6 +1089,21 @@ impl Cx<'_> {
                 fallback_content_type: content_type,
             })
         });
+        let mut order_by = Vec::new();
+        for (j, p) in raw.order_by.iter().flatten().enumerate() {
+            let k = format!("{key}.order_by[{j}]");
+            let Some(text) = self.string(p, &k) else {
+                continue;
+            };
+            match IdPath::compile(&text) {
+                Ok(ip) => order_by.push(ip),
+                Err(e) => self.err(
+                    Some(p.span()),
+                    &k,
+                    format!("invalid JSONPath {text:?}: {e}"),
+                ),
+            }
+        }
         Some(Route {
             name,
             source: source?,
@@ -1060,6 +1111,7 @@ impl Cx<'_> {
             filter,
             to,
             reply,
+            order_by,
         })
     }
 }

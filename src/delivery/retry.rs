@@ -213,6 +213,7 @@ mod tests {
             last_status: None,
             last_error: None,
             updated_ms: 0,
+            order_key: None,
         }
     }
 

@@ -31,7 +31,7 @@ use super::client::send_once;
 use super::retry;
 use super::Context;
 use crate::config::{Destination, Rate};
-use crate::destinations::DestinationStatus;
+use crate::destinations::{Change, DestinationStatus, Gate};
 use crate::store::{now_ms, Delivery, DeliveryKey, Outcome};
 
 /// The fewest and most deliveries one pass reads.
@@ -236,6 +236,15 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 next_due = Some(d.next_due_ms);
                 break;
             }
+            let probe = match in_flight.status.gate(&dest.breaker, now_ms()) {
+                Gate::Send => false,
+                Gate::Probe => true,
+                Gate::WaitUntil(t) => {
+                    next_due = Some(t);
+                    break;
+                }
+                Gate::WaitProbe => break,
+            };
             let permit = tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
@@ -249,8 +258,12 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             let guard = in_flight.enter(d.seq);
             ctx.tasks
                 .spawn(attempt(ctx.clone(), dest.clone(), d, permit, guard));
+            if probe {
+                info!(destination = %name, "breaker: cool-down over; one attempt probes the destination");
+                break;
+            }
         }
-        if full && next_due.is_none() {
+        if full && next_due.is_none() && !in_flight.status.breaker_open() {
             continue; // more may be due right now
         }
         let sleep = next_due.map(|t| t.saturating_sub(now_ms()));
@@ -342,10 +355,23 @@ async fn attempt(
         ctx.app
             .metrics
             .delivery(&dest.name, word, took.as_secs_f64());
-        guard.set.status.outcome(match &outcome {
+        let error = match &outcome {
             Outcome::Delivered { .. } => None,
-            Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error),
-        });
+            Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error.as_str()),
+        };
+        match guard.set.status.outcome(error, &dest.breaker, now_ms()) {
+            Some(Change::Opened) => warn!(
+                failures = dest.breaker.failures,
+                cool_down = ?dest.breaker.cool_down,
+                "breaker open: nothing is sent to this destination during the cool-down"
+            ),
+            Some(Change::Reopened) => warn!(
+                cool_down = ?dest.breaker.cool_down,
+                "breaker: the probe failed; open again"
+            ),
+            Some(Change::Closed) => info!("breaker closed: the destination answers again"),
+            None => {}
+        }
         store_outcome(&ctx, &key, outcome, guard).await;
     }
     .instrument(span)

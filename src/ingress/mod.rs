@@ -181,6 +181,17 @@ async fn accept(
         .iter()
         .map(|&d| config.destinations[d].max_queue)
         .collect();
+    // `order_by` of the first route (in file order) that sends it to each destination.
+    let order_keys = fanout
+        .via
+        .iter()
+        .map(|&ri| {
+            let r = &config.routes[ri];
+            (!r.order_by.is_empty())
+                .then(|| crate::event_id::joined(&r.order_by, &wrapped[0]))
+                .flatten()
+        })
+        .collect();
     let accepting = app.store.accept(NewEvent {
         source: source.name.clone(),
         id: id.clone(),
@@ -189,6 +200,7 @@ async fn accept(
         received_ms,
         destinations,
         max_queue,
+        order_keys,
         held,
         dedup_window: config.dedup_window,
     });

@@ -98,6 +98,7 @@ pub async fn call(
                     last_status: None,
                     last_error: None,
                     updated_ms: now,
+                    order_key: None,
                 };
                 retry::decide(&dest.retry, &pending, &result, now, rand::random())
             });

@@ -51,6 +51,9 @@ pub struct NewEvent {
     /// The `max_queue` of each destination, in the same order (checked by the writer, so
     /// concurrent requests cannot push a queue past it).
     pub max_queue: Vec<u64>,
+    /// The `order_by` key of each destination's delivery, in the same order (`None`: not
+    /// ordered; the list may be shorter than `destinations`).
+    pub order_keys: Vec<Option<String>>,
     /// A destination whose delivery is due only later (ms): a reply route calls it
     /// synchronously first, and the stored delivery is the fallback if that call fails.
     pub held: Option<(String, u64)>,
@@ -127,6 +130,9 @@ pub struct Delivery {
     pub last_status: Option<u16>,
     pub last_error: Option<String>,
     pub updated_ms: u64,
+    /// The `order_by` key: deliveries of one destination sharing it go one at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_key: Option<String>,
 }
 
 /// The outcome of one attempt, written by delivery.

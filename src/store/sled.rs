@@ -102,20 +102,47 @@ impl Txn for SledTxn<'_> {
         }
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
-    /// Sees earlier operations of the group, not the current one's own writes.
+    /// Sees earlier operations of the group and the current one's own writes.
     fn scan_from(
         &mut self,
         prefix: &[u8],
         from: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        for kv in self.db.range(from.max(prefix)..) {
-            let (k, v) = kv?;
-            if !k.starts_with(prefix) || !visit(&k, &v)? {
-                break;
+        let start = from.max(prefix).to_vec();
+        let mut mine = self
+            .overlay
+            .range(start.clone()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .peekable();
+        let mut stored = self.db.range(start..).peekable();
+        loop {
+            let next_stored = match stored.peek() {
+                Some(Ok((k, _))) if k.starts_with(prefix) => Some(k.to_vec()),
+                Some(Err(_)) => return Err(stored.next().unwrap().unwrap_err().into()),
+                _ => None,
+            };
+            let (k, v): (Vec<u8>, Option<Vec<u8>>) = match (mine.peek(), next_stored) {
+                (None, None) => return Ok(()),
+                // This operation's write comes first, or replaces the stored value.
+                (Some((mk, _)), s) if s.as_ref().is_none_or(|sk| *mk <= sk) => {
+                    if s.as_ref() == Some(*mk) {
+                        stored.next();
+                    }
+                    let (mk, mv) = mine.next().unwrap();
+                    (mk.clone(), mv.clone())
+                }
+                _ => {
+                    let (k, v) = stored.next().unwrap()?;
+                    (k.to_vec(), Some(v.to_vec()))
+                }
+            };
+            if let Some(v) = v {
+                if !visit(&k, &v)? {
+                    return Ok(());
+                }
             }
         }
-        Ok(())
     }
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.batch.insert(key, value);
@@ -135,5 +162,46 @@ impl Txn for SledTxn<'_> {
     fn abort_op(&mut self) {
         self.overlay.clear();
         self.batch = ::sled::Batch::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scan inside an operation sees that operation's own puts and deletes, merged in key
+    /// order with what is stored.
+    #[test]
+    fn a_scan_sees_the_operations_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        for k in [b"p/a", b"p/c", b"p/e"] {
+            db.insert(k, b"stored").unwrap();
+        }
+        let engine = SledEngine { db };
+        let mut seen = Vec::new();
+        engine
+            .group(&mut |txn| {
+                txn.delete(b"p/c").unwrap();
+                txn.put(b"p/b", b"mine").unwrap();
+                txn.put(b"p/e", b"mine").unwrap();
+                txn.put(b"q/x", b"other prefix").unwrap();
+                txn.scan_prefix(b"p/", &mut |k, v| {
+                    seen.push((k.to_vec(), v.to_vec()));
+                    Ok(true)
+                })
+                .unwrap();
+                txn.end_op().unwrap();
+            })
+            .unwrap();
+        let seen: Vec<(&[u8], &[u8])> = seen.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        assert_eq!(
+            seen,
+            [
+                (&b"p/a"[..], &b"stored"[..]),
+                (b"p/b", b"mine"),
+                (b"p/e", b"mine")
+            ]
+        );
     }
 }

@@ -47,6 +47,8 @@ pub enum Action {
     Reset,
     /// Starts a 200 answer promising a 100-byte body, sends 10 bytes of it, then closes.
     Truncate,
+    /// Answers this status after this many milliseconds.
+    Later(u16, u64),
 }
 
 /// One request as the sink saw it.
@@ -63,11 +65,12 @@ pub struct Arrival {
 impl Arrival {
     /// Answered 2xx: the relay counts this as delivered.
     pub fn delivered(&self) -> bool {
-        matches!(self.action, Action::Answer(s) if (200..300).contains(&s))
+        matches!(self.action, Action::Answer(s) | Action::Later(s, _) if (200..300).contains(&s))
     }
 }
 
-type Behaviour = Arc<dyn Fn(usize) -> Action + Send + Sync>;
+/// Decides a request's fate from its arrival number (0-based) and its `webhook-id`.
+type Behaviour = Arc<dyn Fn(usize, &str) -> Action + Send + Sync>;
 
 struct SinkState {
     /// Decides each request's fate from its arrival number (0-based).
@@ -90,6 +93,14 @@ pub struct FaultSink {
 impl FaultSink {
     /// Starts a sink whose `behaviour(n)` decides what happens to the n-th request.
     pub async fn start(behaviour: impl Fn(usize) -> Action + Send + Sync + 'static) -> FaultSink {
+        Self::by_request(move |n, _| behaviour(n)).await
+    }
+
+    /// Starts a sink whose `behaviour(n, id)` decides from the arrival number and the
+    /// request's `webhook-id` (the event id).
+    pub async fn by_request(
+        behaviour: impl Fn(usize, &str) -> Action + Send + Sync + 'static,
+    ) -> FaultSink {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(SinkState {
@@ -131,7 +142,7 @@ impl FaultSink {
 
     /// Changes what the sink does from the next request on.
     pub fn set_behaviour(&self, behaviour: impl Fn(usize) -> Action + Send + Sync + 'static) {
-        *self.state.behaviour.lock().unwrap() = Arc::new(behaviour);
+        *self.state.behaviour.lock().unwrap() = Arc::new(move |n, _| behaviour(n));
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -295,7 +306,7 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
         buf.drain(..head_end + len);
         let n = state.next.fetch_add(1, Ordering::SeqCst);
         let behaviour = state.behaviour.lock().unwrap().clone();
-        let action = behaviour(n);
+        let action = behaviour(n, &id);
         state.log.lock().unwrap().push(Arrival {
             id,
             attempt,
@@ -304,7 +315,10 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
         });
         state.count.send_modify(|c| *c += 1);
         match action {
-            Action::Answer(status) => {
+            Action::Answer(status) | Action::Later(status, _) => {
+                if let Action::Later(_, ms) = action {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
                 let resp = format!(
                     "HTTP/1.1 {status} {}\r\ncontent-length: 0\r\n\r\n",
                     reason(status)

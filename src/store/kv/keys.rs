@@ -38,6 +38,15 @@ pub(super) fn queue_prefix(dest: &str) -> Vec<u8> {
 pub(super) fn queue_key(dest: &str, due: u64, seq: u64) -> Vec<u8> {
     key(&[b"q/", dest.as_bytes(), b"\0", &be(due), &be(seq)])
 }
+/// Pending deliveries of `dest` sharing the order key `order`, in accept order; the key is
+/// length-prefixed so that no key's prefix is another's.
+pub(super) fn order_prefix(dest: &str, order: &str) -> Vec<u8> {
+    let len = (order.len() as u32).to_be_bytes();
+    key(&[b"o/", dest.as_bytes(), b"\0", &len, order.as_bytes()])
+}
+pub(super) fn order_key(dest: &str, order: &str, seq: u64) -> Vec<u8> {
+    key(&[&order_prefix(dest, order), &be(seq)])
+}
 pub(super) fn dead_key(dest: &str, seq: u64) -> Vec<u8> {
     key(&[b"z/", dest.as_bytes(), b"\0", &be(seq)])
 }

@@ -13,6 +13,10 @@
 //!   expiry is checked when read, and the record goes when its event is purged
 //! - `l/<seq><dest>` delivery record (JSON)
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order
+//! - `o/<dest>\0<len><order key><seq>` pending deliveries of an `order_by` key, in accept
+//!   order. Only the first of a key (its head) is in `q/`: the others wait here, out of the
+//!   due queue, so a key that waits holds back nothing else; when the head is delivered or
+//!   dead, the next one is put in `q/`
 //! - `z/<dest>\0<seq>` dead deliveries
 //! - `r/<seq>` the stored answer of a reply route
 //! - `p/<dest>` present while the destination is paused

@@ -77,11 +77,12 @@ impl Writer<'_> {
         self.txn
             .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
         self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
-        for dest in &ev.destinations {
+        for (i, dest) in ev.destinations.iter().enumerate() {
             let due = match &ev.held {
                 Some((held, until)) if held == dest => *until,
                 _ => ev.received_ms,
             };
+            let order_key = ev.order_keys.get(i).cloned().flatten();
             let d = Delivery {
                 seq,
                 destination: dest.clone(),
@@ -93,16 +94,63 @@ impl Writer<'_> {
                 last_status: None,
                 last_error: None,
                 updated_ms: ev.received_ms,
+                order_key,
             };
             self.txn
                 .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
-            self.txn.put(&queue_key(dest, due, seq), &[])?;
+            if self.join_order(&d)? {
+                self.txn.put(&queue_key(dest, due, seq), &[])?;
+            }
         }
         for dest in &ev.destinations {
             *self.depth.entry(dest.clone()).or_default() += 1;
             self.wakes.insert(dest.clone());
         }
         Ok(Admission::Accepted { seq })
+    }
+
+    /// Enters an ordered delivery in its key's line; whether it is the head (then it goes in
+    /// the due queue now) or waits behind others. An unordered one is always its own head.
+    fn join_order(&mut self, d: &Delivery) -> Result<bool, StoreError> {
+        let Some(order) = &d.order_key else {
+            return Ok(true);
+        };
+        let prefix = order_prefix(&d.destination, order);
+        let mut waiting = false;
+        self.txn.scan_prefix(&prefix, &mut |_, _| {
+            waiting = true;
+            Ok(false)
+        })?;
+        self.txn
+            .put(&order_key(&d.destination, order, d.seq), &[])?;
+        Ok(!waiting)
+    }
+
+    /// An ordered delivery leaves its key's line (delivered or dead): the first still in the
+    /// line becomes the head and goes in the due queue (again, if it already was: the same
+    /// key, so nothing changes).
+    fn leave_order(&mut self, d: &Delivery) -> Result<(), StoreError> {
+        let Some(order) = &d.order_key else {
+            return Ok(());
+        };
+        self.txn.delete(&order_key(&d.destination, order, d.seq))?;
+        let prefix = order_prefix(&d.destination, order);
+        let mut next = None;
+        self.txn.scan_prefix(&prefix, &mut |k, _| {
+            next = Some(read_u64(&k[k.len() - 8..]));
+            Ok(false)
+        })?;
+        let Some(seq) = next else {
+            return Ok(());
+        };
+        if let Some(n) = self.delivery(seq, &d.destination)? {
+            if n.state == DeliveryState::Pending {
+                self.txn
+                    .put(&queue_key(&d.destination, n.next_due_ms, seq), &[])?;
+                self.wakes.insert(d.destination.clone());
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn record(&mut self, k: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
@@ -149,6 +197,7 @@ impl Writer<'_> {
             .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
         if leaves_queue {
             *self.depth.entry(k.destination.clone()).or_default() -= 1;
+            self.leave_order(&d)?;
         }
         Ok(())
     }
@@ -167,7 +216,10 @@ impl Writer<'_> {
         d.next_due_ms = now;
         d.updated_ms = now;
         self.txn.delete(&dead_key(dest, seq))?;
-        self.txn.put(&queue_key(dest, now, seq), &[])?;
+        // An ordered one takes its place in its key's line again, by accept order.
+        if self.join_order(&d)? {
+            self.txn.put(&queue_key(dest, now, seq), &[])?;
+        }
         self.txn
             .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
         *self.depth.entry(dest.to_string()).or_default() += 1;

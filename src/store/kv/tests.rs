@@ -14,6 +14,7 @@ fn ev(id: &str, dests: &[&str]) -> NewEvent {
         received_ms: now_ms(),
         destinations: dests.iter().map(|s| s.to_string()).collect(),
         max_queue: Vec::new(),
+        order_keys: Vec::new(),
         held: None,
         dedup_window: Duration::from_secs(60),
     }

@@ -1,0 +1,374 @@
+//! Per-key ordering and the breaker (CONTRACT §8): a retrying head holds back only its own
+//! key (across a SIGKILL and restart, on both embedded engines), a dead head lets the next
+//! pass and is replayed later, the dids insert/update/delete of each record arrive in order
+//! under 32 concurrent senders and a destination of varying latency, and a breaker opens
+//! after N failures, probes once per cool-down and closes on a 2xx.
+
+#[path = "common/kill_support.rs"]
+mod kill_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kill_support::{client, tail, try_post, Action, Arrival, FaultSink, RelayProcess};
+use rand::Rng;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Ordered voice events (`order_by = ["$.payload.callId"]`) from `/voice` to the sink.
+fn voice_config(backend: &str, sink: &FaultSink, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "1s"
+
+[store]
+backend = "{backend}"
+
+[delivery]
+retry = {{ first = "100ms", factor = 1.0, max_delay = "100ms" }}
+{extra}
+
+[[sources]]
+name = "voice"
+path = "/voice"
+event_id = ["$.payload.eventId"]
+
+[[destinations]]
+name = "d"
+url = "{}"
+
+[[routes]]
+name = "calls"
+source = "voice"
+order_by = ["$.payload.callId"]
+to = ["d"]
+"#,
+        sink.url("/d")
+    )
+}
+
+fn voice_event(call: &str, i: usize) -> Vec<u8> {
+    format!(
+        r#"{{"namespace":"VOICE","eventType":"CALL_STATUS","payload":{{"eventId":"{call}-{i}","callId":"{call}","n":{i}}}}}"#
+    )
+    .into_bytes()
+}
+
+/// The event ids' numbers of `key`'s arrivals (every attempt), in arrival order.
+fn arrivals_of(log: &[Arrival], key: &str) -> Vec<usize> {
+    log.iter()
+        .filter_map(|a| a.id.strip_prefix(&format!("{key}-")))
+        .map(|n| n.parse().unwrap())
+        .collect()
+}
+
+/// Every attempt of a key's event i comes after every attempt of its events before i:
+/// a redelivery may repeat an event, never reorder two.
+fn assert_in_order(seen: &[usize], what: &str) {
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "{what} out of order: {seen:?}"
+    );
+}
+
+async fn start(dir: &std::path::Path, toml: &str) -> RelayProcess {
+    let cfg = dir.join("routes.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    RelayProcess::spawn(&cfg, &dir.join("relay.log")).await
+}
+
+async fn post_all(relay: &RelayProcess, bodies: &[Vec<u8>]) {
+    let c = client();
+    for b in bodies {
+        let url = format!("http://{}/voice", relay.ingress);
+        let p = try_post(&c, &url, b.clone(), WAIT).await.unwrap();
+        assert_eq!(p.status, 200, "{:?}", p.body);
+    }
+}
+
+async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &str) {
+    // K-0 is refused (503) for its first 2 s; everything else is taken at once.
+    let since = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let first = since.clone();
+    let sink = FaultSink::by_request(move |_, id| {
+        let t0 = *first.lock().unwrap().get_or_insert_with(Instant::now);
+        if id == "K-0" && t0.elapsed() < Duration::from_secs(2) {
+            Action::Answer(503)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = voice_config(backend, &sink, "");
+    let relay = start(dir.path(), &toml).await;
+    let mut bodies = vec![voice_event("K", 0)];
+    for i in 1..10 {
+        bodies.push(voice_event("K", i));
+        bodies.push(voice_event("L", i - 1));
+    }
+    bodies.push(voice_event("L", 9));
+    post_all(&relay, &bodies).await;
+    // L goes on while K's head is refused: all of L arrives during K-0's 503s.
+    let l_done = async {
+        while arrivals_of(&sink.arrivals(), "L").len() < 10
+            || arrivals_of(&sink.arrivals(), "K").len() < 2
+        {
+            sink.wait_count(sink.count() + 1, WAIT).await;
+        }
+    };
+    tokio::time::timeout(WAIT, l_done)
+        .await
+        .expect("L delivered while K-0 retries");
+    let log = sink.arrivals();
+    assert!(
+        arrivals_of(&log, "K").iter().all(|&i| i == 0),
+        "only K's head was tried: {:?}",
+        arrivals_of(&log, "K")
+    );
+    // SIGKILL in the middle of K-0's retries, then start again on the same store.
+    relay.sigkill().await;
+    let relay = start(dir.path(), &toml).await;
+    let all: std::collections::HashSet<String> = (0..10)
+        .flat_map(|i| [format!("K-{i}"), format!("L-{i}")])
+        .collect();
+    if let Err(missing) = sink.wait_delivered(&all, WAIT).await {
+        panic!(
+            "not delivered: {missing:?}\n{}",
+            tail(&dir.path().join("relay.log"))
+        );
+    }
+    let log = sink.arrivals();
+    let k = arrivals_of(&log, "K");
+    assert_in_order(&k, "K");
+    assert_in_order(&arrivals_of(&log, "L"), "L");
+    assert!(
+        k.iter().filter(|&&i| i == 0).count() >= 3,
+        "K-0 was retried: {k:?}"
+    );
+    let k0_done = log
+        .iter()
+        .position(|a| a.id == "K-0" && a.delivered())
+        .unwrap();
+    let l_last = log.iter().rposition(|a| a.id.starts_with("L-")).unwrap();
+    assert!(l_last < k0_done, "L did not wait for K");
+    println!("{backend}: K arrivals {k:?}");
+    drop(relay);
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_redb() {
+    a_retrying_head_holds_back_only_its_key_across_a_sigkill("redb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_sled() {
+    a_retrying_head_holds_back_only_its_key_across_a_sigkill("sled").await;
+}
+
+async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_json::Value {
+    let c = client();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{}{path}", relay.admin))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap_or(serde_json::Value::String(
+        String::from_utf8_lossy(&body).into(),
+    ))
+}
+
+#[tokio::test]
+async fn a_dead_head_lets_the_next_pass_and_is_replayed_later() {
+    let sink = FaultSink::by_request(|n, _| {
+        if n == 0 {
+            Action::Answer(400)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(dir.path(), &voice_config("redb", &sink, "")).await;
+    post_all(
+        &relay,
+        &[
+            voice_event("K", 0),
+            voice_event("K", 1),
+            voice_event("K", 2),
+        ],
+    )
+    .await;
+    assert!(sink.wait_count(3, WAIT).await);
+    let dead = admin(&relay, http::Method::GET, "/api/dead").await;
+    assert_eq!(dead[0]["event_id"], "K-0", "{dead}");
+    let r = admin(&relay, http::Method::POST, "/api/dead/replay?id=K-0").await;
+    assert_eq!(r["replayed"], 1);
+    assert!(sink.wait_count(4, WAIT).await);
+    let log = sink.arrivals();
+    let ids: Vec<&str> = log.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, ["K-0", "K-1", "K-2", "K-0"]);
+    assert!(log[3].delivered());
+    drop(relay);
+    sink.stop().await;
+}
+
+/// The dids fixture `name` for record `id`.
+fn dids(name: &str, id: u64) -> Vec<u8> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("examples/payloads/dids/dids-{name}.json"));
+    let text = std::fs::read_to_string(&p).unwrap();
+    let start = text.find("\\\"id\\\":").expect("an id") + 7;
+    let end = start + text[start..].find(|c: char| !c.is_ascii_digit()).unwrap();
+    format!("{}{id}{}", &text[..start], &text[end..]).into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_records_insert_update_delete_arrive_in_order_under_32_senders() {
+    const SENDERS: u64 = 32;
+    const RECORDS_PER_SENDER: u64 = 4;
+    let sink =
+        FaultSink::by_request(|_, _| Action::Later(200, rand::rng().random_range(0..15))).await;
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[delivery]
+max_in_flight = 32
+rate = {{ per_second = 100000, burst = 1000 }}
+
+[[sources]]
+name = "dids"
+path = "/hooks/dids"
+decode_json = ["data"]
+event_id = ["$.schema", "$.type", "$.data.id"]
+
+[[destinations]]
+name = "numbers"
+url = "{}"
+
+[[routes]]
+name = "did-changes"
+source = "dids"
+match = {{ schema = ["dids"] }}
+order_by = ["$.schema", "$.data.id"]
+to = ["numbers"]
+"#,
+        sink.url("/numbers")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let relay = RelayProcess::spawn(&cfg, &dir.path().join("relay.log")).await;
+    let url = format!("http://{}/hooks/dids", relay.ingress);
+    let mut senders = tokio::task::JoinSet::new();
+    for s in 0..SENDERS {
+        let url = url.clone();
+        senders.spawn(async move {
+            let c = client();
+            // This sender's records, each insert → update → delete, interleaved.
+            for step in ["insert", "update", "delete"] {
+                for r in 0..RECORDS_PER_SENDER {
+                    let id = 50_000 + s * RECORDS_PER_SENDER + r;
+                    let p = try_post(&c, &url, dids(step, id), WAIT).await.unwrap();
+                    assert_eq!(p.status, 200, "{:?}", p.body);
+                }
+            }
+        });
+    }
+    while let Some(r) = senders.join_next().await {
+        r.unwrap();
+    }
+    let all: std::collections::HashSet<String> = (0..SENDERS * RECORDS_PER_SENDER)
+        .flat_map(|r| ["insert", "update", "delete"].map(|s| format!("dids:{s}:{}", 50_000 + r)))
+        .collect();
+    assert!(sink.wait_delivered(&all, WAIT).await.is_ok());
+    let mut per_record: HashMap<String, Vec<String>> = HashMap::new();
+    for a in sink.arrivals() {
+        let mut parts = a.id.split(':');
+        let (_, step, id) = (
+            parts.next(),
+            parts.next().unwrap().to_string(),
+            parts.next().unwrap().to_string(),
+        );
+        per_record.entry(id).or_default().push(step);
+    }
+    assert_eq!(per_record.len() as u64, SENDERS * RECORDS_PER_SENDER);
+    for (id, steps) in per_record {
+        assert_eq!(steps, ["insert", "update", "delete"], "record {id}");
+    }
+    drop(relay);
+    sink.stop().await;
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_closes() {
+    // Arrivals 0..=3 fail (three to open it, then the first probe); the next probe is taken.
+    let sink = FaultSink::start(|n| {
+        if n < 4 {
+            Action::Answer(503)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_in_flight = 1\nbreaker = { failures = 3, cool_down = \"1s\" }";
+    let relay = start(dir.path(), &voice_config("redb", &sink, extra)).await;
+    let bodies: Vec<Vec<u8>> = (0..5).map(|i| voice_event(&format!("c{i}"), 0)).collect();
+    post_all(&relay, &bodies).await;
+    assert!(sink.wait_count(3, WAIT).await);
+    // Open: the API and the gauge say so (within a moment of the third answer).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
+        if d[0]["state"] == "open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never open: {d}");
+        tokio::task::yield_now().await;
+    }
+    let metrics = admin(&relay, http::Method::GET, "/metrics").await;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("hookrelay_destination_state{destination=\"d\",state=\"open\"} 1"),
+        "{text}"
+    );
+    let ids: std::collections::HashSet<String> = (0..5).map(|i| format!("c{i}-0")).collect();
+    assert!(sink.wait_delivered(&ids, WAIT).await.is_ok());
+    let log = sink.arrivals();
+    let gap = |i: usize| log[i].at.duration_since(log[i - 1].at);
+    assert!(
+        gap(3) >= Duration::from_secs(1),
+        "no attempt during the cool-down: {:?}",
+        gap(3)
+    );
+    assert!(
+        gap(4) >= Duration::from_secs(1),
+        "one probe, then the cool-down again: {:?}",
+        gap(4)
+    );
+    assert!(log[4].delivered());
+    // Closed again: the rest went at once, and nothing was made dead by the breaker.
+    let d = admin(&relay, http::Method::GET, "/api/destinations").await;
+    assert_eq!(d[0]["state"], "ok", "{d}");
+    assert_eq!(
+        admin(&relay, http::Method::GET, "/api/dead").await,
+        serde_json::json!([])
+    );
+    drop(relay);
+    sink.stop().await;
+}
