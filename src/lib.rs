@@ -1,14 +1,17 @@
 //! hookrelay: a webhook fan-out relay for provider callbacks.
 //!
 //! # Layout
+//! - [`web`]: the bottom layer: the HTTP server loop every listener shares, JSON answers.
 //! - [`config`]: `routes.toml` → a validated, compiled [`config::Config`].
 //! - [`ingress`]: the public listener; checks, routes and durably accepts events.
-//! - [`routing`], [`event_id`]: which destinations an event goes to, and its id.
-//! - [`store`]: the narrow storage trait, its sled and redb engines (group commit).
-//! - [`delivery`]: per-destination schedulers that send, retry and dead-letter.
+//! - [`routing`], [`event_id`]: which destinations an event goes to, its id, its order keys.
+//! - [`store`]: the narrow storage trait, its logic over a key-value engine (group commit),
+//!   the redb and sled engines.
+//! - [`delivery`]: per-destination schedulers that send, retry, order and dead-letter;
+//!   [`destinations`]: each destination's live state and breaker.
 //! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.
 //! - [`sink`]: `hookrelay sink`, a local receiver for trying routes.
-//! - [`admin`]: health, readiness, metrics, events, dead letters, reload.
+//! - [`admin`]: health, readiness, metrics, the admin API and the operator console.
 //! - [`relay`]: starts and stops the whole thing; [`telemetry`]: logs; [`metrics`].
 
 pub mod admin;

@@ -60,6 +60,10 @@ pub fn routing_table(c: &Config) -> String {
                 cond.join(" "),
                 to.join(", ")
             );
+            if !r.order_by.is_empty() {
+                let keys: Vec<&str> = r.order_by.iter().map(|p| p.text.as_str()).collect();
+                let _ = write!(out, "  (in order per {})", keys.join(" + "));
+            }
             if let Some(rp) = &r.reply {
                 let _ = write!(
                     out,
