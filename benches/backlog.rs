@@ -2,7 +2,8 @@
 //! relay binary started on them. Prints how long the first delivery takes to reach a sink
 //! after the start, and the relay's resident memory (VmRSS from /proc) 3 s after the start,
 //! for each backend (`BENCH_BACKENDS`, default "redb,sled"): once after a clean stop, once
-//! after a SIGKILL.
+//! after a SIGKILL. `BENCH_ORDER_KEYS=100000` gives the deliveries that many `order_by` keys
+//! (round robin), so that only each key's head is in the due queue.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 mod support;
 
 use bytes::Bytes;
-use hookrelay::store::{now_ms, NewEvent, Store};
+use hookrelay::store::{now_ms, EventQuery, NewEvent, Store};
 use tokio::sync::mpsc;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -24,7 +25,7 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn fill(store: Arc<dyn Store>, n: u64) {
+async fn fill(store: Arc<dyn Store>, n: u64, keys: Option<u64>) {
     let body = Bytes::from_static(
         br#"{"namespace":"VOICE","eventType":"CALL_STATUS","payload":{"eventId":"x"}}"#,
     );
@@ -36,6 +37,7 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
             let store = store.clone();
             let body = body.clone();
             let id = format!("backlog-{next}");
+            let key = keys.map(|k| format!("key-{}", next % k));
             tasks.spawn(async move {
                 store
                     .accept(NewEvent {
@@ -46,7 +48,7 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
                         received_ms: now_ms(),
                         destinations: vec!["slow".into()],
                         max_queue: Vec::new(),
-                        order_keys: Vec::new(),
+                        order_keys: vec![key],
                         held: None,
                         dedup_window: Duration::from_secs(3600),
                     })
@@ -57,6 +59,46 @@ async fn fill(store: Arc<dyn Store>, n: u64) {
         }
         tasks.join_next().await;
     }
+}
+
+/// The admin API's event list on the full store: the first page and the 10th (reached
+/// through the cursor), 50 events each, median of 5 reads.
+async fn pages(store: &dyn Store, backend: &str) {
+    let timed = |q: EventQuery| async move {
+        let mut took = Vec::new();
+        let mut page = None;
+        for _ in 0..5 {
+            let t = Instant::now();
+            page = Some(store.recent(&q).await.unwrap());
+            took.push(t.elapsed());
+        }
+        took.sort();
+        (took[2], page.unwrap())
+    };
+    let q = EventQuery {
+        limit: 50,
+        ..EventQuery::default()
+    };
+    let (first, mut page) = timed(q.clone()).await;
+    for _ in 0..8 {
+        page = store
+            .recent(&EventQuery {
+                before: page.next,
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+    }
+    let (tenth, _) = timed(EventQuery {
+        before: page.next,
+        ..q
+    })
+    .await;
+    eprintln!(
+        "{backend}: GET /api/events, 50 per page: page 1 {} µs, page 10 {} µs (median of 5)",
+        first.as_micros(),
+        tenth.as_micros()
+    );
 }
 
 /// Starts the relay binary on `cfg`; returns how long the first delivery took and the
@@ -96,11 +138,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "redb,sled".into());
+    let keys: Option<u64> = std::env::var("BENCH_ORDER_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let rt = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "| backend | pending | fill time | restart after | first delivery after start | relay RSS |"
+        "| backend | pending | order keys | fill time | restart after | first delivery after start | relay RSS |"
     );
-    println!("|---|---:|---:|---|---:|---:|");
+    println!("|---|---:|---:|---:|---|---:|---:|");
     for backend in backends.split(',') {
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
@@ -110,10 +155,11 @@ fn main() {
                 "sled" => hookrelay::store::sled::SledStore::open(&data).unwrap(),
                 _ => hookrelay::store::redb::RedbStore::open(&data).unwrap(),
             };
-            fill(store.clone(), n).await;
+            fill(store.clone(), n, keys).await;
+            let fill_time = started.elapsed();
+            pages(store.as_ref(), backend).await;
             store.close().await.unwrap();
             drop(store);
-            let fill_time = started.elapsed();
 
             let (tx, mut arrivals) = mpsc::unbounded_channel();
             let addr = support::answering_server(Bytes::new(), move |_| {
@@ -145,7 +191,8 @@ rate = {{ per_second = 50, burst = 1 }}
             for restart in ["clean stop", "SIGKILL"] {
                 let (first, rss) = start_relay(&cfg, &mut arrivals).await;
                 println!(
-                    "| {backend} | {n} | {:.1} s | {restart} | {} | {:.1} MiB |",
+                    "| {backend} | {n} | {} | {:.1} s | {restart} | {} | {:.1} MiB |",
+                    keys.map_or("none".to_string(), |k| k.to_string()),
                     fill_time.as_secs_f64(),
                     first.map_or("none within 60 s".to_string(), |d| format!(
                         "{} ms",
