@@ -94,7 +94,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    let var = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let var = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let (events, runs) = (var("BENCH_EVENTS", 20_000), var("BENCH_RUNS", 3) as usize);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -105,13 +110,21 @@ fn main() {
     println!("| mode | deliveries/s (runs) | / unordered |");
     println!("|---|---:|---:|");
     let mut unordered = 0.0;
-    for (name, keys) in [("unordered", None), ("10 keys", Some(10)), ("10,000 keys", Some(10_000))] {
+    for (name, keys) in [
+        ("unordered", None),
+        ("10 keys", Some(10)),
+        ("10,000 keys", Some(10_000)),
+    ] {
         let all: Vec<f64> = (0..runs).map(|_| rt.block_on(run(events, keys))).collect();
         let m = median(all.clone());
         if keys.is_none() {
             unordered = m;
         }
         let shown: Vec<String> = all.iter().map(|r| format!("{r:.0}")).collect();
-        println!("| {name} | {m:.0} ({}) | {:.2} |", shown.join(", "), m / unordered);
+        println!(
+            "| {name} | {m:.0} ({}) | {:.2} |",
+            shown.join(", "),
+            m / unordered
+        );
     }
 }

@@ -460,6 +460,7 @@ async fn secrets_never_reach_logs_or_admin_answers() {
         "SECRETTOKSIGN5520",
         "SECRETDESTKEY4410",
         "SECRETSIGN9906",
+        "SECRETADMIN3307",
     ];
     let cfg_text = format!(
         r#"
@@ -467,6 +468,7 @@ async fn secrets_never_reach_logs_or_admin_answers() {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 token_secret = "{}"
+admin_token = "{}"
 [delivery]
 retry = {{ first = "1h" }}
 [[sources]]
@@ -491,7 +493,7 @@ name = "s"
 source = "sms"
 to = ["calls"]
 "#,
-        secrets[2], secrets[0], secrets[1], secrets[3], secrets[4]
+        secrets[2], secrets[5], secrets[0], secrets[1], secrets[3], secrets[4]
     );
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
@@ -536,15 +538,36 @@ to = ["calls"]
     )
     .await;
     assert_eq!(a.status, 200);
+    let bearer = format!("Bearer {}", secrets[5]);
+    let admin_auth = [("authorization", bearer.as_str())];
     for path in [
         "/metrics",
         "/readyz",
         &format!("/api/events/{id}"),
+        "/api/events",
         "/api/dead",
+        "/api/destinations",
+        "/api/config",
     ] {
-        answers.push(send(Method::GET, &adm(path), &[], b"").await.body);
+        let a = send(Method::GET, &adm(path), &admin_auth, b"").await;
+        assert_eq!(a.status, 200, "{path}");
+        answers.push(a.body);
     }
-    answers.push(send(Method::POST, &adm("/api/reload"), &[], b"").await.body);
+    // A wrong token is refused without echoing either.
+    let wrong = send(
+        Method::GET,
+        &adm("/api/dead"),
+        &[("authorization", "Bearer nope")],
+        b"",
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    answers.push(wrong.body);
+    answers.push(
+        send(Method::POST, &adm("/api/reload"), &admin_auth, b"")
+            .await
+            .body,
+    );
     let check = Command::new(common::bin())
         .args(["check", "--config"])
         .arg(&cfg)

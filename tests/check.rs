@@ -345,17 +345,19 @@ to = ["${DEST}"]
 
 #[test]
 fn order_by_and_breaker_are_checked() {
-    let bad_path = BASE.replace(
-        "to = [\"calls\"]",
-        "to = [\"calls\"]\norder_by = [\"$$\"]",
-    );
+    let bad_path = BASE.replace("to = [\"calls\"]", "to = [\"calls\"]\norder_by = [\"$$\"]");
     rejects(&bad_path, "routes[0].order_by[0]", "invalid JSONPath");
     let bad_failures = BASE.replace(
         "url = \"http://127.0.0.1:8001/hooks\"",
         "url = \"http://127.0.0.1:8001/hooks\"\nbreaker = { failures = -1 }",
     );
-    rejects(&bad_failures, "destinations[0].breaker.failures", "whole number");
-    let bad_cool = format!("{BASE}\n[delivery]\nbreaker = {{ failures = 3, cool_down = \"0s\" }}\n");
+    rejects(
+        &bad_failures,
+        "destinations[0].breaker.failures",
+        "whole number",
+    );
+    let bad_cool =
+        format!("{BASE}\n[delivery]\nbreaker = {{ failures = 3, cool_down = \"0s\" }}\n");
     rejects(&bad_cool, "delivery.breaker.cool_down", "greater than 0");
     let good = BASE.replace(
         "to = [\"calls\"]",
