@@ -9,10 +9,10 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use crate::config::{self, Config, ConfigErrors};
-use crate::delivery::HttpClient;
 use crate::destinations::Statuses;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::web::client::HttpClient;
 
 pub struct App {
     config: RwLock<Arc<Config>>,

@@ -4,7 +4,8 @@
 //! - [`web`]: the bottom layer: the HTTP server loop every listener shares, JSON answers.
 //! - [`config`]: `routes.toml` → a validated, compiled [`config::Config`].
 //! - [`ingress`]: the public listener; checks, routes and durably accepts events.
-//! - [`routing`], [`event_id`]: which destinations an event goes to, its id, its order keys.
+//! - [`rules`], [`routing`], [`event_id`]: a route's compiled match and filter, which
+//!   destinations an event goes to, its id and its order keys.
 //! - [`store`]: the narrow storage trait, its logic over a key-value engine (group commit),
 //!   the redb and sled engines.
 //! - [`delivery`]: per-destination schedulers that send, retry, order and dead-letter;
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod destinations;
@@ -25,6 +27,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod relay;
 pub mod routing;
+pub mod rules;
 pub mod signature;
 pub mod sink;
 pub mod store;
@@ -47,9 +50,7 @@ pub fn run_check(path: &Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
-            for p in &errors.0 {
-                println!("{p}");
-            }
+            println!("{errors}");
             Ok(ExitCode::FAILURE)
         }
     }

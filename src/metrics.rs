@@ -156,7 +156,7 @@ impl Metrics {
 
     /// Creates a destination's series at zero, so they show before its first delivery.
     pub fn announce_destination(&self, destination: &str) {
-        for outcome in ["delivered", "retried", "dead"] {
+        for outcome in crate::store::Outcome::WORDS {
             let _ = self.deliveries.get_or_create(&DestinationOutcome {
                 destination: destination.to_string(),
                 outcome,

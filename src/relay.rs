@@ -161,9 +161,7 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
     let config = match config::load(path) {
         Ok(c) => c,
         Err(errors) => {
-            for p in &errors.0 {
-                eprintln!("{p}");
-            }
+            eprintln!("{errors}");
             return Ok(ExitCode::FAILURE);
         }
     };

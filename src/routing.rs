@@ -1,104 +1,10 @@
-//! Routing: compiled `match` and `filter` of a route, and the fan-out of one event.
-//!
-//! A [`Matcher`] compares one top-level field of the event with a string, a set of strings
-//! or `"*"` (any present, non-null value). A [`Filter`] is an RFC 9535 filter expression
-//! compiled once as `$[?<expr>]` and run over a one-element array holding the event (see
-//! `Event::wrapped`), because a JSONPath filter selects children, not the node itself.
-//! Routing never allocates per route; it returns destination indexes, each once.
+//! Routing: the fan-out of one event. Runs the source's routes (their compiled
+//! [`rules`](crate::rules)) over the event and returns destination indexes, each once, with
+//! the first route (in file order) that sends the event to each. Never allocates per route.
 
-use std::fmt;
-
-use jsonpath_rust::parser::model::JpQuery;
-use jsonpath_rust::parser::parse_json_path;
-use jsonpath_rust::query::js_path_process;
 use serde_json::Value;
 
 use crate::config::{Config, Source};
-
-/// What one `match` key accepts.
-#[derive(Debug, Clone)]
-pub enum Accept {
-    Any,
-    /// Small sets: a linear scan beats hashing for the 1–5 values routes carry.
-    OneOf(Vec<String>),
-}
-
-#[derive(Debug, Clone)]
-pub struct Matcher {
-    pub field: String,
-    pub accept: Accept,
-}
-
-impl Matcher {
-    pub fn new(field: String, values: Vec<String>) -> Self {
-        let accept = if values.iter().any(|v| v == "*") {
-            Accept::Any
-        } else {
-            Accept::OneOf(values)
-        };
-        Matcher { field, accept }
-    }
-
-    pub fn matches(&self, event: &Value) -> bool {
-        let Some(v) = event.get(&self.field) else {
-            return false;
-        };
-        match (&self.accept, v) {
-            (_, Value::Null) => false,
-            (Accept::Any, _) => true,
-            (Accept::OneOf(set), Value::String(s)) => set.iter().any(|x| x == s),
-            (Accept::OneOf(set), Value::Number(n)) => {
-                let text = n.to_string();
-                set.contains(&text)
-            }
-            (Accept::OneOf(set), Value::Bool(b)) => {
-                let text = if *b { "true" } else { "false" };
-                set.iter().any(|x| x == text)
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Matcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.accept {
-            Accept::Any => write!(f, "{}=*", self.field),
-            Accept::OneOf(v) if v.len() == 1 => write!(f, "{}={}", self.field, v[0]),
-            Accept::OneOf(v) => write!(f, "{}=[{}]", self.field, v.join("|")),
-        }
-    }
-}
-
-/// A compiled `filter` expression.
-#[derive(Clone)]
-pub struct Filter {
-    pub text: String,
-    query: JpQuery,
-}
-
-impl fmt::Debug for Filter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Filter({:?})", self.text)
-    }
-}
-
-impl Filter {
-    pub fn compile(expr: &str) -> Result<Self, String> {
-        let query = parse_json_path(&format!("$[?{expr}]")).map_err(|e| e.to_string())?;
-        Ok(Filter {
-            text: expr.to_string(),
-            query,
-        })
-    }
-
-    /// `wrapped` must be the one-element array holding the event.
-    pub fn matches(&self, wrapped: &Value) -> bool {
-        js_path_process(&self.query, wrapped)
-            .map(|r| !r.is_empty())
-            .unwrap_or(false)
-    }
-}
 
 /// The outcome of routing one event of one source.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -137,35 +43,4 @@ pub fn route(config: &Config, source: &Source, wrapped: &Value) -> Fanout {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn matcher_string_list_star() {
-        let ev = json!({"namespace":"VOICE","eventType":"CALL_STATUS","n":3,"z":null});
-        assert!(Matcher::new("namespace".into(), vec!["VOICE".into()]).matches(&ev));
-        assert!(!Matcher::new("namespace".into(), vec!["SMS".into()]).matches(&ev));
-        assert!(
-            Matcher::new("eventType".into(), vec!["X".into(), "CALL_STATUS".into()]).matches(&ev)
-        );
-        assert!(Matcher::new("eventType".into(), vec!["*".into()]).matches(&ev));
-        assert!(!Matcher::new("missing".into(), vec!["*".into()]).matches(&ev));
-        assert!(!Matcher::new("z".into(), vec!["*".into()]).matches(&ev));
-        assert!(Matcher::new("n".into(), vec!["3".into()]).matches(&ev));
-    }
-
-    #[test]
-    fn filter_sees_the_event_itself() {
-        let f = Filter::compile("@.payload.callDirection == 'INBOUND' && @.payload.sipCode >= 400")
-            .unwrap();
-        let yes = json!([{"payload":{"callDirection":"INBOUND","sipCode":486}}]);
-        let no = json!([{"payload":{"callDirection":"INBOUND","sipCode":200}}]);
-        assert!(f.matches(&yes));
-        assert!(!f.matches(&no));
-        assert!(Filter::compile("@.a ==").is_err());
-    }
 }

@@ -9,7 +9,13 @@ use base64::Engine;
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 
-type HmacSha256 = hmac::Hmac<Sha256>;
+pub(crate) type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// An HMAC-SHA256 keyed with `key` (any size): the one MAC of the relay (signatures and
+/// self-issued tokens).
+pub(crate) fn keyed(key: &[u8]) -> HmacSha256 {
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key size")
+}
 
 /// Decodes a configured secret: `whsec_` + base64, or the raw bytes of the text.
 pub fn decode_secret(text: &str) -> Result<Vec<u8>, String> {
@@ -23,7 +29,7 @@ pub fn decode_secret(text: &str) -> Result<Vec<u8>, String> {
 }
 
 fn mac(secret: &[u8], id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
-    let mut m = <HmacSha256 as KeyInit>::new_from_slice(secret).expect("HMAC takes any key size");
+    let mut m = keyed(secret);
     m.update(id.as_bytes());
     m.update(b".");
     m.update(timestamp.as_bytes());

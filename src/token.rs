@@ -6,11 +6,8 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use hmac::{KeyInit, Mac};
+use hmac::Mac;
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
-
-type HmacSha256 = hmac::Hmac<Sha256>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -24,9 +21,7 @@ pub struct Claims {
     pub exp: u64,
 }
 
-fn mac(key: &[u8]) -> HmacSha256 {
-    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key size")
-}
+use crate::signature::keyed as mac;
 
 pub fn issue(key: &[u8], claims: &Claims) -> String {
     let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));

@@ -5,11 +5,10 @@
 //! an event body that holds markup stays text even if a view forgot to escape it.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
-use http::Response;
-use http_body_util::Full;
+use http::header::{HeaderValue, CACHE_CONTROL};
+use http::{Response, StatusCode};
 
-use crate::web::response::Body;
+use crate::web::response::{answer, Body};
 
 const INDEX: &str = include_str!("console/index.html");
 const SCRIPT: &str = include_str!("console/console.js");
@@ -26,9 +25,12 @@ pub fn asset(path: &str) -> Option<Response<Body>> {
         "/console.css" => (STYLE, "text/css; charset=utf-8"),
         _ => return None,
     };
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut r = answer(
+        StatusCode::OK,
+        HeaderValue::from_static(kind),
+        Bytes::from_static(body.as_bytes()),
+    );
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static(kind));
     h.insert("content-security-policy", HeaderValue::from_static(CSP));
     h.insert(
         "x-content-type-options",

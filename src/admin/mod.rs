@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::app::App;
+use crate::clock::now_ms;
 use crate::config::shown_url;
 use crate::metrics::DestinationLabel;
-use crate::store::{now_ms, DeliveryState, EventQuery, ReplaySelector, StoreError};
-use crate::web::response::{json_response, ApiError, Body};
+use crate::store::{DeliveryState, EventQuery, ReplaySelector, StoreError};
+use crate::web::response::{answer, json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
 
 /// Most entries one list answer holds.
@@ -153,14 +154,13 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         "/metrics" => {
             only(&req, Method::GET)?;
             let text = metrics(app).await;
-            let mut r = Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
+            Ok(answer(
+                StatusCode::OK,
                 http::HeaderValue::from_static(
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 ),
-            );
-            Ok(r)
+                text,
+            ))
         }
         "/api/events" => {
             only(&req, Method::GET)?;

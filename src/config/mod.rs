@@ -21,10 +21,13 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 
-use crate::routing::{Filter, Matcher};
+use crate::rules::{Filter, Matcher};
 
 pub use table::{routing_table, shown_url};
 pub use validate::{load, parse, ConfigErrors, Problem};
+
+/// Where OAuth2 clients fetch tokens (on the ingress port); no source may use it.
+pub const TOKEN_PATH: &str = "/oauth/token";
 
 /// A secret string (auth value, client secret, signing key). `Debug`/`Display` print `***`.
 #[derive(Clone, PartialEq, Eq)]

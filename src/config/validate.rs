@@ -20,7 +20,7 @@ use toml::Spanned;
 use super::raw::*;
 use super::*;
 use crate::event_id::IdPath;
-use crate::routing::{Filter, Matcher};
+use crate::rules::{Filter, Matcher};
 use crate::signature::decode_secret;
 
 /// One thing wrong with the file.
@@ -811,7 +811,7 @@ impl Cx<'_> {
                 &format!("{key}.path"),
                 format!("invalid path {path:?}: must start with '/' and have no query"),
             );
-        } else if path == crate::ingress::TOKEN_PATH {
+        } else if path == TOKEN_PATH {
             self.err(
                 Some(r.path.span()),
                 &format!("{key}.path"),

@@ -1,7 +1,5 @@
-//! The outbound HTTP client and the one call every delivery attempt makes: [`send_once`].
-//!
-//! hyper-util's pooled client over hyper-rustls (ring provider, webpki roots, ALPN h2 and
-//! http/1.1; plain `http://` URLs too). A request carries the stored body byte-for-byte, the
+//! The one call every delivery attempt makes: [`send_once`], over the pooled outbound
+//! client of [`crate::web::client`]. A request carries the stored body byte-for-byte, the
 //! received Content-Type, the contract's headers (`webhook-id`, `webhook-timestamp`,
 //! `webhook-signature` when the destination signs, `x-hookrelay-source`,
 //! `x-hookrelay-attempt`) and the destination's own `headers`. Redirects are not followed.
@@ -10,66 +8,26 @@
 //! path; the engine adds rate, concurrency and retry around it.
 
 use std::error::Error as _;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderMap, Method, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Destination;
 use crate::signature;
 use crate::store::StoredEvent;
+pub use crate::web::client::HttpClient;
 
 /// The most of an answer's body that is kept; the rest is dropped (`Answer::truncated`).
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
-
-/// How long an idle pooled connection is kept.
-const POOL_IDLE: Duration = Duration::from_secs(60);
 
 const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
 const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
 const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 const X_SOURCE: HeaderName = HeaderName::from_static("x-hookrelay-source");
 const X_ATTEMPT: HeaderName = HeaderName::from_static("x-hookrelay-attempt");
-
-/// The pooled outbound client. Cheap to clone (the pool is shared).
-#[derive(Clone)]
-pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-}
-
-impl std::fmt::Debug for HttpClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HttpClient")
-    }
-}
-
-impl HttpClient {
-    /// Builds the client with an explicit ring provider (no process-wide default needed).
-    pub fn new() -> Result<Self, rustls::Error> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        Ok(HttpClient { inner })
-    }
-}
 
 /// A destination's answer.
 #[derive(Debug, Clone)]
@@ -164,13 +122,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     msg
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Sends `event` to `dest` once, as attempt number `attempt` (1-based), and reads the
 /// answer; all within `timeout`. No rate limit, concurrency limit or retry here: the engine
 /// adds those; a reply route calls this directly.
@@ -181,9 +132,9 @@ pub async fn send_once(
     attempt: u32,
     timeout: Duration,
 ) -> AttemptResult {
-    let req = build_request(dest, event, attempt, unix_now());
+    let req = build_request(dest, event, attempt, crate::clock::now_ms() / 1000);
     let call = async {
-        let resp = client.inner.request(req).await.map_err(|e| {
+        let resp = client.request(req).await.map_err(|e| {
             let text = match e.source() {
                 Some(s) => chain(s),
                 None => e.to_string(),

@@ -29,6 +29,66 @@ use crate::app::App;
 
 pub use client::{send_once, Answer, AttemptResult, HttpClient, SendError};
 
+use crate::clock::now_ms;
+use crate::config::Destination;
+use crate::store::{Delivery, DeliveryState, Outcome, StoredEvent};
+
+/// A reply route's synchronous call, as delivery judges it.
+pub struct Called {
+    /// The destination's answer when it is the reply: 2xx, body read whole.
+    pub answer: Option<Answer>,
+    /// What the call means for the held delivery, as if it were its first attempt.
+    pub outcome: Outcome,
+    /// What happened, for a log line.
+    pub described: String,
+    pub seconds: f64,
+}
+
+/// The one call a reply route makes: `event` to `dest` as attempt 1, within `timeout`,
+/// judged by the destination's retry policy. The narrow way the ingress reaches delivery.
+pub async fn call_once(
+    client: &HttpClient,
+    dest: &Destination,
+    event: &StoredEvent,
+    timeout: std::time::Duration,
+) -> Called {
+    let started = std::time::Instant::now();
+    let result = send_once(client, dest, event, 1, timeout).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let described = retry::describe(&result);
+    match result {
+        // A cut-off body is not the destination's answer: the fallback goes instead.
+        Ok(a) if (200..300).contains(&a.status) && !a.truncated => Called {
+            outcome: Outcome::Delivered { status: a.status },
+            answer: Some(a),
+            described,
+            seconds,
+        },
+        other => {
+            let now = now_ms();
+            let fresh = Delivery {
+                seq: event.seq,
+                destination: dest.name.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                window_base: 0,
+                first_attempt_ms: None,
+                next_due_ms: now,
+                last_status: None,
+                last_error: None,
+                updated_ms: now,
+                order_key: None,
+            };
+            Called {
+                outcome: retry::decide(&dest.retry, &fresh, &other, now, rand::random()),
+                answer: None,
+                described,
+                seconds,
+            }
+        }
+    }
+}
+
 /// What the schedulers and their attempts share.
 struct Context {
     app: Arc<App>,

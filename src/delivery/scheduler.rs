@@ -30,9 +30,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::client::send_once;
 use super::retry;
 use super::Context;
+use crate::clock::now_ms;
 use crate::config::{Destination, Rate};
 use crate::destinations::{Change, DestinationStatus, Gate};
-use crate::store::{now_ms, Delivery, DeliveryKey, Outcome};
+use crate::store::{Delivery, DeliveryKey, Outcome};
 
 /// The fewest and most deliveries one pass reads.
 const MIN_WINDOW: usize = 16;
@@ -307,7 +308,7 @@ async fn attempt(
                 .deliveries
                 .get_or_create(&crate::metrics::DestinationOutcome {
                     destination: dest.name.clone(),
-                    outcome: "dead",
+                    outcome: outcome.word(),
                 })
                 .inc();
             store_outcome(&ctx, &key, outcome, guard).await;
@@ -334,10 +335,9 @@ async fn attempt(
         let took = started.elapsed();
         drop(permit);
         let outcome = retry::decide(&dest.retry, &d, &result, now_ms(), rand::random::<f64>());
-        let word = match &outcome {
+        match &outcome {
             Outcome::Delivered { status } => {
                 debug!(status, ms = took.as_millis() as u64, "delivered");
-                "delivered"
             }
             Outcome::Retry { due_ms, error, .. } => {
                 info!(
@@ -345,21 +345,19 @@ async fn attempt(
                     retry_in_ms = due_ms.saturating_sub(now_ms()),
                     "attempt failed; will retry"
                 );
-                "retried"
             }
             Outcome::Dead { error, .. } => {
                 warn!(error = %error, "delivery is dead; replay it from the admin API");
-                "dead"
             }
         };
         ctx.app
             .metrics
-            .delivery(&dest.name, word, took.as_secs_f64());
-        let error = match &outcome {
-            Outcome::Delivered { .. } => None,
-            Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error.as_str()),
-        };
-        match guard.set.status.outcome(error, &dest.breaker, now_ms()) {
+            .delivery(&dest.name, outcome.word(), took.as_secs_f64());
+        match guard
+            .set
+            .status
+            .outcome(outcome.error(), &dest.breaker, now_ms())
+        {
             Some(Change::Opened) => warn!(
                 failures = dest.breaker.failures,
                 cool_down = ?dest.breaker.cool_down,

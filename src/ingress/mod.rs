@@ -29,19 +29,17 @@ use tracing::field::Empty;
 use tracing::{debug, info_span, warn, Instrument, Span};
 
 use crate::app::App;
-use crate::config::{Config, Source};
+use crate::clock::now_ms;
+use crate::config::{Config, Source, TOKEN_PATH};
 use crate::event_id::event_id;
 use crate::routing::route;
-use crate::store::{now_ms, Admission, NewEvent, StoreError, StoredEvent};
+use crate::store::{Admission, NewEvent, StoreError, StoredEvent};
 use crate::web::response::{json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
 
 /// The longest the ingress waits for the store to commit an event before answering 503
 /// (the event may still be committed: the provider's retry is then a duplicate).
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where OAuth2 clients fetch tokens (on the ingress port).
-pub const TOKEN_PATH: &str = "/oauth/token";
 
 #[derive(Serialize)]
 struct Accepted<'a> {

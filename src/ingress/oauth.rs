@@ -11,28 +11,26 @@ use std::net::SocketAddr;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use bytes::Bytes;
-use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+
+use http::header::{AUTHORIZATION, CACHE_CONTROL, PRAGMA, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+
 use hyper::body::Incoming;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::client_ip;
+use crate::clock::now_ms;
 use crate::config::{Auth, Config, Source};
-use crate::store::now_ms;
 use crate::token::{self, Claims};
-use crate::web::response::Body;
+use crate::web::response::{json_response, Body};
 
 /// Token requests are small forms.
 const MAX_FORM_BYTES: u64 = 8 * 1024;
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
+    let mut r = json_response(status, body.to_string());
     let h = r.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
     r

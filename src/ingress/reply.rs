@@ -9,17 +9,15 @@
 //! follows the destination's retry policy like any other.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use tracing::{info, warn};
 
 use crate::app::App;
 use crate::config::{Config, Reply};
-use crate::delivery::{retry, send_once};
-use crate::store::{
-    now_ms, Delivery, DeliveryKey, DeliveryState, Outcome, StoredEvent, StoredReply,
-};
+use crate::delivery::call_once;
+use crate::store::{DeliveryKey, Outcome, StoredEvent, StoredReply};
 use crate::web::response::Body;
 
 /// How long after the reply timeout the held delivery falls due.
@@ -35,12 +33,15 @@ pub fn stored(reply: &StoredReply) -> Response<Body> {
 }
 
 fn answer(status: u16, content_type: Option<&str>, body: Bytes) -> Response<Body> {
-    let mut r = Response::new(Full::new(body));
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    if let Some(ct) = content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
-        r.headers_mut().insert(CONTENT_TYPE, ct);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    match content_type.and_then(|c| HeaderValue::from_str(c).ok()) {
+        Some(ct) => crate::web::response::answer(status, ct, body),
+        None => {
+            let mut r = Response::new(Full::new(body));
+            *r.status_mut() = status;
+            r
+        }
     }
-    r
 }
 
 fn fallback(reply: &Reply) -> Response<Body> {
@@ -62,47 +63,27 @@ pub async fn call(
     fresh: bool,
 ) -> Response<Body> {
     let dest = &config.destinations[reply.from];
-    let started = std::time::Instant::now();
-    let result = send_once(&app.client, dest, event, 1, reply.timeout).await;
-    let took = started.elapsed().as_secs_f64();
+    let called = call_once(&app.client, dest, event, reply.timeout).await;
     let key = DeliveryKey {
         seq: event.seq,
         destination: dest.name.clone(),
     };
-    match &result {
-        // A cut-off body is not the destination's answer: the fallback goes instead.
-        Ok(a) if (200..300).contains(&a.status) && !a.truncated => {
+    // A duplicate has no delivery of its own to settle.
+    let outcome = fresh.then(|| called.outcome.clone());
+    match called.answer {
+        Some(a) => {
             let kept = StoredReply {
                 status: a.status,
                 content_type: a.content_type.clone(),
                 body: a.body.to_vec(),
             };
-            let outcome = fresh.then_some(Outcome::Delivered { status: a.status });
-            settle(app, key, Some(kept), outcome, took);
+            settle(app, key, Some(kept), outcome, called.seconds);
             info!(destination = %dest.name, status = a.status, "reply forwarded");
-            answer(a.status, a.content_type.as_deref(), a.body.clone())
+            answer(a.status, a.content_type.as_deref(), a.body)
         }
-        _ => {
-            warn!(destination = %dest.name, result = %retry::describe(&result), "reply destination failed; answering the fallback");
-            let outcome = fresh.then(|| {
-                // The held delivery follows the retry policy from this first attempt.
-                let now = now_ms();
-                let pending = Delivery {
-                    seq: event.seq,
-                    destination: dest.name.clone(),
-                    state: DeliveryState::Pending,
-                    attempts: 0,
-                    window_base: 0,
-                    first_attempt_ms: None,
-                    next_due_ms: now,
-                    last_status: None,
-                    last_error: None,
-                    updated_ms: now,
-                    order_key: None,
-                };
-                retry::decide(&dest.retry, &pending, &result, now, rand::random())
-            });
-            settle(app, key, None, outcome, took);
+        None => {
+            warn!(destination = %dest.name, result = %called.described, "reply destination failed; answering the fallback");
+            settle(app, key, None, outcome, called.seconds);
             fallback(reply)
         }
     }
@@ -117,12 +98,7 @@ fn settle(
     seconds: f64,
 ) {
     if let Some(o) = &outcome {
-        let word = match o {
-            Outcome::Delivered { .. } => "delivered",
-            Outcome::Retry { .. } => "retried",
-            Outcome::Dead { .. } => "dead",
-        };
-        app.metrics.delivery(&key.destination, word, seconds);
+        app.metrics.delivery(&key.destination, o.word(), seconds);
     }
     if let Err(e) = app
         .store

@@ -13,20 +13,14 @@ pub mod redb;
 pub mod sled;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-/// Milliseconds since the Unix epoch: the store's clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -150,6 +144,28 @@ pub enum Outcome {
         status: Option<u16>,
         error: String,
     },
+}
+
+impl Outcome {
+    /// The words metrics and logs use for outcomes.
+    pub const WORDS: [&'static str; 3] = ["delivered", "retried", "dead"];
+
+    /// This outcome's word: `delivered`, `retried` or `dead`.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Outcome::Delivered { .. } => Self::WORDS[0],
+            Outcome::Retry { .. } => Self::WORDS[1],
+            Outcome::Dead { .. } => Self::WORDS[2],
+        }
+    }
+
+    /// The error of a failed attempt; `None` when delivered.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Delivered { .. } => None,
+            Outcome::Retry { error, .. } | Outcome::Dead { error, .. } => Some(error),
+        }
+    }
 }
 
 /// Which dead deliveries to replay.

@@ -91,10 +91,8 @@ impl ApiError {
             message: &self.message,
         })
         .expect("error serializes");
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = self.status;
+        let mut resp = json_response(self.status, body);
         let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (k, v) in self.headers {
             h.append(k, v);
         }
@@ -102,11 +100,20 @@ impl ApiError {
     }
 }
 
-/// A 200-family JSON answer.
-pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// A JSON answer.
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    answer(status, HeaderValue::from_static("application/json"), body)
+}
+
+/// An answer with `status`, `content_type` and `body`: every response the relay builds
+/// starts here.
+pub fn answer(
+    status: StatusCode,
+    content_type: HeaderValue,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_TYPE, content_type);
     resp
 }
