@@ -1,0 +1,251 @@
+//! `[delivery]` defaults and `[[destinations]]`: timeout, limits, retry, rate, breaker.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use toml::Spanned;
+
+use super::defaults;
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::*;
+
+/// Defaults of `[delivery]`, after the file's own `[delivery]` is applied.
+pub(super) struct DeliveryDefaults {
+    pub(super) timeout: Duration,
+    pub(super) max_in_flight: usize,
+    pub(super) max_queue: u64,
+    pub(super) retry: RetryPolicy,
+    pub(super) rate: Rate,
+    pub(super) breaker: Breaker,
+}
+
+impl Cx<'_> {
+    pub(super) fn retry(&mut self, r: &RawRetry, key: &str, base: &RetryPolicy) -> RetryPolicy {
+        let mut p = base.clone();
+        p.first = self.duration(&r.first, &format!("{key}.first"), p.first);
+        p.max_delay = self.duration(&r.max_delay, &format!("{key}.max_delay"), p.max_delay);
+        p.give_up_after = self.duration(
+            &r.give_up_after,
+            &format!("{key}.give_up_after"),
+            p.give_up_after,
+        );
+        if let Some(f) = &r.factor {
+            if *f.get_ref() >= 1.0 && f.get_ref().is_finite() {
+                p.factor = *f.get_ref();
+            } else {
+                self.err(
+                    Some(f.span()),
+                    &format!("{key}.factor"),
+                    "must be a number >= 1.0",
+                );
+            }
+        }
+        if let Some(m) = &r.max_attempts {
+            match u32::try_from(*m.get_ref()) {
+                Ok(n) => p.max_attempts = n,
+                Err(_) => self.err(
+                    Some(m.span()),
+                    &format!("{key}.max_attempts"),
+                    "must be 0 (no limit) or a positive count",
+                ),
+            }
+        }
+        if p.first.is_zero() {
+            self.err(
+                r.first.as_ref().map(|s| s.span()),
+                &format!("{key}.first"),
+                "must be greater than 0",
+            );
+        }
+        p
+    }
+
+    pub(super) fn breaker(&mut self, r: &RawBreaker, key: &str, base: &Breaker) -> Breaker {
+        let mut out = base.clone();
+        if let Some(f) = &r.failures {
+            match u32::try_from(*f.get_ref()) {
+                Ok(n) => out.failures = n,
+                Err(_) => self.err(
+                    Some(f.span()),
+                    &format!("{key}.failures"),
+                    format!("must be a whole number from 0 (off) to {}", u32::MAX),
+                ),
+            }
+        }
+        out.cool_down = self.duration(&r.cool_down, &format!("{key}.cool_down"), out.cool_down);
+        if out.cool_down.is_zero() {
+            self.err(
+                r.cool_down.as_ref().map(|s| s.span()),
+                &format!("{key}.cool_down"),
+                "must be greater than 0",
+            );
+        }
+        out
+    }
+
+    pub(super) fn rate(&mut self, r: &RawRate, key: &str, base: &Rate) -> Rate {
+        let mut out = base.clone();
+        if let Some(ps) = &r.per_second {
+            if *ps.get_ref() > 0.0 && ps.get_ref().is_finite() {
+                out.per_second = *ps.get_ref();
+            } else {
+                self.err(
+                    Some(ps.span()),
+                    &format!("{key}.per_second"),
+                    "must be greater than 0",
+                );
+            }
+        }
+        if let Some(b) = &r.burst {
+            let n = self.positive(&Some(b.clone()), &format!("{key}.burst"), 1);
+            out.burst = u32::try_from(n).unwrap_or_else(|_| {
+                self.err(
+                    Some(b.span()),
+                    &format!("{key}.burst"),
+                    format!("must be at most {}", u32::MAX),
+                );
+                1
+            });
+        }
+        out
+    }
+
+    pub(super) fn delivery_defaults(&mut self, raw: Option<&RawDelivery>) -> DeliveryDefaults {
+        let mut d = DeliveryDefaults {
+            timeout: defaults::TIMEOUT,
+            max_in_flight: 32,
+            max_queue: defaults::MAX_QUEUE,
+            retry: RetryPolicy {
+                first: defaults::RETRY_FIRST,
+                factor: defaults::RETRY_FACTOR,
+                max_delay: defaults::RETRY_MAX_DELAY,
+                give_up_after: defaults::GIVE_UP_AFTER,
+                max_attempts: 0,
+            },
+            rate: Rate {
+                per_second: defaults::RATE_PER_SECOND,
+                burst: defaults::RATE_BURST,
+            },
+            breaker: Breaker {
+                failures: defaults::BREAKER_FAILURES,
+                cool_down: defaults::BREAKER_COOL_DOWN,
+            },
+        };
+        let Some(r) = raw else { return d };
+        if let Some(b) = &r.breaker {
+            d.breaker = self.breaker(b.get_ref(), "delivery.breaker", &d.breaker);
+        }
+        d.timeout = self.duration(&r.timeout, "delivery.timeout", d.timeout);
+        d.max_in_flight = self.positive(
+            &r.max_in_flight,
+            "delivery.max_in_flight",
+            defaults::MAX_IN_FLIGHT,
+        ) as usize;
+        d.max_queue = self.positive(&r.max_queue, "delivery.max_queue", d.max_queue);
+        if let Some(rt) = &r.retry {
+            d.retry = self.retry(rt.get_ref(), "delivery.retry", &d.retry);
+        }
+        if let Some(rate) = &r.rate {
+            d.rate = self.rate(rate.get_ref(), "delivery.rate", &d.rate);
+        }
+        d
+    }
+
+    pub(super) fn destination(
+        &mut self,
+        i: usize,
+        d: &Spanned<RawDestination>,
+        defaults: &DeliveryDefaults,
+        names: &mut HashSet<String>,
+    ) -> Destination {
+        let key = format!("destinations[{i}]");
+        let r = d.get_ref();
+        let name = self.name(&r.name, &format!("{key}.name"), names, "destination");
+        let url = match self.string(&r.url, &format!("{key}.url")) {
+            Some(text) => match text.parse::<Uri>() {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http") | Some("https"))
+                        && u.host().is_some_and(|h| !h.is_empty()) =>
+                {
+                    u
+                }
+                _ => {
+                    self.err(
+                        Some(r.url.span()),
+                        &format!("{key}.url"),
+                        // The text as written: an expanded ${VAR} may hold a credential.
+                        format!(
+                            "invalid URL {:?}: need http:// or https:// with a host",
+                            r.url.get_ref()
+                        ),
+                    );
+                    Uri::from_static("http://invalid.invalid/")
+                }
+            },
+            None => Uri::from_static("http://invalid.invalid/"),
+        };
+        let mut headers = Vec::new();
+        for (h, v) in r.headers.iter().flatten() {
+            let k = format!("{key}.headers.{h}");
+            let Some(h) = self.expand(h, v.span(), &k) else {
+                continue;
+            };
+            let Ok(hn) = HeaderName::from_bytes(h.as_bytes()) else {
+                self.err(Some(v.span()), &k, format!("invalid header name {h:?}"));
+                continue;
+            };
+            let Some(val) = self.string(v, &k) else {
+                continue;
+            };
+            match HeaderValue::from_str(&val) {
+                Ok(mut hv) => {
+                    hv.set_sensitive(true);
+                    headers.push((hn, hv));
+                }
+                Err(_) => self.err(
+                    Some(v.span()),
+                    &k,
+                    "invalid header value (control characters?)",
+                ),
+            }
+        }
+        let sign = r
+            .sign
+            .as_ref()
+            .and_then(|s| self.secret(&s.get_ref().secret, &format!("{key}.sign.secret"), true));
+        let retry = match &r.retry {
+            Some(rt) => self.retry(rt.get_ref(), &format!("{key}.retry"), &defaults.retry),
+            None => defaults.retry.clone(),
+        };
+        let rate = match &r.rate {
+            Some(rt) => self.rate(rt.get_ref(), &format!("{key}.rate"), &defaults.rate),
+            None => defaults.rate.clone(),
+        };
+        let breaker = match &r.breaker {
+            Some(b) => self.breaker(b.get_ref(), &format!("{key}.breaker"), &defaults.breaker),
+            None => defaults.breaker.clone(),
+        };
+        Destination {
+            name,
+            url,
+            headers,
+            sign,
+            timeout: self.duration(&r.timeout, &format!("{key}.timeout"), defaults.timeout),
+            max_in_flight: self.positive(
+                &r.max_in_flight,
+                &format!("{key}.max_in_flight"),
+                defaults.max_in_flight as u64,
+            ) as usize,
+            max_queue: self.positive(
+                &r.max_queue,
+                &format!("{key}.max_queue"),
+                defaults.max_queue,
+            ),
+            retry,
+            rate,
+            breaker,
+        }
+    }
+}

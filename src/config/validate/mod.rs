@@ -1,0 +1,267 @@
+//! `routes.toml` text → [`Config`], collecting every problem.
+//!
+//! A syntax or type error stops serde at its first problem; everything after that (values,
+//! references between sections, `${VAR}` expansion) is checked in one pass that keeps going,
+//! so one `check` run lists every problem. Each problem reads
+//! `routes.toml:LINE:COL: <key path>: <reason>`.
+
+//!
+//! The pass is split by section (`server`, `delivery`, `sources`, `routes`) over shared
+//! value parsers (`values`); every default lives in `defaults`.
+
+pub(super) mod defaults;
+mod delivery;
+mod routes;
+mod server;
+mod sources;
+mod values;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::raw::*;
+use super::*;
+
+/// One thing wrong with the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based line and column, when the problem has a place in the file.
+    pub at: Option<(usize, usize)>,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.at {
+            Some((l, c)) => write!(f, "{}:{l}:{c}: {}: {}", self.file, self.key, self.reason),
+            None => write!(f, "{}: {}: {}", self.file, self.key, self.reason),
+        }
+    }
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and validates the file, expanding `${VAR}` from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Problem {
+            file: path.display().to_string(),
+            at: None,
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(&text, path, &|name| std::env::var(name).ok())
+}
+
+/// Validates `text` as the contents of `file`; `env` looks up `${VAR}`s.
+pub fn parse(
+    text: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let mut cx = Cx {
+        file: file.display().to_string(),
+        dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        text,
+        env,
+        problems: Vec::new(),
+        client_ids: HashSet::new(),
+    };
+    let raw = match deserialize(text) {
+        Ok(raw) => raw,
+        Err((key, span, reason)) => {
+            cx.err(span, &key, reason);
+            return Err(ConfigErrors(cx.problems));
+        }
+    };
+    let config = cx.build(raw);
+    if cx.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(cx.problems))
+    }
+}
+
+type SerdeProblem = (String, Option<Range<usize>>, String);
+
+fn deserialize(text: &str) -> Result<RawConfig, SerdeProblem> {
+    toml::from_str(text).map_err(|e| {
+        let key = e
+            .span()
+            .map(|s| key_path_at(text, s.start))
+            .unwrap_or_else(|| "(top level)".into());
+        (key, e.span(), e.message().to_string())
+    })
+}
+
+/// The key path (`sources[1].auth`) of the line holding byte `offset`, for serde's errors,
+/// which carry a span but no path (serde_path_to_error cannot see through `Spanned`).
+fn key_path_at(text: &str, offset: usize) -> String {
+    let mut table = String::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let end = line_start + line.len();
+        let t = line.trim();
+        // A header line belongs to the table it opens (serde points a missing field there).
+        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = counts.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+            true
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+            true
+        } else {
+            false
+        };
+        if offset < end {
+            let key = if header {
+                ""
+            } else {
+                t.split('=').next().unwrap_or("").trim().trim_matches('"')
+            };
+            return match (table.is_empty(), key.is_empty()) {
+                (true, true) => "(top level)".into(),
+                (true, false) => key.to_string(),
+                (false, true) => table,
+                (false, false) => format!("{table}.{key}"),
+            };
+        }
+        line_start = end;
+    }
+    "(end of file)".into()
+}
+
+struct Cx<'a> {
+    file: String,
+    dir: PathBuf,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+    /// OAuth2 client ids seen so far: unique across sources, since a token names one.
+    client_ids: HashSet<String>,
+}
+
+impl Cx<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        (line, col)
+    }
+
+    fn err(&mut self, span: Option<Range<usize>>, key: &str, reason: impl Into<String>) {
+        let at = span.map(|s| self.line_col(s.start));
+        self.problems.push(Problem {
+            file: self.file.clone(),
+            at,
+            key: key.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Expands `${VAR}` in a string value.
+
+    fn build(&mut self, raw: RawConfig) -> Config {
+        let server = self.server(raw.server.as_ref());
+        let store = self.store(raw.store.as_ref());
+        let dedup_window = self.duration(
+            &raw.dedup.as_ref().and_then(|d| d.get_ref().window.clone()),
+            "dedup.window",
+            defaults::DEDUP_WINDOW,
+        );
+        let defaults = self.delivery_defaults(raw.delivery.as_ref().map(|d| d.get_ref()));
+
+        let mut names = HashSet::new();
+        let mut destinations = Vec::new();
+        for (i, d) in raw.destinations.iter().enumerate() {
+            let dest = self.destination(i, d, &defaults, &mut names);
+            destinations.push(Arc::new(dest));
+        }
+        let dest_index: HashMap<String, usize> = destinations
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.clone(), i))
+            .collect();
+
+        let mut names = HashSet::new();
+        let mut paths = HashMap::new();
+        let mut sources = Vec::new();
+        let mut any_oauth = None;
+        for (i, s) in raw.sources.iter().enumerate() {
+            let src = self.source(i, s, &mut names, &mut paths);
+            if matches!(src.auth, Auth::OAuth2 { .. }) && any_oauth.is_none() {
+                any_oauth = Some(s.span());
+            }
+            sources.push(src);
+        }
+        if let (Some(span), None) = (any_oauth, &server.token_secret) {
+            self.err(
+                Some(span),
+                "server.token_secret",
+                "required because a source uses oauth2 auth (it signs the access tokens)",
+            );
+        }
+        let src_index: HashMap<String, usize> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+
+        let mut names = HashSet::new();
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            if let Some(route) =
+                self.route(i, r, &src_index, &dest_index, &destinations, &mut names)
+            {
+                sources[route.source].routes.push(routes.len());
+                routes.push(Arc::new(route));
+            }
+        }
+
+        Config {
+            file: PathBuf::from(&self.file),
+            server,
+            store,
+            dedup_window,
+            sources: sources.into_iter().map(Arc::new).collect(),
+            destinations,
+            routes,
+            by_path: paths,
+        }
+    }
+}
+
+fn sorted(mut v: Vec<&str>) -> String {
+    v.sort_unstable();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}

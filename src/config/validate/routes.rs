@@ -1,0 +1,189 @@
+//! `[[routes]]`: source, match, filter, destinations, reply, order_by.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use toml::Spanned;
+
+use super::defaults;
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::*;
+use crate::event_id::IdPath;
+use crate::rules::{Filter, Matcher};
+
+use super::sorted;
+
+impl Cx<'_> {
+    pub(super) fn route(
+        &mut self,
+        i: usize,
+        r: &Spanned<RawRoute>,
+        src_index: &HashMap<String, usize>,
+        dest_index: &HashMap<String, usize>,
+        destinations: &[Arc<Destination>],
+        names: &mut HashSet<String>,
+    ) -> Option<Route> {
+        let key = format!("routes[{i}]");
+        let raw = r.get_ref();
+        let name = self.name(&raw.name, &format!("{key}.name"), names, "route");
+        let source_name = self
+            .string(&raw.source, &format!("{key}.source"))
+            .unwrap_or_default();
+        let source = src_index.get(&source_name).copied();
+        if source.is_none() {
+            let known: Vec<&str> = src_index.keys().map(String::as_str).collect();
+            self.err(
+                Some(raw.source.span()),
+                &format!("{key}.source"),
+                format!("unknown source {source_name:?} (known: {})", sorted(known)),
+            );
+        }
+        let mut matchers = Vec::new();
+        for (field, v) in raw.match_.iter().flatten() {
+            let mk = format!("{key}.match.{field}");
+            let Some(field) = self.expand(field, v.span(), &mk) else {
+                continue;
+            };
+            let listed = match v.get_ref() {
+                RawMatchValue::One(s) => std::slice::from_ref(s),
+                RawMatchValue::Many(list) => list.as_slice(),
+            };
+            let values: Vec<String> = listed
+                .iter()
+                .filter_map(|x| self.expand(x, v.span(), &mk))
+                .collect();
+            if values.is_empty() {
+                self.err(
+                    Some(v.span()),
+                    &mk,
+                    "an empty list matches nothing; list values or use \"*\"",
+                );
+            }
+            matchers.push(Matcher::new(field, values));
+        }
+        let filter = raw.filter.as_ref().and_then(|f| {
+            let k = format!("{key}.filter");
+            let text = self.string(f, &k)?;
+            Filter::compile(&text)
+                .map_err(|e| {
+                    self.err(
+                        Some(f.span()),
+                        &k,
+                        format!("invalid filter expression {text:?}: {e}"),
+                    )
+                })
+                .ok()
+        });
+        let mut to = Vec::new();
+        let mut to_names = Vec::new();
+        for (j, d) in raw.to.get_ref().iter().enumerate() {
+            let Some(dname) = self.string(d, &format!("{key}.to[{j}]")) else {
+                continue;
+            };
+            to_names.push(dname.clone());
+            match dest_index.get(&dname) {
+                Some(&di) if !to.contains(&di) => to.push(di),
+                Some(_) => {}
+                None => {
+                    let known: Vec<&str> = dest_index.keys().map(String::as_str).collect();
+                    self.err(
+                        Some(d.span()),
+                        &format!("{key}.to[{j}]"),
+                        format!("unknown destination {dname:?} (known: {})", sorted(known)),
+                    );
+                }
+            }
+        }
+        if raw.to.get_ref().is_empty() {
+            self.err(
+                Some(raw.to.span()),
+                &format!("{key}.to"),
+                "name at least one destination",
+            );
+        }
+        let reply = raw.reply.as_ref().and_then(|rp| {
+            let rk = format!("{key}.reply");
+            let rp = rp.get_ref();
+            let from = self.string(&rp.from, &format!("{rk}.from"))?;
+            let Some(&di) = dest_index.get(&from) else {
+                self.err(
+                    Some(rp.from.span()),
+                    &format!("{rk}.from"),
+                    format!("unknown destination {from:?}"),
+                );
+                return None;
+            };
+            if !to_names.contains(&from) {
+                self.err(
+                    Some(rp.from.span()),
+                    &format!("{rk}.from"),
+                    format!("{from:?} must also be listed in {key}.to"),
+                );
+            }
+            let timeout = self.duration(
+                &rp.timeout,
+                &format!("{rk}.timeout"),
+                destinations[di].timeout,
+            );
+            let fb = rp.fallback.as_ref().map(|f| f.get_ref());
+            let status = match fb.and_then(|f| f.status.as_ref()) {
+                None => defaults::FALLBACK_STATUS,
+                Some(s) => match u16::try_from(*s.get_ref()) {
+                    Ok(c) if (200..=599).contains(&c) => c,
+                    _ => {
+                        self.err(
+                            Some(s.span()),
+                            &format!("{rk}.fallback.status"),
+                            "must be an HTTP status from 200 to 599",
+                        );
+                        defaults::FALLBACK_STATUS
+                    }
+                },
+            };
+            let body = match fb.and_then(|f| f.body.as_ref()) {
+                Some(b) => self
+                    .string(b, &format!("{rk}.fallback.body"))
+                    .unwrap_or_default(),
+                None => defaults::FALLBACK_BODY.into(),
+            };
+            let content_type = match fb.and_then(|f| f.content_type.as_ref()) {
+                Some(c) => self
+                    .string(c, &format!("{rk}.fallback.content_type"))
+                    .unwrap_or_default(),
+                None => defaults::FALLBACK_CONTENT_TYPE.into(),
+            };
+            Some(Reply {
+                from: di,
+                timeout,
+                fallback_status: status,
+                fallback_body: body,
+                fallback_content_type: content_type,
+            })
+        });
+        let mut order_by = Vec::new();
+        for (j, p) in raw.order_by.iter().flatten().enumerate() {
+            let k = format!("{key}.order_by[{j}]");
+            let Some(text) = self.string(p, &k) else {
+                continue;
+            };
+            match IdPath::compile(&text) {
+                Ok(ip) => order_by.push(ip),
+                Err(e) => self.err(
+                    Some(p.span()),
+                    &k,
+                    format!("invalid JSONPath {text:?}: {e}"),
+                ),
+            }
+        }
+        Some(Route {
+            name,
+            source: source?,
+            matchers,
+            filter,
+            to,
+            reply,
+            order_by,
+        })
+    }
+}

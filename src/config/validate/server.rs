@@ -1,0 +1,143 @@
+//! `[server]` and `[store]`.
+
+use toml::Spanned;
+
+use super::defaults;
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::*;
+
+impl Cx<'_> {
+    pub(super) fn server(&mut self, raw: Option<&Spanned<RawServer>>) -> Server {
+        let empty = RawServer {
+            listen: None,
+            admin_listen: None,
+            max_body_bytes: None,
+            trusted_proxies: None,
+            tls: None,
+            token_secret: None,
+            admin_token: None,
+            shutdown_grace: None,
+            read_timeout: None,
+            max_connections: None,
+        };
+        let r = raw.map(|s| s.get_ref()).unwrap_or(&empty);
+        let tls = r.tls.as_ref().and_then(|t| {
+            let t = t.get_ref();
+            let cert = self.string(&t.cert, "server.tls.cert")?;
+            let key = self.string(&t.key, "server.tls.key")?;
+            let (cert, key) = (self.dir.join(cert), self.dir.join(key));
+            match crate::tls::server_config(&cert, &key) {
+                Ok(server_config) => Some(TlsFiles {
+                    cert,
+                    key,
+                    server_config,
+                }),
+                Err(crate::tls::TlsProblem::Cert(m)) => {
+                    self.err(Some(t.cert.span()), "server.tls.cert", m);
+                    None
+                }
+                Err(crate::tls::TlsProblem::Key(m)) => {
+                    self.err(Some(t.key.span()), "server.tls.key", m);
+                    None
+                }
+            }
+        });
+        let admin_listen = self.addr(
+            &r.admin_listen,
+            "server.admin_listen",
+            defaults::ADMIN_LISTEN,
+        );
+        let admin_token = r
+            .admin_token
+            .as_ref()
+            .and_then(|t| self.string(t, "server.admin_token"))
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+            self.err(
+                r.admin_listen.as_ref().map(|a| a.span()),
+                "server.admin_listen",
+                format!(
+                    "{admin_listen} is reachable from other hosts: set server.admin_token \
+                     (e.g. \"${{HOOKRELAY_ADMIN_TOKEN}}\") or listen on a loopback address"
+                ),
+            );
+        }
+        Server {
+            listen: self.addr(&r.listen, "server.listen", defaults::LISTEN),
+            admin_listen,
+            admin_token,
+            max_body_bytes: self.positive(
+                &r.max_body_bytes,
+                "server.max_body_bytes",
+                defaults::MAX_BODY_BYTES,
+            ),
+            trusted_proxies: self.cidrs(&r.trusted_proxies, "server.trusted_proxies"),
+            tls,
+            token_secret: r
+                .token_secret
+                .as_ref()
+                .and_then(|s| self.secret(s, "server.token_secret", false)),
+            shutdown_grace: self.duration(
+                &r.shutdown_grace,
+                "server.shutdown_grace",
+                defaults::SHUTDOWN_GRACE,
+            ),
+            read_timeout: self.duration(
+                &r.read_timeout,
+                "server.read_timeout",
+                defaults::READ_TIMEOUT,
+            ),
+            max_connections: self.positive(
+                &r.max_connections,
+                "server.max_connections",
+                defaults::MAX_CONNECTIONS,
+            ) as usize,
+        }
+    }
+
+    pub(super) fn store(&mut self, raw: Option<&Spanned<RawStore>>) -> StoreSettings {
+        let mut out = StoreSettings {
+            backend: Backend::Redb,
+            path: self.dir.join(defaults::STORE_PATH),
+            retain: defaults::RETAIN,
+            url: None,
+        };
+        let Some(r) = raw.map(|s| s.get_ref()) else {
+            return out;
+        };
+        if let Some(b) = &r.backend {
+            match self.string(b, "store.backend").as_deref() {
+                Some("sled") => out.backend = Backend::Sled,
+                Some("redb") => out.backend = Backend::Redb,
+                Some("jetstream") => {
+                    out.backend = Backend::Jetstream;
+                    self.err(
+                        Some(b.span()),
+                        "store.backend",
+                        "\"jetstream\" is not available in this build yet; use \"sled\" or \"redb\"",
+                    );
+                }
+                Some(other) => self.err(
+                    Some(b.span()),
+                    "store.backend",
+                    format!(
+                        "unknown backend {other:?}; expected \"sled\", \"redb\" or \"jetstream\""
+                    ),
+                ),
+                None => {}
+            }
+        }
+        if let Some(p) = &r.path {
+            if let Some(p) = self.string(p, "store.path") {
+                out.path = self.dir.join(p);
+            }
+        }
+        out.retain = self.duration(&r.retain, "store.retain", out.retain);
+        if let Some(u) = &r.url {
+            out.url = self.string(u, "store.url");
+        }
+        out
+    }
+}

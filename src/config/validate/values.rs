@@ -1,0 +1,207 @@
+//! Value parsers: `${VAR}` expansion, durations, numbers, addresses, CIDRs, secrets, names;
+//! each records a problem at the value's place and returns something usable.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::Cx;
+use crate::config::raw::*;
+use crate::config::*;
+use crate::signature::decode_secret;
+
+impl Cx<'_> {
+    pub(super) fn string(&mut self, s: &Str, key: &str) -> Option<String> {
+        self.expand(s.get_ref(), s.span(), key)
+    }
+
+    /// Expands `${VAR}` (or `${VAR:-default}`) in `v`, found at `span`.
+    pub(super) fn expand(&mut self, v: &str, span: Range<usize>, key: &str) -> Option<String> {
+        let mut out = String::with_capacity(v.len());
+        let mut rest = v;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(end) = after.find('}') else {
+                self.err(Some(span.clone()), key, "unterminated ${ in value");
+                return None;
+            };
+            // `${NAME:-default}` falls back to `default` when NAME is unset.
+            let (name, default) = match after[..end].split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (&after[..end], None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                self.err(
+                    Some(span.clone()),
+                    key,
+                    format!("${{{name}}} is not a valid environment variable name"),
+                );
+                return None;
+            }
+            match (self.env)(name) {
+                Some(val) => out.push_str(&val),
+                None if default.is_some() => out.push_str(default.unwrap_or_default()),
+                None => {
+                    self.err(
+                        Some(span.clone()),
+                        key,
+                        format!("environment variable {name} is not set"),
+                    );
+                    return None;
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+
+    pub(super) fn duration(&mut self, s: &Option<Str>, key: &str, default: Duration) -> Duration {
+        match s {
+            Some(s) => self.duration_at(s.get_ref(), s.span(), key, default),
+            None => default,
+        }
+    }
+
+    pub(super) fn duration_at(
+        &mut self,
+        v: &str,
+        span: Range<usize>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(text) = self.expand(v, span.clone(), key) else {
+            return default;
+        };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    Some(span),
+                    key,
+                    format!("invalid duration {text:?} ({e}); write e.g. \"250ms\", \"5s\", \"10m\", \"24h\""),
+                );
+                default
+            }
+        }
+    }
+
+    pub(super) fn positive(&mut self, v: &Option<Spanned<i64>>, key: &str, default: u64) -> u64 {
+        match v {
+            None => default,
+            Some(n) if *n.get_ref() > 0 => *n.get_ref() as u64,
+            Some(n) => {
+                self.err(Some(n.span()), key, "must be greater than 0");
+                default
+            }
+        }
+    }
+
+    pub(super) fn addr(&mut self, s: &Option<Str>, key: &str, default: &str) -> SocketAddr {
+        let fallback: SocketAddr = default.parse().expect("default address");
+        let Some(s) = s else { return fallback };
+        let Some(text) = self.string(s, key) else {
+            return fallback;
+        };
+        match text.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                self.err(
+                    Some(s.span()),
+                    key,
+                    format!("invalid address {text:?}; write IP:PORT, e.g. \"0.0.0.0:8080\""),
+                );
+                fallback
+            }
+        }
+    }
+
+    pub(super) fn cidrs(&mut self, list: &Option<Vec<Str>>, key: &str) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().flatten().enumerate() {
+            let k = format!("{key}[{i}]");
+            let Some(text) = self.string(s, &k) else {
+                continue;
+            };
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => out.push(n.trunc()),
+                Err(_) => self.err(
+                    Some(s.span()),
+                    &k,
+                    format!("invalid CIDR {text:?}; write e.g. \"203.0.113.0/24\" or \"10.0.0.1\""),
+                ),
+            }
+        }
+        out
+    }
+
+    pub(super) fn secret(&mut self, s: &Str, key: &str, signing: bool) -> Option<Secret> {
+        self.secret_at(s.get_ref(), s.span(), key, signing)
+    }
+
+    /// A secret value; `signing` secrets may be `whsec_<base64>`.
+    pub(super) fn secret_at(
+        &mut self,
+        v: &str,
+        span: Range<usize>,
+        key: &str,
+        signing: bool,
+    ) -> Option<Secret> {
+        let text = self.expand(v, span.clone(), key)?;
+        let decoded = if signing {
+            decode_secret(&text)
+        } else if text.is_empty() {
+            Err("the secret is empty".to_string())
+        } else {
+            Ok(text.into_bytes())
+        };
+        match decoded {
+            Ok(b) => Some(Secret::new(b)),
+            Err(e) => {
+                self.err(Some(span), key, e);
+                None
+            }
+        }
+    }
+
+    pub(super) fn name(
+        &mut self,
+        s: &Str,
+        key: &str,
+        seen: &mut HashSet<String>,
+        what: &str,
+    ) -> String {
+        let Some(name) = self.string(s, key) else {
+            return String::new();
+        };
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.err(
+                Some(s.span()),
+                key,
+                format!("invalid {what} name {name:?}: use letters, digits, '-', '_' or '.'"),
+            );
+        } else if !seen.insert(name.clone()) {
+            self.err(
+                Some(s.span()),
+                key,
+                format!("duplicate {what} name {name:?}"),
+            );
+        }
+        name
+    }
+}
