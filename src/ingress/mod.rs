@@ -33,7 +33,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, Source, TOKEN_PATH};
 use crate::event_id::event_id;
 use crate::routing::route;
-use crate::store::{Admission, NewEvent, StoreError, StoredEvent};
+use crate::store::{Admission, NewEvent, StoreError, StoredEvent, StoredReply};
 use crate::web::response::{json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
 
@@ -102,6 +102,8 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
     resp
 }
 
+/// The contract's checks in order (path → IP allowlist → method → auth → size → JSON), then
+/// routing, the durable accept, and the answer.
 async fn accept(
     app: &App,
     config: &Arc<Config>,
@@ -109,45 +111,118 @@ async fn accept(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let Some(source) = source else {
-        return Err(ApiError::not_found(req.uri().path()));
-    };
+    let source = source.ok_or_else(|| ApiError::not_found(req.uri().path()))?;
+    check_address(config, &source, peer, &req)?;
+    check_method(&req)?;
+    let body_check = auth::check_headers(config, &source, req.headers(), now_ms() / 1000)?;
+    check_announced_size(config, &req)?;
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = read_body(
+        req.into_body(),
+        config.server.max_body_bytes,
+        config.server.read_timeout,
+    )
+    .await?;
+    if let Some(check) = body_check {
+        check.verify(&source, &body)?;
+    }
+    let wrapped = parse_event(&source, &body)?;
+    let ev = routed(app, config, &source, &wrapped, body, content_type)?;
+    let id = ev.id.clone();
+    let reply = ev.reply;
+    let deliveries = ev.new.destinations.len();
+    let (seq, duplicate, kept) = admit(app, config, &source, ev.new).await?;
+    if let Some(reply) = reply.and_then(|ri| config.routes[ri].reply.as_ref()) {
+        if let Some(kept) = &kept {
+            return Ok(reply::stored(kept));
+        }
+        let event = StoredEvent {
+            seq,
+            id,
+            source: source.name.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type,
+            body: ev.body,
+        };
+        return Ok(reply::call(app, config, reply, &event, !duplicate).await);
+    }
+    let deliveries = if duplicate { 0 } else { deliveries };
+    debug!(duplicate, deliveries, "accepted");
+    let out = serde_json::to_vec(&Accepted {
+        accepted: true,
+        id: &id,
+        duplicate,
+        deliveries,
+    })
+    .expect("answer serializes");
+    Ok(json_response(StatusCode::OK, out))
+}
+
+/// The client address (the peer, or X-Forwarded-For behind a trusted proxy) is allowed.
+fn check_address(
+    config: &Config,
+    source: &Source,
+    peer: SocketAddr,
+    req: &Request<Incoming>,
+) -> Result<(), ApiError> {
     let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
-    if !client_ip::allowed(ip, &source.allow_ips) {
-        return Err(ApiError::forbidden());
+    if client_ip::allowed(ip, &source.allow_ips) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden())
     }
-    if req.method() != Method::POST {
-        return Err(ApiError::method_not_allowed());
+}
+
+fn check_method(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if req.method() == Method::POST {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed())
     }
-    let now_s = now_ms() / 1000;
-    let body_check = auth::check_headers(config, &source, req.headers(), now_s)?;
+}
+
+/// A `content-length` over the limit is refused before the body is read.
+fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<(), ApiError> {
     let limit = config.server.max_body_bytes;
     let announced = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > limit) {
-        return Err(ApiError::too_large(limit));
+    match announced {
+        Some(n) if n > limit => Err(ApiError::too_large(limit)),
+        _ => Ok(()),
     }
-    let content_type = req
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = read_body(req.into_body(), limit, config.server.read_timeout).await?;
-    if let Some(check) = body_check {
-        check.verify(&source, &body)?;
-    }
-    let wrapped = parse_event(&source, &body)?;
+}
+
+/// An event routed and ready for the store.
+struct Routed {
+    id: String,
+    new: NewEvent,
+    /// The first matching route with a `reply`.
+    reply: Option<usize>,
+    received_ms: u64,
+    content_type: Option<String>,
+    body: Bytes,
+}
+
+/// The event's id, its destinations (with their `max_queue` and order keys) and the
+/// reply route, if any. Sheds load early when a destination's queue is full.
+fn routed(
+    app: &App,
+    config: &Config,
+    source: &Source,
+    wrapped: &Value,
+    body: Bytes,
+    content_type: Option<String>,
+) -> Result<Routed, ApiError> {
     let id = event_id(&source.event_id, &wrapped[0], &body);
     Span::current().record("event_id", id.as_str());
-    let fanout = route(config, &source, &wrapped);
-    let destinations: Vec<String> = fanout
-        .destinations
-        .iter()
-        .map(|&d| config.destinations[d].name.clone())
-        .collect();
+    let fanout = route(config, source, wrapped);
     // Fast path under overload: skip the store round trip. The store's writer makes the
     // exact check (`Admission::QueueFull`), which concurrent requests cannot race past.
     for &d in &fanout.destinations {
@@ -156,15 +231,6 @@ async fn accept(
             return Err(queue_full(&dest.name, config));
         }
     }
-    let n = destinations.len();
-    let reply = fanout
-        .reply_route
-        .and_then(|ri| config.routes[ri].reply.as_ref());
-    let received_ms = now_ms();
-    let held = reply.map(|r| {
-        let until = received_ms + r.timeout.as_millis() as u64 + reply::HOLD_MARGIN_MS;
-        (config.destinations[r.from].name.clone(), until)
-    });
     if fanout.destinations.is_empty() {
         app.metrics
             .unrouted
@@ -173,12 +239,14 @@ async fn accept(
             })
             .inc();
     }
-    let started = std::time::Instant::now();
-    let max_queue = fanout
-        .destinations
-        .iter()
-        .map(|&d| config.destinations[d].max_queue)
-        .collect();
+    let received_ms = now_ms();
+    let reply = fanout
+        .reply_route
+        .and_then(|ri| config.routes[ri].reply.as_ref());
+    let held = reply.map(|r| {
+        let until = received_ms + r.timeout.as_millis() as u64 + reply::HOLD_MARGIN_MS;
+        (config.destinations[r.from].name.clone(), until)
+    });
     // `order_by` of the first route (in file order) that sends it to each destination.
     let order_keys = fanout
         .via
@@ -190,20 +258,47 @@ async fn accept(
                 .flatten()
         })
         .collect();
-    let accepting = app.store.accept(NewEvent {
+    let new = NewEvent {
         source: source.name.clone(),
         id: id.clone(),
         body: body.clone(), // a refcount: a reply route still needs the body
         content_type: content_type.clone(),
         received_ms,
-        destinations,
-        max_queue,
+        destinations: fanout
+            .destinations
+            .iter()
+            .map(|&d| config.destinations[d].name.clone())
+            .collect(),
+        max_queue: fanout
+            .destinations
+            .iter()
+            .map(|&d| config.destinations[d].max_queue)
+            .collect(),
         order_keys,
         held,
         dedup_window: config.dedup_window,
-    });
+    };
+    Ok(Routed {
+        id,
+        new,
+        reply: fanout.reply_route,
+        received_ms,
+        content_type,
+        body,
+    })
+}
+
+/// Stores the event durably (or finds it a duplicate): its sequence number, whether it is
+/// a duplicate, and a reply route's kept answer.
+async fn admit(
+    app: &App,
+    config: &Config,
+    source: &Source,
+    new: NewEvent,
+) -> Result<(u64, bool, Option<StoredReply>), ApiError> {
+    let started = std::time::Instant::now();
     // A store stuck on a failing disk must not hold the provider (or this task) forever.
-    let admission = match tokio::time::timeout(ACCEPT_TIMEOUT, accepting).await {
+    let admission = match tokio::time::timeout(ACCEPT_TIMEOUT, app.store.accept(new)).await {
         Ok(Ok(a)) => {
             app.set_store_healthy(true);
             a
@@ -222,8 +317,8 @@ async fn accept(
     app.metrics
         .accept_duration
         .observe(started.elapsed().as_secs_f64());
-    let (seq, duplicate, kept) = match admission {
-        Admission::Accepted { seq } => (seq, false, None),
+    match admission {
+        Admission::Accepted { seq } => Ok((seq, false, None)),
         Admission::Duplicate { seq, reply } => {
             app.metrics
                 .duplicates
@@ -231,34 +326,10 @@ async fn accept(
                     source: source.name.clone(),
                 })
                 .inc();
-            (seq, true, reply)
+            Ok((seq, true, reply))
         }
-        Admission::QueueFull { destination } => return Err(queue_full(&destination, config)),
-    };
-    if let Some(reply) = reply {
-        if let Some(kept) = &kept {
-            return Ok(reply::stored(kept));
-        }
-        let event = StoredEvent {
-            seq,
-            id: id.clone(),
-            source: source.name.clone(),
-            received_ms,
-            content_type,
-            body,
-        };
-        return Ok(reply::call(app, config, reply, &event, !duplicate).await);
+        Admission::QueueFull { destination } => Err(queue_full(&destination, config)),
     }
-    let deliveries = if duplicate { 0 } else { n };
-    debug!(duplicate, deliveries, "accepted");
-    let out = serde_json::to_vec(&Accepted {
-        accepted: true,
-        id: &id,
-        duplicate,
-        deliveries,
-    })
-    .expect("answer serializes");
-    Ok(json_response(StatusCode::OK, out))
 }
 
 fn queue_full(destination: &str, config: &Config) -> ApiError {
