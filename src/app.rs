@@ -1,32 +1,27 @@
-//! What the running relay shares between its parts: the config in force, the store, the
-//! metrics, and whether it is stopping.
-//!
-//! The config is swapped whole on reload; a request keeps the `Arc<Config>` it started with.
+//! The composition root: what the running relay is made of. Each stage is handed only the
+//! parts it uses ([`App::ingress`], [`App::delivery`]); the admin listener, the operator's
+//! view of everything, gets the whole.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigErrors, Live};
 use crate::destinations::Statuses;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::web::client::HttpClient;
 
 pub struct App {
-    config: RwLock<Arc<Config>>,
-    /// Bumped on every reload, so long-lived parts (delivery) can pick up new destinations.
-    generation: watch::Sender<u64>,
+    pub live: Arc<Live>,
     pub store: Arc<dyn Store>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The outbound client: deliveries and reply routes share its connection pool.
     pub client: HttpClient,
-    /// Live figures per destination (in flight, failures), reported by delivery.
-    pub statuses: Statuses,
-    stopping: AtomicBool,
-    /// False after the store failed a write, until one succeeds again.
-    store_healthy: AtomicBool,
+    /// Live figures per destination (in flight, failures, breaker), reported by delivery.
+    pub statuses: Arc<Statuses>,
+    pub health: Arc<Health>,
 }
 
 impl App {
@@ -37,20 +32,40 @@ impl App {
             metrics.announce_destination(&d.name);
         }
         Ok(Arc::new(App {
-            config: RwLock::new(Arc::new(config)),
-            generation: watch::channel(0).0,
+            live: Arc::new(Live::new(config)),
             store,
-            metrics,
+            metrics: Arc::new(metrics),
             client,
-            statuses: Statuses::default(),
-            stopping: AtomicBool::new(false),
-            store_healthy: AtomicBool::new(true),
+            statuses: Arc::default(),
+            health: Arc::default(),
         }))
+    }
+
+    /// What the ingress uses.
+    pub fn ingress(&self) -> crate::ingress::Deps {
+        crate::ingress::Deps {
+            live: self.live.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            client: self.client.clone(),
+            health: self.health.clone(),
+        }
+    }
+
+    /// What delivery uses.
+    pub fn delivery(&self) -> crate::delivery::Deps {
+        crate::delivery::Deps {
+            live: self.live.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            client: self.client.clone(),
+            statuses: self.statuses.clone(),
+        }
     }
 
     /// The config in force now.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap().clone()
+        self.live.get()
     }
 
     /// Puts `config` in force for every request that starts from now on.
@@ -58,8 +73,7 @@ impl App {
         for d in &config.destinations {
             self.metrics.announce_destination(&d.name);
         }
-        *self.config.write().unwrap() = Arc::new(config);
-        self.generation.send_modify(|g| *g += 1);
+        self.live.swap(config);
     }
 
     /// Re-reads the config file; on success swaps it in and returns the routing table.
@@ -74,23 +88,6 @@ impl App {
 
     /// Changes whenever the config is swapped.
     pub fn config_changes(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
-    }
-
-    pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-    }
-
-    pub fn set_store_healthy(&self, ok: bool) {
-        self.store_healthy.store(ok, Ordering::Relaxed);
-    }
-
-    /// Whether the last write the ingress asked of the store succeeded.
-    pub fn store_healthy(&self) -> bool {
-        self.store_healthy.load(Ordering::Relaxed)
-    }
-
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.live.changes()
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod delivery;
 pub mod destinations;
 pub mod event_id;
+pub mod health;
 pub mod ingress;
 pub mod metrics;
 pub mod relay;

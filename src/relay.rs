@@ -110,19 +110,19 @@ async fn run(
 ) -> anyhow::Result<()> {
     let config = app.config();
     let delivery_stop = CancellationToken::new();
-    let delivery = crate::delivery::start(app.clone(), delivery_stop.clone());
+    let delivery = crate::delivery::start(app.delivery(), delivery_stop.clone());
     let upkeep = tokio::spawn(purge_loop(app.clone(), shutdown.clone()));
     {
         // readyz answers 503 from the moment shutdown starts.
         let (app, shutdown) = (app.clone(), shutdown.clone());
         tokio::spawn(async move {
             shutdown.cancelled().await;
-            app.set_stopping();
+            app.health.set_stopping();
         });
     }
     crate::ingress::serve(
         listener,
-        app.clone(),
+        app.ingress(),
         shutdown.clone(),
         config.server.read_timeout * 3,
     )

@@ -349,10 +349,10 @@ fn readyz(app: &App) -> Response<Body> {
         .filter(|(d, _)| config.destination(d).is_none())
         .map(|(d, n)| (d, json!(n)))
         .collect();
-    if app.is_stopping() {
+    if app.health.is_stopping() {
         return ApiError::unavailable("the relay is shutting down", "5").into_response();
     }
-    if !app.store_healthy() {
+    if !app.health.store_healthy() {
         return ApiError::unavailable(
             "the store failed its last write (disk full or I/O error?); the ingress answers 503",
             "5",

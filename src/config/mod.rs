@@ -7,6 +7,7 @@
 //! `raw` mirrors the file for serde, `validate` turns it into a [`Config`] collecting every
 //! problem, `table` prints the routing table for `check` and reload answers.
 
+mod live;
 mod raw;
 mod table;
 mod validate;
@@ -23,6 +24,7 @@ use ipnet::IpNet;
 
 use crate::rules::{Filter, Matcher};
 
+pub use live::Live;
 pub use table::{routing_table, shown_url};
 pub use validate::{load, parse, ConfigErrors, Problem};
 

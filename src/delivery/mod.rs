@@ -25,8 +25,6 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::App;
-
 pub use client::{send_once, Answer, AttemptResult, HttpClient, SendError};
 
 use crate::clock::now_ms;
@@ -89,10 +87,19 @@ pub async fn call_once(
     }
 }
 
+/// What delivery is handed: the config in force, the store, metrics, the outbound client,
+/// and the live destination figures it reports.
+pub struct Deps {
+    pub live: Arc<crate::config::Live>,
+    pub store: Arc<dyn crate::store::Store>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub client: HttpClient,
+    pub statuses: Arc<crate::destinations::Statuses>,
+}
+
 /// What the schedulers and their attempts share.
 struct Context {
-    app: Arc<App>,
-    client: HttpClient,
+    deps: Deps,
     stop: CancellationToken,
     /// Cancelled when the engine is dropped: attempts still in flight are abandoned (their
     /// deliveries stay pending and go out again after a restart).
@@ -124,13 +131,11 @@ impl Engine {
 
 /// Starts the engine: a scheduler per configured destination, and one for each destination
 /// a later reload adds. Stops taking work when `stop` is cancelled.
-pub fn start(app: Arc<App>, stop: CancellationToken) -> Engine {
+pub fn start(deps: Deps, stop: CancellationToken) -> Engine {
     let tasks = TaskTracker::new();
     let abort = CancellationToken::new();
     let ctx = Arc::new(Context {
-        // The reply route's client: one connection pool for all outbound requests.
-        client: app.client.clone(),
-        app,
+        deps,
         stop,
         abort: abort.clone(),
         tasks: tasks.clone(),
@@ -143,9 +148,9 @@ pub fn start(app: Arc<App>, stop: CancellationToken) -> Engine {
 /// A scheduler whose destination leaves the config idles until it comes back.
 async fn supervise(ctx: Arc<Context>) {
     let mut running: HashSet<String> = HashSet::new();
-    let mut changes = ctx.app.config_changes();
+    let mut changes = ctx.deps.live.changes();
     loop {
-        for d in &ctx.app.config().destinations {
+        for d in &ctx.deps.live.get().destinations {
             if running.insert(d.name.clone()) {
                 ctx.tasks.spawn(scheduler::run(ctx.clone(), d.name.clone()));
             }

@@ -178,16 +178,16 @@ impl Drop for InFlightGuard {
 
 /// Runs the scheduler of destination `name` until the stop token is cancelled.
 pub(super) async fn run(ctx: Arc<Context>, name: String) {
-    let wakeup = ctx.app.store.wakeup(&name);
-    let in_flight = InFlight::new(ctx.app.statuses.of(&name));
-    let mut changes = ctx.app.config_changes();
+    let wakeup = ctx.deps.store.wakeup(&name);
+    let in_flight = InFlight::new(ctx.deps.statuses.of(&name));
+    let mut changes = ctx.deps.live.changes();
     let mut limits: Option<Limits> = None;
     debug!(destination = %name, "scheduler started");
     'passes: loop {
         if ctx.stop.is_cancelled() {
             break;
         }
-        if ctx.app.store.paused(&name) {
+        if ctx.deps.store.paused(&name) {
             // Paused by the operator: nothing is sent until a resume (which wakes us).
             tokio::select! {
                 _ = ctx.stop.cancelled() => break,
@@ -195,7 +195,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue,
             }
         }
-        let Some(dest) = ctx.app.config().destination(&name).cloned() else {
+        let Some(dest) = ctx.deps.live.get().destination(&name).cloned() else {
             // Not configured (any more): its deliveries wait on disk.
             tokio::select! {
                 _ = ctx.stop.cancelled() => break,
@@ -217,7 +217,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             let in_flight = in_flight.clone();
             move |seq: u64| in_flight.contains(seq)
         };
-        let batch = match ctx.app.store.pending(&name, window, &skip).await {
+        let batch = match ctx.deps.store.pending(&name, window, &skip).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(destination = %name, error = %e, "reading pending deliveries failed");
@@ -230,7 +230,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
         let full = batch.len() >= window;
         let mut next_due = None;
         for d in batch {
-            if ctx.app.store.paused(&name) {
+            if ctx.deps.store.paused(&name) {
                 break;
             }
             if d.next_due_ms > now_ms() {
@@ -293,7 +293,7 @@ async fn attempt(
         destination: dest.name.clone(),
     };
     let n = d.attempts.saturating_add(1);
-    let event = match ctx.app.store.event(d.seq).await {
+    let event = match ctx.deps.store.event(d.seq).await {
         Ok(Some(e)) => e,
         Ok(None) => {
             drop(permit);
@@ -303,7 +303,7 @@ async fn attempt(
                 error: "the event is no longer stored".into(),
             };
             // Counted, but no request was made: no duration to observe.
-            ctx.app
+            ctx.deps
                 .metrics
                 .deliveries
                 .get_or_create(&crate::metrics::DestinationOutcome {
@@ -330,7 +330,7 @@ async fn attempt(
                 info!("abandoned at shutdown; the delivery stays pending");
                 return;
             }
-            r = send_once(&ctx.client, &dest, &event, n, dest.timeout) => r,
+            r = send_once(&ctx.deps.client, &dest, &event, n, dest.timeout) => r,
         };
         let took = started.elapsed();
         drop(permit);
@@ -350,7 +350,7 @@ async fn attempt(
                 warn!(error = %error, "delivery is dead; replay it from the admin API");
             }
         };
-        ctx.app
+        ctx.deps
             .metrics
             .delivery(&dest.name, outcome.word(), took.as_secs_f64());
         match guard
@@ -377,7 +377,7 @@ async fn attempt(
 }
 
 async fn store_outcome(ctx: &Context, key: &DeliveryKey, outcome: Outcome, guard: InFlightGuard) {
-    match ctx.app.store.record(key, outcome).await {
+    match ctx.deps.store.record(key, outcome).await {
         Ok(()) => drop(guard),
         Err(e) => {
             warn!(error = %e, "storing the outcome failed; the delivery stays pending");

@@ -28,12 +28,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{debug, info_span, warn, Instrument, Span};
 
-use crate::app::App;
 use crate::clock::now_ms;
+use crate::config::Live;
 use crate::config::{Config, Source, TOKEN_PATH};
 use crate::event_id::event_id;
+use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::routing::route;
+use crate::store::Store;
 use crate::store::{Admission, NewEvent, StoreError, StoredEvent, StoredReply};
+use crate::web::client::HttpClient;
 use crate::web::response::{json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
 
@@ -49,14 +53,26 @@ struct Accepted<'a> {
     deliveries: usize,
 }
 
+/// What the ingress is handed: the config in force, the store, metrics, the outbound client
+/// (reply routes), and the health flag it keeps up to date.
+#[derive(Clone)]
+pub struct Deps {
+    pub live: Arc<Live>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+    pub client: HttpClient,
+    pub health: Arc<Health>,
+}
+
+impl Deps {
+    fn config(&self) -> Arc<Config> {
+        self.live.get()
+    }
+}
+
 /// Serves the ingress on `listener` until `shutdown`; then stops accepting and lets
 /// requests in flight finish (bounded by `drain`).
-pub async fn serve(
-    listener: TcpListener,
-    app: Arc<App>,
-    shutdown: CancellationToken,
-    drain: Duration,
-) {
+pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken, drain: Duration) {
     let config = app.config();
     let limits = Limits {
         max_connections: config.server.max_connections,
@@ -77,7 +93,7 @@ pub async fn serve(
 }
 
 /// One request: never fails, every problem is an answer.
-pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: &Deps, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let config = app.config();
     if req.uri().path() == TOKEN_PATH && config.issues_tokens() {
         return oauth::token_endpoint(&config, peer, req).await;
@@ -105,7 +121,7 @@ pub async fn handle(app: &App, peer: SocketAddr, req: Request<Incoming>) -> Resp
 /// The contract's checks in order (path → IP allowlist → method → auth → size → JSON), then
 /// routing, the durable accept, and the answer.
 async fn accept(
-    app: &App,
+    app: &Deps,
     config: &Arc<Config>,
     source: Option<Arc<Source>>,
     peer: SocketAddr,
@@ -213,7 +229,7 @@ struct Routed {
 /// The event's id, its destinations (with their `max_queue` and order keys) and the
 /// reply route, if any. Sheds load early when a destination's queue is full.
 fn routed(
-    app: &App,
+    app: &Deps,
     config: &Config,
     source: &Source,
     wrapped: &Value,
@@ -291,7 +307,7 @@ fn routed(
 /// Stores the event durably (or finds it a duplicate): its sequence number, whether it is
 /// a duplicate, and a reply route's kept answer.
 async fn admit(
-    app: &App,
+    app: &Deps,
     config: &Config,
     source: &Source,
     new: NewEvent,
@@ -300,15 +316,15 @@ async fn admit(
     // A store stuck on a failing disk must not hold the provider (or this task) forever.
     let admission = match tokio::time::timeout(ACCEPT_TIMEOUT, app.store.accept(new)).await {
         Ok(Ok(a)) => {
-            app.set_store_healthy(true);
+            app.health.set_store_healthy(true);
             a
         }
         Ok(Err(e)) => {
-            app.set_store_healthy(false);
+            app.health.set_store_healthy(false);
             return Err(store_unavailable(e));
         }
         Err(_) => {
-            app.set_store_healthy(false);
+            app.health.set_store_healthy(false);
             return Err(store_unavailable(StoreError::Unavailable(format!(
                 "no commit within {ACCEPT_TIMEOUT:?}"
             ))));

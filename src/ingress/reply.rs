@@ -14,7 +14,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use tracing::{info, warn};
 
-use crate::app::App;
+use super::Deps;
 use crate::config::{Config, Reply};
 use crate::delivery::call_once;
 use crate::store::{DeliveryKey, Outcome, StoredEvent, StoredReply};
@@ -56,7 +56,7 @@ fn fallback(reply: &Reply) -> Response<Body> {
 /// `fresh` says whether this request stored the event (a duplicate has no delivery of its
 /// own to settle).
 pub async fn call(
-    app: &App,
+    app: &Deps,
     config: &Config,
     reply: &Reply,
     event: &StoredEvent,
@@ -91,7 +91,7 @@ pub async fn call(
 
 /// Queues the kept answer and the held delivery's outcome; the answer does not wait.
 fn settle(
-    app: &App,
+    app: &Deps,
     key: DeliveryKey,
     reply: Option<StoredReply>,
     outcome: Option<Outcome>,

@@ -185,8 +185,7 @@ impl Cx<'_> {
         });
     }
 
-    /// Expands `${VAR}` in a string value.
-
+    /// Every section in turn, then the references between them.
     fn build(&mut self, raw: RawConfig) -> Config {
         let server = self.server(raw.server.as_ref());
         let store = self.store(raw.store.as_ref());

@@ -15,6 +15,7 @@ use crate::config::*;
 use crate::signature::decode_secret;
 
 impl Cx<'_> {
+    /// Expands `${VAR}` in a string value.
     pub(super) fn string(&mut self, s: &Str, key: &str) -> Option<String> {
         self.expand(s.get_ref(), s.span(), key)
     }
