@@ -1,14 +1,14 @@
 //! The admin API, metrics, reload (API and SIGHUP), SIGTERM, and secrets kept out of logs
 //! and admin answers.
 
-mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::{fixture, send, TestRelay};
 use hookrelay::store::{DeliveryKey, Outcome};
 use http::Method;
+use support::{fixture, send, TestRelay};
 
 const CONFIG: &str = r#"
 [server]
@@ -306,7 +306,7 @@ impl Drop for Proc {
 }
 
 fn spawn(cfg: &std::path::Path, log: &str) -> Proc {
-    let mut child = Command::new(common::bin())
+    let mut child = Command::new(support::bin())
         .args(["serve", "--config"])
         .arg(cfg)
         .env("HOOKRELAY_LOG", log)
@@ -568,7 +568,7 @@ to = ["calls"]
             .await
             .body,
     );
-    let check = Command::new(common::bin())
+    let check = Command::new(support::bin())
         .args(["check", "--config"])
         .arg(&cfg)
         .output()

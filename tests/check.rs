@@ -1,6 +1,6 @@
 //! `hookrelay check`: every rejection the contract lists names the key at fault.
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
@@ -203,7 +203,7 @@ fn the_binary_exits_1_with_every_problem_and_0_when_valid() {
             .replace("http://127.0.0.1:8003/ivr", "ivr"),
     )
     .unwrap();
-    let out = Command::new(common::bin())
+    let out = Command::new(support::bin())
         .arg("check")
         .arg("--config")
         .arg(&bad)
@@ -216,7 +216,7 @@ fn the_binary_exits_1_with_every_problem_and_0_when_valid() {
     assert!(text.contains("destinations[1].url"), "{text}");
 
     std::fs::write(&bad, BASE).unwrap();
-    let out = Command::new(common::bin())
+    let out = Command::new(support::bin())
         .arg("check")
         .env("HOOKRELAY_CONFIG", &bad)
         .output()

@@ -5,7 +5,6 @@
 //!
 //! `HOOKRELAY_SCREENSHOTS=docs` writes the screenshots the README links to.
 
-#[path = "common/delivery_support.rs"]
 mod support;
 
 use std::process::Stdio;

@@ -1,9 +1,7 @@
 //! Crash safety: every event answered 200 survives a SIGKILL right after, with its
 //! deliveries.
 
-mod common;
-#[path = "common/kill_support.rs"]
-mod kill_support;
+mod support;
 
 use hookrelay::store::redb::RedbStore;
 use hookrelay::store::sled::SledStore;
@@ -53,7 +51,7 @@ to = ["calls", "analytics"]
         ),
     )
     .unwrap();
-    let relay = kill_support::RelayProcess::spawn(&cfg, &dir.path().join("relay.log")).await;
+    let relay = support::RelayProcess::spawn(&cfg, &dir.path().join("relay.log")).await;
     let addr = relay.ingress;
 
     let mut tasks = Vec::new();
@@ -61,7 +59,7 @@ to = ["calls", "analytics"]
         let url = format!("http://{addr}/8x8/voice");
         tasks.push(tokio::spawn(async move {
             let body = format!(r#"{{"namespace":"VOICE","payload":{{"eventId":"crash-{i}"}}}}"#);
-            let a = common::send(http::Method::POST, &url, &[], body.as_bytes()).await;
+            let a = support::send(http::Method::POST, &url, &[], body.as_bytes()).await;
             assert_eq!(a.status, 200, "{:?}", a.body);
             a.json()["id"].as_str().unwrap().to_string()
         }));

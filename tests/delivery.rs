@@ -2,7 +2,6 @@
 //! `Retry-After`, dead letters and replay, restarts mid-schedule, rate and in-flight limits.
 //! Every relay and sink runs in this process on 127.0.0.1:0; every wait is bounded.
 
-#[path = "common/delivery_support.rs"]
 mod support;
 
 use std::path::Path;

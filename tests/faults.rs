@@ -5,11 +5,7 @@
 //! binary; the destinations are [`FaultSink`]s on 127.0.0.1:0; every wait is bounded.
 //! The full-disk tests mount a small tmpfs (root only) and say SKIPPED where they cannot.
 
-#[path = "common/delivery_support.rs"]
 mod support;
-
-#[path = "common/kill_support.rs"]
-mod kill_support;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -18,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hookrelay::store::{DeliveryState, Store};
-use kill_support::{client, tail, try_post, Action, FaultSink, HttpClient, Posted, RelayProcess};
+use support::{client, tail, try_post, Action, FaultSink, HttpClient, Posted, RelayProcess};
 use support::{start_relay, stop_relay};
 
 /// How long any single wait in these tests may take.

@@ -1,12 +1,12 @@
 //! The ingress against the contract's §3 table, with the 8x8 and dids fixtures.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{fixture, send, TestRelay};
 use hookrelay::store::DeliveryState;
 use http::Method;
+use support::{fixture, send, TestRelay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Destinations point at a closed port with hour-long retries: deliveries stay pending.

@@ -5,8 +5,7 @@
 //! `HOOKRELAY_KILL_ROUNDS` sets the number of kills (default 3, a few seconds per backend);
 //! e.g. `HOOKRELAY_KILL_ROUNDS=20 cargo test --test kill -- --nocapture` for a long run.
 
-#[path = "common/kill_support.rs"]
-mod kill_support;
+mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -14,8 +13,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kill_support::{client, tail, try_post, FaultSink, RelayProcess};
 use rand::Rng;
+use support::{client, tail, try_post, FaultSink, RelayProcess};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -2,16 +2,14 @@
 //! readiness, dead letters that name their event and replay by its id, the event list with
 //! its filters and cursor, and pause/resume across a restart.
 
-mod common;
-#[path = "common/delivery_support.rs"]
 mod support;
 
 use std::collections::HashSet;
 
-use common::{send, Answer};
 use hookrelay::store::{DeliveryKey, DeliveryState, Outcome};
 use http::Method;
 use support::{post, start_relay, stop_relay, wait_state, Reply, Sink};
+use support::{send, Answer};
 
 const TOKEN: &str = "op-token-7f3a9c";
 

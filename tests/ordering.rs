@@ -4,15 +4,14 @@
 //! under 32 concurrent senders and a destination of varying latency, and a breaker opens
 //! after N failures, probes once per cool-down and closes on a 2xx.
 
-#[path = "common/kill_support.rs"]
-mod kill_support;
+mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kill_support::{client, tail, try_post, Action, Arrival, FaultSink, RelayProcess};
 use rand::Rng;
+use support::{client, tail, try_post, Action, Arrival, FaultSink, RelayProcess};
 
 const WAIT: Duration = Duration::from_secs(30);
 

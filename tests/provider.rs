@@ -1,12 +1,12 @@
 //! 8x8 and telecom-style providers: the OAuth2 token flow, Standard Webhooks inbound
 //! signatures, and `decode_json` change events (dids fixtures).
 
-mod common;
+mod support;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::{fixture, TestRelay};
 use hmac::{KeyInit, Mac};
+use support::{fixture, TestRelay};
 
 const CONFIG: &str = r#"
 [server]
@@ -72,7 +72,7 @@ fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
 
 const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
 
-async fn token_basic(r: &TestRelay, id: &str, secret: &str) -> common::Answer {
+async fn token_basic(r: &TestRelay, id: &str, secret: &str) -> support::Answer {
     // RFC 6749 §2.3.1: id and secret are form-urlencoded before Basic encoding.
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let basic = format!(
@@ -87,7 +87,7 @@ async fn token_basic(r: &TestRelay, id: &str, secret: &str) -> common::Answer {
     .await
 }
 
-fn bearer(a: &common::Answer) -> String {
+fn bearer(a: &support::Answer) -> String {
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.headers["cache-control"], "no-store");
     let v = a.json();
@@ -267,7 +267,7 @@ fn signed_headers(id: &str, ts: u64, body: &[u8]) -> Vec<(String, String)> {
     ]
 }
 
-async fn post_signed(r: &TestRelay, headers: &[(String, String)], body: &[u8]) -> common::Answer {
+async fn post_signed(r: &TestRelay, headers: &[(String, String)], body: &[u8]) -> support::Answer {
     let h: Vec<(&str, &str)> = headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))

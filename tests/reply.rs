@@ -2,15 +2,13 @@
 //! fallback on a slow or failing destination; the stored reply for a duplicate; the other
 //! destinations still get the event.
 
-mod common;
-#[path = "common/delivery_support.rs"]
 mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{fixture, TestRelay};
 use hookrelay::store::{Delivery, DeliveryState};
+use support::{fixture, TestRelay};
 use support::{Reply, Sink};
 
 fn config(ivr: SocketAddr, analytics: SocketAddr) -> String {

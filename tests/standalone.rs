@@ -2,13 +2,13 @@
 //! with no environment variable set, on the redb store (the default), and answers an 8x8
 //! sample payload from `examples/payloads/`.
 
-mod common;
+mod support;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{bin, fixture, send};
 use http::Method;
+use support::{bin, fixture, send};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! unavailable"), loses nothing it accepted before, and accepts again once the store
 //! recovers.
 
-mod common;
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -130,7 +130,7 @@ to = ["down"]
     let post = |id: &'static str| {
         let url = url.clone();
         async move {
-            common::send(
+            support::send(
                 http::Method::POST,
                 &url,
                 &[],

@@ -1,15 +1,15 @@
 //! HTTPS on the ingress with a self-signed certificate made in the test: HTTP/1.1 and
 //! HTTP/2 over ALPN, and a bad certificate file as a config error naming it.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use common::TestRelay;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::TestRelay;
 
 fn config() -> String {
     r#"

@@ -60,17 +60,11 @@ pub fn event(v: &EventView) -> Value {
     let body = serde_json::from_slice::<Value>(&e.body).unwrap_or_else(
         |_| json!({"base64": base64::engine::general_purpose::STANDARD.encode(&e.body)}),
     );
-    json!({
-        "id": e.id,
-        "source": e.source,
-        "seq": e.seq,
-        "received": received(e.received_ms),
-        "received_at": rfc3339(e.received_ms),
-        "received_ms": e.received_ms,
-        "content_type": e.content_type,
-        "body": body,
-        "deliveries": deliveries(e, &v.deliveries),
-    })
+    let mut out = event_summary(v);
+    out["received_ms"] = json!(e.received_ms);
+    out["content_type"] = json!(e.content_type);
+    out["body"] = body;
+    out
 }
 
 #[cfg(test)]

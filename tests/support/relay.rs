@@ -1,14 +1,13 @@
-//! Shared test support: fixtures, an in-process relay on 127.0.0.1:0, and a small client.
-#![allow(dead_code)]
+//! The relay in this process on a temporary store ([`TestRelay`], [`start_relay`]), waits
+//! on its store, and the sample payloads and binary the tests use.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 use tempfile::TempDir;
+
+use super::{send, Answer, WAIT};
 
 /// A payload from `examples/payloads/`, e.g. `fixture("8x8/voice-call-status.json")`.
 pub fn fixture(name: &str) -> Vec<u8> {
@@ -95,53 +94,52 @@ impl Drop for TestRelay {
     }
 }
 
-/// An HTTP answer, body read whole.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Answer {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    /// Asserts the contract's error shape and kind; returns the message.
-    pub fn error(&self, status: u16, kind: &str) -> String {
-        assert_eq!(self.status.as_u16(), status, "body: {:?}", self.body);
-        let v = self.json();
-        assert_eq!(v["error"], kind, "{v}");
-        let msg = v["message"].as_str().expect("message").to_string();
-        assert!(!msg.is_empty());
-        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
-        msg
-    }
-}
-
-pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(20), client.request(req))
-        .await
-        .expect("answer within 20s")
-        .expect("request");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
-}
-
 /// The path of the built binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hookrelay"))
+}
+
+/// Starts a relay on `toml`, written to `<dir>/routes.toml` (so the store is `<dir>/data`).
+pub async fn start_relay(dir: &Path, toml: &str) -> hookrelay::Relay {
+    let file = dir.join("routes.toml");
+    std::fs::write(&file, toml).unwrap();
+    let config =
+        hookrelay::config::parse(toml, &file, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
+    hookrelay::Relay::start(config).await.unwrap()
+}
+
+/// Stops a relay and waits until it has.
+pub async fn stop_relay(relay: hookrelay::Relay) {
+    relay.shutdown();
+    tokio::time::timeout(WAIT, relay.stopped())
+        .await
+        .expect("relay stops in time")
+        .unwrap();
+}
+
+/// Waits (bounded, checking every 10 ms) until the delivery of event `id` to `dest` is in
+/// `state`; returns it.
+pub async fn wait_state(
+    relay: &hookrelay::Relay,
+    id: &str,
+    dest: &str,
+    state: hookrelay::store::DeliveryState,
+) -> hookrelay::store::Delivery {
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        let views = relay.app.store.lookup(id).await.unwrap();
+        last = views
+            .iter()
+            .flat_map(|v| v.deliveries.iter())
+            .find(|d| d.destination == dest)
+            .cloned();
+        if let Some(d) = &last {
+            if d.state == state {
+                return d.clone();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("delivery of {id} to {dest} not {state:?} within {WAIT:?}: {last:?}");
 }

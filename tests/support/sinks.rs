@@ -1,40 +1,235 @@
-//! Support for `tests/kill.rs` and `tests/faults.rs`: a destination that can misbehave on
-//! purpose ([`FaultSink`]), the `hookrelay` binary as a child process ([`RelayProcess`]),
-//! and a client call that reports failures instead of panicking ([`try_post`]).
-//!
-//! Everything binds to 127.0.0.1; every wait is bounded; a sink stops (closing its
-//! connections) on [`FaultSink::stop`] or drop, and a child process is SIGKILLed on drop so
-//! a failing assertion never leaves one behind.
-#![allow(dead_code)]
+//! Fake destinations on 127.0.0.1:0: [`Sink`] answers from a script (a hyper server that
+//! records every request), [`FaultSink`] speaks just enough HTTP/1.1 to misbehave on purpose
+//! (hang, reset, truncate, answer late) by arrival number or event id. Both stop on `stop`
+//! or drop, closing their connections.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-/// The built `hookrelay` binary.
-pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_hookrelay"))
+use super::WAIT;
+
+/// One scripted answer.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// How long the sink takes before answering.
+    pub delay: Duration,
 }
 
-// ---------------------------------------------------------------------------------------
-// FaultSink
-// ---------------------------------------------------------------------------------------
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Reply {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn body(mut self, b: &[u8]) -> Reply {
+        self.body = b.to_vec();
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+}
+
+/// A request as the sink saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// When its body had been read.
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn attempt(&self) -> u32 {
+        self.header("x-hookrelay-attempt")
+            .expect("x-hookrelay-attempt")
+            .parse()
+            .expect("attempt is a number")
+    }
+}
+
+struct State {
+    script: Mutex<VecDeque<Reply>>,
+    default: Reply,
+    seen: Mutex<Vec<Seen>>,
+    count: watch::Sender<usize>,
+    current: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// A fake destination on 127.0.0.1:0. Answers the scripted replies in order, then
+/// `default`. Stopped by [`Sink::stop`] (or, less tidily, on drop).
+pub struct Sink {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    pub async fn start(script: Vec<Reply>, default: Reply) -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State {
+            script: Mutex::new(script.into()),
+            default,
+            seen: Mutex::new(Vec::new()),
+            count: watch::channel(0).0,
+            current: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+        });
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            // Dropping the set at the end aborts every connection still open.
+            let mut conns = JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    _ = &mut stopped => break,
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(_) => continue,
+                    },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                };
+                let st = st.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&st, req).await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Sink {
+            addr,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A sink that answers `status` to everything.
+    pub async fn always(status: u16) -> Sink {
+        Sink::start(Vec::new(), Reply::status(status)).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits until at least `n` requests arrived; returns all seen so far.
+    pub async fn wait_for(&self, n: usize) -> Vec<Seen> {
+        let mut rx = self.state.count.subscribe();
+        let r = tokio::time::timeout(WAIT, rx.wait_for(|c| *c >= n)).await;
+        let seen = self.seen();
+        assert!(
+            r.is_ok(),
+            "{} requests arrived within {WAIT:?}, wanted {n}",
+            seen.len()
+        );
+        seen
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// The most requests that were being answered at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening and closes every connection.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+async fn answer(st: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let now = st.current.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max.fetch_max(now, Ordering::SeqCst);
+    let reply = st
+        .script
+        .lock()
+        .unwrap()
+        .pop_front()
+        .unwrap_or_else(|| st.default.clone());
+    st.seen.lock().unwrap().push(Seen {
+        at: Instant::now(),
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers,
+        body,
+    });
+    st.count.send_modify(|c| *c += 1);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    st.current.fetch_sub(1, Ordering::SeqCst);
+    let mut resp = Response::new(Full::new(Bytes::from(reply.body)));
+    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+    for (k, v) in reply.headers {
+        resp.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(&v).unwrap(),
+        );
+    }
+    resp
+}
 
 /// What the sink does with one request, once it has read it whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,179 +545,4 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
             }
         }
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Client
-// ---------------------------------------------------------------------------------------
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
-/// A pooled HTTP/1.1 client (keep-alive).
-pub fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
-}
-
-/// A status, headers and body, or why there was none.
-#[derive(Debug)]
-pub struct Posted {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-impl Posted {
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-/// POSTs `body` to `url` with a JSON content type; errors (refused, reset, timed out) are
-/// returned, not raised.
-pub async fn try_post(
-    client: &HttpClient,
-    url: &str,
-    body: Vec<u8>,
-    within: Duration,
-) -> Result<Posted, String> {
-    let req = Request::post(url)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let call = async {
-        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok(Posted {
-            status: parts.status.as_u16(),
-            headers: parts.headers,
-            body,
-        })
-    };
-    match tokio::time::timeout(within, call).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {within:?}")),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The binary as a child process
-// ---------------------------------------------------------------------------------------
-
-/// `hookrelay serve` running as a child process. SIGKILLed when dropped.
-pub struct RelayProcess {
-    child: tokio::process::Child,
-    pub ingress: SocketAddr,
-    pub admin: SocketAddr,
-    /// Kept open: the child must never write to a closed pipe.
-    _stdout: BufReader<tokio::process::ChildStdout>,
-}
-
-impl RelayProcess {
-    /// Starts `hookrelay serve --config <config>` with its stderr appended to `log`, and
-    /// waits (bounded) for its `hookrelay listening ingress=ADDR admin=ADDR` line.
-    pub async fn spawn(config: &Path, log: &Path) -> RelayProcess {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut child = tokio::process::Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("HOOKRELAY_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line)).await;
-        if !matches!(read, Ok(Ok(n)) if n > 0) {
-            let _ = child.kill().await;
-            panic!(
-                "the relay did not say it was listening within 30s ({read:?}); its log:\n{}",
-                tail(log)
-            );
-        }
-        let word = |p: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(p))
-                .unwrap_or_else(|| panic!("no {p} in {line:?}"))
-                .parse()
-                .unwrap()
-        };
-        let (ingress, admin) = (word("ingress="), word("admin="));
-        RelayProcess {
-            child,
-            ingress,
-            admin,
-            _stdout: stdout,
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the child is running")
-    }
-
-    /// SIGKILL, and waits until the process is gone.
-    pub async fn sigkill(mut self) {
-        self.child.kill().await.unwrap();
-    }
-
-    /// SIGTERM, and waits (bounded by `within`) for the exit status.
-    pub async fn sigterm(self, within: Duration) -> ExitStatus {
-        self.sigterm_or_kill(within)
-            .await
-            .unwrap_or_else(|| panic!("the relay did not exit within {within:?} of SIGTERM"))
-    }
-
-    /// SIGTERM; if the process has not exited within `within`, SIGKILL and `None`.
-    pub async fn sigterm_or_kill(mut self, within: Duration) -> Option<ExitStatus> {
-        let ok = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill -TERM failed");
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(s) => Some(s.unwrap()),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                None
-            }
-        }
-    }
-
-    /// The process's resident set size in KiB (`VmRSS` in /proc/<pid>/status).
-    pub fn rss_kib(&self) -> u64 {
-        self.status_kib("VmRSS")
-    }
-
-    /// The most the resident set has been, in KiB (`VmHWM`).
-    pub fn peak_rss_kib(&self) -> u64 {
-        self.status_kib("VmHWM")
-    }
-
-    fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
-    }
-}
-
-/// The last lines of a log file, for failure messages.
-pub fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
