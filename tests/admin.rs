@@ -3,12 +3,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use hookrelay::store::{DeliveryKey, Outcome};
 use http::Method;
-use support::{fixture, send, TestRelay};
+use std::time::Duration;
+use support::{fixture, send, RelayProcess, TestRelay};
 
 const CONFIG: &str = r#"
 [server]
@@ -291,102 +291,14 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
 
 // ---- the binary: SIGHUP, SIGTERM, secrets in logs ----
 
-struct Proc {
-    child: Child,
-    ingress: String,
-    admin: String,
-    stderr: std::sync::mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(cfg: &std::path::Path, log: &str) -> Proc {
-    let mut child = Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .env("HOOKRELAY_LOG", log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let word = |p: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} in {line:?}"))
-            .to_string()
-    };
-    let (ingress, admin) = (word("ingress="), word("admin="));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(err).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    Proc {
-        child,
-        ingress,
-        admin,
-        stderr: rx,
-    }
-}
-
-impl Proc {
-    /// Kills the process and returns everything it wrote to stderr.
-    fn finish(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut out = String::new();
-        // The reader thread ends at EOF, which closes the channel.
-        while let Ok(l) = self.stderr.recv_timeout(std::time::Duration::from_secs(5)) {
-            out.push_str(&l);
-            out.push('\n');
-        }
-        out
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    /// Waits (bounded) for a stderr line containing `text`.
-    fn wait_log(&self, text: &str) -> bool {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match self.stderr.recv_timeout(left) {
-                Ok(l) if l.contains(text) => return true,
-                Ok(_) => {}
-                Err(_) => return false,
-            }
-        }
-        false
-    }
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, CONFIG).unwrap();
-    let p = spawn(&cfg, "info");
-    let new = |path: &str| format!("http://{}{path}", p.ingress);
+    let mut p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
+    let ingress = p.ingress;
+    let new = |path: &str| format!("http://{ingress}{path}");
     assert_eq!(
         send(Method::POST, &new("/hup"), &[], b"{}").await.status,
         404
@@ -397,7 +309,10 @@ async fn sighup_reloads_the_file() {
     )
     .unwrap();
     p.signal("HUP");
-    assert!(p.wait_log("config reloaded (SIGHUP)"));
+    assert!(
+        p.wait_log("config reloaded (SIGHUP)", Duration::from_secs(10))
+            .await
+    );
     assert_eq!(
         send(Method::POST, &new("/hup"), &[], b"{}").await.status,
         200
@@ -413,7 +328,7 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
         CONFIG.replace("[server]", "[server]\nshutdown_grace = \"1s\""),
     )
     .unwrap();
-    let mut p = spawn(&cfg, "info");
+    let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
     let url = format!("http://{}/open", p.ingress);
     let id = send(
         Method::POST,
@@ -426,20 +341,7 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
         .as_str()
         .unwrap()
         .to_string();
-    p.signal("TERM");
-    let status = {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Some(s) = p.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "relay did not exit after SIGTERM"
-            );
-            p.wait_log("stopped");
-        }
-    };
+    let status = p.sigterm(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0));
     // The default store.
     let store = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
@@ -498,7 +400,7 @@ to = ["calls"]
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &cfg_text).unwrap();
-    let p = spawn(&cfg, "debug");
+    let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "debug").await;
     let ing = |path: &str| format!("http://{}{path}", p.ingress);
     let adm = |path: &str| format!("http://{}{path}", p.admin);
     let mut answers = Vec::new();
@@ -573,7 +475,7 @@ to = ["calls"]
         .arg(&cfg)
         .output()
         .unwrap();
-    let logs = p.finish();
+    let logs = p.finish().await;
     assert!(logs.contains("listening"), "logs were captured: {logs}");
     let mut seen = logs;
     seen.push_str(&String::from_utf8_lossy(&check.stdout));

@@ -4,12 +4,10 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use http::Method;
-use support::{bin, fixture, send};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::{bin, fixture, send, RelayProcess};
 
 #[tokio::test]
 async fn shipped_routes_toml_checks_and_serves_on_redb_with_no_environment() {
@@ -38,29 +36,8 @@ async fn shipped_routes_toml_checks_and_serves_on_redb_with_no_environment() {
         String::from_utf8_lossy(&check.stdout)
     );
 
-    let mut child = tokio::process::Command::new(bin())
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
-        .await
-        .expect("serve says it listens within 30 s")
-        .unwrap();
-    let addr = |p: &str| -> String {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} in {line:?}"))
-            .to_string()
-    };
-    let (ingress, admin) = (addr("ingress="), addr("admin="));
+    let relay = RelayProcess::spawn_with_no_environment(&file, &dir.path().join("relay.log")).await;
+    let (ingress, admin) = (relay.ingress, relay.admin);
 
     // The development value of VOICE_AUTH, as the README's "Try it" posts it.
     let a = send(
@@ -79,14 +56,6 @@ async fn shipped_routes_toml_checks_and_serves_on_redb_with_no_environment() {
         "the default store is redb"
     );
 
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("exits within 20 s of SIGTERM")
-        .unwrap();
+    let status = relay.sigterm(Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}");
 }

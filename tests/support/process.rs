@@ -1,12 +1,16 @@
-//! `hookrelay serve` as a child process ([`RelayProcess`]): started on a config, its
-//! listening line read, SIGTERMed or SIGKILLed (always killed on drop), its RSS read.
+//! `hookrelay serve` as a child process ([`RelayProcess`]): started on a config at a log
+//! level, its listening line read, its stderr appended to a log file and kept for waits,
+//! signalled, SIGTERMed or SIGKILLed (always killed on drop), its RSS read.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::bin;
 
@@ -17,27 +21,68 @@ pub struct RelayProcess {
     pub admin: SocketAddr,
     /// Kept open: the child must never write to a closed pipe.
     _stdout: BufReader<tokio::process::ChildStdout>,
+    /// Every stderr line so far, and how many there are (to wait on).
+    lines: Arc<Mutex<Vec<String>>>,
+    count: watch::Receiver<usize>,
+    /// Copies stderr to the log file and `lines` until EOF.
+    reader: Option<JoinHandle<()>>,
 }
 
 impl RelayProcess {
-    /// Starts `hookrelay serve --config <config>` with its stderr appended to `log`, and
-    /// waits (bounded) for its `hookrelay listening ingress=ADDR admin=ADDR` line.
+    /// Starts `hookrelay serve --config <config>` at log level `warn` with its stderr
+    /// appended to `log`, and waits (bounded) for its `hookrelay listening ingress=ADDR
+    /// admin=ADDR` line.
     pub async fn spawn(config: &Path, log: &Path) -> RelayProcess {
-        let stderr = std::fs::OpenOptions::new()
+        Self::spawn_at(config, log, "warn").await
+    }
+
+    /// [`spawn`](Self::spawn) at the log level `level` (`HOOKRELAY_LOG`).
+    pub async fn spawn_at(config: &Path, log: &Path, level: &str) -> RelayProcess {
+        Self::start(config, log, Some(level)).await
+    }
+
+    /// [`spawn`](Self::spawn) with no environment variable at all, as a newcomer's shell
+    /// might run it.
+    pub async fn spawn_with_no_environment(config: &Path, log: &Path) -> RelayProcess {
+        Self::start(config, log, None).await
+    }
+
+    /// `level: None` clears the environment.
+    async fn start(config: &Path, log: &Path, level: Option<&str>) -> RelayProcess {
+        let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
+            .await
             .unwrap();
-        let mut child = tokio::process::Command::new(bin())
+        let mut command = tokio::process::Command::new(bin());
+        match level {
+            Some(level) => command.env("HOOKRELAY_LOG", level),
+            None => command.env_clear(),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(config)
-            .env("HOOKRELAY_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (seen, count) = watch::channel(0);
+        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let kept = lines.clone();
+        // Always read: the child must never block on a full pipe.
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                let _ = file.write_all(format!("{line}\n").as_bytes()).await;
+                let mut all = kept.lock().unwrap();
+                all.push(line);
+                seen.send_replace(all.len());
+            }
+            let _ = file.flush().await;
+        });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         let read = tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line)).await;
@@ -61,7 +106,38 @@ impl RelayProcess {
             ingress,
             admin,
             _stdout: stdout,
+            lines,
+            count,
+            reader: Some(reader),
         }
+    }
+
+    /// Sends signal `sig` (`HUP`, `TERM`, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig} failed");
+    }
+
+    /// Waits (bounded by `within`) for a stderr line containing `text`, from the start.
+    pub async fn wait_log(&mut self, text: &str, within: Duration) -> bool {
+        let lines = self.lines.clone();
+        let found = self
+            .count
+            .wait_for(|_| lines.lock().unwrap().iter().any(|l| l.contains(text)));
+        matches!(tokio::time::timeout(within, found).await, Ok(Ok(_)))
+    }
+
+    /// Kills the process and returns everything it wrote to stderr.
+    pub async fn finish(mut self) -> String {
+        let _ = self.child.kill().await;
+        if let Some(r) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
+        self.lines.lock().unwrap().join("\n")
     }
 
     pub fn pid(&self) -> u32 {
@@ -82,12 +158,7 @@ impl RelayProcess {
 
     /// SIGTERM; if the process has not exited within `within`, SIGKILL and `None`.
     pub async fn sigterm_or_kill(mut self, within: Duration) -> Option<ExitStatus> {
-        let ok = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "kill -TERM failed");
+        self.signal("TERM");
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(s) => Some(s.unwrap()),
             Err(_) => {
