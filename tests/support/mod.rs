@@ -8,12 +8,13 @@ mod http;
 mod process;
 mod relay;
 mod sinks;
+mod voice;
 
 use std::time::Duration;
 
 // One flat namespace for the tests; a test binary that uses none of a part is fine.
 #[allow(unused_imports)]
-pub use {http::*, process::*, relay::*, sinks::*};
+pub use {http::*, process::*, relay::*, sinks::*, voice::*};
 
 /// How long any wait in these tests may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);
