@@ -20,6 +20,19 @@ fn ev(id: &str, dests: &[&str]) -> NewEvent {
     }
 }
 
+/// Records a final 400 on the delivery of `seq` to `dest`: it is dead.
+async fn refused(st: &dyn Store, seq: u64, dest: &str) {
+    let k = DeliveryKey {
+        seq,
+        destination: dest.into(),
+    };
+    let dead = Outcome::Dead {
+        status: Some(400),
+        error: "HTTP 400".into(),
+    };
+    st.record(&k, dead).await.unwrap();
+}
+
 async fn accept_dedup_record_replay(st: Arc<dyn Store>) {
     let a = st.accept(ev("e1", &["a", "b"])).await.unwrap();
     let Admission::Accepted { seq } = a else {
@@ -32,19 +45,7 @@ async fn accept_dedup_record_replay(st: Arc<dyn Store>) {
     assert_eq!(st.queue_depth("a"), 1);
     let p = st.pending("a", 10, &|_| false).await.unwrap();
     assert_eq!(p.len(), 1);
-    let k = DeliveryKey {
-        seq,
-        destination: "a".into(),
-    };
-    st.record(
-        &k,
-        Outcome::Dead {
-            status: Some(400),
-            error: "HTTP 400".into(),
-        },
-    )
-    .await
-    .unwrap();
+    refused(st.as_ref(), seq, "a").await;
     assert_eq!(st.queue_depth("a"), 0);
     assert_eq!(st.dead(Some("a"), 10).await.unwrap().len(), 1);
     assert_eq!(st.dead(None, 10).await.unwrap().len(), 1);
@@ -223,19 +224,7 @@ async fn pauses_and_the_event_list_on_every_engine() {
             };
             seqs.push(seq);
         }
-        let k = DeliveryKey {
-            seq: seqs[2],
-            destination: "a".into(),
-        };
-        st.record(
-            &k,
-            Outcome::Dead {
-                status: Some(400),
-                error: "HTTP 400".into(),
-            },
-        )
-        .await
-        .unwrap();
+        refused(st.as_ref(), seqs[2], "a").await;
         st.close().await.unwrap();
         drop(st);
 
