@@ -30,6 +30,8 @@ pub enum StoreError {
     Closed,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Format(String),
 }
 
 /// An event as ingress hands it to the store.

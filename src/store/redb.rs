@@ -29,6 +29,13 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 impl RedbStore {
     /// Opens (or creates) the store in the directory `path` (file `hookrelay.redb`).
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        KvStore::start(RedbEngine::create(path)?)
+    }
+}
+
+impl RedbEngine {
+    /// Opens (or creates) the engine's file in the directory `path`.
+    pub fn create(path: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         let file = path.join("hookrelay.redb");
         // redb's default cache is 1 GiB; the store's working set is the queue heads.
@@ -39,7 +46,7 @@ impl RedbStore {
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(TABLE).map_err(err)?;
         tx.commit().map_err(err)?;
-        KvStore::start(RedbEngine { db })
+        Ok(RedbEngine { db })
     }
 }
 

@@ -70,6 +70,12 @@ pub(super) fn depth_key(dest: &str) -> Vec<u8> {
 pub(super) const DEPTH_PREFIX: &[u8] = b"m/depth/";
 /// Present while the store is closed cleanly: the kept counts are then exact.
 pub(super) const CLEAN_KEY: &[u8] = b"m/clean";
+/// The store's format version (`u32`, big-endian).
+pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
+/// The format this build writes. 1: before the marker existed (readable as 2: it has no
+/// order lines); 2: `o/` order lines and `order_key` in delivery records, which a build
+/// that reads only format 1 would misread (it would never send a waiting ordered delivery).
+pub(crate) const FORMAT: u32 = 2;
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {

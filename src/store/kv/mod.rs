@@ -20,6 +20,7 @@
 //! - `z/<dest>\0<seq>` dead deliveries
 //! - `r/<seq>` the stored answer of a reply route
 //! - `p/<dest>` present while the destination is paused
+//! - `m/format` the format version; a start refuses a store written in a newer format
 //! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
 //!   `m/clean` marks a clean close, `m/recount` a failed count update. A start reads the
 //!   counts instead of scanning the queue, unless they may disagree with it: after a crash
@@ -104,11 +105,39 @@ impl<E: Engine> Shared<E> {
     }
 }
 
+/// Refuses a store written in a newer format than this build reads (it would misread it);
+/// marks an older or new one as written in [`FORMAT`].
+fn check_format<E: Engine>(engine: &E) -> Result<(), StoreError> {
+    let found = match engine.get(FORMAT_KEY)? {
+        Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
+        Some(_) => return Err(StoreError::Corrupt("the format marker m/format".into())),
+        None => 1,
+    };
+    if found > FORMAT {
+        return Err(StoreError::Format(format!(
+            "the store was written in format {found} by a newer hookrelay; this build reads \
+             formats 1 to {FORMAT}: run that newer build, or point [store] path at a new \
+             directory (the old one keeps its events)"
+        )));
+    }
+    if found == FORMAT {
+        return Ok(());
+    }
+    let mut marked = Ok(());
+    engine.group(&mut |txn| {
+        marked = txn
+            .put(FORMAT_KEY, &FORMAT.to_be_bytes())
+            .and_then(|_| txn.end_op());
+    })?;
+    marked
+}
+
 impl<E: Engine> KvStore<E> {
     /// Starts the store over an opened engine: counts pending deliveries per destination
     /// and starts the writer thread.
     pub fn start(engine: E) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(engine);
+        check_format(engine.as_ref())?;
         let depth: HashMap<String, Arc<AtomicU64>> = load_depths(engine.as_ref())?
             .into_iter()
             .map(|(d, n)| (d, Arc::new(AtomicU64::new(n))))

@@ -278,3 +278,31 @@ async fn pauses_and_the_event_list_on_every_engine() {
         st.close().await.unwrap();
     }
 }
+
+/// A store marked with a newer format than this build reads is refused at start, saying
+/// so; one without a marker (written before it existed) opens and is marked.
+#[test]
+fn a_newer_format_is_refused_and_an_older_one_read() {
+    use super::keys::{FORMAT, FORMAT_KEY};
+    use crate::store::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    engine
+        .group(&mut |txn| {
+            txn.put(FORMAT_KEY, &(FORMAT + 1).to_be_bytes()).unwrap();
+            txn.end_op().unwrap();
+        })
+        .unwrap();
+    let err = KvStore::start(engine).err().expect("refused");
+    let text = err.to_string();
+    assert!(text.contains(&format!("format {}", FORMAT + 1)), "{text}");
+    assert!(text.contains("newer hookrelay"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    let st = KvStore::start(engine).unwrap();
+    assert_eq!(
+        st.shared.engine.get(FORMAT_KEY).unwrap().unwrap(),
+        FORMAT.to_be_bytes()
+    );
+}
