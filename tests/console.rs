@@ -114,6 +114,16 @@ fn cell(table: &str, dest: &str, class: &str, text: &str) -> String {
     )
 }
 
+/// Clicks the element at `xpath` (it must be there).
+async fn click(c: &Client, xpath: &str) {
+    c.find(Locator::XPath(xpath))
+        .await
+        .unwrap_or_else(|e| panic!("{xpath}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn open_event(c: &Client, id: &str) {
     appears(c, "//button[@id='tab-events']")
         .await
@@ -123,12 +133,7 @@ async fn open_event(c: &Client, id: &str) {
     let search = appears(c, "//input[@id='search-id']").await;
     search.clear().await.unwrap();
     search.send_keys(id).await.unwrap();
-    c.find(Locator::Id("search-button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(c, "//*[@id='search-button']").await;
     appears(
         c,
         &format!("//*[@id='event-id' and normalize-space(.)='{id}']"),
@@ -209,12 +214,7 @@ to = ["calls"]
         // The token form; the token goes into the Authorization header only.
         let token = appears(&c, "//input[@id='token']").await;
         token.send_keys(TOKEN).await.unwrap();
-        c.find(Locator::Id("login-button"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "//*[@id='login-button']").await;
         appears(&c, "//table[@id='events']//tr[@data-event-id='ev-dead']").await;
         screenshot(&c, &shots, "events").await;
 
@@ -223,12 +223,7 @@ to = ["calls"]
         appears(&c, &cell("deliveries", "calls", "state", "dead")).await;
         appears(&c, &cell("deliveries", "calls", "last-status", "400")).await;
         screenshot(&c, &shots, "event-dead").await;
-        c.find(Locator::XPath("//table[@id='deliveries']//tr[@data-destination='calls']//button[contains(@class,'replay')]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "//table[@id='deliveries']//tr[@data-destination='calls']//button[contains(@class,'replay')]").await;
         appears(&c, &cell("deliveries", "calls", "state", "delivered")).await;
         appears(&c, &cell("deliveries", "calls", "attempts", "2")).await;
 
@@ -256,28 +251,13 @@ to = ["calls"]
         screenshot(&c, &shots, "event-body").await;
 
         // Pause and resume the destination.
-        c.find(Locator::Id("tab-destinations"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "//*[@id='tab-destinations']").await;
         appears(&c, &cell("destinations", "calls", "state", "ok")).await;
-        c.find(Locator::XPath("//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'pause')]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'pause')]").await;
         appears(&c, &cell("destinations", "calls", "state", "paused")).await;
         assert!(relay.app.store.paused("calls"));
         screenshot(&c, &shots, "destinations").await;
-        c.find(Locator::XPath("//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'resume')]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        click(&c, "//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'resume')]").await;
         appears(&c, &cell("destinations", "calls", "state", "ok")).await;
         assert!(!relay.app.store.paused("calls"));
     };

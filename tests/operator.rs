@@ -292,6 +292,15 @@ async fn the_event_list_pages_through_everything_once_and_filters_exactly() {
     stop_relay(relay).await;
 }
 
+/// Posts events `a<i>` for `ids` to `/open`; each must be accepted.
+async fn post_ids(relay: &hookrelay::Relay, ids: std::ops::Range<usize>) {
+    for i in ids {
+        let body = format!(r#"{{"id":"a{i}"}}"#);
+        let (s, _) = post(relay, "/open", "application/json", body.as_bytes()).await;
+        assert_eq!(s, 200);
+    }
+}
+
 fn gauge(metrics: &str, dest: &str, state: &str) -> String {
     let start = format!("hookrelay_destination_state{{destination=\"{dest}\",state=\"{state}\"}} ");
     metrics
@@ -314,16 +323,7 @@ async fn a_paused_destination_gets_nothing_across_a_restart_and_resume_delivers_
         .await
         .json();
     assert_eq!(p["state"], "paused");
-    for i in 0..5 {
-        let (s, _) = post(
-            &relay,
-            "/open",
-            "application/json",
-            format!(r#"{{"id":"a{i}"}}"#).as_bytes(),
-        )
-        .await;
-        assert_eq!(s, 200);
-    }
+    post_ids(&relay, 0..5).await;
     // The witness shares every event: once it has them all, `p` had every chance.
     witness.wait_for(5).await;
     let text =
@@ -344,16 +344,7 @@ async fn a_paused_destination_gets_nothing_across_a_restart_and_resume_delivers_
         .clone();
     assert_eq!(p["state"], "paused", "{p}");
     assert_eq!(p["queue_depth"], 5, "{p}");
-    for i in 5..10 {
-        let (s, _) = post(
-            &relay,
-            "/open",
-            "application/json",
-            format!(r#"{{"id":"a{i}"}}"#).as_bytes(),
-        )
-        .await;
-        assert_eq!(s, 200);
-    }
+    post_ids(&relay, 5..10).await;
     witness.wait_for(10).await;
     assert!(
         paused.seen().is_empty(),

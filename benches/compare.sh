@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# The relay against nginx `proxy_pass` under the same wrk load (issue: "a durable relay that
+# keeps pace with a plain forwarder"). Both forward the 8x8 call status sample (a distinct
+# eventId per request) to the same sink (`hookrelay sink`, output discarded); the relay also
+# stores, deduplicates and routes each event durably (redb). Runs them alternately
+# BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
+# connections (default 64) and prints each run, the medians and the ratios.
+# Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${BENCH_ROUNDS:-3}
+seconds=${BENCH_SECONDS:-10}
+conns=${BENCH_CONNS:-64}
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --bin hookrelay -q
+bin=$PWD/target/release/hookrelay
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+sink_port=$(free_port); nginx_port=$(free_port); relay_port=$(free_port); admin_port=$(free_port)
+"$bin" sink --listen "127.0.0.1:$sink_port" > /dev/null 2>&1 & pids+=($!)
+wait_port "$sink_port"
+
+cat > "$work/nginx.conf" <<CONF
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream sink { server 127.0.0.1:$sink_port; keepalive 128; }
+  server {
+    listen 127.0.0.1:$nginx_port;
+    location / {
+      proxy_pass http://sink;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+"$nginx_bin" -c "$work/nginx.conf" -p "$work"
+wait_port "$nginx_port"
+
+cat > "$work/routes.toml" <<CONF
+[server]
+listen = "127.0.0.1:$relay_port"
+admin_listen = "127.0.0.1:$admin_port"
+[store]
+path = "$work/data"
+[delivery]
+max_in_flight = 64
+max_queue = 10000000
+rate = { per_second = 10000000, burst = 100000 }
+[[sources]]
+name = "voice"
+path = "/in"
+event_id = ["\$.payload.eventId"]
+[[destinations]]
+name = "sink"
+url = "http://127.0.0.1:$sink_port/"
+[[routes]]
+name = "all"
+source = "voice"
+to = ["sink"]
+CONF
+HOOKRELAY_LOG=warn "$bin" serve --config "$work/routes.toml" > /dev/null 2>&1 & pids+=($!)
+wait_port "$relay_port"
+
+# A distinct eventId per request: round, thread and counter.
+sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
+cat > "$work/post.lua" <<'LUA'
+local template = io.open(os.getenv("TEMPLATE")):read("*a")
+local round = os.getenv("ROUND")
+local threads = 0
+function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format(template, round .. "-" .. tid .. "-" .. n)
+  return wrk.format("POST", "/in", { ["Content-Type"] = "application/json" }, body)
+end
+LUA
+
+# wrk's Requests/sec, its 99th percentile in ms, and its non-2xx count.
+run() { # name port round
+  local out
+  out=$(TEMPLATE="$work/template.json" ROUND="$3" wrk -t2 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/in")
+  local rps p99 bad
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
+  bad=$(awk '/Non-2xx/ {print $5}' <<<"$out"); bad=${bad:-0}
+  echo "$1 $rps $p99 $bad"
+}
+
+echo "| round | system | req/s | p99 ms | non-2xx |"
+echo "|---|---|---:|---:|---:|"
+declare -a nginx_rps relay_rps nginx_p99 relay_p99
+for r in $(seq 1 "$rounds"); do
+  read -r _ rps p99 bad < <(run nginx "$nginx_port" "n$r"); nginx_rps+=("$rps"); nginx_p99+=("$p99")
+  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad |"
+  read -r _ rps p99 bad < <(run relay "$relay_port" "r$r"); relay_rps+=("$rps"); relay_p99+=("$p99")
+  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad |"
+  # Let the relay deliver its backlog before the next round (bounded: 120 s).
+  for _ in $(seq 1 1200); do
+    depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}')
+    [ "${depth:-0}" = "0" ] && break
+    sleep 0.1
+  done
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+n=$(median "${nginx_rps[@]}"); h=$(median "${relay_rps[@]}")
+echo
+echo "median req/s: nginx $n, hookrelay $h; hookrelay / nginx = $(awk -v a="$h" -v b="$n" 'BEGIN {printf "%.2f", a/b}')"
+echo "median p99 ms: nginx $(median "${nginx_p99[@]}"), hookrelay $(median "${relay_p99[@]}")"
