@@ -95,6 +95,16 @@ async fn every_admin_path_but_health_needs_the_token() {
         let a = send(m.clone(), &url(p), &[("authorization", &right)], b"").await;
         assert_eq!(a.status, 200, "{m} {p}: {:?}", a.body);
     }
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {TOKEN}");
+    let a = send(
+        Method::GET,
+        &url("/api/dead"),
+        &[("authorization", &lower)],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 200);
     for p in ["/healthz", "/readyz"] {
         assert_eq!(
             send(Method::GET, &url(p), &[], b"").await.status,

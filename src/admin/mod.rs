@@ -105,7 +105,11 @@ fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .map(str::trim);
     match given {
         Some(t) if bool::from(t.as_bytes().ct_eq(token.expose())) => Ok(()),

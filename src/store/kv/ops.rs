@@ -126,6 +126,20 @@ impl Writer<'_> {
         Ok(!waiting)
     }
 
+    /// Whether `d` is first in its key's line (an unordered one always is).
+    fn heads_line(&mut self, d: &Delivery) -> Result<bool, StoreError> {
+        let Some(order) = &d.order_key else {
+            return Ok(true);
+        };
+        let mut first = None;
+        self.txn
+            .scan_prefix(&order_prefix(&d.destination, order), &mut |k, _| {
+                first = Some(read_u64(&k[k.len() - 8..]));
+                Ok(false)
+            })?;
+        Ok(first.is_none_or(|seq| seq == d.seq))
+    }
+
     /// An ordered delivery leaves its key's line (delivered or dead): the first still in the
     /// line becomes the head and goes in the due queue (again, if it already was: the same
     /// key, so nothing changes).
@@ -134,20 +148,25 @@ impl Writer<'_> {
             return Ok(());
         };
         self.txn.delete(&order_key(&d.destination, order, d.seq))?;
-        let prefix = order_prefix(&d.destination, order);
+        self.promote_first(&d.destination, order)
+    }
+
+    /// Puts the first of `order`'s line in the due queue (again, if it already was: the
+    /// same key, so nothing changes).
+    fn promote_first(&mut self, dest: &str, order: &str) -> Result<(), StoreError> {
         let mut next = None;
-        self.txn.scan_prefix(&prefix, &mut |k, _| {
-            next = Some(read_u64(&k[k.len() - 8..]));
-            Ok(false)
-        })?;
+        self.txn
+            .scan_prefix(&order_prefix(dest, order), &mut |k, _| {
+                next = Some(read_u64(&k[k.len() - 8..]));
+                Ok(false)
+            })?;
         let Some(seq) = next else {
             return Ok(());
         };
-        if let Some(n) = self.delivery(seq, &d.destination)? {
+        if let Some(n) = self.delivery(seq, dest)? {
             if n.state == DeliveryState::Pending {
-                self.txn
-                    .put(&queue_key(&d.destination, n.next_due_ms, seq), &[])?;
-                self.wakes.insert(d.destination.clone());
+                self.txn.put(&queue_key(dest, n.next_due_ms, seq), &[])?;
+                self.wakes.insert(dest.to_string());
             }
         }
         Ok(())
@@ -181,8 +200,15 @@ impl Writer<'_> {
                 d.next_due_ms = due_ms;
                 d.last_status = status;
                 d.last_error = Some(error);
-                self.txn
-                    .put(&queue_key(&k.destination, due_ms, k.seq), &[])?;
+                // Back in the due queue if it heads its key's line. If an earlier one is
+                // ahead of it (replayed meanwhile, or this was a reply route's call, made
+                // at once whatever the key), it waits and that one goes first.
+                if self.heads_line(&d)? {
+                    self.txn
+                        .put(&queue_key(&k.destination, due_ms, k.seq), &[])?;
+                } else if let Some(order) = &d.order_key {
+                    self.promote_first(&k.destination, order)?;
+                }
                 false
             }
             Outcome::Dead { status, error } => {

@@ -306,3 +306,73 @@ fn a_newer_format_is_refused_and_an_older_one_read() {
         FORMAT.to_be_bytes()
     );
 }
+
+/// One key's line on every engine: only the head is due; a dead head lets the next go; a
+/// replayed earlier one goes before a later one that retries; the line empties in order.
+#[tokio::test]
+async fn an_order_keys_line_on_every_engine() {
+    for (name, open) in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).unwrap();
+        let mut seqs = Vec::new();
+        for i in 0..2 {
+            let mut e = ev(&format!("o{i}"), &["a"]);
+            e.order_keys = vec![Some("k".into())];
+            let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+                panic!()
+            };
+            seqs.push(seq);
+        }
+        let due = |st: Arc<dyn Store>| async move {
+            let p = st.pending("a", 10, &|_| false).await.unwrap();
+            p.iter().map(|d| d.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(due(st.clone()).await, [seqs[0]], "{name}: only the head");
+        refused(st.as_ref(), seqs[0], "a").await;
+        assert_eq!(
+            due(st.clone()).await,
+            [seqs[1]],
+            "{name}: past the dead head"
+        );
+        assert_eq!(
+            st.replay(ReplaySelector::EventId("o0".into()))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(due(st.clone()).await, [seqs[1]], "{name}: the head stays");
+        let k1 = DeliveryKey {
+            seq: seqs[1],
+            destination: "a".into(),
+        };
+        let retry = Outcome::Retry {
+            due_ms: now_ms(),
+            status: Some(503),
+            error: "HTTP 503".into(),
+        };
+        st.record(&k1, retry).await.unwrap();
+        assert_eq!(
+            due(st.clone()).await,
+            [seqs[0]],
+            "{name}: the replayed one first"
+        );
+        let k0 = DeliveryKey {
+            seq: seqs[0],
+            destination: "a".into(),
+        };
+        st.record(&k0, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(
+            due(st.clone()).await,
+            [seqs[1]],
+            "{name}: then the later one"
+        );
+        st.record(&k1, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert!(due(st.clone()).await.is_empty(), "{name}");
+        assert_eq!(st.queue_depth("a"), 0, "{name}");
+        st.close().await.unwrap();
+    }
+}
