@@ -1,7 +1,8 @@
 //! hookrelay: a webhook fan-out relay for provider callbacks.
 //!
 //! # Layout
-//! - [`web`]: the bottom layer: the HTTP server loop every listener shares, JSON answers.
+//! - [`web`], [`clock`]: the bottom layer: the HTTP server loop every listener shares, JSON
+//!   answers, the outbound client; the one clock.
 //! - [`config`]: `routes.toml` → a validated, compiled [`config::Config`].
 //! - [`ingress`]: the public listener; checks, routes and durably accepts events.
 //! - [`rules`], [`routing`], [`event_id`]: a route's compiled match and filter, which
@@ -13,6 +14,8 @@
 //! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.
 //! - [`sink`]: `hookrelay sink`, a local receiver for trying routes.
 //! - [`admin`]: health, readiness, metrics, the admin API and the operator console.
+//! - [`app`]: the composition root, which hands each stage its parts; [`health`]: the
+//!   stopping and store-health flags.
 //! - [`relay`]: starts and stops the whole thing; [`telemetry`]: logs; [`metrics`].
 
 pub mod admin;
