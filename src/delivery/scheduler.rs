@@ -15,8 +15,11 @@
 //! apply to the next attempts; a destination that left the config is not scheduled and its
 //! deliveries stay on disk.
 //!
-//! Deliveries are keyed by event sequence in the in-flight set. Per-key ordering (one at a
-//! time per call id, say) would add a key there and skip deliveries whose key is busy.
+//! A paused destination (stored, so it holds across restarts) gets nothing until a resume
+//! wakes its scheduler. The destination's breaker ([`crate::destinations`]) is asked before
+//! each attempt: while open nothing is sent and the scheduler sleeps to the end of the
+//! cool-down; then one probe goes alone. Per-key order needs nothing here: the store puts
+//! only the head of each `order_by` key in the due queue.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;

@@ -263,17 +263,18 @@ fn routed(
         let until = received_ms + r.timeout.as_millis() as u64 + reply::HOLD_MARGIN_MS;
         (config.destinations[r.from].name.clone(), until)
     });
-    // `order_by` of the first route (in file order) that sends it to each destination.
-    let order_keys = fanout
-        .via
-        .iter()
-        .map(|&ri| {
-            let r = &config.routes[ri];
-            (!r.order_by.is_empty())
-                .then(|| crate::event_id::joined(&r.order_by, &wrapped[0]))
-                .flatten()
-        })
-        .collect();
+    // `order_by` of the first route (in file order) that sends it to each destination;
+    // nothing allocated when none of them orders.
+    let ordered = |&ri: &usize| !config.routes[ri].order_by.is_empty();
+    let order_keys = if fanout.via.iter().any(ordered) {
+        fanout
+            .via
+            .iter()
+            .map(|&ri| crate::event_id::joined(&config.routes[ri].order_by, &wrapped[0]))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let new = NewEvent {
         source: source.name.clone(),
         id: id.clone(),

@@ -2,10 +2,12 @@
 //!
 //! Ingress calls [`Store::accept`] and answers 200 only after it returns: the event, its
 //! dedup record and one pending delivery per destination are then durable. Delivery reads
-//! [`Store::due`] in due order and writes each attempt's outcome with [`Store::record`]. The
-//! admin API looks events up, lists and replays dead deliveries. Everything else (keys,
-//! batching, flushing) is the backend's business: `sled` today, JetStream later, behind the
-//! same trait. Memory holds no queue: the store is the truth.
+//! [`Store::pending`] in due order and writes each attempt's outcome with [`Store::record`];
+//! an `order_by` key's later deliveries are not due until the one before is delivered or
+//! dead. The admin API looks events up, lists recent events, lists and replays dead
+//! deliveries, and pauses destinations. Everything else (keys, batching, flushing) is the
+//! backend's business: redb and sled today, JetStream later, behind the same trait. Memory
+//! holds no queue: the store is the truth.
 
 pub mod engine;
 pub mod kv;
