@@ -50,7 +50,9 @@ impl Relay {
                     .await?
                     .with_context(|| "opening the store")?
             }
-            Backend::Jetstream => anyhow::bail!("the jetstream backend is not built in yet"),
+            Backend::Jetstream => crate::store::jetstream::JetStreamStore::open(&config)
+                .await
+                .context("opening the JetStream store")?,
         };
         Self::start_with_store(config, store).await
     }

@@ -239,9 +239,23 @@ fn a_burst_beyond_u32_is_refused_not_wrapped() {
 }
 
 #[test]
-fn jetstream_is_refused_naming_the_backends_there_are() {
+fn jetstream_needs_a_url_and_its_keys_need_jetstream() {
     let text = format!("{BASE}\n[store]\nbackend = \"jetstream\"\n");
-    rejects(&text, "store.backend", "use \"sled\" or \"redb\"");
+    rejects(&text, "store.url", "required with backend = \"jetstream\"");
+    let text = format!("{BASE}\n[store]\nbackend = \"redb\"\nprefix = \"x\"\n");
+    rejects(&text, "store.prefix", "allowed only with backend = \"jetstream\"");
+    let text = format!(
+        "{BASE}\n[store]\nbackend = \"jetstream\"\nurl = [\"nats://127.0.0.1:4222\", \"http://x\"]\n"
+    );
+    rejects(&text, "store.url[1]", "not a NATS server address");
+    let text = format!(
+        "{BASE}\n[store]\nbackend = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nreplicas = 7\n"
+    );
+    rejects(&text, "store.replicas", "must be 1 to 5");
+    let text = format!(
+        "{BASE}\n[store]\nbackend = \"jetstream\"\nurl = \"nats://127.0.0.1:4222\"\nprefix = \"a.b\"\n"
+    );
+    rejects(&text, "store.prefix", "letters, digits");
 }
 
 #[test]

@@ -356,6 +356,9 @@ fn readyz(app: &App) -> Response<Body> {
     if app.health.is_stopping() {
         return ApiError::unavailable("the relay is shutting down", "5").into_response();
     }
+    if let Err(why) = app.store.available() {
+        return ApiError::unavailable(why, "5").into_response();
+    }
     if !app.health.store_healthy() {
         return ApiError::unavailable(
             "the store failed its last write (disk full or I/O error?); the ingress answers 503",

@@ -116,7 +116,12 @@ pub struct StoreSettings {
     pub backend: Backend,
     pub path: PathBuf,
     pub retain: Duration,
-    pub url: Option<String>,
+    /// JetStream only: the NATS servers to connect to (any of them).
+    pub url: Vec<String>,
+    /// JetStream only: what the names of its stream, consumers and buckets start with.
+    pub prefix: String,
+    /// JetStream only: stream replicas.
+    pub replicas: usize,
 }
 
 #[derive(Debug)]

@@ -56,8 +56,12 @@ pub struct RawStore {
     pub backend: Option<Str>,
     pub path: Option<Str>,
     pub retain: Option<Str>,
-    pub url: Option<Str>,
+    /// A string or a list of strings.
+    pub url: Option<Spanned<toml::Value>>,
+    pub prefix: Option<Str>,
+    pub replicas: Option<Spanned<i64>>,
 }
+
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

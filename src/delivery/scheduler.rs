@@ -72,23 +72,23 @@ struct Limits {
 }
 
 impl Limits {
-    fn new(d: &Destination) -> Self {
-        let max = d.max_in_flight.clamp(1, MAX_IN_FLIGHT);
+    fn new((rate, max): (Rate, usize)) -> Self {
+        let max = max.clamp(1, MAX_IN_FLIGHT);
         Limits {
-            rate: d.rate.clone(),
-            limiter: limiter(&d.rate),
+            limiter: limiter(&rate),
+            rate,
             max_in_flight: max,
             slots: Arc::new(Semaphore::new(max)),
             debt: 0,
         }
     }
 
-    fn update(&mut self, d: &Destination) {
-        if d.rate != self.rate {
-            self.rate = d.rate.clone();
-            self.limiter = limiter(&d.rate);
+    fn update(&mut self, (rate, max): (Rate, usize)) {
+        if rate != self.rate {
+            self.limiter = limiter(&rate);
+            self.rate = rate;
         }
-        let max = d.max_in_flight.clamp(1, MAX_IN_FLIGHT);
+        let max = max.clamp(1, MAX_IN_FLIGHT);
         if max > self.max_in_flight {
             let up = max - self.max_in_flight;
             let repaid = up.min(self.debt);
@@ -117,6 +117,17 @@ impl Limits {
             self.debt -= 1;
         }
     }
+}
+
+/// This instance's part of a destination's `rate` and `max_in_flight` when `share`
+/// instances deliver it (a shared store): each takes `1/share`, at least one request.
+fn part(d: &Destination, share: usize) -> (Rate, usize) {
+    let n = share.max(1);
+    let rate = Rate {
+        per_second: d.rate.per_second / n as f64,
+        burst: (d.rate.burst / n as u32).max(1),
+    };
+    (rate, (d.max_in_flight / n).max(1))
 }
 
 /// Waits for a config change; never returns if the config can no longer change.
@@ -205,12 +216,13 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue,
             }
         };
+        let part = part(&dest, ctx.deps.store.share());
         let limits = match &mut limits {
             Some(l) => {
-                l.update(&dest);
+                l.update(part);
                 l
             }
-            None => limits.insert(Limits::new(&dest)),
+            None => limits.insert(Limits::new(part)),
         };
         let window = limits
             .max_in_flight

@@ -314,6 +314,10 @@ async fn admit(
     new: NewEvent,
 ) -> Result<(u64, bool, Option<StoredReply>), ApiError> {
     let started = std::time::Instant::now();
+    if let Err(why) = app.store.available() {
+        // Nothing could be stored now (a shared store out of reach): say so at once.
+        return Err(store_unavailable(StoreError::Unavailable(why)));
+    }
     // A store stuck on a failing disk must not hold the provider (or this task) forever.
     let admission = match tokio::time::timeout(ACCEPT_TIMEOUT, app.store.accept(new)).await {
         Ok(Ok(a)) => {

@@ -10,6 +10,7 @@
 //! holds no queue: the store is the truth.
 
 pub mod engine;
+pub mod jetstream;
 pub mod kv;
 pub mod redb;
 pub mod sled;
@@ -131,6 +132,45 @@ pub struct Delivery {
     /// The `order_by` key: deliveries of one destination sharing it go one at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_key: Option<String>,
+}
+
+impl Delivery {
+    /// One more attempt, with this outcome (what every backend writes for it).
+    pub fn apply(&mut self, outcome: &Outcome, now: u64) {
+        self.attempts += 1;
+        self.first_attempt_ms.get_or_insert(now);
+        self.updated_ms = now;
+        match outcome {
+            Outcome::Delivered { status } => {
+                self.state = DeliveryState::Delivered;
+                self.last_status = Some(*status);
+                self.last_error = None;
+            }
+            Outcome::Retry {
+                due_ms,
+                status,
+                error,
+            } => {
+                self.next_due_ms = *due_ms;
+                self.last_status = *status;
+                self.last_error = Some(error.clone());
+            }
+            Outcome::Dead { status, error } => {
+                self.state = DeliveryState::Dead;
+                self.last_status = *status;
+                self.last_error = Some(error.clone());
+            }
+        }
+    }
+
+    /// A dead delivery made pending again by a replay: due now, with a fresh retry window.
+    pub fn reopen(&mut self, now: u64) {
+        self.state = DeliveryState::Pending;
+        self.first_attempt_ms = None;
+        self.window_base = self.attempts;
+        self.next_due_ms = now;
+        self.updated_ms = now;
+    }
 }
 
 /// The outcome of one attempt, written by delivery.
@@ -284,6 +324,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Woken whenever a delivery of `destination` becomes pending (accept, replay).
     fn wakeup(&self, destination: &str) -> Arc<Notify>;
+
+    /// How many relay instances share this store's deliveries (each takes `1/n` of a
+    /// destination's `rate` and `max_in_flight`); 1 for an embedded store.
+    fn share(&self) -> usize {
+        1
+    }
+
+    /// Whether the store can be written now; the reason when not (readiness says it).
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Flushes everything and stops accepting writes.
     async fn close(&self) -> Result<(), StoreError>;

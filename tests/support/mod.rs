@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod http;
+mod nats;
 mod process;
 mod relay;
 mod sinks;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 // One flat namespace for the tests; a test binary that uses none of a part is fine.
 #[allow(unused_imports)]
-pub use {http::*, process::*, relay::*, sinks::*, voice::*};
+pub use {http::*, nats::*, process::*, relay::*, sinks::*, voice::*};
 
 /// How long any wait in these tests may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(15);

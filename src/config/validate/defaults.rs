@@ -11,6 +11,8 @@ pub const MAX_CONNECTIONS: u64 = 10_000;
 
 pub const STORE_PATH: &str = "data";
 pub const RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
+/// What the names of everything the jetstream backend creates start with.
+pub const JETSTREAM_PREFIX: &str = "hookrelay";
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);

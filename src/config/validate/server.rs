@@ -102,7 +102,9 @@ impl Cx<'_> {
             backend: Backend::Redb,
             path: self.dir.join(defaults::STORE_PATH),
             retain: defaults::RETAIN,
-            url: None,
+            url: Vec::new(),
+            prefix: defaults::JETSTREAM_PREFIX.to_string(),
+            replicas: 1,
         };
         let Some(r) = raw.map(|s| s.get_ref()) else {
             return out;
@@ -111,14 +113,7 @@ impl Cx<'_> {
             match self.string(b, "store.backend").as_deref() {
                 Some("sled") => out.backend = Backend::Sled,
                 Some("redb") => out.backend = Backend::Redb,
-                Some("jetstream") => {
-                    out.backend = Backend::Jetstream;
-                    self.err(
-                        Some(b.span()),
-                        "store.backend",
-                        "\"jetstream\" is not available in this build yet; use \"sled\" or \"redb\"",
-                    );
-                }
+                Some("jetstream") => out.backend = Backend::Jetstream,
                 Some(other) => self.err(
                     Some(b.span()),
                     "store.backend",
@@ -135,9 +130,96 @@ impl Cx<'_> {
             }
         }
         out.retain = self.duration(&r.retain, "store.retain", out.retain);
-        if let Some(u) = &r.url {
-            out.url = self.string(u, "store.url");
-        }
+        self.jetstream(r, &mut out);
         out
+    }
+
+    /// `url`, `prefix` and `replicas`: required / allowed only with `backend = "jetstream"`.
+    fn jetstream(&mut self, r: &RawStore, out: &mut StoreSettings) {
+        let js = out.backend == Backend::Jetstream;
+        let only = "allowed only with backend = \"jetstream\"";
+        let mut urls: Vec<(String, Str)> = Vec::new();
+        if let Some(u) = &r.url {
+            let span = u.span();
+            let at = |v: &str| Spanned::new(span.clone(), v.to_string());
+            match u.get_ref() {
+                toml::Value::String(v) => urls.push(("store.url".into(), at(v))),
+                toml::Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        match item {
+                            toml::Value::String(v) => urls.push((format!("store.url[{i}]"), at(v))),
+                            _ => self.err(Some(span.clone()), &format!("store.url[{i}]"), "must be a string"),
+                        }
+                    }
+                }
+                _ => self.err(Some(span), "store.url", "must be a string or a list of strings"),
+            }
+        }
+        for (key, u) in &urls {
+            if !js {
+                self.err(Some(u.span()), key, only);
+                continue;
+            }
+            let Some(v) = self.string(u, key) else {
+                continue;
+            };
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| v.starts_with(s))
+                || !v.contains("://");
+            if v.trim().is_empty() || !scheme_ok {
+                self.err(
+                    Some(u.span()),
+                    key,
+                    format!(
+                        "{:?} is not a NATS server address (expected nats://host:port)",
+                        u.get_ref()
+                    ),
+                );
+                continue;
+            }
+            out.url.push(v);
+        }
+        if js && urls.is_empty() {
+            let span = r.backend.as_ref().map(|b| b.span());
+            self.err(
+                span,
+                "store.url",
+                "required with backend = \"jetstream\": the NATS server(s) to use, e.g. url = \"nats://127.0.0.1:4222\"",
+            );
+        }
+        if let Some(p) = &r.prefix {
+            if !js {
+                self.err(Some(p.span()), "store.prefix", only);
+            } else if let Some(v) = self.string(p, "store.prefix") {
+                if v.is_empty()
+                    || v.len() > 32
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    self.err(
+                        Some(p.span()),
+                        "store.prefix",
+                        "must be 1 to 32 letters, digits, '_' or '-' (it starts stream and consumer names)",
+                    );
+                } else {
+                    out.prefix = v;
+                }
+            }
+        }
+        if let Some(n) = &r.replicas {
+            if !js {
+                self.err(Some(n.span()), "store.replicas", only);
+            } else if !(1..=5).contains(n.get_ref()) {
+                self.err(
+                    Some(n.span()),
+                    "store.replicas",
+                    "must be 1 to 5 (JetStream's limit); 3 in a 3-server cluster",
+                );
+            } else {
+                out.replicas = *n.get_ref() as usize;
+            }
+        }
     }
 }

@@ -1,0 +1,241 @@
+//! Deliveries this instance holds: one puller per destination takes messages from the
+//! destination's durable consumer (shared by every instance, so each message goes to one of
+//! them at a time), keeps at most the scheduler's window of them, and holds each with a
+//! progress signal until its outcome is written and acked.
+//!
+//! A message not yet due (a retry's backoff) goes straight back with a delayed nak, so the
+//! server holds it until it is due. A delivered or dead state (written to the same subject)
+//! is acked on sight. If this instance dies, the server gives its messages to another after
+//! the ack wait.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::records::{decode_delivery, DeliveryRecord, Names};
+use crate::clock::now_ms;
+use crate::store::DeliveryState;
+
+/// How long the server waits for an ack (or progress) before giving a message to another.
+pub const ACK_WAIT: Duration = Duration::from_secs(6);
+/// How often a held message's lease is renewed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How long one pull waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// The wait after a failed pull.
+const RETRY: Duration = Duration::from_secs(1);
+/// A delivery due within this is taken now rather than sent back.
+const EARLY_MS: u64 = 20;
+
+/// One held delivery.
+pub struct Lease {
+    pub msg: jetstream::Message,
+    /// The stream sequence of its state message: the condition of the next write.
+    pub state_seq: u64,
+    pub rec: DeliveryRecord,
+    pub body: Bytes,
+}
+
+/// The deliveries held for one destination.
+pub struct Leases {
+    pub destination: String,
+    pub held: Mutex<HashMap<u64, Lease>>,
+    /// The scheduler's window: the most held at once.
+    pub window: AtomicUsize,
+    /// A lease left (its outcome was written): the puller may take another.
+    pub freed: Notify,
+    /// Told when a delivery is taken.
+    pub wakeup: Arc<Notify>,
+}
+
+impl Leases {
+    pub fn new(destination: String, wakeup: Arc<Notify>) -> Self {
+        Leases {
+            destination,
+            held: Mutex::default(),
+            window: AtomicUsize::new(16),
+            freed: Notify::new(),
+            wakeup,
+        }
+    }
+
+    pub fn take(&self, seq: u64) -> Option<Lease> {
+        let l = self.held.lock().unwrap().remove(&seq);
+        self.freed.notify_one();
+        l
+    }
+
+    pub fn put_back(&self, lease: Lease) {
+        self.held
+            .lock()
+            .unwrap()
+            .insert(lease.rec.delivery.seq, lease);
+    }
+
+    /// Hands every held message back to the server for another instance at once.
+    pub async fn release(&self) {
+        let all: Vec<Lease> = self.held.lock().unwrap().drain().map(|(_, l)| l).collect();
+        for l in all {
+            let _ = l.msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+}
+
+/// The durable consumer of one destination's deliveries; every instance creates it with
+/// the same settings.
+pub fn consumer_config(names: &Names, destination: &str) -> pull::Config {
+    pull::Config {
+        durable_name: Some(names.consumer(destination)),
+        description: Some(format!("hookrelay deliveries to {destination}")),
+        filter_subject: names.deliveries_of(destination),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        // Retries waiting out their backoff (delayed naks) count here; the scheduler's
+        // window, not this, bounds what one instance holds.
+        max_ack_pending: 1_000_000,
+        ..Default::default()
+    }
+}
+
+/// Takes and holds deliveries of one destination until `stop`.
+pub async fn pull(
+    leases: Arc<Leases>,
+    stream: stream::Stream,
+    names: Names,
+    paused: Arc<RwLock<HashSet<String>>>,
+    stop: CancellationToken,
+) {
+    let dest = leases.destination.clone();
+    let name = names.consumer(&dest);
+    let consumer = loop {
+        match stream
+            .get_or_create_consumer(&name, consumer_config(&names, &dest))
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!(destination = %dest, error = %e, "creating the JetStream consumer failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        }
+    };
+    debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
+    let mut renewed = tokio::time::Instant::now();
+    while !stop.is_cancelled() {
+        if renewed.elapsed() >= PROGRESS_EVERY {
+            renew(&leases).await;
+            renewed = tokio::time::Instant::now();
+        }
+        if paused.read().unwrap().contains(&dest) {
+            leases.release().await;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = leases.wakeup.notified() => {}
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+            continue;
+        }
+        let held = leases.held.lock().unwrap().len();
+        let free = leases.window.load(Ordering::Relaxed).saturating_sub(held);
+        if free == 0 {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = leases.freed.notified() => {}
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+            }
+            continue;
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages(free)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(destination = %dest, error = %e, "pulling deliveries failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                n = batch.next() => n,
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => {
+                    debug!(destination = %dest, error = %e, "a pull ended with an error");
+                    break;
+                }
+                Some(Ok(m)) => take(&leases, m).await,
+            }
+        }
+    }
+}
+
+/// Holds a pulled message, or hands it back / acks it when it is not for sending now.
+async fn take(leases: &Leases, m: jetstream::Message) {
+    let Ok(state_seq) = m.info().map(|i| i.stream_sequence) else {
+        return;
+    };
+    let (mut rec, body) = match decode_delivery(&m.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(destination = %leases.destination, seq = state_seq, error = %e, "an unreadable delivery record; set aside");
+            let _ = m.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    rec.resolve(state_seq);
+    if rec.delivery.state != DeliveryState::Pending {
+        let _ = m.ack().await;
+        return;
+    }
+    let now = now_ms();
+    if rec.delivery.next_due_ms > now + EARLY_MS {
+        let delay = Duration::from_millis(rec.delivery.next_due_ms - now);
+        let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
+        return;
+    }
+    leases.put_back(Lease {
+        msg: m,
+        state_seq,
+        rec,
+        body,
+    });
+    leases.wakeup.notify_one();
+}
+
+/// Tells the server every held message is still being worked on.
+async fn renew(leases: &Leases) {
+    let msgs: Vec<jetstream::Message> = leases
+        .held
+        .lock()
+        .unwrap()
+        .values()
+        .map(|l| l.msg.clone())
+        .collect();
+    for m in msgs {
+        let _ = m.ack_with(AckKind::Progress).await;
+    }
+}

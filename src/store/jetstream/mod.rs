@@ -1,0 +1,799 @@
+//! The jetstream backend: every instance keeps its state in one NATS JetStream, so any
+//! instance accepts and any delivers (CONTRACT §7).
+//!
+//! - **Accept** is one atomic batch: the event (on a subject of its own, written only if
+//!   that subject is empty: the dedup check and the write are one step, race-free across
+//!   instances) and one pending delivery per destination. 200 comes after the server's
+//!   commit ack (with `replicas = 3`, a quorum stored it); a failed or unanswered batch
+//!   stores nothing, so no event is ever half-written.
+//! - **Deliver**: each destination has one durable pull consumer shared by every instance
+//!   ([`leases`]); an outcome is written to the delivery's own subject, conditional on the
+//!   state it was read from, then the message is acked. A retry is written as a new
+//!   pending state with its due time and handed back with a delayed nak until then.
+//! - **Limits across instances**: each instance takes `1/n` of `rate` and `max_in_flight`,
+//!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`].
+//! - Pauses live in a bucket every instance watches; dead letters have an index subject;
+//!   lookups, lists and replays read the stream, so any instance sees everything.
+
+mod batch;
+mod leases;
+mod records;
+mod setup;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::stream;
+use async_nats::Client;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use self::batch::{write, Write, Written};
+use self::leases::Leases;
+use self::records::*;
+pub use self::setup::OLDEST_SERVER;
+use super::*;
+use crate::config::Config;
+
+/// How long the ingress waits for JetStream's commit ack before answering 503.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How often each instance renews its membership and recounts the members.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often queue depths are read from the consumers.
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
+/// Messages `recent` examines per call.
+const RECENT_EXAMINED: u64 = 10_000;
+/// Dead-letter index entries one listing reads.
+const DEAD_EXAMINED: usize = 10_000;
+/// A replayed dead letter's index entry (`replayed`) stays this long.
+const REPLAYED_TTL: Duration = Duration::from_secs(1);
+
+pub struct JetStreamStore {
+    client: Client,
+    stream: stream::Stream,
+    names: Names,
+    pauses: kv::Store,
+    paused: Arc<RwLock<HashSet<String>>>,
+    leases: Mutex<HashMap<String, Arc<Leases>>>,
+    wakeups: Mutex<HashMap<String, Arc<Notify>>>,
+    depths: Arc<Mutex<HashMap<String, u64>>>,
+    members: Arc<AtomicUsize>,
+    /// `max(dedup window, retain)`: how long an event (its dedup record) is kept.
+    keep_events: Duration,
+    retain: Duration,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// Itself, for work that outlives a call (a reply route's background write).
+    me: std::sync::Weak<JetStreamStore>,
+}
+
+impl JetStreamStore {
+    /// Connects, checks the server (version, JetStream, max_payload), creates the stream
+    /// and buckets if missing, and starts the membership, pause and depth watchers.
+    pub async fn open(config: &Config) -> anyhow::Result<Arc<Self>> {
+        let s = &config.store;
+        let names = Names {
+            prefix: s.prefix.clone(),
+        };
+        let c = setup::connect(s, config.server.max_body_bytes as u64, &names).await?;
+        info!(
+            servers = %s.url.join(", "),
+            version = %c.client.server_info().version,
+            stream = %names.stream(),
+            replicas = s.replicas,
+            "store: JetStream"
+        );
+        let store = Arc::new_cyclic(|me| JetStreamStore {
+            client: c.client,
+            stream: c.stream,
+            names,
+            pauses: c.pauses,
+            paused: Arc::default(),
+            leases: Mutex::default(),
+            wakeups: Mutex::default(),
+            depths: Arc::default(),
+            members: Arc::new(AtomicUsize::new(1)),
+            keep_events: config.dedup_window.max(s.retain),
+            retain: s.retain,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            me: me.clone(),
+        });
+        store.load_pauses().await?;
+        store.tasks.spawn(heartbeat(
+            c.members,
+            store.members.clone(),
+            format!("{:032x}", rand::random::<u128>()),
+            store.stop.clone(),
+        ));
+        let me = Arc::downgrade(&store);
+        store.tasks.spawn(watch_pauses(me.clone(), store.stop.clone()));
+        store.tasks.spawn(count_depths(me, store.stop.clone()));
+        Ok(store)
+    }
+
+    async fn load_pauses(&self) -> anyhow::Result<()> {
+        let mut keys = self.pauses.keys().await?;
+        while let Some(k) = keys.next().await {
+            let k = k?;
+            if let Some(v) = self.pauses.get(&k).await? {
+                if let (Some(name), true) = (untoken(&k), &v[..] == b"1") {
+                    self.paused.write().unwrap().insert(name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn leases_of(&self, destination: &str) -> Arc<Leases> {
+        let mut all = self.leases.lock().unwrap();
+        if let Some(l) = all.get(destination) {
+            return l.clone();
+        }
+        let l = Arc::new(Leases::new(
+            destination.to_string(),
+            self.wakeup_of(destination),
+        ));
+        all.insert(destination.to_string(), l.clone());
+        self.tasks.spawn(leases::pull(
+            l.clone(),
+            self.stream.clone(),
+            self.names.clone(),
+            self.paused.clone(),
+            self.stop.clone(),
+        ));
+        l
+    }
+
+    fn wakeup_of(&self, destination: &str) -> Arc<Notify> {
+        self.wakeups
+            .lock()
+            .unwrap()
+            .entry(destination.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The last message on `subject`, if any.
+    async fn last(&self, subject: &str) -> Result<Option<(u64, Bytes)>, StoreError> {
+        match self.stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(Some((m.sequence, m.payload))),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "reading {subject} from JetStream: {e}"
+            ))),
+        }
+    }
+
+    /// A delivery's current state: (its stream sequence, record, body).
+    async fn delivery_state(
+        &self,
+        destination: &str,
+        e: &str,
+    ) -> Result<Option<(u64, DeliveryRecord, Bytes)>, StoreError> {
+        let Some((seq, payload)) = self.last(&self.names.delivery(destination, e)).await? else {
+            return Ok(None);
+        };
+        let (mut rec, body) = decode_delivery(&payload)?;
+        rec.resolve(seq);
+        Ok(Some((seq, rec, body)))
+    }
+
+    async fn write(&self, writes: &[Write]) -> Result<Written, StoreError> {
+        write(&self.client, &self.names.stream(), writes, WRITE_TIMEOUT).await
+    }
+
+    /// The writes that move a delivery (read at `state_seq`) to its new state.
+    fn state_writes(&self, state_seq: u64, rec: &DeliveryRecord, body: &[u8]) -> Vec<Write> {
+        let e = event_token(&rec.event.source, &rec.event.id);
+        let dest = &rec.delivery.destination;
+        let subject = self.names.delivery(dest, &e);
+        match rec.delivery.state {
+            DeliveryState::Delivered => vec![Write::new(subject, encode_delivery(rec, &[]))
+                .expect(state_seq)
+                .ttl(self.retain)],
+            DeliveryState::Pending => {
+                vec![Write::new(subject, encode_delivery(rec, body)).expect(state_seq)]
+            }
+            DeliveryState::Dead => vec![
+                Write::new(subject, encode_delivery(rec, body)).expect(state_seq),
+                Write::new(self.names.dead(dest, &e), Bytes::from_static(b"dead")),
+            ],
+        }
+    }
+
+    /// An event and its deliveries, from the event's message.
+    async fn view(&self, seq: u64, payload: &Bytes) -> Result<EventView, StoreError> {
+        let (meta, event) = decode_event(seq, payload)?;
+        let e = event_token(&meta.source, &meta.id);
+        let mut deliveries = Vec::new();
+        for d in &meta.destinations {
+            if let Some((_, rec, _)) = self.delivery_state(d, &e).await? {
+                deliveries.push(rec.delivery);
+            }
+        }
+        Ok(EventView { event, deliveries })
+    }
+
+    /// Dead deliveries as (index entry's sequence, state sequence, record, body), oldest
+    /// first.
+    async fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
+        let filter = self.names.dead_of(destination);
+        let mut subjects = Vec::new();
+        match self.stream.info_with_subjects(&filter).await {
+            Ok(mut it) => {
+                while let Some(s) = it.next().await {
+                    let (s, _) = s.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    subjects.push(s);
+                    if subjects.len() >= DEAD_EXAMINED {
+                        break;
+                    }
+                }
+            }
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        }
+        let mut index = Vec::new();
+        for s in subjects {
+            if let Some((seq, p)) = self.last(&s).await? {
+                if &p[..] == b"dead" {
+                    index.push((seq, s));
+                }
+            }
+        }
+        index.sort();
+        let mut out = Vec::new();
+        for (seq, s) in index {
+            if out.len() >= limit {
+                break;
+            }
+            let Some((dest, e)) = self.dead_subject_parts(&s) else {
+                continue;
+            };
+            if let Some((state_seq, rec, body)) = self.delivery_state(&dest, e).await? {
+                if rec.delivery.state == DeliveryState::Dead {
+                    out.push((seq, state_seq, rec, body));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `<p>.dl.<d>.<e>` → (destination, e).
+    fn dead_subject_parts<'a>(&self, s: &'a str) -> Option<(String, &'a str)> {
+        let rest = s
+            .strip_prefix(&self.names.prefix)?
+            .strip_prefix(".dl.")?;
+        let (d, e) = rest.split_once('.')?;
+        Some((untoken(d)?, e))
+    }
+
+    /// Makes one dead delivery pending again; whether it was.
+    async fn reopen(&self, state_seq: u64, mut rec: DeliveryRecord, body: Bytes) -> Result<bool, StoreError> {
+        rec.delivery.reopen(now_ms());
+        let e = event_token(&rec.event.source, &rec.event.id);
+        let dest = rec.delivery.destination.clone();
+        let writes = vec![
+            Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
+                .expect(state_seq),
+            Write::new(self.names.dead(&dest, &e), Bytes::from_static(b"replayed"))
+                .ttl(REPLAYED_TTL),
+        ];
+        let done = matches!(self.write(&writes).await?, Written::Stored { .. });
+        if done {
+            self.wakeup_of(&dest).notify_one();
+        }
+        Ok(done)
+    }
+
+    /// After a reply route's call, in the background: the answer, then the attempt.
+    async fn store_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        let m = self
+            .stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let Some(e) = self.names.event_part(&m.subject).map(str::to_string) else {
+            return Ok(());
+        };
+        if let Some(r) = reply {
+            let payload = Bytes::from(serde_json::to_vec(&r).expect("replies serialize"));
+            self.write(&[Write::new(self.names.reply(&e), payload).ttl(self.keep_events)])
+                .await?;
+        }
+        let Some((key, outcome)) = attempt else {
+            return Ok(());
+        };
+        for _ in 0..3 {
+            let Some((state_seq, mut rec, body)) =
+                self.delivery_state(&key.destination, &e).await?
+            else {
+                return Ok(());
+            };
+            if rec.delivery.state != DeliveryState::Pending {
+                return Ok(());
+            }
+            rec.delivery.apply(&outcome, now_ms());
+            if let Written::Stored { .. } =
+                self.write(&self.state_writes(state_seq, &rec, &body)).await?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The name a destination token stands for.
+fn untoken(t: &str) -> Option<String> {
+    if let Some(n) = t.strip_prefix("n-") {
+        return Some(n.to_string());
+    }
+    let hex = t.strip_prefix("h-")?;
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+fn not_found(e: &impl std::fmt::Display) -> bool {
+    let s = e.to_string().to_lowercase();
+    s.contains("no message found") || s.contains("not found")
+}
+
+/// Renews this instance's membership and counts the live members.
+async fn heartbeat(
+    members: kv::Store,
+    count: Arc<AtomicUsize>,
+    me: String,
+    stop: CancellationToken,
+) {
+    loop {
+        if members.put(&me, Bytes::from_static(b"1")).await.is_ok() {
+            if let Ok(mut keys) = members.keys().await {
+                let mut n = 0;
+                while let Some(Ok(_)) = keys.next().await {
+                    n += 1;
+                }
+                count.store(n.max(1), Ordering::Relaxed);
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+    let _ = members.purge(&me).await;
+}
+
+/// Follows the pauses bucket: a pause or resume through any instance holds on all.
+async fn watch_pauses(store: std::sync::Weak<JetStreamStore>, stop: CancellationToken) {
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let watch = s.pauses.watch_all().await;
+        drop(s);
+        if let Ok(mut w) = watch {
+            loop {
+                let entry = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    e = w.next() => e,
+                };
+                let Some(Ok(entry)) = entry else { break };
+                let Some(s) = store.upgrade() else { return };
+                if let Some(name) = untoken(&entry.key) {
+                    let on = entry.operation == Operation::Put && &entry.value[..] == b"1";
+                    let changed = if on {
+                        s.paused.write().unwrap().insert(name.clone())
+                    } else {
+                        s.paused.write().unwrap().remove(&name)
+                    };
+                    if changed {
+                        s.wakeup_of(&name).notify_one();
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+}
+
+/// Reads each known destination's queue depth (pending + held) from its consumer.
+async fn count_depths(store: std::sync::Weak<JetStreamStore>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(DEPTH_EVERY) => {}
+        }
+        let Some(s) = store.upgrade() else { return };
+        let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
+        for d in known {
+            let consumer = s
+                .stream
+                .get_consumer::<pull::Config>(&s.names.consumer(&d))
+                .await;
+            if let Ok(mut c) = consumer {
+                if let Ok(info) = c.info().await {
+                    let n = info.num_pending + info.num_ack_pending as u64;
+                    s.depths.lock().unwrap().insert(d, n);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for JetStreamStore {
+    async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
+        for (i, d) in ev.destinations.iter().enumerate() {
+            if let Some(&max) = ev.max_queue.get(i) {
+                if self.queue_depth(d) >= max {
+                    return Ok(Admission::QueueFull {
+                        destination: d.clone(),
+                    });
+                }
+            }
+        }
+        let e = event_token(&ev.source, &ev.id);
+        let meta = EventMeta {
+            id: ev.id.clone(),
+            source: ev.source.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type.clone(),
+            destinations: ev.destinations.clone(),
+        };
+        let mut writes = vec![Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
+            .expect(0)
+            .ttl(self.keep_events)];
+        let meta = EventMeta {
+            destinations: Vec::new(),
+            ..meta
+        };
+        for (i, dest) in ev.destinations.iter().enumerate() {
+            let due = match &ev.held {
+                Some((held, until)) if held == dest => *until,
+                _ => ev.received_ms,
+            };
+            let rec = DeliveryRecord {
+                delivery: Delivery {
+                    seq: 0,
+                    destination: dest.clone(),
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    window_base: 0,
+                    first_attempt_ms: None,
+                    next_due_ms: due,
+                    last_status: None,
+                    last_error: None,
+                    updated_ms: ev.received_ms,
+                    order_key: None,
+                },
+                event: meta.clone(),
+                offset: i as u64 + 1,
+            };
+            writes.push(Write::new(
+                self.names.delivery(dest, &e),
+                encode_delivery(&rec, &ev.body),
+            ));
+        }
+        match self.write(&writes).await? {
+            Written::Stored { first } => {
+                let mut depths = self.depths.lock().unwrap();
+                for d in &ev.destinations {
+                    *depths.entry(d.clone()).or_default() += 1;
+                }
+                Ok(Admission::Accepted { seq: first })
+            }
+            Written::Conflict => {
+                let Some((seq, _)) = self.last(&self.names.event(&e)).await? else {
+                    // Expired between the write and the read: the caller's retry is new.
+                    return Err(StoreError::Unavailable(
+                        "the event's dedup record expired while it was checked; try again".into(),
+                    ));
+                };
+                let reply = match self.last(&self.names.reply(&e)).await? {
+                    Some((_, p)) => serde_json::from_slice(&p).ok(),
+                    None => None,
+                };
+                Ok(Admission::Duplicate { seq, reply })
+            }
+        }
+    }
+
+    async fn pending(
+        &self,
+        destination: &str,
+        limit: usize,
+        skip: &(dyn Fn(u64) -> bool + Send + Sync),
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let leases = self.leases_of(destination);
+        leases.window.store(limit.max(1), Ordering::Relaxed);
+        leases.freed.notify_one();
+        let mut out: Vec<Delivery> = leases
+            .held
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|l| !skip(l.rec.delivery.seq))
+            .map(|l| l.rec.delivery.clone())
+            .collect();
+        out.sort_by_key(|d| (d.next_due_ms, d.seq));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        let held: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
+        for l in held {
+            if let Some(lease) = l.held.lock().unwrap().get(&seq) {
+                return Ok(Some(stored_event(&lease.rec, lease.body.clone())));
+            }
+        }
+        match self.stream.get_raw_message(seq).await {
+            Ok(m) if self.names.is_event(&m.subject) => Ok(Some(decode_event(seq, &m.payload)?.1)),
+            Ok(_) => Ok(None),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
+        let leases = self.leases_of(&key.destination);
+        let Some(mut lease) = leases.take(key.seq) else {
+            return Ok(()); // not held here (any more): another instance owns it
+        };
+        let original = lease.rec.delivery.clone();
+        lease.rec.delivery.apply(&outcome, now_ms());
+        let writes = self.state_writes(lease.state_seq, &lease.rec, &lease.body);
+        match self.write(&writes).await {
+            Ok(Written::Stored { .. }) | Ok(Written::Conflict) => {
+                // Conflict: another instance moved it on (a replay, or a lease it took
+                // over); its state stands.
+                if !matches!(outcome, Outcome::Retry { .. }) {
+                    let mut depths = self.depths.lock().unwrap();
+                    if let Some(n) = depths.get_mut(&key.destination) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                let _ = lease.msg.ack().await;
+                Ok(())
+            }
+            Err(e) => {
+                lease.rec.delivery = original;
+                leases.put_back(lease);
+                Err(e)
+            }
+        }
+    }
+
+    fn after_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        let Some(me) = self.me.upgrade() else {
+            return Err(StoreError::Closed);
+        };
+        self.tasks.spawn(async move {
+            if let Err(e) = me.store_reply(seq, reply, attempt).await {
+                warn!(error = %e, "storing a reply route's answer failed; a duplicate calls again");
+            }
+        });
+        Ok(())
+    }
+
+    async fn dead(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
+        Ok(self
+            .dead_letters(destination, limit)
+            .await?
+            .into_iter()
+            .map(|(_, _, rec, _)| NamedDelivery {
+                event_id: rec.event.id,
+                source: rec.event.source,
+                delivery: rec.delivery,
+            })
+            .collect())
+    }
+
+    async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
+        let targets: Vec<(u64, DeliveryRecord, Bytes)> = match which {
+            ReplaySelector::Destination(d) => self
+                .dead_letters(Some(&d), usize::MAX)
+                .await?
+                .into_iter()
+                .map(|(_, s, r, b)| (s, r, b))
+                .collect(),
+            ReplaySelector::EventId(id) => {
+                let mut out = Vec::new();
+                for v in self.lookup(&id).await? {
+                    let e = event_token(&v.event.source, &v.event.id);
+                    for d in v.deliveries {
+                        if d.state != DeliveryState::Dead {
+                            continue;
+                        }
+                        if let Some(t) = self.delivery_state(&d.destination, &e).await? {
+                            out.push(t);
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let mut n = 0;
+        for (state_seq, rec, body) in targets {
+            if self.reopen(state_seq, rec, body).await? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
+        let mut subjects = Vec::new();
+        let mut it = self
+            .stream
+            .info_with_subjects(self.names.events_of_id(id))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        while let Some(s) = it.next().await {
+            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
+        }
+        let mut out = Vec::new();
+        for s in subjects {
+            if let Some((seq, p)) = self.last(&s).await? {
+                let v = self.view(seq, &p).await?;
+                if v.event.id == id {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort_by_key(|v| v.event.seq);
+        Ok(out)
+    }
+
+    async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
+        let last = match query.before {
+            Some(b) => b.saturating_sub(1),
+            None => {
+                let mut s = self.stream.clone();
+                s.info()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .state
+                    .last_sequence
+            }
+        };
+        let mut events = Vec::new();
+        let mut seq = last;
+        let floor = last.saturating_sub(RECENT_EXAMINED);
+        while seq > floor && events.len() < query.limit {
+            let m = match self.stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if not_found(&e) => {
+                    seq -= 1;
+                    continue;
+                }
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            };
+            seq -= 1;
+            if !self.names.is_event(&m.subject) {
+                continue;
+            }
+            let v = self.view(m.sequence, &m.payload).await?;
+            if query.source.as_ref().is_some_and(|s| *s != v.event.source) {
+                continue;
+            }
+            let fits = |d: &Delivery| {
+                query
+                    .destination
+                    .as_ref()
+                    .is_none_or(|want| *want == d.destination)
+                    && query.state.is_none_or(|st| st == d.state)
+            };
+            if (query.destination.is_some() || query.state.is_some())
+                && !v.deliveries.iter().any(fits)
+            {
+                continue;
+            }
+            events.push(v);
+        }
+        let next = (seq > 0).then_some(seq + 1);
+        Ok(EventPage { events, next })
+    }
+
+    async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
+        let v = Bytes::from_static(if paused { b"1" } else { b"0" });
+        self.pauses
+            .put(token(destination), v)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if paused {
+            self.paused.write().unwrap().insert(destination.to_string());
+        } else {
+            self.paused.write().unwrap().remove(destination);
+        }
+        self.wakeup_of(destination).notify_one();
+        Ok(())
+    }
+
+    fn paused(&self, destination: &str) -> bool {
+        self.paused.read().unwrap().contains(destination)
+    }
+
+    async fn purge(&self, _retain: Duration) -> Result<usize, StoreError> {
+        Ok(0) // the server does it: every record that ends carries its time to live
+    }
+
+    fn queue_depth(&self, destination: &str) -> u64 {
+        self.depths
+            .lock()
+            .unwrap()
+            .get(destination)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn queue_depths(&self) -> Vec<(String, u64)> {
+        self.depths
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(d, n)| (d.clone(), *n))
+            .collect()
+    }
+
+    fn wakeup(&self, destination: &str) -> Arc<Notify> {
+        self.leases_of(destination);
+        self.wakeup_of(destination)
+    }
+
+    fn share(&self) -> usize {
+        self.members.load(Ordering::Relaxed).max(1)
+    }
+
+    fn available(&self) -> Result<(), String> {
+        match self.client.connection_state() {
+            State::Connected => Ok(()),
+            other => Err(format!("JetStream is not reachable ({other})")),
+        }
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+        let all: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
+        for l in all {
+            l.release().await;
+        }
+        let _ = self.client.flush().await;
+        Ok(())
+    }
+}

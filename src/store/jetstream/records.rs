@@ -1,0 +1,238 @@
+//! What the jetstream backend keeps, as subjects of its one stream and message payloads.
+//!
+//! Subjects (`<p>` is the configured prefix; `<e>` = `<id hash>.<source hash>` names one
+//! event; `<d>` is a subject-safe token of a destination name):
+//! - `<p>.ev.<e>`: the event (meta + body); its existence is the dedup record, so it is
+//!   written with "no message on this subject yet" as its condition and lives for
+//!   `max(dedup window, retain)`.
+//! - `<p>.q.<d>.<e>`: one delivery's current state (pending with the body; delivered,
+//!   small, for `retain`; dead with the body, until replayed). The stream keeps one message
+//!   per subject, so each write replaces the previous state; every write is conditional on
+//!   the state it read, so two instances cannot both move a delivery on.
+//! - `<p>.dl.<d>.<e>`: a dead letter's index entry (`dead` or `replayed`).
+//! - `<p>.re.<e>`: a reply route's stored answer, for the dedup window.
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::store::{Delivery, StoreError, StoredEvent};
+
+/// The names of everything under one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn stream(&self) -> String {
+        self.prefix.clone()
+    }
+    pub fn pauses_bucket(&self) -> String {
+        format!("{}_pauses", self.prefix)
+    }
+    pub fn members_bucket(&self) -> String {
+        format!("{}_members", self.prefix)
+    }
+    pub fn consumer(&self, dest: &str) -> String {
+        format!("{}-{}", self.prefix, token(dest))
+    }
+    pub fn all(&self) -> String {
+        format!("{}.>", self.prefix)
+    }
+    pub fn event(&self, e: &str) -> String {
+        format!("{}.ev.{e}", self.prefix)
+    }
+    pub fn events_of_id(&self, id: &str) -> String {
+        format!("{}.ev.{}.*", self.prefix, hash(id))
+    }
+    pub fn delivery(&self, dest: &str, e: &str) -> String {
+        format!("{}.q.{}.{e}", self.prefix, token(dest))
+    }
+    pub fn deliveries_of(&self, dest: &str) -> String {
+        format!("{}.q.{}.>", self.prefix, token(dest))
+    }
+    pub fn dead(&self, dest: &str, e: &str) -> String {
+        format!("{}.dl.{}.{e}", self.prefix, token(dest))
+    }
+    pub fn dead_of(&self, dest: Option<&str>) -> String {
+        match dest {
+            Some(d) => format!("{}.dl.{}.>", self.prefix, token(d)),
+            None => format!("{}.dl.>", self.prefix),
+        }
+    }
+    pub fn reply(&self, e: &str) -> String {
+        format!("{}.re.{e}", self.prefix)
+    }
+    /// The event part (`<id hash>.<source hash>`) of any of its subjects.
+    pub fn event_part<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        let mut parts = rest.splitn(2, '.');
+        let kind = parts.next()?;
+        let rest = parts.next()?;
+        match kind {
+            "ev" | "re" => Some(rest),
+            "q" | "dl" => rest.split_once('.').map(|(_, e)| e),
+            _ => None,
+        }
+    }
+    pub fn is_event(&self, subject: &str) -> bool {
+        subject
+            .strip_prefix(&self.prefix)
+            .is_some_and(|r| r.starts_with(".ev."))
+    }
+}
+
+/// 16 hex digits of SHA-256: a subject token for any string.
+fn hash(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The event part of its subjects.
+pub fn event_token(source: &str, id: &str) -> String {
+    format!("{}.{}", hash(id), hash(source))
+}
+
+/// A destination name as one subject token (names may hold '.').
+pub fn token(name: &str) -> String {
+    if name.contains('.') {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("h-{hex}")
+    } else {
+        format!("n-{name}")
+    }
+}
+
+/// The event's facts kept with it and with each delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventMeta {
+    pub id: String,
+    pub source: String,
+    pub received_ms: u64,
+    pub content_type: Option<String>,
+    /// The destinations it was accepted for (on the event record only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<String>,
+}
+
+/// A delivery's state message: the delivery, its event's facts, and the body when it may
+/// still be sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub delivery: Delivery,
+    pub event: EventMeta,
+    /// Written with its event (whose sequence number was not known yet): how many messages
+    /// after the event it is. 0 once `delivery.seq` holds the event's sequence number.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl DeliveryRecord {
+    /// Fills in the event's sequence number from this record's own (`state_seq`).
+    pub fn resolve(&mut self, state_seq: u64) {
+        if self.offset > 0 {
+            self.delivery.seq = state_seq.saturating_sub(self.offset);
+            self.offset = 0;
+        }
+    }
+}
+
+/// `json` + newline + `body`: serde_json never writes a raw newline.
+fn frame<T: Serialize>(head: &T, body: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(head).expect("records serialize");
+    let mut out = BytesMut::with_capacity(json.len() + 1 + body.len());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(b"\n");
+    out.extend_from_slice(body);
+    out.freeze()
+}
+
+fn unframe<T: for<'de> Deserialize<'de>>(payload: &Bytes) -> Result<(T, Bytes), StoreError> {
+    let cut = payload
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| StoreError::Corrupt("a record without its header line".into()))?;
+    let head = serde_json::from_slice(&payload[..cut])
+        .map_err(|e| StoreError::Corrupt(format!("a record's header: {e}")))?;
+    Ok((head, payload.slice(cut + 1..)))
+}
+
+pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Bytes {
+    frame(meta, body)
+}
+
+pub fn decode_event(seq: u64, payload: &Bytes) -> Result<(EventMeta, StoredEvent), StoreError> {
+    let (meta, body): (EventMeta, Bytes) = unframe(payload)?;
+    let ev = StoredEvent {
+        seq,
+        id: meta.id.clone(),
+        source: meta.source.clone(),
+        received_ms: meta.received_ms,
+        content_type: meta.content_type.clone(),
+        body,
+    };
+    Ok((meta, ev))
+}
+
+pub fn encode_delivery(rec: &DeliveryRecord, body: &[u8]) -> Bytes {
+    frame(rec, body)
+}
+
+pub fn decode_delivery(payload: &Bytes) -> Result<(DeliveryRecord, Bytes), StoreError> {
+    unframe(payload)
+}
+
+/// The event a delivery record carries, as `event()` returns it.
+pub fn stored_event(rec: &DeliveryRecord, body: Bytes) -> StoredEvent {
+    StoredEvent {
+        seq: rec.delivery.seq,
+        id: rec.event.id.clone(),
+        source: rec.event.source.clone(),
+        received_ms: rec.event.received_ms,
+        content_type: rec.event.content_type.clone(),
+        body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_name_their_event_and_tokens_stay_one_token() {
+        let n = Names {
+            prefix: "hr".into(),
+        };
+        let e = event_token("voice", "a.b c>*");
+        assert_eq!(e.split('.').count(), 2);
+        assert!(!e.contains(['*', '>', ' ']));
+        assert_eq!(n.event_part(&n.event(&e)), Some(e.as_str()));
+        assert_eq!(n.event_part(&n.delivery("crm.eu", &e)), Some(e.as_str()));
+        assert_eq!(n.event_part(&n.dead("crm", &e)), Some(e.as_str()));
+        assert_eq!(token("crm.eu").split('.').count(), 1);
+        assert_ne!(token("a.b"), token("a_b"));
+        assert!(n.is_event(&n.event(&e)));
+        assert!(!n.is_event(&n.reply(&e)));
+    }
+
+    #[test]
+    fn a_body_with_newlines_survives_its_frame() {
+        let meta = EventMeta {
+            id: "x\ny".into(),
+            source: "s".into(),
+            received_ms: 5,
+            content_type: None,
+            destinations: vec!["d".into()],
+        };
+        let p = encode_event(&meta, b"{\n\"a\":1}\n");
+        let (m, ev) = decode_event(9, &p).unwrap();
+        assert_eq!(m.id, "x\ny");
+        assert_eq!(&ev.body[..], b"{\n\"a\":1}\n");
+        assert_eq!(ev.seq, 9);
+    }
+}

@@ -1,0 +1,141 @@
+//! Connecting to NATS and making sure the server can hold what the relay keeps: a
+//! JetStream-enabled account on a server new enough (atomic batches, per-message TTL), a
+//! `max_payload` that fits the largest accepted body, the stream and two small buckets.
+//! Every refusal says which of these failed.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{Client, ConnectErrorKind, ServerAddr};
+
+use super::records::Names;
+use crate::config::StoreSettings;
+
+/// The oldest nats-server the backend runs on: atomic batch publish arrived in 2.12.
+pub const OLDEST_SERVER: (u64, u64, u64) = (2, 12, 0);
+
+/// How long a member's heartbeat stays in the members bucket.
+pub const MEMBER_TTL: Duration = Duration::from_secs(6);
+
+/// Room a record needs next to its body (the header line and NATS headers).
+const RECORD_OVERHEAD: u64 = 16 * 1024;
+
+/// The connection, the stream and the buckets.
+pub struct Connected {
+    pub client: Client,
+    pub stream: stream::Stream,
+    pub pauses: kv::Store,
+    pub members: kv::Store,
+}
+
+/// Parses `2.15.1` (or `2.12.0-beta.1`) into numbers.
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let core = v.trim_start_matches('v').split(['-', '+']).next()?;
+    let mut it = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+}
+
+pub async fn connect(
+    s: &StoreSettings,
+    max_body_bytes: u64,
+    names: &Names,
+) -> anyhow::Result<Connected> {
+    let mut addrs = Vec::new();
+    for u in &s.url {
+        let a: ServerAddr = u
+            .parse()
+            .map_err(|e| anyhow!("store.url {u:?} is not a NATS address: {e}"))?;
+        addrs.push(a);
+    }
+    let shown = s.url.join(", ");
+    let client = async_nats::ConnectOptions::new()
+        .name("hookrelay")
+        .connection_timeout(Duration::from_secs(3))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect(addrs)
+        .await
+        .map_err(|e| match e.kind() {
+            ConnectErrorKind::AuthorizationViolation => {
+                anyhow!("NATS at {shown} refused the account (authorization violation): {e}")
+            }
+            _ => anyhow!("cannot connect to NATS at {shown}: {e}"),
+        })?;
+    let info = client.server_info();
+    let version = parse_version(&info.version)
+        .ok_or_else(|| anyhow!("NATS at {shown} reports an unreadable version {:?}", info.version))?;
+    if version < OLDEST_SERVER {
+        let (a, b, c) = OLDEST_SERVER;
+        bail!(
+            "nats-server {} at {shown} is too old: the jetstream backend needs {a}.{b}.{c} or newer \
+             (atomic batch publish, per-message TTL)",
+            info.version
+        );
+    }
+    let needed = max_body_bytes + RECORD_OVERHEAD;
+    if (info.max_payload as u64) < needed {
+        bail!(
+            "NATS at {shown} takes messages of at most {} bytes (max_payload), but server.max_body_bytes = \
+             {max_body_bytes} needs {needed}: raise max_payload in the nats-server config or lower max_body_bytes",
+            info.max_payload
+        );
+    }
+    let js = jetstream::new(client.clone());
+    js.query_account().await.map_err(|e| {
+        anyhow!(
+            "NATS at {shown} offers no JetStream to this account (is nats-server started with -js, \
+             and does the account have JetStream enabled?): {e}"
+        )
+    })?;
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: names.stream(),
+            description: Some("hookrelay: events, deliveries, dead letters, replies".into()),
+            subjects: vec![names.all()],
+            max_messages_per_subject: 1,
+            num_replicas: s.replicas,
+            storage: stream::StorageType::File,
+            allow_message_ttl: true,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating the stream {:?}", names.stream()))?;
+    let bucket = |name: String, max_age: Duration| kv::Config {
+        bucket: name,
+        history: 1,
+        max_age,
+        num_replicas: s.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let pauses = js
+        .create_or_update_key_value(bucket(names.pauses_bucket(), Duration::ZERO))
+        .await
+        .with_context(|| format!("creating the bucket {:?}", names.pauses_bucket()))?;
+    let members = js
+        .create_or_update_key_value(bucket(names.members_bucket(), MEMBER_TTL))
+        .await
+        .with_context(|| format!("creating the bucket {:?}", names.members_bucket()))?;
+    Ok(Connected {
+        client,
+        stream,
+        pauses,
+        members,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_as_numbers() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("v2.12.0-beta.2"), Some((2, 12, 0)));
+        assert!(parse_version("2.9.10").unwrap() < OLDEST_SERVER);
+        assert!(parse_version("2.10.8").unwrap() < OLDEST_SERVER);
+        assert!(parse_version("2.12.0").unwrap() >= OLDEST_SERVER);
+        assert_eq!(parse_version("junk"), None);
+    }
+}
