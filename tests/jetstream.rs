@@ -3,10 +3,13 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use support::{client, try_post, FaultSink, NatsServer, RelayProcess};
+use http::Method;
+
+use support::{client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess};
 
 /// A relay config on JetStream at `urls`, one voice source, destinations `(name, url)`.
 fn config(urls: &[String], extra_delivery: &str, destinations: &[(&str, String)]) -> String {
@@ -86,7 +89,7 @@ async fn three_relays_on_one_server_deliver_every_event() {
         &[("a", a.url("/a")), ("b", b.url("/b"))],
     );
     let relays = relays(dir.path(), &text, 3).await;
-    let mut ids = std::collections::HashSet::new();
+    let mut ids = HashSet::new();
     for i in 0..1000 {
         let id = format!("rr-{i}");
         let (status, v) = post(&relays[i % 3], &id).await;
@@ -109,4 +112,233 @@ async fn three_relays_on_one_server_deliver_every_event() {
     assert!(missing_a.is_ok(), "a misses {:?}", missing_a.err().map(|m| m.len()));
     assert!(missing_b.is_ok(), "b misses {:?}", missing_b.err().map(|m| m.len()));
     drop(nats);
+}
+
+async fn admin(relay: &RelayProcess, method: Method, path: &str) -> Answer {
+    send(method, &format!("http://{}{path}", relay.admin), &[], b"").await
+}
+
+/// Waits (bounded) until every relay counts `n` instances sharing the store.
+async fn wait_instances(relays: &[RelayProcess], n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'relays: for r in relays {
+        while Instant::now() < deadline {
+            let a = admin(r, Method::GET, "/readyz").await;
+            if a.status == 200 && a.json()["instances"] == n {
+                continue 'relays;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("relay {} never counted {n} instances", r.ingress);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_id_posted_to_two_instances_at_once_is_accepted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let relays = relays(dir.path(), &text, 2).await;
+    let mut ids = HashSet::new();
+    for i in 0..100 {
+        let id = format!("race-{i}");
+        let ((s1, v1), (s2, v2)) = tokio::join!(post(&relays[0], &id), post(&relays[1], &id));
+        assert_eq!((s1, s2), (200, 200), "{v1} {v2}");
+        let fresh = [&v1, &v2].iter().filter(|v| v["duplicate"] == false).count();
+        assert_eq!(fresh, 1, "accepted exactly once: {v1} {v2}");
+        assert_eq!(v1["id"], id.as_str());
+        ids.insert(id);
+    }
+    a.wait_delivered(&ids, Duration::from_secs(60))
+        .await
+        .expect("every event delivered");
+    let (delivered, unique) = a.delivered_counts();
+    assert_eq!(unique, 100);
+    println!("race: 100 ids, each posted to two instances at once: delivered={delivered} unique={unique}");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path()).await;
+    // The sink holds its answers a while: deliveries are in flight when the server dies.
+    let a = FaultSink::start(|_| Action::Later(200, 50)).await;
+    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let relays = relays(dir.path(), &text, 2).await;
+    let mut ids = HashSet::new();
+    for i in 0..100 {
+        let id = format!("before-{i}");
+        assert_eq!(post(&relays[i % 2], &id).await.0, 200);
+        ids.insert(id);
+    }
+    nats.sigkill();
+    // While it is gone: 503 with Retry-After, and readiness says why.
+    let url = format!("http://{}/8x8/voice", relays[0].ingress);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let p = try_post(&client(), &url, voice("during"), Duration::from_secs(10))
+            .await
+            .expect("an answer");
+        if p.status == 503 {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "still {} after the server died", p.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(refused.headers.contains_key("retry-after"));
+    let v: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
+    assert_eq!(v["error"], "unavailable", "{v}");
+    let ready = admin(&relays[1], Method::GET, "/readyz").await;
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+
+    nats.restart().await;
+    // Back: both relays accept again on their own (reconnect), bounded.
+    for (n, r) in relays.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let id = format!("after-{n}");
+            let (status, _) = post(r, &id).await;
+            if status == 200 {
+                ids.insert(id);
+                break;
+            }
+            assert!(Instant::now() < deadline, "relay {n} still answers {status}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let missing = a.wait_delivered(&ids, Duration::from_secs(60)).await;
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    assert!(missing.is_ok(), "lost {:?}; nats log:\n{}", missing.err(), nats.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_on_one_instance_is_listed_and_replayed_through_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    // The first 5 requests are refused for good (400: dead at once), the rest accepted.
+    let a = FaultSink::start(|n| Action::Answer(if n < 5 { 400 } else { 200 })).await;
+    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let relays = relays(dir.path(), &text, 3).await;
+    let mut ids = HashSet::new();
+    for i in 0..5 {
+        let id = format!("dead-{i}");
+        assert_eq!(post(&relays[0], &id).await.0, 200);
+        ids.insert(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let d = admin(&relays[1], Method::GET, "/api/dead?destination=a").await.json();
+        if d.as_array().unwrap().len() == 5 {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "dead list on another instance: {d}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let listed_ids: HashSet<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["event_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed_ids, ids);
+    assert!(listed.as_array().unwrap().iter().all(|d| d["last_status"] == 400));
+    let ev = admin(&relays[2], Method::GET, "/api/events/dead-3").await.json();
+    assert_eq!(ev["deliveries"][0]["state"], "dead", "{ev}");
+
+    let r = admin(&relays[2], Method::POST, "/api/dead/replay?destination=a").await;
+    assert_eq!(r.json()["replayed"], 5);
+    a.wait_delivered(&ids, Duration::from_secs(30))
+        .await
+        .expect("replayed through a third instance, delivered");
+    let d = admin(&relays[0], Method::GET, "/api/dead").await.json();
+    assert_eq!(d.as_array().unwrap().len(), 0, "{d}");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_holds_for_the_destination_across_three_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]).replace(
+        "[[destinations]]\nname = \"a\"\n",
+        "[[destinations]]\nname = \"a\"\nrate = { per_second = 30, burst = 6 }\n",
+    );
+    let relays = relays(dir.path(), &text, 3).await;
+    wait_instances(&relays, 3).await;
+    let mut ids = HashSet::new();
+    for i in 0..150 {
+        let id = format!("rate-{i}");
+        assert_eq!(post(&relays[i % 3], &id).await.0, 200);
+        ids.insert(id);
+    }
+    a.wait_delivered(&ids, Duration::from_secs(60))
+        .await
+        .expect("all delivered");
+    let mut at: Vec<Instant> = a.arrivals().iter().map(|r| r.at).collect();
+    at.sort();
+    let t0 = at[0];
+    // Within any time t of the first arrival: at most per_second × t + burst arrivals.
+    let mut worst = 0.0f64;
+    for (k, t) in at.iter().enumerate() {
+        let allowed = 30.0 * t.duration_since(t0).as_secs_f64() + 6.0;
+        worst = worst.max((k + 1) as f64 - allowed);
+    }
+    let took = at.last().unwrap().duration_since(t0).as_secs_f64();
+    println!(
+        "rate 30/s burst 6 over three instances: 150 arrivals in {took:.2}s ({:.1}/s); worst excess {worst:.1}",
+        149.0 / took
+    );
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    assert!(worst <= 0.0, "arrivals exceeded per_second × t + burst by {worst}");
+    // And the instances together used most of it (each took a third, not less).
+    assert!(149.0 / took > 30.0 * 0.6, "{:.1}/s", 149.0 / took);
+}
+
+#[tokio::test]
+async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&[format!("nats://127.0.0.1:{}", free_port())], "", &[("a", "http://127.0.0.1:9/".into())]);
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot connect to NATS at nats://127.0.0.1:"), "{err}");
+
+    // A server without -js.
+    let port = free_port();
+    let mut plain = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_port(port).await;
+    std::fs::write(&cfg, text.replace(&text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()], &format!("url = [\"nats://127.0.0.1:{port}\"]"))).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = plain.kill();
+    let _ = plain.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("offers no JetStream"), "{err}");
 }

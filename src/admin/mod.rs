@@ -366,7 +366,11 @@ fn readyz(app: &App) -> Response<Body> {
         )
         .into_response();
     }
-    ok(json!({"status": "ready", "unconfigured_destinations_with_pending": orphans}))
+    ok(json!({
+        "status": "ready",
+        "instances": app.store.share(),
+        "unconfigured_destinations_with_pending": orphans,
+    }))
 }
 
 async fn metrics(app: &App) -> String {
