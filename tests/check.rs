@@ -243,7 +243,11 @@ fn jetstream_needs_a_url_and_its_keys_need_jetstream() {
     let text = format!("{BASE}\n[store]\nbackend = \"jetstream\"\n");
     rejects(&text, "store.url", "required with backend = \"jetstream\"");
     let text = format!("{BASE}\n[store]\nbackend = \"redb\"\nprefix = \"x\"\n");
-    rejects(&text, "store.prefix", "allowed only with backend = \"jetstream\"");
+    rejects(
+        &text,
+        "store.prefix",
+        "allowed only with backend = \"jetstream\"",
+    );
     let text = format!(
         "{BASE}\n[store]\nbackend = \"jetstream\"\nurl = [\"nats://127.0.0.1:4222\", \"http://x\"]\n"
     );

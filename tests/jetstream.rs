@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
-use support::{client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess};
+use support::{
+    client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess,
+};
 
 /// A relay config on JetStream at `urls`, one voice source, destinations `(name, url)`.
 fn config(urls: &[String], extra_delivery: &str, destinations: &[(&str, String)]) -> String {
@@ -43,7 +45,9 @@ event_id = ["$.payload.eventId"]
     );
     let mut names = Vec::new();
     for (name, url) in destinations {
-        text.push_str(&format!("\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"));
+        text.push_str(&format!(
+            "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
+        ));
         names.push(format!("\"{name}\""));
     }
     text.push_str(&format!(
@@ -83,11 +87,7 @@ async fn three_relays_on_one_server_deliver_every_event() {
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
     let b = FaultSink::answering(200).await;
-    let text = config(
-        &[nats.url()],
-        "",
-        &[("a", a.url("/a")), ("b", b.url("/b"))],
-    );
+    let text = config(&[nats.url()], "", &[("a", a.url("/a")), ("b", b.url("/b"))]);
     let relays = relays(dir.path(), &text, 3).await;
     let mut ids = HashSet::new();
     for i in 0..1000 {
@@ -109,8 +109,16 @@ async fn three_relays_on_one_server_deliver_every_event() {
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
-    assert!(missing_a.is_ok(), "a misses {:?}", missing_a.err().map(|m| m.len()));
-    assert!(missing_b.is_ok(), "b misses {:?}", missing_b.err().map(|m| m.len()));
+    assert!(
+        missing_a.is_ok(),
+        "a misses {:?}",
+        missing_a.err().map(|m| m.len())
+    );
+    assert!(
+        missing_b.is_ok(),
+        "b misses {:?}",
+        missing_b.err().map(|m| m.len())
+    );
     drop(nats);
 }
 
@@ -145,7 +153,10 @@ async fn one_id_posted_to_two_instances_at_once_is_accepted_once() {
         let id = format!("race-{i}");
         let ((s1, v1), (s2, v2)) = tokio::join!(post(&relays[0], &id), post(&relays[1], &id));
         assert_eq!((s1, s2), (200, 200), "{v1} {v2}");
-        let fresh = [&v1, &v2].iter().filter(|v| v["duplicate"] == false).count();
+        let fresh = [&v1, &v2]
+            .iter()
+            .filter(|v| v["duplicate"] == false)
+            .count();
         assert_eq!(fresh, 1, "accepted exactly once: {v1} {v2}");
         assert_eq!(v1["id"], id.as_str());
         ids.insert(id);
@@ -187,7 +198,11 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
         if p.status == 503 {
             break p;
         }
-        assert!(Instant::now() < deadline, "still {} after the server died", p.status);
+        assert!(
+            Instant::now() < deadline,
+            "still {} after the server died",
+            p.status
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(refused.headers.contains_key("retry-after"));
@@ -207,7 +222,10 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
                 ids.insert(id);
                 break;
             }
-            assert!(Instant::now() < deadline, "relay {n} still answers {status}");
+            assert!(
+                Instant::now() < deadline,
+                "relay {n} still answers {status}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -215,7 +233,12 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
-    assert!(missing.is_ok(), "lost {:?}; nats log:\n{}", missing.err(), nats.log_tail());
+    assert!(
+        missing.is_ok(),
+        "lost {:?}; nats log:\n{}",
+        missing.err(),
+        nats.log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,11 +257,16 @@ async fn dead_on_one_instance_is_listed_and_replayed_through_another() {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let listed = loop {
-        let d = admin(&relays[1], Method::GET, "/api/dead?destination=a").await.json();
+        let d = admin(&relays[1], Method::GET, "/api/dead?destination=a")
+            .await
+            .json();
         if d.as_array().unwrap().len() == 5 {
             break d;
         }
-        assert!(Instant::now() < deadline, "dead list on another instance: {d}");
+        assert!(
+            Instant::now() < deadline,
+            "dead list on another instance: {d}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let listed_ids: HashSet<String> = listed
@@ -248,8 +276,14 @@ async fn dead_on_one_instance_is_listed_and_replayed_through_another() {
         .map(|d| d["event_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed_ids, ids);
-    assert!(listed.as_array().unwrap().iter().all(|d| d["last_status"] == 400));
-    let ev = admin(&relays[2], Method::GET, "/api/events/dead-3").await.json();
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["last_status"] == 400));
+    let ev = admin(&relays[2], Method::GET, "/api/events/dead-3")
+        .await
+        .json();
     assert_eq!(ev["deliveries"][0]["state"], "dead", "{ev}");
 
     let r = admin(&relays[2], Method::POST, "/api/dead/replay?destination=a").await;
@@ -302,7 +336,10 @@ async fn rate_holds_for_the_destination_across_three_instances() {
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
-    assert!(worst <= 0.0, "arrivals exceeded per_second × t + burst by {worst}");
+    assert!(
+        worst <= 0.0,
+        "arrivals exceeded per_second × t + burst by {worst}"
+    );
     // And the instances together used most of it (each took a third, not less).
     assert!(149.0 / took > 30.0 * 0.6, "{:.1}/s", 149.0 / took);
 }
@@ -310,7 +347,11 @@ async fn rate_holds_for_the_destination_across_three_instances() {
 #[tokio::test]
 async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
     let dir = tempfile::tempdir().unwrap();
-    let text = config(&[format!("nats://127.0.0.1:{}", free_port())], "", &[("a", "http://127.0.0.1:9/".into())]);
+    let text = config(
+        &[format!("nats://127.0.0.1:{}", free_port())],
+        "",
+        &[("a", "http://127.0.0.1:9/".into())],
+    );
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
     let out = std::process::Command::new(support::bin())
@@ -320,7 +361,10 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("cannot connect to NATS at nats://127.0.0.1:"), "{err}");
+    assert!(
+        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        "{err}"
+    );
 
     // A server without -js.
     let port = free_port();
@@ -330,7 +374,14 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         .spawn()
         .unwrap();
     support::wait_port(port).await;
-    std::fs::write(&cfg, text.replace(&text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()], &format!("url = [\"nats://127.0.0.1:{port}\"]"))).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()],
+            &format!("url = [\"nats://127.0.0.1:{port}\"]"),
+        ),
+    )
+    .unwrap();
     let out = std::process::Command::new(support::bin())
         .args(["serve", "--config"])
         .arg(&cfg)

@@ -217,7 +217,9 @@ async fn sigkill_one_of_three_relays_under_load_loses_nothing() {
     let b = FaultSink::answering(200).await;
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, config(&[nats.url()], 1, &a, &b)).unwrap();
-    let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("relay{i}.log"))).collect();
+    let logs: Vec<_> = (0..3)
+        .map(|i| dir.path().join(format!("relay{i}.log")))
+        .collect();
     let log_refs: Vec<&Path> = logs.iter().map(|p| p.as_path()).collect();
     let load = Load::new(3);
     let mut relays = Vec::new();
@@ -226,7 +228,9 @@ async fn sigkill_one_of_three_relays_under_load_loses_nothing() {
         load.set(i, Some(r.ingress));
         relays.push(r);
     }
-    let senders: Vec<_> = (0..SENDERS).map(|_| tokio::spawn(sender(load.clone()))).collect();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| tokio::spawn(sender(load.clone())))
+        .collect();
     let _stop = load.stop.clone().drop_guard();
     let mut rng = rand::rng();
     let rounds = rounds();
@@ -264,7 +268,9 @@ async fn a_three_server_cluster_loses_a_server_under_load_and_goes_on() {
     let b = FaultSink::answering(200).await;
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, config(&cluster.urls(), 3, &a, &b)).unwrap();
-    let logs: Vec<_> = (0..2).map(|i| dir.path().join(format!("relay{i}.log"))).collect();
+    let logs: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("relay{i}.log")))
+        .collect();
     let log_refs: Vec<&Path> = logs.iter().map(|p| p.as_path()).collect();
     let load = Load::new(2);
     let mut relays = Vec::new();
@@ -273,7 +279,9 @@ async fn a_three_server_cluster_loses_a_server_under_load_and_goes_on() {
         load.set(i, Some(r.ingress));
         relays.push(r);
     }
-    let senders: Vec<_> = (0..SENDERS).map(|_| tokio::spawn(sender(load.clone()))).collect();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|_| tokio::spawn(sender(load.clone())))
+        .collect();
     let _stop = load.stop.clone().drop_guard();
     load.more(500, &log_refs).await;
     cluster.servers[0].sigkill();
@@ -282,7 +290,15 @@ async fn a_three_server_cluster_loses_a_server_under_load_and_goes_on() {
     cluster.servers[0].restart().await;
     support::wait_jetstream(&[cluster.servers[0].url()]).await;
     load.more(300, &log_refs).await;
-    let (summary, lost) = drain("jetstream cluster, one server killed", &load, senders, &a, &b, started).await;
+    let (summary, lost) = drain(
+        "jetstream cluster, one server killed",
+        &load,
+        senders,
+        &a,
+        &b,
+        started,
+    )
+    .await;
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }

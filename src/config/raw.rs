@@ -62,7 +62,6 @@ pub struct RawStore {
     pub replicas: Option<Spanned<i64>>,
 }
 
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDedup {

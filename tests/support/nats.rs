@@ -121,9 +121,7 @@ impl NatsCluster {
     pub async fn start(dir: &Path) -> NatsCluster {
         let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut servers: Vec<NatsServer> = (0..3)
-            .map(|i| {
-                Self::configure_one(dir, i, &cluster)
-            })
+            .map(|i| Self::configure_one(dir, i, &cluster))
             .collect();
         for s in &mut servers {
             s.run();
@@ -134,7 +132,12 @@ impl NatsCluster {
     }
 
     fn configure_one(dir: &Path, i: usize, cluster: &[u16]) -> NatsServer {
-        NatsServer::configure(dir, &format!("n{}", i + 1), free_port(), Some((cluster[i], cluster)))
+        NatsServer::configure(
+            dir,
+            &format!("n{}", i + 1),
+            free_port(),
+            Some((cluster[i], cluster)),
+        )
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -146,7 +149,10 @@ impl NatsCluster {
 pub async fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -239,7 +239,12 @@ impl Cx<'_> {
                 self.route(i, r, &src_index, &dest_index, &destinations, &mut names)
             {
                 if store.backend == Backend::Jetstream && !route.order_by.is_empty() {
-                    let span = r.get_ref().order_by.as_ref().and_then(|o| o.first()).map(|p| p.span());
+                    let span = r
+                        .get_ref()
+                        .order_by
+                        .as_ref()
+                        .and_then(|o| o.first())
+                        .map(|p| p.span());
                     self.err(
                         span,
                         &format!("routes[{i}].order_by"),

@@ -148,11 +148,19 @@ impl Cx<'_> {
                     for (i, item) in items.iter().enumerate() {
                         match item {
                             toml::Value::String(v) => urls.push((format!("store.url[{i}]"), at(v))),
-                            _ => self.err(Some(span.clone()), &format!("store.url[{i}]"), "must be a string"),
+                            _ => self.err(
+                                Some(span.clone()),
+                                &format!("store.url[{i}]"),
+                                "must be a string",
+                            ),
                         }
                     }
                 }
-                _ => self.err(Some(span), "store.url", "must be a string or a list of strings"),
+                _ => self.err(
+                    Some(span),
+                    "store.url",
+                    "must be a string or a list of strings",
+                ),
             }
         }
         for (key, u) in &urls {

@@ -74,7 +74,10 @@ fn headers(w: &Write, stream: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("Nats-Expected-Stream", stream);
     if let Some(last) = w.expect_last {
-        h.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+        h.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            last.to_string().as_str(),
+        );
     }
     if let Some(ttl) = w.ttl {
         h.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());

@@ -117,7 +117,9 @@ impl JetStreamStore {
             store.stop.clone(),
         ));
         let me = Arc::downgrade(&store);
-        store.tasks.spawn(watch_pauses(me.clone(), store.stop.clone()));
+        store
+            .tasks
+            .spawn(watch_pauses(me.clone(), store.stop.clone()));
         store.tasks.spawn(count_depths(me, store.stop.clone()));
         Ok(store)
     }
@@ -274,15 +276,18 @@ impl JetStreamStore {
 
     /// `<p>.dl.<d>.<e>` → (destination, e).
     fn dead_subject_parts<'a>(&self, s: &'a str) -> Option<(String, &'a str)> {
-        let rest = s
-            .strip_prefix(&self.names.prefix)?
-            .strip_prefix(".dl.")?;
+        let rest = s.strip_prefix(&self.names.prefix)?.strip_prefix(".dl.")?;
         let (d, e) = rest.split_once('.')?;
         Some((untoken(d)?, e))
     }
 
     /// Makes one dead delivery pending again; whether it was.
-    async fn reopen(&self, state_seq: u64, mut rec: DeliveryRecord, body: Bytes) -> Result<bool, StoreError> {
+    async fn reopen(
+        &self,
+        state_seq: u64,
+        mut rec: DeliveryRecord,
+        body: Bytes,
+    ) -> Result<bool, StoreError> {
         rec.delivery.reopen(now_ms());
         let e = event_token(&rec.event.source, &rec.event.id);
         let dest = rec.delivery.destination.clone();
@@ -332,8 +337,9 @@ impl JetStreamStore {
                 return Ok(());
             }
             rec.delivery.apply(&outcome, now_ms());
-            if let Written::Stored { .. } =
-                self.write(&self.state_writes(state_seq, &rec, &body)).await?
+            if let Written::Stored { .. } = self
+                .write(&self.state_writes(state_seq, &rec, &body))
+                .await?
             {
                 return Ok(());
             }
@@ -350,7 +356,10 @@ fn untoken(t: &str) -> Option<String> {
     let hex = t.strip_prefix("h-")?;
     let bytes: Option<Vec<u8>> = (0..hex.len())
         .step_by(2)
-        .map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
         .collect();
     String::from_utf8(bytes?).ok()
 }
@@ -463,9 +472,11 @@ impl Store for JetStreamStore {
             content_type: ev.content_type.clone(),
             destinations: ev.destinations.clone(),
         };
-        let mut writes = vec![Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
-            .expect(0)
-            .ttl(self.keep_events)];
+        let mut writes = vec![
+            Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
+                .expect(0)
+                .ttl(ev.dedup_window.max(self.retain)),
+        ];
         let meta = EventMeta {
             destinations: Vec::new(),
             ..meta

@@ -62,8 +62,12 @@ pub async fn connect(
             _ => anyhow!("cannot connect to NATS at {shown}: {e}"),
         })?;
     let info = client.server_info();
-    let version = parse_version(&info.version)
-        .ok_or_else(|| anyhow!("NATS at {shown} reports an unreadable version {:?}", info.version))?;
+    let version = parse_version(&info.version).ok_or_else(|| {
+        anyhow!(
+            "NATS at {shown} reports an unreadable version {:?}",
+            info.version
+        )
+    })?;
     if version < OLDEST_SERVER {
         let (a, b, c) = OLDEST_SERVER;
         bail!(

@@ -182,42 +182,25 @@ impl Writer<'_> {
         let now = now_ms();
         self.txn
             .delete(&queue_key(&k.destination, d.next_due_ms, k.seq))?;
-        d.attempts += 1;
-        d.first_attempt_ms.get_or_insert(now);
-        d.updated_ms = now;
-        let leaves_queue = match outcome {
-            Outcome::Delivered { status } => {
-                d.state = DeliveryState::Delivered;
-                d.last_status = Some(status);
-                d.last_error = None;
-                true
-            }
-            Outcome::Retry {
-                due_ms,
-                status,
-                error,
-            } => {
-                d.next_due_ms = due_ms;
-                d.last_status = status;
-                d.last_error = Some(error);
+        d.apply(&outcome, now);
+        let leaves_queue = match d.state {
+            DeliveryState::Pending => {
                 // Back in the due queue if it heads its key's line. If an earlier one is
                 // ahead of it (replayed meanwhile, or this was a reply route's call, made
                 // at once whatever the key), it waits and that one goes first.
                 if self.heads_line(&d)? {
                     self.txn
-                        .put(&queue_key(&k.destination, due_ms, k.seq), &[])?;
+                        .put(&queue_key(&k.destination, d.next_due_ms, k.seq), &[])?;
                 } else if let Some(order) = &d.order_key {
                     self.promote_first(&k.destination, order)?;
                 }
                 false
             }
-            Outcome::Dead { status, error } => {
-                d.state = DeliveryState::Dead;
-                d.last_status = status;
-                d.last_error = Some(error);
+            DeliveryState::Dead => {
                 self.txn.put(&dead_key(&k.destination, k.seq), &[])?;
                 true
             }
+            DeliveryState::Delivered => true,
         };
         self.txn
             .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
@@ -236,11 +219,7 @@ impl Writer<'_> {
             return Ok(false);
         }
         let now = now_ms();
-        d.state = DeliveryState::Pending;
-        d.first_attempt_ms = None;
-        d.window_base = d.attempts;
-        d.next_due_ms = now;
-        d.updated_ms = now;
+        d.reopen(now);
         self.txn.delete(&dead_key(dest, seq))?;
         // An ordered one takes its place in its key's line again, by accept order.
         if self.join_order(&d)? {

@@ -1,0 +1,234 @@
+//! The store's contract, checked the same way on every backend: redb, sled and jetstream
+//! (a nats-server this test starts). What the embedded engines alone can show (purge
+//! batches, the on-disk format) stays in `src/store/kv/tests.rs`.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hookrelay::store::jetstream::JetStreamStore;
+use hookrelay::store::redb::RedbStore;
+use hookrelay::store::sled::SledStore;
+use hookrelay::store::*;
+use support::NatsServer;
+
+fn ev(id: &str, source: &str, dests: &[&str]) -> NewEvent {
+    NewEvent {
+        source: source.into(),
+        id: id.into(),
+        body: Bytes::from(format!(r#"{{"id":"{id}"}}"#)),
+        content_type: Some("application/json".into()),
+        received_ms: now_ms(),
+        destinations: dests.iter().map(|s| s.to_string()).collect(),
+        max_queue: Vec::new(),
+        order_keys: Vec::new(),
+        held: None,
+        dedup_window: Duration::from_secs(60),
+    }
+}
+
+/// Waits (bounded) until `dest` has a pending delivery of `seq` that is due. (An embedded
+/// store lists pending deliveries due later too, and the scheduler waits; jetstream hands
+/// out only due ones, the server holding the rest.)
+async fn due(st: &dyn Store, dest: &str, seq: u64) -> Delivery {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = st.pending(dest, 64, &|_| false).await.unwrap();
+        if let Some(d) = p
+            .into_iter()
+            .find(|d| d.seq == seq && d.next_due_ms <= now_ms() + 20)
+        {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivery {seq} to {dest} never due"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key(seq: u64, dest: &str) -> DeliveryKey {
+    DeliveryKey {
+        seq,
+        destination: dest.into(),
+    }
+}
+
+fn dead() -> Outcome {
+    Outcome::Dead {
+        status: Some(400),
+        error: "HTTP 400".into(),
+    }
+}
+
+async fn accepted(st: &dyn Store, e: NewEvent) -> u64 {
+    match st.accept(e).await.unwrap() {
+        Admission::Accepted { seq } => seq,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Accept, dedup, an attempt's outcomes, dead letters, replay, lookup, the event list and
+/// pauses: what every backend must do alike.
+async fn the_contract(name: &str, st: Arc<dyn Store>) {
+    let s1 = accepted(st.as_ref(), ev("e1", "x", &["a", "b"])).await;
+    let dup = st.accept(ev("e1", "x", &["a", "b"])).await.unwrap();
+    assert!(
+        matches!(dup, Admission::Duplicate { seq, .. } if seq == s1),
+        "{name}: {dup:?}"
+    );
+    // The same id from another source is another event.
+    let s2 = accepted(st.as_ref(), ev("e1", "y", &["b"])).await;
+    assert_ne!(s1, s2);
+
+    let d = due(st.as_ref(), "a", s1).await;
+    assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0), "{name}");
+    let event = st.event(s1).await.unwrap().expect("the event");
+    assert_eq!(
+        (event.id.as_str(), event.source.as_str()),
+        ("e1", "x"),
+        "{name}"
+    );
+    assert_eq!(&event.body[..], br#"{"id":"e1"}"#, "{name}");
+
+    // A retry keeps it pending with its due time and error; then it goes dead.
+    let later = now_ms() + 300;
+    st.record(
+        &key(s1, "a"),
+        Outcome::Retry {
+            due_ms: later,
+            status: Some(503),
+            error: "HTTP 503".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let d = due(st.as_ref(), "a", s1).await;
+    assert!(now_ms() + 50 >= later, "{name}: not due before its time");
+    assert_eq!((d.attempts, d.last_status), (1, Some(503)), "{name}");
+    st.record(&key(s1, "a"), dead()).await.unwrap();
+    let b = due(st.as_ref(), "b", s1).await;
+    assert_eq!(b.seq, s1);
+    st.record(&key(s1, "b"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+
+    let views = st.lookup("e1").await.unwrap();
+    assert_eq!(views.len(), 2, "{name}: one per source");
+    let mine = views.iter().find(|v| v.event.source == "x").unwrap();
+    let state = |dest: &str| {
+        mine.deliveries
+            .iter()
+            .find(|d| d.destination == dest)
+            .map(|d| (d.state, d.attempts))
+    };
+    assert_eq!(state("a"), Some((DeliveryState::Dead, 2)), "{name}");
+    assert_eq!(state("b"), Some((DeliveryState::Delivered, 1)), "{name}");
+
+    let dead_a = st.dead(Some("a"), 10).await.unwrap();
+    assert_eq!(dead_a.len(), 1, "{name}");
+    assert_eq!(
+        (dead_a[0].event_id.as_str(), dead_a[0].source.as_str()),
+        ("e1", "x"),
+        "{name}"
+    );
+    assert!(st.dead(Some("b"), 10).await.unwrap().is_empty(), "{name}");
+    assert_eq!(
+        st.replay(ReplaySelector::Destination("a".into()))
+            .await
+            .unwrap(),
+        1,
+        "{name}"
+    );
+    assert!(st.dead(None, 10).await.unwrap().is_empty(), "{name}");
+    let d = due(st.as_ref(), "a", s1).await;
+    assert_eq!(
+        (d.state, d.window_base),
+        (DeliveryState::Pending, 2),
+        "{name}"
+    );
+    st.record(&key(s1, "a"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+
+    // The event list: newest first, paged, filtered.
+    let mut seqs = vec![s1, s2];
+    for i in 0..5 {
+        let dest = if i % 2 == 0 { "a" } else { "b" };
+        seqs.push(accepted(st.as_ref(), ev(&format!("r{i}"), "z", &[dest])).await);
+    }
+    let mut ids = Vec::new();
+    let mut q = EventQuery {
+        limit: 3,
+        ..EventQuery::default()
+    };
+    for _ in 0..10 {
+        let page = st.recent(&q).await.unwrap();
+        ids.extend(page.events.iter().map(|v| v.event.id.clone()));
+        match page.next {
+            Some(n) => q.before = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(ids, ["r4", "r3", "r2", "r1", "r0", "e1", "e1"], "{name}");
+    let page = st
+        .recent(&EventQuery {
+            source: Some("z".into()),
+            destination: Some("b".into()),
+            limit: 50,
+            ..EventQuery::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page.events.iter().map(|v| v.event.id.as_str()).collect();
+    assert_eq!(ids, ["r3", "r1"], "{name}");
+
+    st.set_paused("a", true).await.unwrap();
+    assert!(st.paused("a") && !st.paused("b"), "{name}");
+    st.set_paused("a", false).await.unwrap();
+    assert!(!st.paused("a"), "{name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = RedbStore::open(dir.path()).unwrap();
+    the_contract("redb", st.clone()).await;
+    st.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_on_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = SledStore::open(dir.path()).unwrap();
+    the_contract("sled", st.clone()).await;
+    st.close().await.unwrap();
+}
+
+async fn jetstream(dir: &Path, nats: &NatsServer) -> Arc<dyn Store> {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body_bytes = 65536\n\
+         [store]\nbackend = \"jetstream\"\nurl = \"{}\"\nprefix = \"c\"\n",
+        nats.url()
+    );
+    let config = hookrelay::config::parse(&text, &dir.join("routes.toml"), &|_| None).unwrap();
+    JetStreamStore::open(&config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_on_jetstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    the_contract("jetstream", st.clone()).await;
+    st.close().await.unwrap();
+    drop(st);
+    // Everything is in JetStream: a second store (another instance) sees it.
+    let again = jetstream(dir.path(), &nats).await;
+    assert_eq!(again.lookup("r3").await.unwrap().len(), 1);
+    again.close().await.unwrap();
+}
