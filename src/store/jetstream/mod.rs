@@ -85,7 +85,7 @@ impl JetStreamStore {
         let names = Names {
             prefix: s.prefix.clone(),
         };
-        let c = setup::connect(s, config.server.max_body_bytes as u64, &names).await?;
+        let c = setup::connect(s, config.server.max_body_bytes, &names).await?;
         info!(
             servers = %s.url.join(", "),
             version = %c.client.server_info().version,

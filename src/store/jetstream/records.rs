@@ -67,9 +67,7 @@ impl Names {
     /// The event part (`<id hash>.<source hash>`) of any of its subjects.
     pub fn event_part<'a>(&self, subject: &'a str) -> Option<&'a str> {
         let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
-        let mut parts = rest.splitn(2, '.');
-        let kind = parts.next()?;
-        let rest = parts.next()?;
+        let (kind, rest) = rest.split_once('.')?;
         match kind {
             "ev" | "re" => Some(rest),
             "q" | "dl" => rest.split_once('.').map(|(_, e)| e),
