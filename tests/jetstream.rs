@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
+use hookrelay::store::DeliveryState;
 use support::{
     client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess,
 };
+use support::{fixture, Reply, Sink, TestRelay};
 
 /// A relay config on JetStream at `urls`, one voice source, destinations `(name, url)`.
 fn config(urls: &[String], extra_delivery: &str, destinations: &[(&str, String)]) -> String {
@@ -392,4 +394,192 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("offers no JetStream"), "{err}");
+
+    // A server that wants credentials the config does not give.
+    let port = free_port();
+    let mut guarded = std::process::Command::new("nats-server")
+        .args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "--user",
+            "u",
+            "--pass",
+            "p",
+        ])
+        .arg("-sd")
+        .arg(dir.path().join("js"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_port(port).await;
+    let at = |p: u16| {
+        text.replace(
+            &text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()],
+            &format!("url = [\"nats://127.0.0.1:{p}\"]"),
+        )
+    };
+    std::fs::write(&cfg, at(port)).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = guarded.kill();
+    let _ = guarded.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("refused the account"), "{err}");
+}
+
+const CALL_ACTION_REPLY: &[u8] =
+    include_bytes!("../examples/payloads/8x8/voice-call-action-reply.json");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_action_reply_is_kept_for_a_duplicate_at_another_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let reply = Reply::status(200)
+        .header("content-type", "application/json")
+        .body(CALL_ACTION_REPLY);
+    let ivr = Sink::start(Vec::new(), reply).await;
+    let analytics = Sink::always(200).await;
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 65536
+[store]
+backend = "jetstream"
+url = "{}"
+prefix = "reply"
+[delivery]
+retry = {{ first = "1h" }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "ivr"
+url = "{}"
+[[destinations]]
+name = "analytics"
+url = "{}"
+[[routes]]
+name = "ivr"
+source = "voice"
+match = {{ eventType = "CALL_ACTION" }}
+to = ["ivr", "analytics"]
+reply = {{ from = "ivr", timeout = "2s", fallback = {{ status = 200, body = '{{"callflow":[{{"action":"hangup"}}]}}' }} }}
+"#,
+        nats.url(),
+        ivr.url("/call-action"),
+        analytics.url("/ingest")
+    );
+    let one = TestRelay::start(&text).await;
+    let two = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let a = one.post("/8x8/voice", &body).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], CALL_ACTION_REPLY);
+    assert_eq!(analytics.wait_for(1).await[0].body, body);
+    // The answer and the attempt are stored just after the reply: wait for the attempt.
+    let id = "77e6a667-133a-11ef-9dd4-e911cc6fc82f";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let views = two.app().store.lookup(id).await.unwrap();
+        let ivr_state = views
+            .first()
+            .and_then(|v| v.deliveries.iter().find(|d| d.destination == "ivr"))
+            .map(|d| d.state);
+        if ivr_state == Some(DeliveryState::Delivered) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ivr's delivery: {ivr_state:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A duplicate at the other instance gets the stored reply without a new call.
+    let again = two.post("/8x8/voice", &body).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(&again.body[..], CALL_ACTION_REPLY);
+    assert_eq!(ivr.seen().len(), 1, "no second call to ivr");
+    one.stop().await;
+    two.stop().await;
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_delivery_in_flight_is_sent_by_another_soon() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    // The first request hangs (the instance that sends it is killed meanwhile).
+    let a = FaultSink::start(|n| {
+        if n == 0 {
+            Action::Hang
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let first = RelayProcess::spawn(&cfg, &dir.path().join("first.log")).await;
+    assert_eq!(post(&first, "in-flight").await.0, 200);
+    assert!(a.wait_count(1, Duration::from_secs(10)).await, "sent once");
+    let second = RelayProcess::spawn(&cfg, &dir.path().join("second.log")).await;
+    let killed = Instant::now();
+    first.sigkill().await;
+    let timeout = Duration::from_secs(3); // the config's delivery timeout
+    assert!(
+        a.wait_count(2, timeout + Duration::from_secs(10)).await,
+        "not sent again"
+    );
+    let took = killed.elapsed();
+    let arrivals = a.arrivals();
+    assert_eq!(arrivals[1].id, "in-flight");
+    println!("a killed instance's delivery in flight was sent again after {took:?}");
+    assert!(
+        took <= timeout + Duration::from_secs(8),
+        "{took:?}: more than the timeout plus a few seconds"
+    );
+    second.sigterm(Duration::from_secs(10)).await;
+    drop(nats);
+}
+
+#[tokio::test]
+async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
+    let old = std::env::var("HOOKRELAY_OLD_NATS").expect(
+        "HOOKRELAY_OLD_NATS names an old nats-server (Debian's 2.9.10); scripts/test sets it",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = std::process::Command::new(&old)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.path().join("js"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{old}: {e}"));
+    support::wait_port(port).await;
+    let text = config(
+        &[format!("nats://127.0.0.1:{port}")],
+        "",
+        &[("a", "http://127.0.0.1:9/".into())],
+    );
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = std::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nats-server 2.9.10"), "{err}");
+    assert!(err.contains("needs 2.12.0 or newer"), "{err}");
 }
