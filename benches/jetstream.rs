@@ -114,6 +114,66 @@ async fn raw_publish(url: &str, in_flight: usize, secs: u64) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Atomic batches of `size` messages/s (the accept path's write: the first message
+/// conditional on an empty subject), `in_flight` outstanding, for `secs`.
+async fn raw_batches(url: &str, size: usize, in_flight: usize, secs: u64) -> f64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: format!("batchbench{size}_{in_flight}"),
+        subjects: vec![format!("batchbench{size}_{in_flight}.>")],
+        max_messages_per_subject: 1,
+        allow_atomic_publish: true,
+        allow_message_ttl: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let body = Bytes::from(vec![b'x'; 600]);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..in_flight {
+        let (client, body, done) = (client.clone(), body.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = format!("{t}-{n}");
+                for i in 1..=size {
+                    let mut h = async_nats::HeaderMap::new();
+                    if size > 1 {
+                        h.insert("Nats-Batch-Id", id.as_str());
+                        h.insert("Nats-Batch-Sequence", i.to_string().as_str());
+                    }
+                    if i == 1 {
+                        h.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                    }
+                    let subject = format!("batchbench{size}_{in_flight}.{i}.{t}.{n}");
+                    if i < size && std::env::var("BENCH_STAGE_REQ").is_err() {
+                        client.publish_with_headers(subject, h, body.clone()).await.unwrap();
+                    } else if i < size {
+                        let a = client.request_with_headers(subject, h, body.clone()).await.unwrap();
+                        assert!(a.payload.is_empty(), "{:?}", a.payload);
+                    } else {
+                        if size > 1 {
+                            h.insert("Nats-Batch-Commit", "1");
+                        }
+                        let a = client.request_with_headers(subject, h, body.clone()).await.unwrap();
+                        assert!(!a.payload.windows(5).any(|w| w == b"error"), "{:?}", a.payload);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
 /// `instances` relays on the server, posted to by `conns` connections spread over them.
 async fn relays(url: &str, instances: usize, conns: usize, secs: u64, seq: Arc<AtomicU64>) -> Load {
     let sink = support::answering_server(Bytes::from_static(b"{\"ok\":true}"), |_| {}).await;
@@ -192,6 +252,11 @@ fn main() {
         let nats = server().await;
         let seq = Arc::new(AtomicU64::new(0));
         let raw = raw_publish(&nats.url, 64, secs).await;
+        let single = raw_batches(&nats.url, 1, 64, secs).await;
+        let batch2 = raw_batches(&nats.url, 2, 64, secs).await;
+        let batch2_one = raw_batches(&nats.url, 2, 1, secs).await;
+        println!("atomic batches of 2, one at a time/s {batch2_one:.0}");
+        println!("conditional single publishes/s {single:.0}; atomic batches of 2/s {batch2:.0}");
         let mut one = relays(&nats.url, 1, conns, secs, seq.clone()).await;
         let mut three = relays(&nats.url, 3, conns.max(3), secs, seq).await;
         println!("| phase | events/s | p50 ms | p99 ms | errors |");

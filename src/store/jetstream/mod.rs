@@ -16,6 +16,7 @@
 //!   lookups, lists and replays read the stream, so any instance sees everything.
 
 mod batch;
+mod fanout;
 mod leases;
 mod records;
 mod setup;
@@ -120,7 +121,10 @@ impl JetStreamStore {
         store
             .tasks
             .spawn(watch_pauses(me.clone(), store.stop.clone()));
-        store.tasks.spawn(count_depths(me, store.stop.clone()));
+        store.tasks.spawn(count_depths(me.clone(), store.stop.clone()));
+        store
+            .tasks
+            .spawn(fanout::run(me, store.stream.clone(), store.stop.clone()));
         Ok(store)
     }
 
@@ -220,8 +224,10 @@ impl JetStreamStore {
         let e = event_token(&meta.source, &meta.id);
         let mut deliveries = Vec::new();
         for d in &meta.destinations {
-            if let Some((_, rec, _)) = self.delivery_state(d, &e).await? {
-                deliveries.push(rec.delivery);
+            match self.delivery_state(d, &e).await? {
+                Some((_, rec, _)) if rec.delivery.seq == seq => deliveries.push(rec.delivery),
+                // Not fanned out yet: pending, as it will be written.
+                _ => deliveries.push(meta.first_delivery(seq, d).delivery),
             }
         }
         Ok(EventView { event, deliveries })
@@ -319,6 +325,7 @@ impl JetStreamStore {
         let Some(e) = self.names.event_part(&m.subject).map(str::to_string) else {
             return Ok(());
         };
+        let (meta, event) = decode_event(seq, &m.payload)?;
         if let Some(r) = reply {
             let payload = Bytes::from(serde_json::to_vec(&r).expect("replies serialize"));
             self.write(&[Write::new(self.names.reply(&e), payload).ttl(self.keep_events)])
@@ -327,6 +334,9 @@ impl JetStreamStore {
         let Some((key, outcome)) = attempt else {
             return Ok(());
         };
+        // The call may come before the fan-out wrote the held delivery: write it first.
+        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body)
+            .await?;
         for _ in 0..3 {
             let Some((state_seq, mut rec, body)) =
                 self.delivery_state(&key.destination, &e).await?
@@ -471,43 +481,13 @@ impl Store for JetStreamStore {
             received_ms: ev.received_ms,
             content_type: ev.content_type.clone(),
             destinations: ev.destinations.clone(),
+            held: ev.held.clone(),
         };
-        let mut writes = vec![
-            Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
-                .expect(0)
-                .ttl(ev.dedup_window.max(self.retain)),
-        ];
-        let meta = EventMeta {
-            destinations: Vec::new(),
-            ..meta
-        };
-        for (i, dest) in ev.destinations.iter().enumerate() {
-            let due = match &ev.held {
-                Some((held, until)) if held == dest => *until,
-                _ => ev.received_ms,
-            };
-            let rec = DeliveryRecord {
-                delivery: Delivery {
-                    seq: 0,
-                    destination: dest.clone(),
-                    state: DeliveryState::Pending,
-                    attempts: 0,
-                    window_base: 0,
-                    first_attempt_ms: None,
-                    next_due_ms: due,
-                    last_status: None,
-                    last_error: None,
-                    updated_ms: ev.received_ms,
-                    order_key: None,
-                },
-                event: meta.clone(),
-                offset: i as u64 + 1,
-            };
-            writes.push(Write::new(
-                self.names.delivery(dest, &e),
-                encode_delivery(&rec, &ev.body),
-            ));
-        }
+        // One conditional write: the event with its destinations, only if no event with
+        // this id is kept. The fan-out turns it into deliveries.
+        let writes = [Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
+            .expect(0)
+            .ttl(ev.dedup_window.max(self.retain))];
         match self.write(&writes).await? {
             Written::Stored { first } => {
                 let mut depths = self.depths.lock().unwrap();

@@ -2,9 +2,9 @@
 //!
 //! Subjects (`<p>` is the configured prefix; `<e>` = `<id hash>.<source hash>` names one
 //! event; `<d>` is a subject-safe token of a destination name):
-//! - `<p>.ev.<e>`: the event (meta + body); its existence is the dedup record, so it is
-//!   written with "no message on this subject yet" as its condition and lives for
-//!   `max(dedup window, retain)`.
+//! - `<p>.ev.<e>`: the event (meta, destinations + body); its existence is the dedup
+//!   record, so it is written with "no message on this subject yet" as its condition and
+//!   lives for `max(dedup window, retain)`. A shared consumer fans it out.
 //! - `<p>.q.<d>.<e>`: one delivery's current state (pending with the body; delivered,
 //!   small, for `retain`; dead with the body, until replayed). The stream keeps one message
 //!   per subject, so each write replaces the previous state; every write is conditional on
@@ -42,6 +42,12 @@ impl Names {
     }
     pub fn event(&self, e: &str) -> String {
         format!("{}.ev.{e}", self.prefix)
+    }
+    pub fn events(&self) -> String {
+        format!("{}.ev.>", self.prefix)
+    }
+    pub fn fanout_consumer(&self) -> String {
+        format!("{}-fanout", self.prefix)
     }
     pub fn events_of_id(&self, id: &str) -> String {
         format!("{}.ev.{}.*", self.prefix, hash(id))
@@ -112,6 +118,41 @@ pub struct EventMeta {
     /// The destinations it was accepted for (on the event record only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<String>,
+    /// A reply route's destination and when its stored delivery is due (on the event
+    /// record only): the call is made at once, the stored delivery is the fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<(String, u64)>,
+}
+
+impl EventMeta {
+    /// The pending delivery to `destination` an accepted event starts with.
+    pub fn first_delivery(&self, seq: u64, destination: &str) -> DeliveryRecord {
+        let due = match &self.held {
+            Some((held, until)) if held == destination => *until,
+            _ => self.received_ms,
+        };
+        DeliveryRecord {
+            delivery: Delivery {
+                seq,
+                destination: destination.to_string(),
+                state: crate::store::DeliveryState::Pending,
+                attempts: 0,
+                window_base: 0,
+                first_attempt_ms: None,
+                next_due_ms: due,
+                last_status: None,
+                last_error: None,
+                updated_ms: self.received_ms,
+                order_key: None,
+            },
+            event: EventMeta {
+                destinations: Vec::new(),
+                held: None,
+                ..self.clone()
+            },
+            offset: 0,
+        }
+    }
 }
 
 /// A delivery's state message: the delivery, its event's facts, and the body when it may
@@ -226,6 +267,7 @@ mod tests {
             received_ms: 5,
             content_type: None,
             destinations: vec!["d".into()],
+            held: None,
         };
         let p = encode_event(&meta, b"{\n\"a\":1}\n");
         let (m, ev) = decode_event(9, &p).unwrap();

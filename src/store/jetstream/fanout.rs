@@ -1,0 +1,168 @@
+//! Fan-out: every accepted event becomes one pending delivery per destination.
+//!
+//! The event's message is the unit of durability: the ingress answers once it alone is
+//! stored (one conditional publish, which is also the dedup check). A durable consumer
+//! shared by every instance hands each event to one of them, which writes each delivery
+//! with the condition "this subject is empty", then acks the event. If an instance dies
+//! halfway, the event comes again after the ack wait and the deliveries already written
+//! are found and kept: the fan-out is idempotent, so no accepted event ever lacks one.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::stream;
+use futures_util::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::batch::{Write, Written};
+use super::records::*;
+use super::JetStreamStore;
+use crate::store::StoreError;
+
+/// How long the server waits for an event's fan-out before giving it to another instance.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Events fanned out at once by one instance.
+const CONCURRENT: usize = 64;
+/// How long one pull waits for events.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The fan-out consumer; every instance creates it with the same settings.
+pub fn consumer_config(names: &Names) -> pull::Config {
+    pull::Config {
+        durable_name: Some(names.fanout_consumer()),
+        description: Some("hookrelay: accepted events to fan out into deliveries".into()),
+        filter_subject: names.events(),
+        ack_policy: AckPolicy::Explicit,
+        deliver_policy: DeliverPolicy::All,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+impl JetStreamStore {
+    /// Writes the deliveries of the event stored at `seq` that are not written yet.
+    pub(super) async fn fan_out(&self, seq: u64, payload: &bytes::Bytes) -> Result<(), StoreError> {
+        let (meta, event) = decode_event(seq, payload)?;
+        let e = event_token(&meta.source, &meta.id);
+        for dest in &meta.destinations {
+            self.ensure_delivery(seq, &meta, dest, &e, &event.body)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the event at `seq` has its delivery to `dest`: written now, or found
+    /// written by an earlier (interrupted) fan-out.
+    pub(super) async fn ensure_delivery(
+        &self,
+        seq: u64,
+        meta: &EventMeta,
+        dest: &str,
+        e: &str,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
+        let rec = meta.first_delivery(seq, dest);
+        let subject = self.names.delivery(dest, e);
+        let mut last = 0;
+        for _ in 0..3 {
+            let w = Write::new(subject.clone(), encode_delivery(&rec, body)).expect(last);
+            match self.write(&[w]).await? {
+                Written::Stored { .. } => {
+                    self.wakeup_of(dest).notify_one();
+                    return Ok(());
+                }
+                Written::Conflict => match self.delivery_state(dest, e).await? {
+                    Some((_, r, _)) if r.delivery.seq == seq => return Ok(()),
+                    // A state left by an earlier event with this id, kept past its
+                    // event (pending longer than the event's life): this one replaces it.
+                    Some((s, _, _)) => last = s,
+                    None => last = 0,
+                },
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "the delivery subject {subject} kept changing while it was written"
+        )))
+    }
+}
+
+/// Takes accepted events from the shared consumer and fans them out, until `stop`.
+pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: CancellationToken) {
+    let Some(names) = store.upgrade().map(|s| s.names.clone()) else {
+        return;
+    };
+    let name = names.fanout_consumer();
+    let consumer = loop {
+        match stream
+            .get_or_create_consumer(&name, consumer_config(&names))
+            .await
+        {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!(error = %e, "creating the JetStream fan-out consumer failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        }
+    };
+    let slots = Arc::new(Semaphore::new(CONCURRENT));
+    while !stop.is_cancelled() {
+        let batch = consumer
+            .fetch()
+            .max_messages(CONCURRENT * 4)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(error = %e, "pulling events to fan out failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => break,
+                n = batch.next() => n,
+            };
+            let m = match next {
+                None => break,
+                Some(Err(e)) => {
+                    debug!(error = %e, "a fan-out pull ended with an error");
+                    break;
+                }
+                Some(Ok(m)) => m,
+            };
+            let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            let Some(s) = store.upgrade() else { return };
+            let permit = slots.clone().acquire_owned().await.expect("never closed");
+            let tasks = s.tasks.clone();
+            tasks.spawn(async move {
+                match s.fan_out(seq, &m.payload).await {
+                    Ok(()) => {
+                        let _ = m.ack().await;
+                    }
+                    Err(e) => {
+                        warn!(seq, error = %e, "fanning an event out failed; it comes again");
+                        let _ = m.ack_with(AckKind::Nak(Some(RETRY))).await;
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+}
