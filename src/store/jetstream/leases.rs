@@ -198,7 +198,7 @@ async fn take(leases: &Leases, m: jetstream::Message) {
     let Ok(state_seq) = m.info().map(|i| i.stream_sequence) else {
         return;
     };
-    let (mut rec, body) = match decode_delivery(&m.payload) {
+    let (rec, body) = match decode_delivery(&m.payload) {
         Ok(r) => r,
         Err(e) => {
             warn!(destination = %leases.destination, seq = state_seq, error = %e, "an unreadable delivery record; set aside");
@@ -206,7 +206,6 @@ async fn take(leases: &Leases, m: jetstream::Message) {
             return;
         }
     };
-    rec.resolve(state_seq);
     if rec.delivery.state != DeliveryState::Pending {
         let _ = m.ack().await;
         return;

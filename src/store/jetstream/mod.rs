@@ -1,11 +1,11 @@
 //! The jetstream backend: every instance keeps its state in one NATS JetStream, so any
 //! instance accepts and any delivers (CONTRACT §7).
 //!
-//! - **Accept** is one atomic batch: the event (on a subject of its own, written only if
-//!   that subject is empty: the dedup check and the write are one step, race-free across
-//!   instances) and one pending delivery per destination. 200 comes after the server's
-//!   commit ack (with `replicas = 3`, a quorum stored it); a failed or unanswered batch
-//!   stores nothing, so no event is ever half-written.
+//! - **Accept** is one conditional publish: the event with its destinations, on a subject
+//!   of its own, written only if that subject is empty (the dedup check and the write are
+//!   one step, race-free across instances). 200 comes after the server's ack (with
+//!   `replicas = 3`, a quorum stored it). A shared consumer fans each event out into its
+//!   deliveries, idempotently ([`fanout`]): no accepted event is ever left without one.
 //! - **Deliver**: each destination has one durable pull consumer shared by every instance
 //!   ([`leases`]); an outcome is written to the delivery's own subject, conditional on the
 //!   state it was read from, then the message is acked. A retry is written as a new
@@ -121,7 +121,9 @@ impl JetStreamStore {
         store
             .tasks
             .spawn(watch_pauses(me.clone(), store.stop.clone()));
-        store.tasks.spawn(count_depths(me.clone(), store.stop.clone()));
+        store
+            .tasks
+            .spawn(count_depths(me.clone(), store.stop.clone()));
         store
             .tasks
             .spawn(fanout::run(me, store.stream.clone(), store.stop.clone()));
@@ -190,8 +192,7 @@ impl JetStreamStore {
         let Some((seq, payload)) = self.last(&self.names.delivery(destination, e)).await? else {
             return Ok(None);
         };
-        let (mut rec, body) = decode_delivery(&payload)?;
-        rec.resolve(seq);
+        let (rec, body) = decode_delivery(&payload)?;
         Ok(Some((seq, rec, body)))
     }
 
@@ -485,9 +486,11 @@ impl Store for JetStreamStore {
         };
         // One conditional write: the event with its destinations, only if no event with
         // this id is kept. The fan-out turns it into deliveries.
-        let writes = [Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
-            .expect(0)
-            .ttl(ev.dedup_window.max(self.retain))];
+        let writes = [
+            Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
+                .expect(0)
+                .ttl(ev.dedup_window.max(self.retain)),
+        ];
         match self.write(&writes).await? {
             Written::Stored { first } => {
                 let mut depths = self.depths.lock().unwrap();

@@ -150,7 +150,6 @@ impl EventMeta {
                 held: None,
                 ..self.clone()
             },
-            offset: 0,
         }
     }
 }
@@ -161,24 +160,6 @@ impl EventMeta {
 pub struct DeliveryRecord {
     pub delivery: Delivery,
     pub event: EventMeta,
-    /// Written with its event (whose sequence number was not known yet): how many messages
-    /// after the event it is. 0 once `delivery.seq` holds the event's sequence number.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub offset: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl DeliveryRecord {
-    /// Fills in the event's sequence number from this record's own (`state_seq`).
-    pub fn resolve(&mut self, state_seq: u64) {
-        if self.offset > 0 {
-            self.delivery.seq = state_seq.saturating_sub(self.offset);
-            self.offset = 0;
-        }
-    }
 }
 
 /// `json` + newline + `body`: serde_json never writes a raw newline.
