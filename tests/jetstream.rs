@@ -583,3 +583,59 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     assert!(err.contains("nats-server 2.9.10"), "{err}");
     assert!(err.contains("needs 2.12.0 or newer"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let paused = FaultSink::answering(200).await;
+    let witness = FaultSink::answering(200).await;
+    let text = config(
+        &[nats.url()],
+        "",
+        &[("p", paused.url("/p")), ("w", witness.url("/w"))],
+    );
+    let relays = relays(dir.path(), &text, 2).await;
+    let p = admin(&relays[0], Method::POST, "/api/destinations/p/pause").await;
+    assert_eq!(p.json()["state"], "paused");
+    // The other instance sees the pause (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = admin(&relays[1], Method::GET, "/api/destinations")
+            .await
+            .json();
+        let state = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "p")
+            .map(|d| d["state"].clone());
+        if state == Some(serde_json::json!("paused")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "instance 2 sees p as {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ids = HashSet::new();
+    for i in 0..10 {
+        let id = format!("pause-{i}");
+        assert_eq!(post(&relays[i % 2], &id).await.0, 200);
+        ids.insert(id);
+    }
+    // The witness shares every event: once it has them all, `p` had every chance.
+    witness
+        .wait_delivered(&ids, Duration::from_secs(30))
+        .await
+        .expect("the witness gets everything");
+    assert_eq!(paused.count(), 0, "a paused destination got requests");
+    let r = admin(&relays[1], Method::POST, "/api/destinations/p/resume").await;
+    assert_eq!(r.json()["state"], "ok");
+    paused
+        .wait_delivered(&ids, Duration::from_secs(30))
+        .await
+        .expect("resumed through the other instance, everything delivered");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}

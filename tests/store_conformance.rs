@@ -232,3 +232,36 @@ async fn the_store_contract_on_jetstream() {
     assert_eq!(again.lookup("r3").await.unwrap().len(), 1);
     again.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_through_one_jetstream_store_is_seen_by_another_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = jetstream(dir.path(), &nats).await;
+    let b = jetstream(dir.path(), &nats).await;
+    // Set right after `b` opened: its watch must already be in place.
+    a.set_paused("p", true).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !b.paused("p") {
+        assert!(
+            Instant::now() < deadline,
+            "the other store never saw the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.set_paused("p", false).await.unwrap();
+    while a.paused("p") {
+        assert!(
+            Instant::now() < deadline,
+            "the first store never saw the resume"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A store opened later starts with the pauses as they are.
+    a.set_paused("q", true).await.unwrap();
+    let c = jetstream(dir.path(), &nats).await;
+    assert!(c.paused("q") && !c.paused("p"));
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}

@@ -142,11 +142,13 @@ pub async fn pull(
             renewed = tokio::time::Instant::now();
         }
         if paused.read().unwrap().contains(&dest) {
-            leases.release().await;
+            // Paused (on every instance): take nothing more. What is held stays held (and
+            // renewed), so an attempt in flight still records its outcome. A resume wakes
+            // the scheduler, whose next read frees this wait.
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = leases.wakeup.notified() => {}
-                _ = tokio::time::sleep(RETRY) => {}
+                _ = leases.freed.notified() => {}
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {}
             }
             continue;
         }

@@ -110,6 +110,8 @@ impl JetStreamStore {
             tasks: TaskTracker::new(),
             me: me.clone(),
         });
+        // Watching starts before the first read, so no pause or resume falls between.
+        let watch = store.pauses.watch_with_history(">").await?;
         store.load_pauses().await?;
         store.tasks.spawn(heartbeat(
             c.members,
@@ -120,7 +122,7 @@ impl JetStreamStore {
         let me = Arc::downgrade(&store);
         store
             .tasks
-            .spawn(watch_pauses(me.clone(), store.stop.clone()));
+            .spawn(watch_pauses(me.clone(), watch, store.stop.clone()));
         store
             .tasks
             .spawn(count_depths(me.clone(), store.stop.clone()));
@@ -406,11 +408,23 @@ async fn heartbeat(
 }
 
 /// Follows the pauses bucket: a pause or resume through any instance holds on all.
-async fn watch_pauses(store: std::sync::Weak<JetStreamStore>, stop: CancellationToken) {
+async fn watch_pauses(
+    store: std::sync::Weak<JetStreamStore>,
+    first: kv::Watch,
+    stop: CancellationToken,
+) {
+    let mut first = Some(first);
     loop {
-        let Some(s) = store.upgrade() else { return };
-        let watch = s.pauses.watch_all().await;
-        drop(s);
+        let watch = match first.take() {
+            Some(w) => Ok(w),
+            None => {
+                let Some(s) = store.upgrade() else { return };
+                // Every key's current value first, then each change: no gap.
+                let w = s.pauses.watch_with_history(">").await;
+                drop(s);
+                w
+            }
+        };
         if let Ok(mut w) = watch {
             loop {
                 let entry = tokio::select! {
