@@ -10,7 +10,8 @@
 //! the stop token. No polling in the common path.
 //!
 //! The rate limiter and the in-flight semaphore belong to the scheduler, so retries and
-//! replays pass through them like first attempts. The destination's settings are looked up
+//! replays pass through them like first attempts. When several instances share the store
+//! (jetstream), each sizes them to its part, `1/share` of the destination's limits. The destination's settings are looked up
 //! by name on every pass, so a reload's new URL, headers, timeout, retry policy and limits
 //! apply to the next attempts; a destination that left the config is not scheduled and its
 //! deliveries stay on disk.
