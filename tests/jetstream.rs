@@ -639,3 +639,35 @@ async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_
     }
     drop(nats);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_holds_for_the_destination_across_three_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    // Each answer takes 100 ms: requests overlap unless the relays hold them back.
+    let sink = Sink::start(
+        Vec::new(),
+        Reply::status(200).delay(Duration::from_millis(100)),
+    )
+    .await;
+    let text = config(&[nats.url()], "", &[("a", sink.url("/a"))]).replace(
+        "[[destinations]]\nname = \"a\"\n",
+        "[[destinations]]\nname = \"a\"\nmax_in_flight = 3\n",
+    );
+    let relays = relays(dir.path(), &text, 3).await;
+    wait_instances(&relays, 3).await;
+    for i in 0..60 {
+        assert_eq!(post(&relays[i % 3], &format!("mif-{i}")).await.0, 200);
+    }
+    let seen = sink.wait_for(60).await;
+    let max = sink.max_concurrent();
+    println!(
+        "max_in_flight 3 over three instances: {} requests, at most {max} at once",
+        seen.len()
+    );
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    assert!(max <= 3, "{max} requests at once");
+    assert!(max >= 2, "the instances shared the work: {max}");
+}
