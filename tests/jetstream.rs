@@ -349,8 +349,9 @@ async fn rate_holds_for_the_destination_across_three_instances() {
 #[tokio::test]
 async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
     let dir = tempfile::tempdir().unwrap();
+    // Credentials in the URL never reach the output.
     let text = config(
-        &[format!("nats://127.0.0.1:{}", free_port())],
+        &[format!("nats://relay:s3cret@127.0.0.1:{}", free_port())],
         "",
         &[("a", "http://127.0.0.1:9/".into())],
     );

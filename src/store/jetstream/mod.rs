@@ -88,7 +88,7 @@ impl JetStreamStore {
         };
         let c = setup::connect(s, config.server.max_body_bytes, &names).await?;
         info!(
-            servers = %s.url.join(", "),
+            servers = %setup::shown_servers(&s.url),
             version = %c.client.server_info().version,
             stream = %names.stream(),
             replicas = s.replicas,

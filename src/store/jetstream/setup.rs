@@ -32,6 +32,24 @@ pub struct Connected {
     pub members: kv::Store,
 }
 
+/// The servers as logs and errors may show them: without user info (`user:password@`)
+/// or query.
+pub fn shown_servers(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| {
+            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            let rest = rest.split('?').next().unwrap_or(rest);
+            if scheme.is_empty() {
+                rest.to_string()
+            } else {
+                format!("{scheme}://{rest}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Parses `2.15.1` (or `2.12.0-beta.1`) into numbers.
 pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     let core = v.trim_start_matches('v').split(['-', '+']).next()?;
@@ -46,12 +64,15 @@ pub async fn connect(
 ) -> anyhow::Result<Connected> {
     let mut addrs = Vec::new();
     for u in &s.url {
-        let a: ServerAddr = u
-            .parse()
-            .map_err(|e| anyhow!("store.url {u:?} is not a NATS address: {e}"))?;
+        let a: ServerAddr = u.parse().map_err(|e| {
+            anyhow!(
+                "store.url {:?} is not a NATS address: {e}",
+                shown_servers(std::slice::from_ref(u))
+            )
+        })?;
         addrs.push(a);
     }
-    let shown = s.url.join(", ");
+    let shown = shown_servers(&s.url);
     let client = async_nats::ConnectOptions::new()
         .name("hookrelay")
         .connection_timeout(Duration::from_secs(3))
@@ -162,6 +183,21 @@ async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_servers_drop_credentials() {
+        let urls = vec![
+            "nats://relay:s3cret@10.0.0.1:4222".to_string(),
+            "tls://tok3n@nats.example:4222?x=1".to_string(),
+            "127.0.0.1:4222".to_string(),
+        ];
+        let shown = shown_servers(&urls);
+        assert_eq!(
+            shown,
+            "nats://10.0.0.1:4222, tls://nats.example:4222, 127.0.0.1:4222"
+        );
+        assert!(!shown.contains("s3cret") && !shown.contains("tok3n"));
+    }
 
     #[test]
     fn versions_compare_as_numbers() {
