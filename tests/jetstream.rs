@@ -629,6 +629,24 @@ async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_
         .await
         .expect("the witness gets everything");
     assert_eq!(paused.count(), 0, "a paused destination got requests");
+    // Either instance counts the whole backlog (from the shared consumer), bounded wait.
+    for r in &relays {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list = admin(r, Method::GET, "/api/destinations").await.json();
+            let depth = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == "p")
+                .map(|d| d["queue_depth"].clone());
+            if depth == Some(serde_json::json!(10)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "queue depth of p: {depth:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let r = admin(&relays[1], Method::POST, "/api/destinations/p/resume").await;
     assert_eq!(r.json()["state"], "ok");
     paused
