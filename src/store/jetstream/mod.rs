@@ -18,8 +18,11 @@
 mod batch;
 mod fanout;
 mod leases;
+mod outcomes;
+mod reads;
 mod records;
 mod setup;
+mod watchers;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::consumer::pull;
-use async_nats::jetstream::kv::{self, Operation};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::stream;
 use async_nats::Client;
 use async_trait::async_trait;
@@ -52,10 +54,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often queue depths are read from the consumers.
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
-/// Messages `recent` examines per call.
-const RECENT_EXAMINED: u64 = 10_000;
-/// Dead-letter index entries one listing reads.
-const DEAD_EXAMINED: usize = 10_000;
 /// A replayed dead letter's index entry (`replayed`) stays this long.
 const REPLAYED_TTL: Duration = Duration::from_secs(1);
 
@@ -113,19 +111,21 @@ impl JetStreamStore {
         // Watching starts before the first read, so no pause or resume falls between.
         let watch = store.pauses.watch_with_history(">").await?;
         store.load_pauses().await?;
-        store.tasks.spawn(heartbeat(
+        store.tasks.spawn(watchers::heartbeat(
             c.members,
             store.members.clone(),
             format!("{:032x}", rand::random::<u128>()),
             store.stop.clone(),
         ));
         let me = Arc::downgrade(&store);
+        store.tasks.spawn(watchers::watch_pauses(
+            me.clone(),
+            watch,
+            store.stop.clone(),
+        ));
         store
             .tasks
-            .spawn(watch_pauses(me.clone(), watch, store.stop.clone()));
-        store
-            .tasks
-            .spawn(count_depths(me.clone(), store.stop.clone()));
+            .spawn(watchers::count_depths(me.clone(), store.stop.clone()));
         store
             .tasks
             .spawn(fanout::run(me, store.stream.clone(), store.stop.clone()));
@@ -201,280 +201,11 @@ impl JetStreamStore {
     async fn write(&self, writes: &[Write]) -> Result<Written, StoreError> {
         write(&self.client, &self.names.stream(), writes, WRITE_TIMEOUT).await
     }
-
-    /// The writes that move a delivery (read at `state_seq`) to its new state.
-    fn state_writes(&self, state_seq: u64, rec: &DeliveryRecord, body: &[u8]) -> Vec<Write> {
-        let e = event_token(&rec.event.source, &rec.event.id);
-        let dest = &rec.delivery.destination;
-        let subject = self.names.delivery(dest, &e);
-        match rec.delivery.state {
-            DeliveryState::Delivered => vec![Write::new(subject, encode_delivery(rec, &[]))
-                .expect(state_seq)
-                .ttl(self.retain)],
-            DeliveryState::Pending => {
-                vec![Write::new(subject, encode_delivery(rec, body)).expect(state_seq)]
-            }
-            DeliveryState::Dead => vec![
-                Write::new(subject, encode_delivery(rec, body)).expect(state_seq),
-                Write::new(self.names.dead(dest, &e), Bytes::from_static(b"dead")),
-            ],
-        }
-    }
-
-    /// An event and its deliveries, from the event's message.
-    async fn view(&self, seq: u64, payload: &Bytes) -> Result<EventView, StoreError> {
-        let (meta, event) = decode_event(seq, payload)?;
-        let e = event_token(&meta.source, &meta.id);
-        let mut deliveries = Vec::new();
-        for d in &meta.destinations {
-            match self.delivery_state(d, &e).await? {
-                Some((_, rec, _)) if rec.delivery.seq == seq => deliveries.push(rec.delivery),
-                // Not fanned out yet: pending, as it will be written.
-                _ => deliveries.push(meta.first_delivery(seq, d).delivery),
-            }
-        }
-        Ok(EventView { event, deliveries })
-    }
-
-    /// Dead deliveries as (index entry's sequence, state sequence, record, body), oldest
-    /// first.
-    async fn dead_letters(
-        &self,
-        destination: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
-        let filter = self.names.dead_of(destination);
-        let mut subjects = Vec::new();
-        match self.stream.info_with_subjects(&filter).await {
-            Ok(mut it) => {
-                while let Some(s) = it.next().await {
-                    let (s, _) = s.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                    subjects.push(s);
-                    if subjects.len() >= DEAD_EXAMINED {
-                        break;
-                    }
-                }
-            }
-            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-        }
-        let mut index = Vec::new();
-        for s in subjects {
-            if let Some((seq, p)) = self.last(&s).await? {
-                if &p[..] == b"dead" {
-                    index.push((seq, s));
-                }
-            }
-        }
-        index.sort();
-        let mut out = Vec::new();
-        for (seq, s) in index {
-            if out.len() >= limit {
-                break;
-            }
-            let Some((dest, e)) = self.dead_subject_parts(&s) else {
-                continue;
-            };
-            if let Some((state_seq, rec, body)) = self.delivery_state(&dest, e).await? {
-                if rec.delivery.state == DeliveryState::Dead {
-                    out.push((seq, state_seq, rec, body));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// `<p>.dl.<d>.<e>` → (destination, e).
-    fn dead_subject_parts<'a>(&self, s: &'a str) -> Option<(String, &'a str)> {
-        let rest = s.strip_prefix(&self.names.prefix)?.strip_prefix(".dl.")?;
-        let (d, e) = rest.split_once('.')?;
-        Some((untoken(d)?, e))
-    }
-
-    /// Makes one dead delivery pending again; whether it was.
-    async fn reopen(
-        &self,
-        state_seq: u64,
-        mut rec: DeliveryRecord,
-        body: Bytes,
-    ) -> Result<bool, StoreError> {
-        rec.delivery.reopen(now_ms());
-        let e = event_token(&rec.event.source, &rec.event.id);
-        let dest = rec.delivery.destination.clone();
-        let writes = vec![
-            Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
-                .expect(state_seq),
-            Write::new(self.names.dead(&dest, &e), Bytes::from_static(b"replayed"))
-                .ttl(REPLAYED_TTL),
-        ];
-        let done = matches!(self.write(&writes).await?, Written::Stored { .. });
-        if done {
-            self.wakeup_of(&dest).notify_one();
-        }
-        Ok(done)
-    }
-
-    /// After a reply route's call, in the background: the answer, then the attempt.
-    async fn store_reply(
-        &self,
-        seq: u64,
-        reply: Option<StoredReply>,
-        attempt: Option<(DeliveryKey, Outcome)>,
-    ) -> Result<(), StoreError> {
-        let m = self
-            .stream
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let Some(e) = self.names.event_part(&m.subject).map(str::to_string) else {
-            return Ok(());
-        };
-        let (meta, event) = decode_event(seq, &m.payload)?;
-        if let Some(r) = reply {
-            let payload = Bytes::from(serde_json::to_vec(&r).expect("replies serialize"));
-            self.write(&[Write::new(self.names.reply(&e), payload).ttl(self.keep_events)])
-                .await?;
-        }
-        let Some((key, outcome)) = attempt else {
-            return Ok(());
-        };
-        // The call may come before the fan-out wrote the held delivery: write it first.
-        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body)
-            .await?;
-        for _ in 0..3 {
-            let Some((state_seq, mut rec, body)) =
-                self.delivery_state(&key.destination, &e).await?
-            else {
-                return Ok(());
-            };
-            if rec.delivery.state != DeliveryState::Pending {
-                return Ok(());
-            }
-            rec.delivery.apply(&outcome, now_ms());
-            if let Written::Stored { .. } = self
-                .write(&self.state_writes(state_seq, &rec, &body))
-                .await?
-            {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The name a destination token stands for.
-fn untoken(t: &str) -> Option<String> {
-    if let Some(n) = t.strip_prefix("n-") {
-        return Some(n.to_string());
-    }
-    let hex = t.strip_prefix("h-")?;
-    let bytes: Option<Vec<u8>> = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect();
-    String::from_utf8(bytes?).ok()
 }
 
 fn not_found(e: &impl std::fmt::Display) -> bool {
     let s = e.to_string().to_lowercase();
     s.contains("no message found") || s.contains("not found")
-}
-
-/// Renews this instance's membership and counts the live members.
-async fn heartbeat(
-    members: kv::Store,
-    count: Arc<AtomicUsize>,
-    me: String,
-    stop: CancellationToken,
-) {
-    loop {
-        if members.put(&me, Bytes::from_static(b"1")).await.is_ok() {
-            if let Ok(mut keys) = members.keys().await {
-                let mut n = 0;
-                while let Some(Ok(_)) = keys.next().await {
-                    n += 1;
-                }
-                count.store(n.max(1), Ordering::Relaxed);
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(HEARTBEAT) => {}
-        }
-    }
-    let _ = members.purge(&me).await;
-}
-
-/// Follows the pauses bucket: a pause or resume through any instance holds on all.
-async fn watch_pauses(
-    store: std::sync::Weak<JetStreamStore>,
-    first: kv::Watch,
-    stop: CancellationToken,
-) {
-    let mut first = Some(first);
-    loop {
-        let watch = match first.take() {
-            Some(w) => Ok(w),
-            None => {
-                let Some(s) = store.upgrade() else { return };
-                // Every key's current value first, then each change: no gap.
-                let w = s.pauses.watch_with_history(">").await;
-                drop(s);
-                w
-            }
-        };
-        if let Ok(mut w) = watch {
-            loop {
-                let entry = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    e = w.next() => e,
-                };
-                let Some(Ok(entry)) = entry else { break };
-                let Some(s) = store.upgrade() else { return };
-                if let Some(name) = untoken(&entry.key) {
-                    let on = entry.operation == Operation::Put && &entry.value[..] == b"1";
-                    let changed = if on {
-                        s.paused.write().unwrap().insert(name.clone())
-                    } else {
-                        s.paused.write().unwrap().remove(&name)
-                    };
-                    if changed {
-                        s.wakeup_of(&name).notify_one();
-                    }
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(HEARTBEAT) => {}
-        }
-    }
-}
-
-/// Reads each known destination's queue depth (pending + held) from its consumer.
-async fn count_depths(store: std::sync::Weak<JetStreamStore>, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(DEPTH_EVERY) => {}
-        }
-        let Some(s) = store.upgrade() else { return };
-        let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
-        for d in known {
-            let consumer = s
-                .stream
-                .get_consumer::<pull::Config>(&s.names.consumer(&d))
-                .await;
-            if let Ok(mut c) = consumer {
-                if let Ok(info) = c.info().await {
-                    let n = info.num_pending + info.num_ack_pending as u64;
-                    s.depths.lock().unwrap().insert(d, n);
-                }
-            }
-        }
-    }
 }
 
 #[async_trait]
@@ -663,76 +394,11 @@ impl Store for JetStreamStore {
     }
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
-        let mut subjects = Vec::new();
-        let mut it = self
-            .stream
-            .info_with_subjects(self.names.events_of_id(id))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        while let Some(s) = it.next().await {
-            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
-        }
-        let mut out = Vec::new();
-        for s in subjects {
-            if let Some((seq, p)) = self.last(&s).await? {
-                let v = self.view(seq, &p).await?;
-                if v.event.id == id {
-                    out.push(v);
-                }
-            }
-        }
-        out.sort_by_key(|v| v.event.seq);
-        Ok(out)
+        self.events_with_id(id).await
     }
 
     async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
-        let last = match query.before {
-            Some(b) => b.saturating_sub(1),
-            None => {
-                let mut s = self.stream.clone();
-                s.info()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                    .state
-                    .last_sequence
-            }
-        };
-        let mut events = Vec::new();
-        let mut seq = last;
-        let floor = last.saturating_sub(RECENT_EXAMINED);
-        while seq > floor && events.len() < query.limit {
-            let m = match self.stream.get_raw_message(seq).await {
-                Ok(m) => m,
-                Err(e) if not_found(&e) => {
-                    seq -= 1;
-                    continue;
-                }
-                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-            };
-            seq -= 1;
-            if !self.names.is_event(&m.subject) {
-                continue;
-            }
-            let v = self.view(m.sequence, &m.payload).await?;
-            if query.source.as_ref().is_some_and(|s| *s != v.event.source) {
-                continue;
-            }
-            let fits = |d: &Delivery| {
-                query
-                    .destination
-                    .as_ref()
-                    .is_none_or(|want| *want == d.destination)
-                    && query.state.is_none_or(|st| st == d.state)
-            };
-            if (query.destination.is_some() || query.state.is_some())
-                && !v.deliveries.iter().any(fits)
-            {
-                continue;
-            }
-            events.push(v);
-        }
-        let next = (seq > 0).then_some(seq + 1);
-        Ok(EventPage { events, next })
+        self.walk_back(query).await
     }
 
     async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {

@@ -108,6 +108,22 @@ pub fn token(name: &str) -> String {
     }
 }
 
+/// The name a destination token stands for.
+pub fn untoken(t: &str) -> Option<String> {
+    if let Some(n) = t.strip_prefix("n-") {
+        return Some(n.to_string());
+    }
+    let hex = t.strip_prefix("h-")?;
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 /// The event's facts kept with it and with each delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventMeta {

@@ -1,0 +1,104 @@
+//! Writing a delivery's next state: an attempt's outcome (conditional on the state it was
+//! read from), a replay of a dead letter, and a reply route's answer and attempt.
+
+use bytes::Bytes;
+
+use super::batch::{Write, Written};
+use super::records::*;
+use super::*;
+
+impl JetStreamStore {
+    /// The writes that move a delivery (read at `state_seq`) to its new state.
+    pub(super) fn state_writes(
+        &self,
+        state_seq: u64,
+        rec: &DeliveryRecord,
+        body: &[u8],
+    ) -> Vec<Write> {
+        let e = event_token(&rec.event.source, &rec.event.id);
+        let dest = &rec.delivery.destination;
+        let subject = self.names.delivery(dest, &e);
+        match rec.delivery.state {
+            DeliveryState::Delivered => vec![Write::new(subject, encode_delivery(rec, &[]))
+                .expect(state_seq)
+                .ttl(self.retain)],
+            DeliveryState::Pending => {
+                vec![Write::new(subject, encode_delivery(rec, body)).expect(state_seq)]
+            }
+            DeliveryState::Dead => vec![
+                Write::new(subject, encode_delivery(rec, body)).expect(state_seq),
+                Write::new(self.names.dead(dest, &e), Bytes::from_static(b"dead")),
+            ],
+        }
+    }
+
+    /// Makes one dead delivery pending again; whether it was.
+    pub(super) async fn reopen(
+        &self,
+        state_seq: u64,
+        mut rec: DeliveryRecord,
+        body: Bytes,
+    ) -> Result<bool, StoreError> {
+        rec.delivery.reopen(now_ms());
+        let e = event_token(&rec.event.source, &rec.event.id);
+        let dest = rec.delivery.destination.clone();
+        let writes = vec![
+            Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
+                .expect(state_seq),
+            Write::new(self.names.dead(&dest, &e), Bytes::from_static(b"replayed"))
+                .ttl(REPLAYED_TTL),
+        ];
+        let done = matches!(self.write(&writes).await?, Written::Stored { .. });
+        if done {
+            self.wakeup_of(&dest).notify_one();
+        }
+        Ok(done)
+    }
+
+    /// After a reply route's call, in the background: the answer, then the attempt.
+    pub(super) async fn store_reply(
+        &self,
+        seq: u64,
+        reply: Option<StoredReply>,
+        attempt: Option<(DeliveryKey, Outcome)>,
+    ) -> Result<(), StoreError> {
+        let m = self
+            .stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let Some(e) = self.names.event_part(&m.subject).map(str::to_string) else {
+            return Ok(());
+        };
+        let (meta, event) = decode_event(seq, &m.payload)?;
+        if let Some(r) = reply {
+            let payload = Bytes::from(serde_json::to_vec(&r).expect("replies serialize"));
+            self.write(&[Write::new(self.names.reply(&e), payload).ttl(self.keep_events)])
+                .await?;
+        }
+        let Some((key, outcome)) = attempt else {
+            return Ok(());
+        };
+        // The call may come before the fan-out wrote the held delivery: write it first.
+        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body)
+            .await?;
+        for _ in 0..3 {
+            let Some((state_seq, mut rec, body)) =
+                self.delivery_state(&key.destination, &e).await?
+            else {
+                return Ok(());
+            };
+            if rec.delivery.state != DeliveryState::Pending {
+                return Ok(());
+            }
+            rec.delivery.apply(&outcome, now_ms());
+            if let Written::Stored { .. } = self
+                .write(&self.state_writes(state_seq, &rec, &body))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! What the admin API reads from the stream, on any instance: events by id, the event list
+//! (walking the stream back from a cursor), an event's deliveries, the dead letters.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::records::*;
+use super::*;
+
+/// Messages one event-list call examines.
+const RECENT_EXAMINED: u64 = 10_000;
+/// Dead-letter index entries one listing reads.
+const DEAD_EXAMINED: usize = 10_000;
+
+impl JetStreamStore {
+    /// An event and its deliveries, from the event's message.
+    pub(super) async fn view(&self, seq: u64, payload: &Bytes) -> Result<EventView, StoreError> {
+        let (meta, event) = decode_event(seq, payload)?;
+        let e = event_token(&meta.source, &meta.id);
+        let mut deliveries = Vec::new();
+        for d in &meta.destinations {
+            match self.delivery_state(d, &e).await? {
+                Some((_, rec, _)) if rec.delivery.seq == seq => deliveries.push(rec.delivery),
+                // Not fanned out yet: pending, as it will be written.
+                _ => deliveries.push(meta.first_delivery(seq, d).delivery),
+            }
+        }
+        Ok(EventView { event, deliveries })
+    }
+
+    /// Dead deliveries as (index entry's sequence, state sequence, record, body), oldest
+    /// first.
+    pub(super) async fn dead_letters(
+        &self,
+        destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
+        let filter = self.names.dead_of(destination);
+        let mut subjects = Vec::new();
+        match self.stream.info_with_subjects(&filter).await {
+            Ok(mut it) => {
+                while let Some(s) = it.next().await {
+                    let (s, _) = s.map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    subjects.push(s);
+                    if subjects.len() >= DEAD_EXAMINED {
+                        break;
+                    }
+                }
+            }
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        }
+        let mut index = Vec::new();
+        for s in subjects {
+            if let Some((seq, p)) = self.last(&s).await? {
+                if &p[..] == b"dead" {
+                    index.push((seq, s));
+                }
+            }
+        }
+        index.sort();
+        let mut out = Vec::new();
+        for (seq, s) in index {
+            if out.len() >= limit {
+                break;
+            }
+            let Some((dest, e)) = self.dead_subject_parts(&s) else {
+                continue;
+            };
+            if let Some((state_seq, rec, body)) = self.delivery_state(&dest, e).await? {
+                if rec.delivery.state == DeliveryState::Dead {
+                    out.push((seq, state_seq, rec, body));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `<p>.dl.<d>.<e>` → (destination, e).
+    pub(super) fn dead_subject_parts<'a>(&self, s: &'a str) -> Option<(String, &'a str)> {
+        let rest = s.strip_prefix(&self.names.prefix)?.strip_prefix(".dl.")?;
+        let (d, e) = rest.split_once('.')?;
+        Some((untoken(d)?, e))
+    }
+
+    /// Every kept event with this id (one per source), with its deliveries.
+    pub(super) async fn events_with_id(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
+        let mut subjects = Vec::new();
+        let mut it = self
+            .stream
+            .info_with_subjects(self.names.events_of_id(id))
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        while let Some(s) = it.next().await {
+            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
+        }
+        let mut out = Vec::new();
+        for s in subjects {
+            if let Some((seq, p)) = self.last(&s).await? {
+                let v = self.view(seq, &p).await?;
+                if v.event.id == id {
+                    out.push(v);
+                }
+            }
+        }
+        out.sort_by_key(|v| v.event.seq);
+        Ok(out)
+    }
+
+    /// The newest events matching `query`: the stream walked back from its cursor, at most
+    /// `RECENT_EXAMINED` messages per call.
+    pub(super) async fn walk_back(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
+        let last = match query.before {
+            Some(b) => b.saturating_sub(1),
+            None => {
+                let mut s = self.stream.clone();
+                s.info()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .state
+                    .last_sequence
+            }
+        };
+        let mut events = Vec::new();
+        let mut seq = last;
+        let floor = last.saturating_sub(RECENT_EXAMINED);
+        while seq > floor && events.len() < query.limit {
+            let m = match self.stream.get_raw_message(seq).await {
+                Ok(m) => m,
+                Err(e) if not_found(&e) => {
+                    seq -= 1;
+                    continue;
+                }
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            };
+            seq -= 1;
+            if !self.names.is_event(&m.subject) {
+                continue;
+            }
+            let v = self.view(m.sequence, &m.payload).await?;
+            if query.source.as_ref().is_some_and(|s| *s != v.event.source) {
+                continue;
+            }
+            let fits = |d: &Delivery| {
+                query
+                    .destination
+                    .as_ref()
+                    .is_none_or(|want| *want == d.destination)
+                    && query.state.is_none_or(|st| st == d.state)
+            };
+            if (query.destination.is_some() || query.state.is_some())
+                && !v.deliveries.iter().any(fits)
+            {
+                continue;
+            }
+            events.push(v);
+        }
+        let next = (seq > 0).then_some(seq + 1);
+        Ok(EventPage { events, next })
+    }
+}
