@@ -13,50 +13,11 @@ use hookrelay::store::DeliveryState;
 use support::{
     client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess,
 };
-use support::{fixture, Reply, Sink, TestRelay};
+use support::{fixture, jetstream_config, KillOnDrop, Reply, Sink, TestRelay};
 
-/// A relay config on JetStream at `urls`, one voice source, destinations `(name, url)`.
-fn config(urls: &[String], extra_delivery: &str, destinations: &[(&str, String)]) -> String {
-    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
-    let mut text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-max_body_bytes = 65536
-
-[store]
-backend = "jetstream"
-url = [{}]
-prefix = "t"
-
-[delivery]
-timeout = "3s"
-max_in_flight = 32
-rate = {{ per_second = 1000000, burst = 10000 }}
-retry = {{ first = "100ms", factor = 2.0, max_delay = "1s" }}
-{extra_delivery}
-
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
-event_id = ["$.payload.eventId"]
-"#,
-        urls.join(", ")
-    );
-    let mut names = Vec::new();
-    for (name, url) in destinations {
-        text.push_str(&format!(
-            "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
-        ));
-        names.push(format!("\"{name}\""));
-    }
-    text.push_str(&format!(
-        "\n[[routes]]\nname = \"all\"\nsource = \"voice\"\nmatch = {{ namespace = \"VOICE\" }}\nto = [{}]\n",
-        names.join(", ")
-    ));
-    text
+/// The relay config these tests share (prefix `t`, one server: 1 replica).
+fn config(urls: &[String], destinations: &[(&str, String)]) -> String {
+    jetstream_config(urls, "t", 1, destinations)
 }
 
 fn voice(id: &str) -> Vec<u8> {
@@ -89,7 +50,7 @@ async fn three_relays_on_one_server_deliver_every_event() {
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
     let b = FaultSink::answering(200).await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a")), ("b", b.url("/b"))]);
+    let text = config(&[nats.url()], &[("a", a.url("/a")), ("b", b.url("/b"))]);
     let relays = relays(dir.path(), &text, 3).await;
     let mut ids = HashSet::new();
     for i in 0..1000 {
@@ -128,6 +89,29 @@ async fn admin(relay: &RelayProcess, method: Method, path: &str) -> Answer {
     send(method, &format!("http://{}{path}", relay.admin), &[], b"").await
 }
 
+/// Waits (bounded) until `relay`'s `/api/destinations` shows `want` as `field` of `name`.
+async fn wait_destination(relay: &RelayProcess, name: &str, field: &str, want: serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = admin(relay, Method::GET, "/api/destinations").await.json();
+        let got = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .map(|d| d[field].clone());
+        if got.as_ref() == Some(&want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} shows {name}.{field} = {got:?}, not {want}",
+            relay.ingress
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits (bounded) until every relay counts `n` instances sharing the store.
 async fn wait_instances(relays: &[RelayProcess], n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -148,7 +132,7 @@ async fn one_id_posted_to_two_instances_at_once_is_accepted_once() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
     let relays = relays(dir.path(), &text, 2).await;
     let mut ids = HashSet::new();
     for i in 0..100 {
@@ -181,7 +165,7 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
     let mut nats = NatsServer::start(dir.path()).await;
     // The sink holds its answers a while: deliveries are in flight when the server dies.
     let a = FaultSink::start(|_| Action::Later(200, 50)).await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
     let relays = relays(dir.path(), &text, 2).await;
     let mut ids = HashSet::new();
     for i in 0..100 {
@@ -249,7 +233,7 @@ async fn dead_on_one_instance_is_listed_and_replayed_through_another() {
     let nats = NatsServer::start(dir.path()).await;
     // The first 5 requests are refused for good (400: dead at once), the rest accepted.
     let a = FaultSink::start(|n| Action::Answer(if n < 5 { 400 } else { 200 })).await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
     let relays = relays(dir.path(), &text, 3).await;
     let mut ids = HashSet::new();
     for i in 0..5 {
@@ -306,7 +290,7 @@ async fn rate_holds_for_the_destination_across_three_instances() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]).replace(
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]).replace(
         "[[destinations]]\nname = \"a\"\n",
         "[[destinations]]\nname = \"a\"\nrate = { per_second = 30, burst = 6 }\n",
     );
@@ -352,7 +336,6 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     // Credentials in the URL never reach the output.
     let text = config(
         &[format!("nats://relay:s3cret@127.0.0.1:{}", free_port())],
-        "",
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
@@ -371,11 +354,13 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
 
     // A server without -js.
     let port = free_port();
-    let mut plain = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let plain = KillOnDrop(
+        std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     support::wait_port(port).await;
     std::fs::write(
         &cfg,
@@ -390,31 +375,32 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         .arg(&cfg)
         .output()
         .unwrap();
-    let _ = plain.kill();
-    let _ = plain.wait();
+    drop(plain);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("offers no JetStream"), "{err}");
 
     // A server that wants credentials the config does not give.
     let port = free_port();
-    let mut guarded = std::process::Command::new("nats-server")
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-js",
-            "--user",
-            "u",
-            "--pass",
-            "p",
-        ])
-        .arg("-sd")
-        .arg(dir.path().join("js"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let guarded = KillOnDrop(
+        std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-js",
+                "--user",
+                "u",
+                "--pass",
+                "p",
+            ])
+            .arg("-sd")
+            .arg(dir.path().join("js"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     support::wait_port(port).await;
     let at = |p: u16| {
         text.replace(
@@ -428,8 +414,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         .arg(&cfg)
         .output()
         .unwrap();
-    let _ = guarded.kill();
-    let _ = guarded.wait();
+    drop(guarded);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("refused the account"), "{err}");
@@ -525,7 +510,7 @@ async fn a_killed_instances_delivery_in_flight_is_sent_by_another_soon() {
         }
     })
     .await;
-    let text = config(&[nats.url()], "", &[("a", a.url("/a"))]);
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
     let first = RelayProcess::spawn(&cfg, &dir.path().join("first.log")).await;
@@ -558,16 +543,17 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     );
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut server = std::process::Command::new(&old)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(dir.path().join("js"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{old}: {e}"));
+    let server = KillOnDrop(
+        std::process::Command::new(&old)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path().join("js"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{old}: {e}")),
+    );
     support::wait_port(port).await;
     let text = config(
         &[format!("nats://127.0.0.1:{port}")],
-        "",
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
@@ -577,8 +563,7 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
         .arg(&cfg)
         .output()
         .unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("nats-server 2.9.10"), "{err}");
@@ -593,30 +578,13 @@ async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_
     let witness = FaultSink::answering(200).await;
     let text = config(
         &[nats.url()],
-        "",
         &[("p", paused.url("/p")), ("w", witness.url("/w"))],
     );
     let relays = relays(dir.path(), &text, 2).await;
     let p = admin(&relays[0], Method::POST, "/api/destinations/p/pause").await;
     assert_eq!(p.json()["state"], "paused");
     // The other instance sees the pause (bounded wait).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let list = admin(&relays[1], Method::GET, "/api/destinations")
-            .await
-            .json();
-        let state = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == "p")
-            .map(|d| d["state"].clone());
-        if state == Some(serde_json::json!("paused")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "instance 2 sees p as {state:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_destination(&relays[1], "p", "state", serde_json::json!("paused")).await;
     let mut ids = HashSet::new();
     for i in 0..10 {
         let id = format!("pause-{i}");
@@ -631,21 +599,7 @@ async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_
     assert_eq!(paused.count(), 0, "a paused destination got requests");
     // Either instance counts the whole backlog (from the shared consumer), bounded wait.
     for r in &relays {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let list = admin(r, Method::GET, "/api/destinations").await.json();
-            let depth = list
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["name"] == "p")
-                .map(|d| d["queue_depth"].clone());
-            if depth == Some(serde_json::json!(10)) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "queue depth of p: {depth:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_destination(r, "p", "queue_depth", serde_json::json!(10)).await;
     }
     let r = admin(&relays[1], Method::POST, "/api/destinations/p/resume").await;
     assert_eq!(r.json()["state"], "ok");
@@ -669,7 +623,7 @@ async fn max_in_flight_holds_for_the_destination_across_three_instances() {
         Reply::status(200).delay(Duration::from_millis(100)),
     )
     .await;
-    let text = config(&[nats.url()], "", &[("a", sink.url("/a"))]).replace(
+    let text = config(&[nats.url()], &[("a", sink.url("/a"))]).replace(
         "[[destinations]]\nname = \"a\"\n",
         "[[destinations]]\nname = \"a\"\nmax_in_flight = 3\n",
     );

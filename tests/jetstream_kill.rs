@@ -8,13 +8,15 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use support::{client, tail, try_post, FaultSink, NatsCluster, NatsServer, RelayProcess};
+use support::{
+    client, jetstream_config, tail, try_post, FaultSink, NatsCluster, NatsServer, RelayProcess,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -31,49 +33,11 @@ fn rounds() -> usize {
 }
 
 fn config(urls: &[String], replicas: usize, a: &FaultSink, b: &FaultSink) -> String {
-    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-max_body_bytes = 65536
-
-[store]
-backend = "jetstream"
-url = [{}]
-prefix = "k"
-replicas = {replicas}
-
-[delivery]
-timeout = "3s"
-max_in_flight = 32
-rate = {{ per_second = 1000000, burst = 10000 }}
-retry = {{ first = "100ms", factor = 2.0, max_delay = "1s" }}
-
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
-event_id = ["$.payload.eventId"]
-
-[[destinations]]
-name = "a"
-url = "{}"
-
-[[destinations]]
-name = "b"
-url = "{}"
-
-[[routes]]
-name = "both"
-source = "voice"
-match = {{ namespace = "VOICE" }}
-to = ["a", "b"]
-"#,
-        urls.join(", "),
-        a.url("/a"),
-        b.url("/b")
+    jetstream_config(
+        urls,
+        "k",
+        replicas,
+        &[("a", a.url("/a")), ("b", b.url("/b"))],
     )
 }
 
@@ -168,6 +132,32 @@ async fn sender(load: Arc<Load>) {
     }
 }
 
+/// `n` relay processes on `cfg` (logs `relay<i>.log`), each given to the senders, and the
+/// senders started.
+async fn start_under_load(
+    dir: &Path,
+    cfg: &Path,
+    n: usize,
+) -> (
+    Vec<PathBuf>,
+    Arc<Load>,
+    Vec<RelayProcess>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let logs: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("relay{i}.log"))).collect();
+    let load = Load::new(n);
+    let mut relays = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let r = RelayProcess::spawn(cfg, log).await;
+        load.set(i, Some(r.ingress));
+        relays.push(r);
+    }
+    let senders = (0..SENDERS)
+        .map(|_| tokio::spawn(sender(load.clone())))
+        .collect();
+    (logs, load, relays, senders)
+}
+
 /// Stops the senders and checks that every accepted event reached both sinks.
 async fn drain(
     what: &str,
@@ -217,20 +207,8 @@ async fn sigkill_one_of_three_relays_under_load_loses_nothing() {
     let b = FaultSink::answering(200).await;
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, config(&[nats.url()], 1, &a, &b)).unwrap();
-    let logs: Vec<_> = (0..3)
-        .map(|i| dir.path().join(format!("relay{i}.log")))
-        .collect();
+    let (logs, load, mut relays, senders) = start_under_load(dir.path(), &cfg, 3).await;
     let log_refs: Vec<&Path> = logs.iter().map(|p| p.as_path()).collect();
-    let load = Load::new(3);
-    let mut relays = Vec::new();
-    for (i, log) in logs.iter().enumerate() {
-        let r = RelayProcess::spawn(&cfg, log).await;
-        load.set(i, Some(r.ingress));
-        relays.push(r);
-    }
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|_| tokio::spawn(sender(load.clone())))
-        .collect();
     let _stop = load.stop.clone().drop_guard();
     let mut rng = rand::rng();
     let rounds = rounds();
@@ -268,20 +246,8 @@ async fn a_three_server_cluster_loses_a_server_under_load_and_goes_on() {
     let b = FaultSink::answering(200).await;
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, config(&cluster.urls(), 3, &a, &b)).unwrap();
-    let logs: Vec<_> = (0..2)
-        .map(|i| dir.path().join(format!("relay{i}.log")))
-        .collect();
+    let (logs, load, relays, senders) = start_under_load(dir.path(), &cfg, 2).await;
     let log_refs: Vec<&Path> = logs.iter().map(|p| p.as_path()).collect();
-    let load = Load::new(2);
-    let mut relays = Vec::new();
-    for (i, log) in logs.iter().enumerate() {
-        let r = RelayProcess::spawn(&cfg, log).await;
-        load.set(i, Some(r.ingress));
-        relays.push(r);
-    }
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|_| tokio::spawn(sender(load.clone())))
-        .collect();
     let _stop = load.stop.clone().drop_guard();
     load.more(500, &log_refs).await;
     cluster.servers[0].sigkill();

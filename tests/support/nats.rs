@@ -8,6 +8,67 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A relay config on JetStream at `urls` (names under `prefix`, `replicas` copies): one
+/// voice source, fast retries, destinations `(name, url)`, one route to all of them.
+pub fn jetstream_config(
+    urls: &[String],
+    prefix: &str,
+    replicas: usize,
+    destinations: &[(&str, String)],
+) -> String {
+    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    let mut text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "2s"
+max_body_bytes = 65536
+
+[store]
+backend = "jetstream"
+url = [{}]
+prefix = "{prefix}"
+replicas = {replicas}
+
+[delivery]
+timeout = "3s"
+max_in_flight = 32
+rate = {{ per_second = 1000000, burst = 10000 }}
+retry = {{ first = "100ms", factor = 2.0, max_delay = "1s" }}
+
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+"#,
+        urls.join(", ")
+    );
+    let mut names = Vec::new();
+    for (name, url) in destinations {
+        text.push_str(&format!(
+            "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
+        ));
+        names.push(format!("\"{name}\""));
+    }
+    text.push_str(&format!(
+        "\n[[routes]]\nname = \"all\"\nsource = \"voice\"\nmatch = {{ namespace = \"VOICE\" }}\nto = [{}]\n",
+        names.join(", ")
+    ));
+    text
+}
+
+/// A process killed (and reaped) when dropped: a test's own nats-server stops even when
+/// the test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
