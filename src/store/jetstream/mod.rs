@@ -199,7 +199,8 @@ impl JetStreamStore {
     }
 
     async fn write(&self, writes: &[Write]) -> Result<Written, StoreError> {
-        write(&self.client, &self.names.stream(), writes, WRITE_TIMEOUT).await
+        // The stream is named by the prefix: no name built per write.
+        write(&self.client, &self.names.prefix, writes, WRITE_TIMEOUT).await
     }
 }
 
