@@ -1,14 +1,9 @@
 //! The sled engine: one tree; each operation's writes go in as one atomic batch, and a
 //! group ends with one `flush` (which on Linux is `sync_file_range`, not `fsync`).
-//!
-//! sled makes a batch visible to readers when it is applied, before the group's flush. So
-//! that nothing acts on what a crash could still take back (an `order_by` key's next
-//! delivery sent before the previous one's outcome is on disk, then both replayed in the
-//! wrong order), reads wait while a group is between its first write and its flush.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use super::engine::{Engine, Txn, Visit};
 use super::kv::KvStore;
@@ -19,9 +14,6 @@ pub type SledStore = KvStore<SledEngine>;
 
 pub struct SledEngine {
     db: ::sled::Db,
-    /// Held for writing by a group from its first write to its flush; reads hold it for
-    /// reading, so they see only flushed groups.
-    flushing: RwLock<()>,
 }
 
 impl From<::sled::Error> for StoreError {
@@ -40,10 +32,7 @@ impl SledStore {
             .flush_every_ms(Some(1000))
             .open()
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
-        KvStore::start(SledEngine {
-            db,
-            flushing: RwLock::new(()),
-        })
+        KvStore::start(SledEngine { db })
     }
 }
 
@@ -59,11 +48,9 @@ fn scan(tree: &::sled::Db, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), S
 
 impl Engine for SledEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let _flushed = self.flushing.read().unwrap();
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        let _flushed = self.flushing.read().unwrap();
         scan(&self.db, prefix, visit)
     }
     fn scan_back(
@@ -75,7 +62,6 @@ impl Engine for SledEngine {
         if below <= prefix {
             return Ok(());
         }
-        let _flushed = self.flushing.read().unwrap();
         for kv in self.db.range(prefix..below).rev() {
             let (k, v) = kv?;
             if !visit(&k, &v)? {
@@ -85,7 +71,6 @@ impl Engine for SledEngine {
         Ok(())
     }
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
-        let _writing = self.flushing.write().unwrap();
         f(&mut SledTxn {
             db: &self.db,
             batch: ::sled::Batch::default(),
@@ -184,34 +169,6 @@ impl Txn for SledTxn<'_> {
 mod tests {
     use super::*;
 
-    /// A read outside the writer does not see a group's applied operations until the
-    /// group is flushed: it waits for the flush.
-    #[test]
-    fn reads_see_a_group_only_once_it_is_flushed() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
-        let engine = SledEngine {
-            db,
-            flushing: RwLock::new(()),
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::scope(|s| {
-            engine
-                .group(&mut |txn| {
-                    txn.put(b"k", b"v").unwrap();
-                    txn.end_op().unwrap(); // applied: visible to sled readers from here
-                    let (engine, tx) = (&engine, tx.clone());
-                    s.spawn(move || tx.send(engine.get(b"k").unwrap()).unwrap());
-                    // The reader is held until the group's flush.
-                    assert!(rx
-                        .recv_timeout(std::time::Duration::from_millis(200))
-                        .is_err());
-                })
-                .unwrap();
-        });
-        assert_eq!(rx.recv().unwrap().as_deref(), Some(&b"v"[..]));
-    }
-
     /// A scan inside an operation sees that operation's own puts and deletes, merged in key
     /// order with what is stored.
     #[test]
@@ -221,10 +178,7 @@ mod tests {
         for k in [b"p/a", b"p/c", b"p/e"] {
             db.insert(k, b"stored").unwrap();
         }
-        let engine = SledEngine {
-            db,
-            flushing: RwLock::new(()),
-        };
+        let engine = SledEngine { db };
         let mut seen = Vec::new();
         engine
             .group(&mut |txn| {
