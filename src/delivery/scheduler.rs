@@ -253,6 +253,13 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 next_due = Some(d.next_due_ms);
                 break;
             }
+            // The slot first, then the breaker: the attempt that held the slot has told the
+            // breaker its outcome before letting go of it, so a breaker it opened is seen here.
+            let permit = tokio::select! {
+                biased;
+                _ = ctx.stop.cancelled() => break 'passes,
+                p = limits.slot() => p,
+            };
             let probe = match in_flight.status.gate(&dest.breaker, now_ms()) {
                 Gate::Send => false,
                 Gate::Probe => true,
@@ -261,11 +268,6 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                     break;
                 }
                 Gate::WaitProbe => break,
-            };
-            let permit = tokio::select! {
-                biased;
-                _ = ctx.stop.cancelled() => break 'passes,
-                p = limits.slot() => p,
             };
             tokio::select! {
                 biased;
@@ -349,7 +351,6 @@ async fn attempt(
             r = send_once(&ctx.deps.client, &dest, &event, n, dest.timeout) => r,
         };
         let took = started.elapsed();
-        drop(permit);
         let outcome = retry::decide(&dest.retry, &d, &result, now_ms(), rand::random::<f64>());
         match &outcome {
             Outcome::Delivered { status } => {
@@ -386,6 +387,7 @@ async fn attempt(
             Some(Change::Closed) => info!("breaker closed: the destination answers again"),
             None => {}
         }
+        drop(permit); // only now: the breaker knows this outcome before the next attempt starts
         store_outcome(&ctx, &key, outcome, guard).await;
     }
     .instrument(span)
