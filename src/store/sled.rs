@@ -168,6 +168,109 @@ impl Txn for SledTxn<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Admission, DeliveryKey, NewEvent, Outcome, Store};
+    use std::sync::{mpsc, Mutex};
+    use std::time::Duration;
+
+    /// sled under a switch: when armed, a group stops between its writes (visible to
+    /// readers: sled applies each operation's batch at once) and its flush, until released.
+    struct HeldSled {
+        inner: SledEngine,
+        armed: Arc<Mutex<Option<Hold>>>,
+    }
+
+    /// Says the group reached its flush; then waits for the word to go on.
+    type Hold = (mpsc::Sender<()>, mpsc::Receiver<()>);
+
+    impl Engine for HeldSled {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+            self.inner.scan_prefix(prefix, visit)
+        }
+        fn scan_back(&self, p: &[u8], b: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+            self.inner.scan_back(p, b, visit)
+        }
+        fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
+            let held = self.armed.lock().unwrap().take();
+            self.inner.group(&mut |txn| {
+                f(txn);
+                if let Some((reached, release)) = &held {
+                    reached.send(()).unwrap();
+                    release.recv_timeout(Duration::from_secs(10)).unwrap();
+                }
+            })
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.inner.sync()
+        }
+        fn atomic_groups(&self) -> bool {
+            false
+        }
+    }
+
+    /// The next of an order key's line, put in the due queue by its predecessor's outcome,
+    /// is not handed to the scheduler before that outcome's group is flushed: a crash could
+    /// take the outcome back, and the predecessor would then be sent after it.
+    #[tokio::test]
+    async fn a_due_entry_waits_for_its_groups_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        let armed = Arc::new(Mutex::new(None));
+        let engine = HeldSled {
+            inner: SledEngine { db },
+            armed: armed.clone(),
+        };
+        let st = crate::store::kv::KvStore::start(engine).unwrap();
+        let mut seqs = Vec::new();
+        for id in ["k1", "k2"] {
+            let e = NewEvent {
+                source: "s".into(),
+                id: id.into(),
+                body: bytes::Bytes::from_static(b"{}"),
+                content_type: None,
+                received_ms: crate::clock::now_ms(),
+                destinations: vec!["a".into()],
+                max_queue: Vec::new(),
+                order_keys: vec![Some("k".into())],
+                held: None,
+                dedup_window: Duration::from_secs(60),
+            };
+            let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+                panic!("accepted")
+            };
+            seqs.push(seq);
+        }
+        let due = |st: Arc<KvStore<HeldSled>>| async move {
+            let p = st.pending("a", 10, &|_| false).await.unwrap();
+            p.iter().map(|d| d.seq).collect::<Vec<_>>()
+        };
+        assert_eq!(due(st.clone()).await, [seqs[0]]);
+        let (reached_tx, reached) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        *armed.lock().unwrap() = Some((reached_tx, release_rx));
+        let key = DeliveryKey {
+            seq: seqs[0],
+            destination: "a".into(),
+        };
+        let recording = {
+            let st = st.clone();
+            tokio::spawn(async move { st.record(&key, Outcome::Delivered { status: 200 }).await })
+        };
+        tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the group reached its flush");
+        assert!(
+            due(st.clone()).await.is_empty(),
+            "the promoted head is not due before its group's flush"
+        );
+        release.send(()).unwrap();
+        recording.await.unwrap().unwrap();
+        assert_eq!(due(st.clone()).await, [seqs[1]], "due once flushed");
+        st.close().await.unwrap();
+    }
 
     /// A scan inside an operation sees that operation's own puts and deletes, merged in key
     /// order with what is stored.

@@ -57,6 +57,10 @@ struct Shared<E> {
     wakeups: RwLock<HashMap<String, Arc<Notify>>>,
     /// Paused destinations (`p/` keys), as of the last commit.
     paused: RwLock<HashSet<String>>,
+    /// This process's mark on its due-queue entries (see [`writer`]).
+    epoch: u64,
+    /// The last group known durable.
+    flushed: AtomicU64,
 }
 
 /// The store over engine `E`.
@@ -156,6 +160,8 @@ impl<E: Engine> KvStore<E> {
             depth: RwLock::new(depth),
             wakeups: RwLock::new(HashMap::new()),
             paused: RwLock::new(paused),
+            epoch: rand::random(),
+            flushed: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
@@ -236,12 +242,16 @@ impl<E: Engine> Store for KvStore<E> {
     ) -> Result<Vec<Delivery>, StoreError> {
         let prefix = queue_prefix(destination);
         let mut found = Vec::new();
-        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
+        let (epoch, flushed) = (
+            self.shared.epoch,
+            self.shared.flushed.load(Ordering::Acquire),
+        );
+        self.shared.engine.scan_prefix(&prefix, &mut |k, v| {
             if found.len() >= limit {
                 return Ok(false);
             }
             let seq = read_u64(&k[k.len() - 8..]);
-            if !skip(seq) {
+            if !skip(seq) && writer::durable(v, epoch, flushed) {
                 found.push((seq, read_u64(&k[prefix.len()..])));
             }
             Ok(true)

@@ -99,12 +99,11 @@ impl Writer<'_> {
             self.txn
                 .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
             if self.join_order(&d)? {
-                self.txn.put(&queue_key(dest, due, seq), &[])?;
+                self.queue(dest, due, seq)?;
             }
         }
         for dest in &ev.destinations {
             *self.depth.entry(dest.clone()).or_default() += 1;
-            self.wakes.insert(dest.clone());
         }
         Ok(Admission::Accepted { seq })
     }
@@ -165,8 +164,7 @@ impl Writer<'_> {
         };
         if let Some(n) = self.delivery(seq, dest)? {
             if n.state == DeliveryState::Pending {
-                self.txn.put(&queue_key(dest, n.next_due_ms, seq), &[])?;
-                self.wakes.insert(dest.to_string());
+                self.queue(dest, n.next_due_ms, seq)?;
             }
         }
         Ok(())
@@ -189,8 +187,7 @@ impl Writer<'_> {
                 // ahead of it (replayed meanwhile, or this was a reply route's call, made
                 // at once whatever the key), it waits and that one goes first.
                 if self.heads_line(&d)? {
-                    self.txn
-                        .put(&queue_key(&k.destination, d.next_due_ms, k.seq), &[])?;
+                    self.queue(&k.destination, d.next_due_ms, k.seq)?;
                 } else if let Some(order) = &d.order_key {
                     self.promote_first(&k.destination, order)?;
                 }
@@ -223,12 +220,11 @@ impl Writer<'_> {
         self.txn.delete(&dead_key(dest, seq))?;
         // An ordered one takes its place in its key's line again, by accept order.
         if self.join_order(&d)? {
-            self.txn.put(&queue_key(dest, now, seq), &[])?;
+            self.queue(dest, now, seq)?;
         }
         self.txn
             .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
         *self.depth.entry(dest.to_string()).or_default() += 1;
-        self.wakes.insert(dest.to_string());
         Ok(true)
     }
 

@@ -1,6 +1,12 @@
 //! The writer thread and group commit: one thread applies every mutation; operations that
 //! queue up while a group commits form the next group (one transaction, one durable
 //! commit), and then every caller of the group is answered.
+//!
+//! Each group has a number, and what it puts in a due queue carries it (with the process's
+//! epoch): sled lets readers see an operation's writes before its group's flush, so the
+//! schedulers leave a due entry alone until [`Shared::flushed`] says its group is durable —
+//! nothing is sent on the strength of a write a crash can take back (a promoted order-key
+//! head sent before its predecessor's outcome was on disk, then the predecessor again).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +49,34 @@ pub(super) struct Writer<'a> {
     pub(super) depth: HashMap<String, i64>,
     /// Destinations to wake once the group is committed.
     pub(super) wakes: HashSet<String>,
+    /// The value of this group's due-queue entries: the epoch and the group's number.
+    pub(super) stamp: [u8; 16],
+}
+
+impl Writer<'_> {
+    /// Puts delivery `seq` of `dest` in the due queue at `due`; its scheduler is woken once
+    /// the group is durable.
+    pub(super) fn queue(&mut self, dest: &str, due: u64, seq: u64) -> Result<(), StoreError> {
+        self.txn.put(&queue_key(dest, due, seq), &self.stamp)?;
+        if !self.wakes.contains(dest) {
+            self.wakes.insert(dest.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The value of a due-queue entry written by group `group` of the process with `epoch`.
+pub(super) fn stamp(epoch: u64, group: u64) -> [u8; 16] {
+    let mut v = [0; 16];
+    v[..8].copy_from_slice(&epoch.to_be_bytes());
+    v[8..].copy_from_slice(&group.to_be_bytes());
+    v
+}
+
+/// Whether a due-queue entry with value `v` may be acted on: written by an earlier process
+/// (all of which is durable: it was read back), or by a group of this one that is durable.
+pub(super) fn durable(v: &[u8], epoch: u64, flushed: u64) -> bool {
+    v.len() != 16 || v[..8] != epoch.to_be_bytes() || read_u64(&v[8..]) <= flushed
 }
 
 pub(super) fn writer_loop<E: Engine>(
@@ -51,7 +85,29 @@ pub(super) fn writer_loop<E: Engine>(
     rx: mpsc::Receiver<(Job, Urgency)>,
 ) {
     let mut done: Vec<Done> = Vec::with_capacity(MAX_GROUP);
-    while let Ok((first, urgency)) = rx.recv() {
+    let mut group = shared.flushed.load(Ordering::Relaxed);
+    // Destinations written to by groups that failed: woken when a later flush succeeds.
+    let mut unwoken: HashSet<String> = HashSet::new();
+    loop {
+        let next = if unwoken.is_empty() {
+            rx.recv().map_err(|_| ())
+        } else {
+            match rx.recv_timeout(FLUSH_RETRY) {
+                Ok(next) => Ok(next),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Nothing to write: try the flush alone, so what failed is sent once
+                    // it is durable even if no other write comes.
+                    if shared.engine.sync().is_ok() {
+                        shared.flushed.store(group, Ordering::Release);
+                        wake(&shared, &mut unwoken);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            }
+        };
+        let Ok((first, urgency)) = next else { break };
+        group += 1;
         let mut first = Some(first);
         let mut urgent = urgency == Urgency::Now;
         let mut depth = HashMap::new();
@@ -63,6 +119,7 @@ pub(super) fn writer_loop<E: Engine>(
                 next_seq: &mut next_seq,
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
+                stamp: stamp(shared.epoch, group),
             };
             if let Some(job) = first.take() {
                 done.push(job(&mut w));
@@ -102,12 +159,15 @@ pub(super) fn writer_loop<E: Engine>(
                 next_seq: &mut next_seq,
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
+                stamp: stamp(shared.epoch, group),
             });
             d(Some(e));
             continue;
         }
-        // Counters first, so a caller that reads them after its answer sees its change.
+        // The durable mark and the counters first, so a caller that reads after its
+        // answer sees its change.
         if committed.is_ok() {
+            shared.flushed.store(group, Ordering::Release);
             for (dest, delta) in depth {
                 let c = shared.depth_counter(&dest);
                 if delta >= 0 {
@@ -123,16 +183,27 @@ pub(super) fn writer_loop<E: Engine>(
         for d in done.drain(..) {
             d(committed.as_ref().err().cloned());
         }
+        unwoken.extend(wakes);
         if committed.is_ok() {
-            let wakeups = shared.wakeups.read().unwrap();
-            for dest in wakes {
-                if let Some(n) = wakeups.get(&dest) {
-                    n.notify_one();
-                }
-            }
+            wake(&shared, &mut unwoken);
         }
     }
     let _ = shared.engine.sync();
+}
+
+/// How long the writer waits, with nothing to write after a failed group, before it tries
+/// the flush alone.
+const FLUSH_RETRY: Duration = Duration::from_secs(1);
+
+/// Wakes the schedulers of `dests`, once what was written for them is durable (after the
+/// mark, so that their next read sees it).
+fn wake<E: Engine>(shared: &Shared<E>, dests: &mut HashSet<String>) {
+    let wakeups = shared.wakeups.read().unwrap();
+    for dest in dests.drain() {
+        if let Some(n) = wakeups.get(&dest) {
+            n.notify_one();
+        }
+    }
 }
 
 /// Stands in when a group's transaction cannot even start: every operation fails.
