@@ -41,6 +41,11 @@ impl IdPath {
         })
     }
 
+    /// The member names of a plain member path (`$.a.b`); `None` for any other path.
+    pub fn members(&self) -> Option<&[String]> {
+        self.members.as_deref()
+    }
+
     /// Appends what this path finds in `event` to `out`; returns whether it found anything.
     fn find_into(&self, event: &Value, out: &mut String) -> bool {
         if let Some(members) = &self.members {

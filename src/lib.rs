@@ -29,6 +29,7 @@ pub mod event_id;
 pub mod health;
 pub mod ingress;
 pub mod metrics;
+pub mod needed;
 pub mod relay;
 pub mod routing;
 pub mod rules;

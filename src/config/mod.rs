@@ -135,6 +135,8 @@ pub struct Source {
     pub decode_json: Vec<String>,
     /// Indexes into `Config::routes` of the routes whose source this is, in file order.
     pub routes: Vec<usize>,
+    /// What of an event those routes and this source's own rules read.
+    pub needs: crate::needed::Needed,
 }
 
 #[derive(Debug)]

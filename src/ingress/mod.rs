@@ -388,7 +388,8 @@ async fn read_body(body: Incoming, limit: u64, timeout: Duration) -> Result<Byte
 
 /// Parses the body, decodes the source's `decode_json` fields, and returns `[event]`.
 pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
-    let mut event: Value = serde_json::from_slice(body)
+    let mut event: Value = (source.needs)
+        .parse(body)
         .map_err(|e| ApiError::bad_json(format!("the body is not valid JSON: {e}")))?;
     for field in &source.decode_json {
         let Some(Value::String(text)) = event.get(field) else {

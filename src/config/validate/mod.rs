@@ -256,6 +256,9 @@ impl Cx<'_> {
             }
         }
 
+        for s in &mut sources {
+            s.needs = crate::needed::Needed::of(s, s.routes.iter().map(|&i| routes[i].as_ref()));
+        }
         Config {
             file: PathBuf::from(&self.file),
             server,

@@ -78,6 +78,7 @@ impl Cx<'_> {
             event_id,
             decode_json,
             routes: Vec::new(),
+            needs: crate::needed::Needed::nothing(),
         }
     }
 
