@@ -4,7 +4,8 @@
 # eventId per request) to the same sink (`hookrelay sink`, output discarded); the relay also
 # stores, deduplicates and routes each event durably (redb). Runs them alternately
 # BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
-# connections (default 64) and prints each run, the medians and the ratios.
+# connections (default 64) and prints each run (with the CPU time per request of the relay
+# process and of nginx's processes), the medians and the ratios.
 # Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +86,9 @@ source = "voice"
 to = ["sink"]
 CONF
 HOOKRELAY_LOG=warn "$bin" serve --config "$work/routes.toml" > /dev/null 2>&1 & pids+=($!)
+relay_pid=$!
 wait_port "$relay_port"
+nginx_pids="$(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
 
 # A distinct eventId per request: round, thread and counter.
 sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
@@ -102,34 +105,53 @@ request = function()
 end
 LUA
 
-# wrk's Requests/sec, its 99th percentile in ms, and its non-2xx count.
+# CPU time (user + system, in clock ticks) of the processes $@.
+ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t}'; }
+
+# µs of CPU per request: ticks spent, requests.
+per_request() { awk -v t="$1" -v r="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}'; }
+
+# wrk's Requests/sec, its 99th percentile in ms, its non-2xx count and its request count.
 run() { # name port round
   local out
   out=$(TEMPLATE="$work/template.json" ROUND="$3" wrk -t2 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/in")
-  local rps p99 bad
+  local rps p99 bad reqs
+  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
   bad=$(awk '/Non-2xx/ {print $5}' <<<"$out"); bad=${bad:-0}
-  echo "$1 $rps $p99 $bad"
+  echo "$1 $rps $p99 $bad $reqs"
 }
 
-echo "| round | system | req/s | p99 ms | non-2xx |"
-echo "|---|---|---:|---:|---:|"
-declare -a nginx_rps relay_rps nginx_p99 relay_p99
+echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request |"
+echo "|---|---|---:|---:|---:|---:|"
+declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu
 for r in $(seq 1 "$rounds"); do
-  read -r _ rps p99 bad < <(run nginx "$nginx_port" "n$r"); nginx_rps+=("$rps"); nginx_p99+=("$p99")
-  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad |"
-  read -r _ rps p99 bad < <(run relay "$relay_port" "r$r"); relay_rps+=("$rps"); relay_p99+=("$p99")
-  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad |"
-  # Let the relay deliver its backlog before the next round (bounded: 120 s).
+  # The forwarder's own CPU (nginx's processes, the relay's process), not the sink's or wrk's.
+  # shellcheck disable=SC2086
+  before=$(ticks $nginx_pids)
+  read -r _ rps p99 bad reqs < <(run nginx "$nginx_port" "n$r")
+  # shellcheck disable=SC2086
+  cpu=$(per_request $(($(ticks $nginx_pids) - before)) "$reqs")
+  nginx_rps+=("$rps"); nginx_p99+=("$p99"); nginx_cpu+=("$cpu")
+  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu |"
+  before=$(ticks "$relay_pid")
+  read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r")
+  # Let the relay deliver its backlog before the next round (bounded: 120 s); its CPU counts
+  # until then, so each accepted event's delivery is in the figure.
   for _ in $(seq 1 1200); do
     depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}')
     [ "${depth:-0}" = "0" ] && break
     sleep 0.1
   done
+  cpu=$(per_request $(($(ticks "$relay_pid") - before)) "$reqs")
+  relay_rps+=("$rps"); relay_p99+=("$p99"); relay_cpu+=("$cpu")
+  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad | $cpu |"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 n=$(median "${nginx_rps[@]}"); h=$(median "${relay_rps[@]}")
 echo
 echo "median req/s: nginx $n, hookrelay $h; hookrelay / nginx = $(awk -v a="$h" -v b="$n" 'BEGIN {printf "%.2f", a/b}')"
 echo "median p99 ms: nginx $(median "${nginx_p99[@]}"), hookrelay $(median "${relay_p99[@]}")"
+nc=$(median "${nginx_cpu[@]}"); hc=$(median "${relay_cpu[@]}")
+echo "median CPU µs/request: nginx $nc, hookrelay $hc; hookrelay / nginx = $(awk -v a="$hc" -v b="$nc" 'BEGIN {printf "%.2f", a/b}')"
