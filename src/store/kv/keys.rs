@@ -1,18 +1,7 @@
-//! The key layout and record codecs of the key-value store (integers big-endian so keys
-//! sort); see the table in [`super`].
+//! The key layout of the key-value store (integers big-endian so keys sort); see the table
+//! in [`super`]. The records under the keys: [`super::records`].
 
-use bytes::Bytes;
-use serde::{Deserialize, Serialize};
-
-use crate::store::{Delivery, StoreError, StoredEvent};
-
-#[derive(Serialize, Deserialize)]
-pub(super) struct EventMeta {
-    pub id: String,
-    pub source: String,
-    pub received_ms: u64,
-    pub content_type: Option<String>,
-}
+use crate::store::StoreError;
 
 pub(super) fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
@@ -74,8 +63,9 @@ pub(super) const CLEAN_KEY: &[u8] = b"m/clean";
 pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
 /// The format this build writes. 1: before the marker existed (readable as 2: it has no
 /// order lines); 2: `o/` order lines and `order_key` in delivery records, which a build
-/// that reads only format 1 would misread (it would never send a waiting ordered delivery).
-pub(crate) const FORMAT: u32 = 2;
+/// that reads only format 1 would misread (it would never send a waiting ordered delivery);
+/// 3: binary event and delivery records ([`super::records`]; those of 1 and 2 still read).
+pub(crate) const FORMAT: u32 = 3;
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {
@@ -88,47 +78,6 @@ pub(super) fn id_prefix(id: &str) -> Vec<u8> {
 
 pub(super) fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
-}
-
-pub(super) fn encode_event(meta: &EventMeta, body: &[u8]) -> Vec<u8> {
-    let m = serde_json::to_vec(meta).expect("meta serializes");
-    let mut v = Vec::with_capacity(4 + m.len() + body.len());
-    v.extend_from_slice(&(m.len() as u32).to_be_bytes());
-    v.extend_from_slice(&m);
-    v.extend_from_slice(body);
-    v
-}
-
-/// An event record's metadata, and where its body starts.
-pub(super) fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> {
-    if raw.len() < 4 {
-        return Err(corrupt("short event record"));
-    }
-    let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
-    let meta: EventMeta =
-        serde_json::from_slice(raw.get(4..4 + n).ok_or_else(|| corrupt("short meta"))?)
-            .map_err(corrupt)?;
-    Ok((meta, 4 + n))
-}
-
-pub(super) fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
-    let (meta, body) = decode_meta(raw)?;
-    Ok(StoredEvent {
-        seq,
-        id: meta.id,
-        source: meta.source,
-        received_ms: meta.received_ms,
-        content_type: meta.content_type,
-        body: Bytes::copy_from_slice(&raw[body..]),
-    })
-}
-
-pub(super) fn decode_delivery(v: &[u8]) -> Result<Delivery, StoreError> {
-    serde_json::from_slice(v).map_err(corrupt)
-}
-
-pub(super) fn encode_delivery(d: &Delivery) -> Vec<u8> {
-    serde_json::to_vec(d).expect("delivery serializes")
 }
 
 /// The destination name in a `q/` or `z/` key.

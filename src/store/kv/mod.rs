@@ -29,6 +29,7 @@
 mod depth;
 mod keys;
 mod ops;
+mod records;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -45,6 +46,7 @@ use super::engine::Engine;
 use super::*;
 use depth::load_depths;
 use keys::*;
+use records::*;
 use writer::{writer_loop, Job, Urgency, Writer};
 
 /// Events one `recent` call looks at most: a filter that few events match still answers

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::keys::*;
+use super::records::*;
 use super::writer::Writer;
 use crate::store::*;
 

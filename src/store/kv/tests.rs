@@ -376,3 +376,68 @@ async fn an_order_keys_line_on_every_engine() {
         st.close().await.unwrap();
     }
 }
+
+/// A store written in format 2 (JSON records, as the builds before binary records wrote
+/// them) is read: its pending delivery is due, its event reads back, an outcome is recorded
+/// over it, and the store is then marked with this build's format.
+#[tokio::test]
+async fn a_format_2_store_is_read() {
+    use super::keys::*;
+    use crate::store::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    let d = Delivery {
+        seq: 1,
+        destination: "a".into(),
+        state: DeliveryState::Pending,
+        attempts: 1,
+        window_base: 0,
+        first_attempt_ms: Some(5),
+        next_due_ms: 10,
+        last_status: Some(503),
+        last_error: Some("HTTP 503".into()),
+        updated_ms: 5,
+        order_key: None,
+    };
+    let meta = serde_json::json!({"id": "old-1", "source": "s", "received_ms": 1,
+        "content_type": "application/json"});
+    let meta = serde_json::to_vec(&meta).unwrap();
+    let mut event = (meta.len() as u32).to_be_bytes().to_vec();
+    event.extend_from_slice(&meta);
+    event.extend_from_slice(br#"{"old":true}"#);
+    engine
+        .group(&mut |txn| {
+            txn.put(FORMAT_KEY, &2u32.to_be_bytes()).unwrap();
+            txn.put(RECOUNT_KEY, b"1").unwrap();
+            txn.put(&event_key(1), &event).unwrap();
+            txn.put(&dedup_key("s", "old-1"), &key(&[&be(1), &be(u64::MAX)]))
+                .unwrap();
+            txn.put(&delivery_key(1, "a"), &serde_json::to_vec(&d).unwrap())
+                .unwrap();
+            txn.put(&queue_key("a", 10, 1), &[]).unwrap();
+            txn.end_op().unwrap();
+        })
+        .unwrap();
+    let st = KvStore::start(engine).unwrap();
+    let due = st.pending("a", 10, &|_| false).await.unwrap();
+    assert_eq!(due, [d]);
+    let e = st.event(1).await.unwrap().unwrap();
+    assert_eq!((&e.id[..], &e.body[..]), ("old-1", &br#"{"old":true}"#[..]));
+    assert!(matches!(
+        st.accept(ev("old-1", &["a"])).await.unwrap(),
+        Admission::Duplicate { seq: 1, .. }
+    ));
+    let k = DeliveryKey {
+        seq: 1,
+        destination: "a".into(),
+    };
+    st.record(&k, Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    assert!(st.pending("a", 10, &|_| false).await.unwrap().is_empty());
+    assert_eq!(st.queue_depth("a"), 0);
+    assert_eq!(
+        st.shared.engine.get(FORMAT_KEY).unwrap().unwrap(),
+        FORMAT.to_be_bytes()
+    );
+}
