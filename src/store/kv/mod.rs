@@ -8,11 +8,12 @@
 //! checks and state changes need no locks. Reads go straight to the engine.
 //!
 //! Keys (integers big-endian so they sort):
-//! - `e/<seq>` event: `u32` meta length, meta JSON, body bytes
+//! - `e/<seq>` event: its metadata (binary, [`records`]), then the body bytes
 //! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
 //!   expiry is checked when read, and the record goes when its event is purged
-//! - `l/<seq><dest>` delivery record (JSON)
-//! - `q/<dest>\0<due><seq>` pending deliveries in due order
+//! - `l/<seq><dest>` delivery record (binary, [`records`])
+//! - `q/<dest>\0<due><seq>` pending deliveries in due order; the value names the group that
+//!   wrote it, and a scheduler is handed it only once that group is durable ([`writer`])
 //! - `o/<dest>\0<len><order key><seq>` pending deliveries of an `order_by` key, in accept
 //!   order. Only the first of a key (its head) is in `q/`: the others wait here, out of the
 //!   due queue, so a key that waits holds back nothing else; when the head is delivered or
