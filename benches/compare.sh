@@ -23,8 +23,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --bin hookrelay -q
-bin=$PWD/target/release/hookrelay
+# HOOKRELAY_BIN: a given build instead (to compare two builds, run this once with each).
+if [ -n "${HOOKRELAY_BIN:-}" ]; then
+  bin=$HOOKRELAY_BIN
+else
+  cargo build --release --bin hookrelay -q
+  bin=$PWD/target/release/hookrelay
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() {
