@@ -29,7 +29,7 @@ pub use client::{send_once, Answer, AttemptResult, HttpClient, SendError};
 
 use crate::clock::now_ms;
 use crate::config::Destination;
-use crate::store::{Delivery, DeliveryState, Outcome, StoredEvent};
+use crate::store::{Delivery, Outcome, StoredEvent};
 
 /// A reply route's synchronous call, as delivery judges it.
 pub struct Called {
@@ -64,19 +64,7 @@ pub async fn call_once(
         },
         other => {
             let now = now_ms();
-            let fresh = Delivery {
-                seq: event.seq,
-                destination: dest.name.clone(),
-                state: DeliveryState::Pending,
-                attempts: 0,
-                window_base: 0,
-                first_attempt_ms: None,
-                next_due_ms: now,
-                last_status: None,
-                last_error: None,
-                updated_ms: now,
-                order_key: None,
-            };
+            let fresh = Delivery::first(event.seq, &dest.name, now, None, None);
             Called {
                 outcome: retry::decide(&dest.retry, &fresh, &other, now, rand::random()),
                 answer: None,

@@ -137,6 +137,35 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The pending delivery an event received at `received_ms` starts with: no attempt yet,
+    /// due at once, or when `held` (a reply route's destination, and until when its call
+    /// holds it) says if it names this destination.
+    pub fn first(
+        seq: u64,
+        destination: &str,
+        received_ms: u64,
+        held: Option<&(String, u64)>,
+        order_key: Option<String>,
+    ) -> Self {
+        let due_ms = match held {
+            Some((held, until)) if held == destination => *until,
+            _ => received_ms,
+        };
+        Delivery {
+            seq,
+            destination: destination.to_string(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            window_base: 0,
+            first_attempt_ms: None,
+            next_due_ms: due_ms,
+            last_status: None,
+            last_error: None,
+            updated_ms: received_ms,
+            order_key,
+        }
+    }
+
     /// One more attempt, with this outcome (what every backend writes for it).
     pub fn apply(&mut self, outcome: &Outcome, now: u64) {
         self.attempts += 1;

@@ -46,9 +46,7 @@ event_id = ["$.payload.eventId"]
     );
     let mut names = Vec::new();
     for (name, url) in destinations {
-        text.push_str(&format!(
-            "\n[[destinations]]\nname = \"{name}\"\nurl = \"{url}\"\n"
-        ));
+        text.push_str(&super::destination_toml(name, url, ""));
         names.push(format!("\"{name}\""));
     }
     text.push_str(&format!(

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::batch::{Write, Written};
+use super::pulls::{self, RETRY};
 use super::records::*;
 use super::JetStreamStore;
 use crate::store::StoreError;
@@ -27,9 +28,6 @@ use crate::store::StoreError;
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Events fanned out at once by one instance.
 const CONCURRENT: usize = 64;
-/// How long one pull waits for events.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-const RETRY: Duration = Duration::from_secs(1);
 
 /// The fan-out consumer; every instance creates it with the same settings.
 pub fn consumer_config(names: &Names) -> pull::Config {
@@ -98,39 +96,22 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     let Some(names) = store.upgrade().map(|s| s.names.clone()) else {
         return;
     };
-    let name = names.fanout_consumer();
-    let consumer = loop {
-        match stream
-            .get_or_create_consumer(&name, consumer_config(&names))
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) => {
-                warn!(error = %e, "creating the JetStream fan-out consumer failed; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
-        }
+    let what = "fan-out";
+    let Some(consumer) = pulls::consumer(
+        &stream,
+        &names.fanout_consumer(),
+        consumer_config(&names),
+        what,
+        &stop,
+    )
+    .await
+    else {
+        return;
     };
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while !stop.is_cancelled() {
-        let batch = consumer
-            .fetch()
-            .max_messages(CONCURRENT * 4)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                debug!(error = %e, "pulling events to fan out failed; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
+        let Some(mut batch) = pulls::batch(&consumer, CONCURRENT * 4, what, &stop).await else {
+            continue;
         };
         loop {
             let next = tokio::select! {

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::pulls;
 use super::records::{decode_delivery, DeliveryRecord, Names};
 use crate::clock::now_ms;
 use crate::store::DeliveryState;
@@ -30,10 +31,6 @@ use crate::store::DeliveryState;
 pub const ACK_WAIT: Duration = Duration::from_secs(6);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// How long one pull waits for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-/// The wait after a failed pull.
-const RETRY: Duration = Duration::from_secs(1);
 /// A delivery due within this is taken now rather than sent back.
 const EARLY_MS: u64 = 20;
 
@@ -119,20 +116,10 @@ pub async fn pull(
 ) {
     let dest = leases.destination.clone();
     let name = names.consumer(&dest);
-    let consumer = loop {
-        match stream
-            .get_or_create_consumer(&name, consumer_config(&names, &dest))
-            .await
-        {
-            Ok(c) => break c,
-            Err(e) => {
-                warn!(destination = %dest, error = %e, "creating the JetStream consumer failed; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
-        }
+    let what = format!("deliveries of {dest}");
+    let config = consumer_config(&names, &dest);
+    let Some(consumer) = pulls::consumer(&stream, &name, config, &what, &stop).await else {
+        return;
     };
     debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
     let mut renewed = tokio::time::Instant::now();
@@ -162,21 +149,8 @@ pub async fn pull(
             }
             continue;
         }
-        let batch = consumer
-            .fetch()
-            .max_messages(free)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                debug!(destination = %dest, error = %e, "pulling deliveries failed; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
+        let Some(mut batch) = pulls::batch(&consumer, free, &what, &stop).await else {
+            continue;
         };
         loop {
             let next = tokio::select! {

@@ -19,6 +19,7 @@ mod batch;
 mod fanout;
 mod leases;
 mod outcomes;
+mod pulls;
 mod reads;
 mod records;
 mod setup;

@@ -143,24 +143,8 @@ pub struct EventMeta {
 impl EventMeta {
     /// The pending delivery to `destination` an accepted event starts with.
     pub fn first_delivery(&self, seq: u64, destination: &str) -> DeliveryRecord {
-        let due = match &self.held {
-            Some((held, until)) if held == destination => *until,
-            _ => self.received_ms,
-        };
         DeliveryRecord {
-            delivery: Delivery {
-                seq,
-                destination: destination.to_string(),
-                state: crate::store::DeliveryState::Pending,
-                attempts: 0,
-                window_base: 0,
-                first_attempt_ms: None,
-                next_due_ms: due,
-                last_status: None,
-                last_error: None,
-                updated_ms: self.received_ms,
-                order_key: None,
-            },
+            delivery: Delivery::first(seq, destination, self.received_ms, self.held.as_ref(), None),
             event: EventMeta {
                 destinations: Vec::new(),
                 held: None,

@@ -79,28 +79,12 @@ impl Writer<'_> {
             .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
         self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
         for (i, dest) in ev.destinations.iter().enumerate() {
-            let due = match &ev.held {
-                Some((held, until)) if held == dest => *until,
-                _ => ev.received_ms,
-            };
             let order_key = ev.order_keys.get(i).cloned().flatten();
-            let d = Delivery {
-                seq,
-                destination: dest.clone(),
-                state: DeliveryState::Pending,
-                attempts: 0,
-                window_base: 0,
-                first_attempt_ms: None,
-                next_due_ms: due,
-                last_status: None,
-                last_error: None,
-                updated_ms: ev.received_ms,
-                order_key,
-            };
+            let d = Delivery::first(seq, dest, ev.received_ms, ev.held.as_ref(), order_key);
             self.txn
                 .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
             if self.join_order(&d)? {
-                self.queue(dest, due, seq)?;
+                self.queue(dest, d.next_due_ms, seq)?;
             }
         }
         for dest in &ev.destinations {

@@ -1,0 +1,64 @@
+//! What the two pullers (the fan-out and each destination's) share: their durable consumer,
+//! created or found again until it works, and one pull of a batch, tried again after a
+//! failure. `what` names the puller in the log.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, PullConsumer};
+use async_nats::jetstream::stream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// How long one pull waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// The wait before trying again after a failure.
+pub(super) const RETRY: Duration = Duration::from_secs(1);
+
+/// The durable consumer `name` on `stream`, created if missing; `None` once `stop`.
+pub(super) async fn consumer(
+    stream: &stream::Stream,
+    name: &str,
+    config: pull::Config,
+    what: &str,
+    stop: &CancellationToken,
+) -> Option<PullConsumer> {
+    loop {
+        match stream.get_or_create_consumer(name, config.clone()).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                warn!(puller = what, error = %e, "creating the JetStream consumer failed; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One pull of at most `max` messages; `None` after a failed one, once `RETRY` has passed
+/// (or `stop`).
+pub(super) async fn batch(
+    consumer: &PullConsumer,
+    max: usize,
+    what: &str,
+    stop: &CancellationToken,
+) -> Option<pull::Batch> {
+    match consumer
+        .fetch()
+        .max_messages(max)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await
+    {
+        Ok(b) => Some(b),
+        Err(e) => {
+            debug!(puller = what, error = %e, "a pull failed; trying again");
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+            None
+        }
+    }
+}
