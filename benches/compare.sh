@@ -95,17 +95,21 @@ relay_pid=$!
 wait_port "$relay_port"
 nginx_pids="$(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
 
-# A distinct eventId per request: round, thread and counter.
+# A distinct eventId per request, shaped like 8x8's version-1 UUIDs and as unordered (they
+# begin with the low bits of a timestamp): a random first field, then round, thread and
+# counter. Ids counting up would all land on one leaf of the store's dedup index.
 sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
 cat > "$work/post.lua" <<'LUA'
 local template = io.open(os.getenv("TEMPLATE")):read("*a")
 local round = os.getenv("ROUND")
 local threads = 0
 function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+function init(args) math.randomseed(os.time() * 31 + tid) end
 local n = 0
 request = function()
   n = n + 1
-  local body = string.format(template, round .. "-" .. tid .. "-" .. n)
+  local id = string.format("%08x-%s-%s-%d", math.random(0, 0x7fffffff), round, tid, n)
+  local body = string.format(template, id)
   return wrk.format("POST", "/in", { ["Content-Type"] = "application/json" }, body)
 end
 LUA

@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the per-request work: routing with 1/50/500 routes, event-id
 //! extraction, JSONPath filters, signatures, and the store's accept path.
 
+mod support;
+
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -136,7 +138,7 @@ fn store_accept(c: &mut Criterion) {
                             let store = store.clone();
                             let ev = NewEvent {
                                 source: "voice".into(),
-                                id: format!("bench-{n}"),
+                                id: support::load::event_id(n),
                                 body: body.clone(),
                                 content_type: Some("application/json".into()),
                                 received_ms: now_ms(),

@@ -61,7 +61,27 @@ impl Load {
 }
 
 pub fn body_for(template: &str, n: u64) -> Bytes {
-    Bytes::from(template.replace("EVENT_ID", &format!("bench-{n:012}")))
+    Bytes::from(template.replace("EVENT_ID", &event_id(n)))
+}
+
+/// Event id number `n`, shaped like 8x8's (a version-1 UUID) and as unordered: a v1 UUID
+/// begins with the low bits of its timestamp, so consecutive events' ids land far apart in
+/// the store's dedup index, each on its own B-tree leaf. Ids counting up would all land on
+/// one leaf and flatter the store (docs/performance.md, 2026-12-05). Unique for each `n`
+/// (its last field is `n`).
+pub fn event_id(n: u64) -> String {
+    // splitmix64: a well-mixed 64-bit value from n.
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!(
+        "{:08x}-{:04x}-11ea-{:04x}-{:012x}",
+        z >> 32,
+        (z >> 16) & 0xffff,
+        z & 0xffff,
+        n & 0xffff_ffff_ffff
+    )
 }
 
 /// Closed loop: `conns` connections each send as fast as answers come. With `rate`, an
