@@ -163,5 +163,58 @@ fn store_accept(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, routing, ids_and_filters, signatures, store_accept);
+/// A scheduler's pass: the next window of 128 due deliveries (records read back) out of
+/// 10,000 pending for one destination.
+fn store_pending(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = Bytes::from(fixture("8x8/voice-call-status.json"));
+    let mut g = c.benchmark_group("store_pending");
+    g.measurement_time(Duration::from_secs(5));
+    for backend in ["sled", "redb"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = rt.block_on(async {
+            let store = match backend {
+                "sled" => SledStore::open(dir.path()).unwrap() as Arc<dyn Store>,
+                _ => RedbStore::open(dir.path()).unwrap() as Arc<dyn Store>,
+            };
+            for n in 0..10_000u64 {
+                let ev = NewEvent {
+                    source: "voice".into(),
+                    id: support::load::event_id(n),
+                    body: body.clone(),
+                    content_type: Some("application/json".into()),
+                    received_ms: now_ms(),
+                    destinations: vec!["d".into()],
+                    max_queue: Vec::new(),
+                    order_keys: Vec::new(),
+                    held: None,
+                    dedup_window: Duration::from_secs(3600),
+                };
+                store.accept(ev).await.unwrap();
+            }
+            store
+        });
+        g.throughput(Throughput::Elements(128));
+        g.bench_function(BenchmarkId::new(backend, 128), |b| {
+            b.to_async(&rt).iter(|| async {
+                let window = store.pending("d", 128, &|_| false).await.unwrap();
+                assert_eq!(window.len(), 128);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    routing,
+    ids_and_filters,
+    signatures,
+    store_accept,
+    store_pending
+);
 criterion_main!(benches);

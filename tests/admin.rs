@@ -478,7 +478,10 @@ to = ["calls"]
     let logs = p.finish().await;
     assert!(logs.contains("listening"), "logs were captured: {logs}");
     // Its stderr is a pipe, as under a supervisor or a collector: plain text, no colour codes.
-    assert!(!logs.contains('\u{1b}'), "colour codes in piped logs: {logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in piped logs: {logs}"
+    );
     let mut seen = logs;
     seen.push_str(&String::from_utf8_lossy(&check.stdout));
     for a in &answers {

@@ -9,8 +9,19 @@ use super::StoreError;
 /// Visits `(key, value)` pairs; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
 
+/// Visits the value of the `i`th key asked for (`None`: absent).
+pub type VisitValue<'a> = dyn FnMut(usize, Option<&[u8]>) -> Result<(), StoreError> + 'a;
+
 pub trait Engine: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Point reads of `keys`: `visit(i, value)` for each, in their order (`None`: absent). An
+    /// engine that can reads them all from one snapshot (one read transaction, not one each).
+    fn get_each(&self, keys: &[Vec<u8>], visit: &mut VisitValue<'_>) -> Result<(), StoreError> {
+        for (i, k) in keys.iter().enumerate() {
+            visit(i, self.get(k)?.as_deref())?;
+        }
+        Ok(())
+    }
     /// Keys starting with `prefix`, in ascending order.
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
     /// Keys starting with `prefix` and below `below`, in descending order.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::engine::{Engine, Txn, Visit};
+use super::engine::{Engine, Txn, Visit, VisitValue};
 use super::kv::KvStore;
 use super::StoreError;
 
@@ -74,6 +74,21 @@ impl Engine for RedbEngine {
             Err(e) => return Err(err(e)),
         };
         Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+    fn get_each(&self, keys: &[Vec<u8>], visit: &mut VisitValue<'_>) -> Result<(), StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let table = match tx.open_table(TABLE) {
+            Ok(t) => t,
+            Err(TableError::TableDoesNotExist(_)) => {
+                return (0..keys.len()).try_for_each(|i| visit(i, None));
+            }
+            Err(e) => return Err(err(e)),
+        };
+        for (i, k) in keys.iter().enumerate() {
+            let v = table.get(k.as_slice()).map_err(err)?;
+            visit(i, v.as_ref().map(|v| v.value()))?;
+        }
+        Ok(())
     }
     fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -208,5 +223,50 @@ mod tests {
             })
             .unwrap();
         assert_eq!(engine.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn get_each_answers_each_key_in_order_as_get_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = RedbEngine {
+            db: Database::create(dir.path().join("t.redb")).unwrap(),
+        };
+        let keys = [b"b".to_vec(), b"x".to_vec(), b"a".to_vec()];
+        let each = |engine: &RedbEngine| {
+            let mut seen = Vec::new();
+            engine
+                .get_each(&keys, &mut |i, v| {
+                    seen.push((i, v.map(<[u8]>::to_vec)));
+                    Ok(())
+                })
+                .unwrap();
+            seen
+        };
+        assert_eq!(
+            each(&engine),
+            vec![(0, None), (1, None), (2, None)],
+            "no table yet"
+        );
+        engine
+            .group(&mut |txn| {
+                txn.put(b"a", b"1").unwrap();
+                txn.put(b"b", b"2").unwrap();
+                txn.end_op().unwrap();
+            })
+            .unwrap();
+        let one_by_one: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i, engine.get(k).unwrap()))
+            .collect();
+        assert_eq!(each(&engine), one_by_one);
+        assert_eq!(
+            each(&engine),
+            vec![
+                (0, Some(b"2".to_vec())),
+                (1, None),
+                (2, Some(b"1".to_vec()))
+            ]
+        );
     }
 }

@@ -259,15 +259,21 @@ impl<E: Engine> Store for KvStore<E> {
             }
             Ok(true)
         })?;
+        // The window's delivery records in one read (one transaction on redb, not one each).
+        let keys: Vec<Vec<u8>> = found
+            .iter()
+            .map(|&(seq, _)| delivery_key(seq, destination))
+            .collect();
         let mut out = Vec::with_capacity(found.len());
-        for (seq, due) in found {
-            if let Some(mut d) = self.shared.delivery(seq, destination)? {
-                if d.state == DeliveryState::Pending {
-                    d.next_due_ms = due;
-                    out.push(d);
-                }
+        self.shared.engine.get_each(&keys, &mut |i, raw| {
+            let Some(raw) = raw else { return Ok(()) };
+            let mut d = decode_delivery(raw)?;
+            if d.state == DeliveryState::Pending {
+                d.next_due_ms = found[i].1;
+                out.push(d);
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
