@@ -108,24 +108,48 @@ fn signatures(c: &mut Criterion) {
     });
 }
 
-fn store_accept(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The store benches' runtime: two workers, as on the machine.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// Event number `n` of the store benches: the voice sample for one destination.
+fn voice_event(n: u64, body: &Bytes) -> NewEvent {
+    NewEvent {
+        source: "voice".into(),
+        id: support::load::event_id(n),
+        body: body.clone(),
+        content_type: Some("application/json".into()),
+        received_ms: now_ms(),
+        destinations: vec!["d".into()],
+        max_queue: Vec::new(),
+        order_keys: Vec::new(),
+        held: None,
+        dedup_window: Duration::from_secs(3600),
+    }
+}
+
+/// A `backend` ("sled" or "redb") store in `dir` (inside a runtime: the store starts tasks).
+fn open_store(backend: &str, dir: &Path) -> Arc<dyn Store> {
+    match backend {
+        "sled" => SledStore::open(dir).unwrap(),
+        _ => RedbStore::open(dir).unwrap(),
+    }
+}
+
+fn store_accept(c: &mut Criterion) {
+    let rt = runtime();
     let body = Bytes::from(fixture("8x8/voice-call-status.json"));
     let mut n = 0u64;
     let mut g = c.benchmark_group("store_accept");
     g.measurement_time(Duration::from_secs(5));
     for (backend, batch) in [("sled", 1usize), ("sled", 64), ("redb", 1), ("redb", 64)] {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = rt.block_on(async {
-            match backend {
-                "sled" => SledStore::open(dir.path()).unwrap() as Arc<dyn Store>,
-                _ => RedbStore::open(dir.path()).unwrap(),
-            }
-        });
+        let store = rt.block_on(async { open_store(backend, dir.path()) });
         g.throughput(Throughput::Elements(batch as u64));
         g.bench_with_input(
             BenchmarkId::new(format!("{backend}/concurrent"), batch),
@@ -136,18 +160,7 @@ fn store_accept(c: &mut Criterion) {
                         .map(|_| {
                             n += 1;
                             let store = store.clone();
-                            let ev = NewEvent {
-                                source: "voice".into(),
-                                id: support::load::event_id(n),
-                                body: body.clone(),
-                                content_type: Some("application/json".into()),
-                                received_ms: now_ms(),
-                                destinations: vec!["d".into()],
-                                max_queue: Vec::new(),
-                                order_keys: Vec::new(),
-                                held: None,
-                                dedup_window: Duration::from_secs(3600),
-                            };
+                            let ev = voice_event(n, &body);
                             tokio::spawn(async move { store.accept(ev).await })
                         })
                         .collect();
@@ -166,35 +179,16 @@ fn store_accept(c: &mut Criterion) {
 /// A scheduler's pass: the next window of 128 due deliveries (records read back) out of
 /// 10,000 pending for one destination.
 fn store_pending(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let body = Bytes::from(fixture("8x8/voice-call-status.json"));
     let mut g = c.benchmark_group("store_pending");
     g.measurement_time(Duration::from_secs(5));
     for backend in ["sled", "redb"] {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = rt.block_on(async {
-            let store = match backend {
-                "sled" => SledStore::open(dir.path()).unwrap() as Arc<dyn Store>,
-                _ => RedbStore::open(dir.path()).unwrap() as Arc<dyn Store>,
-            };
+            let store = open_store(backend, dir.path());
             for n in 0..10_000u64 {
-                let ev = NewEvent {
-                    source: "voice".into(),
-                    id: support::load::event_id(n),
-                    body: body.clone(),
-                    content_type: Some("application/json".into()),
-                    received_ms: now_ms(),
-                    destinations: vec!["d".into()],
-                    max_queue: Vec::new(),
-                    order_keys: Vec::new(),
-                    held: None,
-                    dedup_window: Duration::from_secs(3600),
-                };
-                store.accept(ev).await.unwrap();
+                store.accept(voice_event(n, &body)).await.unwrap();
             }
             store
         });
