@@ -95,9 +95,9 @@ relay_pid=$!
 wait_port "$relay_port"
 nginx_pids="$(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
 
-# A distinct eventId per request, shaped like 8x8's version-1 UUIDs and as unordered (they
-# begin with the low bits of a timestamp): a random first field, then round, thread and
-# counter. Ids counting up would all land on one leaf of the store's dedup index.
+# A distinct eventId per request, as unordered as 8x8's version-1 UUIDs (they begin with the
+# low bits of a timestamp): a random first field, then round, thread and counter. Ids
+# counting up would all land on one leaf of the store's dedup index.
 sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
 cat > "$work/post.lua" <<'LUA'
 local template = io.open(os.getenv("TEMPLATE")):read("*a")

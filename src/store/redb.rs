@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::engine::{Engine, Txn, Visit, VisitValue};
 use super::kv::KvStore;
@@ -33,6 +33,9 @@ impl RedbStore {
     }
 }
 
+/// The store's one table, read-only.
+type ReadTable = ReadOnlyTable<&'static [u8], &'static [u8]>;
+
 impl RedbEngine {
     /// Opens (or creates) the engine's file in the directory `path`.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
@@ -47,6 +50,16 @@ impl RedbEngine {
         tx.open_table(TABLE).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(RedbEngine { db })
+    }
+
+    /// The table in a new read transaction; `None` before the first write made it.
+    fn read_table(&self) -> Result<Option<ReadTable>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        match tx.open_table(TABLE) {
+            Ok(t) => Ok(Some(t)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(err(e)),
+        }
     }
 }
 
@@ -67,25 +80,18 @@ fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 impl Engine for RedbEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = match tx.open_table(TABLE) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(err(e)),
+        let Some(table) = self.read_table()? else {
+            return Ok(None);
         };
         Ok(table.get(key).map_err(err)?.map(|v| v.value().to_vec()))
     }
     fn get_each(&self, keys: &[Vec<u8>], visit: &mut VisitValue<'_>) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let table = match tx.open_table(TABLE) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => {
-                return (0..keys.len()).try_for_each(|i| visit(i, None));
-            }
-            Err(e) => return Err(err(e)),
-        };
+        let table = self.read_table()?;
         for (i, k) in keys.iter().enumerate() {
-            let v = table.get(k.as_slice()).map_err(err)?;
+            let v = match &table {
+                Some(t) => t.get(k.as_slice()).map_err(err)?,
+                None => None,
+            };
             visit(i, v.as_ref().map(|v| v.value()))?;
         }
         Ok(())
