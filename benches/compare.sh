@@ -95,20 +95,23 @@ relay_pid=$!
 wait_port "$relay_port"
 nginx_pids="$(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
 
-# A distinct eventId per request, as unordered as 8x8's version-1 UUIDs (they begin with the
-# low bits of a timestamp): a random first field, then round, thread and counter. Ids
-# counting up would all land on one leaf of the store's dedup index.
+# A distinct eventId per request, shaped as 8x8's are: a version-1 UUID whose timestamp runs
+# up as requests go (10 µs a request, threads interleaved), so that its first field (the
+# timestamp's low bits) changes fastest; the round is in the node field.
 sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
 cat > "$work/post.lua" <<'LUA'
 local template = io.open(os.getenv("TEMPLATE")):read("*a")
+-- "r2" (relay, round 2) becomes the node 0x720002.
 local round = os.getenv("ROUND")
+local node = round:byte(1) * 0x10000 + tonumber(round:sub(2))
 local threads = 0
 function setup(thread) thread:set("tid", threads); threads = threads + 1 end
-function init(args) math.randomseed(os.time() * 31 + tid) end
 local n = 0
 request = function()
   n = n + 1
-  local id = string.format("%08x-%s-%s-%d", math.random(0, 0x7fffffff), round, tid, n)
+  local t = (n * 16 + tid) * 100
+  local id = string.format("%08x-%04x-11ef-9dd4-%012x", t % 0x100000000,
+    0x133a + math.floor(t / 0x100000000), node)
   local body = string.format(template, id)
   return wrk.format("POST", "/in", { ["Content-Type"] = "application/json" }, body)
 end

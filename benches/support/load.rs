@@ -64,23 +64,19 @@ pub fn body_for(template: &str, n: u64) -> Bytes {
     Bytes::from(template.replace("EVENT_ID", &event_id(n)))
 }
 
-/// Event id number `n`, shaped like 8x8's (a version-1 UUID) and as unordered: a v1 UUID
-/// begins with the low bits of its timestamp, so consecutive events' ids land far apart in
-/// the store's dedup index, each on its own B-tree leaf. Ids counting up would all land on
-/// one leaf and flatter the store (docs/performance.md, 2026-12-05). Unique for each `n`
-/// (its last field is `n`).
+/// Event id number `n`, shaped as 8x8's are: a version-1 UUID whose timestamp runs up with
+/// `n` (10 µs apart from 2026-01-01), clock sequence and node fixed. Its first field is the
+/// timestamp's low bits, so consecutive ids are far apart as text; the store keys v1 UUIDs
+/// in time order (docs/performance.md, 2026-12-06). Unique for each `n`.
 pub fn event_id(n: u64) -> String {
-    // splitmix64: a well-mixed 64-bit value from n.
-    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
+    /// 2026-01-01 in 100 ns ticks since 1582-10-15, the v1 UUID epoch.
+    const BASE: u64 = 0x01b2_1dd2_1381_4000 + 1_767_225_600 * 10_000_000;
+    let t = BASE + n * 100;
     format!(
-        "{:08x}-{:04x}-11ea-{:04x}-{:012x}",
-        z >> 32,
-        (z >> 16) & 0xffff,
-        z & 0xffff,
-        n & 0xffff_ffff_ffff
+        "{:08x}-{:04x}-{:04x}-9dd4-e911cc6fc82f",
+        t & 0xffff_ffff,
+        (t >> 32) & 0xffff,
+        0x1000 | ((t >> 48) & 0x0fff)
     )
 }
 

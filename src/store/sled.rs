@@ -25,6 +25,13 @@ impl From<::sled::Error> for StoreError {
 impl SledStore {
     /// Opens (or creates) the store in the directory `path`.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        KvStore::start(SledEngine::open(path)?)
+    }
+}
+
+impl SledEngine {
+    /// Opens (or creates) the engine's files in the directory `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = ::sled::Config::new()
             .path(path)
             .cache_capacity(32 << 20)
@@ -32,7 +39,7 @@ impl SledStore {
             .flush_every_ms(Some(1000))
             .open()
             .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
-        KvStore::start(SledEngine { db })
+        Ok(SledEngine { db })
     }
 }
 

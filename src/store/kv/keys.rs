@@ -50,7 +50,7 @@ pub(super) fn reply_key(seq: u64) -> Vec<u8> {
 }
 /// Id first, so a lookup by id is a prefix scan.
 pub(super) fn dedup_key(source: &str, id: &str) -> Vec<u8> {
-    key(&[b"d/", id.as_bytes(), b"\0", source.as_bytes()])
+    key(&[&id_prefix(id), source.as_bytes()])
 }
 /// Pending deliveries of a destination, kept with every group.
 pub(super) fn depth_key(dest: &str) -> Vec<u8> {
@@ -64,16 +64,52 @@ pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
 /// The format this build writes. 1: before the marker existed (readable as 2: it has no
 /// order lines); 2: `o/` order lines and `order_key` in delivery records, which a build
 /// that reads only format 1 would misread (it would never send a waiting ordered delivery);
-/// 3: binary event and delivery records ([`super::records`]; those of 1 and 2 still read).
-pub(crate) const FORMAT: u32 = 3;
+/// 3: binary event and delivery records ([`super::records`]; those of 1 and 2 still read);
+/// 4: the dedup records of v1 UUID ids under `u/`, in time order ([`time_ordered`]); a start
+/// moves those an older format kept under `d/` ([`super::format`]).
+pub(crate) const FORMAT: u32 = 4;
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {
     key(&[PAUSED_PREFIX, dest.as_bytes()])
 }
 pub(super) const PAUSED_PREFIX: &[u8] = b"p/";
+/// Where the dedup records of `id` start: `u/` and its characters in time order for a v1
+/// UUID ([`time_ordered`]), `d/` and the id as it is for any other.
 pub(super) fn id_prefix(id: &str) -> Vec<u8> {
-    key(&[b"d/", id.as_bytes(), b"\0"])
+    match time_ordered(id.as_bytes()) {
+        Some(t) => key(&[UUID_DEDUP_PREFIX, &t, b"\0"]),
+        None => key(&[DEDUP_PREFIX, id.as_bytes(), b"\0"]),
+    }
+}
+pub(super) const DEDUP_PREFIX: &[u8] = b"d/";
+pub(super) const UUID_DEDUP_PREFIX: &[u8] = b"u/";
+
+/// A version 1 UUID's 32 hex digits reordered so that they sort by its timestamp:
+/// `time_hi` (with the version digit), `time_mid`, `time_low`, then the clock sequence and
+/// node. 8x8's event ids are v1 UUIDs, which begin with the timestamp's *low* bits; keyed
+/// as they are, consecutive events land on leaves all over the dedup index and each event
+/// writes a page of its own. In time order they land together on its last leaf. The
+/// reordering keeps every character (case too), so distinct ids keep distinct keys.
+/// `None` for anything else.
+pub(super) fn time_ordered(id: &[u8]) -> Option<[u8; 32]> {
+    const HYPHENS: [usize; 4] = [8, 13, 18, 23];
+    if id.len() != 36 || id[14] != b'1' {
+        return None;
+    }
+    for (i, &c) in id.iter().enumerate() {
+        if HYPHENS.contains(&i) != (c == b'-') || (c != b'-' && !c.is_ascii_hexdigit()) {
+            return None;
+        }
+    }
+    let mut out = [0u8; 32];
+    let mut at = 0;
+    for part in [14..18, 9..13, 0..8, 19..23, 24..36] {
+        let n = part.len();
+        out[at..at + n].copy_from_slice(&id[part]);
+        at += n;
+    }
+    Some(out)
 }
 
 pub(super) fn corrupt(e: impl std::fmt::Display) -> StoreError {

@@ -10,7 +10,9 @@
 //! Keys (integers big-endian so they sort):
 //! - `e/<seq>` event: its metadata (binary, [`records`]), then the body bytes
 //! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
-//!   expiry is checked when read, and the record goes when its event is purged
+//!   expiry is checked when read, and the record goes when its event is purged. The id of
+//!   a v1 UUID is keyed `u/<its digits in time order>\0<source>` instead
+//!   ([`keys::time_ordered`])
 //! - `l/<seq><dest>` delivery record (binary, [`records`])
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order; the value names the group that
 //!   wrote it, and a scheduler is handed it only once that group is durable ([`writer`])
@@ -28,6 +30,7 @@
 //!   on an engine whose groups are not atomic (sled), or after a failed update.
 
 mod depth;
+mod format;
 mod keys;
 mod ops;
 mod records;
@@ -46,6 +49,7 @@ use tokio::sync::{oneshot, Notify};
 use super::engine::Engine;
 use super::*;
 use depth::load_depths;
+use format::check_format;
 use keys::*;
 use records::*;
 use writer::{writer_loop, Job, Urgency, Writer};
@@ -110,33 +114,6 @@ impl<E: Engine> Shared<E> {
             })?;
         Ok(out)
     }
-}
-
-/// Refuses a store written in a newer format than this build reads (it would misread it);
-/// marks an older or new one as written in [`FORMAT`].
-fn check_format<E: Engine>(engine: &E) -> Result<(), StoreError> {
-    let found = match engine.get(FORMAT_KEY)? {
-        Some(v) if v.len() == 4 => u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
-        Some(_) => return Err(StoreError::Corrupt("the format marker m/format".into())),
-        None => 1,
-    };
-    if found > FORMAT {
-        return Err(StoreError::Format(format!(
-            "the store was written in format {found} by a newer hookrelay; this build reads \
-             formats 1 to {FORMAT}: run that newer build, or point [store] path at a new \
-             directory (the old one keeps its events)"
-        )));
-    }
-    if found == FORMAT {
-        return Ok(());
-    }
-    let mut marked = Ok(());
-    engine.group(&mut |txn| {
-        marked = txn
-            .put(FORMAT_KEY, &FORMAT.to_be_bytes())
-            .and_then(|_| txn.end_op());
-    })?;
-    marked
 }
 
 impl<E: Engine> KvStore<E> {
