@@ -5,7 +5,8 @@
 # stores, deduplicates and routes each event durably (redb). Runs them alternately
 # BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
 # connections (default 64) and prints each run (with the CPU time per request of the relay
-# process and of nginx's processes), the medians and the ratios.
+# process and of nginx's processes, and the bytes they wrote to disk), the medians and the
+# ratios.
 # Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,8 +97,9 @@ wait_port "$relay_port"
 nginx_pids="$(cat "$work/nginx.pid") $(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
 
 # A distinct eventId per request, shaped as 8x8's are: a version-1 UUID whose timestamp runs
-# up as requests go (10 µs a request, threads interleaved), so that its first field (the
-# timestamp's low bits) changes fastest; the round is in the node field.
+# up, as a relay that has run for days sees them (see event_id in benches/support/load.rs):
+# its low 32 bits, which a v1 UUID begins with, land at random because the timestamp steps by
+# a Weyl stride. The wrk thread is in the clock sequence, the round in the node.
 sed 's/eb0fc709-9693-11ea-454d-1705dde98182/%s/' examples/payloads/8x8/voice-call-status.json > "$work/template.json"
 cat > "$work/post.lua" <<'LUA'
 local template = io.open(os.getenv("TEMPLATE")):read("*a")
@@ -106,12 +108,14 @@ local round = os.getenv("ROUND")
 local node = round:byte(1) * 0x10000 + tonumber(round:sub(2))
 local threads = 0
 function setup(thread) thread:set("tid", threads); threads = threads + 1 end
-local n = 0
+-- The timestamp less its top 12 bits (time_mid, time_low: exact in a double), from a day in
+-- 2024; what carries past 48 bits goes into time_hi.
+local t = 0x133a * 0x100000000
 request = function()
-  n = n + 1
-  local t = (n * 16 + tid) * 100
-  local id = string.format("%08x-%04x-11ef-9dd4-%012x", t % 0x100000000,
-    0x133a + math.floor(t / 0x100000000), node)
+  t = t + 0x9e3779b9
+  local id = string.format("%08x-%04x-1%03x-%04x-%012x", t % 0x100000000,
+    math.floor(t / 0x100000000) % 0x10000, 0x1ef + math.floor(t / 0x1000000000000),
+    0x8000 + tid, node)
   local body = string.format(template, id)
   return wrk.format("POST", "/in", { ["Content-Type"] = "application/json" }, body)
 end
@@ -119,6 +123,9 @@ LUA
 
 # CPU time (user + system, in clock ticks) of the processes $@.
 ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t}'; }
+
+# Bytes the processes $@ have had written to disk (what fsync made durable, and more).
+written() { for p in "$@"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{b += $1} END {print b + 0}'; }
 
 # µs of CPU per request: ticks spent, requests.
 per_request() { awk -v t="$1" -v r="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}'; }
@@ -135,19 +142,24 @@ run() { # name port round
   echo "$1 $rps $p99 $bad $reqs"
 }
 
-echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request |"
-echo "|---|---|---:|---:|---:|---:|"
-declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu
+echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request | disk bytes/request |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu relay_disk
 for r in $(seq 1 "$rounds"); do
   # The forwarder's own CPU (nginx's processes, the relay's process), not the sink's or wrk's.
   # shellcheck disable=SC2086
   before=$(ticks $nginx_pids)
+  # shellcheck disable=SC2086
+  wrote=$(written $nginx_pids)
   read -r _ rps p99 bad reqs < <(run nginx "$nginx_port" "n$r")
   # shellcheck disable=SC2086
   cpu=$(per_request $(($(ticks $nginx_pids) - before)) "$reqs")
+  # shellcheck disable=SC2086
+  disk=$((($(written $nginx_pids) - wrote) / reqs))
   nginx_rps+=("$rps"); nginx_p99+=("$p99"); nginx_cpu+=("$cpu")
-  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu |"
+  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu | $disk |"
   before=$(ticks "$relay_pid")
+  wrote=$(written "$relay_pid")
   read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r")
   # Let the relay deliver its backlog before the next round (bounded: 120 s); its CPU counts
   # until then, so each accepted event's delivery is in the figure.
@@ -157,8 +169,9 @@ for r in $(seq 1 "$rounds"); do
     sleep 0.1
   done
   cpu=$(per_request $(($(ticks "$relay_pid") - before)) "$reqs")
-  relay_rps+=("$rps"); relay_p99+=("$p99"); relay_cpu+=("$cpu")
-  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad | $cpu |"
+  disk=$((($(written "$relay_pid") - wrote) / reqs))
+  relay_rps+=("$rps"); relay_p99+=("$p99"); relay_cpu+=("$cpu"); relay_disk+=("$disk")
+  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad | $cpu | $disk |"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 n=$(median "${nginx_rps[@]}"); h=$(median "${relay_rps[@]}")
@@ -167,3 +180,4 @@ echo "median req/s: nginx $n, hookrelay $h; hookrelay / nginx = $(awk -v a="$h" 
 echo "median p99 ms: nginx $(median "${nginx_p99[@]}"), hookrelay $(median "${relay_p99[@]}")"
 nc=$(median "${nginx_cpu[@]}"); hc=$(median "${relay_cpu[@]}")
 echo "median CPU µs/request: nginx $nc, hookrelay $hc; hookrelay / nginx = $(awk -v a="$hc" -v b="$nc" 'BEGIN {printf "%.2f", a/b}')"
+echo "median disk bytes/request, hookrelay: $(median "${relay_disk[@]}")"

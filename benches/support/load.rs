@@ -64,14 +64,18 @@ pub fn body_for(template: &str, n: u64) -> Bytes {
     Bytes::from(template.replace("EVENT_ID", &event_id(n)))
 }
 
-/// Event id number `n`, shaped as 8x8's are: a version-1 UUID whose timestamp runs up with
-/// `n` (10 µs apart from 2026-01-01), clock sequence and node fixed. Its first field is the
-/// timestamp's low bits, so consecutive ids are far apart as text; the store keys v1 UUIDs
-/// in time order (docs/performance.md, 2026-12-06). Unique for each `n`.
+/// Event id number `n`, shaped as 8x8's are: a version-1 UUID (timestamp, then a fixed
+/// clock sequence and node), whose timestamp runs up with `n`, as a relay that has run for
+/// days sees them. A v1 UUID begins with its timestamp's *low* 32 bits, which wrap every
+/// 429 s; a store that keeps a week of dedup records holds ~1,400 wraps, so each new id,
+/// keyed as it is written, lands between old ones at random, one index leaf per event. A
+/// bench store starts empty, so the timestamp steps by a Weyl stride (2^32 / golden ratio
+/// ticks) that puts each id's low bits at random as in that steady state. Unique for each
+/// `n`; the store keys v1 UUIDs in time order (docs/performance.md, 2026-12-06).
 pub fn event_id(n: u64) -> String {
     /// 2026-01-01 in 100 ns ticks since 1582-10-15, the v1 UUID epoch.
     const BASE: u64 = 0x01b2_1dd2_1381_4000 + 1_767_225_600 * 10_000_000;
-    let t = BASE + n * 100;
+    let t = BASE + n * 0x9e37_79b9;
     format!(
         "{:08x}-{:04x}-{:04x}-9dd4-e911cc6fc82f",
         t & 0xffff_ffff,
