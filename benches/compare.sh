@@ -7,7 +7,8 @@
 # connections (default 64) and prints each run (with the CPU time per request of the relay
 # process and of nginx's processes, and the bytes they wrote to disk), the medians and the
 # ratios.
-# Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
+# BENCH_PERF=file also records a CPU profile of the relay (perf, call graphs) during its first
+# round. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${BENCH_ROUNDS:-3}
@@ -160,7 +161,14 @@ for r in $(seq 1 "$rounds"); do
   echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu | $disk |"
   before=$(ticks "$relay_pid")
   wrote=$(written "$relay_pid")
+  perf_pid=""
+  if [ -n "${BENCH_PERF:-}" ] && [ "$r" = 1 ]; then
+    # A CPU profile of the relay under the load: 5 s from 2 s into the first round.
+    (sleep 2; exec perf record -q -F 499 --call-graph dwarf -o "$BENCH_PERF" -p "$relay_pid" -- sleep 5) > /dev/null 2>&1 &
+    perf_pid=$!
+  fi
   read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r")
+  [ -z "$perf_pid" ] || wait "$perf_pid" || true
   # Let the relay deliver its backlog before the next round (bounded: 120 s); its CPU counts
   # until then, so each accepted event's delivery is in the figure.
   for _ in $(seq 1 1200); do

@@ -301,7 +301,8 @@ pub trait Store: Send + Sync + 'static {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// The stored event with this sequence number.
+    /// The stored event with this sequence number, for a delivery attempt (the embedded
+    /// stores hand over an event kept in memory since its accept, once per destination).
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError>;
 
     /// Writes the outcome of an attempt on a pending delivery (one more attempt counted).

@@ -31,6 +31,7 @@
 
 mod depth;
 mod format;
+mod fresh;
 mod keys;
 mod ops;
 mod records;
@@ -50,6 +51,7 @@ use super::engine::Engine;
 use super::*;
 use depth::load_depths;
 use format::check_format;
+use fresh::FreshEvents;
 use keys::*;
 use records::*;
 use writer::{writer_loop, Job, Urgency, Writer};
@@ -68,6 +70,8 @@ struct Shared<E> {
     epoch: u64,
     /// The last group known durable.
     flushed: AtomicU64,
+    /// Events just accepted, for their first attempts.
+    fresh: FreshEvents,
 }
 
 /// The store over engine `E`.
@@ -94,6 +98,14 @@ impl<E: Engine> Shared<E> {
         self.engine
             .get(&delivery_key(seq, dest))?
             .map(|v| decode_delivery(&v))
+            .transpose()
+    }
+
+    /// The event as stored.
+    fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        self.engine
+            .get(&event_key(seq))?
+            .map(|raw| decode_event(seq, &raw))
             .transpose()
     }
 
@@ -142,6 +154,7 @@ impl<E: Engine> KvStore<E> {
             paused: RwLock::new(paused),
             epoch: rand::random(),
             flushed: AtomicU64::new(0),
+            fresh: FreshEvents::default(),
         });
         let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
@@ -170,6 +183,17 @@ impl<E: Engine> KvStore<E> {
         urgency: Urgency,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.submit_then(urgency, f, |_| {}).await
+    }
+
+    /// As [`Self::submit_with`]; `durable` is run on what `f` answered once its group is
+    /// committed, on the writer thread, before the schedulers are woken.
+    async fn submit_then<T: Send + 'static>(
+        &self,
+        urgency: Urgency,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
+        durable: impl FnOnce(&T) + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
             let r = match f(w) {
@@ -182,7 +206,7 @@ impl<E: Engine> KvStore<E> {
             Box::new(move |commit_err: Option<StoreError>| {
                 let _ = tx.send(match commit_err {
                     Some(e) => Err(e),
-                    None => r,
+                    None => r.inspect(durable),
                 });
             })
         });
@@ -211,7 +235,24 @@ impl<E: Engine> Drop for KvStore<E> {
 #[async_trait]
 impl<E: Engine> Store for KvStore<E> {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
-        self.submit(move |w| w.accept(ev)).await
+        let shared = self.shared.clone();
+        let mut event = StoredEvent {
+            seq: 0,
+            id: ev.id.clone(),
+            source: ev.source.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type.clone(),
+            body: ev.body.clone(),
+        };
+        let uses = ev.destinations.len();
+        let keep = move |admission: &Admission| {
+            if let Admission::Accepted { seq } = *admission {
+                event.seq = seq;
+                shared.fresh.insert(event, uses);
+            }
+        };
+        self.submit_then(Urgency::Now, move |w| w.accept(ev), keep)
+            .await
     }
 
     async fn pending(
@@ -254,12 +295,12 @@ impl<E: Engine> Store for KvStore<E> {
         Ok(out)
     }
 
+    /// A fresh event's uses are its destinations' first attempts: only they take them.
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
-        self.shared
-            .engine
-            .get(&event_key(seq))?
-            .map(|raw| decode_event(seq, &raw))
-            .transpose()
+        match self.shared.fresh.take(seq) {
+            Some(event) => Ok(Some(event)),
+            None => self.shared.event(seq),
+        }
     }
 
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
@@ -407,7 +448,7 @@ impl<E: Engine> Store for KvStore<E> {
             })?;
         let mut out = Vec::new();
         for seq in seqs {
-            if let Some(event) = self.event(seq).await? {
+            if let Some(event) = self.shared.event(seq)? {
                 out.push(EventView {
                     event,
                     deliveries: self.shared.deliveries_of(seq)?,

@@ -292,6 +292,7 @@ impl Writer<'_> {
                 self.txn.delete(&delivery_key(seq, &d.destination))?;
             }
             self.txn.delete(&event_key(seq))?;
+            self.fresh.remove(seq);
             self.txn.delete(&reply_key(seq))?;
             removed += 1;
         }

@@ -14,6 +14,7 @@ use std::sync::{mpsc, Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use super::depth::persist_depth;
+use super::fresh::FreshEvents;
 use super::keys::*;
 use super::Shared;
 use crate::store::engine::{self, Engine, Txn};
@@ -51,6 +52,8 @@ pub(super) struct Writer<'a> {
     pub(super) wakes: HashSet<String>,
     /// The value of this group's due-queue entries: the epoch and the group's number.
     pub(super) stamp: [u8; 16],
+    /// Events just accepted: a purged one must leave them.
+    pub(super) fresh: &'a FreshEvents,
 }
 
 impl Writer<'_> {
@@ -120,6 +123,7 @@ pub(super) fn writer_loop<E: Engine>(
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
+                fresh: &shared.fresh,
             };
             if let Some(job) = first.take() {
                 done.push(job(&mut w));
@@ -160,6 +164,7 @@ pub(super) fn writer_loop<E: Engine>(
                 depth: HashMap::new(),
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
+                fresh: &shared.fresh,
             });
             d(Some(e));
             continue;
