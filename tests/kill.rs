@@ -121,7 +121,7 @@ async fn sender(load: Arc<Load>) {
             continue;
         };
         let n = load.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("k-{n}");
+        let id = event_id(n);
         let body = format!(r#"{{"namespace":"VOICE","payload":{{"eventId":"{id}"}}}}"#);
         let url = format!("http://{at}/8x8/voice");
         match try_post(&client, &url, body.into_bytes(), Duration::from_secs(10)).await {
@@ -151,6 +151,21 @@ async fn sender(load: Arc<Load>) {
             }
         }
     }
+}
+
+/// Event id `n`: every other one a version-1 UUID (as 8x8 sends; the store keys those in
+/// time order), the others plain, so both of the store's dedup key layouts are killed under.
+fn event_id(n: u64) -> String {
+    if n % 2 == 1 {
+        return format!("k-{n}");
+    }
+    let t = 0x01ef_133a_0000_0000 + n * 0x9e37_79b9;
+    format!(
+        "{:08x}-{:04x}-1{:03x}-9dd4-e911cc6fc82f",
+        t & 0xffff_ffff,
+        (t >> 32) & 0xffff,
+        (t >> 48) & 0x0fff
+    )
 }
 
 /// Waits until at least `n` events have been accepted in all; panics after `ROUND_WAIT`.
