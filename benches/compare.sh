@@ -126,7 +126,7 @@ LUA
 ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t}'; }
 
 # Bytes the processes $@ have had written to disk (what fsync made durable, and more).
-written() { for p in "$@"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{b += $1} END {print b + 0}'; }
+written() { for p in "$@"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{b += $1} END {printf "%.0f\n", b}'; }
 
 # µs of CPU per request: ticks spent, requests.
 per_request() { awk -v t="$1" -v r="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}'; }
