@@ -65,9 +65,13 @@ pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
 /// order lines); 2: `o/` order lines and `order_key` in delivery records, which a build
 /// that reads only format 1 would misread (it would never send a waiting ordered delivery);
 /// 3: binary event and delivery records ([`super::records`]; those of 1 and 2 still read);
-/// 4: the dedup records of v1 UUID ids under `u/`, in time order ([`time_ordered`]); a start
-/// moves those an older format kept under `d/` ([`super::format`]).
+/// 4: the dedup records of v1 UUID ids under `u/`, in time order ([`time_ordered`]); those
+/// an older format wrote under `d/` stay there and are still read ([`LEGACY_UNTIL_KEY`]).
 pub(crate) const FORMAT: u32 = 4;
+/// Present in a store that formats 1 to 3 wrote v1 UUID dedup records in (under `d/`): the
+/// latest expiry among them (`u64`, big-endian). Until then an accept of a v1 UUID id looks
+/// under `d/` too; lookups and purges always look under both.
+pub(super) const LEGACY_UNTIL_KEY: &[u8] = b"m/legacy-dedup-until";
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {
@@ -81,6 +85,20 @@ pub(super) fn id_prefix(id: &str) -> Vec<u8> {
         Some(t) => key(&[UUID_DEDUP_PREFIX, &t, b"\0"]),
         None => key(&[DEDUP_PREFIX, id.as_bytes(), b"\0"]),
     }
+}
+/// Where formats 1 to 3 kept the dedup records of `id`, when it is a v1 UUID (now under
+/// `u/`); `None` for any other id, whose records never moved.
+pub(super) fn legacy_id_prefix(id: &str) -> Option<Vec<u8>> {
+    time_ordered(id.as_bytes())?;
+    Some(key(&[DEDUP_PREFIX, id.as_bytes(), b"\0"]))
+}
+/// The key formats 1 to 3 gave the dedup record of a v1 UUID `id` from `source`.
+pub(super) fn legacy_dedup_key(source: &str, id: &str) -> Option<Vec<u8>> {
+    Some(key(&[&legacy_id_prefix(id)?, source.as_bytes()]))
+}
+/// Every prefix the dedup records of `id` may be under: [`id_prefix`], then the legacy one.
+pub(super) fn id_prefixes(id: &str) -> impl Iterator<Item = Vec<u8>> {
+    std::iter::once(id_prefix(id)).chain(legacy_id_prefix(id))
 }
 pub(super) const DEDUP_PREFIX: &[u8] = b"d/";
 pub(super) const UUID_DEDUP_PREFIX: &[u8] = b"u/";

@@ -12,7 +12,8 @@
 //! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
 //!   expiry is checked when read, and the record goes when its event is purged. The id of
 //!   a v1 UUID is keyed `u/<its digits in time order>\0<source>` instead
-//!   ([`keys::time_ordered`])
+//!   ([`keys::time_ordered`]); those that formats 1 to 3 keyed under `d/` stay there
+//!   ([`keys::LEGACY_UNTIL_KEY`])
 //! - `l/<seq><dest>` delivery record (binary, [`records`])
 //! - `q/<dest>\0<due><seq>` pending deliveries in due order; the value names the group that
 //!   wrote it, and a scheduler is handed it only once that group is durable ([`writer`])
@@ -72,6 +73,8 @@ struct Shared<E> {
     flushed: AtomicU64,
     /// Events just accepted, for their first attempts.
     fresh: FreshEvents,
+    /// The store's [`keys::LEGACY_UNTIL_KEY`] (0: none).
+    legacy_until: u64,
 }
 
 /// The store over engine `E`.
@@ -133,7 +136,7 @@ impl<E: Engine> KvStore<E> {
     /// and starts the writer thread.
     pub fn start(engine: E) -> Result<Arc<Self>, StoreError> {
         let engine = Arc::new(engine);
-        check_format(engine.as_ref())?;
+        let legacy_until = check_format(engine.as_ref())?;
         let depth: HashMap<String, Arc<AtomicU64>> = load_depths(engine.as_ref())?
             .into_iter()
             .map(|(d, n)| (d, Arc::new(AtomicU64::new(n))))
@@ -155,6 +158,7 @@ impl<E: Engine> KvStore<E> {
             epoch: rand::random(),
             flushed: AtomicU64::new(0),
             fresh: FreshEvents::default(),
+            legacy_until,
         });
         let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
@@ -440,12 +444,12 @@ impl<E: Engine> Store for KvStore<E> {
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut seqs = Vec::new();
-        self.shared
-            .engine
-            .scan_prefix(&id_prefix(id), &mut |_, v| {
+        for prefix in id_prefixes(id) {
+            self.shared.engine.scan_prefix(&prefix, &mut |_, v| {
                 seqs.push(read_u64(v));
                 Ok(true)
             })?;
+        }
         let mut out = Vec::new();
         for seq in seqs {
             if let Some(event) = self.shared.event(seq)? {

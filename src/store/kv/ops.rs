@@ -45,7 +45,13 @@ impl Writer<'_> {
 
     pub(super) fn accept(&mut self, ev: NewEvent) -> Result<Admission, StoreError> {
         let dk = dedup_key(&ev.source, &ev.id);
-        if let Some(v) = self.txn.get(&dk)? {
+        let mut found = self.txn.get(&dk)?;
+        if found.is_none() && ev.received_ms < self.legacy_until {
+            if let Some(old) = legacy_dedup_key(&ev.source, &ev.id) {
+                found = self.txn.get(&old)?;
+            }
+        }
+        if let Some(v) = found {
             let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
             if expires > ev.received_ms {
                 let reply = match self.txn.get(&reply_key(seq))? {
@@ -225,10 +231,12 @@ impl Writer<'_> {
             }
             ReplaySelector::EventId(id) => {
                 let mut seqs = Vec::new();
-                self.txn.scan_prefix(&id_prefix(&id), &mut |_, v| {
-                    seqs.push(read_u64(v));
-                    Ok(true)
-                })?;
+                for prefix in id_prefixes(&id) {
+                    self.txn.scan_prefix(&prefix, &mut |_, v| {
+                        seqs.push(read_u64(v));
+                        Ok(true)
+                    })?;
+                }
                 for seq in seqs {
                     for d in self.deliveries_of(seq)? {
                         targets.push((seq, d.destination));
@@ -272,9 +280,16 @@ impl Writer<'_> {
         })?;
         let mut removed = 0;
         for (seq, meta) in old {
-            let dk = dedup_key(&meta.source, &meta.id);
-            let dedup = self.txn.get(&dk)?;
-            let ours = dedup.as_ref().is_some_and(|v| read_u64(v) == seq);
+            let mut dk = dedup_key(&meta.source, &meta.id);
+            let mut dedup = self.txn.get(&dk)?;
+            let is_ours = |d: &Option<Vec<u8>>| d.as_ref().is_some_and(|v| read_u64(v) == seq);
+            if !is_ours(&dedup) && self.legacy_until > 0 {
+                if let Some(old) = legacy_dedup_key(&meta.source, &meta.id) {
+                    dedup = self.txn.get(&old)?;
+                    dk = old;
+                }
+            }
+            let ours = is_ours(&dedup);
             if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now) {
                 continue; // still inside its dedup window
             }

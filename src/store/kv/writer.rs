@@ -54,6 +54,8 @@ pub(super) struct Writer<'a> {
     pub(super) stamp: [u8; 16],
     /// Events just accepted: a purged one must leave them.
     pub(super) fresh: &'a FreshEvents,
+    /// Until when an accept also looks for v1 UUID dedup records under their old key.
+    pub(super) legacy_until: u64,
 }
 
 impl Writer<'_> {
@@ -124,6 +126,7 @@ pub(super) fn writer_loop<E: Engine>(
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
                 fresh: &shared.fresh,
+                legacy_until: shared.legacy_until,
             };
             if let Some(job) = first.take() {
                 done.push(job(&mut w));
@@ -165,6 +168,7 @@ pub(super) fn writer_loop<E: Engine>(
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
                 fresh: &shared.fresh,
+                legacy_until: shared.legacy_until,
             });
             d(Some(e));
             continue;
