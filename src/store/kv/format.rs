@@ -150,9 +150,13 @@ mod tests {
     /// old record with its event.
     async fn upgrade_case<E: Engine>(dir: &Path, open: fn(&Path) -> E) {
         let a_until = now_ms() + 600_000;
-        write_format_3(&open(dir), a_until);
+        // The engine that wrote format 3 is started on, as a store is when upgraded; the
+        // second start reopens it after a clean close.
+        let mut first = Some(open(dir));
+        write_format_3(first.as_ref().unwrap(), a_until);
         for start in 0..2 {
-            let st: Arc<KvStore<E>> = KvStore::start(open(dir)).unwrap();
+            let engine = first.take().unwrap_or_else(|| open(dir));
+            let st: Arc<KvStore<E>> = KvStore::start(engine).unwrap();
             let engine = &st.shared.engine;
             assert_eq!(engine.get(FORMAT_KEY).unwrap().unwrap(), 4u32.to_be_bytes());
             assert_eq!(
