@@ -7,8 +7,8 @@
 # connections (default 64) and prints each run (with the CPU time per request of the relay
 # process and of nginx's processes, and the bytes they wrote to disk), the medians and the
 # ratios.
-# BENCH_PERF=file also records a CPU profile of the relay (perf, call graphs) during its first
-# round. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
+# BENCH_PERF=file first records a CPU profile of the relay (perf, call graphs) in a round of
+# its own, not counted. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${BENCH_ROUNDS:-3}
@@ -110,8 +110,9 @@ local node = round:byte(1) * 0x10000 + tonumber(round:sub(2))
 local threads = 0
 function setup(thread) thread:set("tid", threads); threads = threads + 1 end
 -- The timestamp less its top 12 bits (time_mid, time_low: exact in a double), from a day in
--- 2024; what carries past 48 bits goes into time_hi.
-local t = 0x133a * 0x100000000
+-- 2024, each round later than the one before (2^50 ticks: more than a round's steps take);
+-- what carries past 48 bits goes into time_hi.
+local t = 0x133a * 0x100000000 + tonumber(round:sub(2)) * 0x4000000000000
 request = function()
   t = t + 0x9e3779b9
   local id = string.format("%08x-%04x-1%03x-%04x-%012x", t % 0x100000000,
@@ -125,7 +126,8 @@ LUA
 # CPU time (user + system, in clock ticks) of the processes $@.
 ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk '{t += $1} END {print t}'; }
 
-# Bytes the processes $@ have had written to disk (what fsync made durable, and more).
+# Bytes the processes $@ have caused to be written to disk (`write_bytes`: the pages they
+# dirtied, whether written by them or flushed later by the kernel).
 written() { for p in "$@"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{b += $1} END {printf "%.0f\n", b}'; }
 
 # µs of CPU per request: ticks spent, requests.
@@ -142,6 +144,28 @@ run() { # name port round
   bad=$(awk '/Non-2xx/ {print $5}' <<<"$out"); bad=${bad:-0}
   echo "$1 $rps $p99 $bad $reqs"
 }
+
+# Waits until the relay has delivered its backlog (bounded: 120 s).
+drain() {
+  for _ in $(seq 1 1200); do
+    depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}')
+    [ "${depth:-0}" = "0" ] && return 0
+    sleep 0.1
+  done
+  echo "the relay did not deliver its backlog within 120 s" >&2
+  return 1
+}
+
+if [ -n "${BENCH_PERF:-}" ]; then
+  # A CPU profile of the relay under the load, in a round of its own that no figure counts
+  # (perf slows what it records): 5 s from 2 s into the round.
+  (sleep 2; exec perf record -q -F 499 --call-graph dwarf -o "$BENCH_PERF" -p "$relay_pid" -- sleep 5) > /dev/null 2>&1 &
+  perf_pid=$!
+  run relay "$relay_port" r0 > /dev/null
+  wait "$perf_pid" || { echo "perf record failed" >&2; exit 1; }
+  drain
+  echo "profile of the relay: $BENCH_PERF"
+fi
 
 echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request | disk bytes/request |"
 echo "|---|---|---:|---:|---:|---:|---:|"
@@ -161,21 +185,10 @@ for r in $(seq 1 "$rounds"); do
   echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu | $disk |"
   before=$(ticks "$relay_pid")
   wrote=$(written "$relay_pid")
-  perf_pid=""
-  if [ -n "${BENCH_PERF:-}" ] && [ "$r" = 1 ]; then
-    # A CPU profile of the relay under the load: 5 s from 2 s into the first round.
-    (sleep 2; exec perf record -q -F 499 --call-graph dwarf -o "$BENCH_PERF" -p "$relay_pid" -- sleep 5) > /dev/null 2>&1 &
-    perf_pid=$!
-  fi
   read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r")
-  [ -z "$perf_pid" ] || wait "$perf_pid" || true
-  # Let the relay deliver its backlog before the next round (bounded: 120 s); its CPU counts
-  # until then, so each accepted event's delivery is in the figure.
-  for _ in $(seq 1 1200); do
-    depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}')
-    [ "${depth:-0}" = "0" ] && break
-    sleep 0.1
-  done
+  # Its CPU counts until its backlog is delivered, so each accepted event's delivery is in
+  # the figure.
+  drain
   cpu=$(per_request $(($(ticks "$relay_pid") - before)) "$reqs")
   disk=$((($(written "$relay_pid") - wrote) / reqs))
   relay_rps+=("$rps"); relay_p99+=("$p99"); relay_cpu+=("$cpu"); relay_disk+=("$disk")

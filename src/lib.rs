@@ -65,5 +65,6 @@ pub fn run_check(path: &Path) -> anyhow::Result<ExitCode> {
 /// glibc's malloc made 0.79 `futex` calls per event, most of them on its arena locks (an
 /// event's buffers are allocated on one thread and freed on another); jemalloc makes 0.16,
 /// and the relay uses ~6 % less CPU per event (docs/performance.md, 2026-12-06).
+#[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

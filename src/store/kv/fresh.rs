@@ -2,12 +2,14 @@
 //! woken by the commit that accepted an event and usually attempts it within milliseconds,
 //! so it takes the event from here instead of reading it back from the store.
 //!
-//! An event enters once its group is durable (before the schedulers are woken) with one use
-//! per destination, and goes when its last use is taken, when newer ones push it out (at
-//! most [`MAX_EVENTS`] events, [`MAX_BYTES`] of bodies), or when it is purged. Events never
-//! change once stored, so what is taken here is what the store holds; a miss (a slow
-//! destination, a retry, a restart) reads the store. The last use hands the event itself
-//! over, so it is freed on the worker that sent it, not on the store's writer thread.
+//! An event enters once its group is durable, before the group's due entries are visible
+//! to the schedulers, with one use per delivery due at once (not held for a reply route,
+//! not waiting behind an earlier one of its order key). It goes when its last use is taken,
+//! when newer ones push it out (at most [`MAX_EVENTS`] events, [`MAX_BYTES`] of bodies,
+//! each a copy of its own), or when it is purged. Events never change once stored, so what
+//! is taken here is what the store holds; a miss (a slow destination, a retry, a restart)
+//! reads the store. The last use hands the event itself over, so in the common case it is
+//! freed on the worker that sent it, not on the store's writer thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -77,6 +79,13 @@ impl FreshEvents {
         let (event, _) = kept.by_seq.remove(&seq)?;
         kept.bytes -= event.body.len();
         Some(event)
+    }
+
+    /// The uses left of the event `seq`, and its body (tests).
+    #[cfg(test)]
+    pub(super) fn peek(&self, seq: u64) -> Option<(usize, bytes::Bytes)> {
+        let kept = self.inner.lock().unwrap();
+        kept.by_seq.get(&seq).map(|(e, n)| (*n, e.body.clone()))
     }
 
     pub(super) fn remove(&self, seq: u64) {

@@ -70,7 +70,7 @@ pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
 pub(crate) const FORMAT: u32 = 4;
 /// Present in a store that formats 1 to 3 wrote v1 UUID dedup records in (under `d/`): the
 /// latest expiry among them (`u64`, big-endian). Until then an accept of a v1 UUID id looks
-/// under `d/` too; lookups and purges always look under both.
+/// under `d/` too; while the key is present, lookups, replays and purges look under both.
 pub(super) const LEGACY_UNTIL_KEY: &[u8] = b"m/legacy-dedup-until";
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
@@ -96,9 +96,11 @@ pub(super) fn legacy_id_prefix(id: &str) -> Option<Vec<u8>> {
 pub(super) fn legacy_dedup_key(source: &str, id: &str) -> Option<Vec<u8>> {
     Some(key(&[&legacy_id_prefix(id)?, source.as_bytes()]))
 }
-/// Every prefix the dedup records of `id` may be under: [`id_prefix`], then the legacy one.
-pub(super) fn id_prefixes(id: &str) -> impl Iterator<Item = Vec<u8>> {
-    std::iter::once(id_prefix(id)).chain(legacy_id_prefix(id))
+/// Every prefix the dedup records of `id` may be under: [`id_prefix`], then the legacy one
+/// if the store has any ([`LEGACY_UNTIL_KEY`] present: `legacy_until > 0`).
+pub(super) fn id_prefixes(id: &str, legacy_until: u64) -> impl Iterator<Item = Vec<u8>> {
+    let legacy = (legacy_until > 0).then(|| legacy_id_prefix(id)).flatten();
+    std::iter::once(id_prefix(id)).chain(legacy)
 }
 pub(super) const DEDUP_PREFIX: &[u8] = b"d/";
 pub(super) const UUID_DEDUP_PREFIX: &[u8] = b"u/";

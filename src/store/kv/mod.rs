@@ -187,19 +187,9 @@ impl<E: Engine> KvStore<E> {
         urgency: Urgency,
         f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.submit_then(urgency, f, |_| {}).await
-    }
-
-    /// As [`Self::submit_with`]; `durable` is run on what `f` answered once its group is
-    /// committed, on the writer thread, before the schedulers are woken.
-    async fn submit_then<T: Send + 'static>(
-        &self,
-        urgency: Urgency,
-        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StoreError> + Send + 'static,
-        durable: impl FnOnce(&T) + Send + 'static,
-    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            let kept = w.accepted.len();
             let r = match f(w) {
                 Ok(v) => w.txn.end_op().map(|_| v),
                 Err(e) => {
@@ -207,10 +197,13 @@ impl<E: Engine> KvStore<E> {
                     Err(e)
                 }
             };
+            if r.is_err() {
+                w.accepted.truncate(kept);
+            }
             Box::new(move |commit_err: Option<StoreError>| {
                 let _ = tx.send(match commit_err {
                     Some(e) => Err(e),
-                    None => r.inspect(durable),
+                    None => r,
                 });
             })
         });
@@ -239,24 +232,7 @@ impl<E: Engine> Drop for KvStore<E> {
 #[async_trait]
 impl<E: Engine> Store for KvStore<E> {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
-        let shared = self.shared.clone();
-        let mut event = StoredEvent {
-            seq: 0,
-            id: ev.id.clone(),
-            source: ev.source.clone(),
-            received_ms: ev.received_ms,
-            content_type: ev.content_type.clone(),
-            body: ev.body.clone(),
-        };
-        let uses = ev.destinations.len();
-        let keep = move |admission: &Admission| {
-            if let Admission::Accepted { seq } = *admission {
-                event.seq = seq;
-                shared.fresh.insert(event, uses);
-            }
-        };
-        self.submit_then(Urgency::Now, move |w| w.accept(ev), keep)
-            .await
+        self.submit(move |w| w.accept(ev)).await
     }
 
     async fn pending(
@@ -444,7 +420,7 @@ impl<E: Engine> Store for KvStore<E> {
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut seqs = Vec::new();
-        for prefix in id_prefixes(id) {
+        for prefix in id_prefixes(id, self.shared.legacy_until) {
             self.shared.engine.scan_prefix(&prefix, &mut |_, v| {
                 seqs.push(read_u64(v));
                 Ok(true)

@@ -2,6 +2,8 @@
 //! max_queue, the event and its deliveries), record an attempt's outcome, replay, purge.
 
 use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
 use std::time::Duration;
 
 use super::keys::*;
@@ -76,14 +78,17 @@ impl Writer<'_> {
         *self.next_seq += 1;
         let expires = ev.received_ms + ev.dedup_window.as_millis() as u64;
         let meta = EventMeta {
-            id: ev.id.clone(),
-            source: ev.source.clone(),
+            id: ev.id,
+            source: ev.source,
             received_ms: ev.received_ms,
-            content_type: ev.content_type.clone(),
+            content_type: ev.content_type,
         };
         self.txn
             .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
         self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
+        // Deliveries a scheduler will attempt at once: not held for a reply route, not
+        // waiting behind an earlier one of their order key.
+        let mut due_now = 0;
         for (i, dest) in ev.destinations.iter().enumerate() {
             let order_key = ev.order_keys.get(i).cloned().flatten();
             let d = Delivery::first(seq, dest, ev.received_ms, ev.held.as_ref(), order_key);
@@ -91,10 +96,24 @@ impl Writer<'_> {
                 .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
             if self.join_order(&d)? {
                 self.queue(dest, d.next_due_ms, seq)?;
+                due_now += usize::from(d.next_due_ms <= ev.received_ms);
             }
         }
         for dest in &ev.destinations {
             *self.depth.entry(dest.clone()).or_default() += 1;
+        }
+        if due_now > 0 {
+            let event = StoredEvent {
+                seq,
+                id: meta.id,
+                source: meta.source,
+                received_ms: meta.received_ms,
+                content_type: meta.content_type,
+                // A copy: the received bytes are a slice of the connection's read buffer,
+                // which would stay allocated, whole, as long as the slice is kept.
+                body: Bytes::copy_from_slice(&ev.body),
+            };
+            self.accepted.push((event, due_now));
         }
         Ok(Admission::Accepted { seq })
     }
@@ -231,7 +250,7 @@ impl Writer<'_> {
             }
             ReplaySelector::EventId(id) => {
                 let mut seqs = Vec::new();
-                for prefix in id_prefixes(&id) {
+                for prefix in id_prefixes(&id, self.legacy_until) {
                     self.txn.scan_prefix(&prefix, &mut |_, v| {
                         seqs.push(read_u64(v));
                         Ok(true)

@@ -441,3 +441,55 @@ async fn a_format_2_store_is_read() {
         FORMAT.to_be_bytes()
     );
 }
+
+/// An accepted event is kept in memory with one use per delivery due at once: not one held
+/// for a reply route, not one waiting behind an earlier one of its order key; its body is a
+/// copy, not a slice of the received bytes. `event` takes the uses, then reads the store.
+#[tokio::test]
+async fn accepted_events_are_kept_for_their_first_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = crate::store::redb::RedbStore::open(dir.path()).unwrap();
+    let accept = |e: NewEvent| {
+        let st = st.clone();
+        async move {
+            match st.accept(e).await.unwrap() {
+                Admission::Accepted { seq } => seq,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let mut two = ev("two", &["a", "b"]);
+    two.body = Bytes::from(br#"{"n":2}"#.to_vec());
+    let received = two.body.clone();
+    let seq = accept(two).await;
+    let (uses, body) = st.shared.fresh.peek(seq).unwrap();
+    assert_eq!((uses, &body[..]), (2, &received[..]));
+    assert_ne!(body.as_ptr(), received.as_ptr(), "a copy of its own");
+    for _ in 0..3 {
+        assert_eq!(
+            &st.event(seq).await.unwrap().unwrap().body[..],
+            br#"{"n":2}"#
+        );
+    }
+    assert!(st.shared.fresh.peek(seq).is_none(), "both uses taken");
+
+    let mut held = ev("held", &["a", "b"]);
+    held.held = Some(("a".into(), now_ms() + 60_000));
+    let seq = accept(held).await;
+    assert_eq!(
+        st.shared.fresh.peek(seq).unwrap().0,
+        1,
+        "only b's is due at once"
+    );
+
+    let ordered = |id: &str| {
+        let mut e = ev(id, &["a"]);
+        e.order_keys = vec![Some("k".into())];
+        e
+    };
+    let head = accept(ordered("o1")).await;
+    let behind = accept(ordered("o2")).await;
+    assert_eq!(st.shared.fresh.peek(head).unwrap().0, 1);
+    assert!(st.shared.fresh.peek(behind).is_none(), "waits behind o1");
+    st.close().await.unwrap();
+}

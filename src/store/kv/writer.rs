@@ -18,7 +18,7 @@ use super::fresh::FreshEvents;
 use super::keys::*;
 use super::Shared;
 use crate::store::engine::{self, Engine, Txn};
-use crate::store::StoreError;
+use crate::store::{StoreError, StoredEvent};
 
 /// Operations one commit may cover at most.
 pub(super) const MAX_GROUP: usize = 4096;
@@ -52,8 +52,11 @@ pub(super) struct Writer<'a> {
     pub(super) wakes: HashSet<String>,
     /// The value of this group's due-queue entries: the epoch and the group's number.
     pub(super) stamp: [u8; 16],
-    /// Events just accepted: a purged one must leave them.
+    /// Events kept in memory for their first attempts: a purged one must leave them.
     pub(super) fresh: &'a FreshEvents,
+    /// Events this group accepted, with their deliveries due at once: kept in `fresh` once
+    /// the group is durable.
+    pub(super) accepted: Vec<(StoredEvent, usize)>,
     /// Until when an accept also looks for v1 UUID dedup records under their old key.
     pub(super) legacy_until: u64,
 }
@@ -117,6 +120,7 @@ pub(super) fn writer_loop<E: Engine>(
         let mut urgent = urgency == Urgency::Now;
         let mut depth = HashMap::new();
         let mut wakes = HashSet::new();
+        let mut accepted = Vec::new();
         let committed = shared.engine.group(&mut |txn| {
             let mut w = Writer {
                 txn,
@@ -126,6 +130,7 @@ pub(super) fn writer_loop<E: Engine>(
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
                 fresh: &shared.fresh,
+                accepted: Vec::new(),
                 legacy_until: shared.legacy_until,
             };
             if let Some(job) = first.take() {
@@ -154,6 +159,7 @@ pub(super) fn writer_loop<E: Engine>(
             }
             depth = std::mem::take(&mut w.depth);
             wakes = std::mem::take(&mut w.wakes);
+            accepted = std::mem::take(&mut w.accepted);
         });
         if let Some(job) = first.take() {
             // The transaction could not even start: the operation fails unrun.
@@ -168,6 +174,7 @@ pub(super) fn writer_loop<E: Engine>(
                 wakes: HashSet::new(),
                 stamp: stamp(shared.epoch, group),
                 fresh: &shared.fresh,
+                accepted: Vec::new(),
                 legacy_until: shared.legacy_until,
             });
             d(Some(e));
@@ -176,6 +183,10 @@ pub(super) fn writer_loop<E: Engine>(
         // The durable mark and the counters first, so a caller that reads after its
         // answer sees its change.
         if committed.is_ok() {
+            // Before the mark: a scheduler that sees the group's due entries finds these.
+            for (event, uses) in accepted.drain(..) {
+                shared.fresh.insert(event, uses);
+            }
             shared.flushed.store(group, Ordering::Release);
             for (dest, delta) in depth {
                 let c = shared.depth_counter(&dest);
