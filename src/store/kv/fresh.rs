@@ -6,7 +6,7 @@
 //! to the schedulers, with one use per delivery due at once (not held for a reply route,
 //! not waiting behind an earlier one of its order key). It goes when its last use is taken,
 //! when newer ones push it out (at most [`MAX_EVENTS`] events, [`MAX_BYTES`] of bodies,
-//! each a copy of its own), or when it is purged. Events never change once stored, so what
+//! each a slice of its own stored record), or when it is purged. Events never change once stored, so what
 //! is taken here is what the store holds; a miss (a slow destination, a retry, a restart)
 //! reads the store. The last use hands the event itself over, so in the common case it is
 //! freed on the worker that sent it, not on the store's writer thread.
@@ -61,9 +61,7 @@ impl FreshEvents {
             let Some(seq) = kept.order.pop_front() else {
                 break;
             };
-            if let Some((out, _)) = kept.by_seq.remove(&seq) {
-                kept.bytes -= out.body.len();
-            }
+            kept.remove(seq);
         }
     }
 
@@ -76,9 +74,7 @@ impl FreshEvents {
             *uses -= 1;
             return Some(event.clone());
         }
-        let (event, _) = kept.by_seq.remove(&seq)?;
-        kept.bytes -= event.body.len();
-        Some(event)
+        kept.remove(seq)
     }
 
     /// The uses left of the event `seq`, and its body (tests).
@@ -89,10 +85,15 @@ impl FreshEvents {
     }
 
     pub(super) fn remove(&self, seq: u64) {
-        let mut kept = self.inner.lock().unwrap();
-        if let Some((out, _)) = kept.by_seq.remove(&seq) {
-            kept.bytes -= out.body.len();
-        }
+        self.inner.lock().unwrap().remove(seq);
+    }
+}
+
+impl Kept {
+    fn remove(&mut self, seq: u64) -> Option<StoredEvent> {
+        let (event, _) = self.by_seq.remove(&seq)?;
+        self.bytes -= event.body.len();
+        Some(event)
     }
 }
 

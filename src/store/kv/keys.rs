@@ -50,7 +50,10 @@ pub(super) fn reply_key(seq: u64) -> Vec<u8> {
 }
 /// Id first, so a lookup by id is a prefix scan.
 pub(super) fn dedup_key(source: &str, id: &str) -> Vec<u8> {
-    key(&[&id_prefix(id), source.as_bytes()])
+    match time_ordered(id.as_bytes()) {
+        Some(t) => key(&[UUID_DEDUP_PREFIX, &t, b"\0", source.as_bytes()]),
+        None => key(&[DEDUP_PREFIX, id.as_bytes(), b"\0", source.as_bytes()]),
+    }
 }
 /// Pending deliveries of a destination, kept with every group.
 pub(super) fn depth_key(dest: &str) -> Vec<u8> {

@@ -275,7 +275,8 @@ impl<E: Engine> Store for KvStore<E> {
         Ok(out)
     }
 
-    /// A fresh event's uses are its destinations' first attempts: only they take them.
+    /// A kept event's uses are the first attempts of its deliveries due at once: only they
+    /// take them.
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
         match self.shared.fresh.take(seq) {
             Some(event) => Ok(Some(event)),

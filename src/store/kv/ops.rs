@@ -83,8 +83,11 @@ impl Writer<'_> {
             received_ms: ev.received_ms,
             content_type: ev.content_type,
         };
-        self.txn
-            .put(&event_key(seq), &encode_event(&meta, &ev.body))?;
+        // One buffer serves the record and, sliced, the body kept for the first attempts: a
+        // body of its own, not a slice of the connection's read buffer (which it would keep
+        // allocated, whole).
+        let record = Bytes::from(encode_event(&meta, &ev.body));
+        self.txn.put(&event_key(seq), &record)?;
         self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
         // Deliveries a scheduler will attempt at once: not held for a reply route, not
         // waiting behind an earlier one of their order key.
@@ -109,9 +112,7 @@ impl Writer<'_> {
                 source: meta.source,
                 received_ms: meta.received_ms,
                 content_type: meta.content_type,
-                // A copy: the received bytes are a slice of the connection's read buffer,
-                // which would stay allocated, whole, as long as the slice is kept.
-                body: Bytes::copy_from_slice(&ev.body),
+                body: record.slice(record.len() - ev.body.len()..),
             };
             self.accepted.push((event, due_now));
         }
