@@ -5,8 +5,8 @@
 # stores, deduplicates and routes each event durably (redb). Runs them alternately
 # BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
 # connections (default 64) and prints each run (with the CPU time per request of the relay
-# process and of nginx's processes, and the bytes they wrote to disk), the medians and the
-# ratios.
+# process and of nginx's processes, and the bytes they wrote to disk), the medians, the
+# ratios, and each round's ratio with their median.
 # BENCH_PERF=file first records a CPU profile of the relay (perf, call graphs) in a round of
 # its own, not counted. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -202,3 +202,10 @@ echo "median p99 ms: nginx $(median "${nginx_p99[@]}"), hookrelay $(median "${re
 nc=$(median "${nginx_cpu[@]}"); hc=$(median "${relay_cpu[@]}")
 echo "median CPU µs/request: nginx $nc, hookrelay $hc; hookrelay / nginx = $(awk -v a="$hc" -v b="$nc" 'BEGIN {printf "%.2f", a/b}')"
 echo "median disk bytes/request, hookrelay: $(median "${relay_disk[@]}")"
+# The machine's speed drifts between rounds (a shared VM): each round's ratio compares runs
+# seconds apart, so their median is the steadier figure.
+ratios=()
+for i in "${!relay_rps[@]}"; do
+  ratios+=("$(awk -v a="${relay_rps[$i]}" -v b="${nginx_rps[$i]}" 'BEGIN {printf "%.2f", a/b}')")
+done
+echo "hookrelay / nginx req/s by round: ${ratios[*]}; median $(median "${ratios[@]}")"

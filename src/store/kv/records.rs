@@ -23,11 +23,12 @@ pub(super) struct EventMeta {
     pub content_type: Option<String>,
 }
 
-/// `[TAG][received_ms][id][source][content_type?][body…]`.
+/// `[TAG][received_ms][id][source][content_type?][body…]`, in a buffer of exactly its size:
+/// a kept body is a slice of it (see [`super::fresh`]), so slack would be kept too.
 pub(super) fn encode_event(meta: &EventMeta, body: &[u8]) -> Vec<u8> {
-    let mut w = Out(Vec::with_capacity(
-        32 + meta.id.len() + meta.source.len() + body.len(),
-    ));
+    let content_type = meta.content_type.as_ref().map_or(0, |c| 4 + c.len());
+    let size = 1 + 8 + (4 + meta.id.len()) + (4 + meta.source.len()) + 1 + content_type;
+    let mut w = Out(Vec::with_capacity(size + body.len()));
     w.0.push(TAG);
     w.u64(meta.received_ms);
     w.str(&meta.id);
@@ -264,7 +265,10 @@ mod tests {
             body in proptest::collection::vec(any::<u8>(), 0..200),
         ) {
             let meta = EventMeta { id, source, received_ms, content_type };
-            let e = decode_event(7, &encode_event(&meta, &body)).unwrap();
+            let v = encode_event(&meta, &body);
+            // Exactly its size: kept bodies are slices of it and would keep any slack.
+            prop_assert_eq!(v.capacity(), v.len());
+            let e = decode_event(7, &v).unwrap();
             prop_assert_eq!(
                 (&e.id, &e.source, e.received_ms, &e.content_type, &e.body[..]),
                 (&meta.id, &meta.source, meta.received_ms, &meta.content_type, &body[..])
