@@ -1,6 +1,6 @@
 //! The store failing: the ingress answers 503 with `Retry-After` (the §3 row "store
 //! unavailable"), loses nothing it accepted before, and accepts again once the store
-//! recovers.
+//! recovers; an attempt's outcome that cannot be stored is stored later, not sent again.
 
 mod support;
 
@@ -16,6 +16,21 @@ use tokio::sync::Notify;
 struct Flaky {
     inner: Arc<dyn Store>,
     failing: AtomicBool,
+    /// Only the outcomes' writes fail.
+    failing_records: AtomicBool,
+    /// How many outcome writes were tried.
+    records: tokio::sync::watch::Sender<usize>,
+}
+
+impl Flaky {
+    fn new(inner: Arc<dyn Store>) -> Flaky {
+        Flaky {
+            inner,
+            failing: AtomicBool::new(false),
+            failing_records: AtomicBool::new(false),
+            records: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Flaky {
@@ -46,8 +61,17 @@ impl Store for Flaky {
         self.inner.event(seq).await
     }
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.record(key, outcome).await
+        let result = match self.failing_records.load(Ordering::SeqCst) {
+            true => Err(StoreError::Unavailable(
+                "outcome not written (simulated)".into(),
+            )),
+            false => match self.check() {
+                Ok(()) => self.inner.record(key, outcome).await,
+                Err(e) => Err(e),
+            },
+        };
+        self.records.send_modify(|n| *n += 1);
+        result
     }
     fn after_reply(
         &self,
@@ -119,10 +143,7 @@ to = ["down"]
     let config =
         hookrelay::config::parse(toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
     let inner = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
-    let store = Arc::new(Flaky {
-        inner,
-        failing: AtomicBool::new(false),
-    });
+    let store = Arc::new(Flaky::new(inner));
     let relay = hookrelay::Relay::start_with_store(config, store.clone())
         .await
         .unwrap();
@@ -158,6 +179,67 @@ to = ["down"]
         assert_eq!(v.len(), 1, "{id}");
         assert_eq!(v[0].deliveries.len(), 1, "{id}");
     }
+    relay.shutdown();
+    relay.stopped().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
+    let sink = support::FaultSink::answering(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[[sources]]
+name = "open"
+path = "/open"
+event_id = ["$.id"]
+[[destinations]]
+name = "calls"
+url = "{}"
+[[routes]]
+name = "all"
+source = "open"
+to = ["calls"]
+"#,
+        sink.url("/")
+    );
+    let config =
+        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+    let store = Arc::new(Flaky::new(
+        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
+    ));
+    store.failing_records.store(true, Ordering::SeqCst);
+    let relay = hookrelay::Relay::start_with_store(config, store.clone())
+        .await
+        .unwrap();
+    let url = format!("http://{}/open", relay.ingress);
+    let r = support::send(http::Method::POST, &url, &[], br#"{"id":"once"}"#).await;
+    assert_eq!(r.status, 200);
+
+    // The destination took it; storing that failed, and failed again when tried again.
+    let mut records = store.records.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), records.wait_for(|n| *n >= 2))
+        .await
+        .expect("the outcome is written again")
+        .unwrap();
+    assert_eq!(sink.count(), 1, "the delivery is not sent again");
+
+    // The store takes writes again: the outcome is stored, still without a second request.
+    store.failing_records.store(false, Ordering::SeqCst);
+    let mut delivered = false;
+    for _ in 0..200 {
+        let v = relay.app.store.lookup("once").await.unwrap();
+        if v[0].deliveries[0].state == DeliveryState::Delivered {
+            delivered = true;
+            break;
+        }
+        records.changed().await.unwrap();
+    }
+    assert!(delivered, "the outcome was stored");
+    assert_eq!(sink.count(), 1);
     relay.shutdown();
     relay.stopped().await.unwrap();
 }

@@ -46,6 +46,8 @@ const MAX_WINDOW: usize = 1024;
 const MAX_IN_FLIGHT: usize = 1 << 16;
 /// The wait before trying again after the store failed a read or write.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between tries to store an attempt's outcome.
+const MAX_STORE_RETRY: Duration = Duration::from_secs(30);
 
 /// A rate limiter for `rate`: `per_second` on average, `burst` at once.
 fn limiter(rate: &Rate) -> DefaultDirectRateLimiter {
@@ -394,14 +396,28 @@ async fn attempt(
     .await
 }
 
+/// Stores an attempt's outcome, trying again (at growing intervals, until the relay stops)
+/// while the store fails. The delivery stays in flight meanwhile, so it is not sent again:
+/// the destination may already have it, and a failed attempt waits its backoff. Stopped
+/// first, the delivery stays pending and is sent after the restart.
 async fn store_outcome(ctx: &Context, key: &DeliveryKey, outcome: Outcome, guard: InFlightGuard) {
-    match ctx.deps.store.record(key, outcome).await {
-        Ok(()) => drop(guard),
-        Err(e) => {
-            warn!(error = %e, "storing the outcome failed; the delivery stays pending");
-            hold(ctx, guard).await;
+    let mut pause = STORE_RETRY;
+    loop {
+        let Err(e) = ctx.deps.store.record(key, outcome.clone()).await else {
+            break;
+        };
+        warn!(
+            error = %e,
+            retry_in_ms = pause.as_millis() as u64,
+            "storing the outcome failed; trying again (the delivery is not sent again meanwhile)"
+        );
+        tokio::select! {
+            _ = ctx.stop.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
         }
+        pause = (pause * 2).min(MAX_STORE_RETRY);
     }
+    drop(guard);
 }
 
 /// Keeps a delivery out of the scheduler's passes for a while after a store failure, so a
