@@ -536,6 +536,61 @@ async fn a_killed_instances_delivery_in_flight_is_sent_by_another_soon() {
     drop(nats);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_longer_than_the_ack_wait_is_not_sent_by_another_instance_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    // The first answer takes 9 s, longer than the consumers' 6 s ack wait: only the lease's
+    // renewals keep the server from giving the delivery to the other instance meanwhile.
+    let a = FaultSink::start(|n| {
+        if n == 0 {
+            Action::Later(200, 9_000)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let text = config(&[nats.url()], &[("a", a.url("/a"))])
+        .replace("timeout = \"3s\"", "timeout = \"20s\"");
+    assert!(text.contains("timeout = \"20s\""), "{text}");
+    let relays = relays(dir.path(), &text, 2).await;
+    wait_instances(&relays, 2).await;
+    assert_eq!(post(&relays[0], "slow").await.0, 200);
+    assert!(a.wait_count(1, Duration::from_secs(10)).await, "sent");
+    // Answered after 9 s, its outcome stored: delivered, once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ev = admin(&relays[1], Method::GET, "/api/events/slow")
+            .await
+            .json();
+        if ev["deliveries"][0]["state"] == "delivered" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {ev}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let arrivals = a.arrivals();
+    assert_eq!(arrivals.len(), 1, "sent again while the first attempt ran");
+    assert!(arrivals[0].delivered());
+    // Nor given to either instance again: the destination's consumer handed out the pending
+    // state once, then the delivered state written over it (acked on sight); a lapsed lease
+    // would have been a third.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("t")
+        .await
+        .unwrap()
+        .get_consumer("t-n-a")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.delivered.consumer_sequence, 2, "{info:?}");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}
+
 #[tokio::test]
 async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     let old = std::env::var("HOOKRELAY_OLD_NATS").expect(

@@ -1,7 +1,10 @@
 //! Deliveries this instance holds: one puller per destination takes messages from the
 //! destination's durable consumer (shared by every instance, so each message goes to one of
 //! them at a time), keeps at most the scheduler's window of them, and holds each with a
-//! progress signal until its outcome is written and acked.
+//! progress signal until its outcome is written and acked. The signal has a timer of its
+//! own ([`renew_every`]): a pull the server is slow to answer, or an outcome's write, never
+//! holds it past the ack wait (the server would give the message to another instance while
+//! this one still sends it).
 //!
 //! A message not yet due (a retry's backoff) goes straight back with a delayed nak, so the
 //! server holds it until it is due. A delivered or dead state (written to the same subject)
@@ -66,6 +69,15 @@ impl Leases {
         }
     }
 
+    /// A copy of what a held delivery's outcome is written from: its message (to ack), the
+    /// sequence its state was read at, its record and body. The lease stays held (and
+    /// renewed) until [`Leases::take`].
+    pub fn get(&self, seq: u64) -> Option<(jetstream::Message, u64, DeliveryRecord, Bytes)> {
+        let held = self.held.lock().unwrap();
+        let l = held.get(&seq)?;
+        Some((l.msg.clone(), l.state_seq, l.rec.clone(), l.body.clone()))
+    }
+
     pub fn take(&self, seq: u64) -> Option<Lease> {
         let l = self.held.lock().unwrap().remove(&seq);
         self.freed.notify_one();
@@ -122,12 +134,7 @@ pub async fn pull(
         return;
     };
     debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
-    let mut renewed = tokio::time::Instant::now();
     while !stop.is_cancelled() {
-        if renewed.elapsed() >= PROGRESS_EVERY {
-            renew(&leases).await;
-            renewed = tokio::time::Instant::now();
-        }
         if paused.read().unwrap().contains(&dest) {
             // Paused (on every instance): take nothing more. What is held stays held (and
             // renewed), so an attempt in flight still records its outcome. A resume wakes
@@ -199,6 +206,17 @@ async fn take(leases: &Leases, m: jetstream::Message) {
         body,
     });
     leases.wakeup.notify_one();
+}
+
+/// Renews every held lease each [`PROGRESS_EVERY`], until `stop`.
+pub async fn renew_every(leases: Arc<Leases>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+        }
+        renew(&leases).await;
+    }
 }
 
 /// Tells the server every held message is still being worked on.

@@ -163,6 +163,8 @@ impl JetStreamStore {
             self.paused.clone(),
             self.stop.clone(),
         ));
+        self.tasks
+            .spawn(leases::renew_every(l.clone(), self.stop.clone()));
         l
     }
 
@@ -301,12 +303,12 @@ impl Store for JetStreamStore {
 
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
         let leases = self.leases_of(&key.destination);
-        let Some(mut lease) = leases.take(key.seq) else {
+        // The lease stays held, and renewed, while its outcome is written.
+        let Some((msg, state_seq, mut rec, body)) = leases.get(key.seq) else {
             return Ok(()); // not held here (any more): another instance owns it
         };
-        let original = lease.rec.delivery.clone();
-        lease.rec.delivery.apply(&outcome, now_ms());
-        let writes = self.state_writes(lease.state_seq, &lease.rec, &lease.body);
+        rec.delivery.apply(&outcome, now_ms());
+        let writes = self.state_writes(state_seq, &rec, &body);
         match self.write(&writes).await {
             Ok(Written::Stored { .. }) | Ok(Written::Conflict) => {
                 // Conflict: another instance moved it on (a replay, or a lease it took
@@ -317,14 +319,13 @@ impl Store for JetStreamStore {
                         *n = n.saturating_sub(1);
                     }
                 }
-                let _ = lease.msg.ack().await;
+                leases.take(key.seq);
+                let _ = msg.ack().await;
                 Ok(())
             }
-            Err(e) => {
-                lease.rec.delivery = original;
-                leases.put_back(lease);
-                Err(e)
-            }
+            // Still held as it was read: the write is tried again, or another instance
+            // takes the delivery once the lease lapses.
+            Err(e) => Err(e),
         }
     }
 
