@@ -591,6 +591,36 @@ async fn an_attempt_longer_than_the_ack_wait_is_not_sent_by_another_instance_mea
     drop(nats);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_deleted_under_a_running_relay_are_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
+    let relays = relays(dir.path(), &text, 1).await;
+    assert_eq!(post(&relays[0], "before").await.0, 200);
+    assert!(a.wait_count(1, Duration::from_secs(10)).await, "delivered");
+    // An operator (or a mistaken script) deletes the fan-out's and the destination's
+    // consumers while the relay runs.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("t").await.unwrap();
+    for name in ["t-fanout", "t-n-a"] {
+        assert!(
+            stream.delete_consumer(name).await.unwrap().success,
+            "{name}"
+        );
+    }
+    assert_eq!(post(&relays[0], "after").await.0, 200);
+    let after: HashSet<String> = ["after".to_string()].into();
+    a.wait_delivered(&after, Duration::from_secs(15))
+        .await
+        .expect("fanned out and delivered through new consumers");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}
+
 #[tokio::test]
 async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     let old = std::env::var("HOOKRELAY_OLD_NATS").expect(

@@ -16,7 +16,7 @@ use async_nats::jetstream::stream;
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::batch::{Write, Written};
 use super::pulls::{self, RETRY};
@@ -97,14 +97,9 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
         return;
     };
     let what = "fan-out";
-    let Some(consumer) = pulls::consumer(
-        &stream,
-        &names.fanout_consumer(),
-        consumer_config(&names),
-        what,
-        &stop,
-    )
-    .await
+    let name = names.fanout_consumer();
+    let config = consumer_config(&names);
+    let Some(mut consumer) = pulls::consumer(&stream, &name, config.clone(), what, &stop).await
     else {
         return;
     };
@@ -121,7 +116,9 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
             let m = match next {
                 None => break,
                 Some(Err(e)) => {
-                    debug!(error = %e, "a fan-out pull ended with an error");
+                    let again = pulls::recover(&stream, &name, config.clone(), what, &e, &stop);
+                    let Some(c) = again.await else { return };
+                    consumer = c;
                     break;
                 }
                 Some(Ok(m)) => m,

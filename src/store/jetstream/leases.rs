@@ -130,7 +130,8 @@ pub async fn pull(
     let name = names.consumer(&dest);
     let what = format!("deliveries of {dest}");
     let config = consumer_config(&names, &dest);
-    let Some(consumer) = pulls::consumer(&stream, &name, config, &what, &stop).await else {
+    let Some(mut consumer) = pulls::consumer(&stream, &name, config.clone(), &what, &stop).await
+    else {
         return;
     };
     debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
@@ -167,7 +168,9 @@ pub async fn pull(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    debug!(destination = %dest, error = %e, "a pull ended with an error");
+                    let again = pulls::recover(&stream, &name, config.clone(), &what, &e, &stop);
+                    let Some(c) = again.await else { return };
+                    consumer = c;
                     break;
                 }
                 Some(Ok(m)) => take(&leases, m).await,

@@ -1,6 +1,7 @@
 //! What the two pullers (the fan-out and each destination's) share: their durable consumer,
-//! created or found again until it works, and one pull of a batch, tried again after a
-//! failure. `what` names the puller in the log.
+//! created or found again until it works (at start, and after a pull ended with an error:
+//! it may have been deleted), and one pull of a batch, tried again after a failure. `what`
+//! names the puller in the log.
 
 use std::time::Duration;
 
@@ -34,6 +35,24 @@ pub(super) async fn consumer(
             }
         }
     }
+}
+
+/// After a pull ended with an error (the consumer deleted, no leader during an election, no
+/// responders): waits `RETRY`, then finds or creates the consumer again; `None` once `stop`.
+pub(super) async fn recover(
+    stream: &stream::Stream,
+    name: &str,
+    config: pull::Config,
+    what: &str,
+    error: &async_nats::Error,
+    stop: &CancellationToken,
+) -> Option<PullConsumer> {
+    warn!(puller = what, error = %error, "a pull ended with an error; trying again");
+    tokio::select! {
+        _ = stop.cancelled() => return None,
+        _ = tokio::time::sleep(RETRY) => {}
+    }
+    consumer(stream, name, config, what, stop).await
 }
 
 /// One pull of at most `max` messages; `None` after a failed one, once `RETRY` has passed
