@@ -81,6 +81,22 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
         matches!(dup, Admission::Duplicate { seq, .. } if seq == s1),
         "{name}: {dup:?}"
     );
+    // A queue at its limit (0 here) refuses a new event, but a duplicate is still answered
+    // as one: a provider's retry of an accepted event is not told to come back later.
+    let full = |id: &str| NewEvent {
+        max_queue: vec![0, 0],
+        ..ev(id, "x", &["a", "b"])
+    };
+    let dup = st.accept(full("e1")).await.unwrap();
+    assert!(
+        matches!(dup, Admission::Duplicate { seq, .. } if seq == s1),
+        "{name}: {dup:?}"
+    );
+    let refused = st.accept(full("e-full")).await.unwrap();
+    assert!(
+        matches!(refused, Admission::QueueFull { .. }),
+        "{name}: {refused:?}"
+    );
     // The same id from another source is another event.
     let s2 = accepted(st.as_ref(), ev("e1", "y", &["b"])).await;
     assert_ne!(s1, s2);

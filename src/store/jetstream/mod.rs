@@ -188,6 +188,18 @@ impl JetStreamStore {
         }
     }
 
+    /// The answer to a duplicate of the event `e`, if one is kept: its sequence and reply.
+    async fn duplicate(&self, e: &str) -> Result<Option<Admission>, StoreError> {
+        let Some((seq, _)) = self.last(&self.names.event(e)).await? else {
+            return Ok(None);
+        };
+        let reply = match self.last(&self.names.reply(e)).await? {
+            Some((_, p)) => serde_json::from_slice(&p).ok(),
+            None => None,
+        };
+        Ok(Some(Admission::Duplicate { seq, reply }))
+    }
+
     /// A delivery's current state: (its stream sequence, record, body).
     async fn delivery_state(
         &self,
@@ -215,16 +227,21 @@ fn not_found(e: &impl std::fmt::Display) -> bool {
 #[async_trait]
 impl Store for JetStreamStore {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
+        let e = event_token(&ev.source, &ev.id);
         for (i, d) in ev.destinations.iter().enumerate() {
             if let Some(&max) = ev.max_queue.get(i) {
                 if self.queue_depth(d) >= max {
+                    // A retry of an accepted event is still answered as the duplicate it is
+                    // (with its kept reply), as the embedded stores do.
+                    if let Some(dup) = self.duplicate(&e).await? {
+                        return Ok(dup);
+                    }
                     return Ok(Admission::QueueFull {
                         destination: d.clone(),
                     });
                 }
             }
         }
-        let e = event_token(&ev.source, &ev.id);
         let meta = EventMeta {
             id: ev.id.clone(),
             source: ev.source.clone(),
@@ -248,19 +265,13 @@ impl Store for JetStreamStore {
                 }
                 Ok(Admission::Accepted { seq: first })
             }
-            Written::Conflict => {
-                let Some((seq, _)) = self.last(&self.names.event(&e)).await? else {
-                    // Expired between the write and the read: the caller's retry is new.
-                    return Err(StoreError::Unavailable(
-                        "the event's dedup record expired while it was checked; try again".into(),
-                    ));
-                };
-                let reply = match self.last(&self.names.reply(&e)).await? {
-                    Some((_, p)) => serde_json::from_slice(&p).ok(),
-                    None => None,
-                };
-                Ok(Admission::Duplicate { seq, reply })
-            }
+            Written::Conflict => match self.duplicate(&e).await? {
+                Some(dup) => Ok(dup),
+                // Expired between the write and the read: the caller's retry is new.
+                None => Err(StoreError::Unavailable(
+                    "the event's dedup record expired while it was checked; try again".into(),
+                )),
+            },
         }
     }
 
