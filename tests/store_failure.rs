@@ -119,29 +119,35 @@ impl Store for Flaky {
     }
 }
 
-#[tokio::test]
-async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = r#"
+/// One source (`/open`, id at `$.id`) routed to one destination at `url`.
+fn config(dir: &std::path::Path, url: &str) -> hookrelay::config::Config {
+    let toml = format!(
+        r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [delivery]
-retry = { first = "1h" }
+retry = {{ first = "1h" }}
 [[sources]]
 name = "open"
 path = "/open"
 event_id = ["$.id"]
 [[destinations]]
-name = "down"
-url = "http://127.0.0.1:9/"
+name = "calls"
+url = "{url}"
 [[routes]]
 name = "all"
 source = "open"
-to = ["down"]
-"#;
-    let config =
-        hookrelay::config::parse(toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+to = ["calls"]
+"#
+    );
+    hookrelay::config::parse(&toml, &dir.join("routes.toml"), &|_| None).unwrap()
+}
+
+#[tokio::test]
+async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "http://127.0.0.1:9/");
     let inner = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
     let store = Arc::new(Flaky::new(inner));
     let relay = hookrelay::Relay::start_with_store(config, store.clone())
@@ -187,27 +193,7 @@ to = ["down"]
 async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
     let sink = support::FaultSink::answering(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[[sources]]
-name = "open"
-path = "/open"
-event_id = ["$.id"]
-[[destinations]]
-name = "calls"
-url = "{}"
-[[routes]]
-name = "all"
-source = "open"
-to = ["calls"]
-"#,
-        sink.url("/")
-    );
-    let config =
-        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+    let config = config(dir.path(), &sink.url("/"));
     let store = Arc::new(Flaky::new(
         hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
     ));
