@@ -11,9 +11,9 @@
 //! is acked on sight. If this instance dies, the server gives its messages to another after
 //! the ack wait.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use super::pulls;
 use super::records::{decode_delivery, DeliveryRecord, Names};
+use super::watchers::Pauses;
 use crate::clock::now_ms;
 use crate::store::DeliveryState;
 
@@ -123,7 +124,7 @@ pub async fn pull(
     leases: Arc<Leases>,
     stream: stream::Stream,
     names: Names,
-    paused: Arc<RwLock<HashSet<String>>>,
+    paused: Arc<Pauses>,
     stop: CancellationToken,
 ) {
     let dest = leases.destination.clone();
@@ -136,7 +137,7 @@ pub async fn pull(
     };
     debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
     while !stop.is_cancelled() {
-        if paused.read().unwrap().contains(&dest) {
+        if paused.contains(&dest) {
             // Paused (on every instance): take nothing more. What is held stays held (and
             // renewed), so an attempt in flight still records its outcome. A resume wakes
             // the scheduler, whose next read frees this wait.

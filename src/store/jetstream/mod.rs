@@ -25,9 +25,9 @@ mod records;
 mod setup;
 mod watchers;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -63,7 +63,7 @@ pub struct JetStreamStore {
     stream: stream::Stream,
     names: Names,
     pauses: kv::Store,
-    paused: Arc<RwLock<HashSet<String>>>,
+    paused: Arc<watchers::Pauses>,
     leases: Mutex<HashMap<String, Arc<Leases>>>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     depths: Arc<Mutex<HashMap<String, u64>>>,
@@ -137,10 +137,9 @@ impl JetStreamStore {
         let mut keys = self.pauses.keys().await?;
         while let Some(k) = keys.next().await {
             let k = k?;
-            if let Some(v) = self.pauses.get(&k).await? {
-                if let (Some(name), true) = (untoken(&k), &v[..] == b"1") {
-                    self.paused.write().unwrap().insert(name);
-                }
+            if let (Some(e), Some(name)) = (self.pauses.entry(&k).await?, untoken(&k)) {
+                let on = e.operation == kv::Operation::Put && &e.value[..] == b"1";
+                self.paused.apply(&name, on, e.revision);
             }
         }
         Ok(())
@@ -417,21 +416,18 @@ impl Store for JetStreamStore {
 
     async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
         let v = Bytes::from_static(if paused { b"1" } else { b"0" });
-        self.pauses
+        let revision = self
+            .pauses
             .put(token(destination), v)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        if paused {
-            self.paused.write().unwrap().insert(destination.to_string());
-        } else {
-            self.paused.write().unwrap().remove(destination);
-        }
+        self.paused.apply(destination, paused, revision);
         self.wakeup_of(destination).notify_one();
         Ok(())
     }
 
     fn paused(&self, destination: &str) -> bool {
-        self.paused.read().unwrap().contains(destination)
+        self.paused.contains(destination)
     }
 
     async fn purge(&self, _retain: Duration) -> Result<usize, StoreError> {

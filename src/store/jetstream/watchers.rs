@@ -1,8 +1,9 @@
 //! The background work each instance does for the others: a membership heartbeat (the
 //! share count), the pause watch, and the queue depths read from the consumers.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::kv::{self, Operation};
@@ -38,6 +39,31 @@ pub(super) async fn heartbeat(
     let _ = members.purge(&me).await;
 }
 
+/// Which destinations are paused, as the pauses bucket last said. Each change carries the
+/// bucket's revision and an older one never undoes a newer: this instance's own write and
+/// the watch's report of another instance's later one can arrive in either order.
+#[derive(Default)]
+pub struct Pauses(RwLock<HashMap<String, (bool, u64)>>);
+
+impl Pauses {
+    pub fn contains(&self, destination: &str) -> bool {
+        matches!(self.0.read().unwrap().get(destination), Some((true, _)))
+    }
+
+    /// Takes the state written at `revision` unless a later one is known; whether the
+    /// destination went from running to paused or back.
+    pub fn apply(&self, destination: &str, paused: bool, revision: u64) -> bool {
+        let mut all = self.0.write().unwrap();
+        let was = match all.get(destination) {
+            Some(&(_, known)) if known > revision => return false,
+            Some(&(was, _)) => was,
+            None => false,
+        };
+        all.insert(destination.to_string(), (paused, revision));
+        was != paused
+    }
+}
+
 /// Follows the pauses bucket: a pause or resume through any instance holds on all.
 pub(super) async fn watch_pauses(
     store: Weak<JetStreamStore>,
@@ -66,12 +92,7 @@ pub(super) async fn watch_pauses(
                 let Some(s) = store.upgrade() else { return };
                 if let Some(name) = untoken(&entry.key) {
                     let on = entry.operation == Operation::Put && &entry.value[..] == b"1";
-                    let changed = if on {
-                        s.paused.write().unwrap().insert(name.clone())
-                    } else {
-                        s.paused.write().unwrap().remove(&name)
-                    };
-                    if changed {
+                    if s.paused.apply(&name, on, entry.revision) {
                         s.wakeup_of(&name).notify_one();
                     }
                 }
@@ -105,5 +126,32 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pauses;
+
+    #[test]
+    fn an_older_pause_or_resume_never_undoes_a_newer() {
+        let p = Pauses::default();
+        assert!(!p.contains("a"));
+        assert!(p.apply("a", true, 5), "paused");
+        assert!(p.contains("a"));
+        // This instance's own resume, written before the pause at 5, answered after it.
+        assert!(!p.apply("a", false, 3));
+        assert!(p.contains("a"), "the later pause stands");
+        assert!(
+            !p.apply("a", true, 5),
+            "the same report again changes nothing"
+        );
+        assert!(p.apply("a", false, 6), "resumed");
+        assert!(!p.contains("a"));
+        assert!(
+            !p.apply("b", false, 1),
+            "a resume of one never paused changes nothing"
+        );
+        assert!(!p.contains("b"));
     }
 }
