@@ -6,9 +6,9 @@
 //! to the schedulers, with one use per delivery due at once (not held for a reply route,
 //! not waiting behind an earlier one of its order key). It goes when its last use is taken,
 //! when newer ones push it out (at most [`MAX_EVENTS`] events, [`MAX_BYTES`] of bodies,
-//! each a slice of its own stored record), or when it is purged. Events never change once stored, so what
-//! is taken here is what the store holds; a miss (a slow destination, a retry, a restart)
-//! reads the store. The last use hands the event itself over, so in the common case it is
+//! each a slice of its own stored record), or when it is purged. Events never change once
+//! stored, so what is taken here is what the store holds; a miss (a slow destination, a
+//! retry, a restart) reads the store. The last use hands the event itself over, so in the common case it is
 //! freed on the worker that sent it, not on the store's writer thread.
 
 use std::collections::{HashMap, VecDeque};

@@ -2,9 +2,9 @@
 //! max_queue, the event and its deliveries), record an attempt's outcome, replay, purge.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
-use std::time::Duration;
 
 use super::keys::*;
 use super::records::*;

@@ -61,7 +61,27 @@ pub(super) struct Writer<'a> {
     pub(super) legacy_until: u64,
 }
 
-impl Writer<'_> {
+impl<'a> Writer<'a> {
+    /// The view of group `group` over `txn`, with nothing written yet.
+    fn new<E: Engine>(
+        txn: &'a mut dyn Txn,
+        shared: &'a Shared<E>,
+        next_seq: &'a mut u64,
+        group: u64,
+    ) -> Self {
+        Writer {
+            txn,
+            committed: &shared.depth,
+            next_seq,
+            depth: HashMap::new(),
+            wakes: HashSet::new(),
+            stamp: stamp(shared.epoch, group),
+            fresh: &shared.fresh,
+            accepted: Vec::new(),
+            legacy_until: shared.legacy_until,
+        }
+    }
+
     /// Puts delivery `seq` of `dest` in the due queue at `due`; its scheduler is woken once
     /// the group is durable.
     pub(super) fn queue(&mut self, dest: &str, due: u64, seq: u64) -> Result<(), StoreError> {
@@ -122,17 +142,7 @@ pub(super) fn writer_loop<E: Engine>(
         let mut wakes = HashSet::new();
         let mut accepted = Vec::new();
         let committed = shared.engine.group(&mut |txn| {
-            let mut w = Writer {
-                txn,
-                committed: &shared.depth,
-                next_seq: &mut next_seq,
-                depth: HashMap::new(),
-                wakes: HashSet::new(),
-                stamp: stamp(shared.epoch, group),
-                fresh: &shared.fresh,
-                accepted: Vec::new(),
-                legacy_until: shared.legacy_until,
-            };
+            let mut w = Writer::new(txn, &shared, &mut next_seq, group);
             if let Some(job) = first.take() {
                 done.push(job(&mut w));
             }
@@ -166,17 +176,12 @@ pub(super) fn writer_loop<E: Engine>(
             let e = committed
                 .err()
                 .unwrap_or_else(|| StoreError::Unavailable("no transaction".into()));
-            let d = job(&mut Writer {
-                txn: &mut FailedTxn(e.clone()),
-                committed: &shared.depth,
-                next_seq: &mut next_seq,
-                depth: HashMap::new(),
-                wakes: HashSet::new(),
-                stamp: stamp(shared.epoch, group),
-                fresh: &shared.fresh,
-                accepted: Vec::new(),
-                legacy_until: shared.legacy_until,
-            });
+            let d = job(&mut Writer::new(
+                &mut FailedTxn(e.clone()),
+                &shared,
+                &mut next_seq,
+                group,
+            ));
             d(Some(e));
             continue;
         }
