@@ -338,6 +338,11 @@ async fn queue_over_max_queue_is_503_with_retry_after() {
     // Nothing was stored for the refused event.
     let id = hookrelay::event_id::body_hash(b"{\"n\":3}");
     assert!(r.app().store.lookup(&id).await.unwrap().is_empty());
+    // A provider's retry of an event already accepted is answered as the duplicate it is,
+    // full queue or not: it must not be told to come back later.
+    let again = r.post("/open", b"{\"n\":1}").await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
+    assert_eq!(again.json()["duplicate"], true);
 }
 
 #[tokio::test]

@@ -226,9 +226,14 @@ async fn the_store_contract_on_sled() {
 }
 
 async fn jetstream(dir: &Path, nats: &NatsServer) -> Arc<dyn Store> {
+    jetstream_with(dir, nats, "").await
+}
+
+/// A jetstream store on `nats` (prefix `c`), with `more` appended to its `[store]` table.
+async fn jetstream_with(dir: &Path, nats: &NatsServer, more: &str) -> Arc<dyn Store> {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body_bytes = 65536\n\
-         [store]\nbackend = \"jetstream\"\nurl = \"{}\"\nprefix = \"c\"\n",
+         [store]\nbackend = \"jetstream\"\nurl = \"{}\"\nprefix = \"c\"\n{more}",
         nats.url()
     );
     let config = hookrelay::config::parse(&text, &dir.join("routes.toml"), &|_| None).unwrap();
@@ -280,4 +285,52 @@ async fn a_pause_through_one_jetstream_store_is_seen_by_another_at_once() {
     for s in [a, b, c] {
         s.close().await.unwrap();
     }
+}
+
+/// A dead letter outlives its event's message (kept `max(dedup window, retain)`): it is
+/// still found by its id, listed, and replayed by its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream_with(
+        dir.path(),
+        &nats,
+        "retain = \"1s\"\n[dedup]\nwindow = \"1s\"\n",
+    )
+    .await;
+    let short = NewEvent {
+        dedup_window: Duration::from_secs(1),
+        ..ev("gone", "x", &["a"])
+    };
+    let seq = accepted(st.as_ref(), short).await;
+    due(st.as_ref(), "a", seq).await;
+    st.record(&key(seq, "a"), dead()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while st.event(seq).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "the event never expired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(st.dead(Some("a"), 10).await.unwrap().len(), 1);
+    let views = st.lookup("gone").await.unwrap();
+    assert_eq!(views.len(), 1, "{views:?}");
+    assert_eq!(views[0].event.seq, seq);
+    assert_eq!(&views[0].event.body[..], br#"{"id":"gone"}"#);
+    let states: Vec<_> = views[0]
+        .deliveries
+        .iter()
+        .map(|d| (d.destination.as_str(), d.state))
+        .collect();
+    assert_eq!(states, [("a", DeliveryState::Dead)]);
+    assert!(st.lookup("other").await.unwrap().is_empty());
+    assert_eq!(
+        st.replay(ReplaySelector::EventId("gone".into()))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(st.dead(None, 10).await.unwrap().is_empty());
+    let d = due(st.as_ref(), "a", seq).await;
+    assert_eq!(d.state, DeliveryState::Pending);
+    st.close().await.unwrap();
 }

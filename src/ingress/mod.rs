@@ -148,6 +148,13 @@ async fn accept(
     }
     let wrapped = parse_event(&source, &body)?;
     let ev = routed(app, config, &source, &wrapped, body, content_type)?;
+    if let Some(dest) = &ev.full {
+        // Shed without a write, unless it may be a retry of an event already kept: the
+        // store answers that one as the duplicate it is, full queue or not.
+        if !app.store.kept(&source.name, &ev.id).await.unwrap_or(false) {
+            return Err(queue_full(dest, config));
+        }
+    }
     let id = ev.id.clone();
     let reply = ev.reply;
     let deliveries = ev.new.destinations.len();
@@ -218,6 +225,8 @@ fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<(), 
 /// An event routed and ready for the store.
 struct Routed {
     id: String,
+    /// A destination whose queue looks full (`max_queue`).
+    full: Option<String>,
     new: NewEvent,
     /// The first matching route with a `reply`.
     reply: Option<usize>,
@@ -227,7 +236,7 @@ struct Routed {
 }
 
 /// The event's id, its destinations (with their `max_queue` and order keys) and the
-/// reply route, if any. Sheds load early when a destination's queue is full.
+/// reply route, if any, and a destination whose queue looks full.
 fn routed(
     app: &Deps,
     config: &Config,
@@ -239,14 +248,15 @@ fn routed(
     let id = event_id(&source.event_id, &wrapped[0], &body);
     Span::current().record("event_id", id.as_str());
     let fanout = route(config, source, wrapped);
-    // Fast path under overload: skip the store round trip. The store's writer makes the
-    // exact check (`Admission::QueueFull`), which concurrent requests cannot race past.
-    for &d in &fanout.destinations {
-        let dest = &config.destinations[d];
-        if app.store.queue_depth(&dest.name) >= dest.max_queue {
-            return Err(queue_full(&dest.name, config));
-        }
-    }
+    // Fast path under overload: a destination's queue looks full without asking the store's
+    // writer. The writer makes the exact check (`Admission::QueueFull`), which concurrent
+    // requests cannot race past.
+    let full = fanout
+        .destinations
+        .iter()
+        .map(|&d| &config.destinations[d])
+        .find(|dest| app.store.queue_depth(&dest.name) >= dest.max_queue)
+        .map(|dest| dest.name.clone());
     if fanout.destinations.is_empty() {
         app.metrics
             .unrouted
@@ -297,6 +307,7 @@ fn routed(
     };
     Ok(Routed {
         id,
+        full,
         new,
         reply: fanout.reply_route,
         received_ms,

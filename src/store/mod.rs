@@ -333,6 +333,16 @@ pub trait Store: Send + Sync + 'static {
     /// Every stored event with this id (one per source that used it), with deliveries.
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError>;
 
+    /// Whether an event with this id from `source` is kept: read-only, so that the ingress,
+    /// shedding load without a write, still lets a possible duplicate reach [`Store::accept`].
+    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lookup(id)
+            .await?
+            .iter()
+            .any(|v| v.event.source == source))
+    }
+
     /// The newest events matching `query`, walking back from its cursor. A selective filter
     /// looks at a bounded number of events per call and returns a cursor to go on from.
     async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError>;

@@ -410,6 +410,11 @@ impl Store for JetStreamStore {
         self.events_with_id(id).await
     }
 
+    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
+        let e = event_token(source, id);
+        Ok(self.last(&self.names.event(&e)).await?.is_some())
+    }
+
     async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
         self.walk_back(query).await
     }

@@ -82,19 +82,12 @@ impl JetStreamStore {
         Some((untoken(d)?, e))
     }
 
-    /// Every kept event with this id (one per source), with its deliveries.
+    /// Every kept event with this id (one per source), with its deliveries. A dead letter
+    /// outlives its event's message (kept `max(dedup window, retain)`): an event gone while
+    /// a delivery is still dead is shown from its dead deliveries' records.
     pub(super) async fn events_with_id(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
-        let mut subjects = Vec::new();
-        let mut it = self
-            .stream
-            .info_with_subjects(self.names.events_of_id(id))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        while let Some(s) = it.next().await {
-            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
-        }
         let mut out = Vec::new();
-        for s in subjects {
+        for s in self.subjects(&self.names.events_of_id(id)).await? {
             if let Some((seq, p)) = self.last(&s).await? {
                 let v = self.view(seq, &p).await?;
                 if v.event.id == id {
@@ -102,8 +95,45 @@ impl JetStreamStore {
                 }
             }
         }
+        let kept = out.len();
+        for s in self.subjects(&self.names.dead_of_id(id)).await? {
+            let Some((dest, e)) = self.dead_subject_parts(&s) else {
+                continue;
+            };
+            let Some((_, rec, body)) = self.delivery_state(&dest, e).await? else {
+                continue;
+            };
+            let seq = rec.delivery.seq;
+            if rec.event.id != id
+                || rec.delivery.state != DeliveryState::Dead
+                || out[..kept].iter().any(|v| v.event.seq == seq)
+            {
+                continue;
+            }
+            match out.iter_mut().find(|v| v.event.seq == seq) {
+                Some(v) => v.deliveries.push(rec.delivery),
+                None => out.push(EventView {
+                    event: stored_event(&rec, body),
+                    deliveries: vec![rec.delivery],
+                }),
+            }
+        }
         out.sort_by_key(|v| v.event.seq);
         Ok(out)
+    }
+
+    /// The subjects in the stream that match `filter`.
+    async fn subjects(&self, filter: &str) -> Result<Vec<String>, StoreError> {
+        let mut it = self
+            .stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut subjects = Vec::new();
+        while let Some(s) = it.next().await {
+            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
+        }
+        Ok(subjects)
     }
 
     /// The newest events matching `query`: the stream walked back from its cursor, at most

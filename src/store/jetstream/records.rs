@@ -67,6 +67,10 @@ impl Names {
             None => format!("{}.dl.>", self.prefix),
         }
     }
+    /// The dead-letter index entries of every event with this id.
+    pub fn dead_of_id(&self, id: &str) -> String {
+        format!("{}.dl.*.{}.*", self.prefix, hash(id))
+    }
     pub fn reply(&self, e: &str) -> String {
         format!("{}.re.{e}", self.prefix)
     }
