@@ -95,8 +95,10 @@ pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken
 /// One request: never fails, every problem is an answer.
 pub async fn handle(app: &Deps, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let config = app.config();
+    // The rarer paths' futures are boxed: every request's future is as large as its largest
+    // path, and it is copied a few times on its way into the connection's task.
     if req.uri().path() == TOKEN_PATH && config.issues_tokens() {
-        return oauth::token_endpoint(&config, peer, req).await;
+        return Box::pin(oauth::token_endpoint(&config, peer, req)).await;
     }
     let found = config.source_for_path(req.uri().path()).cloned();
     let source = found.as_ref().map_or("(none)", |s| s.name.as_str());
@@ -171,7 +173,7 @@ async fn accept(
             content_type: ev.content_type,
             body: ev.body,
         };
-        return Ok(reply::call(app, config, reply, &event, !duplicate).await);
+        return Ok(Box::pin(reply::call(app, config, reply, &event, !duplicate)).await);
     }
     let deliveries = if duplicate { 0 } else { deliveries };
     debug!(duplicate, deliveries, "accepted");
