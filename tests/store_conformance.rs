@@ -334,3 +334,43 @@ async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
     assert_eq!(d.state, DeliveryState::Pending);
     st.close().await.unwrap();
 }
+
+/// `max_queue` counts accepted events not fanned out yet: a fan-out that lags (here its
+/// consumer is paused) does not let a destination's queue run past its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_queue_counts_events_not_fanned_out_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    // The destination's consumer exists, so the depth counts read it.
+    st.pending("a", 1, &|_| false).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("c").await.unwrap();
+    let later = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    stream.pause_consumer("c-fanout", later).await.unwrap();
+    let limited = |id: &str| NewEvent {
+        max_queue: vec![3],
+        ..ev(id, "x", &["a"])
+    };
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(accepted(st.as_ref(), limited(&format!("q{i}"))).await);
+    }
+    // A count of the queues has run: the destination's consumer holds none of the three.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while st.queue_depth("a") > 0 {
+        assert!(Instant::now() < deadline, "the depth was never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let more = st.accept(limited("q3")).await.unwrap();
+    assert!(matches!(more, Admission::QueueFull { .. }), "{more:?}");
+    stream.resume_consumer("c-fanout").await.unwrap();
+    for seq in seqs {
+        due(st.as_ref(), "a", seq).await;
+    }
+    st.close().await.unwrap();
+}

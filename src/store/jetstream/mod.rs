@@ -26,7 +26,7 @@ mod setup;
 mod watchers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ pub struct JetStreamStore {
     leases: Mutex<HashMap<String, Arc<Leases>>>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     depths: Arc<Mutex<HashMap<String, u64>>>,
+    /// Accepted events not fanned out yet (as of the last count): each may add a delivery
+    /// to any destination, so `max_queue` counts them for every one.
+    unfanned: AtomicU64,
     members: Arc<AtomicUsize>,
     /// `max(dedup window, retain)`: how long an event (its dedup record) is kept.
     keep_events: Duration,
@@ -102,6 +105,7 @@ impl JetStreamStore {
             leases: Mutex::default(),
             wakeups: Mutex::default(),
             depths: Arc::default(),
+            unfanned: AtomicU64::new(0),
             members: Arc::new(AtomicUsize::new(1)),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
@@ -229,7 +233,7 @@ impl Store for JetStreamStore {
         let e = event_token(&ev.source, &ev.id);
         for (i, d) in ev.destinations.iter().enumerate() {
             if let Some(&max) = ev.max_queue.get(i) {
-                if self.queue_depth(d) >= max {
+                if self.queue_depth(d) + self.unfanned.load(Ordering::Relaxed) >= max {
                     // A retry of an accepted event is still answered as the duplicate it is
                     // (with its kept reply), as the embedded stores do.
                     if let Some(dup) = self.duplicate(&e).await? {

@@ -105,7 +105,8 @@ pub(super) async fn watch_pauses(
     }
 }
 
-/// Reads each known destination's queue depth (pending + held) from its consumer.
+/// Reads each known destination's queue depth (pending + held) from its consumer, and the
+/// accepted events not fanned out yet from the fan-out's.
 pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -113,6 +114,16 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
             _ = tokio::time::sleep(DEPTH_EVERY) => {}
         }
         let Some(s) = store.upgrade() else { return };
+        let fanout = s
+            .stream
+            .get_consumer::<pull::Config>(&s.names.fanout_consumer())
+            .await;
+        if let Ok(mut c) = fanout {
+            if let Ok(info) = c.info().await {
+                let n = info.num_pending + info.num_ack_pending as u64;
+                s.unfanned.store(n, Ordering::Relaxed);
+            }
+        }
         let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
         for d in known {
             let consumer = s
