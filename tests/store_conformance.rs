@@ -374,3 +374,48 @@ async fn max_queue_counts_events_not_fanned_out_yet() {
     }
     st.close().await.unwrap();
 }
+
+/// An outcome's write replaces the held message on its subject, and the server settles a
+/// pending message it removes as if acked: the relay sends no ack of its own, and the
+/// destination's consumer holds nothing once the outcomes are written, well before the ack
+/// wait (6 s) would have the server hand anything out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_messages_are_settled_without_an_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(accepted(st.as_ref(), ev(&format!("s{i}"), "x", &["d"])).await);
+    }
+    for &seq in &seqs {
+        due(st.as_ref(), "d", seq).await;
+    }
+    let recorded = Instant::now();
+    for &seq in &seqs {
+        st.record(&key(seq, "d"), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("c").await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-n-d")
+        .await
+        .unwrap();
+    loop {
+        // The delivered states are handed to this store's puller, which acks them on sight.
+        st.pending("d", 16, &|_| false).await.unwrap();
+        let info = consumer.info().await.unwrap().clone();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            assert_eq!(info.num_redelivered, 0);
+            break;
+        }
+        assert!(
+            recorded.elapsed() < Duration::from_secs(4),
+            "still held: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    st.close().await.unwrap();
+}

@@ -70,13 +70,13 @@ impl Leases {
         }
     }
 
-    /// A copy of what a held delivery's outcome is written from: its message (to ack), the
-    /// sequence its state was read at, its record and body. The lease stays held (and
-    /// renewed) until [`Leases::take`].
-    pub fn get(&self, seq: u64) -> Option<(jetstream::Message, u64, DeliveryRecord, Bytes)> {
+    /// A copy of what a held delivery's outcome is written from: the sequence its state was
+    /// read at, its record and body. The lease stays held (and renewed) until
+    /// [`Leases::take`].
+    pub fn get(&self, seq: u64) -> Option<(u64, DeliveryRecord, Bytes)> {
         let held = self.held.lock().unwrap();
         let l = held.get(&seq)?;
-        Some((l.msg.clone(), l.state_seq, l.rec.clone(), l.body.clone()))
+        Some((l.state_seq, l.rec.clone(), l.body.clone()))
     }
 
     pub fn take(&self, seq: u64) -> Option<Lease> {

@@ -8,7 +8,8 @@
 //!   deliveries, idempotently ([`fanout`]): no accepted event is ever left without one.
 //! - **Deliver**: each destination has one durable pull consumer shared by every instance
 //!   ([`leases`]); an outcome is written to the delivery's own subject, conditional on the
-//!   state it was read from, then the message is acked. A retry is written as a new
+//!   state it was read from; that write replaces the held message, which the server then
+//!   settles as if acked (no ack is sent). A retry is written as a new
 //!   pending state with its due time and handed back with a delayed nak until then.
 //! - **Limits across instances**: each instance takes `1/n` of `rate` and `max_in_flight`,
 //!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`].
@@ -318,7 +319,7 @@ impl Store for JetStreamStore {
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
         let leases = self.leases_of(&key.destination);
         // The lease stays held, and renewed, while its outcome is written.
-        let Some((msg, state_seq, mut rec, body)) = leases.get(key.seq) else {
+        let Some((state_seq, mut rec, body)) = leases.get(key.seq) else {
             return Ok(()); // not held here (any more): another instance owns it
         };
         rec.delivery.apply(&outcome, now_ms());
@@ -333,8 +334,10 @@ impl Store for JetStreamStore {
                         *n = n.saturating_sub(1);
                     }
                 }
+                // No ack: the write replaced the held message on its subject (one message
+                // per subject), and the server settles a pending message it removes as if
+                // acked. An ack now would be one more operation per delivery for nothing.
                 leases.take(key.seq);
-                let _ = msg.ack().await;
                 Ok(())
             }
             // Still held as it was read: the write is tried again, or another instance
