@@ -288,7 +288,8 @@ async fn a_pause_through_one_jetstream_store_is_seen_by_another_at_once() {
 }
 
 /// A dead letter outlives its event's message (kept `max(dedup window, retain)`): it is
-/// still found by its id, listed, and replayed by its id.
+/// still found by its id, listed, and replayed by its id, also after the same id was
+/// accepted again as a new event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,11 +300,11 @@ async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
         "retain = \"1s\"\n[dedup]\nwindow = \"1s\"\n",
     )
     .await;
-    let short = NewEvent {
+    let short = || NewEvent {
         dedup_window: Duration::from_secs(1),
         ..ev("gone", "x", &["a"])
     };
-    let seq = accepted(st.as_ref(), short).await;
+    let seq = accepted(st.as_ref(), short()).await;
     due(st.as_ref(), "a", seq).await;
     st.record(&key(seq, "a"), dead()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -323,6 +324,31 @@ async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
         .collect();
     assert_eq!(states, [("a", DeliveryState::Dead)]);
     assert!(st.lookup("other").await.unwrap().is_empty());
+
+    // The same id from the same source, accepted again: a new event, whose delivery must
+    // not replace the dead letter (it goes on subjects of its own).
+    let again = accepted(st.as_ref(), ev("gone", "x", &["a"])).await;
+    assert_ne!(again, seq);
+    due(st.as_ref(), "a", again).await;
+    let views = st.lookup("gone").await.unwrap();
+    let states: Vec<_> = views
+        .iter()
+        .map(|v| (v.event.seq, v.deliveries[0].state))
+        .collect();
+    assert_eq!(
+        states,
+        [(seq, DeliveryState::Dead), (again, DeliveryState::Pending)]
+    );
+    let dead = st.dead(Some("a"), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].delivery.seq, seq);
+    st.record(&key(again, "a"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let views = st.lookup("gone").await.unwrap();
+    assert_eq!(views.len(), 2, "{views:?}");
+    assert_eq!(views[1].deliveries[0].state, DeliveryState::Delivered);
+
     assert_eq!(
         st.replay(ReplaySelector::EventId("gone".into()))
             .await
@@ -332,6 +358,25 @@ async fn a_dead_letter_whose_event_expired_is_found_and_replayed_by_its_id() {
     assert!(st.dead(None, 10).await.unwrap().is_empty());
     let d = due(st.as_ref(), "a", seq).await;
     assert_eq!(d.state, DeliveryState::Pending);
+    let event = st
+        .event(seq)
+        .await
+        .unwrap()
+        .expect("the replayed one's event");
+    assert_eq!(&event.body[..], br#"{"id":"gone"}"#);
+    st.record(&key(seq, "a"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let views = st.lookup("gone").await.unwrap();
+    let states: Vec<_> = views
+        .iter()
+        .map(|v| (v.event.seq, v.deliveries[0].state))
+        .collect();
+    assert_eq!(
+        states,
+        [(again, DeliveryState::Delivered)],
+        "the old one is history"
+    );
     st.close().await.unwrap();
 }
 

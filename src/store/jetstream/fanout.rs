@@ -22,7 +22,7 @@ use super::batch::{Write, Written};
 use super::pulls::{self, RETRY};
 use super::records::*;
 use super::JetStreamStore;
-use crate::store::StoreError;
+use crate::store::{DeliveryState, StoreError};
 
 /// How long the server waits for an event's fan-out before giving it to another instance.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -66,27 +66,38 @@ impl JetStreamStore {
         e: &str,
         body: &[u8],
     ) -> Result<(), StoreError> {
-        let rec = meta.first_delivery(seq, dest);
-        let subject = self.names.delivery(dest, e);
+        let mut rec = meta.first_delivery(seq, dest);
         let mut last = 0;
-        for _ in 0..3 {
-            let w = Write::new(subject.clone(), encode_delivery(&rec, body)).expect(last);
+        for _ in 0..4 {
+            let subject = self.names.delivery(dest, &rec.part());
+            let w = Write::new(subject, encode_delivery(&rec, body)).expect(last);
             match self.write(&[w]).await? {
                 Written::Stored { .. } => {
                     self.wakeup_of(dest).notify_one();
                     return Ok(());
                 }
-                Written::Conflict => match self.delivery_state(dest, e).await? {
+                Written::Conflict => match self.delivery_state(dest, &rec.part()).await? {
                     Some((_, r, _)) if r.delivery.seq == seq => return Ok(()),
-                    // A state left by an earlier event with this id, kept past its
-                    // event (pending longer than the event's life): this one replaces it.
+                    Some((s, r, _)) if !rec.apart => {
+                        // A state left by an earlier event with this id, kept past its
+                        // event's message. A delivered one is history: replaced, unless an
+                        // earlier fan-out of this event already put it apart. One still
+                        // pending or dead must be kept: this one goes apart.
+                        if r.delivery.state != DeliveryState::Delivered {
+                            (rec.apart, last) = (true, 0);
+                        } else if self.state_of(seq, dest, e).await?.is_some() {
+                            return Ok(());
+                        } else {
+                            last = s;
+                        }
+                    }
                     Some((s, _, _)) => last = s,
                     None => last = 0,
                 },
             }
         }
         Err(StoreError::Unavailable(format!(
-            "the delivery subject {subject} kept changing while it was written"
+            "the delivery of event {seq} to {dest} kept changing while it was written"
         )))
     }
 }

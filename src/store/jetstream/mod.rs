@@ -217,6 +217,24 @@ impl JetStreamStore {
         Ok(Some((seq, rec, body)))
     }
 
+    /// The delivery of the event at `seq` (its event part `e`) to `destination`: on its
+    /// usual subject, or kept apart on its own.
+    async fn state_of(
+        &self,
+        seq: u64,
+        destination: &str,
+        e: &str,
+    ) -> Result<Option<(u64, DeliveryRecord, Bytes)>, StoreError> {
+        match self.delivery_state(destination, e).await? {
+            Some(t) if t.1.delivery.seq == seq => Ok(Some(t)),
+            Some(_) => Ok(self
+                .delivery_state(destination, &apart(e, seq))
+                .await?
+                .filter(|t| t.1.delivery.seq == seq)),
+            None => Ok(None),
+        }
+    }
+
     async fn write(&self, writes: &[Write]) -> Result<Written, StoreError> {
         // The stream is named by the prefix: no name built per write.
         write(&self.client, &self.names.prefix, writes, WRITE_TIMEOUT).await
@@ -388,21 +406,7 @@ impl Store for JetStreamStore {
                 .into_iter()
                 .map(|(_, s, r, b)| (s, r, b))
                 .collect(),
-            ReplaySelector::EventId(id) => {
-                let mut out = Vec::new();
-                for v in self.lookup(&id).await? {
-                    let e = event_token(&v.event.source, &v.event.id);
-                    for d in v.deliveries {
-                        if d.state != DeliveryState::Dead {
-                            continue;
-                        }
-                        if let Some(t) = self.delivery_state(&d.destination, &e).await? {
-                            out.push(t);
-                        }
-                    }
-                }
-                out
-            }
+            ReplaySelector::EventId(id) => self.dead_with_id(&id).await?,
         };
         let mut n = 0;
         for (state_seq, rec, body) in targets {

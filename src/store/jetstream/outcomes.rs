@@ -15,7 +15,7 @@ impl JetStreamStore {
         rec: &DeliveryRecord,
         body: &[u8],
     ) -> Vec<Write> {
-        let e = event_token(&rec.event.source, &rec.event.id);
+        let e = rec.part();
         let dest = &rec.delivery.destination;
         let subject = self.names.delivery(dest, &e);
         match rec.delivery.state {
@@ -40,7 +40,7 @@ impl JetStreamStore {
         body: Bytes,
     ) -> Result<bool, StoreError> {
         rec.delivery.reopen(now_ms());
-        let e = event_token(&rec.event.source, &rec.event.id);
+        let e = rec.part();
         let dest = rec.delivery.destination.clone();
         let writes = vec![
             Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
@@ -83,8 +83,7 @@ impl JetStreamStore {
         self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body)
             .await?;
         for _ in 0..3 {
-            let Some((state_seq, mut rec, body)) =
-                self.delivery_state(&key.destination, &e).await?
+            let Some((state_seq, mut rec, body)) = self.state_of(seq, &key.destination, &e).await?
             else {
                 return Ok(());
             };

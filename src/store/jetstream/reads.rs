@@ -19,8 +19,8 @@ impl JetStreamStore {
         let e = event_token(&meta.source, &meta.id);
         let mut deliveries = Vec::new();
         for d in &meta.destinations {
-            match self.delivery_state(d, &e).await? {
-                Some((_, rec, _)) if rec.delivery.seq == seq => deliveries.push(rec.delivery),
+            match self.state_of(seq, d, &e).await? {
+                Some((_, rec, _)) => deliveries.push(rec.delivery),
                 // Not fanned out yet: pending, as it will be written.
                 _ => deliveries.push(meta.first_delivery(seq, d).delivery),
             }
@@ -75,7 +75,8 @@ impl JetStreamStore {
         Ok(out)
     }
 
-    /// `<p>.dl.<d>.<e>` → (destination, e).
+    /// `<p>.dl.<d>.<part>` → (destination, part): the index entry's delivery is on
+    /// `<p>.q.<d>.<part>`.
     pub(super) fn dead_subject_parts<'a>(&self, s: &'a str) -> Option<(String, &'a str)> {
         let rest = s.strip_prefix(&self.names.prefix)?.strip_prefix(".dl.")?;
         let (d, e) = rest.split_once('.')?;
@@ -96,18 +97,9 @@ impl JetStreamStore {
             }
         }
         let kept = out.len();
-        for s in self.subjects(&self.names.dead_of_id(id)).await? {
-            let Some((dest, e)) = self.dead_subject_parts(&s) else {
-                continue;
-            };
-            let Some((_, rec, body)) = self.delivery_state(&dest, e).await? else {
-                continue;
-            };
+        for (_, rec, body) in self.dead_with_id(id).await? {
             let seq = rec.delivery.seq;
-            if rec.event.id != id
-                || rec.delivery.state != DeliveryState::Dead
-                || out[..kept].iter().any(|v| v.event.seq == seq)
-            {
+            if out[..kept].iter().any(|v| v.event.seq == seq) {
                 continue;
             }
             match out.iter_mut().find(|v| v.event.seq == seq) {
@@ -119,6 +111,26 @@ impl JetStreamStore {
             }
         }
         out.sort_by_key(|v| v.event.seq);
+        Ok(out)
+    }
+
+    /// The dead deliveries of every event with this id, kept or expired, as (state
+    /// sequence, record, body).
+    pub(super) async fn dead_with_id(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(u64, DeliveryRecord, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for s in self.subjects(&self.names.dead_of_id(id)).await? {
+            let Some((dest, part)) = self.dead_subject_parts(&s) else {
+                continue;
+            };
+            if let Some(t) = self.delivery_state(&dest, part).await? {
+                if t.1.event.id == id && t.1.delivery.state == DeliveryState::Dead {
+                    out.push(t);
+                }
+            }
+        }
         Ok(out)
     }
 

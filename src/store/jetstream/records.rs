@@ -8,7 +8,9 @@
 //! - `<p>.q.<d>.<e>`: one delivery's current state (pending with the body; delivered,
 //!   small, for `retain`; dead with the body, until replayed). The stream keeps one message
 //!   per subject, so each write replaces the previous state; every write is conditional on
-//!   the state it read, so two instances cannot both move a delivery on.
+//!   the state it read, so two instances cannot both move a delivery on. When an earlier
+//!   event with the same id and source still has a pending or dead state there (kept past
+//!   its event), a new event's delivery is kept apart: `<p>.q.<d>.<e>.<event seq>`.
 //! - `<p>.dl.<d>.<e>`: a dead letter's index entry (`dead` or `replayed`).
 //! - `<p>.re.<e>`: a reply route's stored answer, for the dedup window.
 
@@ -67,9 +69,9 @@ impl Names {
             None => format!("{}.dl.>", self.prefix),
         }
     }
-    /// The dead-letter index entries of every event with this id.
+    /// The dead-letter index entries of every event with this id (kept apart or not).
     pub fn dead_of_id(&self, id: &str) -> String {
-        format!("{}.dl.*.{}.*", self.prefix, hash(id))
+        format!("{}.dl.*.{}.>", self.prefix, hash(id))
     }
     pub fn reply(&self, e: &str) -> String {
         format!("{}.re.{e}", self.prefix)
@@ -154,6 +156,7 @@ impl EventMeta {
                 held: None,
                 ..self.clone()
             },
+            apart: false,
         }
     }
 }
@@ -164,6 +167,28 @@ impl EventMeta {
 pub struct DeliveryRecord {
     pub delivery: Delivery,
     pub event: EventMeta,
+    /// On subjects of its own (`...<e>.<event seq>`): when it was fanned out, its usual
+    /// subject still held the pending or dead delivery of an earlier event with the same id
+    /// and source (kept past that event's message), which must not be replaced.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub apart: bool,
+}
+
+impl DeliveryRecord {
+    /// The event part of its subjects (`<p>.q.<d>.<part>`, `<p>.dl.<d>.<part>`).
+    pub fn part(&self) -> String {
+        let e = event_token(&self.event.source, &self.event.id);
+        if self.apart {
+            apart(&e, self.delivery.seq)
+        } else {
+            e
+        }
+    }
+}
+
+/// The event part of a delivery kept apart: the event's, then its sequence.
+pub fn apart(e: &str, seq: u64) -> String {
+    format!("{e}.{seq}")
 }
 
 /// `json` + newline + `body`: serde_json never writes a raw newline.
@@ -242,6 +267,52 @@ mod tests {
         assert_ne!(token("a.b"), token("a_b"));
         assert!(n.is_event(&n.event(&e)));
         assert!(!n.is_event(&n.reply(&e)));
+    }
+
+    #[test]
+    fn a_delivery_kept_apart_has_its_event_sequence_in_its_subjects() {
+        let n = Names {
+            prefix: "hr".into(),
+        };
+        let meta = EventMeta {
+            id: "i".into(),
+            source: "s".into(),
+            received_ms: 1,
+            content_type: None,
+            destinations: Vec::new(),
+            held: None,
+        };
+        let mut rec = meta.first_delivery(42, "d");
+        let e = event_token("s", "i");
+        assert_eq!(rec.part(), e);
+        rec.apart = true;
+        assert_eq!(rec.part(), format!("{e}.42"));
+        assert_eq!(n.delivery("d", &rec.part()), format!("hr.q.n-d.{e}.42"));
+        // The index filter by id matches both forms (NATS wildcards: `*` one token, `>` one
+        // or more).
+        let matches = |filter: &str, subject: &str| {
+            let f: Vec<&str> = filter.split('.').collect();
+            let s: Vec<&str> = subject.split('.').collect();
+            let tail = f.last() == Some(&">");
+            (if tail {
+                s.len() >= f.len()
+            } else {
+                s.len() == f.len()
+            }) && f
+                .iter()
+                .zip(&s)
+                .all(|(f, s)| *f == "*" || *f == ">" || f == s)
+        };
+        let by_id = n.dead_of_id("i");
+        assert!(matches(&by_id, &n.dead("d", &rec.part())), "{by_id}");
+        assert!(matches(&by_id, &n.dead("d", &e)), "{by_id}");
+        assert!(!matches(&by_id, &n.dead("d", &event_token("s", "j"))));
+        // A record written before the flag existed reads as not apart.
+        let (old, _) =
+            decode_delivery(&encode_delivery(&meta.first_delivery(1, "d"), b"")).unwrap();
+        assert!(!old.apart);
+        let json = String::from_utf8(encode_delivery(&rec, b"").to_vec()).unwrap();
+        assert!(json.contains("\"apart\":true"), "{json}");
     }
 
     #[test]
