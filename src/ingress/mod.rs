@@ -153,7 +153,15 @@ async fn accept(
     if let Some(dest) = &ev.full {
         // Shed without a write, unless it may be a retry of an event already kept: the
         // store answers that one as the duplicate it is, full queue or not.
-        if !app.store.kept(&source.name, &ev.id).await.unwrap_or(false) {
+        let kept = app
+            .store
+            .kept(&source.name, &ev.id)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "looking for a kept event failed; shedding the request");
+                false
+            });
+        if !kept {
             return Err(queue_full(dest, config));
         }
     }

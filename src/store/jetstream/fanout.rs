@@ -22,7 +22,7 @@ use super::batch::{Write, Written};
 use super::pulls::{self, RETRY};
 use super::records::*;
 use super::JetStreamStore;
-use crate::store::{DeliveryState, StoreError};
+use crate::store::StoreError;
 
 /// How long the server waits for an event's fan-out before giving it to another instance.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -46,18 +46,29 @@ pub fn consumer_config(names: &Names) -> pull::Config {
 
 impl JetStreamStore {
     /// Writes the deliveries of the event stored at `seq` that are not written yet.
-    pub(super) async fn fan_out(&self, seq: u64, payload: &bytes::Bytes) -> Result<(), StoreError> {
+    /// `again`: an earlier fan-out of it may have written some.
+    pub(super) async fn fan_out(
+        &self,
+        seq: u64,
+        payload: &bytes::Bytes,
+        again: bool,
+    ) -> Result<(), StoreError> {
         let (meta, event) = decode_event(seq, payload)?;
         let e = event_token(&meta.source, &meta.id);
         for dest in &meta.destinations {
-            self.ensure_delivery(seq, &meta, dest, &e, &event.body)
+            self.ensure_delivery(seq, &meta, dest, &e, &event.body, again)
                 .await?;
         }
         Ok(())
     }
 
     /// Makes sure the event at `seq` has its delivery to `dest`: written now, or found
-    /// written by an earlier (interrupted) fan-out.
+    /// written by an earlier (interrupted) fan-out, which `again` says may have run.
+    ///
+    /// Its subject is `<p>.q.<d>.<e>`, unless that holds an earlier event's state (the same
+    /// id and source, kept past its event's message): that one is kept, and this delivery
+    /// goes apart, on `<p>.q.<d>.<e>.<seq>`. An earlier fan-out may have put it apart and the
+    /// usual subject emptied since (a delivered state expires), hence the look first.
     pub(super) async fn ensure_delivery(
         &self,
         seq: u64,
@@ -65,12 +76,15 @@ impl JetStreamStore {
         dest: &str,
         e: &str,
         body: &[u8],
+        again: bool,
     ) -> Result<(), StoreError> {
+        if again && self.state_of(seq, dest, e).await?.is_some() {
+            return Ok(());
+        }
         let mut rec = meta.first_delivery(seq, dest);
-        let mut last = 0;
-        for _ in 0..4 {
+        for _ in 0..2 {
             let subject = self.names.delivery(dest, &rec.part());
-            let w = Write::new(subject, encode_delivery(&rec, body)).expect(last);
+            let w = Write::new(subject, encode_delivery(&rec, body)).expect(0);
             match self.write(&[w]).await? {
                 Written::Stored { .. } => {
                     self.wakeup_of(dest).notify_one();
@@ -78,26 +92,13 @@ impl JetStreamStore {
                 }
                 Written::Conflict => match self.delivery_state(dest, &rec.part()).await? {
                     Some((_, r, _)) if r.delivery.seq == seq => return Ok(()),
-                    Some((s, r, _)) if !rec.apart => {
-                        // A state left by an earlier event with this id, kept past its
-                        // event's message. A delivered one is history: replaced, unless an
-                        // earlier fan-out of this event already put it apart. One still
-                        // pending or dead must be kept: this one goes apart.
-                        if r.delivery.state != DeliveryState::Delivered {
-                            (rec.apart, last) = (true, 0);
-                        } else if self.state_of(seq, dest, e).await?.is_some() {
-                            return Ok(());
-                        } else {
-                            last = s;
-                        }
-                    }
-                    Some((s, _, _)) => last = s,
-                    None => last = 0,
+                    _ => rec.apart = true,
                 },
             }
         }
         Err(StoreError::Unavailable(format!(
-            "the delivery of event {seq} to {dest} kept changing while it was written"
+            "the delivery of event {seq} to {dest} could not be written: its subjects hold \
+             other events' states"
         )))
     }
 }
@@ -141,7 +142,8 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             let tasks = s.tasks.clone();
             tasks.spawn(async move {
-                match s.fan_out(seq, &m.payload).await {
+                let again = m.info().is_ok_and(|i| i.delivered > 1);
+                match s.fan_out(seq, &m.payload, again).await {
                     Ok(()) => {
                         let _ = m.ack().await;
                     }

@@ -1,10 +1,11 @@
 //! Deliveries this instance holds: one puller per destination takes messages from the
 //! destination's durable consumer (shared by every instance, so each message goes to one of
 //! them at a time), keeps at most the scheduler's window of them, and holds each with a
-//! progress signal until its outcome is written and acked. The signal has a timer of its
-//! own ([`renew_every`]): a pull the server is slow to answer, or an outcome's write, never
-//! holds it past the ack wait (the server would give the message to another instance while
-//! this one still sends it).
+//! progress signal until its outcome is written (the write replaces the message, which the
+//! server then settles as if acked). The signal has a timer of its own ([`renew_every`]): a
+//! pull the server is slow to answer, or an outcome's write, never holds it past the ack
+//! wait (the server would give the message to another instance while this one still sends
+//! it).
 //!
 //! A message not yet due (a retry's backoff) goes straight back with a delayed nak, so the
 //! server holds it until it is due. A delivered or dead state (written to the same subject)

@@ -227,11 +227,11 @@ impl JetStreamStore {
     ) -> Result<Option<(u64, DeliveryRecord, Bytes)>, StoreError> {
         match self.delivery_state(destination, e).await? {
             Some(t) if t.1.delivery.seq == seq => Ok(Some(t)),
-            Some(_) => Ok(self
+            // Another event's state, or none (any more: a delivered state expires).
+            _ => Ok(self
                 .delivery_state(destination, &apart(e, seq))
                 .await?
                 .filter(|t| t.1.delivery.seq == seq)),
-            None => Ok(None),
         }
     }
 

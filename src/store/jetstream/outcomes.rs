@@ -80,7 +80,7 @@ impl JetStreamStore {
             return Ok(());
         };
         // The call may come before the fan-out wrote the held delivery: write it first.
-        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body)
+        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body, true)
             .await?;
         for _ in 0..3 {
             let Some((state_seq, mut rec, body)) = self.state_of(seq, &key.destination, &e).await?

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
-use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::kv::{self, Operation};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -106,7 +106,12 @@ pub(super) async fn watch_pauses(
 }
 
 /// Reads each known destination's queue depth (pending + held) from its consumer, and the
-/// accepted events not fanned out yet from the fan-out's.
+/// accepted events no instance has taken to fan out yet from the fan-out's.
+///
+/// The fan-out's is read first: an event fanned out between the two reads counts twice
+/// (until the next count), never not at all. This instance's own accepts (and outcomes)
+/// during the reads are kept on top of what the consumers said. Events being fanned out
+/// at the moment (taken, not acked: a few hundred at most) are not counted.
 pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -114,30 +119,31 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
             _ = tokio::time::sleep(DEPTH_EVERY) => {}
         }
         let Some(s) = store.upgrade() else { return };
-        let fanout = s
-            .stream
-            .get_consumer::<pull::Config>(&s.names.fanout_consumer())
-            .await;
-        if let Ok(mut c) = fanout {
-            if let Ok(info) = c.info().await {
-                let n = info.num_pending + info.num_ack_pending as u64;
-                s.unfanned.store(n, Ordering::Relaxed);
+        let before = s.depths.lock().unwrap().clone();
+        let unfanned = consumer_info(&s, &s.names.fanout_consumer()).await;
+        let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
+        let mut counted = Vec::new();
+        for d in known {
+            if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
+                counted.push((d, info.num_pending + info.num_ack_pending as u64));
             }
         }
-        let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
-        for d in known {
-            let consumer = s
-                .stream
-                .get_consumer::<pull::Config>(&s.names.consumer(&d))
-                .await;
-            if let Ok(mut c) = consumer {
-                if let Ok(info) = c.info().await {
-                    let n = info.num_pending + info.num_ack_pending as u64;
-                    s.depths.lock().unwrap().insert(d, n);
-                }
-            }
+        // The backlog before the depths: whoever sees the new depths sees it too.
+        if let Some(info) = unfanned {
+            s.unfanned.store(info.num_pending, Ordering::Relaxed);
+        }
+        let mut depths = s.depths.lock().unwrap();
+        for (d, n) in counted {
+            let meanwhile = depths.get(&d).copied().unwrap_or(0) as i64
+                - before.get(&d).copied().unwrap_or(0) as i64;
+            depths.insert(d, n.saturating_add_signed(meanwhile.max(0)));
         }
     }
+}
+
+async fn consumer_info(s: &JetStreamStore, name: &str) -> Option<consumer::Info> {
+    let mut c = s.stream.get_consumer::<pull::Config>(name).await.ok()?;
+    c.info().await.ok().cloned()
 }
 
 #[cfg(test)]

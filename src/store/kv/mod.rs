@@ -439,6 +439,18 @@ impl<E: Engine> Store for KvStore<E> {
         Ok(out)
     }
 
+    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
+        if self.shared.engine.get(&dedup_key(source, id))?.is_some() {
+            return Ok(true);
+        }
+        match legacy_dedup_key(source, id) {
+            Some(old) if self.shared.legacy_until > 0 => {
+                Ok(self.shared.engine.get(&old)?.is_some())
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
         let (mut removed, mut from) = (0, 0);
         loop {
