@@ -218,9 +218,11 @@ fn main() {
         for (backend, p) in rows.iter() {
             println!(
                 "{backend}: accept / reference = {:.2}; accept / fully relayed by the bare \
-                 forwarder = {:.2}; deliveries / accepts = {:.2}",
+                 forwarder = {:.2}; CPU per event / the bare forwarder's = {:.2}; \
+                 deliveries / accepts = {:.2}",
                 p.accept.rate() / reference.rate(),
                 p.accept.rate() / sustained,
+                p.accept.cpu_us_per_event() / ceiling.cpu_us_per_event(),
                 p.delivery_rate / p.accept.rate()
             );
         }
