@@ -9,7 +9,10 @@
 //!
 //! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000)
 //! runs an open-loop fixed-rate phase on the relay as well; `BENCH_BACKENDS` (default
-//! "sled,redb") picks the stores. Prints one table with the ratios.
+//! "sled,redb") picks the stores. Prints one table with the ratios per round;
+//! `BENCH_ROUNDS` (default 1) runs the whole sequence that many times and then prints each
+//! round's ratios and their medians (the phases of a round are seconds apart, so a round's
+//! ratio is steadier than figures taken minutes apart).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,12 +121,18 @@ to = ["sink"]
     }
 }
 
+/// One round's figures per backend: accepted / fully relayed by the forwarder, and CPU
+/// per event / the forwarder's.
+type RoundRatios = Vec<(String, f64, f64)>;
+
 fn main() {
     let secs = env_u64("BENCH_SECONDS", 5);
     let conns = env_u64("BENCH_CONNS", 64) as usize;
+    let rounds = env_u64("BENCH_ROUNDS", 1).max(1);
     let rate = std::env::var("BENCH_RATE")
         .ok()
         .and_then(|v| v.parse().ok());
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sled,redb".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -131,100 +140,144 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let seq = Arc::new(AtomicU64::new(0));
-        // Reference.
-        let ref_count = Arc::new(AtomicU64::new(0));
-        let ref_addr = {
-            let c = ref_count.clone();
-            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
-                c.fetch_add(1, Ordering::Relaxed);
-            })
-            .await
-        };
-        let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
-
-        // The ceiling: two HTTP exchanges per event and nothing else.
-        let fwd_count = Arc::new(AtomicU64::new(0));
-        let fwd_sink = {
-            let c = fwd_count.clone();
-            support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
-                c.fetch_add(1, Ordering::Relaxed);
-            })
-            .await
-        };
-        let fwd_addr = forwarder(fwd_sink).await;
-        let (t0, cpu0) = (Instant::now(), process_cpu());
-        let mut ceiling = run_load(fwd_addr, "/", conns, secs, None, seq.clone()).await;
-        let fwd_rate = fwd_count.load(Ordering::Relaxed) as f64 / ceiling.elapsed.as_secs_f64();
-        // Its backlog drains before the next phase; events fully relayed per second over the
-        // whole time (load + drain) is what a relay whose deliveries keep up can reach.
-        let drain_deadline = Instant::now() + Duration::from_secs(120);
-        while fwd_count.load(Ordering::Relaxed) < ceiling.ok && Instant::now() < drain_deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut all: Vec<RoundRatios> = Vec::new();
+        for r in 1..=rounds {
+            println!();
+            println!("round {r} of {rounds}");
+            all.push(round(conns, secs, rate, &backends, seq.clone()).await);
         }
-        let sustained = fwd_count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-        ceiling.cpu = process_cpu().saturating_sub(cpu0);
-
-        let mut rows = Vec::new();
-        let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sled,redb".into());
-        for backend in backends.split(',') {
-            rows.push((
-                backend,
-                relay_phase(backend, conns, secs, rate, seq.clone()).await,
-            ));
-        }
-        println!();
-        println!("hookrelay e2e bench: {conns} connections, {secs}s per phase, 2 runtime threads");
-        println!("| run | ok/s | p50 ms | p99 ms | errors | CPU µs/event |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        let row = |name: &str, l: &mut Load| {
-            println!(
-                "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.1} |",
-                l.rate(),
-                l.pct(0.50),
-                l.pct(0.99),
-                l.errors,
-                l.cpu_us_per_event()
-            );
-        };
-        row("bare hyper reference", &mut reference);
-        row(
-            "bare forwarder (2 exchanges per event, no store)",
-            &mut ceiling,
-        );
-        println!("| deliveries reaching the sink, bare forwarder | {fwd_rate:.0} | | | | |");
-        println!(
-            "| bare forwarder, events fully relayed (load + drain) | {sustained:.0} | | | | |"
-        );
-        for (backend, p) in rows.iter_mut() {
-            row(
-                &format!("relay accept, {backend} (durable, deduplicated, routed)"),
-                &mut p.accept,
-            );
-            if let (Some(r), Some(f)) = (rate, p.fixed.as_mut()) {
-                row(&format!("relay accept, {backend}, at fixed {r}/s"), f);
+        if rounds > 1 {
+            println!();
+            for (i, (backend, _, _)) in all[0].iter().enumerate() {
+                let accept: Vec<f64> = all.iter().map(|r| r[i].1).collect();
+                let cpu: Vec<f64> = all.iter().map(|r| r[i].2).collect();
+                println!(
+                    "{backend} by round: accept / fully relayed {} (median {:.2}); CPU per \
+                     event / the forwarder's {} (median {:.2})",
+                    listed(&accept),
+                    median(&accept),
+                    listed(&cpu),
+                    median(&cpu)
+                );
             }
-            println!(
-                "| deliveries reaching the sink, {backend} | {:.0} | | | | |",
-                p.delivery_rate
-            );
-        }
-        println!();
-        println!(
-            "bare forwarder / reference = {:.2}; fully relayed / reference = {:.2} \
-             (the most a relay whose deliveries keep up can reach here)",
-            ceiling.rate() / reference.rate(),
-            sustained / reference.rate()
-        );
-        for (backend, p) in rows.iter() {
-            println!(
-                "{backend}: accept / reference = {:.2}; accept / fully relayed by the bare \
-                 forwarder = {:.2}; CPU per event / the bare forwarder's = {:.2}; \
-                 deliveries / accepts = {:.2}",
-                p.accept.rate() / reference.rate(),
-                p.accept.rate() / sustained,
-                p.accept.cpu_us_per_event() / ceiling.cpu_us_per_event(),
-                p.delivery_rate / p.accept.rate()
-            );
         }
     });
+}
+
+fn listed(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The reference, the forwarder, then the relay on each backend, seconds apart: one table
+/// and its ratios.
+async fn round(
+    conns: usize,
+    secs: u64,
+    rate: Option<u64>,
+    backends: &str,
+    seq: Arc<AtomicU64>,
+) -> RoundRatios {
+    // Reference.
+    let ref_count = Arc::new(AtomicU64::new(0));
+    let ref_addr = {
+        let c = ref_count.clone();
+        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
+            c.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+    };
+    let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
+
+    // The ceiling: two HTTP exchanges per event and nothing else.
+    let fwd_count = Arc::new(AtomicU64::new(0));
+    let fwd_sink = {
+        let c = fwd_count.clone();
+        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
+            c.fetch_add(1, Ordering::Relaxed);
+        })
+        .await
+    };
+    let fwd_addr = forwarder(fwd_sink).await;
+    let (t0, cpu0) = (Instant::now(), process_cpu());
+    let mut ceiling = run_load(fwd_addr, "/", conns, secs, None, seq.clone()).await;
+    let fwd_rate = fwd_count.load(Ordering::Relaxed) as f64 / ceiling.elapsed.as_secs_f64();
+    // Its backlog drains before the next phase; events fully relayed per second over the
+    // whole time (load + drain) is what a relay whose deliveries keep up can reach.
+    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    while fwd_count.load(Ordering::Relaxed) < ceiling.ok && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sustained = fwd_count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    ceiling.cpu = process_cpu().saturating_sub(cpu0);
+
+    let mut rows = Vec::new();
+    for backend in backends.split(',') {
+        rows.push((
+            backend,
+            relay_phase(backend, conns, secs, rate, seq.clone()).await,
+        ));
+    }
+    println!("hookrelay e2e bench: {conns} connections, {secs}s per phase, 2 runtime threads");
+    println!("| run | ok/s | p50 ms | p99 ms | errors | CPU µs/event |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let row = |name: &str, l: &mut Load| {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.1} |",
+            l.rate(),
+            l.pct(0.50),
+            l.pct(0.99),
+            l.errors,
+            l.cpu_us_per_event()
+        );
+    };
+    row("bare hyper reference", &mut reference);
+    row(
+        "bare forwarder (2 exchanges per event, no store)",
+        &mut ceiling,
+    );
+    println!("| deliveries reaching the sink, bare forwarder | {fwd_rate:.0} | | | | |");
+    println!("| bare forwarder, events fully relayed (load + drain) | {sustained:.0} | | | | |");
+    for (backend, p) in rows.iter_mut() {
+        row(
+            &format!("relay accept, {backend} (durable, deduplicated, routed)"),
+            &mut p.accept,
+        );
+        if let (Some(r), Some(f)) = (rate, p.fixed.as_mut()) {
+            row(&format!("relay accept, {backend}, at fixed {r}/s"), f);
+        }
+        println!(
+            "| deliveries reaching the sink, {backend} | {:.0} | | | | |",
+            p.delivery_rate
+        );
+    }
+    println!();
+    println!(
+        "bare forwarder / reference = {:.2}; fully relayed / reference = {:.2} \
+         (the most a relay whose deliveries keep up can reach here)",
+        ceiling.rate() / reference.rate(),
+        sustained / reference.rate()
+    );
+    let mut ratios = Vec::new();
+    for (backend, p) in rows.iter() {
+        let accept = p.accept.rate() / sustained;
+        let cpu = p.accept.cpu_us_per_event() / ceiling.cpu_us_per_event();
+        println!(
+            "{backend}: accept / reference = {:.2}; accept / fully relayed by the bare \
+             forwarder = {accept:.2}; CPU per event / the bare forwarder's = {cpu:.2}; \
+             deliveries / accepts = {:.2}",
+            p.accept.rate() / reference.rate(),
+            p.delivery_rate / p.accept.rate()
+        );
+        ratios.push((backend.to_string(), accept, cpu));
+    }
+    ratios
 }
