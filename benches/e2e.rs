@@ -53,6 +53,17 @@ async fn forwarder(sink: SocketAddr) -> SocketAddr {
     .await
 }
 
+/// A fast sink answering `{"ok":true}`, and how many requests it has had.
+async fn counting_sink() -> (SocketAddr, Arc<AtomicU64>) {
+    let n = Arc::new(AtomicU64::new(0));
+    let c = n.clone();
+    let addr = support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
+        c.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
+    (addr, n)
+}
+
 struct RelayPhase {
     accept: Load,
     fixed: Option<Load>,
@@ -67,14 +78,7 @@ async fn relay_phase(
     rate: Option<u64>,
     seq: Arc<AtomicU64>,
 ) -> RelayPhase {
-    let delivered = Arc::new(AtomicU64::new(0));
-    let sink = {
-        let d = delivered.clone();
-        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
-            d.fetch_add(1, Ordering::Relaxed);
-        })
-        .await
-    };
+    let (sink, delivered) = counting_sink().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("routes.toml");
     let toml = format!(
@@ -187,25 +191,11 @@ async fn round(
     seq: Arc<AtomicU64>,
 ) -> RoundRatios {
     // Reference.
-    let ref_count = Arc::new(AtomicU64::new(0));
-    let ref_addr = {
-        let c = ref_count.clone();
-        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
-            c.fetch_add(1, Ordering::Relaxed);
-        })
-        .await
-    };
+    let (ref_addr, _) = counting_sink().await;
     let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
 
     // The ceiling: two HTTP exchanges per event and nothing else.
-    let fwd_count = Arc::new(AtomicU64::new(0));
-    let fwd_sink = {
-        let c = fwd_count.clone();
-        support::answering_server(Bytes::from_static(b"{\"ok\":true}"), move |_| {
-            c.fetch_add(1, Ordering::Relaxed);
-        })
-        .await
-    };
+    let (fwd_sink, fwd_count) = counting_sink().await;
     let fwd_addr = forwarder(fwd_sink).await;
     let (t0, cpu0) = (Instant::now(), process_cpu());
     let mut ceiling = run_load(fwd_addr, "/", conns, secs, None, seq.clone()).await;

@@ -229,6 +229,12 @@ async fn jetstream(dir: &Path, nats: &NatsServer) -> Arc<dyn Store> {
     jetstream_with(dir, nats, "").await
 }
 
+/// The stream of the stores on `nats` (prefix `c`), read directly.
+async fn stream_of(nats: &NatsServer) -> async_nats::jetstream::stream::Stream {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.get_stream("c").await.unwrap()
+}
+
 /// A jetstream store on `nats` (prefix `c`), with `more` appended to its `[store]` table.
 async fn jetstream_with(dir: &Path, nats: &NatsServer, more: &str) -> Arc<dyn Store> {
     let text = format!(
@@ -382,8 +388,7 @@ async fn max_queue_counts_events_not_fanned_out_yet() {
     let st = jetstream(dir.path(), &nats).await;
     // The destination's consumer exists, so the depth counts read it.
     st.pending("a", 1, &|_| false).await.unwrap();
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let stream = js.get_stream("c").await.unwrap();
+    let stream = stream_of(&nats).await;
     // The store makes its fan-out consumer in the background: wait for it.
     let deadline = Instant::now() + Duration::from_secs(10);
     while stream
@@ -445,8 +450,7 @@ async fn delivered_messages_are_settled_without_an_ack() {
             .await
             .unwrap();
     }
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let stream = js.get_stream("c").await.unwrap();
+    let stream = stream_of(&nats).await;
     let mut consumer = stream
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-n-d")
         .await

@@ -102,6 +102,9 @@ impl Store for Flaky {
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         self.inner.lookup(id).await
     }
+    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
+        self.inner.kept(source, id).await
+    }
     async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {
         self.inner.purge(retain).await
     }

@@ -335,13 +335,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether an event with this id from `source` is kept: read-only, so that the ingress,
     /// shedding load without a write, still lets a possible duplicate reach [`Store::accept`].
-    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .lookup(id)
-            .await?
-            .iter()
-            .any(|v| v.event.source == source))
-    }
+    async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError>;
 
     /// The newest events matching `query`, walking back from its cursor. A selective filter
     /// looks at a bounded number of events per call and returns a cursor to go on from.

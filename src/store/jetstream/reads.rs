@@ -36,21 +36,8 @@ impl JetStreamStore {
         limit: usize,
     ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
         let filter = self.names.dead_of(destination);
-        let mut subjects = Vec::new();
-        match self.stream.info_with_subjects(&filter).await {
-            Ok(mut it) => {
-                while let Some(s) = it.next().await {
-                    let (s, _) = s.map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                    subjects.push(s);
-                    if subjects.len() >= DEAD_EXAMINED {
-                        break;
-                    }
-                }
-            }
-            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
-        }
         let mut index = Vec::new();
-        for s in subjects {
+        for s in self.subjects(&filter, DEAD_EXAMINED).await? {
             if let Some((seq, p)) = self.last(&s).await? {
                 if &p[..] == b"dead" {
                     index.push((seq, s));
@@ -88,7 +75,10 @@ impl JetStreamStore {
     /// a delivery is still dead is shown from its dead deliveries' records.
     pub(super) async fn events_with_id(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut out = Vec::new();
-        for s in self.subjects(&self.names.events_of_id(id)).await? {
+        for s in self
+            .subjects(&self.names.events_of_id(id), usize::MAX)
+            .await?
+        {
             if let Some((seq, p)) = self.last(&s).await? {
                 let v = self.view(seq, &p).await?;
                 if v.event.id == id {
@@ -121,7 +111,10 @@ impl JetStreamStore {
         id: &str,
     ) -> Result<Vec<(u64, DeliveryRecord, Bytes)>, StoreError> {
         let mut out = Vec::new();
-        for s in self.subjects(&self.names.dead_of_id(id)).await? {
+        for s in self
+            .subjects(&self.names.dead_of_id(id), usize::MAX)
+            .await?
+        {
             let Some((dest, part)) = self.dead_subject_parts(&s) else {
                 continue;
             };
@@ -134,15 +127,16 @@ impl JetStreamStore {
         Ok(out)
     }
 
-    /// The subjects in the stream that match `filter`.
-    async fn subjects(&self, filter: &str) -> Result<Vec<String>, StoreError> {
+    /// The subjects in the stream that match `filter`, at most `max` of them.
+    async fn subjects(&self, filter: &str, max: usize) -> Result<Vec<String>, StoreError> {
         let mut it = self
             .stream
             .info_with_subjects(filter)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let mut subjects = Vec::new();
-        while let Some(s) = it.next().await {
+        while subjects.len() < max {
+            let Some(s) = it.next().await else { break };
             subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
         }
         Ok(subjects)

@@ -99,6 +99,23 @@ pub(super) fn legacy_id_prefix(id: &str) -> Option<Vec<u8>> {
 pub(super) fn legacy_dedup_key(source: &str, id: &str) -> Option<Vec<u8>> {
     Some(key(&[&legacy_id_prefix(id)?, source.as_bytes()]))
 }
+/// The dedup record of `id` from `source`, read with `get`: under `dk` ([`dedup_key`]), or,
+/// when `legacy`, where formats 1 to 3 put a v1 UUID's ([`LEGACY_UNTIL_KEY`]).
+pub(super) fn read_dedup(
+    dk: &[u8],
+    source: &str,
+    id: &str,
+    legacy: bool,
+    mut get: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    if let Some(v) = get(dk)? {
+        return Ok(Some(v));
+    }
+    match legacy_dedup_key(source, id) {
+        Some(old) if legacy => get(&old),
+        _ => Ok(None),
+    }
+}
 /// Every prefix the dedup records of `id` may be under: [`id_prefix`], then the legacy one
 /// if the store has any ([`LEGACY_UNTIL_KEY`] present: `legacy_until > 0`).
 pub(super) fn id_prefixes(id: &str, legacy_until: u64) -> impl Iterator<Item = Vec<u8>> {

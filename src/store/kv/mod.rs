@@ -440,15 +440,12 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
-        if self.shared.engine.get(&dedup_key(source, id))?.is_some() {
-            return Ok(true);
-        }
-        match legacy_dedup_key(source, id) {
-            Some(old) if self.shared.legacy_until > 0 => {
-                Ok(self.shared.engine.get(&old)?.is_some())
-            }
-            _ => Ok(false),
-        }
+        let legacy = now_ms() < self.shared.legacy_until;
+        let engine = &self.shared.engine;
+        let found = read_dedup(&dedup_key(source, id), source, id, legacy, |k| {
+            engine.get(k)
+        })?;
+        Ok(found.is_some())
     }
 
     async fn purge(&self, retain: Duration) -> Result<usize, StoreError> {

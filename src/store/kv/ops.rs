@@ -47,13 +47,9 @@ impl Writer<'_> {
 
     pub(super) fn accept(&mut self, ev: NewEvent) -> Result<Admission, StoreError> {
         let dk = dedup_key(&ev.source, &ev.id);
-        let mut found = self.txn.get(&dk)?;
-        if found.is_none() && ev.received_ms < self.legacy_until {
-            if let Some(old) = legacy_dedup_key(&ev.source, &ev.id) {
-                found = self.txn.get(&old)?;
-            }
-        }
-        if let Some(v) = found {
+        let legacy = ev.received_ms < self.legacy_until;
+        let txn = &mut *self.txn;
+        if let Some(v) = read_dedup(&dk, &ev.source, &ev.id, legacy, |k| txn.get(k))? {
             let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
             if expires > ev.received_ms {
                 let reply = match self.txn.get(&reply_key(seq))? {
