@@ -121,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "oldest_pending_age_seconds",
-            "Age of the earliest-due pending delivery, per destination",
+            "How long the earliest-due pending delivery has been due (0 while none is), per destination",
             m.oldest_pending_age.clone(),
         );
         registry.register(

@@ -103,6 +103,11 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
 
     let d = due(st.as_ref(), "a", s1).await;
     assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0), "{name}");
+    assert_eq!(
+        st.earliest_due("a").await.unwrap(),
+        Some(d.next_due_ms),
+        "{name}: the admin's read of the earliest due time"
+    );
     let event = st.event(s1).await.unwrap().expect("the event");
     assert_eq!(
         (event.id.as_str(), event.source.as_str()),
@@ -467,6 +472,53 @@ async fn delivered_messages_are_settled_without_an_ack() {
             recorded.elapsed() < Duration::from_secs(4),
             "still held: {info:?}"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    st.close().await.unwrap();
+}
+
+/// The admin's read of the earliest due time changes nothing: this instance's puller keeps
+/// taking deliveries up to the scheduler's window. (Read through `pending` with a limit of
+/// one, as it was, it shrank the window to one until the scheduler's next pass.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_earliest_due_time_leaves_the_pullers_window_alone() {
+    const WINDOW: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    // A scheduler's pass sets the window.
+    assert!(st
+        .pending("w", WINDOW, &|_| false)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(st.earliest_due("w").await.unwrap(), None);
+    let started = now_ms();
+    for i in 0..WINDOW {
+        accepted(st.as_ref(), ev(&format!("w{i}"), "x", &["w"])).await;
+    }
+    let stream = stream_of(&nats).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Only the admin reads meanwhile.
+        let due = st.earliest_due("w").await.unwrap();
+        if let Ok(mut consumer) = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-n-w")
+            .await
+        {
+            let info = consumer.info().await.unwrap().clone();
+            if info.num_ack_pending == WINDOW {
+                let due = due.expect("held deliveries have a due time");
+                assert!((started..=now_ms()).contains(&due), "{due}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the puller holds {} of {WINDOW}",
+                info.num_ack_pending
+            );
+        }
+        assert!(Instant::now() < deadline, "no consumer for w");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     st.close().await.unwrap();

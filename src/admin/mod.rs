@@ -317,14 +317,11 @@ fn state_of(app: &App, name: &str) -> &'static str {
     }
 }
 
-/// Seconds the earliest-due pending delivery of `name` has been due.
+/// Seconds the earliest-due pending delivery of `name` has been due (0 while none is).
 async fn oldest_pending_age(app: &App, name: &str) -> u64 {
-    let now = now_ms();
-    match app.store.pending(name, 1, &|_| false).await {
-        Ok(p) => p
-            .first()
-            .map_or(0, |x| now.saturating_sub(x.next_due_ms.min(now)) / 1000),
-        Err(_) => 0,
+    match app.store.earliest_due(name).await {
+        Ok(Some(due)) => now_ms().saturating_sub(due) / 1000,
+        _ => 0,
     }
 }
 

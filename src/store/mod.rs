@@ -301,6 +301,18 @@ pub trait Store: Send + Sync + 'static {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError>;
 
+    /// When `destination`'s earliest-due pending delivery is (was) due, unix ms; `None` with
+    /// nothing pending. A read for the admin API and metrics: unlike [`Store::pending`],
+    /// which a scheduler calls, it changes nothing (jetstream: not the puller's window).
+    /// Jetstream answers from the deliveries this instance holds.
+    async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .pending(destination, 1, &|_| false)
+            .await?
+            .first()
+            .map(|d| d.next_due_ms))
+    }
+
     /// The stored event with this sequence number, for a delivery attempt (the embedded
     /// stores hand over an event kept in memory since its accept, once per destination).
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError>;

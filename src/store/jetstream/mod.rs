@@ -319,6 +319,14 @@ impl Store for JetStreamStore {
         Ok(out)
     }
 
+    async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let Some(leases) = self.leases.lock().unwrap().get(destination).cloned() else {
+            return Ok(None);
+        };
+        let held = leases.held.lock().unwrap();
+        Ok(held.values().map(|l| l.rec.delivery.next_due_ms).min())
+    }
+
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
         let held: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
         for l in held {
