@@ -729,3 +729,36 @@ async fn max_in_flight_holds_for_the_destination_across_three_instances() {
     assert!(max <= 3, "{max} requests at once");
     assert!(max >= 2, "the instances shared the work: {max}");
 }
+
+/// Fewer requests allowed at once than there are instances: only that many instances send
+/// to the destination (the first live members by id), one request at a time each, and
+/// every event still arrives, whichever instance accepted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_below_the_instance_count_still_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let sink = Sink::start(
+        Vec::new(),
+        Reply::status(200).delay(Duration::from_millis(50)),
+    )
+    .await;
+    let text = config(&[nats.url()], &[("a", sink.url("/a"))]).replace(
+        "[[destinations]]\nname = \"a\"\n",
+        "[[destinations]]\nname = \"a\"\nmax_in_flight = 1\n",
+    );
+    let relays = relays(dir.path(), &text, 3).await;
+    wait_instances(&relays, 3).await;
+    for i in 0..30 {
+        assert_eq!(post(&relays[i % 3], &format!("one-{i}")).await.0, 200);
+    }
+    let seen = sink.wait_for(30).await;
+    let max = sink.max_concurrent();
+    println!(
+        "max_in_flight 1 over three instances: {} requests, at most {max} at once",
+        seen.len()
+    );
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    assert_eq!(max, 1, "{max} requests at once");
+}

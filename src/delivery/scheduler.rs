@@ -44,6 +44,8 @@ const MIN_WINDOW: usize = 16;
 const MAX_WINDOW: usize = 1024;
 /// The most concurrent requests one destination may be given.
 const MAX_IN_FLIGHT: usize = 1 << 16;
+/// How often an instance that does not send to a destination checks whether it does now.
+const SENDERS_RECHECK: Duration = Duration::from_secs(1);
 /// The wait before trying again after the store failed a read or write.
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// The longest wait between tries to store an attempt's outcome.
@@ -123,14 +125,15 @@ impl Limits {
 }
 
 /// This instance's part of a destination's `rate` and `max_in_flight` when `share`
-/// instances deliver it (a shared store): each takes `1/share`, at least one request.
-fn part(d: &Destination, share: usize) -> (Rate, usize) {
-    let n = share.max(1);
+/// instances share the store: each sender takes `1/n`, at least one request, `n` being
+/// `share` or, when `max_in_flight` is smaller, `max_in_flight` (only that many send).
+fn part(rate: &Rate, max_in_flight: usize, share: usize) -> (Rate, usize) {
+    let n = share.min(max_in_flight).max(1);
     let rate = Rate {
-        per_second: d.rate.per_second / n as f64,
-        burst: (d.rate.burst / n as u32).max(1),
+        per_second: rate.per_second / n as f64,
+        burst: (rate.burst / n as u32).max(1),
     };
-    (rate, (d.max_in_flight / n).max(1))
+    (rate, (max_in_flight / n).max(1))
 }
 
 /// Waits for a config change; never returns if the config can no longer change.
@@ -219,7 +222,23 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue,
             }
         };
-        let part = part(&dest, ctx.deps.store.share());
+        let skip = {
+            let in_flight = in_flight.clone();
+            move |seq: u64| in_flight.contains(seq)
+        };
+        if !ctx.deps.store.delivers(dest.max_in_flight) {
+            // Other instances send to it (it allows fewer requests at once than there are
+            // instances): what waits here goes back to them; the count is checked again.
+            if let Err(e) = ctx.deps.store.pending(&name, 0, &skip).await {
+                warn!(destination = %name, error = %e, "handing back deliveries failed");
+            }
+            tokio::select! {
+                _ = ctx.stop.cancelled() => break,
+                _ = changed(&mut changes) => continue,
+                _ = tokio::time::sleep(SENDERS_RECHECK) => continue,
+            }
+        }
+        let part = part(&dest.rate, dest.max_in_flight, ctx.deps.store.share());
         let limits = match &mut limits {
             Some(l) => {
                 l.update(part);
@@ -231,10 +250,6 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             .max_in_flight
             .saturating_mul(2)
             .clamp(MIN_WINDOW, MAX_WINDOW);
-        let skip = {
-            let in_flight = in_flight.clone();
-            move |seq: u64| in_flight.contains(seq)
-        };
         let batch = match ctx.deps.store.pending(&name, window, &skip).await {
             Ok(b) => b,
             Err(e) => {
@@ -428,4 +443,25 @@ async fn hold(ctx: &Context, guard: InFlightGuard) {
         _ = tokio::time::sleep(STORE_RETRY) => {}
     }
     drop(guard);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(per_second: f64, burst: u32) -> Rate {
+        Rate { per_second, burst }
+    }
+
+    #[test]
+    fn each_sender_takes_its_part_of_the_limits() {
+        let r = rate(30.0, 9);
+        // Alone: everything.
+        assert_eq!(part(&r, 64, 1), (rate(30.0, 9), 64));
+        // Three instances, room for each: a third each.
+        assert_eq!(part(&r, 64, 3), (rate(10.0, 3), 21));
+        // Fewer requests at once than instances: only that many send, sharing the rate.
+        assert_eq!(part(&r, 2, 3), (rate(15.0, 4), 1));
+        assert_eq!(part(&r, 1, 3), (rate(30.0, 9), 1));
+    }
 }

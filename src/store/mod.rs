@@ -293,7 +293,9 @@ pub trait Store: Send + Sync + 'static {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError>;
 
     /// Up to `limit` pending deliveries of `destination` in due order (earliest first),
-    /// whether due yet or not, skipping those for which `skip` is true (in flight).
+    /// whether due yet or not, skipping those for which `skip` is true (in flight). A
+    /// scheduler's `limit` is its window: 0 when this instance does not send to
+    /// `destination` ([`Store::delivers`]), and jetstream then hands back what it holds.
     async fn pending(
         &self,
         destination: &str,
@@ -377,6 +379,14 @@ pub trait Store: Send + Sync + 'static {
     /// destination's `rate` and `max_in_flight`); 1 for an embedded store.
     fn share(&self) -> usize {
         1
+    }
+
+    /// Whether this instance sends to a destination that allows `max_in_flight` requests at
+    /// once. With fewer than [`Store::share`] instances allowed, only that many (the first
+    /// live members by id) send, each one at a time; the others take none of its deliveries.
+    fn delivers(&self, max_in_flight: usize) -> bool {
+        let _ = max_in_flight;
+        true
     }
 
     /// Whether the store can be written now; the reason when not (readiness says it).

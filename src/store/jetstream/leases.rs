@@ -94,6 +94,19 @@ impl Leases {
     }
 
     /// Hands every held message back to the server for another instance at once.
+    /// Hands back every held delivery that `in_flight` does not name, so that another
+    /// instance may send it.
+    pub async fn release_idle(&self, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
+        let idle: Vec<Lease> = {
+            let mut held = self.held.lock().unwrap();
+            let seqs: Vec<u64> = held.keys().copied().filter(|s| !in_flight(*s)).collect();
+            seqs.into_iter().filter_map(|s| held.remove(&s)).collect()
+        };
+        for l in idle {
+            let _ = l.msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
     pub async fn release(&self) {
         let all: Vec<Lease> = self.held.lock().unwrap().drain().map(|(_, l)| l).collect();
         for l in all {

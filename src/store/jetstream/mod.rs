@@ -12,7 +12,8 @@
 //!   settles as if acked (no ack is sent). A retry is written as a new
 //!   pending state with its due time and handed back with a delayed nak until then.
 //! - **Limits across instances**: each instance takes `1/n` of `rate` and `max_in_flight`,
-//!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`].
+//!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`];
+//!   with a smaller `max_in_flight`, only that many instances send ([`Store::delivers`]).
 //! - Pauses live in a bucket every instance watches; dead letters have an index subject;
 //!   lookups, lists and replays read the stream, so any instance sees everything.
 
@@ -27,7 +28,7 @@ mod setup;
 mod watchers;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,7 +72,7 @@ pub struct JetStreamStore {
     /// Accepted events not fanned out yet (as of the last count): each may add a delivery
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
-    members: Arc<AtomicUsize>,
+    members: Arc<watchers::Membership>,
     /// `max(dedup window, retain)`: how long an event (its dedup record) is kept.
     keep_events: Duration,
     retain: Duration,
@@ -107,7 +108,7 @@ impl JetStreamStore {
             wakeups: Mutex::default(),
             depths: Arc::default(),
             unfanned: AtomicU64::new(0),
-            members: Arc::new(AtomicUsize::new(1)),
+            members: Arc::new(watchers::Membership::new()),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
             stop: CancellationToken::new(),
@@ -304,7 +305,12 @@ impl Store for JetStreamStore {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
         let leases = self.leases_of(destination);
-        leases.window.store(limit.max(1), Ordering::Relaxed);
+        leases.window.store(limit, Ordering::Relaxed);
+        if limit == 0 {
+            // Not a sender of this destination (now): hand back what waits here.
+            leases.release_idle(skip).await;
+            return Ok(Vec::new());
+        }
         leases.freed.notify_one();
         let mut out: Vec<Delivery> = leases
             .held
@@ -483,7 +489,11 @@ impl Store for JetStreamStore {
     }
 
     fn share(&self) -> usize {
-        self.members.load(Ordering::Relaxed).max(1)
+        self.members.count()
+    }
+
+    fn delivers(&self, max_in_flight: usize) -> bool {
+        self.members.rank() < max_in_flight.max(1)
     }
 
     fn available(&self) -> Result<(), String> {

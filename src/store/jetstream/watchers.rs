@@ -14,21 +14,49 @@ use tokio_util::sync::CancellationToken;
 use super::records::untoken;
 use super::{JetStreamStore, DEPTH_EVERY, HEARTBEAT};
 
+/// The live members as this instance last counted them, and its place among them.
+pub(super) struct Membership {
+    count: AtomicUsize,
+    rank: AtomicUsize,
+}
+
+impl Membership {
+    /// Alone until the first count.
+    pub fn new() -> Self {
+        Membership {
+            count: AtomicUsize::new(1),
+            rank: AtomicUsize::new(0),
+        }
+    }
+    /// How many instances share the stream (at least this one).
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed).max(1)
+    }
+    /// This instance's place among the live members by id, from 0.
+    pub fn rank(&self) -> usize {
+        self.rank.load(Ordering::Relaxed)
+    }
+}
+
 /// Renews this instance's membership and counts the live members.
 pub(super) async fn heartbeat(
     members: kv::Store,
-    count: Arc<AtomicUsize>,
+    membership: Arc<Membership>,
     me: String,
     stop: CancellationToken,
 ) {
     loop {
         if members.put(&me, Bytes::from_static(b"1")).await.is_ok() {
             if let Ok(mut keys) = members.keys().await {
-                let mut n = 0;
-                while let Some(Ok(_)) = keys.next().await {
-                    n += 1;
+                let mut ids = Vec::new();
+                while let Some(Ok(id)) = keys.next().await {
+                    ids.push(id);
                 }
-                count.store(n.max(1), Ordering::Relaxed);
+                ids.sort();
+                // Its own key was just written; missing, it counts last.
+                let rank = ids.iter().position(|id| *id == me).unwrap_or(ids.len());
+                membership.count.store(ids.len().max(1), Ordering::Relaxed);
+                membership.rank.store(rank, Ordering::Relaxed);
             }
         }
         tokio::select! {
