@@ -118,10 +118,13 @@ impl JetStreamStore {
         // Watching starts before the first read, so no pause or resume falls between.
         let watch = store.pauses.watch_with_history(">").await?;
         store.load_pauses().await?;
+        // Counted before any scheduler asks whether this instance sends to a destination.
+        let me_id = format!("{:032x}", rand::random::<u128>());
+        watchers::beat(&c.members, &store.members, &me_id).await;
         store.tasks.spawn(watchers::heartbeat(
             c.members,
             store.members.clone(),
-            format!("{:032x}", rand::random::<u128>()),
+            me_id,
             store.stop.clone(),
         ));
         let me = Arc::downgrade(&store);

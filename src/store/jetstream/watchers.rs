@@ -21,7 +21,7 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    /// Alone until the first count.
+    /// Alone until the first count ([`beat`] runs once before the store is used).
     pub fn new() -> Self {
         Membership {
             count: AtomicUsize::new(1),
@@ -38,7 +38,26 @@ impl Membership {
     }
 }
 
-/// Renews this instance's membership and counts the live members.
+/// Renews this instance's membership once and counts the live members.
+pub(super) async fn beat(members: &kv::Store, membership: &Membership, me: &str) {
+    if members.put(me, Bytes::from_static(b"1")).await.is_err() {
+        return;
+    }
+    let Ok(mut keys) = members.keys().await else {
+        return;
+    };
+    let mut ids = Vec::new();
+    while let Some(Ok(id)) = keys.next().await {
+        ids.push(id);
+    }
+    ids.sort();
+    // Its own key was just written; missing, it counts last.
+    let rank = ids.iter().position(|id| id == me).unwrap_or(ids.len());
+    membership.count.store(ids.len().max(1), Ordering::Relaxed);
+    membership.rank.store(rank, Ordering::Relaxed);
+}
+
+/// Renews this instance's membership and counts the live members, every [`HEARTBEAT`].
 pub(super) async fn heartbeat(
     members: kv::Store,
     membership: Arc<Membership>,
@@ -46,19 +65,7 @@ pub(super) async fn heartbeat(
     stop: CancellationToken,
 ) {
     loop {
-        if members.put(&me, Bytes::from_static(b"1")).await.is_ok() {
-            if let Ok(mut keys) = members.keys().await {
-                let mut ids = Vec::new();
-                while let Some(Ok(id)) = keys.next().await {
-                    ids.push(id);
-                }
-                ids.sort();
-                // Its own key was just written; missing, it counts last.
-                let rank = ids.iter().position(|id| *id == me).unwrap_or(ids.len());
-                membership.count.store(ids.len().max(1), Ordering::Relaxed);
-                membership.rank.store(rank, Ordering::Relaxed);
-            }
-        }
+        beat(&members, &membership, &me).await;
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(HEARTBEAT) => {}
