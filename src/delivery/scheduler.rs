@@ -124,11 +124,17 @@ impl Limits {
     }
 }
 
+/// How many instances may send to a destination with these limits: one request or one
+/// token of `burst` at least each, so no more than either allows.
+fn senders(rate: &Rate, max_in_flight: usize) -> usize {
+    max_in_flight.min(rate.burst as usize).max(1)
+}
+
 /// This instance's part of a destination's `rate` and `max_in_flight` when `share`
-/// instances share the store: each sender takes `1/n`, at least one request, `n` being
-/// `share` or, when `max_in_flight` is smaller, `max_in_flight` (only that many send).
+/// instances share the store: each sender takes `1/n`, `n` being `share` or, when
+/// [`senders`] is smaller, that (only that many send).
 fn part(rate: &Rate, max_in_flight: usize, share: usize) -> (Rate, usize) {
-    let n = share.min(max_in_flight).max(1);
+    let n = share.min(senders(rate, max_in_flight)).max(1);
     let rate = Rate {
         per_second: rate.per_second / n as f64,
         burst: (rate.burst / n as u32).max(1),
@@ -226,8 +232,12 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             let in_flight = in_flight.clone();
             move |seq: u64| in_flight.contains(seq)
         };
-        if !ctx.deps.store.delivers(dest.max_in_flight) {
-            // Other instances send to it (it allows fewer requests at once than there are
+        if !ctx
+            .deps
+            .store
+            .delivers(senders(&dest.rate, dest.max_in_flight))
+        {
+            // Other instances send to it (its limits allow fewer senders than there are
             // instances): what waits here goes back to them; the count is checked again.
             if let Err(e) = ctx.deps.store.pending(&name, 0, &skip).await {
                 warn!(destination = %name, error = %e, "handing back deliveries failed");
@@ -463,5 +473,9 @@ mod tests {
         // Fewer requests at once than instances: only that many send, sharing the rate.
         assert_eq!(part(&r, 2, 3), (rate(15.0, 4), 1));
         assert_eq!(part(&r, 1, 3), (rate(30.0, 9), 1));
+        // A burst smaller than the instances: as many senders as tokens.
+        assert_eq!(senders(&rate(30.0, 2), 64), 2);
+        assert_eq!(part(&rate(30.0, 2), 64, 3), (rate(15.0, 1), 32));
+        assert_eq!(part(&rate(30.0, 1), 64, 3), (rate(30.0, 1), 64));
     }
 }

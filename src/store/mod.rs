@@ -381,11 +381,12 @@ pub trait Store: Send + Sync + 'static {
         1
     }
 
-    /// Whether this instance sends to a destination that allows `max_in_flight` requests at
-    /// once. With fewer than [`Store::share`] instances allowed, only that many (the first
-    /// live members by id) send, each one at a time; the others take none of its deliveries.
-    fn delivers(&self, max_in_flight: usize) -> bool {
-        let _ = max_in_flight;
+    /// Whether this instance sends to a destination whose limits (`max_in_flight`, the
+    /// rate's `burst`) allow `senders` instances at most. With fewer than
+    /// [`Store::share`], only that many (the first live members by id) send; the others
+    /// take none of its deliveries.
+    fn delivers(&self, senders: usize) -> bool {
+        let _ = senders;
         true
     }
 

@@ -13,7 +13,7 @@
 //!   pending state with its due time and handed back with a delayed nak until then.
 //! - **Limits across instances**: each instance takes `1/n` of `rate` and `max_in_flight`,
 //!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`];
-//!   with a smaller `max_in_flight`, only that many instances send ([`Store::delivers`]).
+//!   with a smaller `max_in_flight` or `burst`, only that many send ([`Store::delivers`]).
 //! - Pauses live in a bucket every instance watches; dead letters have an index subject;
 //!   lookups, lists and replays read the stream, so any instance sees everything.
 
@@ -495,8 +495,8 @@ impl Store for JetStreamStore {
         self.members.count()
     }
 
-    fn delivers(&self, max_in_flight: usize) -> bool {
-        self.members.rank() < max_in_flight.max(1)
+    fn delivers(&self, senders: usize) -> bool {
+        self.members.rank() < senders.max(1)
     }
 
     fn available(&self) -> Result<(), String> {
