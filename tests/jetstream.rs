@@ -335,8 +335,10 @@ async fn rate_holds_across_three_instances(burst: u32) {
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
+    // A single sender paced at exactly the rate sits on the line: half an arrival of
+    // room for the sink's own timing; one request too many is a whole one.
     assert!(
-        worst <= 0.0,
+        worst <= 0.5,
         "arrivals exceeded per_second × t + burst by {worst}"
     );
     // And the instances together used most of it (each took a third, not less).

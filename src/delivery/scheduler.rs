@@ -11,8 +11,9 @@
 //!
 //! The rate limiter and the in-flight semaphore belong to the scheduler, so retries and
 //! replays pass through them like first attempts. When several instances share the store
-//! (jetstream), each sizes them to its part, `1/share` of the destination's limits. The destination's settings are looked up
-//! by name on every pass, so a reload's new URL, headers, timeout, retry policy and limits
+//! (jetstream), each sizes them to its part, `1/n` of the destination's limits; when those
+//! allow fewer senders than instances, only that many send ([`senders`]), and the others
+//! hand back what they hold. The destination's settings are looked up by name on every pass, so a reload's new URL, headers, timeout, retry policy and limits
 //! apply to the next attempts; a destination that left the config is not scheduled and its
 //! deliveries stay on disk.
 //!

@@ -93,7 +93,6 @@ impl Leases {
             .insert(lease.rec.delivery.seq, lease);
     }
 
-    /// Hands every held message back to the server for another instance at once.
     /// Hands back every held delivery that `in_flight` does not name, so that another
     /// instance may send it.
     pub async fn release_idle(&self, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
@@ -107,6 +106,7 @@ impl Leases {
         }
     }
 
+    /// Hands every held message back to the server for another instance at once.
     pub async fn release(&self) {
         let all: Vec<Lease> = self.held.lock().unwrap().drain().map(|(_, l)| l).collect();
         for l in all {

@@ -21,11 +21,13 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    /// Alone until the first count ([`beat`] runs once before the store is used).
+    /// Uncounted: no sender of any destination until a count, so that it never sends
+    /// beside the members it has not seen ([`beat`] runs once before the store is used;
+    /// if that fails, the heartbeat counts again every [`HEARTBEAT`]).
     pub fn new() -> Self {
         Membership {
             count: AtomicUsize::new(1),
-            rank: AtomicUsize::new(0),
+            rank: AtomicUsize::new(usize::MAX),
         }
     }
     /// How many instances share the stream (at least this one).
