@@ -134,10 +134,17 @@ impl JetStreamStore {
             .info_with_subjects(filter)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // The listing is paged by offset over the sorted subjects, and async-nats asks for
+        // a page more than the first even when it held them all: a subject written between
+        // the two requests shifts the set, and one already listed comes again.
+        let mut seen = std::collections::HashSet::new();
         let mut subjects = Vec::new();
         while subjects.len() < max {
             let Some(s) = it.next().await else { break };
-            subjects.push(s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0);
+            let s = s.map_err(|e| StoreError::Unavailable(e.to_string()))?.0;
+            if seen.insert(s.clone()) {
+                subjects.push(s);
+            }
         }
         Ok(subjects)
     }
