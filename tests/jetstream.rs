@@ -715,32 +715,8 @@ async fn a_pause_through_one_instance_holds_on_all_and_a_resume_through_another_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_holds_for_the_destination_across_three_instances() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start(dir.path()).await;
     // Each answer takes 100 ms: requests overlap unless the relays hold them back.
-    let sink = Sink::start(
-        Vec::new(),
-        Reply::status(200).delay(Duration::from_millis(100)),
-    )
-    .await;
-    let text = config(&[nats.url()], &[("a", sink.url("/a"))]).replace(
-        "[[destinations]]\nname = \"a\"\n",
-        "[[destinations]]\nname = \"a\"\nmax_in_flight = 3\n",
-    );
-    let relays = relays(dir.path(), &text, 3).await;
-    wait_instances(&relays, 3).await;
-    for i in 0..60 {
-        assert_eq!(post(&relays[i % 3], &format!("mif-{i}")).await.0, 200);
-    }
-    let seen = sink.wait_for(60).await;
-    let max = sink.max_concurrent();
-    println!(
-        "max_in_flight 3 over three instances: {} requests, at most {max} at once",
-        seen.len()
-    );
-    for r in relays {
-        r.sigterm(Duration::from_secs(10)).await;
-    }
+    let max = most_at_once_across_three_instances(3, 60, 100).await;
     assert!(max <= 3, "{max} requests at once");
     assert!(max >= 2, "the instances shared the work: {max}");
 }
@@ -750,30 +726,42 @@ async fn max_in_flight_holds_for_the_destination_across_three_instances() {
 /// every event still arrives, whichever instance accepted it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_below_the_instance_count_still_holds() {
+    let max = most_at_once_across_three_instances(1, 30, 50).await;
+    assert_eq!(max, 1, "{max} requests at once");
+}
+
+/// `events` posted round-robin to three instances, delivered to a destination with
+/// `max_in_flight` that answers after `delay_ms`: the most requests it had at once, once
+/// every event arrived.
+async fn most_at_once_across_three_instances(
+    max_in_flight: usize,
+    events: usize,
+    delay_ms: u64,
+) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let sink = Sink::start(
         Vec::new(),
-        Reply::status(200).delay(Duration::from_millis(50)),
+        Reply::status(200).delay(Duration::from_millis(delay_ms)),
     )
     .await;
     let text = config(&[nats.url()], &[("a", sink.url("/a"))]).replace(
         "[[destinations]]\nname = \"a\"\n",
-        "[[destinations]]\nname = \"a\"\nmax_in_flight = 1\n",
+        &format!("[[destinations]]\nname = \"a\"\nmax_in_flight = {max_in_flight}\n"),
     );
     let relays = relays(dir.path(), &text, 3).await;
     wait_instances(&relays, 3).await;
-    for i in 0..30 {
-        assert_eq!(post(&relays[i % 3], &format!("one-{i}")).await.0, 200);
+    for i in 0..events {
+        assert_eq!(post(&relays[i % 3], &format!("mif-{i}")).await.0, 200);
     }
-    let seen = sink.wait_for(30).await;
+    let seen = sink.wait_for(events).await;
     let max = sink.max_concurrent();
     println!(
-        "max_in_flight 1 over three instances: {} requests, at most {max} at once",
+        "max_in_flight {max_in_flight} over three instances: {} requests, at most {max} at once",
         seen.len()
     );
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
-    assert_eq!(max, 1, "{max} requests at once");
+    max
 }

@@ -13,8 +13,9 @@
 //! replays pass through them like first attempts. When several instances share the store
 //! (jetstream), each sizes them to its part, `1/n` of the destination's limits; when those
 //! allow fewer senders than instances, only that many send ([`senders`]), and the others
-//! hand back what they hold. The destination's settings are looked up by name on every pass, so a reload's new URL, headers, timeout, retry policy and limits
-//! apply to the next attempts; a destination that left the config is not scheduled and its
+//! hand back what they hold. The destination's settings are looked up by name on every
+//! pass, so a reload's new URL, headers, timeout, retry policy and limits apply to the
+//! next attempts; a destination that left the config is not scheduled and its
 //! deliveries stay on disk.
 //!
 //! A paused destination (stored, so it holds across restarts) gets nothing until a resume
@@ -152,9 +153,7 @@ async fn not_a_sender(
     in_flight: &(dyn Fn(u64) -> bool + Send + Sync),
     changes: &mut watch::Receiver<u64>,
 ) -> bool {
-    if let Err(e) = ctx.deps.store.pending(name, 0, in_flight).await {
-        warn!(destination = %name, error = %e, "handing back deliveries failed");
-    }
+    ctx.deps.store.hand_back(name, in_flight).await;
     tokio::select! {
         _ = ctx.stop.cancelled() => false,
         _ = changed(changes) => true,

@@ -293,9 +293,7 @@ pub trait Store: Send + Sync + 'static {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError>;
 
     /// Up to `limit` pending deliveries of `destination` in due order (earliest first),
-    /// whether due yet or not, skipping those for which `skip` is true (in flight). A
-    /// scheduler's `limit` is its window: 0 when this instance does not send to
-    /// `destination` ([`Store::delivers`]), and jetstream then hands back what it holds.
+    /// whether due yet or not, skipping those for which `skip` is true (in flight).
     async fn pending(
         &self,
         destination: &str,
@@ -388,6 +386,13 @@ pub trait Store: Send + Sync + 'static {
     fn delivers(&self, senders: usize) -> bool {
         let _ = senders;
         true
+    }
+
+    /// For an instance that does not send to `destination` ([`Store::delivers`]): hands
+    /// back what it holds of it and is not sending (`in_flight` names what it is), and
+    /// takes no more until the next [`Store::pending`]. Nothing to do on an embedded store.
+    async fn hand_back(&self, destination: &str, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
+        let _ = (destination, in_flight);
     }
 
     /// Whether the store can be written now; the reason when not (readiness says it).

@@ -308,12 +308,7 @@ impl Store for JetStreamStore {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
         let leases = self.leases_of(destination);
-        leases.window.store(limit, Ordering::Relaxed);
-        if limit == 0 {
-            // Not a sender of this destination (now): hand back what waits here.
-            leases.release_idle(skip).await;
-            return Ok(Vec::new());
-        }
+        leases.window.store(limit.max(1), Ordering::Relaxed);
         leases.freed.notify_one();
         let mut out: Vec<Delivery> = leases
             .held
@@ -326,6 +321,12 @@ impl Store for JetStreamStore {
         out.sort_by_key(|d| (d.next_due_ms, d.seq));
         out.truncate(limit);
         Ok(out)
+    }
+
+    async fn hand_back(&self, destination: &str, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
+        let leases = self.leases_of(destination);
+        leases.window.store(0, Ordering::Relaxed);
+        leases.release_idle(in_flight).await;
     }
 
     async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {

@@ -32,7 +32,7 @@ impl Membership {
     }
     /// How many instances share the stream (at least this one).
     pub fn count(&self) -> usize {
-        self.count.load(Ordering::Relaxed).max(1)
+        self.count.load(Ordering::Relaxed)
     }
     /// This instance's place among the live members by id, from 0.
     pub fn rank(&self) -> usize {
