@@ -29,17 +29,34 @@ impl SledStore {
     }
 }
 
+/// How long an open waits for the store directory's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledEngine {
-    /// Opens (or creates) the engine's files in the directory `path`.
+    /// Opens (or creates) the engine's files in the directory `path`. The directory's lock
+    /// may still be held for a moment by a store just closed (sled's threads let it go
+    /// after the close returns) or a process still exiting: it is tried again for up to
+    /// [`LOCK_WAIT`] before the error says the store is in use.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new()
+        let config = ::sled::Config::new()
             .path(path)
             .cache_capacity(32 << 20)
             .mode(::sled::Mode::HighThroughput)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
-        Ok(SledEngine { db })
+            .flush_every_ms(Some(1000));
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(SledEngine { db }),
+                // sled reports a held lock as an `Other` I/O error with this text.
+                Err(::sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(StoreError::Unavailable(format!("{}: {e}", path.display()))),
+            }
+        }
     }
 }
 
@@ -178,6 +195,33 @@ mod tests {
     use crate::store::{Admission, DeliveryKey, NewEvent, Outcome, Store};
     use std::sync::{mpsc, Mutex};
     use std::time::Duration;
+
+    /// A store whose directory is still locked (a store just closed, a process exiting)
+    /// opens once the lock is let go within the wait; one locked past it is an error that
+    /// says so.
+    #[test]
+    fn an_open_waits_for_the_directory_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = SledEngine::open(dir.path()).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let releaser = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        // Still held: the open waits, then fails naming the lock.
+        let path = dir.path().to_path_buf();
+        let second = std::thread::spawn(move || SledEngine::open(&path).map(|_| ()));
+        let e = match second.join().unwrap() {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("opened while held"),
+        };
+        assert!(e.contains("could not acquire lock"), "{e}");
+        // Let go 300 ms into the next open: it gets the store.
+        tx.send(()).unwrap();
+        SledEngine::open(dir.path()).expect("opened once the lock was let go");
+        releaser.join().unwrap();
+    }
 
     /// sled under a switch: when armed, a group stops between its writes (visible to
     /// readers: sled applies each operation's batch at once) and its flush, until released.
