@@ -1,8 +1,9 @@
 //! Per-key ordering and the breaker (CONTRACT §8): a retrying head holds back only its own
-//! key (across a SIGKILL and restart, on both embedded engines), a dead head lets the next
-//! pass and is replayed later, the dids insert/update/delete of each record arrive in order
-//! under 32 concurrent senders and a destination of varying latency, and a breaker opens
-//! after N failures, probes once per cool-down and closes on a 2xx.
+//! key (across a SIGKILL and restart), a dead head lets the next pass and is replayed later,
+//! the dids insert/update/delete of each record arrive in order under 32 concurrent senders
+//! and a destination of varying latency (each on redb, sled, and three relays on one
+//! JetStream, events posted to each in turn), and a breaker opens after N failures, probes
+//! once per cool-down and closes on a 2xx.
 
 mod support;
 
@@ -11,12 +12,53 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use support::{client, tail, try_post, Action, Arrival, FaultSink, RelayProcess};
+use support::{client, tail, try_post, Action, Arrival, FaultSink, NatsServer, RelayProcess};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Where the relays of a test keep their state: an embedded store (one relay), or one
+/// JetStream (three relays, each sent every third event).
+enum Backend {
+    Embedded(&'static str),
+    JetStream(NatsServer),
+}
+
+impl Backend {
+    async fn start(name: &'static str, dir: &std::path::Path) -> Backend {
+        match name {
+            "jetstream" => Backend::JetStream(NatsServer::start(dir).await),
+            _ => Backend::Embedded(name),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Backend::Embedded(n) => n,
+            Backend::JetStream(_) => "jetstream",
+        }
+    }
+
+    /// The `[store]` table.
+    fn store(&self) -> String {
+        match self {
+            Backend::Embedded(n) => format!("[store]\nbackend = \"{n}\"\n"),
+            Backend::JetStream(nats) => format!(
+                "[store]\nbackend = \"jetstream\"\nurl = \"{}\"\nprefix = \"o\"\n",
+                nats.url()
+            ),
+        }
+    }
+
+    fn relays(&self) -> usize {
+        match self {
+            Backend::Embedded(_) => 1,
+            Backend::JetStream(_) => 3,
+        }
+    }
+}
+
 /// Ordered voice events (`order_by = ["$.payload.callId"]`) from `/voice` to the sink.
-fn voice_config(backend: &str, sink: &FaultSink, extra: &str) -> String {
+fn voice_config(backend: &Backend, sink: &FaultSink, extra: &str) -> String {
     format!(
         r#"
 [server]
@@ -24,8 +66,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 shutdown_grace = "1s"
 
-[store]
-backend = "{backend}"
+{}
 
 [delivery]
 retry = {{ first = "100ms", factor = 1.0, max_delay = "100ms" }}
@@ -46,6 +87,7 @@ source = "voice"
 order_by = ["$.payload.callId"]
 to = ["d"]
 "#,
+        backend.store(),
         sink.url("/d")
     )
 }
@@ -74,22 +116,42 @@ fn assert_in_order(seen: &[usize], what: &str) {
     );
 }
 
-async fn start(dir: &std::path::Path, toml: &str) -> RelayProcess {
+/// Relay `i` on the config `toml` (written to `dir`), logging to `relay<i>.log`.
+async fn start(dir: &std::path::Path, toml: &str, i: usize) -> RelayProcess {
     let cfg = dir.join("routes.toml");
     std::fs::write(&cfg, toml).unwrap();
-    RelayProcess::spawn(&cfg, &dir.join("relay.log")).await
+    RelayProcess::spawn(&cfg, &dir.join(format!("relay{i}.log"))).await
 }
 
-async fn post_all(relay: &RelayProcess, bodies: &[Vec<u8>]) {
+/// The backend's relays on `toml`.
+async fn start_all(backend: &Backend, dir: &std::path::Path, toml: &str) -> Vec<RelayProcess> {
+    let mut out = Vec::new();
+    for i in 0..backend.relays() {
+        out.push(start(dir, toml, i).await);
+    }
+    out
+}
+
+/// Every relay's log, for a failure's message.
+fn logs(dir: &std::path::Path, n: usize) -> String {
+    (0..n)
+        .map(|i| tail(&dir.join(format!("relay{i}.log"))))
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// Posts `bodies` in order, each to the next relay in turn; each is accepted before the
+/// next is sent.
+async fn post_all(relays: &[RelayProcess], path: &str, bodies: &[Vec<u8>]) {
     let c = client();
-    for b in bodies {
-        let url = format!("http://{}/voice", relay.ingress);
+    for (i, b) in bodies.iter().enumerate() {
+        let url = format!("http://{}{path}", relays[i % relays.len()].ingress);
         let p = try_post(&c, &url, b.clone(), WAIT).await.unwrap();
         assert_eq!(p.status, 200, "{:?}", p.body);
     }
 }
 
-async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &str) {
+async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'static str) {
     // K-0 is refused (503) for its first 2 s; everything else is taken at once.
     let since = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let first = since.clone();
@@ -103,15 +165,16 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &str)
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = voice_config(backend, &sink, "");
-    let relay = start(dir.path(), &toml).await;
+    let backend = Backend::start(backend, dir.path()).await;
+    let toml = voice_config(&backend, &sink, "");
+    let mut relays = start_all(&backend, dir.path(), &toml).await;
     let mut bodies = vec![voice_event("K", 0)];
     for i in 1..10 {
         bodies.push(voice_event("K", i));
         bodies.push(voice_event("L", i - 1));
     }
     bodies.push(voice_event("L", 9));
-    post_all(&relay, &bodies).await;
+    post_all(&relays, "/voice", &bodies).await;
     // L goes on while K's head is refused: all of L arrives during K-0's 503s.
     let l_done = async {
         while arrivals_of(&sink.arrivals(), "L").len() < 10
@@ -129,17 +192,18 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &str)
         "only K's head was tried: {:?}",
         arrivals_of(&log, "K")
     );
-    // SIGKILL in the middle of K-0's retries, then start again on the same store.
-    relay.sigkill().await;
-    let relay = start(dir.path(), &toml).await;
+    // SIGKILL in the middle of K-0's retries (every relay: whichever holds K-0), then
+    // start again on the same store.
+    let n = relays.len();
+    for r in relays.drain(..) {
+        r.sigkill().await;
+    }
+    let relays = start_all(&backend, dir.path(), &toml).await;
     let all: std::collections::HashSet<String> = (0..10)
         .flat_map(|i| [format!("K-{i}"), format!("L-{i}")])
         .collect();
     if let Err(missing) = sink.wait_delivered(&all, WAIT).await {
-        panic!(
-            "not delivered: {missing:?}\n{}",
-            tail(&dir.path().join("relay.log"))
-        );
+        panic!("not delivered: {missing:?}\n{}", logs(dir.path(), n));
     }
     let log = sink.arrivals();
     let k = arrivals_of(&log, "K");
@@ -155,8 +219,8 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &str)
         .unwrap();
     let l_last = log.iter().rposition(|a| a.id.starts_with("L-")).unwrap();
     assert!(l_last < k0_done, "L did not wait for K");
-    println!("{backend}: K arrivals {k:?}");
-    drop(relay);
+    println!("{}: K arrivals {k:?}", backend.name());
+    drop(relays);
     sink.stop().await;
 }
 
@@ -168,6 +232,11 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_redb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_sled() {
     a_retrying_head_holds_back_only_its_key_across_a_sigkill("sled").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_jetstream() {
+    a_retrying_head_holds_back_only_its_key_across_a_sigkill("jetstream").await;
 }
 
 async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_json::Value {
@@ -188,8 +257,7 @@ async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_
     ))
 }
 
-#[tokio::test]
-async fn a_dead_head_lets_the_next_pass_and_is_replayed_later() {
+async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static str) {
     let sink = FaultSink::by_request(|n, _| {
         if n == 0 {
             Action::Answer(400)
@@ -199,28 +267,38 @@ async fn a_dead_head_lets_the_next_pass_and_is_replayed_later() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(dir.path(), &voice_config("redb", &sink, "")).await;
-    post_all(
-        &relay,
-        &[
-            voice_event("K", 0),
-            voice_event("K", 1),
-            voice_event("K", 2),
-        ],
-    )
-    .await;
-    assert!(sink.wait_count(3, WAIT).await);
-    let dead = admin(&relay, http::Method::GET, "/api/dead").await;
+    let backend = Backend::start(backend, dir.path()).await;
+    let relays = start_all(&backend, dir.path(), &voice_config(&backend, &sink, "")).await;
+    let bodies = [0, 1, 2].map(|i| voice_event("K", i));
+    post_all(&relays, "/voice", &bodies).await;
+    assert!(
+        sink.wait_count(3, WAIT).await,
+        "{}",
+        logs(dir.path(), relays.len())
+    );
+    // Listed and replayed through the last relay (on jetstream, not the one that took it).
+    let last = relays.last().unwrap();
+    let dead = admin(last, http::Method::GET, "/api/dead").await;
     assert_eq!(dead[0]["event_id"], "K-0", "{dead}");
-    let r = admin(&relay, http::Method::POST, "/api/dead/replay?id=K-0").await;
+    let r = admin(last, http::Method::POST, "/api/dead/replay?id=K-0").await;
     assert_eq!(r["replayed"], 1);
     assert!(sink.wait_count(4, WAIT).await);
     let log = sink.arrivals();
     let ids: Vec<&str> = log.iter().map(|a| a.id.as_str()).collect();
     assert_eq!(ids, ["K-0", "K-1", "K-2", "K-0"]);
     assert!(log[3].delivered());
-    drop(relay);
+    drop(relays);
     sink.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_head_lets_the_next_pass_and_is_replayed_later_redb() {
+    a_dead_head_lets_the_next_pass_and_is_replayed_later("redb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_lets_the_next_pass_and_is_replayed_later_jetstream() {
+    a_dead_head_lets_the_next_pass_and_is_replayed_later("jetstream").await;
 }
 
 /// The dids fixture `name` for record `id`.
@@ -233,21 +311,33 @@ fn dids(name: &str, id: u64) -> Vec<u8> {
     format!("{}{id}{}", &text[..start], &text[end..]).into_bytes()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_records_insert_update_delete_arrive_in_order_under_32_senders() {
+async fn each_records_insert_update_delete_arrive_in_order_under_32_senders(backend: &'static str) {
     const SENDERS: u64 = 32;
     const RECORDS_PER_SENDER: u64 = 4;
-    let sink =
-        FaultSink::by_request(|_, _| Action::Later(200, rand::rng().random_range(0..15))).await;
+    // Answers after 0–15 ms; one attempt in five is refused (503) and retried, so an
+    // unordered later step would overtake it.
+    let sink = FaultSink::by_request(|_, _| {
+        let mut r = rand::rng();
+        if r.random_bool(0.2) {
+            Action::Answer(503)
+        } else {
+            Action::Later(200, r.random_range(0..15))
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(backend, dir.path()).await;
     let toml = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 
+{}
 [delivery]
 max_in_flight = 32
 rate = {{ per_second = 100000, burst = 1000 }}
+retry = {{ first = "20ms", factor = 1.0, max_delay = "20ms" }}
 
 [[sources]]
 name = "dids"
@@ -266,23 +356,26 @@ match = {{ schema = ["dids"] }}
 order_by = ["$.schema", "$.data.id"]
 to = ["numbers"]
 "#,
+        backend.store(),
         sink.url("/numbers")
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("routes.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    let relay = RelayProcess::spawn(&cfg, &dir.path().join("relay.log")).await;
-    let url = format!("http://{}/hooks/dids", relay.ingress);
+    let relays = start_all(&backend, dir.path(), &toml).await;
+    let urls: Vec<String> = relays
+        .iter()
+        .map(|r| format!("http://{}/hooks/dids", r.ingress))
+        .collect();
     let mut senders = tokio::task::JoinSet::new();
     for s in 0..SENDERS {
-        let url = url.clone();
+        let urls = urls.clone();
         senders.spawn(async move {
             let c = client();
-            // This sender's records, each insert → update → delete, interleaved.
-            for step in ["insert", "update", "delete"] {
+            // This sender's records, each insert → update → delete, interleaved; each step
+            // through the next relay.
+            for (n, step) in ["insert", "update", "delete"].iter().enumerate() {
                 for r in 0..RECORDS_PER_SENDER {
                     let id = 50_000 + s * RECORDS_PER_SENDER + r;
-                    let p = try_post(&c, &url, dids(step, id), WAIT).await.unwrap();
+                    let url = &urls[(s as usize + n) % urls.len()];
+                    let p = try_post(&c, url, dids(step, id), WAIT).await.unwrap();
                     assert_eq!(p.status, 200, "{:?}", p.body);
                 }
             }
@@ -294,23 +387,42 @@ to = ["numbers"]
     let all: std::collections::HashSet<String> = (0..SENDERS * RECORDS_PER_SENDER)
         .flat_map(|r| ["insert", "update", "delete"].map(|s| format!("dids:{s}:{}", 50_000 + r)))
         .collect();
-    assert!(sink.wait_delivered(&all, WAIT).await.is_ok());
-    let mut per_record: HashMap<String, Vec<String>> = HashMap::new();
-    for a in sink.arrivals() {
-        let mut parts = a.id.split(':');
-        let (_, step, id) = (
-            parts.next(),
-            parts.next().unwrap().to_string(),
-            parts.next().unwrap().to_string(),
+    if let Err(missing) = sink.wait_delivered(&all, WAIT).await {
+        panic!(
+            "not delivered: {missing:?}\n{}",
+            logs(dir.path(), relays.len())
         );
-        per_record.entry(id).or_default().push(step);
+    }
+    // Each record's attempts by step (insert 0, update 1, delete 2), in arrival order.
+    let mut per_record: HashMap<String, Vec<usize>> = HashMap::new();
+    let arrivals = sink.arrivals();
+    for a in &arrivals {
+        let mut parts = a.id.split(':');
+        let (_, step, id) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        let step = ["insert", "update", "delete"]
+            .iter()
+            .position(|s| *s == step)
+            .unwrap();
+        per_record.entry(id.to_string()).or_default().push(step);
     }
     assert_eq!(per_record.len() as u64, SENDERS * RECORDS_PER_SENDER);
+    let refused = arrivals.iter().filter(|a| !a.delivered()).count();
+    assert!(refused > 0, "some attempts were refused and retried");
     for (id, steps) in per_record {
-        assert_eq!(steps, ["insert", "update", "delete"], "record {id}");
+        assert_in_order(&steps, &format!("record {id}"));
     }
-    drop(relay);
+    drop(relays);
     sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_records_insert_update_delete_arrive_in_order_under_32_senders_redb() {
+    each_records_insert_update_delete_arrive_in_order_under_32_senders("redb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_records_insert_update_delete_arrive_in_order_under_32_senders_jetstream() {
+    each_records_insert_update_delete_arrive_in_order_under_32_senders("jetstream").await;
 }
 
 #[tokio::test]
@@ -326,9 +438,10 @@ async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_cl
     .await;
     let dir = tempfile::tempdir().unwrap();
     let extra = "max_in_flight = 1\nbreaker = { failures = 3, cool_down = \"1s\" }";
-    let relay = start(dir.path(), &voice_config("redb", &sink, extra)).await;
+    let toml = voice_config(&Backend::Embedded("redb"), &sink, extra);
+    let relay = start(dir.path(), &toml, 0).await;
     let bodies: Vec<Vec<u8>> = (0..5).map(|i| voice_event(&format!("c{i}"), 0)).collect();
-    post_all(&relay, &bodies).await;
+    post_all(std::slice::from_ref(&relay), "/voice", &bodies).await;
     assert!(sink.wait_count(3, WAIT).await);
     // Open: the API and the gauge say so (within a moment of the third answer).
     let deadline = Instant::now() + WAIT;

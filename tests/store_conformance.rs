@@ -215,11 +215,84 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     assert!(!st.paused("a"), "{name}");
 }
 
+/// Whether `dest` lists a pending delivery of any of `seqs` now.
+async fn lists_any(st: &dyn Store, dest: &str, seqs: &[u64]) -> bool {
+    let p = st.pending(dest, 64, &|_| false).await.unwrap();
+    p.iter().any(|d| seqs.contains(&d.seq))
+}
+
+/// `order_by` (CONTRACT §8): a key's deliveries are handed out one at a time in accept
+/// order; a retrying head holds back only its own key; a dead head lets the next go; a
+/// replayed one waits for the one in flight. `other` accepts every second event (on
+/// jetstream another instance; on an embedded store the same one).
+async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
+    let ordered = |id: &str, key: &str| NewEvent {
+        order_keys: vec![Some(key.into())],
+        ..ev(id, "o", &["o"])
+    };
+    let k0 = accepted(st, ordered("k0", "K")).await;
+    let k1 = accepted(other, ordered("k1", "K")).await;
+    let l0 = accepted(st, ordered("l0", "L")).await;
+    let k2 = accepted(other, ordered("k2", "K")).await;
+    due(st, "o", k0).await;
+    due(st, "o", l0).await;
+    // K-0 fails and is due again; K-1 and K-2 still wait behind it.
+    let retry = Outcome::Retry {
+        due_ms: now_ms(),
+        status: Some(503),
+        error: "HTTP 503".into(),
+    };
+    st.record(&key(k0, "o"), retry).await.unwrap();
+    due(st, "o", k0).await;
+    assert!(
+        !lists_any(st, "o", &[k1, k2]).await,
+        "{name}: K's later events wait"
+    );
+    // L goes on meanwhile.
+    st.record(&key(l0, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    // K-0 goes dead: K-1 is next, K-2 still waits.
+    st.record(&key(k0, "o"), dead()).await.unwrap();
+    due(st, "o", k1).await;
+    assert!(
+        !lists_any(st, "o", &[k0, k2]).await,
+        "{name}: one at a time"
+    );
+    st.record(&key(k1, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    due(st, "o", k2).await;
+    // K-0 replayed while K-2 is in flight: it waits for K-2.
+    assert_eq!(
+        st.replay(ReplaySelector::EventId("k0".into()))
+            .await
+            .unwrap(),
+        1,
+        "{name}"
+    );
+    assert!(!lists_any(st, "o", &[k0]).await, "{name}: the replay waits");
+    st.record(&key(k2, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    due(st, "o", k0).await;
+    st.record(&key(k0, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let views = st.lookup("k0").await.unwrap();
+    assert_eq!(
+        views[0].deliveries[0].state,
+        DeliveryState::Delivered,
+        "{name}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_contract_on_redb() {
     let dir = tempfile::tempdir().unwrap();
     let st = RedbStore::open(dir.path()).unwrap();
     the_contract("redb", st.clone()).await;
+    the_order_contract("redb", st.as_ref(), st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -228,6 +301,7 @@ async fn the_store_contract_on_sled() {
     let dir = tempfile::tempdir().unwrap();
     let st = SledStore::open(dir.path()).unwrap();
     the_contract("sled", st.clone()).await;
+    the_order_contract("sled", st.as_ref(), st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -258,6 +332,9 @@ async fn the_store_contract_on_jetstream() {
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
     the_contract("jetstream", st.clone()).await;
+    let other = jetstream(dir.path(), &nats).await;
+    the_order_contract("jetstream", st.as_ref(), other.as_ref()).await;
+    other.close().await.unwrap();
     st.close().await.unwrap();
     drop(st);
     // Everything is in JetStream: a second store (another instance) sees it.

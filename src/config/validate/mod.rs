@@ -238,19 +238,6 @@ impl Cx<'_> {
             if let Some(route) =
                 self.route(i, r, &src_index, &dest_index, &destinations, &mut names)
             {
-                if store.backend == Backend::Jetstream && !route.order_by.is_empty() {
-                    let span = r
-                        .get_ref()
-                        .order_by
-                        .as_ref()
-                        .and_then(|o| o.first())
-                        .map(|p| p.span());
-                    self.err(
-                        span,
-                        &format!("routes[{i}].order_by"),
-                        "not supported with backend = \"jetstream\" yet: per-key order needs the embedded store (redb or sled)",
-                    );
-                }
                 sources[route.source].routes.push(routes.len());
                 routes.push(Arc::new(route));
             }

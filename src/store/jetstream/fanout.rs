@@ -78,23 +78,44 @@ impl JetStreamStore {
         body: &[u8],
         again: bool,
     ) -> Result<(), StoreError> {
-        if again && self.state_of(seq, dest, e).await?.is_some() {
-            return Ok(());
+        if again {
+            if let Some((_, rec, _)) = self.state_of(seq, dest, e).await? {
+                // Its line may not have moved on if the earlier fan-out stopped here.
+                if let Some(key) = &rec.delivery.order_key {
+                    self.advance(dest, key).await?;
+                }
+                return Ok(());
+            }
         }
         let mut rec = meta.first_delivery(seq, dest);
+        if let Some(key) = &rec.delivery.order_key {
+            // Waiting unless it heads its key's line now.
+            rec.waiting = self
+                .head(dest, key)
+                .await?
+                .is_some_and(|(_, first, _)| first != seq);
+        }
         for _ in 0..2 {
             let subject = self.names.delivery(dest, &rec.part());
             let w = Write::new(subject, encode_delivery(&rec, body)).expect(0);
-            match self.write(&[w]).await? {
-                Written::Stored { .. } => {
-                    self.wakeup_of(dest).notify_one();
-                    return Ok(());
-                }
+            let written = match self.write(&[w]).await? {
+                Written::Stored { .. } => true,
                 Written::Conflict => match self.delivery_state(dest, &rec.part()).await? {
-                    Some((_, r, _)) if r.delivery.seq == seq => return Ok(()),
-                    _ => rec.apart = true,
+                    Some((_, r, _)) if r.delivery.seq == seq => false,
+                    _ => {
+                        rec.apart = true;
+                        continue;
+                    }
                 },
+            };
+            if written {
+                self.wakeup_of(dest).notify_one();
             }
+            // The head may have left between the look and the write.
+            if let (Some(key), true) = (&rec.delivery.order_key, rec.waiting || !written) {
+                self.advance(dest, key).await?;
+            }
+            return Ok(());
         }
         Err(StoreError::Unavailable(format!(
             "the delivery of event {seq} to {dest} could not be written: its subjects hold \

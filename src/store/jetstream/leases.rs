@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -26,9 +26,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::pulls;
 use super::records::{decode_delivery, DeliveryRecord, Names};
 use super::watchers::Pauses;
+use super::{lines, pulls, JetStreamStore};
 use crate::clock::now_ms;
 use crate::store::DeliveryState;
 
@@ -135,6 +135,7 @@ pub fn consumer_config(names: &Names, destination: &str) -> pull::Config {
 
 /// Takes and holds deliveries of one destination until `stop`.
 pub async fn pull(
+    store: Weak<JetStreamStore>,
     leases: Arc<Leases>,
     stream: stream::Stream,
     names: Names,
@@ -188,14 +189,14 @@ pub async fn pull(
                     consumer = c;
                     break;
                 }
-                Some(Ok(m)) => take(&leases, m).await,
+                Some(Ok(m)) => take(&store, &leases, m).await,
             }
         }
     }
 }
 
 /// Holds a pulled message, or hands it back / acks it when it is not for sending now.
-async fn take(leases: &Leases, m: jetstream::Message) {
+async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Message) {
     let Ok(state_seq) = m.info().map(|i| i.stream_sequence) else {
         return;
     };
@@ -209,6 +210,23 @@ async fn take(leases: &Leases, m: jetstream::Message) {
     };
     if rec.delivery.state != DeliveryState::Pending {
         let _ = m.ack().await;
+        return;
+    }
+    if rec.waiting {
+        // Behind an earlier delivery of its order key: back to the server until its line's
+        // head tells it to go (a new state, so a new message). Back here again, it checks
+        // the line, in case the instance moving it on died.
+        let delivered = m.info().map(|i| i.delivered).unwrap_or(1);
+        let _ = m
+            .ack_with(AckKind::Nak(Some(lines::waiting_delay(delivered))))
+            .await;
+        if let (true, Some(key), Some(s)) =
+            (delivered > 1, &rec.delivery.order_key, store.upgrade())
+        {
+            if let Err(e) = s.advance(&leases.destination, key).await {
+                debug!(destination = %leases.destination, error = %e, "checking an order key's line failed");
+            }
+        }
         return;
     }
     let now = now_ms();

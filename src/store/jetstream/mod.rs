@@ -20,6 +20,7 @@
 mod batch;
 mod fanout;
 mod leases;
+mod lines;
 mod outcomes;
 mod pulls;
 mod reads;
@@ -165,6 +166,7 @@ impl JetStreamStore {
         ));
         all.insert(destination.to_string(), l.clone());
         self.tasks.spawn(leases::pull(
+            self.me.clone(),
             l.clone(),
             self.stream.clone(),
             self.names.clone(),
@@ -268,6 +270,11 @@ impl Store for JetStreamStore {
                 }
             }
         }
+        let lines: Vec<Option<Line>> = ev
+            .order_keys
+            .iter()
+            .map(|k| k.clone().map(Line::new))
+            .collect();
         let meta = EventMeta {
             id: ev.id.clone(),
             source: ev.source.clone(),
@@ -275,14 +282,31 @@ impl Store for JetStreamStore {
             content_type: ev.content_type.clone(),
             destinations: ev.destinations.clone(),
             held: ev.held.clone(),
+            lines: if lines.iter().any(Option::is_some) {
+                lines
+            } else {
+                Vec::new()
+            },
         };
         // One conditional write: the event with its destinations, only if no event with
-        // this id is kept. The fan-out turns it into deliveries.
-        let writes = [
+        // this id is kept (and, in the same atomic batch, its places in `order_by` lines).
+        // The fan-out turns it into deliveries.
+        let mut writes = vec![
             Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
                 .expect(0)
                 .ttl(ev.dedup_window.max(self.retain)),
         ];
+        for (dest, line) in meta.destinations.iter().zip(&meta.lines) {
+            if let Some(l) = line {
+                let entry = LineEntry {
+                    e: e.clone(),
+                    seq: 0,
+                    back: writes.len() as u64,
+                };
+                let subject = self.names.line_entry(dest, &l.key, &l.slot);
+                writes.push(Write::new(subject, entry.encode()));
+            }
+        }
         match self.write(&writes).await? {
             Written::Stored { first } => {
                 let mut depths = self.depths.lock().unwrap();
@@ -374,6 +398,7 @@ impl Store for JetStreamStore {
                 // per subject), and the server settles a pending message it removes as if
                 // acked. An ack now would be one more operation per delivery for nothing.
                 leases.take(key.seq);
+                self.advance_after(&rec).await;
                 Ok(())
             }
             // Still held as it was read: the write is tried again, or another instance

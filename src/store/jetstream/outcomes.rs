@@ -32,7 +32,8 @@ impl JetStreamStore {
         }
     }
 
-    /// Makes one dead delivery pending again; whether it was.
+    /// Makes one dead delivery pending again; whether it was. An ordered one rejoins its
+    /// key's line at the end, waiting (the line moves it on when it is first).
     pub(super) async fn reopen(
         &self,
         state_seq: u64,
@@ -42,15 +43,31 @@ impl JetStreamStore {
         rec.delivery.reopen(now_ms());
         let e = rec.part();
         let dest = rec.delivery.destination.clone();
-        let writes = vec![
+        let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
+        rec.waiting = line.is_some();
+        let mut writes = vec![
             Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
                 .expect(state_seq),
             Write::new(self.names.dead(&dest, &e), Bytes::from_static(b"replayed"))
                 .ttl(REPLAYED_TTL),
         ];
+        if let Some((key, slot)) = &line {
+            let entry = LineEntry {
+                e: event_token(&rec.event.source, &rec.event.id),
+                seq: rec.delivery.seq,
+                back: 0,
+            };
+            writes.push(Write::new(
+                self.names.line_entry(&dest, key, slot),
+                entry.encode(),
+            ));
+        }
         let done = matches!(self.write(&writes).await?, Written::Stored { .. });
         if done {
             self.wakeup_of(&dest).notify_one();
+            if let Some((key, _)) = &line {
+                self.advance(&dest, key).await?;
+            }
         }
         Ok(done)
     }
@@ -95,6 +112,7 @@ impl JetStreamStore {
                 .write(&self.state_writes(state_seq, &rec, &body))
                 .await?
             {
+                self.advance_after(&rec).await;
                 return Ok(());
             }
         }

@@ -13,6 +13,10 @@
 //!   its event), a new event's delivery is kept apart: `<p>.q.<d>.<e>.<event seq>`.
 //! - `<p>.dl.<d>.<e>`: a dead letter's index entry (`dead` or `replayed`).
 //! - `<p>.re.<e>`: a reply route's stored answer, for the dedup window.
+//! - `<p>.o.<d>.<k>.<slot>`: an `order_by` delivery's place in its key's line (`<k>`
+//!   hashes the key; `<slot>` is random, one per delivery). Written with the event (one
+//!   atomic batch), so the stream's order of a key's entries is the accept order; the first
+//!   entry is the line's head. See [`super::lines`].
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -72,6 +76,14 @@ impl Names {
     /// The dead-letter index entries of every event with this id (kept apart or not).
     pub fn dead_of_id(&self, id: &str) -> String {
         format!("{}.dl.*.{}.>", self.prefix, hash(id))
+    }
+    /// An ordered delivery's line entry.
+    pub fn line_entry(&self, dest: &str, key: &str, slot: &str) -> String {
+        format!("{}.o.{}.{}.{slot}", self.prefix, token(dest), hash(key))
+    }
+    /// Every entry of one key's line.
+    pub fn line(&self, dest: &str, key: &str) -> String {
+        format!("{}.o.{}.{}.*", self.prefix, token(dest), hash(key))
     }
     pub fn reply(&self, e: &str) -> String {
         format!("{}.re.{e}", self.prefix)
@@ -144,19 +156,79 @@ pub struct EventMeta {
     /// record only): the call is made at once, the stored delivery is the fallback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<(String, u64)>,
+    /// Each destination's place in an `order_by` line, in the order of `destinations`
+    /// (on the event record only; empty when none is ordered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lines: Vec<Option<Line>>,
+}
+
+/// An ordered delivery's order key and the slot naming its line entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub key: String,
+    pub slot: String,
+}
+
+impl Line {
+    pub fn new(key: String) -> Self {
+        Line {
+            key,
+            slot: format!("{:016x}", rand::random::<u64>()),
+        }
+    }
+}
+
+/// A line entry's payload: which event's delivery it stands for. The event's sequence is
+/// `seq`, or, for an entry written in the event's own batch (its sequence unknown until
+/// stored), the entry's own sequence less `back`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LineEntry {
+    pub e: String,
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub back: u64,
+}
+
+impl LineEntry {
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("entries serialize"))
+    }
+    pub fn decode(payload: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(payload)
+            .map_err(|e| StoreError::Corrupt(format!("a line entry: {e}")))
+    }
+    /// The sequence of the event it stands for, given its own.
+    pub fn event_seq(&self, entry_seq: u64) -> u64 {
+        if self.seq > 0 {
+            self.seq
+        } else {
+            entry_seq.saturating_sub(self.back)
+        }
+    }
 }
 
 impl EventMeta {
-    /// The pending delivery to `destination` an accepted event starts with.
+    /// The pending delivery to `destination` an accepted event starts with (waiting, if
+    /// ordered: its line's head is told to go when it is first).
     pub fn first_delivery(&self, seq: u64, destination: &str) -> DeliveryRecord {
+        let line = self
+            .destinations
+            .iter()
+            .position(|d| d == destination)
+            .and_then(|i| self.lines.get(i).cloned().flatten());
+        let key = line.as_ref().map(|l| l.key.clone());
         DeliveryRecord {
-            delivery: Delivery::first(seq, destination, self.received_ms, self.held.as_ref(), None),
+            delivery: Delivery::first(seq, destination, self.received_ms, self.held.as_ref(), key),
             event: EventMeta {
                 destinations: Vec::new(),
                 held: None,
+                lines: Vec::new(),
                 ..self.clone()
             },
             apart: false,
+            waiting: line.is_some(),
+            slot: line.map(|l| l.slot),
         }
     }
 }
@@ -172,6 +244,12 @@ pub struct DeliveryRecord {
     /// and source (kept past that event's message), which must not be replaced.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub apart: bool,
+    /// An ordered delivery's line entry slot (its key is `delivery.order_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// An ordered delivery not at the head of its key's line: pending, not to be sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub waiting: bool,
 }
 
 impl DeliveryRecord {
@@ -281,6 +359,7 @@ mod tests {
             content_type: None,
             destinations: Vec::new(),
             held: None,
+            lines: Vec::new(),
         };
         let mut rec = meta.first_delivery(42, "d");
         let e = event_token("s", "i");
@@ -324,6 +403,7 @@ mod tests {
             content_type: None,
             destinations: vec!["d".into()],
             held: None,
+            lines: Vec::new(),
         };
         let p = encode_event(&meta, b"{\n\"a\":1}\n");
         let (m, ev) = decode_event(9, &p).unwrap();

@@ -1,0 +1,169 @@
+//! `order_by` on JetStream: each key's line of deliveries to a destination, and its head.
+//!
+//! An ordered event's batch writes, with the event, one entry per ordered destination on
+//! `<p>.o.<d>.<k>.<slot>` (one atomic write, so a key's entries stand in the stream in
+//! accept order, whichever instance accepted each). The line's head is its first entry: the
+//! server's lowest sequence on `<p>.o.<d>.<k>.*`. The fan-out writes the head's delivery
+//! pending and every other one *waiting*: pending, but a puller that takes it hands it back
+//! (a delayed nak) without sending it.
+//!
+//! When the head is delivered or dead, [`JetStreamStore::advance`] deletes its entry and
+//! tells the next one to go: it rewrites that delivery's state without `waiting`,
+//! conditional on the state it read, so two instances never both move it. Each step is
+//! idempotent and whoever comes next does what is left: the outcome of a key's head, the
+//! fan-out of its next event, and a waiting delivery handed to a puller again (after its
+//! nak's delay). An instance that dies between two steps delays a line, never stops it.
+//!
+//! A replayed dead letter rejoins its key's line at the end (a new entry on its slot).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+
+use super::batch::{Write, Written};
+use super::records::*;
+use super::*;
+
+/// The most entries one [`JetStreamStore::advance`] deletes before it returns (the next
+/// caller goes on).
+const ADVANCE_MAX: usize = 1_000;
+/// A waiting delivery comes back to a puller after this, doubled each time (to 64×): each
+/// return checks its line, in case an instance died while moving it on.
+pub const WAITING_RECHECK: Duration = Duration::from_secs(5);
+
+/// The delay of a waiting delivery's nak, its `delivered`-th time at a puller.
+pub fn waiting_delay(delivered: i64) -> Duration {
+    let doublings = (delivered.max(1) - 1).min(6) as u32;
+    WAITING_RECHECK * 2u32.pow(doublings)
+}
+
+impl JetStreamStore {
+    /// The first entry of `key`'s line to `dest`: (entry sequence, event sequence, event
+    /// part).
+    pub(super) async fn head(
+        &self,
+        dest: &str,
+        key: &str,
+    ) -> Result<Option<(u64, u64, String)>, StoreError> {
+        let line = self.names.line(dest, key);
+        match self.stream.get_first_raw_message_by_subject(&line, 1).await {
+            Ok(m) => {
+                let entry = LineEntry::decode(&m.payload)?;
+                Ok(Some((m.sequence, entry.event_seq(m.sequence), entry.e)))
+            }
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "reading the head of {line}: {e}"
+            ))),
+        }
+    }
+
+    /// Moves `key`'s line to `dest` on: deletes the entries of finished deliveries at its
+    /// head, and tells the first one still pending to go if it waits.
+    pub(super) async fn advance(&self, dest: &str, key: &str) -> Result<(), StoreError> {
+        for _ in 0..ADVANCE_MAX {
+            let Some((entry_seq, seq, e)) = self.head(dest, key).await? else {
+                return Ok(());
+            };
+            match self.state_of(seq, dest, &e).await? {
+                // Not fanned out yet: the fan-out moves the line on once it is. Fanned out
+                // and gone: it was delivered and its state expired.
+                None if !self.fanned_out(seq).await? => return Ok(()),
+                None => self.delete_entry(entry_seq).await?,
+                Some((_, rec, _)) if rec.delivery.state != DeliveryState::Pending => {
+                    self.delete_entry(entry_seq).await?
+                }
+                Some((_, rec, _)) if !rec.waiting => return Ok(()),
+                Some((state_seq, mut rec, body)) => {
+                    rec.waiting = false;
+                    let subject = self.names.delivery(dest, &rec.part());
+                    let w = Write::new(subject, encode_delivery(&rec, &body)).expect(state_seq);
+                    if let Written::Stored { .. } = self.write(&[w]).await? {
+                        self.wakeup_of(dest).notify_one();
+                        return Ok(());
+                    }
+                    // Moved meanwhile (by another instance): read it again.
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves an ordered delivery's line on once it is delivered or dead (its outcome
+    /// written); a failure is logged (the line's next step does it).
+    pub(super) async fn advance_after(&self, rec: &DeliveryRecord) {
+        let Some(key) = &rec.delivery.order_key else {
+            return;
+        };
+        if rec.delivery.state == DeliveryState::Pending {
+            return;
+        }
+        let dest = &rec.delivery.destination;
+        if let Err(e) = self.advance(dest, key).await {
+            warn!(destination = %dest, error = %e, "moving an order key's line on failed; its next step does it");
+        }
+    }
+
+    /// Whether the event at `seq` was fanned out (or is gone, so it was long ago).
+    async fn fanned_out(&self, seq: u64) -> Result<bool, StoreError> {
+        match self.stream.get_raw_message(seq).await {
+            Ok(m) if self.names.is_event(&m.subject) => {}
+            Ok(_) => return Ok(true),
+            Err(e) if not_found(&e) => return Ok(true),
+            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+        }
+        let mut c = self
+            .stream
+            .get_consumer::<pull::Config>(&self.names.fanout_consumer())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let info = c
+            .info()
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(info.ack_floor.stream_sequence >= seq)
+    }
+
+    /// Deletes a line entry (gone already is fine: another instance did it).
+    async fn delete_entry(&self, seq: u64) -> Result<(), StoreError> {
+        match self.stream.delete_message(seq).await {
+            Ok(_) => Ok(()),
+            Err(e) if not_found(&e) => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "deleting line entry {seq}: {e}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_delivery_comes_back_less_often_each_time() {
+        assert_eq!(waiting_delay(1), WAITING_RECHECK);
+        assert_eq!(waiting_delay(2), WAITING_RECHECK * 2);
+        assert_eq!(waiting_delay(7), WAITING_RECHECK * 64);
+        assert_eq!(waiting_delay(1_000), WAITING_RECHECK * 64);
+        assert_eq!(waiting_delay(0), WAITING_RECHECK);
+    }
+
+    #[test]
+    fn an_entry_names_its_events_sequence() {
+        let in_batch = LineEntry {
+            e: "x".into(),
+            seq: 0,
+            back: 2,
+        };
+        assert_eq!(in_batch.event_seq(12), 10);
+        let replayed = LineEntry {
+            e: "x".into(),
+            seq: 7,
+            back: 0,
+        };
+        assert_eq!(replayed.event_seq(99), 7);
+        let again = LineEntry::decode(&replayed.encode()).unwrap();
+        assert_eq!((again.e.as_str(), again.seq), ("x", 7));
+    }
+}
