@@ -239,6 +239,105 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill_jetstream() {
     a_retrying_head_holds_back_only_its_key_across_a_sigkill("jetstream").await;
 }
 
+/// One key's sender: posts its events in order, each to the next live relay in `addrs`
+/// until one answers 200 (a relay killed meanwhile may have stored it: the next answers
+/// it as a duplicate, in the same place in the key's line).
+async fn send_key_in_order(
+    addrs: Arc<std::sync::Mutex<Vec<Option<std::net::SocketAddr>>>>,
+    key: String,
+    events: usize,
+) {
+    let c = client();
+    for i in 0..events {
+        let body = voice_event(&key, i);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            assert!(tries < 200, "{key}-{i} never accepted");
+            let live: Vec<_> = addrs.lock().unwrap().iter().flatten().copied().collect();
+            let Some(addr) = live.get((i + tries) % live.len().max(1)).copied() else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let url = format!("http://{addr}/voice");
+            match try_post(&c, &url, body.clone(), Duration::from_secs(10)).await {
+                Ok(p) if p.status == 200 => break,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_keys_order_holds_while_one_of_three_jetstream_relays_is_killed_again_and_again() {
+    const KEYS: usize = 16;
+    const EVENTS: usize = 40;
+    const KILLS: usize = 3;
+    // One attempt in five is refused, so retries are under way at each kill.
+    let sink = FaultSink::by_request(|_, _| {
+        if rand::rng().random_bool(0.2) {
+            Action::Answer(503)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start("jetstream", dir.path()).await;
+    let toml = voice_config(&backend, &sink, "");
+    let mut relays: Vec<Option<RelayProcess>> = start_all(&backend, dir.path(), &toml)
+        .await
+        .into_iter()
+        .map(Some)
+        .collect();
+    let addrs = Arc::new(std::sync::Mutex::new(
+        relays
+            .iter()
+            .map(|r| r.as_ref().map(|r| r.ingress))
+            .collect(),
+    ));
+    let mut senders = tokio::task::JoinSet::new();
+    for k in 0..KEYS {
+        senders.spawn(send_key_in_order(addrs.clone(), format!("k{k}"), EVENTS));
+    }
+    for round in 0..KILLS {
+        // Some progress, then relay `round` is killed and started again.
+        let target = sink.count() + KEYS * EVENTS / (KILLS + 2);
+        assert!(
+            sink.wait_count(target, WAIT).await,
+            "{}",
+            logs(dir.path(), 3)
+        );
+        let i = round % 3;
+        addrs.lock().unwrap()[i] = None;
+        relays[i].take().unwrap().sigkill().await;
+        let again = start(dir.path(), &toml, i).await;
+        addrs.lock().unwrap()[i] = Some(again.ingress);
+        relays[i] = Some(again);
+    }
+    while let Some(r) = senders.join_next().await {
+        r.unwrap();
+    }
+    let all: std::collections::HashSet<String> = (0..KEYS)
+        .flat_map(|k| (0..EVENTS).map(move |i| format!("k{k}-{i}")))
+        .collect();
+    if let Err(missing) = sink.wait_delivered(&all, Duration::from_secs(60)).await {
+        panic!("not delivered: {missing:?}\n{}", logs(dir.path(), 3));
+    }
+    let log = sink.arrivals();
+    for k in 0..KEYS {
+        assert_in_order(&arrivals_of(&log, &format!("k{k}")), &format!("k{k}"));
+    }
+    println!(
+        "{} arrivals of {} events, {} refused, {KILLS} kills",
+        log.len(),
+        KEYS * EVENTS,
+        log.iter().filter(|a| !a.delivered()).count()
+    );
+    drop(relays);
+    sink.stop().await;
+}
+
 async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_json::Value {
     let c = client();
     let req = http::Request::builder()

@@ -657,3 +657,55 @@ async fn dead_letters_listed_while_others_are_written_are_each_listed_once() {
     println!("{listings} listings while {EVENTS} dead letters were written");
     st.close().await.unwrap();
 }
+
+/// An instance that dies after writing an ordered head's outcome, before it moved the
+/// key's line on, stops nothing: the next delivery of the key, waiting, comes back to a
+/// puller after its nak's delay and moves the line on itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_left_behind_by_a_dead_instance_moves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let ordered = |id: &str| NewEvent {
+        order_keys: vec![Some("K".into())],
+        ..ev(id, "o", &["r"])
+    };
+    let k0 = accepted(st.as_ref(), ordered("k0")).await;
+    let k1 = accepted(st.as_ref(), ordered("k1")).await;
+    due(st.as_ref(), "r", k0).await;
+    // K-0's delivered state written as `record` writes it, and nothing after: the line
+    // still names K-0 as its head, and K-1 waits.
+    let stream = stream_of(&nats).await;
+    let info = stream.info_with_subjects("c.q.n-r.>").await.unwrap();
+    let subjects: Vec<String> = {
+        use futures_util::TryStreamExt;
+        info.map_ok(|(s, _)| s).try_collect().await.unwrap()
+    };
+    let mut head = None;
+    for s in subjects {
+        let m = stream.get_last_raw_message_by_subject(&s).await.unwrap();
+        let text = String::from_utf8_lossy(&m.payload).to_string();
+        if text.contains(&format!("\"seq\":{k0},")) {
+            head = Some((s, m.sequence, text));
+        }
+    }
+    let (subject, last, text) = head.expect("K-0's state");
+    assert!(text.contains("\"state\":\"pending\""), "{text}");
+    let delivered = text.replacen("\"state\":\"pending\"", "\"state\":\"delivered\"", 1);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        last.to_string().as_str(),
+    );
+    js.publish_with_headers(subject, headers, delivered.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // K-1 comes back after its first nak (5 s) and goes.
+    let started = Instant::now();
+    due(st.as_ref(), "r", k1).await;
+    println!("K-1 due {:?} after K-0's outcome", started.elapsed());
+    st.close().await.unwrap();
+}
