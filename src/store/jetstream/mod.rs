@@ -385,7 +385,7 @@ impl Store for JetStreamStore {
         rec.delivery.apply(&outcome, now_ms());
         let writes = self.state_writes(state_seq, &rec, &body);
         match self.write(&writes).await {
-            Ok(Written::Stored { .. }) | Ok(Written::Conflict) => {
+            Ok(w @ (Written::Stored { .. } | Written::Conflict)) => {
                 // Conflict: another instance moved it on (a replay, or a lease it took
                 // over); its state stands.
                 if !matches!(outcome, Outcome::Retry { .. }) {
@@ -398,7 +398,8 @@ impl Store for JetStreamStore {
                 // per subject), and the server settles a pending message it removes as if
                 // acked. An ack now would be one more operation per delivery for nothing.
                 leases.take(key.seq);
-                self.advance_after(&rec).await;
+                self.advance_after(&rec, matches!(w, Written::Stored { .. }))
+                    .await;
                 Ok(())
             }
             // Still held as it was read: the write is tried again, or another instance

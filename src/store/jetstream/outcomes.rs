@@ -45,6 +45,7 @@ impl JetStreamStore {
         let dest = rec.delivery.destination.clone();
         let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
         rec.waiting = line.is_some();
+        rec.entry = None;
         let mut writes = vec![
             Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
                 .expect(state_seq),
@@ -112,7 +113,7 @@ impl JetStreamStore {
                 .write(&self.state_writes(state_seq, &rec, &body))
                 .await?
             {
-                self.advance_after(&rec).await;
+                self.advance_after(&rec, true).await;
                 return Ok(());
             }
         }

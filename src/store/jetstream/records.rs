@@ -212,12 +212,15 @@ impl EventMeta {
     /// The pending delivery to `destination` an accepted event starts with (waiting, if
     /// ordered: its line's head is told to go when it is first).
     pub fn first_delivery(&self, seq: u64, destination: &str) -> DeliveryRecord {
-        let line = self
-            .destinations
-            .iter()
-            .position(|d| d == destination)
-            .and_then(|i| self.lines.get(i).cloned().flatten());
+        let i = self.destinations.iter().position(|d| d == destination);
+        let line = i.and_then(|i| self.lines.get(i).cloned().flatten());
         let key = line.as_ref().map(|l| l.key.clone());
+        // Its entry came in the event's batch: after the event and the entries of the
+        // ordered destinations before it.
+        let entry = i.filter(|_| line.is_some()).map(|i| {
+            let before = self.lines[..i].iter().filter(|l| l.is_some()).count();
+            seq + 1 + before as u64
+        });
         DeliveryRecord {
             delivery: Delivery::first(seq, destination, self.received_ms, self.held.as_ref(), key),
             event: EventMeta {
@@ -229,6 +232,7 @@ impl EventMeta {
             apart: false,
             waiting: line.is_some(),
             slot: line.map(|l| l.slot),
+            entry,
         }
     }
 }
@@ -250,6 +254,10 @@ pub struct DeliveryRecord {
     /// An ordered delivery not at the head of its key's line: pending, not to be sent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
+    /// Its line entry's sequence, when known (not after a replay: the new entry's is known
+    /// only once written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<u64>,
 }
 
 impl DeliveryRecord {
