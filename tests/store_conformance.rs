@@ -223,7 +223,7 @@ async fn lists_any(st: &dyn Store, dest: &str, seqs: &[u64]) -> bool {
 
 /// `order_by` (CONTRACT §8): a key's deliveries are handed out one at a time in accept
 /// order; a retrying head holds back only its own key; a dead head lets the next go; a
-/// replayed one waits for the one in flight. `other` accepts every second event (on
+/// replayed one rejoins by accept order, behind the one in flight. `other` accepts every second event (on
 /// jetstream another instance; on an embedded store the same one).
 async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     let ordered = |id: &str, key: &str| NewEvent {
@@ -234,9 +234,10 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     let k1 = accepted(other, ordered("k1", "K")).await;
     let l0 = accepted(st, ordered("l0", "L")).await;
     let k2 = accepted(other, ordered("k2", "K")).await;
+    let k3 = accepted(st, ordered("k3", "K")).await;
     due(st, "o", k0).await;
     due(st, "o", l0).await;
-    // K-0 fails and is due again; K-1 and K-2 still wait behind it.
+    // K-0 fails and is due again; K-1, K-2 and K-3 still wait behind it.
     let retry = Outcome::Retry {
         due_ms: now_ms(),
         status: Some(503),
@@ -245,25 +246,22 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     st.record(&key(k0, "o"), retry).await.unwrap();
     due(st, "o", k0).await;
     assert!(
-        !lists_any(st, "o", &[k1, k2]).await,
+        !lists_any(st, "o", &[k1, k2, k3]).await,
         "{name}: K's later events wait"
     );
     // L goes on meanwhile.
     st.record(&key(l0, "o"), Outcome::Delivered { status: 200 })
         .await
         .unwrap();
-    // K-0 goes dead: K-1 is next, K-2 still waits.
+    // K-0 goes dead: K-1 is next, K-2 and K-3 still wait.
     st.record(&key(k0, "o"), dead()).await.unwrap();
     due(st, "o", k1).await;
     assert!(
-        !lists_any(st, "o", &[k0, k2]).await,
+        !lists_any(st, "o", &[k0, k2, k3]).await,
         "{name}: one at a time"
     );
-    st.record(&key(k1, "o"), Outcome::Delivered { status: 200 })
-        .await
-        .unwrap();
-    due(st, "o", k2).await;
-    // K-0 replayed while K-2 is in flight: it waits for K-2.
+    // K-0 replayed while K-1 is in flight: it rejoins by accept order, after K-1 (in
+    // flight) and before K-2 and K-3.
     assert_eq!(
         st.replay(ReplaySelector::EventId("k0".into()))
             .await
@@ -271,12 +269,26 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         1,
         "{name}"
     );
-    assert!(!lists_any(st, "o", &[k0]).await, "{name}: the replay waits");
-    st.record(&key(k2, "o"), Outcome::Delivered { status: 200 })
-        .await
-        .unwrap();
-    due(st, "o", k0).await;
-    st.record(&key(k0, "o"), Outcome::Delivered { status: 200 })
+    assert!(
+        !lists_any(st, "o", &[k0, k2, k3]).await,
+        "{name}: the replay waits"
+    );
+    for (now, next) in [(k1, k0), (k0, k2), (k2, k3)] {
+        st.record(&key(now, "o"), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        let d = due(st, "o", next).await;
+        let waiting: Vec<u64> = [k0, k1, k2, k3]
+            .into_iter()
+            .filter(|s| *s != next)
+            .collect();
+        assert!(
+            !lists_any(st, "o", &waiting).await,
+            "{name}: only {} is due after {now}",
+            d.seq
+        );
+    }
+    st.record(&key(k3, "o"), Outcome::Delivered { status: 200 })
         .await
         .unwrap();
     let views = st.lookup("k0").await.unwrap();

@@ -14,7 +14,10 @@
 //! fan-out of its next event, and a waiting delivery handed to a puller again (after its
 //! nak's delay). An instance that dies between two steps delays a line, never stops it.
 //!
-//! A replayed dead letter rejoins its key's line at the end (a new entry on its slot).
+//! A replayed dead letter rejoins its key's line by accept order, as on the embedded
+//! stores: a new entry on its slot, and the entries after the line's head that stand for
+//! later events written again after it, all in the replay's atomic batch, each conditional
+//! on the entry it replaces. The head stays first: the one in flight finishes first.
 
 use std::time::Duration;
 
@@ -24,6 +27,9 @@ use super::batch::{Write, Written};
 use super::records::*;
 use super::*;
 
+/// The most entries a replay moves behind the replayed one (an atomic batch holds at most
+/// 1,000 messages); a longer line takes it at its end.
+const MOVE_MAX: usize = 990;
 /// The most entries one [`JetStreamStore::advance`] deletes before it returns (the next
 /// caller goes on).
 const ADVANCE_MAX: usize = 1_000;
@@ -56,6 +62,51 @@ impl JetStreamStore {
                 "reading the head of {line}: {e}"
             ))),
         }
+    }
+
+    /// The writes that put a replayed delivery (of the event at `seq`, its slot `slot`)
+    /// back in its key's line by accept order: its entry, then every entry after the
+    /// line's head that stands for a later event, written again in line order.
+    pub(super) async fn rejoin(
+        &self,
+        dest: &str,
+        key: &str,
+        slot: &str,
+        seq: u64,
+        e: &str,
+    ) -> Result<Vec<Write>, StoreError> {
+        let own = self.names.line_entry(dest, key, slot);
+        let entry = LineEntry {
+            e: e.to_string(),
+            seq,
+            back: 0,
+        };
+        let mut writes = vec![Write::new(own.clone(), entry.encode())];
+        let subjects = self
+            .subjects(&self.names.line(dest, key), MOVE_MAX + 2)
+            .await?;
+        if subjects.len() > MOVE_MAX {
+            return Ok(writes);
+        }
+        let mut line = Vec::new();
+        for subject in subjects.into_iter().filter(|s| *s != own) {
+            if let Some((entry_seq, payload)) = self.last(&subject).await? {
+                line.push((entry_seq, subject, LineEntry::decode(&payload)?));
+            }
+        }
+        line.sort_by_key(|(entry_seq, _, _)| *entry_seq);
+        for (entry_seq, subject, entry) in line.into_iter().skip(1) {
+            let event = entry.event_seq(entry_seq);
+            if event > seq {
+                let moved = LineEntry {
+                    e: entry.e,
+                    seq: event,
+                    back: 0,
+                };
+                writes.push(Write::new(subject, moved.encode()).expect(entry_seq));
+            }
+        }
+        Ok(writes)
     }
 
     /// Moves `key`'s line to `dest` on: deletes the entries of finished deliveries at its

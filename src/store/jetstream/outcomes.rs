@@ -33,44 +33,54 @@ impl JetStreamStore {
     }
 
     /// Makes one dead delivery pending again; whether it was. An ordered one rejoins its
-    /// key's line at the end, waiting (the line moves it on when it is first).
+    /// key's line by accept order, waiting (the line moves it on when it is first); if the
+    /// line changes while it is read, the replay reads it again.
     pub(super) async fn reopen(
         &self,
-        state_seq: u64,
+        mut state_seq: u64,
         mut rec: DeliveryRecord,
-        body: Bytes,
+        mut body: Bytes,
     ) -> Result<bool, StoreError> {
-        rec.delivery.reopen(now_ms());
-        let e = rec.part();
+        let seq = rec.delivery.seq;
         let dest = rec.delivery.destination.clone();
-        let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
-        rec.waiting = line.is_some();
-        rec.entry = None;
-        let mut writes = vec![
-            Write::new(self.names.delivery(&dest, &e), encode_delivery(&rec, &body))
+        let e = event_token(&rec.event.source, &rec.event.id);
+        for _ in 0..3 {
+            let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
+            rec.delivery.reopen(now_ms());
+            rec.waiting = line.is_some();
+            rec.entry = None;
+            let part = rec.part();
+            let mut writes = vec![
+                Write::new(
+                    self.names.delivery(&dest, &part),
+                    encode_delivery(&rec, &body),
+                )
                 .expect(state_seq),
-            Write::new(self.names.dead(&dest, &e), Bytes::from_static(b"replayed"))
+                Write::new(
+                    self.names.dead(&dest, &part),
+                    Bytes::from_static(b"replayed"),
+                )
                 .ttl(REPLAYED_TTL),
-        ];
-        if let Some((key, slot)) = &line {
-            let entry = LineEntry {
-                e: event_token(&rec.event.source, &rec.event.id),
-                seq: rec.delivery.seq,
-                back: 0,
-            };
-            writes.push(Write::new(
-                self.names.line_entry(&dest, key, slot),
-                entry.encode(),
-            ));
-        }
-        let done = matches!(self.write(&writes).await?, Written::Stored { .. });
-        if done {
-            self.wakeup_of(&dest).notify_one();
-            if let Some((key, _)) = &line {
-                self.advance(&dest, key).await?;
+            ];
+            if let Some((key, slot)) = &line {
+                writes.extend(self.rejoin(&dest, key, slot, seq, &e).await?);
+            }
+            if let Written::Stored { .. } = self.write(&writes).await? {
+                self.wakeup_of(&dest).notify_one();
+                if let Some((key, _)) = &line {
+                    self.advance(&dest, key).await?;
+                }
+                return Ok(true);
+            }
+            // Moved on meanwhile: replayed by another, or (ordered) its line changed.
+            match self.state_of(seq, &dest, &e).await? {
+                Some((s, r, b)) if r.delivery.state == DeliveryState::Dead => {
+                    (state_seq, rec, body) = (s, r, b);
+                }
+                _ => return Ok(false),
             }
         }
-        Ok(done)
+        Ok(false)
     }
 
     /// After a reply route's call, in the background: the answer, then the attempt.

@@ -128,7 +128,11 @@ impl JetStreamStore {
     }
 
     /// The subjects in the stream that match `filter`, at most `max` of them.
-    async fn subjects(&self, filter: &str, max: usize) -> Result<Vec<String>, StoreError> {
+    pub(super) async fn subjects(
+        &self,
+        filter: &str,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
         let mut it = self
             .stream
             .info_with_subjects(filter)
