@@ -235,6 +235,12 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     let l0 = accepted(st, ordered("l0", "L")).await;
     let k2 = accepted(other, ordered("k2", "K")).await;
     let k3 = accepted(st, ordered("k3", "K")).await;
+    // A duplicate takes no second place in the line.
+    let dup = other.accept(ordered("k1", "K")).await.unwrap();
+    assert!(
+        matches!(dup, Admission::Duplicate { seq, .. } if seq == k1),
+        "{name}: {dup:?}"
+    );
     due(st, "o", k0).await;
     due(st, "o", l0).await;
     // K-0 fails and is due again; K-1, K-2 and K-3 still wait behind it.
