@@ -727,3 +727,41 @@ async fn a_line_left_behind_by_a_dead_instance_moves_on() {
     println!("K-1 due {:?} after K-0's outcome", started.elapsed());
     st.close().await.unwrap();
 }
+
+/// The oldest pending age counts the backlog no instance has taken yet: an instance that
+/// holds none of a destination's deliveries still shows how long its first has been due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_earliest_due_time_counts_the_backlog_no_instance_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = jetstream(dir.path(), &nats).await;
+    let b = jetstream(dir.path(), &nats).await;
+    let before = now_ms();
+    for i in 0..40 {
+        accepted(a.as_ref(), ev(&format!("b{i}"), "x", &["w"])).await;
+    }
+    // A takes one at a time and sends none; B takes none at all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.pending("w", 1, &|_| false).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "A never took one");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.hand_back("w", &|_| false).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let due = loop {
+        if let Some(due) = b.earliest_due("w").await.unwrap() {
+            break due;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never saw the backlog's first due time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        (before..=now_ms()).contains(&due),
+        "the backlog's first was due when it was accepted: {due} (accepts began {before})"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

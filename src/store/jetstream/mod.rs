@@ -70,6 +70,9 @@ pub struct JetStreamStore {
     leases: Mutex<HashMap<String, Arc<Leases>>>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     depths: Arc<Mutex<HashMap<String, u64>>>,
+    /// Each destination's backlog no instance has taken yet: when its first delivery was
+    /// due (as of the last count).
+    backlog_due: Mutex<HashMap<String, u64>>,
     /// Accepted events not fanned out yet (as of the last count): each may add a delivery
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
@@ -108,6 +111,7 @@ impl JetStreamStore {
             leases: Mutex::default(),
             wakeups: Mutex::default(),
             depths: Arc::default(),
+            backlog_due: Mutex::default(),
             unfanned: AtomicU64::new(0),
             members: Arc::new(watchers::Membership::new()),
             keep_events: config.dedup_window.max(s.retain),
@@ -353,12 +357,16 @@ impl Store for JetStreamStore {
         leases.release_idle(in_flight).await;
     }
 
+    /// The earlier of what this instance holds and the backlog no instance has taken yet
+    /// (deliveries other instances hold are being sent).
     async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let backlog = self.backlog_due.lock().unwrap().get(destination).copied();
         let Some(leases) = self.leases.lock().unwrap().get(destination).cloned() else {
-            return Ok(None);
+            return Ok(backlog);
         };
         let held = leases.held.lock().unwrap();
-        Ok(held.values().map(|l| l.rec.delivery.next_due_ms).min())
+        let held = held.values().map(|l| l.rec.delivery.next_due_ms).min();
+        Ok(held.into_iter().chain(backlog).min())
     }
 
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {

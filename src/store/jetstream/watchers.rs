@@ -11,8 +11,12 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::records::untoken;
+use super::records::{decode_delivery, untoken};
 use super::{JetStreamStore, DEPTH_EVERY, HEARTBEAT};
+use crate::store::DeliveryState;
+
+/// The most messages read to find a destination's first untaken pending delivery.
+const FIRST_DUE_LOOKS: usize = 16;
 
 /// The live members as this instance last counted them, and its place among them.
 pub(super) struct Membership {
@@ -142,8 +146,9 @@ pub(super) async fn watch_pauses(
     }
 }
 
-/// Reads each known destination's queue depth (pending + held) from its consumer, and the
-/// accepted events no instance has taken to fan out yet from the fan-out's.
+/// Reads each known destination's queue depth (pending + held) from its consumer, when the
+/// first of its backlog no instance has taken yet was due, and the accepted events no
+/// instance has taken to fan out yet from the fan-out's.
 ///
 /// The fan-out's is read first: an event fanned out between the two reads counts twice
 /// (until the next count), never not at all. This instance's own accepts (and outcomes)
@@ -160,11 +165,19 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         let unfanned = consumer_info(&s, &s.names.fanout_consumer()).await;
         let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
         let mut counted = Vec::new();
+        let mut backlog = HashMap::new();
         for d in known {
             if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
-                counted.push((d, info.num_pending + info.num_ack_pending as u64));
+                counted.push((d.clone(), info.num_pending + info.num_ack_pending as u64));
+                if info.num_pending > 0 {
+                    let after = info.delivered.stream_sequence + 1;
+                    if let Some(due) = first_due(&s, &d, after).await {
+                        backlog.insert(d, due);
+                    }
+                }
             }
         }
+        *s.backlog_due.lock().unwrap() = backlog;
         // The backlog before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
             s.unfanned.store(info.num_pending, Ordering::Relaxed);
@@ -176,6 +189,26 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
             depths.insert(d, n.saturating_add_signed(meanwhile.max(0)));
         }
     }
+}
+
+/// When the first pending delivery to `dest` at or after the stream sequence `start` (the
+/// first its consumer has not handed out) was due: the first of a few messages (the others
+/// are outcomes, which the consumer hands out too).
+async fn first_due(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
+    let filter = s.names.deliveries_of(dest);
+    for _ in 0..FIRST_DUE_LOOKS {
+        let m = s
+            .stream
+            .get_first_raw_message_by_subject(&filter, start)
+            .await
+            .ok()?;
+        let (rec, _) = decode_delivery(&m.payload).ok()?;
+        if rec.delivery.state == DeliveryState::Pending && !rec.waiting {
+            return Some(rec.delivery.next_due_ms);
+        }
+        start = m.sequence + 1;
+    }
+    None
 }
 
 async fn consumer_info(s: &JetStreamStore, name: &str) -> Option<consumer::Info> {
