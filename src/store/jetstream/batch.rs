@@ -17,6 +17,8 @@ pub struct Write {
     pub payload: Bytes,
     /// Stored only if the subject's last message has this sequence number (0: none).
     pub expect_last: Option<u64>,
+    /// The subject (or wildcard) `expect_last` is about, when not the message's own.
+    pub expect_subject: Option<String>,
     /// The server removes the message after this long.
     pub ttl: Option<Duration>,
 }
@@ -27,11 +29,19 @@ impl Write {
             subject,
             payload,
             expect_last: None,
+            expect_subject: None,
             ttl: None,
         }
     }
     pub fn expect(mut self, last: u64) -> Self {
         self.expect_last = Some(last);
+        self
+    }
+    /// Stored only if the last message on `subject` (a wildcard: on any subject it matches)
+    /// has the sequence number `last` (0: none).
+    pub fn expect_on(mut self, subject: String, last: u64) -> Self {
+        self.expect_last = Some(last);
+        self.expect_subject = Some(subject);
         self
     }
     pub fn ttl(mut self, ttl: Duration) -> Self {
@@ -78,6 +88,12 @@ fn headers(w: &Write, stream: &str) -> HeaderMap {
             "Nats-Expected-Last-Subject-Sequence",
             last.to_string().as_str(),
         );
+        if let Some(subject) = &w.expect_subject {
+            h.insert(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                subject.as_str(),
+            );
+        }
     }
     if let Some(ttl) = w.ttl {
         h.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());

@@ -82,7 +82,7 @@ impl JetStreamStore {
             if let Some((_, rec, _)) = self.state_of(seq, dest, e).await? {
                 // Its line may not have moved on if the earlier fan-out stopped here.
                 if let Some(key) = &rec.delivery.order_key {
-                    self.advance(dest, key).await?;
+                    self.advance_or_log(dest, key).await;
                 }
                 return Ok(());
             }
@@ -113,7 +113,7 @@ impl JetStreamStore {
             }
             // The head may have left between the look and the write.
             if let (Some(key), true) = (&rec.delivery.order_key, rec.waiting || !written) {
-                self.advance(dest, key).await?;
+                self.advance_or_log(dest, key).await;
             }
             return Ok(());
         }

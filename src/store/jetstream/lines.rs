@@ -15,9 +15,10 @@
 //! nak's delay). An instance that dies between two steps delays a line, never stops it.
 //!
 //! A replayed dead letter rejoins its key's line by accept order, as on the embedded
-//! stores: a new entry on its slot, and the entries after the line's head that stand for
-//! later events written again after it, all in the replay's atomic batch, each conditional
-//! on the entry it replaces. The head stays first: the one in flight finishes first.
+//! stores: the whole line is written again in the replay's atomic batch, its own entry in
+//! its place by accept order, the head still first (it may be in flight); each write is
+//! conditional on the entry it replaces and the batch on the line's last sequence, so a line
+//! that changed meanwhile fails it and the replay reads the line again.
 
 use std::time::Duration;
 
@@ -33,14 +34,24 @@ const MOVE_MAX: usize = 990;
 /// The most entries one [`JetStreamStore::advance`] deletes before it returns (the next
 /// caller goes on).
 const ADVANCE_MAX: usize = 1_000;
-/// A waiting delivery comes back to a puller after this, doubled each time (to 64×): each
-/// return checks its line, in case an instance died while moving it on.
+/// A waiting delivery comes back to a puller after this, doubled each time (to 8×, 40 s):
+/// each return checks its line, in case an instance died while moving it on.
 pub const WAITING_RECHECK: Duration = Duration::from_secs(5);
 
 /// The delay of a waiting delivery's nak, its `delivered`-th time at a puller.
 pub fn waiting_delay(delivered: i64) -> Duration {
-    let doublings = (delivered.max(1) - 1).min(6) as u32;
+    let doublings = (delivered.max(1) - 1).min(3) as u32;
     WAITING_RECHECK * 2u32.pow(doublings)
+}
+
+/// A replayed delivery's entry (its event's sequence known).
+pub fn end_entry(seq: u64, e: &str) -> Bytes {
+    LineEntry {
+        e: e.to_string(),
+        seq,
+        back: 0,
+    }
+    .encode()
 }
 
 impl JetStreamStore {
@@ -65,8 +76,12 @@ impl JetStreamStore {
     }
 
     /// The writes that put a replayed delivery (of the event at `seq`, its slot `slot`)
-    /// back in its key's line by accept order: its entry, then every entry after the
-    /// line's head that stands for a later event, written again in line order.
+    /// back in its key's line by accept order, and the line's last sequence they were read
+    /// at. Every entry is written again, each conditional on the one it replaces, in this
+    /// order: the head (it stays first: it may be in flight), the entries of earlier events,
+    /// the replayed one's, those of later events. The caller makes its batch conditional on
+    /// the line's last sequence, so an entry added meanwhile fails it too. `None`: the line
+    /// is longer than one batch may write.
     pub(super) async fn rejoin(
         &self,
         dest: &str,
@@ -74,39 +89,41 @@ impl JetStreamStore {
         slot: &str,
         seq: u64,
         e: &str,
-    ) -> Result<Vec<Write>, StoreError> {
+    ) -> Result<Option<(u64, Vec<Write>)>, StoreError> {
         let own = self.names.line_entry(dest, key, slot);
-        let entry = LineEntry {
-            e: e.to_string(),
-            seq,
-            back: 0,
-        };
-        let mut writes = vec![Write::new(own.clone(), entry.encode())];
         let subjects = self
             .subjects(&self.names.line(dest, key), MOVE_MAX + 2)
             .await?;
         if subjects.len() > MOVE_MAX {
-            return Ok(writes);
+            return Ok(None);
         }
         let mut line = Vec::new();
-        for subject in subjects.into_iter().filter(|s| *s != own) {
+        let mut last = 0;
+        for subject in subjects {
             if let Some((entry_seq, payload)) = self.last(&subject).await? {
-                line.push((entry_seq, subject, LineEntry::decode(&payload)?));
+                last = last.max(entry_seq);
+                if subject != own {
+                    line.push((entry_seq, subject, LineEntry::decode(&payload)?));
+                }
             }
         }
         line.sort_by_key(|(entry_seq, _, _)| *entry_seq);
-        for (entry_seq, subject, entry) in line.into_iter().skip(1) {
-            let event = entry.event_seq(entry_seq);
-            if event > seq {
-                let moved = LineEntry {
-                    e: entry.e,
-                    seq: event,
-                    back: 0,
-                };
-                writes.push(Write::new(subject, moved.encode()).expect(entry_seq));
-            }
-        }
-        Ok(writes)
+        let again = |(entry_seq, subject, entry): (u64, String, LineEntry)| {
+            let moved = LineEntry {
+                seq: entry.event_seq(entry_seq),
+                back: 0,
+                e: entry.e,
+            };
+            Write::new(subject, moved.encode()).expect(entry_seq)
+        };
+        let mut rest = line.into_iter();
+        let mut writes: Vec<Write> = rest.next().into_iter().map(again).collect();
+        let (earlier, later): (Vec<_>, Vec<_>) =
+            rest.partition(|(entry_seq, _, entry)| entry.event_seq(*entry_seq) < seq);
+        writes.extend(earlier.into_iter().map(again));
+        writes.push(Write::new(own, end_entry(seq, e)));
+        writes.extend(later.into_iter().map(again));
+        Ok(Some((last, writes)))
     }
 
     /// Moves `key`'s line to `dest` on: deletes the entries of finished deliveries at its
@@ -138,6 +155,14 @@ impl JetStreamStore {
             }
         }
         Ok(())
+    }
+
+    /// [`advance`](Self::advance), a failure logged: the line's next step does it (a
+    /// waiting delivery that comes back checks its line).
+    pub(super) async fn advance_or_log(&self, dest: &str, key: &str) {
+        if let Err(e) = self.advance(dest, key).await {
+            warn!(destination = %dest, error = %e, "moving an order key's line on failed; its next step does it");
+        }
     }
 
     /// Moves an ordered delivery's line on once it is delivered or dead (its outcome
@@ -222,8 +247,8 @@ mod tests {
     fn a_waiting_delivery_comes_back_less_often_each_time() {
         assert_eq!(waiting_delay(1), WAITING_RECHECK);
         assert_eq!(waiting_delay(2), WAITING_RECHECK * 2);
-        assert_eq!(waiting_delay(7), WAITING_RECHECK * 64);
-        assert_eq!(waiting_delay(1_000), WAITING_RECHECK * 64);
+        assert_eq!(waiting_delay(4), WAITING_RECHECK * 8);
+        assert_eq!(waiting_delay(1_000), WAITING_RECHECK * 8);
         assert_eq!(waiting_delay(0), WAITING_RECHECK);
     }
 

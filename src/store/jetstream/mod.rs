@@ -251,9 +251,11 @@ impl JetStreamStore {
     }
 }
 
+/// Whether a read or delete failed because the message is not there (and not because the
+/// stream or anything else is missing).
 fn not_found(e: &impl std::fmt::Display) -> bool {
     let s = e.to_string().to_lowercase();
-    s.contains("no message found") || s.contains("not found")
+    s.contains("no message found") || (s.contains("sequence") && s.contains("not found"))
 }
 
 #[async_trait]

@@ -4,8 +4,13 @@
 use bytes::Bytes;
 
 use super::batch::{Write, Written};
+use super::lines;
 use super::records::*;
 use super::*;
+
+/// How often a replay is tried when what it read changed meanwhile (the last time, an
+/// ordered one goes to its line's end).
+const REOPEN_TRIES: usize = 4;
 
 impl JetStreamStore {
     /// The writes that move a delivery (read at `state_seq`) to its new state.
@@ -34,7 +39,8 @@ impl JetStreamStore {
 
     /// Makes one dead delivery pending again; whether it was. An ordered one rejoins its
     /// key's line by accept order, waiting (the line moves it on when it is first); if the
-    /// line changes while it is read, the replay reads it again.
+    /// line changes while it is read, the replay reads it again, and the last try puts it
+    /// at the line's end (always in order: nothing is waiting behind it).
     pub(super) async fn reopen(
         &self,
         mut state_seq: u64,
@@ -44,31 +50,47 @@ impl JetStreamStore {
         let seq = rec.delivery.seq;
         let dest = rec.delivery.destination.clone();
         let e = event_token(&rec.event.source, &rec.event.id);
-        for _ in 0..3 {
+        for attempt in 0..REOPEN_TRIES {
             let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
             rec.delivery.reopen(now_ms());
             rec.waiting = line.is_some();
             rec.entry = None;
             let part = rec.part();
+            let mut index = Write::new(
+                self.names.dead(&dest, &part),
+                Bytes::from_static(b"replayed"),
+            )
+            .ttl(REPLAYED_TTL);
+            let mut entries = Vec::new();
+            if let Some((key, slot)) = &line {
+                let by_order = match attempt + 1 < REOPEN_TRIES {
+                    true => self.rejoin(&dest, key, slot, seq, &e).await?,
+                    false => None,
+                };
+                match by_order {
+                    Some((last, writes)) => {
+                        index = index.expect_on(self.names.line(&dest, key), last);
+                        entries = writes;
+                    }
+                    None => entries.push(Write::new(
+                        self.names.line_entry(&dest, key, slot),
+                        lines::end_entry(seq, &e),
+                    )),
+                }
+            }
             let mut writes = vec![
                 Write::new(
                     self.names.delivery(&dest, &part),
                     encode_delivery(&rec, &body),
                 )
                 .expect(state_seq),
-                Write::new(
-                    self.names.dead(&dest, &part),
-                    Bytes::from_static(b"replayed"),
-                )
-                .ttl(REPLAYED_TTL),
+                index,
             ];
-            if let Some((key, slot)) = &line {
-                writes.extend(self.rejoin(&dest, key, slot, seq, &e).await?);
-            }
+            writes.extend(entries);
             if let Written::Stored { .. } = self.write(&writes).await? {
                 self.wakeup_of(&dest).notify_one();
                 if let Some((key, _)) = &line {
-                    self.advance(&dest, key).await?;
+                    self.advance_or_log(&dest, key).await;
                 }
                 return Ok(true);
             }
