@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::message::AckKind;
@@ -36,6 +36,9 @@ use crate::store::DeliveryState;
 pub const ACK_WAIT: Duration = Duration::from_secs(6);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// Past this many order keys checked, the ones checked longer ago than a recheck's delay
+/// are forgotten.
+const RECHECKS_KEPT: usize = 4_096;
 /// A delivery due within this is taken now rather than sent back.
 const EARLY_MS: u64 = 20;
 
@@ -58,6 +61,9 @@ pub struct Leases {
     pub freed: Notify,
     /// Told when a delivery is taken.
     pub wakeup: Arc<Notify>,
+    /// When each order key's line was last checked for a waiting delivery that came back:
+    /// once per [`lines::WAITING_RECHECK`] is enough, however many of the key wait.
+    rechecked: Mutex<HashMap<String, Instant>>,
 }
 
 impl Leases {
@@ -68,6 +74,23 @@ impl Leases {
             window: AtomicUsize::new(16),
             freed: Notify::new(),
             wakeup,
+            rechecked: Mutex::default(),
+        }
+    }
+
+    /// Whether `key`'s line is due a check now (and notes that it is checked).
+    fn recheck(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let mut all = self.rechecked.lock().unwrap();
+        if all.len() >= RECHECKS_KEPT {
+            all.retain(|_, at| now.duration_since(*at) < lines::WAITING_RECHECK);
+        }
+        match all.get(key) {
+            Some(at) if now.duration_since(*at) < lines::WAITING_RECHECK => false,
+            _ => {
+                all.insert(key.to_string(), now);
+                true
+            }
         }
     }
 
@@ -220,9 +243,10 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         let _ = m
             .ack_with(AckKind::Nak(Some(lines::waiting_delay(delivered))))
             .await;
-        if let (true, Some(key), Some(s)) =
-            (delivered > 1, &rec.delivery.order_key, store.upgrade())
-        {
+        let Some(key) = rec.delivery.order_key.as_deref().filter(|_| delivered > 1) else {
+            return;
+        };
+        if let (true, Some(s)) = (leases.recheck(key), store.upgrade()) {
             if let Err(e) = s.advance(&leases.destination, key).await {
                 debug!(destination = %leases.destination, error = %e, "checking an order key's line failed");
             }
