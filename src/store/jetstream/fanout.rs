@@ -55,6 +55,9 @@ impl JetStreamStore {
     ) -> Result<(), StoreError> {
         let (meta, event) = decode_event(seq, payload)?;
         let e = event_token(&meta.source, &meta.id);
+        // A reply route's call may have written its held delivery already (apart, even, if
+        // an earlier event's state was in the way then and has expired since): look first.
+        let again = again || meta.held.is_some();
         for dest in &meta.destinations {
             self.ensure_delivery(seq, &meta, dest, &e, &event.body, again)
                 .await?;
