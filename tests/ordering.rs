@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use support::{client, tail, try_post, Action, Arrival, FaultSink, NatsServer, RelayProcess};
+use support::{
+    client, tail, try_post, Action, Arrival, FaultSink, NatsCluster, NatsServer, RelayProcess,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -21,12 +23,15 @@ const WAIT: Duration = Duration::from_secs(30);
 enum Backend {
     Embedded(&'static str),
     JetStream(NatsServer),
+    /// Three servers, `replicas = 3`.
+    Cluster(NatsCluster),
 }
 
 impl Backend {
     async fn start(name: &'static str, dir: &std::path::Path) -> Backend {
         match name {
             "jetstream" => Backend::JetStream(NatsServer::start(dir).await),
+            "cluster" => Backend::Cluster(NatsCluster::start(dir).await),
             _ => Backend::Embedded(name),
         }
     }
@@ -35,6 +40,7 @@ impl Backend {
         match self {
             Backend::Embedded(n) => n,
             Backend::JetStream(_) => "jetstream",
+            Backend::Cluster(_) => "cluster",
         }
     }
 
@@ -46,13 +52,17 @@ impl Backend {
                 "[store]\nbackend = \"jetstream\"\nurl = \"{}\"\nprefix = \"o\"\n",
                 nats.url()
             ),
+            Backend::Cluster(c) => format!(
+                "[store]\nbackend = \"jetstream\"\nurl = {:?}\nprefix = \"o\"\nreplicas = 3\n",
+                c.urls()
+            ),
         }
     }
 
     fn relays(&self) -> usize {
         match self {
             Backend::Embedded(_) => 1,
-            Backend::JetStream(_) => 3,
+            Backend::JetStream(_) | Backend::Cluster(_) => 3,
         }
     }
 }
@@ -357,21 +367,21 @@ async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_
 }
 
 async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static str) {
-    let sink = FaultSink::by_request(|n, _| {
-        if n == 0 {
-            Action::Answer(400)
-        } else {
-            Action::Answer(200)
-        }
+    // K-0 is refused for good (400); K-1 is answered after 1.5 s, so it is in flight when
+    // K-0 is replayed, with K-2 and K-3 waiting behind it.
+    let sink = FaultSink::by_request(|n, id| match (n, id) {
+        (0, _) => Action::Answer(400),
+        (_, "K-1") => Action::Later(200, 1_500),
+        _ => Action::Answer(200),
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(backend, dir.path()).await;
     let relays = start_all(&backend, dir.path(), &voice_config(&backend, &sink, "")).await;
-    let bodies = [0, 1, 2].map(|i| voice_event("K", i));
+    let bodies = [0, 1, 2, 3].map(|i| voice_event("K", i));
     post_all(&relays, "/voice", &bodies).await;
     assert!(
-        sink.wait_count(3, WAIT).await,
+        sink.wait_count(2, WAIT).await,
         "{}",
         logs(dir.path(), relays.len())
     );
@@ -381,11 +391,21 @@ async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static 
     assert_eq!(dead[0]["event_id"], "K-0", "{dead}");
     let r = admin(last, http::Method::POST, "/api/dead/replay?id=K-0").await;
     assert_eq!(r["replayed"], 1);
-    assert!(sink.wait_count(4, WAIT).await);
+    assert!(
+        sink.wait_count(5, WAIT).await,
+        "{}",
+        logs(dir.path(), relays.len())
+    );
     let log = sink.arrivals();
     let ids: Vec<&str> = log.iter().map(|a| a.id.as_str()).collect();
-    assert_eq!(ids, ["K-0", "K-1", "K-2", "K-0"]);
-    assert!(log[3].delivered());
+    // The replay rejoined by accept order: after K-1 (in flight), before K-2 and K-3.
+    assert_eq!(
+        ids,
+        ["K-0", "K-1", "K-0", "K-2", "K-3"],
+        "{}",
+        backend.name()
+    );
+    assert!(log[2].delivered());
     drop(relays);
     sink.stop().await;
 }
@@ -398,6 +418,16 @@ async fn a_dead_head_lets_the_next_pass_and_is_replayed_later_redb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_head_lets_the_next_pass_and_is_replayed_later_jetstream() {
     a_dead_head_lets_the_next_pass_and_is_replayed_later("jetstream").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_head_lets_the_next_pass_and_is_replayed_later_on_a_three_server_cluster() {
+    a_dead_head_lets_the_next_pass_and_is_replayed_later("cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_records_insert_update_delete_arrive_in_order_on_a_three_server_cluster() {
+    each_records_insert_update_delete_arrive_in_order_under_32_senders("cluster").await;
 }
 
 /// The dids fixture `name` for record `id`.
