@@ -1,9 +1,11 @@
 //! Per-key ordering and the breaker (CONTRACT §8): a retrying head holds back only its own
 //! key (across a SIGKILL and restart), a dead head lets the next pass and is replayed later,
 //! the dids insert/update/delete of each record arrive in order under 32 concurrent senders
-//! and a destination of varying latency (each on redb, sled, and three relays on one
-//! JetStream, events posted to each in turn), and a breaker opens after N failures, probes
-//! once per cool-down and closes on a 2xx.
+//! and a destination that refuses some attempts (on redb and on three relays on one
+//! JetStream, events posted to each in turn; the retrying head also on sled; the dead head
+//! and dids also on a 3-server cluster), each key's order while JetStream relays are
+//! SIGKILLed, and a breaker opens after N failures, probes once per cool-down and closes on
+//! a 2xx.
 
 mod support;
 

@@ -235,7 +235,7 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     let l0 = accepted(st, ordered("l0", "L")).await;
     let k2 = accepted(other, ordered("k2", "K")).await;
     let k3 = accepted(st, ordered("k3", "K")).await;
-    // A duplicate takes no second place in the line.
+    // A duplicate is answered as one (its batch, line entry included, is refused).
     let dup = other.accept(ordered("k1", "K")).await.unwrap();
     assert!(
         matches!(dup, Admission::Duplicate { seq, .. } if seq == k1),

@@ -28,24 +28,25 @@ use super::batch::{Write, Written};
 use super::records::*;
 use super::*;
 
-/// The most entries a replay moves behind the replayed one (an atomic batch holds at most
-/// 1,000 messages); a longer line takes it at its end.
+/// The longest line a replay writes again in its batch (an atomic batch holds at most
+/// 1,000 messages); a longer line takes the replayed one at its end.
 const MOVE_MAX: usize = 990;
 /// The most entries one [`JetStreamStore::advance`] deletes before it returns (the next
 /// caller goes on).
 const ADVANCE_MAX: usize = 1_000;
 /// A waiting delivery comes back to a puller after this, doubled each time (to 8×, 40 s):
-/// each return checks its line, in case an instance died while moving it on.
-pub const WAITING_RECHECK: Duration = Duration::from_secs(5);
+/// each return after the first checks its line (once per key per 5 s per instance), in case
+/// an instance died while moving it on.
+pub(super) const WAITING_RECHECK: Duration = Duration::from_secs(5);
 
 /// The delay of a waiting delivery's nak, its `delivered`-th time at a puller.
-pub fn waiting_delay(delivered: i64) -> Duration {
+pub(super) fn waiting_delay(delivered: i64) -> Duration {
     let doublings = (delivered.max(1) - 1).min(3) as u32;
     WAITING_RECHECK * 2u32.pow(doublings)
 }
 
 /// A replayed delivery's entry (its event's sequence known).
-pub fn end_entry(seq: u64, e: &str) -> Bytes {
+pub(super) fn end_entry(seq: u64, e: &str) -> Bytes {
     LineEntry {
         e: e.to_string(),
         seq,

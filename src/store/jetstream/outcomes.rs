@@ -40,7 +40,7 @@ impl JetStreamStore {
     /// Makes one dead delivery pending again; whether it was. An ordered one rejoins its
     /// key's line by accept order, waiting (the line moves it on when it is first); if the
     /// line changes while it is read, the replay reads it again, and the last try puts it
-    /// at the line's end (always in order: nothing is waiting behind it).
+    /// at the line's end (still one at a time, but behind the key's later events).
     pub(super) async fn reopen(
         &self,
         mut state_seq: u64,

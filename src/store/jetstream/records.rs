@@ -255,7 +255,8 @@ pub struct DeliveryRecord {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub waiting: bool,
     /// Its line entry's sequence, when known (not after a replay: the new entry's is known
-    /// only once written).
+    /// only once written; nor after another of its key's replays rewrote the line: then it is
+    /// stale, deleting it finds nothing, and the line's head is read instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<u64>,
 }

@@ -178,7 +178,7 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
             }
         }
         *s.backlog_due.lock().unwrap() = backlog;
-        // The backlog before the depths: whoever sees the new depths sees it too.
+        // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
             s.unfanned.store(info.num_pending, Ordering::Relaxed);
         }
@@ -193,7 +193,7 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
 
 /// When the first pending delivery to `dest` at or after the stream sequence `start` (the
 /// first its consumer has not handed out) was due: the first of a few messages (the others
-/// are outcomes, which the consumer hands out too).
+/// are outcomes or waiting deliveries, which the consumer hands out too).
 async fn first_due(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
     let filter = s.names.deliveries_of(dest);
     for _ in 0..FIRST_DUE_LOOKS {
