@@ -135,10 +135,17 @@ impl JetStreamStore {
                 return Ok(());
             };
             match self.state_of(seq, dest, &e).await? {
-                // Not fanned out yet: the fan-out moves the line on once it is. Fanned out
-                // and gone: it was delivered and its state expired.
+                // Not fanned out yet: the fan-out moves the line on once it is.
                 None if !self.fanned_out(seq).await? => return Ok(()),
-                None => self.delete_entry(entry_seq).await?,
+                None => {
+                    // Fanned out, which writes the state before it acks: the fan-out may have
+                    // just finished, so read it again. Still none: it was delivered and its
+                    // state expired.
+                    if self.state_of(seq, dest, &e).await?.is_some() {
+                        continue;
+                    }
+                    self.delete_entry(entry_seq).await?
+                }
                 Some((_, rec, _)) if rec.delivery.state != DeliveryState::Pending => {
                     self.delete_entry(entry_seq).await?
                 }
