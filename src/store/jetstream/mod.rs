@@ -14,6 +14,8 @@
 //! - **Limits across instances**: each instance takes `1/n` of `rate` and `max_in_flight`,
 //!   `n` being the live members (a heartbeat bucket with a 6 s TTL), see [`Store::share`];
 //!   with a smaller `max_in_flight` or `burst`, only that many send ([`Store::delivers`]).
+//! - **Ordering** (`order_by`): each ordered delivery has an entry in its key's line,
+//!   written with the event; only the line's head is sent, the others wait ([`lines`]).
 //! - Pauses live in a bucket every instance watches; dead letters have an index subject;
 //!   lookups, lists and replays read the stream, so any instance sees everything.
 
