@@ -130,8 +130,22 @@ async fn raw_batches(url: &str, size: usize, in_flight: usize, secs: u64) -> f64
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// `instances` relays on the server, posted to by `conns` connections spread over them.
-async fn relays(url: &str, instances: usize, conns: usize, secs: u64, seq: Arc<AtomicU64>) -> Load {
+/// `instances` relays on the server, posted to by `conns` connections spread over them;
+/// `ordered`: the route has `order_by` (a key per event, so no delivery waits).
+async fn relays(
+    url: &str,
+    instances: usize,
+    conns: usize,
+    secs: u64,
+    seq: Arc<AtomicU64>,
+    ordered: bool,
+) -> Load {
+    let order_by = if ordered {
+        r#"order_by = ["$.payload.eventId"]"#
+    } else {
+        ""
+    };
+    let prefix = format!("bench{instances}{}", if ordered { "o" } else { "" });
     let sink = support::answering_server(Bytes::from_static(b"{\"ok\":true}"), |_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
@@ -143,7 +157,7 @@ max_body_bytes = 65536
 [store]
 backend = "jetstream"
 url = "{url}"
-prefix = "bench{instances}"
+prefix = "{prefix}"
 [delivery]
 max_in_flight = 64
 max_queue = 100000000
@@ -160,6 +174,7 @@ name = "all"
 source = "voice"
 match = {{ namespace = "VOICE" }}
 to = ["sink"]
+{order_by}
 "#
     );
     let mut started = Vec::new();
@@ -213,8 +228,9 @@ fn main() {
         let single = raw_batches(&nats.url, 1, 64, secs).await;
         let batch2 = raw_batches(&nats.url, 2, 64, secs).await;
         let batch2_one = raw_batches(&nats.url, 2, 1, secs).await;
-        let mut one = relays(&nats.url, 1, conns, secs, seq.clone()).await;
-        let mut three = relays(&nats.url, 3, conns.max(3), secs, seq).await;
+        let mut one = relays(&nats.url, 1, conns, secs, seq.clone(), false).await;
+        let mut three = relays(&nats.url, 3, conns.max(3), secs, seq.clone(), false).await;
+        let mut ordered = relays(&nats.url, 1, conns, secs, seq, true).await;
         println!("| phase | events/s | p50 ms | p99 ms | errors |");
         println!("|---|---:|---:|---:|---:|");
         println!("| JetStream acked publish, 64 in flight | {raw:.0} | | | |");
@@ -224,6 +240,7 @@ fn main() {
         for (name, l) in [
             ("one relay", &mut one),
             ("three relays, one server", &mut three),
+            ("one relay, `order_by` (a key per event)", &mut ordered),
         ] {
             println!(
                 "| {name} | {:.0} | {:.2} | {:.2} | {} |",
