@@ -235,12 +235,14 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     let l0 = accepted(st, ordered("l0", "L")).await;
     let k2 = accepted(other, ordered("k2", "K")).await;
     let k3 = accepted(st, ordered("k3", "K")).await;
-    // A duplicate is answered as one (its batch, line entry included, is refused).
+    // A duplicate is answered as one, and takes no place in the line: K-4, after it, is
+    // next after K-3 (on jetstream its entry, written first, is deleted again).
     let dup = other.accept(ordered("k1", "K")).await.unwrap();
     assert!(
         matches!(dup, Admission::Duplicate { seq, .. } if seq == k1),
         "{name}: {dup:?}"
     );
+    let k4 = accepted(other, ordered("k4", "K")).await;
     due(st, "o", k0).await;
     due(st, "o", l0).await;
     // K-0 fails and is due again; K-1, K-2 and K-3 still wait behind it.
@@ -252,7 +254,7 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     st.record(&key(k0, "o"), retry).await.unwrap();
     due(st, "o", k0).await;
     assert!(
-        !lists_any(st, "o", &[k1, k2, k3]).await,
+        !lists_any(st, "o", &[k1, k2, k3, k4]).await,
         "{name}: K's later events wait"
     );
     // L goes on meanwhile.
@@ -279,12 +281,12 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         !lists_any(st, "o", &[k0, k2, k3]).await,
         "{name}: the replay waits"
     );
-    for (now, next) in [(k1, k0), (k0, k2), (k2, k3)] {
+    for (now, next) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)] {
         st.record(&key(now, "o"), Outcome::Delivered { status: 200 })
             .await
             .unwrap();
         let d = due(st, "o", next).await;
-        let waiting: Vec<u64> = [k0, k1, k2, k3]
+        let waiting: Vec<u64> = [k0, k1, k2, k3, k4]
             .into_iter()
             .filter(|s| *s != next)
             .collect();
@@ -294,7 +296,7 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
             d.seq
         );
     }
-    st.record(&key(k3, "o"), Outcome::Delivered { status: 200 })
+    st.record(&key(k4, "o"), Outcome::Delivered { status: 200 })
         .await
         .unwrap();
     let views = st.lookup("k0").await.unwrap();
@@ -764,4 +766,37 @@ async fn the_earliest_due_time_counts_the_backlog_no_instance_holds() {
     );
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// A line entry whose event never came (an accept that died between writing its entry and
+/// its event) holds its line back only until it is old: then it is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_event_never_came_is_let_go_once_old() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    // The line of key K to `r`: `c.o.n-r.<16 hex digits of SHA-256 of K>.*`.
+    let hash: String = sha2::Sha256::digest(b"K")[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let minute_ago = now_ms() - 60_000;
+    let orphan = format!(r#"{{"e":"0000000000000000.0000000000000000","ms":{minute_ago}}}"#);
+    js.publish(format!("c.o.n-r.{hash}.00000000deadbeef"), orphan.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let k0 = accepted(
+        st.as_ref(),
+        NewEvent {
+            order_keys: vec![Some("K".into())],
+            ..ev("k0", "o", &["r"])
+        },
+    )
+    .await;
+    due(st.as_ref(), "r", k0).await;
+    st.close().await.unwrap();
 }

@@ -96,7 +96,7 @@ impl JetStreamStore {
             rec.waiting = self
                 .head(dest, key)
                 .await?
-                .is_some_and(|(_, first, _)| first != seq);
+                .is_some_and(|(_, slot, _)| rec.slot.as_deref() != Some(slot.as_str()));
         }
         for _ in 0..2 {
             let subject = self.names.delivery(dest, &rec.part());

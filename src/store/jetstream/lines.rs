@@ -1,11 +1,11 @@
 //! `order_by` on JetStream: each key's line of deliveries to a destination, and its head.
 //!
-//! An ordered event's batch writes, with the event, one entry per ordered destination on
-//! `<p>.o.<d>.<k>.<slot>` (one atomic write, so a key's entries stand in the stream in
-//! accept order, whichever instance accepted each). The line's head is its first entry: the
-//! server's lowest sequence on `<p>.o.<d>.<k>.*`. The fan-out writes the head's delivery
-//! pending and every other one *waiting*: pending, but a puller that takes it hands it back
-//! (a delayed nak) without sending it.
+//! An ordered event's accept first writes one entry per ordered destination on
+//! `<p>.o.<d>.<k>.<slot>`, then the event (which names each entry's slot and sequence): so
+//! a key's entries stand in the stream in accept order, whichever instance accepted each.
+//! The line's head is its first entry: the server's lowest sequence on `<p>.o.<d>.<k>.*`.
+//! The fan-out writes the head's delivery pending and every other one *waiting*: pending,
+//! but a puller that takes it hands it back (a delayed nak) without sending it.
 //!
 //! When the head is delivered or dead, [`JetStreamStore::advance`] deletes its entry and
 //! tells the next one to go: it rewrites that delivery's state without `waiting`,
@@ -13,6 +13,8 @@
 //! idempotent and whoever comes next does what is left: the outcome of a key's head, the
 //! fan-out of its next event, and a waiting delivery handed to a puller again (after its
 //! nak's delay). An instance that dies between two steps delays a line, never stops it.
+//! An entry whose event never came (a duplicate's, if its removal failed, or an accept that
+//! died before its event was stored) is let go once it is [`ORPHAN_AFTER`] old.
 //!
 //! A replayed dead letter rejoins its key's line by accept order, as on the embedded
 //! stores: the whole line is written again in the replay's atomic batch, its own entry in
@@ -23,6 +25,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
+use tracing::debug;
 
 use super::batch::{Write, Written};
 use super::records::*;
@@ -39,35 +42,53 @@ const ADVANCE_MAX: usize = 1_000;
 /// an instance died while moving it on.
 pub(super) const WAITING_RECHECK: Duration = Duration::from_secs(5);
 
+/// A line entry whose delivery is nowhere to be found is let go once this old: its accept
+/// wrote the event within [`WRITE_TIMEOUT`] of it, or never will.
+const ORPHAN_AFTER: Duration = Duration::from_secs(30);
+
+/// What a line entry stands for.
+enum Stands {
+    /// Its delivery's current state: (its sequence, record, body).
+    For(u64, Box<DeliveryRecord>, Bytes),
+    /// Its event, not fanned out yet (as far as the fan-out's ack says).
+    Unfanned,
+    /// Nothing: its delivery was delivered and its state expired, or its event never came.
+    Nothing,
+}
+
+/// The slot of a line entry's subject (its last token).
+fn slot_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
+}
+
 /// The delay of a waiting delivery's nak, its `delivered`-th time at a puller.
 pub(super) fn waiting_delay(delivered: i64) -> Duration {
     let doublings = (delivered.max(1) - 1).min(3) as u32;
     WAITING_RECHECK * 2u32.pow(doublings)
 }
 
-/// A replayed delivery's entry (its event's sequence known).
-pub(super) fn end_entry(seq: u64, e: &str) -> Bytes {
+/// A replayed delivery's entry, in its place `pos` by accept order.
+pub(super) fn end_entry(pos: u64, e: &str) -> Bytes {
     LineEntry {
         e: e.to_string(),
-        seq,
-        back: 0,
+        pos,
+        ms: now_ms(),
     }
     .encode()
 }
 
 impl JetStreamStore {
-    /// The first entry of `key`'s line to `dest`: (entry sequence, event sequence, event
-    /// part).
+    /// The first entry of `key`'s line to `dest`: (its sequence, slot, payload).
     pub(super) async fn head(
         &self,
         dest: &str,
         key: &str,
-    ) -> Result<Option<(u64, u64, String)>, StoreError> {
+    ) -> Result<Option<(u64, String, LineEntry)>, StoreError> {
         let line = self.names.line(dest, key);
         match self.stream.get_first_raw_message_by_subject(&line, 1).await {
             Ok(m) => {
                 let entry = LineEntry::decode(&m.payload)?;
-                Ok(Some((m.sequence, entry.event_seq(m.sequence), entry.e)))
+                Ok(Some((m.sequence, slot_of(&m.subject).to_string(), entry)))
             }
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(StoreError::Unavailable(format!(
@@ -76,8 +97,48 @@ impl JetStreamStore {
         }
     }
 
-    /// The writes that put a replayed delivery (of the event at `seq`, its slot `slot`)
-    /// back in its key's line by accept order, and the line's last sequence they were read
+    /// What the entry `slot` of a line to `dest` (its event part `e`) stands for.
+    async fn stands_for(&self, dest: &str, slot: &str, e: &str) -> Result<Stands, StoreError> {
+        let ours = |r: &DeliveryRecord| r.slot.as_deref() == Some(slot);
+        // On its usual subject, as nearly always.
+        if let Some((seq, rec, body)) = self.delivery_state(dest, e).await? {
+            if ours(&rec) {
+                return Ok(Stands::For(seq, Box::new(rec), body));
+            }
+        }
+        // Kept apart, or not fanned out yet: its event says its sequence.
+        if let Some((event_seq, payload)) = self.last(&self.names.event(e)).await? {
+            let (meta, _) = decode_event(event_seq, &payload)?;
+            if meta.lines.iter().flatten().any(|l| l.slot == slot) {
+                if let Some((seq, rec, body)) = self.state_of(event_seq, dest, e).await? {
+                    return Ok(Stands::For(seq, Box::new(rec), body));
+                }
+                if !self.fanned_out(event_seq).await? {
+                    return Ok(Stands::Unfanned);
+                }
+                // Fanned out, which writes the state before it acks: the fan-out may have
+                // just finished, so read it again.
+                return Ok(match self.state_of(event_seq, dest, e).await? {
+                    Some((seq, rec, body)) => Stands::For(seq, Box::new(rec), body),
+                    None => Stands::Nothing,
+                });
+            }
+        }
+        // Kept apart, its event gone (replaced by a later one with the same id).
+        let apart = format!("{}.*", self.names.delivery(dest, e));
+        for subject in self.subjects(&apart, MOVE_MAX).await? {
+            if let Some((seq, payload)) = self.last(&subject).await? {
+                let (rec, body) = decode_delivery(&payload)?;
+                if ours(&rec) {
+                    return Ok(Stands::For(seq, Box::new(rec), body));
+                }
+            }
+        }
+        Ok(Stands::Nothing)
+    }
+
+    /// The writes that put a replayed delivery (its slot `slot`, its place in accept order
+    /// `pos`) back in its key's line by accept order, and the line's last sequence they were read
     /// at. Every entry is written again, each conditional on the one it replaces, in this
     /// order: the head (it stays first: it may be in flight), the entries of earlier events,
     /// the replayed one's, those of later events. The caller makes its batch conditional on
@@ -88,7 +149,7 @@ impl JetStreamStore {
         dest: &str,
         key: &str,
         slot: &str,
-        seq: u64,
+        pos: u64,
         e: &str,
     ) -> Result<Option<(u64, Vec<Write>)>, StoreError> {
         let own = self.names.line_entry(dest, key, slot);
@@ -111,18 +172,17 @@ impl JetStreamStore {
         line.sort_by_key(|(entry_seq, _, _)| *entry_seq);
         let again = |(entry_seq, subject, entry): (u64, String, LineEntry)| {
             let moved = LineEntry {
-                seq: entry.event_seq(entry_seq),
-                back: 0,
-                e: entry.e,
+                pos: entry.pos(entry_seq),
+                ..entry
             };
             Write::new(subject, moved.encode()).expect(entry_seq)
         };
         let mut rest = line.into_iter();
         let mut writes: Vec<Write> = rest.next().into_iter().map(again).collect();
         let (earlier, later): (Vec<_>, Vec<_>) =
-            rest.partition(|(entry_seq, _, entry)| entry.event_seq(*entry_seq) < seq);
+            rest.partition(|(entry_seq, _, entry)| entry.pos(*entry_seq) < pos);
         writes.extend(earlier.into_iter().map(again));
-        writes.push(Write::new(own, end_entry(seq, e)));
+        writes.push(Write::new(own, end_entry(pos, e)));
         writes.extend(later.into_iter().map(again));
         Ok(Some((last, writes)))
     }
@@ -131,26 +191,25 @@ impl JetStreamStore {
     /// head, and tells the first one still pending to go if it waits.
     pub(super) async fn advance(&self, dest: &str, key: &str) -> Result<(), StoreError> {
         for _ in 0..ADVANCE_MAX {
-            let Some((entry_seq, seq, e)) = self.head(dest, key).await? else {
+            let Some((entry_seq, slot, entry)) = self.head(dest, key).await? else {
                 return Ok(());
             };
-            match self.state_of(seq, dest, &e).await? {
+            match self.stands_for(dest, &slot, &entry.e).await? {
                 // Not fanned out yet: the fan-out moves the line on once it is.
-                None if !self.fanned_out(seq).await? => return Ok(()),
-                None => {
-                    // Fanned out, which writes the state before it acks: the fan-out may have
-                    // just finished, so read it again. Still none: it was delivered and its
-                    // state expired.
-                    if self.state_of(seq, dest, &e).await?.is_some() {
-                        continue;
+                Stands::Unfanned => return Ok(()),
+                Stands::Nothing => {
+                    // Its accept may still be writing its event: let it go only once old.
+                    let age = now_ms().saturating_sub(entry.ms);
+                    if age < ORPHAN_AFTER.as_millis() as u64 {
+                        return Ok(());
                     }
                     self.delete_entry(entry_seq).await?
                 }
-                Some((_, rec, _)) if rec.delivery.state != DeliveryState::Pending => {
+                Stands::For(_, rec, _) if rec.delivery.state != DeliveryState::Pending => {
                     self.delete_entry(entry_seq).await?
                 }
-                Some((_, rec, _)) if !rec.waiting => return Ok(()),
-                Some((state_seq, mut rec, body)) => {
+                Stands::For(_, rec, _) if !rec.waiting => return Ok(()),
+                Stands::For(state_seq, mut rec, body) => {
                     rec.waiting = false;
                     let subject = self.names.delivery(dest, &rec.part());
                     let w = Write::new(subject, encode_delivery(&rec, &body)).expect(state_seq);
@@ -163,6 +222,14 @@ impl JetStreamStore {
             }
         }
         Ok(())
+    }
+
+    /// Deletes a line entry that stands for nothing (a duplicate's); a failure is logged
+    /// (the entry is let go once old).
+    pub(super) async fn forget_entry(&self, seq: u64) {
+        if let Err(e) = self.delete_entry(seq).await {
+            debug!(seq, error = %e, "deleting a duplicate's line entry failed; it is let go once old");
+        }
     }
 
     /// [`advance`](Self::advance), a failure logged: the line's next step does it (a
@@ -261,20 +328,15 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_names_its_events_sequence() {
-        let in_batch = LineEntry {
+    fn an_entry_knows_its_place_and_its_slot() {
+        let written = LineEntry {
             e: "x".into(),
-            seq: 0,
-            back: 2,
+            pos: 0,
+            ms: 1,
         };
-        assert_eq!(in_batch.event_seq(12), 10);
-        let replayed = LineEntry {
-            e: "x".into(),
-            seq: 7,
-            back: 0,
-        };
-        assert_eq!(replayed.event_seq(99), 7);
-        let again = LineEntry::decode(&replayed.encode()).unwrap();
-        assert_eq!((again.e.as_str(), again.seq), ("x", 7));
+        assert_eq!(written.pos(12), 12);
+        let moved = LineEntry::decode(&end_entry(7, "x")).unwrap();
+        assert_eq!((moved.e.as_str(), moved.pos(99)), ("x", 7));
+        assert_eq!(slot_of("p.o.n-d.0123.abcd"), "abcd");
     }
 }

@@ -278,11 +278,32 @@ impl Store for JetStreamStore {
                 }
             }
         }
-        let lines: Vec<Option<Line>> = ev
+        // An ordered event's places in its keys' lines come first, each a write of its own:
+        // the order of a key's entries is its accept order. (An atomic batch with the event
+        // would tie them to it, but nats-server stages each batch in a file store of its
+        // own with one replica: a few hundred a second.)
+        let mut lines: Vec<Option<Line>> = ev
             .order_keys
             .iter()
             .map(|k| k.clone().map(Line::new))
             .collect();
+        let mut entries = Vec::new();
+        for (dest, line) in ev.destinations.iter().zip(lines.iter_mut()) {
+            if let Some(l) = line {
+                let entry = LineEntry {
+                    e: e.clone(),
+                    pos: 0,
+                    ms: now_ms(),
+                };
+                let subject = self.names.line_entry(dest, &l.key, &l.slot);
+                if let Written::Stored { first } =
+                    self.write(&[Write::new(subject, entry.encode())]).await?
+                {
+                    l.entry = first;
+                    entries.push(first);
+                }
+            }
+        }
         let meta = EventMeta {
             id: ev.id.clone(),
             source: ev.source.clone(),
@@ -297,24 +318,12 @@ impl Store for JetStreamStore {
             },
         };
         // One conditional write: the event with its destinations, only if no event with
-        // this id is kept (and, in the same atomic batch, its places in `order_by` lines).
-        // The fan-out turns it into deliveries.
-        let mut writes = vec![
+        // this id is kept. The fan-out turns it into deliveries.
+        let writes = [
             Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
                 .expect(0)
                 .ttl(ev.dedup_window.max(self.retain)),
         ];
-        for (dest, line) in meta.destinations.iter().zip(&meta.lines) {
-            if let Some(l) = line {
-                let entry = LineEntry {
-                    e: e.clone(),
-                    seq: 0,
-                    back: writes.len() as u64,
-                };
-                let subject = self.names.line_entry(dest, &l.key, &l.slot);
-                writes.push(Write::new(subject, entry.encode()));
-            }
-        }
         match self.write(&writes).await? {
             Written::Stored { first } => {
                 let mut depths = self.depths.lock().unwrap();
@@ -323,13 +332,19 @@ impl Store for JetStreamStore {
                 }
                 Ok(Admission::Accepted { seq: first })
             }
-            Written::Conflict => match self.duplicate(&e).await? {
-                Some(dup) => Ok(dup),
-                // Expired between the write and the read: the caller's retry is new.
-                None => Err(StoreError::Unavailable(
-                    "the event's dedup record expired while it was checked; try again".into(),
-                )),
-            },
+            Written::Conflict => {
+                // A duplicate: its line entries stand for nothing.
+                for seq in entries {
+                    self.forget_entry(seq).await;
+                }
+                match self.duplicate(&e).await? {
+                    Some(dup) => Ok(dup),
+                    // Expired between the write and the read: the caller's retry is new.
+                    None => Err(StoreError::Unavailable(
+                        "the event's dedup record expired while it was checked; try again".into(),
+                    )),
+                }
+            }
         }
     }
 

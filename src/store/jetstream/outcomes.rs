@@ -63,9 +63,9 @@ impl JetStreamStore {
             .ttl(REPLAYED_TTL);
             let mut entries = Vec::new();
             if let Some((key, slot)) = &line {
-                let by_order = match attempt + 1 < REOPEN_TRIES {
-                    true => self.rejoin(&dest, key, slot, seq, &e).await?,
-                    false => None,
+                let by_order = match (attempt + 1 < REOPEN_TRIES, rec.pos) {
+                    (true, Some(pos)) => self.rejoin(&dest, key, slot, pos, &e).await?,
+                    _ => None,
                 };
                 match by_order {
                     Some((last, writes)) => {
@@ -74,7 +74,7 @@ impl JetStreamStore {
                     }
                     None => entries.push(Write::new(
                         self.names.line_entry(&dest, key, slot),
-                        lines::end_entry(seq, &e),
+                        lines::end_entry(rec.pos.unwrap_or(0), &e),
                     )),
                 }
             }

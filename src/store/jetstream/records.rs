@@ -14,9 +14,9 @@
 //! - `<p>.dl.<d>.<e>`: a dead letter's index entry (`dead` or `replayed`).
 //! - `<p>.re.<e>`: a reply route's stored answer, for the dedup window.
 //! - `<p>.o.<d>.<k>.<slot>`: an `order_by` delivery's place in its key's line (`<k>`
-//!   hashes the key; `<slot>` is random, one per delivery). Written with the event (one
-//!   atomic batch), so the stream's order of a key's entries is the accept order; the first
-//!   entry is the line's head. See [`super::lines`].
+//!   hashes the key; `<slot>` is random, one per delivery, also in the event's record).
+//!   Written by the accept before the event, so the stream's order of a key's entries is
+//!   the accept order; the first entry is the line's head. See [`super::lines`].
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -162,11 +162,14 @@ pub struct EventMeta {
     pub lines: Vec<Option<Line>>,
 }
 
-/// An ordered delivery's order key and the slot naming its line entry.
+/// An ordered delivery's order key, the slot naming its line entry, and the entry's
+/// sequence (written before the event, so known to it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub key: String,
     pub slot: String,
+    #[serde(default)]
+    pub entry: u64,
 }
 
 impl Line {
@@ -174,20 +177,21 @@ impl Line {
         Line {
             key,
             slot: format!("{:016x}", rand::random::<u64>()),
+            entry: 0,
         }
     }
 }
 
-/// A line entry's payload: which event's delivery it stands for. The event's sequence is
-/// `seq`, or, for an entry written in the event's own batch (its sequence unknown until
-/// stored), the entry's own sequence less `back`.
+/// A line entry's payload: the event part of the delivery it stands for, its place in
+/// accept order (`pos`; 0: the entry's own sequence, as written by the accept), and when
+/// the accept wrote it (`ms`: an entry whose event never came is let go once old enough).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LineEntry {
     pub e: String,
     #[serde(default)]
-    pub seq: u64,
+    pub pos: u64,
     #[serde(default)]
-    pub back: u64,
+    pub ms: u64,
 }
 
 impl LineEntry {
@@ -198,12 +202,12 @@ impl LineEntry {
         serde_json::from_slice(payload)
             .map_err(|e| StoreError::Corrupt(format!("a line entry: {e}")))
     }
-    /// The sequence of the event it stands for, given its own.
-    pub fn event_seq(&self, entry_seq: u64) -> u64 {
-        if self.seq > 0 {
-            self.seq
+    /// Its place in accept order, given its own sequence.
+    pub fn pos(&self, entry_seq: u64) -> u64 {
+        if self.pos > 0 {
+            self.pos
         } else {
-            entry_seq.saturating_sub(self.back)
+            entry_seq
         }
     }
 }
@@ -215,12 +219,7 @@ impl EventMeta {
         let i = self.destinations.iter().position(|d| d == destination);
         let line = i.and_then(|i| self.lines.get(i).cloned().flatten());
         let key = line.as_ref().map(|l| l.key.clone());
-        // Its entry came in the event's batch: after the event and the entries of the
-        // ordered destinations before it.
-        let entry = i.filter(|_| line.is_some()).map(|i| {
-            let before = self.lines[..i].iter().filter(|l| l.is_some()).count();
-            seq + 1 + before as u64
-        });
+        let entry = line.as_ref().map(|l| l.entry).filter(|e| *e > 0);
         DeliveryRecord {
             delivery: Delivery::first(seq, destination, self.received_ms, self.held.as_ref(), key),
             event: EventMeta {
@@ -233,6 +232,7 @@ impl EventMeta {
             waiting: line.is_some(),
             slot: line.map(|l| l.slot),
             entry,
+            pos: entry,
         }
     }
 }
@@ -259,6 +259,9 @@ pub struct DeliveryRecord {
     /// stale, deleting it finds nothing, and the line's head is read instead).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<u64>,
+    /// Its place in its key's line by accept order: its first entry's sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos: Option<u64>,
 }
 
 impl DeliveryRecord {
