@@ -800,3 +800,51 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
     due(st.as_ref(), "r", k0).await;
     st.close().await.unwrap();
 }
+
+/// An event stored after its line entry was let go as an orphan (the server was slower than
+/// the orphan wait) is not stranded: its fan-out finds the entry gone and writes it again,
+/// at the line's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    st.pending("r", 1, &|_| false).await.unwrap();
+    let stream = stream_of(&nats).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-fanout")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no fan-out consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let later = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    stream.pause_consumer("c-fanout", later).await.unwrap();
+    let ordered = |id: &str| NewEvent {
+        order_keys: vec![Some("K".into())],
+        ..ev(id, "o", &["r"])
+    };
+    let k0 = accepted(st.as_ref(), ordered("k0")).await;
+    let k1 = accepted(st.as_ref(), ordered("k1")).await;
+    // K-0's entry, the line's first, goes (as an orphan's would).
+    let first = stream
+        .get_first_raw_message_by_subject("c.o.n-r.*.*", 1)
+        .await
+        .unwrap();
+    assert!(stream.delete_message(first.sequence).await.unwrap());
+    stream.resume_consumer("c-fanout").await.unwrap();
+    // K-1 heads the line now; K-0 follows it, not stranded.
+    due(st.as_ref(), "r", k1).await;
+    assert!(!lists_any(st.as_ref(), "r", &[k0]).await, "K-0 waits");
+    st.record(&key(k1, "r"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    due(st.as_ref(), "r", k0).await;
+    st.close().await.unwrap();
+}

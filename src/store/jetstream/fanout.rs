@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::batch::{Write, Written};
+use super::lines;
 use super::pulls::{self, RETRY};
 use super::records::*;
 use super::JetStreamStore;
@@ -91,12 +92,20 @@ impl JetStreamStore {
             }
         }
         let mut rec = meta.first_delivery(seq, dest);
-        if let Some(key) = &rec.delivery.order_key {
+        if let (Some(key), Some(slot)) = (rec.delivery.order_key.clone(), rec.slot.clone()) {
             // Waiting unless it heads its key's line now.
-            rec.waiting = self
-                .head(dest, key)
-                .await?
-                .is_some_and(|(_, slot, _)| rec.slot.as_deref() != Some(slot.as_str()));
+            let head = self.head(dest, &key).await?;
+            rec.waiting = head.as_ref().is_some_and(|(_, first, _)| *first != slot);
+            let entry = self.names.line_entry(dest, &key, &slot);
+            if (head.is_none() || rec.waiting) && self.last(&entry).await?.is_none() {
+                // Its entry was let go as an orphan while this event was slow to be stored:
+                // it rejoins its line at the end.
+                warn!(destination = %dest, seq, "an ordered delivery's line entry was gone; it rejoins its line at the end");
+                let pos = rec.pos.unwrap_or(0);
+                self.write(&[Write::new(entry, lines::end_entry(pos, e))])
+                    .await?;
+                rec.entry = None;
+            }
         }
         for _ in 0..2 {
             let subject = self.names.delivery(dest, &rec.part());

@@ -43,8 +43,10 @@ const ADVANCE_MAX: usize = 1_000;
 pub(super) const WAITING_RECHECK: Duration = Duration::from_secs(5);
 
 /// A line entry whose delivery is nowhere to be found is let go once this old: its accept
-/// wrote the event within [`WRITE_TIMEOUT`] of it, or never will.
-const ORPHAN_AFTER: Duration = Duration::from_secs(30);
+/// wrote the event within [`WRITE_TIMEOUT`] of it, or never will. (If the server stores
+/// that event later still, its fan-out finds the entry gone and writes it again, at the
+/// line's end.)
+const ORPHAN_AFTER: Duration = Duration::from_secs(10);
 
 /// What a line entry stands for.
 enum Stands {
