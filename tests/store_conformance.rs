@@ -35,7 +35,12 @@ fn ev(id: &str, source: &str, dests: &[&str]) -> NewEvent {
 /// store lists pending deliveries due later too, and the scheduler waits; jetstream hands
 /// out only due ones, the server holding the rest.)
 async fn due(st: &dyn Store, dest: &str, seq: u64) -> Delivery {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    due_within(st, dest, seq, Duration::from_secs(15)).await
+}
+
+/// [`due`], waiting up to `within`.
+async fn due_within(st: &dyn Store, dest: &str, seq: u64, within: Duration) -> Delivery {
+    let deadline = Instant::now() + within;
     loop {
         let p = st.pending(dest, 64, &|_| false).await.unwrap();
         if let Some(d) = p
@@ -769,7 +774,9 @@ async fn the_earliest_due_time_counts_the_backlog_no_instance_holds() {
 }
 
 /// A line entry whose event never came (an accept that died between writing its entry and
-/// its event) holds its line back only until it is old: then it is let go.
+/// its event) holds its line back only until an instance has seen it stand for nothing for
+/// 10 s (by its own clock: the entry's time, a minute old here, is not trusted), then it is
+/// let go. The waiting delivery behind it checks its line 5 and 15 s after its fan-out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_event_never_came_is_let_go_once_old() {
     use sha2::Digest;
@@ -797,13 +804,20 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
         },
     )
     .await;
-    due(st.as_ref(), "r", k0).await;
+    let started = Instant::now();
+    due_within(st.as_ref(), "r", k0, Duration::from_secs(40)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10),
+        "the orphan was let go after {waited:?}, before 10 s of standing for nothing"
+    );
+    println!("K-0 due after {waited:?}");
     st.close().await.unwrap();
 }
 
 /// An event stored after its line entry was let go as an orphan (the server was slower than
-/// the orphan wait) is not stranded: its fan-out finds the entry gone and writes it again,
-/// at the line's end.
+/// the orphan wait) is not stranded: its fan-out finds the entry gone and puts it back by
+/// accept order, behind the line's head (here K-1, which heads the line by then), waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     let dir = tempfile::tempdir().unwrap();

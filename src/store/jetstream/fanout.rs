@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::batch::{Write, Written};
-use super::lines;
 use super::pulls::{self, RETRY};
 use super::records::*;
 use super::JetStreamStore;
@@ -99,12 +98,12 @@ impl JetStreamStore {
             let entry = self.names.line_entry(dest, &key, &slot);
             if (head.is_none() || rec.waiting) && self.last(&entry).await?.is_none() {
                 // Its entry was let go as an orphan while this event was slow to be stored:
-                // it rejoins its line at the end.
-                warn!(destination = %dest, seq, "an ordered delivery's line entry was gone; it rejoins its line at the end");
-                let pos = rec.pos.unwrap_or(0);
-                self.write(&[Write::new(entry, lines::end_entry(pos, e))])
+                // it goes back by accept order, behind the head, and waits its turn.
+                warn!(destination = %dest, seq, "an ordered delivery's line entry was gone; it is put back");
+                self.put_back(dest, &key, &slot, rec.pos.unwrap_or(0), e)
                     .await?;
                 rec.entry = None;
+                rec.waiting = true;
             }
         }
         for _ in 0..2 {

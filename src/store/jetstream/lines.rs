@@ -42,11 +42,16 @@ const ADVANCE_MAX: usize = 1_000;
 /// an instance died while moving it on.
 pub(super) const WAITING_RECHECK: Duration = Duration::from_secs(5);
 
-/// A line entry whose delivery is nowhere to be found is let go once this old: its accept
-/// wrote the event within [`WRITE_TIMEOUT`] of it, or never will. (If the server stores
-/// that event later still, its fan-out finds the entry gone and writes it again, at the
-/// line's end.)
+/// A line entry that stands for nothing (its event not stored) is let go once an instance
+/// has seen it so for this long, by its own clock: its accept stores the event within
+/// [`ENTRIES_FRESH`] + [`WRITE_TIMEOUT`] of writing it, or answers an error. (If the server
+/// stores that event later still, its fan-out finds the entry gone and puts it back.)
 const ORPHAN_AFTER: Duration = Duration::from_secs(10);
+/// The longest an accept may take to write its entries before it writes the event; slower,
+/// it deletes them and answers 503.
+pub(super) const ENTRIES_FRESH: Duration = Duration::from_secs(4);
+/// Past this many entries seen standing for nothing, the ones seen long ago are forgotten.
+const ORPHANS_KEPT: usize = 4_096;
 
 /// What a line entry stands for.
 enum Stands {
@@ -200,9 +205,9 @@ impl JetStreamStore {
                 // Not fanned out yet: the fan-out moves the line on once it is.
                 Stands::Unfanned => return Ok(()),
                 Stands::Nothing => {
-                    // Its accept may still be writing its event: let it go only once old.
-                    let age = now_ms().saturating_sub(entry.ms);
-                    if age < ORPHAN_AFTER.as_millis() as u64 {
+                    // Its accept may still be writing its event: let it go only once this
+                    // instance has seen it stand for nothing long enough.
+                    if !self.orphaned(entry_seq) {
                         return Ok(());
                     }
                     self.delete_entry(entry_seq).await?
@@ -223,6 +228,49 @@ impl JetStreamStore {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Whether the entry at `seq`, standing for nothing now, has been seen so by this
+    /// instance for [`ORPHAN_AFTER`] (its first sighting is noted).
+    fn orphaned(&self, seq: u64) -> bool {
+        let now = std::time::Instant::now();
+        let mut seen = self.orphans.lock().unwrap();
+        if seen.len() >= ORPHANS_KEPT {
+            seen.retain(|_, at| now.duration_since(*at) < ORPHAN_AFTER * 10);
+        }
+        let first = *seen.entry(seq).or_insert(now);
+        let old = now.duration_since(first) >= ORPHAN_AFTER;
+        if old {
+            seen.remove(&seq);
+        }
+        old
+    }
+
+    /// Puts back the entry of a delivery whose entry was let go (its event stored later
+    /// than the orphan wait): by accept order, behind the line's head, as a replay does;
+    /// at the line's end if the line keeps changing.
+    pub(super) async fn put_back(
+        &self,
+        dest: &str,
+        key: &str,
+        slot: &str,
+        pos: u64,
+        e: &str,
+    ) -> Result<(), StoreError> {
+        let own = self.names.line_entry(dest, key, slot);
+        for _ in 0..3 {
+            let Some((last, mut writes)) = self.rejoin(dest, key, slot, pos, e).await? else {
+                break;
+            };
+            for w in writes.iter_mut().filter(|w| w.subject == own) {
+                *w = w.clone().expect_on(self.names.line(dest, key), last);
+            }
+            if let Written::Stored { .. } = self.write(&writes).await? {
+                return Ok(());
+            }
+        }
+        self.write(&[Write::new(own, end_entry(pos, e))]).await?;
         Ok(())
     }
 

@@ -75,6 +75,8 @@ pub struct JetStreamStore {
     /// Each destination's backlog no instance has taken yet: when its first delivery was
     /// due (as of the last count).
     backlog_due: Mutex<HashMap<String, u64>>,
+    /// Line entries seen standing for nothing, and when first ([`lines`]).
+    orphans: Mutex<HashMap<u64, std::time::Instant>>,
     /// Accepted events not fanned out yet (as of the last count): each may add a delivery
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
@@ -114,6 +116,7 @@ impl JetStreamStore {
             wakeups: Mutex::default(),
             depths: Arc::default(),
             backlog_due: Mutex::default(),
+            orphans: Mutex::default(),
             unfanned: AtomicU64::new(0),
             members: Arc::new(watchers::Membership::new()),
             keep_events: config.dedup_window.max(s.retain),
@@ -287,22 +290,47 @@ impl Store for JetStreamStore {
             .iter()
             .map(|k| k.clone().map(Line::new))
             .collect();
-        let mut entries = Vec::new();
-        for (dest, line) in ev.destinations.iter().zip(lines.iter_mut()) {
-            if let Some(l) = line {
+        let started = std::time::Instant::now();
+        let writes = ev
+            .destinations
+            .iter()
+            .zip(lines.iter_mut())
+            .filter_map(|(dest, line)| line.as_mut().map(|l| (dest, l)))
+            .map(|(dest, l)| {
                 let entry = LineEntry {
                     e: e.clone(),
                     pos: 0,
                     ms: now_ms(),
                 };
                 let subject = self.names.line_entry(dest, &l.key, &l.slot);
-                if let Written::Stored { first } =
-                    self.write(&[Write::new(subject, entry.encode())]).await?
-                {
+                async move {
+                    let w = self.write(&[Write::new(subject, entry.encode())]).await;
+                    (l, w)
+                }
+            });
+        let mut entries = Vec::new();
+        let mut failed = None;
+        for (l, w) in futures_util::future::join_all(writes).await {
+            match w {
+                Ok(Written::Stored { first }) => {
                     l.entry = first;
                     entries.push(first);
                 }
+                Ok(Written::Conflict) => {}
+                Err(e) => failed = Some(e),
             }
+        }
+        // A line lets an entry go once it has stood for nothing for `ORPHAN_AFTER`: the
+        // event must be stored well within that, or not at all.
+        if failed.is_some() || started.elapsed() > lines::ENTRIES_FRESH {
+            for seq in entries {
+                self.forget_entry(seq).await;
+            }
+            return Err(failed.unwrap_or_else(|| {
+                StoreError::Unavailable(
+                    "JetStream was too slow to take the event; try again".into(),
+                )
+            }));
         }
         let meta = EventMeta {
             id: ev.id.clone(),

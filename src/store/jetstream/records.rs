@@ -184,7 +184,8 @@ impl Line {
 
 /// A line entry's payload: the event part of the delivery it stands for, its place in
 /// accept order (`pos`; 0: the entry's own sequence, as written by the accept), and when
-/// the accept wrote it (`ms`: an entry whose event never came is let go once old enough).
+/// the accept wrote it (`ms`, by the writer's clock: shown, never compared across
+/// instances).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LineEntry {
     pub e: String,
