@@ -340,6 +340,29 @@ async fn stream_of(nats: &NatsServer) -> async_nats::jetstream::stream::Stream {
     js.get_stream("c").await.unwrap()
 }
 
+/// The stream of the stores on `nats`, its fan-out consumer paused (for ten minutes, or
+/// until resumed) once a store has made it: accepted events wait to be fanned out.
+async fn paused_fanout(nats: &NatsServer) -> async_nats::jetstream::stream::Stream {
+    let stream = stream_of(nats).await;
+    // The store makes its fan-out consumer in the background: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-fanout")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no fan-out consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let later = async_nats::datetime::add_std_duration(
+        async_nats::datetime::now(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    stream.pause_consumer("c-fanout", later).await.unwrap();
+    stream
+}
+
 /// A jetstream store on `nats` (prefix `c`), with `more` appended to its `[store]` table.
 async fn jetstream_with(dir: &Path, nats: &NatsServer, more: &str) -> Arc<dyn Store> {
     let text = format!(
@@ -496,23 +519,7 @@ async fn max_queue_counts_events_not_fanned_out_yet() {
     let st = jetstream(dir.path(), &nats).await;
     // The destination's consumer exists, so the depth counts read it.
     st.pending("a", 1, &|_| false).await.unwrap();
-    let stream = stream_of(&nats).await;
-    // The store makes its fan-out consumer in the background: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-fanout")
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "no fan-out consumer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let later = async_nats::datetime::add_std_duration(
-        async_nats::datetime::now(),
-        Duration::from_secs(600),
-    )
-    .unwrap();
-    stream.pause_consumer("c-fanout", later).await.unwrap();
+    let stream = paused_fanout(&nats).await;
     let limited = |id: &str| NewEvent {
         max_queue: vec![3],
         ..ev(id, "x", &["a"])
@@ -824,22 +831,7 @@ async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
     st.pending("r", 1, &|_| false).await.unwrap();
-    let stream = stream_of(&nats).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-fanout")
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "no fan-out consumer");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let later = async_nats::datetime::add_std_duration(
-        async_nats::datetime::now(),
-        Duration::from_secs(600),
-    )
-    .unwrap();
-    stream.pause_consumer("c-fanout", later).await.unwrap();
+    let stream = paused_fanout(&nats).await;
     let ordered = |id: &str| NewEvent {
         order_keys: vec![Some("K".into())],
         ..ev(id, "o", &["r"])

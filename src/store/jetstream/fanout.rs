@@ -100,8 +100,7 @@ impl JetStreamStore {
                 // Its entry was let go as an orphan while this event was slow to be stored:
                 // it goes back by accept order, behind the head, and waits its turn.
                 warn!(destination = %dest, seq, "an ordered delivery's line entry was gone; it is put back");
-                self.put_back(dest, &key, &slot, rec.pos.unwrap_or(0), e)
-                    .await?;
+                self.put_back(&rec, e).await?;
                 rec.entry = None;
                 rec.waiting = true;
             }

@@ -31,6 +31,9 @@ use super::batch::{Write, Written};
 use super::records::*;
 use super::*;
 
+/// How often an entry is put back by accept order when the line changed meanwhile; the
+/// last try puts it at the line's end.
+pub(super) const REJOIN_TRIES: usize = 4;
 /// The longest line a replay writes again in its batch (an atomic batch holds at most
 /// 1,000 messages); a longer line takes the replayed one at its end.
 const MOVE_MAX: usize = 990;
@@ -49,7 +52,7 @@ pub(super) const WAITING_RECHECK: Duration = Duration::from_secs(5);
 const ORPHAN_AFTER: Duration = Duration::from_secs(10);
 /// The longest an accept may take to write its entries before it writes the event; slower,
 /// it deletes them and answers 503.
-pub(super) const ENTRIES_FRESH: Duration = Duration::from_secs(4);
+const ENTRIES_FRESH: Duration = Duration::from_secs(4);
 /// Past this many entries seen standing for nothing, the ones seen long ago are forgotten.
 const ORPHANS_KEPT: usize = 4_096;
 
@@ -144,21 +147,20 @@ impl JetStreamStore {
         Ok(Stands::Nothing)
     }
 
-    /// The writes that put a replayed delivery (its slot `slot`, its place in accept order
-    /// `pos`) back in its key's line by accept order, and the line's last sequence they were read
-    /// at. Every entry is written again, each conditional on the one it replaces, in this
-    /// order: the head (it stays first: it may be in flight), the entries of earlier events,
-    /// the replayed one's, those of later events. The caller makes its batch conditional on
-    /// the line's last sequence, so an entry added meanwhile fails it too. `None`: the line
-    /// is longer than one batch may write.
-    pub(super) async fn rejoin(
+    /// The writes that put a delivery (its slot `slot`, its place in accept order `pos`)
+    /// back in its key's line by accept order. Every entry is written again, each
+    /// conditional on the one it replaces, in this order: the head (it stays first: it may
+    /// be in flight), the entries of earlier events, this one's, those of later events. This
+    /// one's is conditional on the line's last sequence as read, so an entry added meanwhile
+    /// fails the batch too. `None`: the line is longer than one batch may write.
+    async fn rejoin(
         &self,
         dest: &str,
         key: &str,
         slot: &str,
         pos: u64,
         e: &str,
-    ) -> Result<Option<(u64, Vec<Write>)>, StoreError> {
+    ) -> Result<Option<Vec<Write>>, StoreError> {
         let own = self.names.line_entry(dest, key, slot);
         let subjects = self
             .subjects(&self.names.line(dest, key), MOVE_MAX + 2)
@@ -189,9 +191,32 @@ impl JetStreamStore {
         let (earlier, later): (Vec<_>, Vec<_>) =
             rest.partition(|(entry_seq, _, entry)| entry.pos(*entry_seq) < pos);
         writes.extend(earlier.into_iter().map(again));
-        writes.push(Write::new(own, end_entry(pos, e)));
+        writes.push(Write::new(own, end_entry(pos, e)).expect_on(self.names.line(dest, key), last));
         writes.extend(later.into_iter().map(again));
-        Ok(Some((last, writes)))
+        Ok(Some(writes))
+    }
+
+    /// The writes that put an ordered delivery's entry (its event part `e`) back in its
+    /// key's line: by accept order ([`rejoin`](Self::rejoin)) when `by_order` and its place
+    /// is known, else (or for a line too long) at the line's end, unconditionally. None for
+    /// an unordered delivery.
+    pub(super) async fn rejoin_writes(
+        &self,
+        rec: &DeliveryRecord,
+        e: &str,
+        by_order: bool,
+    ) -> Result<Vec<Write>, StoreError> {
+        let (Some(key), Some(slot)) = (&rec.delivery.order_key, &rec.slot) else {
+            return Ok(Vec::new());
+        };
+        let dest = &rec.delivery.destination;
+        if let (true, Some(pos)) = (by_order, rec.pos) {
+            if let Some(writes) = self.rejoin(dest, key, slot, pos, e).await? {
+                return Ok(writes);
+            }
+        }
+        let own = self.names.line_entry(dest, key, slot);
+        Ok(vec![Write::new(own, end_entry(rec.pos.unwrap_or(0), e))])
     }
 
     /// Moves `key`'s line to `dest` on: deletes the entries of finished deliveries at its
@@ -231,6 +256,57 @@ impl JetStreamStore {
         Ok(())
     }
 
+    /// Writes an ordered event's line entries (its part `e`), before its event and in
+    /// parallel, and notes each one's sequence in `lines` (one per destination); the
+    /// sequences written. A failed write, or writing that took over [`ENTRIES_FRESH`],
+    /// deletes those written and fails the accept: a line lets an entry go once it has
+    /// stood for nothing for [`ORPHAN_AFTER`], so the event must follow well within that.
+    pub(super) async fn write_entries(
+        &self,
+        e: &str,
+        destinations: &[String],
+        lines: &mut [Option<Line>],
+    ) -> Result<Vec<u64>, StoreError> {
+        let started = std::time::Instant::now();
+        let writes = destinations
+            .iter()
+            .zip(lines.iter_mut())
+            .filter_map(|(dest, line)| line.as_mut().map(|l| (dest, l)))
+            .map(|(dest, l)| {
+                let entry = LineEntry {
+                    e: e.to_string(),
+                    pos: 0,
+                    ms: now_ms(),
+                };
+                let subject = self.names.line_entry(dest, &l.key, &l.slot);
+                async move {
+                    let w = self.write(&[Write::new(subject, entry.encode())]).await;
+                    (l, w)
+                }
+            });
+        let mut entries = Vec::new();
+        let mut failed = None;
+        for (l, w) in futures_util::future::join_all(writes).await {
+            match w {
+                Ok(Written::Stored { first }) => {
+                    l.entry = first;
+                    entries.push(first);
+                }
+                Ok(Written::Conflict) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        if failed.is_none() && started.elapsed() <= ENTRIES_FRESH {
+            return Ok(entries);
+        }
+        for seq in entries {
+            self.forget_entry(seq).await;
+        }
+        Err(failed.unwrap_or_else(|| {
+            StoreError::Unavailable("JetStream was too slow to take the event; try again".into())
+        }))
+    }
+
     /// Whether the entry at `seq`, standing for nothing now, has been seen so by this
     /// instance for [`ORPHAN_AFTER`] (its first sighting is noted).
     fn orphaned(&self, seq: u64) -> bool {
@@ -250,27 +326,15 @@ impl JetStreamStore {
     /// Puts back the entry of a delivery whose entry was let go (its event stored later
     /// than the orphan wait): by accept order, behind the line's head, as a replay does;
     /// at the line's end if the line keeps changing.
-    pub(super) async fn put_back(
-        &self,
-        dest: &str,
-        key: &str,
-        slot: &str,
-        pos: u64,
-        e: &str,
-    ) -> Result<(), StoreError> {
-        let own = self.names.line_entry(dest, key, slot);
-        for _ in 0..3 {
-            let Some((last, mut writes)) = self.rejoin(dest, key, slot, pos, e).await? else {
-                break;
-            };
-            for w in writes.iter_mut().filter(|w| w.subject == own) {
-                *w = w.clone().expect_on(self.names.line(dest, key), last);
-            }
+    pub(super) async fn put_back(&self, rec: &DeliveryRecord, e: &str) -> Result<(), StoreError> {
+        for attempt in 0..REJOIN_TRIES {
+            let writes = self
+                .rejoin_writes(rec, e, attempt + 1 < REJOIN_TRIES)
+                .await?;
             if let Written::Stored { .. } = self.write(&writes).await? {
                 return Ok(());
             }
         }
-        self.write(&[Write::new(own, end_entry(pos, e))]).await?;
         Ok(())
     }
 

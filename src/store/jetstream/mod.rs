@@ -290,48 +290,11 @@ impl Store for JetStreamStore {
             .iter()
             .map(|k| k.clone().map(Line::new))
             .collect();
-        let started = std::time::Instant::now();
-        let writes = ev
-            .destinations
-            .iter()
-            .zip(lines.iter_mut())
-            .filter_map(|(dest, line)| line.as_mut().map(|l| (dest, l)))
-            .map(|(dest, l)| {
-                let entry = LineEntry {
-                    e: e.clone(),
-                    pos: 0,
-                    ms: now_ms(),
-                };
-                let subject = self.names.line_entry(dest, &l.key, &l.slot);
-                async move {
-                    let w = self.write(&[Write::new(subject, entry.encode())]).await;
-                    (l, w)
-                }
-            });
-        let mut entries = Vec::new();
-        let mut failed = None;
-        for (l, w) in futures_util::future::join_all(writes).await {
-            match w {
-                Ok(Written::Stored { first }) => {
-                    l.entry = first;
-                    entries.push(first);
-                }
-                Ok(Written::Conflict) => {}
-                Err(e) => failed = Some(e),
-            }
-        }
-        // A line lets an entry go once it has stood for nothing for `ORPHAN_AFTER`: the
-        // event must be stored well within that, or not at all.
-        if failed.is_some() || started.elapsed() > lines::ENTRIES_FRESH {
-            for seq in entries {
-                self.forget_entry(seq).await;
-            }
-            return Err(failed.unwrap_or_else(|| {
-                StoreError::Unavailable(
-                    "JetStream was too slow to take the event; try again".into(),
-                )
-            }));
-        }
+        let ordered = lines.iter().any(Option::is_some);
+        let entries = match ordered {
+            true => self.write_entries(&e, &ev.destinations, &mut lines).await?,
+            false => Vec::new(),
+        };
         let meta = EventMeta {
             id: ev.id.clone(),
             source: ev.source.clone(),
@@ -339,11 +302,7 @@ impl Store for JetStreamStore {
             content_type: ev.content_type.clone(),
             destinations: ev.destinations.clone(),
             held: ev.held.clone(),
-            lines: if lines.iter().any(Option::is_some) {
-                lines
-            } else {
-                Vec::new()
-            },
+            lines: if ordered { lines } else { Vec::new() },
         };
         // One conditional write: the event with its destinations, only if no event with
         // this id is kept. The fan-out turns it into deliveries.

@@ -8,10 +8,6 @@ use super::lines;
 use super::records::*;
 use super::*;
 
-/// How often a replay is tried when what it read changed meanwhile (the last time, an
-/// ordered one goes to its line's end).
-const REOPEN_TRIES: usize = 4;
-
 impl JetStreamStore {
     /// The writes that move a delivery (read at `state_seq`) to its new state.
     pub(super) fn state_writes(
@@ -50,34 +46,19 @@ impl JetStreamStore {
         let seq = rec.delivery.seq;
         let dest = rec.delivery.destination.clone();
         let e = event_token(&rec.event.source, &rec.event.id);
-        for attempt in 0..REOPEN_TRIES {
+        for attempt in 0..lines::REJOIN_TRIES {
             let line = rec.delivery.order_key.clone().zip(rec.slot.clone());
             rec.delivery.reopen(now_ms());
             rec.waiting = line.is_some();
             rec.entry = None;
             let part = rec.part();
-            let mut index = Write::new(
+            let index = Write::new(
                 self.names.dead(&dest, &part),
                 Bytes::from_static(b"replayed"),
             )
             .ttl(REPLAYED_TTL);
-            let mut entries = Vec::new();
-            if let Some((key, slot)) = &line {
-                let by_order = match (attempt + 1 < REOPEN_TRIES, rec.pos) {
-                    (true, Some(pos)) => self.rejoin(&dest, key, slot, pos, &e).await?,
-                    _ => None,
-                };
-                match by_order {
-                    Some((last, writes)) => {
-                        index = index.expect_on(self.names.line(&dest, key), last);
-                        entries = writes;
-                    }
-                    None => entries.push(Write::new(
-                        self.names.line_entry(&dest, key, slot),
-                        lines::end_entry(rec.pos.unwrap_or(0), &e),
-                    )),
-                }
-            }
+            let by_order = attempt + 1 < lines::REJOIN_TRIES;
+            let entries = self.rejoin_writes(&rec, &e, by_order).await?;
             let mut writes = vec![
                 Write::new(
                     self.names.delivery(&dest, &part),
