@@ -4,9 +4,11 @@
 //! Handlers never fail: every problem is an answer.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -15,6 +17,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::own_errors::JsonErrors;
@@ -39,6 +42,11 @@ pub struct Limits {
 
 /// Serves `handler` on `listener` until `shutdown`; then stops accepting and lets requests
 /// in flight finish (bounded by `limits.drain`).
+///
+/// A connection with no request in progress is closed once it has been so for
+/// `limits.header_timeout`: one that never sends a request (not a byte, or half an HTTP/2
+/// preface) and an idle HTTP/2 connection alike, so silent clients cannot hold every slot.
+/// hyper's own header timeout does the same for an idle HTTP/1.1 keep-alive connection.
 pub async fn serve<H, F>(
     listener: TcpListener,
     limits: Limits,
@@ -61,7 +69,7 @@ pub async fn serve<H, F>(
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_concurrent_streams(64);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = TaskTracker::new();
     let name = limits.name;
     loop {
         let permit = tokio::select! {
@@ -80,41 +88,45 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
         let handler = handler.clone();
+        let busy = activity.clone();
         let svc = hyper::service::service_fn(move |req| {
+            let started = busy.start();
             let answer = handler(peer, req);
-            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+            async move {
+                let answer = answer.await;
+                drop(started);
+                Ok::<_, std::convert::Infallible>(answer)
+            }
         });
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let tls = limits.tls.clone();
-        let handshake_timeout = limits.header_timeout;
-        tokio::spawn(async move {
+        let idle = limits.header_timeout;
+        let drain = limits.drain;
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
             let result = match tls {
                 None => {
                     let io = TokioIo::new(JsonErrors::new(stream));
-                    watcher
-                        .watch(builder.serve_connection(io, svc).into_owned())
-                        .await
+                    let conn = builder.serve_connection(io, svc);
+                    drive(conn, |c| c.graceful_shutdown(), &activity, idle, &shutdown, drain).await
                 }
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let io = TokioIo::new(JsonErrors::new(tls_stream));
-                            watcher
-                                .watch(builder.serve_connection(io, svc).into_owned())
-                                .await
-                        }
-                        Ok(Err(e)) => {
-                            debug!(listener = name, error = %e, %peer, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            debug!(listener = name, %peer, "TLS handshake timed out");
-                            Ok(())
-                        }
+                Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        let io = TokioIo::new(JsonErrors::new(tls_stream));
+                        let conn = builder.serve_connection(io, svc);
+                        drive(conn, |c| c.graceful_shutdown(), &activity, idle, &shutdown, drain).await
                     }
-                }
+                    Ok(Err(e)) => {
+                        debug!(listener = name, error = %e, %peer, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        debug!(listener = name, %peer, "TLS handshake timed out");
+                        Ok(())
+                    }
+                },
             };
             if let Err(e) = result {
                 debug!(listener = name, error = %e, %peer, "connection ended with an error");
@@ -123,10 +135,99 @@ pub async fn serve<H, F>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.drain, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(limits.drain, connections.wait())
         .await
         .is_err()
     {
         warn!(listener = name, drain = ?limits.drain, "connections still open after the drain period");
+    }
+}
+
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs one connection until it ends, the relay stops (then it gets `drain` to finish what
+/// it has in progress) or it has had no request in progress for `idle` (then it is closed,
+/// gracefully if that is quick).
+async fn drive<C>(
+    conn: C,
+    shut_down: impl FnOnce(Pin<&mut C>),
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &CancellationToken,
+    drain: Duration,
+) -> Result<(), ConnError>
+where
+    C: Future<Output = Result<(), ConnError>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let grace = tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shutdown.cancelled() => drain,
+        _ = activity.idle_for(idle) => IDLE_CLOSE_GRACE,
+    };
+    shut_down(conn.as_mut());
+    // Past the grace, dropping the connection closes the socket.
+    tokio::time::timeout(grace, conn)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// How long an idle connection being closed gets to say goodbye (an HTTP/2 GOAWAY).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A connection's requests in progress, and since when it has had none.
+struct Activity {
+    opened: Instant,
+    busy: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_ms: AtomicU64,
+}
+
+/// A request in progress; its end is the connection's latest activity.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last_ms
+            .store(a.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        a.busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            busy: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    /// When the connection will have been idle for `idle`, if it is idle now.
+    fn idle_until(&self, idle: Duration) -> Option<Instant> {
+        (self.busy.load(Ordering::SeqCst) == 0).then(|| {
+            self.opened + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+        })
+    }
+
+    /// Returns once the connection has had no request in progress for `idle`. Wakes at most
+    /// once per `idle` while requests keep coming.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let until = self
+                .idle_until(idle)
+                .unwrap_or_else(|| Instant::now() + idle);
+            tokio::time::sleep_until(until.into()).await;
+            if self.idle_until(idle).is_some_and(|t| t <= Instant::now()) {
+                return;
+            }
+        }
     }
 }

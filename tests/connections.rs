@@ -1,0 +1,157 @@
+//! Connections that send nothing, half a preface, or sit idle over HTTP/2 are closed once
+//! they have had no request in progress for the read timeout, so silent clients cannot hold
+//! every connection slot; a connection in use is kept.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::TestRelay;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The relay's read timeout in these tests.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most a test waits for the relay to close a connection.
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+
+fn config(max_connections: usize) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+read_timeout = "1s"
+max_connections = {max_connections}
+
+[delivery]
+retry = {{ first = "1h" }}
+
+[[sources]]
+name = "open"
+path = "/open"
+
+[[destinations]]
+name = "down"
+url = "http://127.0.0.1:9/"
+
+[[routes]]
+name = "all"
+source = "open"
+to = ["down"]
+"#
+    )
+}
+
+/// Reads until the relay closes `s`; how long that took. Panics if it sends anything or
+/// keeps the connection past [`CLOSE_WITHIN`].
+async fn closed_after(s: &mut TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(CLOSE_WITHIN, s.read(&mut buf)).await {
+            Err(_) => panic!("the relay kept a silent connection for {CLOSE_WITHIN:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            // An HTTP/2 GOAWAY (or a 408) before the close is fine; keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_read_timeout() {
+    let r = TestRelay::start(&config(100)).await;
+    let mut s = TcpStream::connect(r.addr()).await.unwrap();
+    let after = closed_after(&mut s).await;
+    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+}
+
+#[tokio::test]
+async fn half_an_http2_preface_does_not_hold_a_connection() {
+    let r = TestRelay::start(&config(100)).await;
+    let mut s = TcpStream::connect(r.addr()).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let after = closed_after(&mut s).await;
+    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+}
+
+#[tokio::test]
+async fn silent_connections_do_not_hold_every_slot() {
+    let r = TestRelay::start(&config(4)).await;
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(r.addr()).await.unwrap());
+    }
+    // Every slot is held by a client that says nothing; a provider's event still gets in
+    // once they are closed.
+    let started = Instant::now();
+    let a = tokio::time::timeout(CLOSE_WITHIN, r.post("/open", b"{\"n\":1}"))
+        .await
+        .expect("an event waited for a slot as long as silent clients held them all");
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert!(started.elapsed() >= READ_TIMEOUT - Duration::from_millis(200));
+    for mut s in silent {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(CLOSE_WITHIN, s.read(&mut buf)).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+    }
+}
+
+/// An HTTP/2 connection with prior knowledge, its connection task, and a request on it.
+async fn h2_connection(
+    r: &TestRelay,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let s = TcpStream::connect(r.addr()).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+async fn h2_post(send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>, n: u32) -> u16 {
+    let req = http::Request::post("http://relay/open")
+        .body(Full::new(Bytes::from(format!("{{\"n\":{n}}}"))))
+        .unwrap();
+    let resp = tokio::time::timeout(CLOSE_WITHIN, send.send_request(req))
+        .await
+        .expect("an answer")
+        .expect("the connection was open");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_read_timeout() {
+    let r = TestRelay::start(&config(100)).await;
+    let (mut send, task) = h2_connection(&r).await;
+    assert_eq!(h2_post(&mut send, 1).await, 200);
+    let idle_from = Instant::now();
+    tokio::time::timeout(CLOSE_WITHIN, task)
+        .await
+        .expect("the relay kept an idle HTTP/2 connection")
+        .unwrap();
+    let after = idle_from.elapsed();
+    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+}
+
+#[tokio::test]
+async fn a_connection_in_use_is_kept() {
+    let r = TestRelay::start(&config(100)).await;
+    let (mut send, task) = h2_connection(&r).await;
+    // Requests every 400 ms for 2.4 s, over a 1 s read timeout: one connection serves all.
+    for n in 0..6 {
+        assert_eq!(h2_post(&mut send, n).await, 200, "request {n}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(!task.is_finished(), "the connection closed while in use");
+    task.abort();
+}
