@@ -65,7 +65,10 @@ async fn a_connection_that_sends_nothing_is_closed_after_the_read_timeout() {
     let r = TestRelay::start(&config(100)).await;
     let mut s = TcpStream::connect(r.addr()).await.unwrap();
     let after = closed_after(&mut s).await;
-    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+    assert!(
+        after >= READ_TIMEOUT - Duration::from_millis(200),
+        "closed after {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -74,7 +77,10 @@ async fn half_an_http2_preface_does_not_hold_a_connection() {
     let mut s = TcpStream::connect(r.addr()).await.unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     let after = closed_after(&mut s).await;
-    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+    assert!(
+        after >= READ_TIMEOUT - Duration::from_millis(200),
+        "closed after {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +146,10 @@ async fn an_idle_http2_connection_is_closed_after_the_read_timeout() {
         .expect("the relay kept an idle HTTP/2 connection")
         .unwrap();
     let after = idle_from.elapsed();
-    assert!(after >= READ_TIMEOUT - Duration::from_millis(200), "closed after {after:?}");
+    assert!(
+        after >= READ_TIMEOUT - Duration::from_millis(200),
+        "closed after {after:?}"
+    );
 }
 
 #[tokio::test]

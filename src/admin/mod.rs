@@ -4,11 +4,13 @@
 //!
 //! With `admin_token` set, every request but `GET /healthz`, `GET /readyz` and the console's
 //! own files (which hold no data) needs `Authorization: Bearer <token>`, compared in
-//! constant time. Answers are JSON; errors use the contract's `{"error","message"}` shape.
+//! constant time. A request another site's page makes through the operator's browser is
+//! refused ([`origin`]). Answers are JSON; errors use the contract's `{"error","message"}` shape.
 //! Nothing here prints a secret: events are shown as received (the provider's body),
 //! destination URLs without user info or query, and the routing table without auth values.
 
 mod console;
+mod origin;
 pub mod views;
 
 use std::collections::HashMap;
@@ -153,6 +155,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             }
         }
     }
+    origin::same_site(&req, app.config().server.admin_token.is_some())?;
     authorized(app, &req)?;
     match path.as_str() {
         "/metrics" => {

@@ -4,10 +4,10 @@
 //! Handlers never fail: every problem is an answer.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -110,13 +110,29 @@ pub async fn serve<H, F>(
                 None => {
                     let io = TokioIo::new(JsonErrors::new(stream));
                     let conn = builder.serve_connection(io, svc);
-                    drive(conn, |c| c.graceful_shutdown(), &activity, idle, &shutdown, drain).await
+                    drive(
+                        conn,
+                        |c| c.graceful_shutdown(),
+                        &activity,
+                        idle,
+                        &shutdown,
+                        drain,
+                    )
+                    .await
                 }
                 Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
                         let io = TokioIo::new(JsonErrors::new(tls_stream));
                         let conn = builder.serve_connection(io, svc);
-                        drive(conn, |c| c.graceful_shutdown(), &activity, idle, &shutdown, drain).await
+                        drive(
+                            conn,
+                            |c| c.graceful_shutdown(),
+                            &activity,
+                            idle,
+                            &shutdown,
+                            drain,
+                        )
+                        .await
                     }
                     Ok(Err(e)) => {
                         debug!(listener = name, error = %e, %peer, "TLS handshake failed");
@@ -168,9 +184,7 @@ where
     };
     shut_down(conn.as_mut());
     // Past the grace, dropping the connection closes the socket.
-    tokio::time::timeout(grace, conn)
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(grace, conn).await.unwrap_or(Ok(()))
 }
 
 /// How long an idle connection being closed gets to say goodbye (an HTTP/2 GOAWAY).
