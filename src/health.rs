@@ -1,5 +1,5 @@
 //! Two flags the ingress keeps and readiness reports: the relay is stopping, and the store
-//! took (or failed) the last write asked of it.
+//! took (or failed) the last write asked of it (readiness probes it again after a failure).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -32,7 +32,8 @@ impl Health {
         self.store_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Whether the last write the ingress asked of the store succeeded.
+    /// Whether the last write the ingress asked of the store succeeded (or, since it failed,
+    /// a probe by readiness).
     pub fn store_healthy(&self) -> bool {
         self.store_ok.load(Ordering::Relaxed)
     }

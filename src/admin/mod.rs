@@ -146,7 +146,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         }
         "/readyz" => {
             only(&req, Method::GET)?;
-            return Ok(readyz(app));
+            return Ok(readyz(app).await);
         }
         p => {
             if let Some(page) = console::asset(p) {
@@ -344,7 +344,10 @@ async fn destination(app: &App, name: &str) -> Value {
     })
 }
 
-fn readyz(app: &App) -> Response<Body> {
+/// How long readiness waits for the store's probe.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+async fn readyz(app: &App) -> Response<Body> {
     let config = app.config();
     let orphans: serde_json::Map<String, Value> = app
         .store
@@ -358,6 +361,13 @@ fn readyz(app: &App) -> Response<Body> {
     }
     if let Err(why) = app.store.available() {
         return ApiError::unavailable(why, "5").into_response();
+    }
+    if !app.health.store_healthy() {
+        // The last accept failed. Without traffic (a balancer that believed this answer
+        // sends none) no accept would say it recovered: the probe does.
+        if let Ok(Ok(())) = tokio::time::timeout(PROBE_WAIT, app.store.probe()).await {
+            app.health.set_store_healthy(true);
+        }
     }
     if !app.health.store_healthy() {
         return ApiError::unavailable(

@@ -400,6 +400,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Shows whether the store takes writes now: a small durable write, or the nearest
+    /// thing. Readiness runs it after an accept failed, so that it says ready again once
+    /// the store recovers even if no traffic comes meanwhile.
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.available().map_err(StoreError::Unavailable)
+    }
+
     /// Flushes everything and stops accepting writes.
     async fn close(&self) -> Result<(), StoreError>;
 }

@@ -547,6 +547,18 @@ impl Store for JetStreamStore {
         }
     }
 
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.available().map_err(StoreError::Unavailable)?;
+        // The stream's leader answers (a write needs it).
+        match tokio::time::timeout(WRITE_TIMEOUT, self.stream.get_info()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the stream did not answer within {WRITE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.stop.cancel();
         self.tasks.close();

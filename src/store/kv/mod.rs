@@ -26,7 +26,8 @@
 //! - `p/<dest>` present while the destination is paused
 //! - `m/format` the format version; a start refuses a store written in a newer format
 //! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
-//!   `m/clean` marks a clean close, `m/recount` a failed count update. A start reads the
+//!   `m/clean` marks a clean close, `m/recount` a failed count update, `m/probe` is
+//!   rewritten by readiness after a failed write. A start reads the
 //!   counts instead of scanning the queue, unless they may disagree with it: after a crash
 //!   on an engine whose groups are not atomic (sled), or after a failed update.
 
@@ -494,6 +495,11 @@ impl<E: Engine> Store for KvStore<E> {
             .entry(destination.to_string())
             .or_default()
             .clone()
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        self.submit(|w| w.txn.put(PROBE_KEY, &[0; PROBE_BYTES]))
+            .await
     }
 
     async fn close(&self) -> Result<(), StoreError> {
