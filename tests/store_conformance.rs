@@ -220,6 +220,39 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     assert!(!st.paused("a"), "{name}");
 }
 
+/// Dead letters of all destinations are listed oldest first, whatever their names.
+async fn dead_letters_oldest_first(name: &str, st: &dyn Store) {
+    let old = accepted(st, ev("dead-old", "x", &["zz"])).await;
+    let new = accepted(st, ev("dead-new", "x", &["aa"])).await;
+    for (seq, dest) in [(old, "zz"), (new, "aa")] {
+        due(st, dest, seq).await;
+        st.record(&key(seq, dest), dead()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let listed = loop {
+        let listed: Vec<String> = st
+            .dead(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.event_id)
+            .collect();
+        if listed.len() >= 2 || Instant::now() > deadline {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(listed, ["dead-old", "dead-new"], "{name}");
+    let first: Vec<String> = st
+        .dead(None, 1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.event_id)
+        .collect();
+    assert_eq!(first, ["dead-old"], "{name}");
+}
+
 /// Whether `dest` lists a pending delivery of any of `seqs` now.
 async fn lists_any(st: &dyn Store, dest: &str, seqs: &[u64]) -> bool {
     let p = st.pending(dest, 64, &|_| false).await.unwrap();
@@ -318,6 +351,7 @@ async fn the_store_contract_on_redb() {
     let st = RedbStore::open(dir.path()).unwrap();
     the_contract("redb", st.clone()).await;
     the_order_contract("redb", st.as_ref(), st.as_ref()).await;
+    dead_letters_oldest_first("redb", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -327,6 +361,7 @@ async fn the_store_contract_on_sled() {
     let st = SledStore::open(dir.path()).unwrap();
     the_contract("sled", st.clone()).await;
     the_order_contract("sled", st.as_ref(), st.as_ref()).await;
+    dead_letters_oldest_first("sled", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -382,6 +417,7 @@ async fn the_store_contract_on_jetstream() {
     the_contract("jetstream", st.clone()).await;
     let other = jetstream(dir.path(), &nats).await;
     the_order_contract("jetstream", st.as_ref(), other.as_ref()).await;
+    dead_letters_oldest_first("jetstream", st.as_ref()).await;
     other.close().await.unwrap();
     st.close().await.unwrap();
     drop(st);

@@ -177,7 +177,11 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             only(&req, Method::GET)?;
             let q = query(&req);
             let limit = limit(&q, 100)?;
-            let dest = q.get("destination").map(String::as_str);
+            // An empty filter is no filter, as for /api/events.
+            let dest = q
+                .get("destination")
+                .map(String::as_str)
+                .filter(|d| !d.is_empty());
             let dead = app.store.dead(dest, limit).await.map_err(store_error)?;
             Ok(ok(Value::Array(
                 dead.iter()

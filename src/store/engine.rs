@@ -23,7 +23,16 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
     /// Keys starting with `prefix`, in ascending order.
-    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError>;
+    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+        self.scan_from(prefix, prefix, visit)
+    }
+    /// Keys starting with `prefix` from `from` on, in ascending order.
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError>;
     /// Keys starting with `prefix` and below `below`, in descending order.
     fn scan_back(
         &self,

@@ -96,10 +96,15 @@ impl Engine for RedbEngine {
         }
         Ok(())
     }
-    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let table = tx.open_table(TABLE).map_err(err)?;
-        scan(&table, prefix, prefix, visit)
+        scan(&table, prefix, from, visit)
     }
     fn scan_back(
         &self,

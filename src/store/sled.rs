@@ -60,10 +60,15 @@ impl SledEngine {
     }
 }
 
-fn scan(tree: &::sled::Db, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-    for kv in tree.scan_prefix(prefix) {
+fn scan(
+    tree: &::sled::Db,
+    prefix: &[u8],
+    from: &[u8],
+    visit: &mut Visit<'_>,
+) -> Result<(), StoreError> {
+    for kv in tree.range(from.max(prefix)..) {
         let (k, v) = kv?;
-        if !visit(&k, &v)? {
+        if !k.starts_with(prefix) || !visit(&k, &v)? {
             break;
         }
     }
@@ -74,8 +79,13 @@ impl Engine for SledEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get(key)?.map(|v| v.to_vec()))
     }
-    fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-        scan(&self.db, prefix, visit)
+    fn scan_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        scan(&self.db, prefix, from, visit)
     }
     fn scan_back(
         &self,
@@ -237,8 +247,13 @@ mod tests {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
             self.inner.get(key)
         }
-        fn scan_prefix(&self, prefix: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
-            self.inner.scan_prefix(prefix, visit)
+        fn scan_from(
+            &self,
+            prefix: &[u8],
+            from: &[u8],
+            visit: &mut Visit<'_>,
+        ) -> Result<(), StoreError> {
+            self.inner.scan_from(prefix, from, visit)
         }
         fn scan_back(&self, p: &[u8], b: &[u8], visit: &mut Visit<'_>) -> Result<(), StoreError> {
             self.inner.scan_back(p, b, visit)

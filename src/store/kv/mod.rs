@@ -230,6 +230,19 @@ impl<E: Engine> Drop for KvStore<E> {
     }
 }
 
+/// The destination of the first dead-letter key from `from` on.
+fn first_dead_destination<E: Engine>(
+    engine: &E,
+    from: &[u8],
+) -> Result<Option<String>, StoreError> {
+    let mut dest = None;
+    engine.scan_from(b"z/", from, &mut |k, _| {
+        dest = Some(dest_of(k));
+        Ok(false)
+    })?;
+    Ok(dest)
+}
+
 #[async_trait]
 impl<E: Engine> Store for KvStore<E> {
     async fn accept(&self, ev: NewEvent) -> Result<Admission, StoreError> {
@@ -331,18 +344,33 @@ impl<E: Engine> Store for KvStore<E> {
         destination: Option<&str>,
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError> {
-        let prefix = match destination {
-            Some(d) => key(&[b"z/", d.as_bytes(), b"\0"]),
-            None => b"z/".to_vec(),
-        };
+        // Dead letters are keyed by destination, then sequence: the oldest of all are the
+        // oldest `limit` of each destination, merged.
+        let engine = &*self.shared.engine;
         let mut found = Vec::new();
-        self.shared.engine.scan_prefix(&prefix, &mut |k, _| {
-            if found.len() >= limit {
-                return Ok(false);
-            }
-            found.push((read_u64(&k[k.len() - 8..]), dest_of(k)));
-            Ok(true)
-        })?;
+        let mut next_dest = match destination {
+            Some(d) => Some(d.to_string()),
+            None => first_dead_destination(engine, b"z/")?,
+        };
+        while let Some(dest) = next_dest {
+            let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
+            let mut taken = 0;
+            engine.scan_prefix(&prefix, &mut |k, _| {
+                if taken >= limit {
+                    return Ok(false);
+                }
+                taken += 1;
+                found.push((read_u64(&k[k.len() - 8..]), dest.clone()));
+                Ok(true)
+            })?;
+            next_dest = match destination {
+                Some(_) => None,
+                // Past every key of `dest` (its name, then NUL): the next destination's.
+                None => first_dead_destination(engine, &key(&[b"z/", dest.as_bytes(), b"\x01"]))?,
+            };
+        }
+        found.sort_unstable_by_key(|(seq, _)| *seq);
+        found.truncate(limit);
         let mut out = Vec::new();
         for (seq, dest) in found {
             let (Some(delivery), Some(meta)) =
@@ -442,7 +470,7 @@ impl<E: Engine> Store for KvStore<E> {
 
     async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError> {
         let legacy = now_ms() < self.shared.legacy_until;
-        let engine = &self.shared.engine;
+        let engine = &*self.shared.engine;
         let found = read_dedup(&dedup_key(source, id), source, id, legacy, |k| {
             engine.get(k)
         })?;
