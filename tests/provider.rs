@@ -250,6 +250,24 @@ async fn token_stays_valid_after_a_restart() {
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
+#[tokio::test]
+async fn a_removed_clients_token_is_refused() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
+    let dir = r.stop().await;
+    let without = CONFIG.replace(r#"id = "8x8-sms""#, r#"id = "8x8-sms-new""#);
+    let r = TestRelay::start_in(dir, &without, ENV).await;
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &auth)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    let msg = a.error(401, "unauthorized");
+    assert!(msg.contains("no longer configured"), "{msg}");
+}
+
 // ---- Standard Webhooks inbound ----
 
 const DIDS_SECRET: &[u8] = b"signing-secret-for-dids";

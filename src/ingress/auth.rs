@@ -67,7 +67,7 @@ pub fn check_headers(
                 )))
             }
         }
-        Auth::OAuth2 { .. } => {
+        Auth::OAuth2 { clients, .. } => {
             let bearer = headers
                 .get(AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
@@ -87,7 +87,15 @@ pub fn check_headers(
                 return Err(unauthorized("no token secret is configured"));
             };
             match token::verify(key.expose(), tok.trim(), now) {
-                Ok(claims) if claims.source == source.name => Ok(None),
+                // A client removed from the config (or renamed) loses its tokens at the
+                // reload, not when they expire.
+                Ok(claims) if claims.source == source.name => {
+                    if clients.iter().any(|c| c.id == claims.client) {
+                        Ok(None)
+                    } else {
+                        Err(unauthorized("the token's client is no longer configured"))
+                    }
+                }
                 Ok(_) => Err(unauthorized("the token was issued for another source")),
                 Err(e) => Err(unauthorized(&format!("invalid token: {e}"))),
             }

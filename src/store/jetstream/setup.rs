@@ -50,6 +50,56 @@ pub fn shown_servers(urls: &[String]) -> String {
         .join(", ")
 }
 
+/// The credentials a server address carries (`nats://user:password@host`,
+/// `nats://token@host`).
+#[derive(Debug, PartialEq)]
+enum Login {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The addresses of `urls` without their credentials, and those credentials, which the
+/// client sends itself: async-nats ignores credentials in an address, and would log them
+/// with it (its `Debug` shows the password).
+fn servers(urls: &[String]) -> anyhow::Result<(Vec<ServerAddr>, Option<Login>)> {
+    let mut addrs = Vec::new();
+    let mut login = None;
+    for u in urls {
+        let shown = shown_servers(std::slice::from_ref(u));
+        let a: ServerAddr = u
+            .parse()
+            .map_err(|e| anyhow!("store.url {shown:?} is not a NATS address: {e}"))?;
+        let mut plain = a.into_inner();
+        let found = match (plain.username(), plain.password()) {
+            ("", _) => None,
+            (user, Some(password)) => Some(Login::UserPassword(decoded(user), decoded(password))),
+            (token, None) => Some(Login::Token(decoded(token))),
+        };
+        if found.is_some() {
+            if login.is_some() && login != found {
+                return Err(anyhow!(
+                    "store.url: the servers carry different credentials; give each the same"
+                ));
+            }
+            login = found;
+        }
+        let _ = plain.set_username("");
+        let _ = plain.set_password(None);
+        addrs.push(
+            ServerAddr::from_url(plain)
+                .map_err(|e| anyhow!("store.url {shown:?} is not a NATS address: {e}"))?,
+        );
+    }
+    Ok((addrs, login))
+}
+
+/// A URL's user info is percent-encoded.
+fn decoded(part: &str) -> String {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 /// Parses `2.15.1` (or `2.12.0-beta.1`) into numbers.
 pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
     let core = v.trim_start_matches('v').split(['-', '+']).next()?;
@@ -62,18 +112,16 @@ pub async fn connect(
     max_body_bytes: u64,
     names: &Names,
 ) -> anyhow::Result<Connected> {
-    let mut addrs = Vec::new();
-    for u in &s.url {
-        let a: ServerAddr = u.parse().map_err(|e| {
-            anyhow!(
-                "store.url {:?} is not a NATS address: {e}",
-                shown_servers(std::slice::from_ref(u))
-            )
-        })?;
-        addrs.push(a);
-    }
+    let (addrs, login) = servers(&s.url)?;
     let shown = shown_servers(&s.url);
-    let client = async_nats::ConnectOptions::new()
+    let options = match login {
+        Some(Login::UserPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(Login::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let client = options
         .name("hookrelay")
         .connection_timeout(Duration::from_secs(3))
         .request_timeout(Some(Duration::from_secs(5)))
@@ -183,6 +231,35 @@ async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_leave_the_addresses_for_the_client_options() {
+        let (addrs, login) = servers(&[
+            "nats://relay:s%40cret@10.0.0.1:4222".to_string(),
+            "nats://10.0.0.2:4222".to_string(),
+        ])
+        .unwrap();
+        assert_eq!(
+            login,
+            Some(Login::UserPassword("relay".into(), "s@cret".into()))
+        );
+        for a in &addrs {
+            let shown = format!("{a:?}");
+            assert!(
+                !shown.contains("cret") && !shown.contains("relay"),
+                "{shown}"
+            );
+        }
+        let (_, login) = servers(&["tls://tok3n@nats.example:4222".to_string()]).unwrap();
+        assert_eq!(login, Some(Login::Token("tok3n".into())));
+        let (_, login) = servers(&["127.0.0.1:4222".to_string()]).unwrap();
+        assert_eq!(login, None);
+        let two = [
+            "nats://a:1@h:4222".to_string(),
+            "nats://b:2@h:4223".to_string(),
+        ];
+        assert!(servers(&two).is_err());
+    }
 
     #[test]
     fn shown_servers_drop_credentials() {
