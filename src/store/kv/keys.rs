@@ -128,6 +128,12 @@ pub(super) fn id_prefixes(id: &str, legacy_until: u64) -> impl Iterator<Item = V
     let legacy = (legacy_until > 0).then(|| legacy_id_prefix(id)).flatten();
     std::iter::once(id_prefix(id)).chain(legacy)
 }
+/// Whether dedup key `k`, found under `prefix` (one of [`id_prefixes`]), is of that id and
+/// not of a longer one that holds a NUL (`a\0x` from some source is under `d/a\0` too):
+/// what follows the prefix is a source name, which has none.
+pub(super) fn of_id(prefix: &[u8], k: &[u8]) -> bool {
+    !k[prefix.len()..].contains(&0)
+}
 pub(super) const DEDUP_PREFIX: &[u8] = b"d/";
 pub(super) const UUID_DEDUP_PREFIX: &[u8] = b"u/";
 

@@ -451,8 +451,10 @@ impl<E: Engine> Store for KvStore<E> {
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut seqs = Vec::new();
         for prefix in id_prefixes(id, self.shared.legacy_until) {
-            self.shared.engine.scan_prefix(&prefix, &mut |_, v| {
-                seqs.push(read_u64(v));
+            self.shared.engine.scan_prefix(&prefix, &mut |k, v| {
+                if of_id(&prefix, k) {
+                    seqs.push(read_u64(v));
+                }
                 Ok(true)
             })?;
         }

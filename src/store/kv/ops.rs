@@ -248,8 +248,10 @@ impl Writer<'_> {
             ReplaySelector::EventId(id) => {
                 let mut seqs = Vec::new();
                 for prefix in id_prefixes(&id, self.legacy_until) {
-                    self.txn.scan_prefix(&prefix, &mut |_, v| {
-                        seqs.push(read_u64(v));
+                    self.txn.scan_prefix(&prefix, &mut |k, v| {
+                        if of_id(&prefix, k) {
+                            seqs.push(read_u64(v));
+                        }
                         Ok(true)
                     })?;
                 }

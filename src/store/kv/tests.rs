@@ -60,6 +60,19 @@ async fn accept_dedup_record_replay(st: Arc<dyn Store>) {
     let views = st.lookup("e1").await.unwrap();
     assert_eq!(views.len(), 1);
     assert_eq!(views[0].deliveries.len(), 2);
+    // An id with a NUL in it is another id: a lookup or replay of `e1` leaves it alone.
+    let Admission::Accepted { seq: other } = st.accept(ev("e1\0x", &["a"])).await.unwrap() else {
+        panic!("accepted")
+    };
+    refused(st.as_ref(), other, "a").await;
+    assert_eq!(st.lookup("e1").await.unwrap().len(), 1);
+    assert_eq!(
+        st.replay(ReplaySelector::EventId("e1".into()))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(st.dead(Some("a"), 10).await.unwrap().len(), 1);
     st.close().await.unwrap();
 }
 
