@@ -49,6 +49,7 @@ impl App {
             metrics: self.metrics.clone(),
             client: self.client.clone(),
             health: self.health.clone(),
+            statuses: self.statuses.clone(),
         }
     }
 

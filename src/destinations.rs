@@ -130,6 +130,27 @@ impl DestinationStatus {
     }
 }
 
+/// Logs a change of `destination`'s breaker.
+pub fn log_change(change: Option<Change>, destination: &str, breaker: &Breaker) {
+    match change {
+        Some(Change::Opened) => tracing::warn!(
+            destination,
+            failures = breaker.failures,
+            cool_down = ?breaker.cool_down,
+            "breaker open: nothing is sent to this destination during the cool-down"
+        ),
+        Some(Change::Reopened) => tracing::warn!(
+            destination,
+            cool_down = ?breaker.cool_down,
+            "breaker: the probe failed; open again"
+        ),
+        Some(Change::Closed) => {
+            tracing::info!(destination, "breaker closed: the destination answers again")
+        }
+        None => {}
+    }
+}
+
 /// Every destination's status, by name.
 #[derive(Debug, Default)]
 pub struct Statuses(RwLock<HashMap<String, Arc<DestinationStatus>>>);

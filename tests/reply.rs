@@ -131,3 +131,50 @@ async fn failing_destination_gets_the_fallback_and_stays_pending() {
     assert_eq!(d.attempts, 1);
     assert_eq!(d.last_status, Some(500));
 }
+
+#[tokio::test]
+async fn a_paused_reply_destination_is_not_called() {
+    let ivr = replying(200, REPLY, Duration::ZERO).await;
+    let analytics = Sink::always(200).await;
+    let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
+    r.app().store.set_paused("ivr", true).await.unwrap();
+    let body = fixture("8x8/voice-call-action.json");
+    let a = r.post("/8x8/voice", &body).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    // A call would have been made before the answer.
+    assert!(ivr.seen().is_empty(), "a paused destination was called");
+    analytics.wait_for(1).await;
+    let d = delivery_of(&r, "ivr", |_| true).await;
+    assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0));
+    // Resumed, the held delivery goes like any other.
+    r.app().store.set_paused("ivr", false).await.unwrap();
+    assert_eq!(ivr.wait_for(1).await[0].body, body);
+}
+
+#[tokio::test]
+async fn an_open_breaker_skips_the_reply_call() {
+    let ivr = replying(500, b"oops", Duration::ZERO).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace(
+        "url = \"http://",
+        "breaker = { failures = 1, cool_down = \"1h\" }\nurl = \"http://",
+    );
+    let r = TestRelay::start(&text).await;
+    let first = fixture("8x8/voice-call-action.json");
+    let a = r.post("/8x8/voice", &first).await;
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert_eq!(ivr.seen().len(), 1);
+    assert!(
+        r.app().statuses.of("ivr").breaker_open(),
+        "one failed call opens it"
+    );
+    // The next call action gets the fallback at once: the destination is not called.
+    let next = String::from_utf8(first)
+        .unwrap()
+        .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "next-call-action");
+    let a = r.post("/8x8/voice", next.as_bytes()).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert_eq!(ivr.seen().len(), 1, "called with its breaker open");
+}

@@ -29,14 +29,17 @@ pub use client::{send_once, Answer, AttemptResult, HttpClient, SendError};
 
 use crate::clock::now_ms;
 use crate::config::Destination;
+use crate::destinations::{DestinationStatus, Gate};
 use crate::store::{Delivery, Outcome, StoredEvent};
 
 /// A reply route's synchronous call, as delivery judges it.
 pub struct Called {
     /// The destination's answer when it is the reply: 2xx, body read whole.
     pub answer: Option<Answer>,
-    /// What the call means for the held delivery, as if it were its first attempt.
-    pub outcome: Outcome,
+    /// What the call means for the held delivery, as if it were its first attempt; `None`
+    /// when no call was made (the destination is paused or its breaker open): the held
+    /// delivery then waits for the scheduler like any other.
+    pub outcome: Option<Outcome>,
     /// What happened, for a log line.
     pub described: String,
     pub seconds: f64,
@@ -44,20 +47,41 @@ pub struct Called {
 
 /// The one call a reply route makes: `event` to `dest` as attempt 1, within `timeout`,
 /// judged by the destination's retry policy. The narrow way the ingress reaches delivery.
+/// A paused destination, or one whose breaker is open, is not called; the call counts in
+/// the destination's live figures and tells its breaker the outcome, like an attempt.
 pub async fn call_once(
     client: &HttpClient,
     dest: &Destination,
     event: &StoredEvent,
     timeout: std::time::Duration,
+    status: &DestinationStatus,
+    paused: bool,
 ) -> Called {
+    let skipped = |why: &str| Called {
+        answer: None,
+        outcome: None,
+        described: why.to_string(),
+        seconds: 0.0,
+    };
+    if paused {
+        return skipped("the destination is paused");
+    }
+    match status.gate(&dest.breaker, now_ms()) {
+        Gate::Send | Gate::Probe => {}
+        Gate::WaitUntil(_) | Gate::WaitProbe => {
+            return skipped("the destination's breaker is open")
+        }
+    }
     let started = std::time::Instant::now();
+    status.started();
     let result = send_once(client, dest, event, 1, timeout).await;
+    status.finished();
     let seconds = started.elapsed().as_secs_f64();
     let described = retry::describe(&result);
-    match result {
+    let called = match result {
         // A cut-off body is not the destination's answer: the fallback goes instead.
         Ok(a) if (200..300).contains(&a.status) && !a.truncated => Called {
-            outcome: Outcome::Delivered { status: a.status },
+            outcome: Some(Outcome::Delivered { status: a.status }),
             answer: Some(a),
             described,
             seconds,
@@ -66,13 +90,26 @@ pub async fn call_once(
             let now = now_ms();
             let fresh = Delivery::first(event.seq, &dest.name, now, None, None);
             Called {
-                outcome: retry::decide(&dest.retry, &fresh, &other, now, rand::random()),
+                outcome: Some(retry::decide(
+                    &dest.retry,
+                    &fresh,
+                    &other,
+                    now,
+                    rand::random(),
+                )),
                 answer: None,
                 described,
                 seconds,
             }
         }
-    }
+    };
+    let error = match &called.outcome {
+        Some(o) => o.error().map(str::to_string),
+        None => None,
+    };
+    let change = status.outcome(error.as_deref(), &dest.breaker, now_ms());
+    crate::destinations::log_change(change, &dest.name, &dest.breaker);
+    called
 }
 
 /// What delivery is handed: the config in force, the store, metrics, the outbound client,

@@ -38,7 +38,7 @@ use super::retry;
 use super::Context;
 use crate::clock::now_ms;
 use crate::config::{Destination, Rate};
-use crate::destinations::{Change, DestinationStatus, Gate};
+use crate::destinations::{DestinationStatus, Gate};
 use crate::store::{Delivery, DeliveryKey, Outcome};
 
 /// The fewest and most deliveries one pass reads.
@@ -411,23 +411,11 @@ async fn attempt(
         ctx.deps
             .metrics
             .delivery(&dest.name, outcome.word(), took.as_secs_f64());
-        match guard
+        let change = guard
             .set
             .status
-            .outcome(outcome.error(), &dest.breaker, now_ms())
-        {
-            Some(Change::Opened) => warn!(
-                failures = dest.breaker.failures,
-                cool_down = ?dest.breaker.cool_down,
-                "breaker open: nothing is sent to this destination during the cool-down"
-            ),
-            Some(Change::Reopened) => warn!(
-                cool_down = ?dest.breaker.cool_down,
-                "breaker: the probe failed; open again"
-            ),
-            Some(Change::Closed) => info!("breaker closed: the destination answers again"),
-            None => {}
-        }
+            .outcome(outcome.error(), &dest.breaker, now_ms());
+        crate::destinations::log_change(change, &dest.name, &dest.breaker);
         drop(permit); // only now: the breaker knows this outcome before the next attempt starts
         store_outcome(&ctx, &key, outcome, guard).await;
     }

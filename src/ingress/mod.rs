@@ -62,6 +62,8 @@ pub struct Deps {
     pub metrics: Arc<Metrics>,
     pub client: HttpClient,
     pub health: Arc<Health>,
+    /// Live figures per destination: a reply route's call counts in them like an attempt.
+    pub statuses: Arc<crate::destinations::Statuses>,
 }
 
 impl Deps {

@@ -6,7 +6,9 @@
 //! scheduler does not send it meanwhile. A 2xx answer is kept with the event (a duplicate
 //! gets it again, without a new call) and counts as that destination's delivery. A timeout,
 //! connection failure or non-2xx answer gets the route's `fallback`, and the held delivery
-//! follows the destination's retry policy like any other.
+//! follows the destination's retry policy like any other. A paused destination, or one
+//! whose breaker is open, is not called: the fallback goes at once, and the held delivery
+//! waits for the scheduler like any other.
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -63,13 +65,15 @@ pub async fn call(
     fresh: bool,
 ) -> Response<Body> {
     let dest = &config.destinations[reply.from];
-    let called = call_once(&app.client, dest, event, reply.timeout).await;
+    let status = app.statuses.of(&dest.name);
+    let paused = app.store.paused(&dest.name);
+    let called = call_once(&app.client, dest, event, reply.timeout, &status, paused).await;
     let key = DeliveryKey {
         seq: event.seq,
         destination: dest.name.clone(),
     };
     // A duplicate has no delivery of its own to settle.
-    let outcome = fresh.then(|| called.outcome.clone());
+    let outcome = called.outcome.clone().filter(|_| fresh);
     match called.answer {
         Some(a) => {
             let kept = StoredReply {
@@ -80,6 +84,10 @@ pub async fn call(
             settle(app, key, Some(kept), outcome, called.seconds);
             info!(destination = %dest.name, status = a.status, "reply forwarded");
             answer(a.status, a.content_type.as_deref(), a.body)
+        }
+        None if called.outcome.is_none() => {
+            info!(destination = %dest.name, why = %called.described, "reply destination not called; answering the fallback");
+            fallback(reply)
         }
         None => {
             warn!(destination = %dest.name, result = %called.described, "reply destination failed; answering the fallback");
