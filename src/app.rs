@@ -22,6 +22,8 @@ pub struct App {
     /// Live figures per destination (in flight, failures, breaker), reported by delivery.
     pub statuses: Arc<Statuses>,
     pub health: Arc<Health>,
+    /// The room request bodies may take in memory at once.
+    pub bodies: Arc<crate::ingress::body_memory::BodyMemory>,
 }
 
 impl App {
@@ -38,6 +40,7 @@ impl App {
             client,
             statuses: Arc::default(),
             health: Arc::default(),
+            bodies: Arc::default(),
         }))
     }
 
@@ -50,6 +53,7 @@ impl App {
             client: self.client.clone(),
             health: self.health.clone(),
             statuses: self.statuses.clone(),
+            bodies: self.bodies.clone(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Connections that send nothing, half a preface, or sit idle over HTTP/2 are closed once
 //! they have had no request in progress for the read timeout, so silent clients cannot hold
-//! every connection slot; a connection in use is kept.
+//! every connection slot; a connection in use is kept. Bodies received slowly cannot take
+//! more than the ingress's memory budget for bodies.
 
 mod support;
 
@@ -25,6 +26,7 @@ fn config(max_connections: usize) -> String {
 listen = "127.0.0.1:0"
 read_timeout = "1s"
 max_connections = {max_connections}
+max_body_bytes = 4194304
 
 [delivery]
 retry = {{ first = "1h" }}
@@ -163,4 +165,42 @@ async fn a_connection_in_use_is_kept() {
     }
     assert!(!task.is_finished(), "the connection closed while in use");
     task.abort();
+}
+
+#[tokio::test]
+async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
+    let r = TestRelay::start(&config(100)).await;
+    // Each announces no length, so each holds max_body_bytes (4 MiB) of the 64 MiB budget.
+    let held = (hookrelay::ingress::body_memory::BUDGET / 4_194_304) as usize;
+    let mut slow = Vec::new();
+    for _ in 0..held {
+        let mut s = TcpStream::connect(r.addr()).await.unwrap();
+        s.write_all(
+            b"POST /open HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\n",
+        )
+        .await
+        .unwrap();
+        slow.push(s);
+    }
+    // Once they all hold their room, the next body is refused at once (bounded wait for
+    // the relay to have read their heads).
+    let deadline = Instant::now() + CLOSE_WITHIN;
+    let refused = loop {
+        let a = r.post("/open", b"{\"n\":1}").await;
+        if a.status == 503 {
+            break a;
+        }
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        assert!(Instant::now() < deadline, "the budget never filled");
+    };
+    refused.error(503, "unavailable");
+    assert_eq!(refused.headers["retry-after"], "1");
+    // The slow ones time out (408) and give their room back.
+    for mut s in slow {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(CLOSE_WITHIN, s.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert_eq!(r.post("/open", b"{\"n\":2}").await.status, 200);
 }

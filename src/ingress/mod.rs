@@ -7,6 +7,7 @@
 //! calls a destination, except the one synchronous call of a reply route.
 
 mod auth;
+pub mod body_memory;
 pub mod client_ip;
 
 mod oauth;
@@ -64,6 +65,7 @@ pub struct Deps {
     pub health: Arc<Health>,
     /// Live figures per destination: a reply route's call counts in them like an attempt.
     pub statuses: Arc<crate::destinations::Statuses>,
+    pub bodies: Arc<body_memory::BodyMemory>,
 }
 
 impl Deps {
@@ -135,7 +137,10 @@ async fn accept(
     check_address(config, &source, peer, &req)?;
     check_method(&req)?;
     let body_check = auth::check_headers(config, &source, req.headers(), now_ms() / 1000)?;
-    check_announced_size(config, &req)?;
+    let announced = check_announced_size(config, &req)?;
+    let _room = app
+        .bodies
+        .reserve(announced, config.server.max_body_bytes)?;
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -221,7 +226,8 @@ fn check_method(req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 /// A `content-length` over the limit is refused before the body is read.
-fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<(), ApiError> {
+/// The body's announced length, refused (413) past `max_body_bytes`.
+fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
     let limit = config.server.max_body_bytes;
     let announced = req
         .headers()
@@ -230,7 +236,7 @@ fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<(), 
         .and_then(|v| v.parse::<u64>().ok());
     match announced {
         Some(n) if n > limit => Err(ApiError::too_large(limit)),
-        _ => Ok(()),
+        n => Ok(n),
     }
 }
 
