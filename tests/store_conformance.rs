@@ -57,6 +57,29 @@ async fn due_within(st: &dyn Store, dest: &str, seq: u64, within: Duration) -> D
     }
 }
 
+/// How early (ms) jetstream may hand out a delivery before its due time: the server's
+/// timers and the two clocks' reads.
+const DUE_SLACK_MS: u64 = 50;
+
+/// Waits (bounded, polling every 5 ms) until `dest` lists a pending delivery of `seq`, due
+/// or not; returns it and the time (ms) just after the listing that first showed it (no
+/// earlier than when the store handed it out).
+async fn first_listed(st: &dyn Store, dest: &str, seq: u64) -> (Delivery, u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = st.pending(dest, 64, &|_| false).await.unwrap();
+        let at = now_ms();
+        if let Some(d) = p.into_iter().find(|d| d.seq == seq) {
+            return (d, at);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivery {seq} to {dest} never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn key(seq: u64, dest: &str) -> DeliveryKey {
     DeliveryKey {
         seq,
@@ -134,8 +157,19 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     )
     .await
     .unwrap();
+    // Listed with the retry's due time (an embedded store lists it at once, to be
+    // scheduled; jetstream hands it out only once it is due).
+    let (d, listed_ms) = first_listed(st.as_ref(), "a", s1).await;
+    assert_eq!(d.next_due_ms, later, "{name}: the retry's due time");
+    if name == "jetstream" {
+        assert!(
+            listed_ms + DUE_SLACK_MS >= later,
+            "{name}: handed out {} ms before it was due",
+            later - listed_ms
+        );
+    }
     let d = due(st.as_ref(), "a", s1).await;
-    assert!(now_ms() + 50 >= later, "{name}: not due before its time");
+    assert_eq!(d.next_due_ms, later, "{name}");
     assert_eq!((d.attempts, d.last_status), (1, Some(503)), "{name}");
     st.record(&key(s1, "a"), dead()).await.unwrap();
     let b = due(st.as_ref(), "b", s1).await;
