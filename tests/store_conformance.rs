@@ -260,6 +260,28 @@ async fn lists_any(st: &dyn Store, dest: &str, seqs: &[u64]) -> bool {
     p.iter().any(|d| seqs.contains(&d.seq))
 }
 
+/// Accepts an event of a key of its own (id `id`, to `o`), waits until it is due, and
+/// records it delivered. Events are fanned out in stream order, and a destination's
+/// deliveries are handed to the puller in stream order: once the witness is due, every
+/// delivery written before it (a key's later events, a replay) has reached the puller too.
+/// On jetstream `pending` lists what a background puller already holds, so without this a
+/// "nothing else of the key is listed" check could pass only because the puller had not
+/// got to the key's later deliveries yet.
+async fn witness(st: &dyn Store, id: &str) {
+    let w = accepted(
+        st,
+        NewEvent {
+            order_keys: vec![Some(format!("witness-{id}"))],
+            ..ev(id, "o", &["o"])
+        },
+    )
+    .await;
+    due(st, "o", w).await;
+    st.record(&key(w, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+}
+
 /// `order_by` (CONTRACT §8): a key's deliveries are handed out one at a time in accept
 /// order; a retrying head holds back only its own key; a dead head lets the next go; a
 /// replayed one rejoins by accept order, behind the one in flight. `other` accepts every second event (on
@@ -282,6 +304,8 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         "{name}: {dup:?}"
     );
     let k4 = accepted(other, ordered("k4", "K")).await;
+    // Every K delivery has reached the puller before anything is said about what it lists.
+    witness(st, "w0").await;
     due(st, "o", k0).await;
     due(st, "o", l0).await;
     // K-0 fails and is due again; K-1, K-2 and K-3 still wait behind it.
@@ -316,15 +340,21 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         1,
         "{name}"
     );
+    // The replayed delivery has reached the puller.
+    witness(st, "w1").await;
     assert!(
         !lists_any(st, "o", &[k0, k2, k3]).await,
         "{name}: the replay waits"
     );
-    for (now, next) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)] {
+    for (i, (now, next)) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)]
+        .into_iter()
+        .enumerate()
+    {
         st.record(&key(now, "o"), Outcome::Delivered { status: 200 })
             .await
             .unwrap();
         let d = due(st, "o", next).await;
+        witness(st, &format!("w{}", i + 2)).await;
         let waiting: Vec<u64> = [k0, k1, k2, k3, k4]
             .into_iter()
             .filter(|s| *s != next)
