@@ -8,7 +8,7 @@ use std::process::Command;
 use hookrelay::store::{DeliveryKey, Outcome};
 use http::Method;
 use std::time::Duration;
-use support::{fixture, send, RelayProcess, TestRelay};
+use support::{fixture, send, RelayProcess, TestRelay, WAIT};
 
 const CONFIG: &str = r#"
 [server]
@@ -283,7 +283,10 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     assert_eq!(a.status, 200);
     s.write_all(b"}").await.unwrap();
     let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answer))
+        .await
+        .expect("the answer in time")
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // New requests see the new config.
     assert_eq!(r.post("/open", b"{}").await.status, 404);

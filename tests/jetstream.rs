@@ -35,6 +35,24 @@ async fn relays(dir: &Path, text: &str, n: usize) -> Vec<RelayProcess> {
     out
 }
 
+/// Runs `hookrelay serve --config <cfg>`, expected to fail at start: its output once it
+/// exits, bounded (killed if it is still running after 30 s, and if the test fails).
+async fn serve_to_exit(cfg: &Path) -> std::process::Output {
+    let child = tokio::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("hookrelay serve exits within 30 s")
+        .unwrap()
+}
+
 async fn post(relay: &RelayProcess, id: &str) -> (u16, serde_json::Value) {
     let url = format!("http://{}/8x8/voice", relay.ingress);
     let p = try_post(&client(), &url, voice(id), Duration::from_secs(10))
@@ -355,11 +373,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     );
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -385,11 +399,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(plain);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -424,11 +434,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         )
     };
     std::fs::write(&cfg, at(port)).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(guarded);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -658,11 +664,7 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     );
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(server);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

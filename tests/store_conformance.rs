@@ -725,7 +725,12 @@ async fn dead_letters_listed_while_others_are_written_are_each_listed_once() {
     };
     // Four listings at a time, for more of them to overlap a write.
     let mut listings = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        assert!(
+            Instant::now() < deadline,
+            "the {EVENTS} dead letters were not written within 30 s ({listings} listings)"
+        );
         let done = writer.is_finished();
         let (a, b, c, d) = tokio::join!(
             st.dead(Some("a"), 1000),

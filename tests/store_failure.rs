@@ -225,7 +225,10 @@ async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
             delivered = true;
             break;
         }
-        records.changed().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), records.changed())
+            .await
+            .expect("the outcome is written again within 10 s")
+            .unwrap();
     }
     assert!(delivered, "the outcome was stored");
     assert_eq!(sink.count(), 1);
