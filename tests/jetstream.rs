@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,9 +12,10 @@ use http::Method;
 
 use hookrelay::store::DeliveryState;
 use support::{
-    client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess,
+    client, nats_server_on_its_own_port, send, try_post, Action, Answer, FaultSink, NatsServer,
+    RelayProcess,
 };
-use support::{fixture, jetstream_config, KillOnDrop, Reply, Sink, TestRelay};
+use support::{fixture, jetstream_config, Reply, Sink, TestRelay};
 
 /// The relay config these tests share (prefix `t`, one server: 1 replica).
 fn config(urls: &[String], destinations: &[(&str, String)]) -> String {
@@ -379,9 +381,10 @@ async fn rate_holds_across_three_instances(burst: u32) {
 #[tokio::test]
 async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
     let dir = tempfile::tempdir().unwrap();
-    // Credentials in the URL never reach the output.
+    // Credentials in the URL never reach the output. (Port 9: nothing listens there, as
+    // for the tests' unreachable destinations.)
     let text = config(
-        &[format!("nats://relay:s3cret@127.0.0.1:{}", free_port())],
+        &["nats://relay:s3cret@127.0.0.1:9".to_string()],
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
@@ -395,15 +398,8 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     );
 
     // A server without -js.
-    let port = free_port();
-    let plain = KillOnDrop(
-        std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    support::wait_port(port).await;
+    let (plain, port) =
+        nats_server_on_its_own_port("nats-server", &[], &dir.path().join("plain-ports")).await;
     std::fs::write(
         &cfg,
         text.replace(
@@ -419,27 +415,14 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     assert!(err.contains("offers no JetStream"), "{err}");
 
     // A server that wants credentials the config does not give.
-    let port = free_port();
-    let guarded = KillOnDrop(
-        std::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-js",
-                "--user",
-                "u",
-                "--pass",
-                "p",
-            ])
-            .arg("-sd")
-            .arg(dir.path().join("js"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    support::wait_port(port).await;
+    let js = dir.path().join("js");
+    let args = ["-js", "--user", "u", "--pass", "p", "-sd"].map(OsStr::new);
+    let (guarded, port) = nats_server_on_its_own_port(
+        "nats-server",
+        &[&args[..], &[js.as_os_str()]].concat(),
+        &dir.path().join("guarded-ports"),
+    )
+    .await;
     let at = |p: u16| {
         text.replace(
             &text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()],
@@ -671,16 +654,13 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
         "HOOKRELAY_OLD_NATS names an old nats-server (Debian's 2.9.10); scripts/test sets it",
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = KillOnDrop(
-        std::process::Command::new(&old)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("js"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{old}: {e}")),
-    );
-    support::wait_port(port).await;
+    let js = dir.path().join("js");
+    let (server, port) = nats_server_on_its_own_port(
+        &old,
+        &[OsStr::new("-js"), OsStr::new("-sd"), js.as_os_str()],
+        &dir.path().join("ports"),
+    )
+    .await;
     let text = config(
         &[format!("nats://127.0.0.1:{port}")],
         &[("a", "http://127.0.0.1:9/".into())],
