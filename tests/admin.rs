@@ -8,7 +8,7 @@ use std::process::Command;
 use hookrelay::store::{DeliveryKey, Outcome};
 use http::Method;
 use std::time::Duration;
-use support::{fixture, send, RelayProcess, TestRelay};
+use support::{fixture, send, RelayProcess, TestRelay, WAIT};
 
 const CONFIG: &str = r#"
 [server]
@@ -283,7 +283,10 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     assert_eq!(a.status, 200);
     s.write_all(b"}").await.unwrap();
     let mut answer = String::new();
-    s.read_to_string(&mut answer).await.unwrap();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut answer))
+        .await
+        .expect("the answer in time")
+        .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // New requests see the new config.
     assert_eq!(r.post("/open", b"{}").await.status, 404);
@@ -400,9 +403,10 @@ to = ["calls"]
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &cfg_text).unwrap();
-    let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "debug").await;
-    let ing = |path: &str| format!("http://{}{path}", p.ingress);
-    let adm = |path: &str| format!("http://{}{path}", p.admin);
+    let mut p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "debug").await;
+    let (ingress, admin) = (p.ingress, p.admin);
+    let ing = |path: &str| format!("http://{ingress}{path}");
+    let adm = |path: &str| format!("http://{admin}{path}");
     let mut answers = Vec::new();
     let a = send(
         Method::POST,
@@ -475,6 +479,12 @@ to = ["calls"]
         .arg(&cfg)
         .output()
         .unwrap();
+    // The signed destination (with its header and signing secrets) was tried and failed:
+    // its attempt's log lines are among those checked.
+    assert!(
+        p.wait_log("attempt failed; will retry", WAIT).await,
+        "no failed attempt to the signed destination was logged"
+    );
     let logs = p.finish().await;
     assert!(logs.contains("listening"), "logs were captured: {logs}");
     // Its stderr is a pipe, as under a supervisor or a collector: plain text, no colour codes.

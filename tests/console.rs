@@ -21,8 +21,8 @@ const TOKEN: &str = "console-token-41d9";
 /// The longest any one thing the page does may take.
 const UI_WAIT: Duration = Duration::from_secs(15);
 
-/// `chromedriver` on a free loopback port; it and every Chromium process of the test's
-/// profile are killed when dropped.
+/// `chromedriver` on a loopback port it picks itself; it and every Chromium process of the
+/// test's profile are killed when dropped.
 struct Driver {
     _child: tokio::process::Child,
     port: u16,
@@ -40,13 +40,10 @@ impl Drop for Driver {
 
 impl Driver {
     async fn start() -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Port 0: chromedriver binds a free port and says which ("... started successfully
+        // on port N."); no port found free here can be taken by another process first.
         let mut child = tokio::process::Command::new("chromedriver")
-            .arg(format!("--port={port}"))
+            .arg("--port=0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -54,10 +51,16 @@ impl Driver {
             .spawn()
             .expect("chromedriver (Debian's chromium-driver) on PATH: run scripts/test");
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-        tokio::time::timeout(Duration::from_secs(20), async {
+        let port = tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(line) = out.next_line().await.unwrap() {
                 if line.contains("started successfully") {
-                    return;
+                    let port = line
+                        .rsplit("on port ")
+                        .next()
+                        .and_then(|p| p.trim().trim_end_matches('.').parse::<u16>().ok());
+                    return port
+                        .filter(|p| *p != 0)
+                        .unwrap_or_else(|| panic!("no port in chromedriver's {line:?}"));
                 }
             }
             panic!("chromedriver ended before it was ready");

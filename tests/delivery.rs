@@ -491,9 +491,16 @@ url = "{}"
         config(&format!("{dest_a}{dest_b}{}", route("\"a\", \"b\""))),
     )
     .unwrap();
+    let back = Instant::now();
     relay.app.reload().unwrap();
     let seen = a.wait_for(2).await;
     assert_eq!(seen[1].attempt(), 2);
+    // Sent once `a` was back, not a stray request while it was out of the config.
+    assert!(
+        seen[1].at >= back,
+        "the second attempt arrived {:?} before `a` was back in the config",
+        back - seen[1].at
+    );
     wait_state(&relay, &first, "a", DeliveryState::Delivered).await;
     stop_relay(relay).await;
     a.stop().await;

@@ -16,27 +16,23 @@ use support::{destination_toml, fault_config, get_text, route_toml, voice_event}
 struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    /// Mounts a tmpfs of `size` (e.g. `"4m"`) on `dir`; `None` where mounting is not allowed.
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+    /// Mounts a tmpfs of `size` (e.g. `"4m"`) on `dir`. Panics when it cannot: the
+    /// full-disk case needs root (CI and `scripts/test` run as root), and a test that
+    /// cannot fill a disk must fail, not pass having checked nothing.
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs here ({}): the full-disk case needs root",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: no mount command ({e}): the full-disk case needs it");
-                None
-            }
-        }
+            .output()
+            .unwrap_or_else(|e| panic!("no mount command ({e}): the full-disk tests need it"));
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs on {} ({}): the full-disk tests need root",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs(dir.to_path_buf())
     }
 
     fn resize(&self, size: &str) {
@@ -81,24 +77,22 @@ async fn a_full_disk_answers_503_and_keeps_what_was_accepted_sled() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_keeps_what_was_accepted_redb() {
-    if let Some(r) = full_disk("redb", true).await {
-        assert!(
-            r.first_503_after < Duration::from_secs(5),
-            "the 503 took {:?}",
-            r.first_503_after
-        );
-    }
+    let r = full_disk("redb", true).await;
+    assert!(
+        r.first_503_after < Duration::from_secs(5),
+        "the 503 took {:?}",
+        r.first_503_after
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_answered_503_promptly_sled() {
-    if let Some(r) = full_disk("sled", true).await {
-        assert!(
-            r.first_503_after < Duration::from_secs(5),
-            "the 503 took {:?}",
-            r.first_503_after
-        );
-    }
+    let r = full_disk("sled", true).await;
+    assert!(
+        r.first_503_after < Duration::from_secs(5),
+        "the 503 took {:?}",
+        r.first_503_after
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,14 +106,13 @@ async fn after_a_full_disk_the_relay_recovers_or_reports_unready_redb() {
 }
 
 async fn recovers_or_reports_unready(backend: &str) {
-    if let Some(r) = full_disk(backend, false).await {
-        assert!(
-            r.recovered || r.unready_after_free,
-            "with space back, the relay neither accepted again nor said it was not ready \
-             (/readyz answered {} while the disk was full)",
-            r.ready_while_full
-        );
-    }
+    let r = full_disk(backend, false).await;
+    assert!(
+        r.recovered || r.unready_after_free,
+        "with space back, the relay neither accepted again nor said it was not ready \
+         (/readyz answered {} while the disk was full)",
+        r.ready_while_full
+    );
 }
 
 /// Runs the binary with its store on a 4 MiB tmpfs and posts 16 KiB events until the
@@ -127,15 +120,15 @@ async fn recovers_or_reports_unready(backend: &str) {
 /// disk is full. Then gives the disk 64 MiB and watches (5 s) whether the running relay
 /// accepts again or says it is not ready; restarts it on the same store, where every event
 /// answered 200 must be. With `live`, the destination answers 200 (deliveries are recorded
-/// while the disk fills); else it is down. `None` when no tmpfs can be mounted here.
-async fn full_disk(backend: &str, live: bool) -> Option<FullDisk> {
+/// while the disk fills); else it is down. Panics when no tmpfs can be mounted here.
+async fn full_disk(backend: &str, live: bool) -> FullDisk {
     const PAD: usize = 16 * 1024;
     const MAX_POSTS: usize = 2000;
     /// How long the first refused request may take (sled can be slow to give up).
     const FIRST_WAIT: Duration = Duration::from_secs(60);
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
-    let disk = Tmpfs::mount(&mnt, "4m")?;
+    let disk = Tmpfs::mount(&mnt, "4m");
     let sink = FaultSink::answering(200).await;
     let url = if live {
         sink.url("/d")
@@ -269,10 +262,10 @@ async fn full_disk(backend: &str, live: bool) -> Option<FullDisk> {
     assert_eq!(after_restart, 200);
     assert!(exit_after.success());
     drop(disk);
-    Some(FullDisk {
+    FullDisk {
         first_503_after,
         ready_while_full,
         recovered: recovered.is_some(),
         unready_after_free,
-    })
+    }
 }

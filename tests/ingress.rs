@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hookrelay::store::DeliveryState;
 use http::Method;
-use support::{fixture, send, TestRelay};
+use support::{fixture, send, TestRelay, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Destinations point at a closed port with hour-long retries: deliveries stay pending.
@@ -356,10 +356,17 @@ async fn http2_prior_knowledge_is_served() {
     let req = http::Request::post(r.url("/open"))
         .body(Full::new(Bytes::from_static(b"{\"h2\":true}")))
         .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("an answer in time")
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.version(), http::Version::HTTP_2);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("the body in time")
+        .unwrap()
+        .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("\"accepted\":true"));
 }
 
@@ -451,7 +458,10 @@ async fn connections_beyond_max_connections_wait_their_turn() {
         let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
         s.write_all(req).await.unwrap();
         let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("served in time")
+            .unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         held.push(s);
     }

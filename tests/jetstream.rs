@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -11,9 +12,10 @@ use http::Method;
 
 use hookrelay::store::DeliveryState;
 use support::{
-    client, free_port, send, try_post, Action, Answer, FaultSink, NatsServer, RelayProcess,
+    client, nats_server_on_its_own_port, send, try_post, Action, Answer, FaultSink, NatsServer,
+    RelayProcess,
 };
-use support::{fixture, jetstream_config, KillOnDrop, Reply, Sink, TestRelay};
+use support::{fixture, jetstream_config, Reply, Sink, TestRelay};
 
 /// The relay config these tests share (prefix `t`, one server: 1 replica).
 fn config(urls: &[String], destinations: &[(&str, String)]) -> String {
@@ -33,6 +35,24 @@ async fn relays(dir: &Path, text: &str, n: usize) -> Vec<RelayProcess> {
         out.push(RelayProcess::spawn(&cfg, &dir.join(format!("relay{i}.log"))).await);
     }
     out
+}
+
+/// Runs `hookrelay serve --config <cfg>`, expected to fail at start: its output once it
+/// exits, bounded (killed if it is still running after 30 s, and if the test fails).
+async fn serve_to_exit(cfg: &Path) -> std::process::Output {
+    let child = tokio::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("hookrelay serve exits within 30 s")
+        .unwrap()
 }
 
 async fn post(relay: &RelayProcess, id: &str) -> (u16, serde_json::Value) {
@@ -194,8 +214,21 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
     assert!(refused.headers.contains_key("retry-after"));
     let v: serde_json::Value = serde_json::from_slice(&refused.body).unwrap();
     assert_eq!(v["error"], "unavailable", "{v}");
-    let ready = admin(&relays[1], Method::GET, "/readyz").await;
-    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    // Relay 1 learns of the loss on its own (its connection's state): bounded polling.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = admin(&relays[1], Method::GET, "/readyz").await;
+        if ready.status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay 1's /readyz still {} after the server died: {:?}",
+            ready.status,
+            ready.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     nats.restart().await;
     // Back: both relays accept again on their own (reconnect), bounded.
@@ -348,18 +381,15 @@ async fn rate_holds_across_three_instances(burst: u32) {
 #[tokio::test]
 async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
     let dir = tempfile::tempdir().unwrap();
-    // Credentials in the URL never reach the output.
+    // Credentials in the URL never reach the output. (Port 9: nothing listens there, as
+    // for the tests' unreachable destinations.)
     let text = config(
-        &[format!("nats://relay:s3cret@127.0.0.1:{}", free_port())],
+        &["nats://relay:s3cret@127.0.0.1:9".to_string()],
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -368,15 +398,8 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     );
 
     // A server without -js.
-    let port = free_port();
-    let plain = KillOnDrop(
-        std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    support::wait_port(port).await;
+    let (plain, port) =
+        nats_server_on_its_own_port("nats-server", &[], &dir.path().join("plain-ports")).await;
     std::fs::write(
         &cfg,
         text.replace(
@@ -385,38 +408,21 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(plain);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("offers no JetStream"), "{err}");
 
     // A server that wants credentials the config does not give.
-    let port = free_port();
-    let guarded = KillOnDrop(
-        std::process::Command::new("nats-server")
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-js",
-                "--user",
-                "u",
-                "--pass",
-                "p",
-            ])
-            .arg("-sd")
-            .arg(dir.path().join("js"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    support::wait_port(port).await;
+    let js = dir.path().join("js");
+    let args = ["-js", "--user", "u", "--pass", "p", "-sd"].map(OsStr::new);
+    let (guarded, port) = nats_server_on_its_own_port(
+        "nats-server",
+        &[&args[..], &[js.as_os_str()]].concat(),
+        &dir.path().join("guarded-ports"),
+    )
+    .await;
     let at = |p: u16| {
         text.replace(
             &text[text.find("url = [").unwrap()..text.find("\nprefix").unwrap()],
@@ -424,11 +430,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
         )
     };
     std::fs::write(&cfg, at(port)).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(guarded);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -598,7 +600,17 @@ async fn an_attempt_longer_than_the_ack_wait_is_not_sent_by_another_instance_mea
         .get_consumer("t-n-a")
         .await
         .unwrap();
-    let info = consumer.info().await.unwrap();
+    // Once the consumer holds nothing (the delivered state acked on sight by a puller),
+    // bounded: the admin API may say delivered before that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info = consumer.info().await.unwrap().clone();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break info;
+        }
+        assert!(Instant::now() < deadline, "still held: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(info.delivered.consumer_sequence, 2, "{info:?}");
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
@@ -642,27 +654,20 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
         "HOOKRELAY_OLD_NATS names an old nats-server (Debian's 2.9.10); scripts/test sets it",
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let server = KillOnDrop(
-        std::process::Command::new(&old)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("js"))
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{old}: {e}")),
-    );
-    support::wait_port(port).await;
+    let js = dir.path().join("js");
+    let (server, port) = nats_server_on_its_own_port(
+        &old,
+        &[OsStr::new("-js"), OsStr::new("-sd"), js.as_os_str()],
+        &dir.path().join("ports"),
+    )
+    .await;
     let text = config(
         &[format!("nats://127.0.0.1:{port}")],
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
     std::fs::write(&cfg, &text).unwrap();
-    let out = std::process::Command::new(support::bin())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = serve_to_exit(&cfg).await;
     drop(server);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -164,12 +165,12 @@ async fn post_all(relays: &[RelayProcess], path: &str, bodies: &[Vec<u8>]) {
 }
 
 async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'static str) {
-    // K-0 is refused (503) for its first 2 s; everything else is taken at once.
-    let since = Arc::new(std::sync::Mutex::new(None::<Instant>));
-    let first = since.clone();
+    // K-0 is refused (503) until the relays have been SIGKILLed and started again (however
+    // long that takes); everything else is taken at once.
+    let refusing = Arc::new(AtomicBool::new(true));
+    let refuse = refusing.clone();
     let sink = FaultSink::by_request(move |_, id| {
-        let t0 = *first.lock().unwrap().get_or_insert_with(Instant::now);
-        if id == "K-0" && t0.elapsed() < Duration::from_secs(2) {
+        if id == "K-0" && refuse.load(Ordering::SeqCst) {
             Action::Answer(503)
         } else {
             Action::Answer(200)
@@ -188,16 +189,18 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'sta
     bodies.push(voice_event("L", 9));
     post_all(&relays, "/voice", &bodies).await;
     // L goes on while K's head is refused: all of L arrives during K-0's 503s.
-    let l_done = async {
-        while arrivals_of(&sink.arrivals(), "L").len() < 10
-            || arrivals_of(&sink.arrivals(), "K").len() < 2
-        {
-            sink.wait_count(sink.count() + 1, WAIT).await;
-        }
-    };
-    tokio::time::timeout(WAIT, l_done)
-        .await
-        .expect("L delivered while K-0 retries");
+    let l_done = sink
+        .wait_until(
+            |log| arrivals_of(log, "L").len() >= 10 && arrivals_of(log, "K").len() >= 2,
+            WAIT,
+        )
+        .await;
+    assert!(
+        l_done,
+        "L delivered while K-0 retries: {:?}\n{}",
+        sink.arrivals(),
+        logs(dir.path(), relays.len())
+    );
     let log = sink.arrivals();
     assert!(
         arrivals_of(&log, "K").iter().all(|&i| i == 0),
@@ -211,6 +214,9 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'sta
         r.sigkill().await;
     }
     let relays = start_all(&backend, dir.path(), &toml).await;
+    // Only now may K-0 go: it is delivered by the restarted relays, not before the kill.
+    let restarted = Instant::now();
+    refusing.store(false, Ordering::SeqCst);
     let all: std::collections::HashSet<String> = (0..10)
         .flat_map(|i| [format!("K-{i}"), format!("L-{i}")])
         .collect();
@@ -229,6 +235,10 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'sta
         .iter()
         .position(|a| a.id == "K-0" && a.delivered())
         .unwrap();
+    assert!(
+        log[k0_done].at >= restarted,
+        "K-0 was delivered before the relays were restarted"
+    );
     let l_last = log.iter().rposition(|a| a.id.starts_with("L-")).unwrap();
     assert!(l_last < k0_done, "L did not wait for K");
     println!("{}: K arrivals {k:?}", backend.name());
@@ -369,11 +379,11 @@ async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_
 }
 
 async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static str) {
-    // K-0 is refused for good (400); K-1 is answered after 1.5 s, so it is in flight when
-    // K-0 is replayed, with K-2 and K-3 waiting behind it.
+    // K-0 is refused for good (400); K-1's answer is held until K-0 has been replayed, so
+    // it is in flight then, with K-2 and K-3 waiting behind it.
     let sink = FaultSink::by_request(|n, id| match (n, id) {
         (0, _) => Action::Answer(400),
-        (_, "K-1") => Action::Later(200, 1_500),
+        (_, "K-1") => Action::Held(200),
         _ => Action::Answer(200),
     })
     .await;
@@ -393,6 +403,9 @@ async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static 
     assert_eq!(dead[0]["event_id"], "K-0", "{dead}");
     let r = admin(last, http::Method::POST, "/api/dead/replay?id=K-0").await;
     assert_eq!(r["replayed"], 1);
+    // Still in flight: nothing but K-0 and K-1 has arrived. Now K-1 may be answered.
+    assert_eq!(sink.count(), 2, "{:?}", sink.arrivals());
+    sink.release();
     assert!(
         sink.wait_count(5, WAIT).await,
         "{}",

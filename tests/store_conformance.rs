@@ -57,6 +57,29 @@ async fn due_within(st: &dyn Store, dest: &str, seq: u64, within: Duration) -> D
     }
 }
 
+/// How early (ms) jetstream may hand out a delivery before its due time: the server's
+/// timers and the two clocks' reads.
+const DUE_SLACK_MS: u64 = 50;
+
+/// Waits (bounded, polling every 5 ms) until `dest` lists a pending delivery of `seq`, due
+/// or not; returns it and the time (ms) just after the listing that first showed it (no
+/// earlier than when the store handed it out).
+async fn first_listed(st: &dyn Store, dest: &str, seq: u64) -> (Delivery, u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = st.pending(dest, 64, &|_| false).await.unwrap();
+        let at = now_ms();
+        if let Some(d) = p.into_iter().find(|d| d.seq == seq) {
+            return (d, at);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivery {seq} to {dest} never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn key(seq: u64, dest: &str) -> DeliveryKey {
     DeliveryKey {
         seq,
@@ -134,8 +157,19 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     )
     .await
     .unwrap();
+    // Listed with the retry's due time (an embedded store lists it at once, to be
+    // scheduled; jetstream hands it out only once it is due).
+    let (d, listed_ms) = first_listed(st.as_ref(), "a", s1).await;
+    assert_eq!(d.next_due_ms, later, "{name}: the retry's due time");
+    if name == "jetstream" {
+        assert!(
+            listed_ms + DUE_SLACK_MS >= later,
+            "{name}: handed out {} ms before it was due",
+            later - listed_ms
+        );
+    }
     let d = due(st.as_ref(), "a", s1).await;
-    assert!(now_ms() + 50 >= later, "{name}: not due before its time");
+    assert_eq!(d.next_due_ms, later, "{name}");
     assert_eq!((d.attempts, d.last_status), (1, Some(503)), "{name}");
     st.record(&key(s1, "a"), dead()).await.unwrap();
     let b = due(st.as_ref(), "b", s1).await;
@@ -259,6 +293,28 @@ async fn lists_any(st: &dyn Store, dest: &str, seqs: &[u64]) -> bool {
     p.iter().any(|d| seqs.contains(&d.seq))
 }
 
+/// Accepts an event of a key of its own (id `id`, to `o`), waits until it is due, and
+/// records it delivered. Events are fanned out in stream order, and a destination's
+/// deliveries are handed to the puller in stream order: once the witness is due, every
+/// delivery written before it (a key's later events, a replay) has reached the puller too.
+/// On jetstream `pending` lists what a background puller already holds, so without this a
+/// "nothing else of the key is listed" check could pass only because the puller had not
+/// got to the key's later deliveries yet.
+async fn witness(st: &dyn Store, id: &str) {
+    let w = accepted(
+        st,
+        NewEvent {
+            order_keys: vec![Some(format!("witness-{id}"))],
+            ..ev(id, "o", &["o"])
+        },
+    )
+    .await;
+    due(st, "o", w).await;
+    st.record(&key(w, "o"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+}
+
 /// `order_by` (CONTRACT §8): a key's deliveries are handed out one at a time in accept
 /// order; a retrying head holds back only its own key; a dead head lets the next go; a
 /// replayed one rejoins by accept order, behind the one in flight. `other` accepts every second event (on
@@ -281,6 +337,8 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         "{name}: {dup:?}"
     );
     let k4 = accepted(other, ordered("k4", "K")).await;
+    // Every K delivery has reached the puller before anything is said about what it lists.
+    witness(st, "w0").await;
     due(st, "o", k0).await;
     due(st, "o", l0).await;
     // K-0 fails and is due again; K-1, K-2 and K-3 still wait behind it.
@@ -315,15 +373,21 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         1,
         "{name}"
     );
+    // The replayed delivery has reached the puller.
+    witness(st, "w1").await;
     assert!(
         !lists_any(st, "o", &[k0, k2, k3]).await,
         "{name}: the replay waits"
     );
-    for (now, next) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)] {
+    for (i, (now, next)) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)]
+        .into_iter()
+        .enumerate()
+    {
         st.record(&key(now, "o"), Outcome::Delivered { status: 200 })
             .await
             .unwrap();
         let d = due(st, "o", next).await;
+        witness(st, &format!("w{}", i + 2)).await;
         let waiting: Vec<u64> = [k0, k1, k2, k3, k4]
             .into_iter()
             .filter(|s| *s != next)
@@ -697,7 +761,12 @@ async fn dead_letters_listed_while_others_are_written_are_each_listed_once() {
     };
     // Four listings at a time, for more of them to overlap a write.
     let mut listings = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        assert!(
+            Instant::now() < deadline,
+            "the {EVENTS} dead letters were not written within 30 s ({listings} listings)"
+        );
         let done = writer.is_finished();
         let (a, b, c, d) = tokio::join!(
             st.dead(Some("a"), 1000),

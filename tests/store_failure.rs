@@ -153,9 +153,11 @@ async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
     let config = config(dir.path(), "http://127.0.0.1:9/");
     let inner = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
     let store = Arc::new(Flaky::new(inner));
-    let relay = hookrelay::Relay::start_with_store(config, store.clone())
-        .await
-        .unwrap();
+    let relay = support::RunningRelay::new(
+        hookrelay::Relay::start_with_store(config, store.clone())
+            .await
+            .unwrap(),
+    );
     let url = format!("http://{}/open", relay.ingress);
     let post = |id: &'static str| {
         let url = url.clone();
@@ -188,8 +190,7 @@ async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
         assert_eq!(v.len(), 1, "{id}");
         assert_eq!(v[0].deliveries.len(), 1, "{id}");
     }
-    relay.shutdown();
-    relay.stopped().await.unwrap();
+    support::stop_relay(relay).await;
 }
 
 #[tokio::test]
@@ -201,9 +202,11 @@ async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
         hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
     ));
     store.failing_records.store(true, Ordering::SeqCst);
-    let relay = hookrelay::Relay::start_with_store(config, store.clone())
-        .await
-        .unwrap();
+    let relay = support::RunningRelay::new(
+        hookrelay::Relay::start_with_store(config, store.clone())
+            .await
+            .unwrap(),
+    );
     let url = format!("http://{}/open", relay.ingress);
     let r = support::send(http::Method::POST, &url, &[], br#"{"id":"once"}"#).await;
     assert_eq!(r.status, 200);
@@ -225,10 +228,12 @@ async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
             delivered = true;
             break;
         }
-        records.changed().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), records.changed())
+            .await
+            .expect("the outcome is written again within 10 s")
+            .unwrap();
     }
     assert!(delivered, "the outcome was stored");
     assert_eq!(sink.count(), 1);
-    relay.shutdown();
-    relay.stopped().await.unwrap();
+    support::stop_relay(relay).await;
 }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::TestRelay;
+use support::{TestRelay, WAIT};
 
 fn config() -> String {
     r#"
@@ -57,9 +57,16 @@ async fn post_https(
     let req = http::Request::post(format!("https://localhost:{port}/open"))
         .body(Full::new(Bytes::from_static(b"{\"tls\":true}")))
         .unwrap();
-    let resp = client.request(req).await.unwrap();
+    let resp = tokio::time::timeout(WAIT, client.request(req))
+        .await
+        .expect("an answer in time")
+        .unwrap();
     let (status, version) = (resp.status().as_u16(), resp.version());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("the body in time")
+        .unwrap()
+        .to_bytes();
     (status, version, String::from_utf8_lossy(&body).into_owned())
 }
 

