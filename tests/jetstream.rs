@@ -231,7 +231,22 @@ async fn the_only_server_killed_means_503_until_it_is_back_and_nothing_is_lost()
     }
 
     nats.restart().await;
-    // Back: both relays accept again on their own (reconnect), bounded.
+    // Back: relay 0, whose last accept failed, says it is ready again before any event
+    // comes (a balancer that believed its 503 sends it none).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = admin(&relays[0], Method::GET, "/readyz").await;
+        if ready.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay 0 still not ready: {:?}",
+            ready.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Both relays accept again on their own (reconnect), bounded.
     for (n, r) in relays.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -416,7 +431,7 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
 
     // A server that wants credentials the config does not give.
     let js = dir.path().join("js");
-    let args = ["-js", "--user", "u", "--pass", "p", "-sd"].map(OsStr::new);
+    let args = ["-js", "--user", "u", "--pass", "s3cret-pw", "-sd"].map(OsStr::new);
     let (guarded, port) = nats_server_on_its_own_port(
         "nats-server",
         &[&args[..], &[js.as_os_str()]].concat(),
@@ -431,10 +446,24 @@ async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which()
     };
     std::fs::write(&cfg, at(port)).unwrap();
     let out = serve_to_exit(&cfg).await;
-    drop(guarded);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("refused the account"), "{err}");
+
+    // The credentials in the address: the relay logs in, and never logs the password,
+    // even at debug level (where the NATS client logs the addresses it connects to).
+    let with_login = at(port).replace("nats://127.0.0.1", "nats://u:s3cret-pw@127.0.0.1");
+    std::fs::write(&cfg, with_login).unwrap();
+    let log = dir.path().join("login.log");
+    let relay = RelayProcess::spawn_at(&cfg, &log, "debug").await;
+    let (status, v) = post(&relay, "with-login").await;
+    assert_eq!(status, 200, "{v}");
+    let text = relay.finish().await;
+    drop(guarded);
+    assert!(
+        !text.contains("s3cret-pw"),
+        "the password was logged:\n{text}"
+    );
 }
 
 const CALL_ACTION_REPLY: &[u8] =
