@@ -193,6 +193,45 @@ fn every_problem_is_listed_at_once() {
 }
 
 #[test]
+fn unknown_keys_and_wrong_types_are_each_listed_with_the_rest() {
+    let t = BASE
+        .replace("[[sources]]\n", "[[sources]]\ncolour = \"blue\"\n")
+        .replacen(
+            "[[destinations]]\n",
+            "[[destinations]]\nmax_in_flight = \"many\"\ntimeot = \"5s\"\n",
+            1,
+        )
+        .replace("http://127.0.0.1:8001/hooks", "not a url");
+    let p = problems(&t);
+    let has = |key: &str, why: &str| {
+        p.iter()
+            .any(|l| l.contains(&format!(": {key}: ")) && l.contains(why))
+    };
+    assert!(has("sources[0].colour", "unknown field `colour`"), "{p:#?}");
+    assert!(
+        has("destinations[0].max_in_flight", "invalid type"),
+        "{p:#?}"
+    );
+    assert!(
+        has("destinations[0].timeot", "unknown field `timeot`"),
+        "{p:#?}"
+    );
+    assert!(has("destinations[0].url", "invalid URL"), "{p:#?}");
+    assert_eq!(p.len(), 4, "{p:#?}");
+    // In the order of the file, each where it is.
+    let lines: Vec<usize> = p
+        .iter()
+        .map(|l| l.split(':').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "{p:#?}");
+    // A syntax error is the one problem listed: the file cannot be read past it.
+    let broken = t.replace("[[routes]]", "[[routes]");
+    let p = problems(&broken);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("unclosed array table"), "{p:#?}");
+}
+
+#[test]
 fn the_binary_exits_1_with_every_problem_and_0_when_valid() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("routes.toml");

@@ -1,8 +1,9 @@
 //! `routes.toml` text → [`Config`], collecting every problem.
 //!
-//! A syntax or type error stops serde at its first problem; everything after that (values,
-//! references between sections, `${VAR}` expansion) is checked in one pass that keeps going,
-//! so one `check` run lists every problem. Each problem reads
+//! Unknown keys and wrong types are each listed (serde runs again past each one's line); a
+//! syntax error stops there. Everything after that (values, references between sections,
+//! `${VAR}` expansion) is checked in one pass that keeps going, so one `check` run lists
+//! every problem. Each problem reads
 //! `routes.toml:LINE:COL: <key path>: <reason>`.
 
 //!
@@ -89,22 +90,88 @@ pub fn parse(
         problems: Vec::new(),
         client_ids: HashSet::new(),
     };
-    let raw = match deserialize(text) {
-        Ok(raw) => raw,
-        Err((key, span, reason)) => {
-            cx.err(span, &key, reason);
-            return Err(ConfigErrors(cx.problems));
-        }
+    let (raw, mut found) = deserialize_all(text);
+    found.sort_by_key(|(_, span, _)| span.as_ref().map(|s| s.start));
+    for (key, span, reason) in found {
+        cx.err(span, &key, reason);
+    }
+    let Some(raw) = raw else {
+        return Err(ConfigErrors(cx.problems));
     };
     let config = cx.build(raw);
     if cx.problems.is_empty() {
         Ok(config)
     } else {
+        // In the order of the file; those without a place last.
+        cx.problems.sort_by_key(|p| (p.at.is_none(), p.at));
         Err(ConfigErrors(cx.problems))
     }
 }
 
 type SerdeProblem = (String, Option<Range<usize>>, String);
+
+/// The most serde problems one run lists.
+const MAX_SERDE_PROBLEMS: usize = 32;
+
+/// Deserializes `text`, listing every unknown key and wrong type, not only the first:
+/// after each such problem the `key = value` line it is on is blanked (offsets kept, so
+/// later spans still point into `text`) and serde runs again. Stops at a problem no line
+/// can be blanked for (a syntax error, a missing key, a value over several lines); then
+/// there is no config to validate further. A missing key that is only missing because its
+/// line was blanked is not listed again.
+fn deserialize_all(text: &str) -> (Option<RawConfig>, Vec<SerdeProblem>) {
+    let mut text = text.to_string();
+    let mut problems: Vec<SerdeProblem> = Vec::new();
+    let mut blanked: Vec<String> = Vec::new();
+    while problems.len() < MAX_SERDE_PROBLEMS {
+        let (key, span, reason) = match deserialize(&text) {
+            Ok(raw) => return (Some(raw), problems),
+            Err(p) => p,
+        };
+        let missing_blanked = reason
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'))
+            .is_some_and(|field| blanked.iter().any(|b| b == field));
+        if !missing_blanked {
+            problems.push((key, span.clone(), reason));
+        }
+        let Some(line) = span.and_then(|s| blankable_line(&text, s.start)) else {
+            break;
+        };
+        let name = text[line.clone()].split('=').next().unwrap_or("").trim();
+        blanked.push(name.trim_matches('"').to_string());
+        let spaces = " ".repeat(line.len());
+        text.replace_range(line, &spaces);
+    }
+    (None, problems)
+}
+
+/// The byte range of the line holding `offset`, without its newline, if it is a whole
+/// `key = value` line (a value that ends on it: brackets and braces balanced).
+fn blankable_line(text: &str, offset: usize) -> Option<Range<usize>> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[start..end].trim();
+    if line.starts_with('[') || !line.contains('=') {
+        return None;
+    }
+    let mut depth = 0i32;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') => break,
+            (None, '[' | '{') => depth += 1,
+            (None, ']' | '}') => depth -= 1,
+            _ => {}
+        }
+    }
+    (depth == 0 && quote.is_none()).then_some(start..end)
+}
 
 fn deserialize(text: &str) -> Result<RawConfig, SerdeProblem> {
     toml::from_str(text).map_err(|e| {
