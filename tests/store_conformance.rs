@@ -254,6 +254,50 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     assert!(!st.paused("a"), "{name}");
 }
 
+/// An id seen again past its dedup window is a new event (with its own delivery); within
+/// the window of that one, a duplicate of it. `received_ms` stands in for the clock.
+async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
+    let window = Duration::from_secs(1);
+    let at = |ms: u64| NewEvent {
+        dedup_window: window,
+        received_ms: ms,
+        ..ev("again", "x", &["w"])
+    };
+    let t0 = now_ms();
+    let first = accepted(st, at(t0)).await;
+    due(st, "w", first).await;
+    let dup = st.accept(at(t0 + 900)).await.unwrap();
+    assert!(
+        matches!(dup, Admission::Duplicate { seq, .. } if seq == first),
+        "{name}: within the window: {dup:?}"
+    );
+    // Past it: new. (JetStream answers 503 until the first one's fan-out is acked.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        match st.accept(at(t0 + 1500)).await {
+            Ok(Admission::Accepted { seq }) => break seq,
+            Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
+                let _ = why;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{name}: past the window: {other:?}"),
+        }
+    };
+    assert_ne!(second, first, "{name}");
+    let d = due(st, "w", second).await;
+    assert_eq!((d.seq, d.state), (second, DeliveryState::Pending), "{name}");
+    let dup = st.accept(at(t0 + 2000)).await.unwrap();
+    assert!(
+        matches!(dup, Admission::Duplicate { seq, .. } if seq == second),
+        "{name}: within the new one's window: {dup:?}"
+    );
+    for seq in [first, second] {
+        st.record(&key(seq, "w"), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+    }
+}
+
 /// Dead letters of all destinations are listed oldest first, whatever their names.
 async fn dead_letters_oldest_first(name: &str, st: &dyn Store) {
     let old = accepted(st, ev("dead-old", "x", &["zz"])).await;
@@ -416,6 +460,7 @@ async fn the_store_contract_on_redb() {
     the_contract("redb", st.clone()).await;
     the_order_contract("redb", st.as_ref(), st.as_ref()).await;
     dead_letters_oldest_first("redb", st.as_ref()).await;
+    an_id_past_its_window_is_new("redb", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -426,6 +471,7 @@ async fn the_store_contract_on_sled() {
     the_contract("sled", st.clone()).await;
     the_order_contract("sled", st.as_ref(), st.as_ref()).await;
     dead_letters_oldest_first("sled", st.as_ref()).await;
+    an_id_past_its_window_is_new("sled", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -482,6 +528,7 @@ async fn the_store_contract_on_jetstream() {
     let other = jetstream(dir.path(), &nats).await;
     the_order_contract("jetstream", st.as_ref(), other.as_ref()).await;
     dead_letters_oldest_first("jetstream", st.as_ref()).await;
+    an_id_past_its_window_is_new("jetstream", st.as_ref()).await;
     other.close().await.unwrap();
     st.close().await.unwrap();
     drop(st);

@@ -207,16 +207,39 @@ impl JetStreamStore {
         }
     }
 
-    /// The answer to a duplicate of the event `e`, if one is kept: its sequence and reply.
-    async fn duplicate(&self, e: &str) -> Result<Option<Admission>, StoreError> {
-        let Some((seq, _)) = self.last(&self.names.event(e)).await? else {
+    /// The event kept with the token `e`, if any: its sequence and when it was received.
+    async fn kept_event(&self, e: &str) -> Result<Option<(u64, EventMeta)>, StoreError> {
+        let Some((seq, payload)) = self.last(&self.names.event(e)).await? else {
             return Ok(None);
         };
+        let (meta, _) = decode_event(seq, &payload)?;
+        Ok(Some((seq, meta)))
+    }
+
+    /// The answer to a duplicate of the event at `seq` (token `e`): its sequence and the
+    /// reply kept for it (a reply written before `seq` was an earlier event's).
+    async fn duplicate_of(&self, seq: u64, e: &str) -> Result<Admission, StoreError> {
         let reply = match self.last(&self.names.reply(e)).await? {
-            Some((_, p)) => serde_json::from_slice(&p).ok(),
-            None => None,
+            Some((at, p)) if at > seq => serde_json::from_slice(&p).ok(),
+            _ => None,
         };
-        Ok(Some(Admission::Duplicate { seq, reply }))
+        Ok(Admission::Duplicate { seq, reply })
+    }
+
+    /// The duplicate answer for an event with token `e` received at `now_ms`, if an event
+    /// with its id was received within `window` before.
+    async fn duplicate(
+        &self,
+        e: &str,
+        window: Duration,
+        now_ms: u64,
+    ) -> Result<Option<Admission>, StoreError> {
+        match self.kept_event(e).await? {
+            Some((seq, meta)) if within(&meta, window, now_ms) => {
+                Ok(Some(self.duplicate_of(seq, e).await?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// A delivery's current state: (its stream sequence, record, body).
@@ -256,6 +279,16 @@ impl JetStreamStore {
     }
 }
 
+/// How many times an accept tries its conditional write while other instances change the
+/// event's subject (a renewal racing another).
+const RENEW_TRIES: usize = 3;
+
+/// Whether the event `meta` was received within `window` before `now_ms`: a new event with
+/// its id is then its duplicate.
+fn within(meta: &EventMeta, window: Duration, now_ms: u64) -> bool {
+    now_ms.saturating_sub(meta.received_ms) < window.as_millis() as u64
+}
+
 /// Whether a read or delete failed because the message is not there (and not because the
 /// stream or anything else is missing).
 fn not_found(e: &impl std::fmt::Display) -> bool {
@@ -272,7 +305,7 @@ impl Store for JetStreamStore {
                 if self.queue_depth(d) + self.unfanned.load(Ordering::Relaxed) >= max {
                     // A retry of an accepted event is still answered as the duplicate it is
                     // (with its kept reply), as the embedded stores do.
-                    if let Some(dup) = self.duplicate(&e).await? {
+                    if let Some(dup) = self.duplicate(&e, ev.dedup_window, ev.received_ms).await? {
                         return Ok(dup);
                     }
                     return Ok(Admission::QueueFull {
@@ -305,34 +338,46 @@ impl Store for JetStreamStore {
             lines: if ordered { lines } else { Vec::new() },
         };
         // One conditional write: the event with its destinations, only if no event with
-        // this id is kept. The fan-out turns it into deliveries.
-        let writes = [
-            Write::new(self.names.event(&e), encode_event(&meta, &ev.body))
-                .expect(0)
-                .ttl(ev.dedup_window.max(self.retain)),
-        ];
-        match self.write(&writes).await? {
-            Written::Stored { first } => {
+        // this id is kept. An event with this id kept past its dedup window (it stays for
+        // `retain`) is replaced instead, once its deliveries are written: this one is new.
+        let window = ev.dedup_window;
+        let payload = encode_event(&meta, &ev.body);
+        let mut expect = 0;
+        for _ in 0..RENEW_TRIES {
+            let writes = [Write::new(self.names.event(&e), payload.clone())
+                .expect(expect)
+                .ttl(window.max(self.retain))];
+            if let Written::Stored { first } = self.write(&writes).await? {
                 let mut depths = self.depths.lock().unwrap();
                 for d in &ev.destinations {
                     *depths.entry(d.clone()).or_default() += 1;
                 }
-                Ok(Admission::Accepted { seq: first })
+                return Ok(Admission::Accepted { seq: first });
             }
-            Written::Conflict => {
-                // A duplicate: its line entries stand for nothing.
-                for seq in entries {
-                    self.forget_entry(seq).await;
+            match self.kept_event(&e).await? {
+                // Expired between the write and the read: write it as new.
+                None => expect = 0,
+                Some((seq, old)) if within(&old, window, ev.received_ms) => {
+                    // A duplicate: its line entries stand for nothing.
+                    for seq in entries {
+                        self.forget_entry(seq).await;
+                    }
+                    return self.duplicate_of(seq, &e).await;
                 }
-                match self.duplicate(&e).await? {
-                    Some(dup) => Ok(dup),
-                    // Expired between the write and the read: the caller's retry is new.
-                    None => Err(StoreError::Unavailable(
-                        "the event's dedup record expired while it was checked; try again".into(),
-                    )),
+                Some((seq, _)) => {
+                    if !self.fanned_out(seq).await? {
+                        break;
+                    }
+                    expect = seq;
                 }
             }
         }
+        for seq in entries {
+            self.forget_entry(seq).await;
+        }
+        Err(StoreError::Unavailable(
+            "an earlier event with this id is being replaced or fanned out; try again".into(),
+        ))
     }
 
     async fn pending(
