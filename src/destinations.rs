@@ -12,7 +12,24 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use governor::DefaultDirectRateLimiter;
+use tokio::sync::Semaphore;
+
 use crate::config::Breaker;
+
+/// What a destination's scheduler sends under: its in-flight slots and its rate limiter
+/// (this instance's part of them). A reply route's call takes from the same.
+#[derive(Clone)]
+pub struct SendLimits {
+    pub slots: Arc<Semaphore>,
+    pub limiter: Arc<DefaultDirectRateLimiter>,
+}
+
+impl std::fmt::Debug for SendLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SendLimits")
+    }
+}
 
 /// One destination's live figures.
 #[derive(Debug, Default)]
@@ -21,6 +38,8 @@ pub struct DestinationStatus {
     consecutive_failures: AtomicU64,
     last_error: Mutex<Option<String>>,
     breaker: Mutex<BreakerState>,
+    /// Set by the scheduler while this instance sends to the destination.
+    limits: Mutex<Option<SendLimits>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +134,15 @@ impl DestinationStatus {
     /// Whether the breaker is open (or probing): the destination's state is `open`.
     pub fn breaker_open(&self) -> bool {
         *self.breaker.lock().unwrap() != BreakerState::Closed
+    }
+
+    /// The scheduler's limits now (`None`: this instance does not send to it).
+    pub fn limits(&self) -> Option<SendLimits> {
+        self.limits.lock().unwrap().clone()
+    }
+
+    pub fn set_limits(&self, limits: Option<SendLimits>) {
+        *self.limits.lock().unwrap() = limits;
     }
 
     pub fn in_flight(&self) -> u64 {

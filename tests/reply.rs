@@ -178,3 +178,29 @@ async fn an_open_breaker_skips_the_reply_call() {
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
     assert_eq!(ivr.seen().len(), 1, "called with its breaker open");
 }
+
+#[tokio::test]
+async fn a_reply_call_takes_a_slot_within_max_in_flight() {
+    // ivr takes 3 s to answer anything; it may have one request in flight.
+    let ivr = replying(200, REPLY, Duration::from_secs(3)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace(
+        "name = \"ivr\"\nurl",
+        "name = \"ivr\"\nmax_in_flight = 1\nurl",
+    ) + "[[routes]]\nname = \"status\"\nsource = \"voice\"\nmatch = { eventType = \"CALL_STATUS\" }\nto = [\"ivr\"]\n";
+    let r = TestRelay::start(&text).await;
+    // A call status event's delivery holds ivr's one slot.
+    let status = r
+        .post("/8x8/voice", &fixture("8x8/voice-call-status.json"))
+        .await;
+    assert_eq!(status.status, 200);
+    ivr.wait_for(1).await;
+    // The call action gets the fallback at its timeout, without a second request to ivr.
+    let a = r
+        .post("/8x8/voice", &fixture("8x8/voice-call-action.json"))
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert_eq!(ivr.seen().len(), 1, "a call beyond max_in_flight was made");
+    assert_eq!(ivr.max_concurrent(), 1);
+}

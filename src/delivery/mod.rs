@@ -47,8 +47,10 @@ pub struct Called {
 
 /// The one call a reply route makes: `event` to `dest` as attempt 1, within `timeout`,
 /// judged by the destination's retry policy. The narrow way the ingress reaches delivery.
-/// A paused destination, or one whose breaker is open, is not called; the call counts in
-/// the destination's live figures and tells its breaker the outcome, like an attempt.
+/// A paused destination, or one whose breaker is open, is not called; nor is one whose
+/// `max_in_flight` or `rate` leaves no room before the timeout (the call takes a slot and a
+/// token from its scheduler). The call counts in the destination's live figures and tells
+/// its breaker the outcome, like an attempt.
 pub async fn call_once(
     client: &HttpClient,
     dest: &Destination,
@@ -66,6 +68,27 @@ pub async fn call_once(
     if paused {
         return skipped("the destination is paused");
     }
+    // Its scheduler's limits hold for this call too: a slot, then a token, both within the
+    // reply's timeout. (Then the breaker, as the scheduler does: a probe it let through is
+    // made.)
+    let deadline = tokio::time::Instant::now() + timeout;
+    let limits = status.limits();
+    let _slot = match &limits {
+        Some(l) => match tokio::time::timeout_at(deadline, l.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Some(p),
+            _ => return skipped("the destination has max_in_flight requests in flight"),
+        },
+        None => None,
+    };
+    if let Some(l) = &limits {
+        if tokio::time::timeout_at(deadline, l.limiter.until_ready())
+            .await
+            .is_err()
+        {
+            return skipped("the destination's rate allows no request before the reply timeout");
+        }
+    }
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
     match status.gate(&dest.breaker, now_ms()) {
         Gate::Send | Gate::Probe => {}
         Gate::WaitUntil(_) | Gate::WaitProbe => {

@@ -38,7 +38,7 @@ use super::retry;
 use super::Context;
 use crate::clock::now_ms;
 use crate::config::{Destination, Rate};
-use crate::destinations::{DestinationStatus, Gate};
+use crate::destinations::{DestinationStatus, Gate, SendLimits};
 use crate::store::{Delivery, DeliveryKey, Outcome};
 
 /// The fewest and most deliveries one pass reads.
@@ -70,7 +70,7 @@ fn limiter(rate: &Rate) -> DefaultDirectRateLimiter {
 /// A destination's rate limiter and in-flight semaphore, resized when a reload changes them.
 struct Limits {
     rate: Rate,
-    limiter: DefaultDirectRateLimiter,
+    limiter: Arc<DefaultDirectRateLimiter>,
     max_in_flight: usize,
     slots: Arc<Semaphore>,
     /// Permits still to take out of circulation after `max_in_flight` went down while
@@ -82,7 +82,7 @@ impl Limits {
     fn new((rate, max): (Rate, usize)) -> Self {
         let max = max.clamp(1, MAX_IN_FLIGHT);
         Limits {
-            limiter: limiter(&rate),
+            limiter: Arc::new(limiter(&rate)),
             rate,
             max_in_flight: max,
             slots: Arc::new(Semaphore::new(max)),
@@ -92,7 +92,7 @@ impl Limits {
 
     fn update(&mut self, (rate, max): (Rate, usize)) {
         if rate != self.rate {
-            self.limiter = limiter(&rate);
+            self.limiter = Arc::new(limiter(&rate));
             self.rate = rate;
         }
         let max = max.clamp(1, MAX_IN_FLIGHT);
@@ -270,6 +270,11 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             }
             None => limits.insert(Limits::new(part)),
         };
+        // A reply route's calls take from the same slots and tokens.
+        in_flight.status.set_limits(Some(SendLimits {
+            slots: limits.slots.clone(),
+            limiter: limits.limiter.clone(),
+        }));
         let window = limits
             .max_in_flight
             .saturating_mul(2)
@@ -336,6 +341,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             _ = sleep_ms(sleep) => {}
         }
     }
+    in_flight.status.set_limits(None);
     debug!(destination = %name, "scheduler stopped");
 }
 
