@@ -369,7 +369,8 @@ async fn readyz(app: &App) -> Response<Body> {
     if !app.health.store_healthy() {
         // The last accept failed. Without traffic (a balancer that believed this answer
         // sends none) no accept would say it recovered: the probe does.
-        if let Ok(Ok(())) = tokio::time::timeout(PROBE_WAIT, app.store.probe()).await {
+        let largest = config.server.max_body_bytes as usize;
+        if let Ok(Ok(())) = tokio::time::timeout(PROBE_WAIT, app.store.probe(largest)).await {
             app.health.set_store_healthy(true);
         }
     }

@@ -400,10 +400,12 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Shows whether the store takes writes now: a small durable write, or the nearest
-    /// thing. Readiness runs it after an accept failed, so that it says ready again once
-    /// the store recovers even if no traffic comes meanwhile.
-    async fn probe(&self) -> Result<(), StoreError> {
+    /// Shows whether the store takes writes now: a durable write of `bytes` (the largest
+    /// event the ingress accepts), or the nearest thing. Readiness runs it after an accept
+    /// failed, so that it says ready again once the store recovers even if no traffic
+    /// comes meanwhile, and not while only small writes fit.
+    async fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        let _ = bytes;
         self.available().map_err(StoreError::Unavailable)
     }
 

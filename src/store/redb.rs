@@ -1,10 +1,18 @@
 //! The redb engine: one table in one file; a group is one write transaction committed with
 //! `fsync` (redb's default durability), so an accepted event survives power loss too.
+//!
+//! After an I/O error (a full disk) redb refuses every later write until the database is
+//! closed and opened again ("previous I/O error"): the engine does that at its next write,
+//! so a relay whose disk got room again accepts again, no restart needed. What was
+//! committed before the error is what the reopened file holds.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, StorageError as Io,
+    TableDefinition, TableError, TransactionError, WriteTransaction,
+};
 
 use super::engine::{Engine, Txn, Visit, VisitValue};
 use super::kv::KvStore;
@@ -19,7 +27,9 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hookrelay");
 pub type RedbStore = KvStore<RedbEngine>;
 
 pub struct RedbEngine {
-    db: Database,
+    /// `None` while a reopen after an I/O error has not succeeded yet.
+    db: RwLock<Option<Database>>,
+    file: PathBuf,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -41,26 +51,80 @@ impl RedbEngine {
     pub fn create(path: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
         let file = path.join("hookrelay.redb");
-        // redb's default cache is 1 GiB; the store's working set is the queue heads.
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&file)
-            .map_err(|e| err(format!("{}: {e}", file.display())))?;
-        let tx = db.begin_write().map_err(err)?;
-        tx.open_table(TABLE).map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok(RedbEngine { db })
+        Ok(RedbEngine {
+            db: RwLock::new(Some(open(&file)?)),
+            file,
+        })
+    }
+
+    fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap();
+        let db = db.as_ref().ok_or_else(reopening)?;
+        db.begin_read().map_err(err)
+    }
+
+    /// A write transaction; if redb refuses it for an earlier I/O error, the database is
+    /// closed and opened again first.
+    fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        {
+            let db = self.db.read().unwrap();
+            if let Some(db) = db.as_ref() {
+                match db.begin_write() {
+                    Ok(tx) => return Ok(tx),
+                    Err(TransactionError::Storage(Io::PreviousIo)) => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
+        }
+        self.reopen()?;
+        let db = self.db.read().unwrap();
+        db.as_ref()
+            .ok_or_else(reopening)?
+            .begin_write()
+            .map_err(err)
+    }
+
+    /// Closes the database (read transactions still alive fail from then on) and opens its
+    /// file again, which recovers the last commit.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap();
+        if let Some(old) = slot.take() {
+            let _ = old.close();
+        }
+        let db = open(&self.file)?;
+        *slot = Some(db);
+        tracing::warn!(
+            "the store had an I/O error (a full disk?); it was closed and opened again, and takes writes"
+        );
+        Ok(())
     }
 
     /// The table in a new read transaction; `None` before the first write made it.
     fn read_table(&self) -> Result<Option<ReadTable>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
+        let tx = self.begin_read()?;
         match tx.open_table(TABLE) {
             Ok(t) => Ok(Some(t)),
             Err(TableError::TableDoesNotExist(_)) => Ok(None),
             Err(e) => Err(err(e)),
         }
     }
+}
+
+/// Opens (or creates) the database in `file`, with the store's one table.
+fn open(file: &Path) -> Result<Database, StoreError> {
+    // redb's default cache is 1 GiB; the store's working set is the queue heads.
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(file)
+        .map_err(|e| err(format!("{}: {e}", file.display())))?;
+    let tx = db.begin_write().map_err(err)?;
+    tx.open_table(TABLE).map_err(err)?;
+    tx.commit().map_err(err)?;
+    Ok(db)
+}
+
+fn reopening() -> StoreError {
+    StoreError::Unavailable("the store is being opened again after an I/O error".into())
 }
 
 fn scan<T: ReadableTable<&'static [u8], &'static [u8]>>(
@@ -102,7 +166,7 @@ impl Engine for RedbEngine {
         from: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
+        let tx = self.begin_read()?;
         let table = tx.open_table(TABLE).map_err(err)?;
         scan(&table, prefix, from, visit)
     }
@@ -112,7 +176,7 @@ impl Engine for RedbEngine {
         below: &[u8],
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
+        let tx = self.begin_read()?;
         let table = tx.open_table(TABLE).map_err(err)?;
         if below <= prefix {
             return Ok(());
@@ -126,7 +190,7 @@ impl Engine for RedbEngine {
         Ok(())
     }
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.begin_write()?;
         let broken = {
             // One open table for the whole group.
             let mut table = tx.open_table(TABLE).map_err(err)?;

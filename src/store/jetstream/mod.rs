@@ -592,7 +592,7 @@ impl Store for JetStreamStore {
         }
     }
 
-    async fn probe(&self) -> Result<(), StoreError> {
+    async fn probe(&self, _bytes: usize) -> Result<(), StoreError> {
         self.available().map_err(StoreError::Unavailable)?;
         // The stream's leader answers (a write needs it).
         match tokio::time::timeout(WRITE_TIMEOUT, self.stream.get_info()).await {

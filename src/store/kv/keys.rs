@@ -75,12 +75,9 @@ pub(crate) const FORMAT: u32 = 4;
 /// latest expiry among them (`u64`, big-endian). Until then an accept of a v1 UUID id looks
 /// under `d/` too; while the key is present, lookups, replays and purges look under both.
 pub(super) const LEGACY_UNTIL_KEY: &[u8] = b"m/legacy-dedup-until";
-/// Rewritten by a readiness probe after a failed write ([`PROBE_BYTES`] of it), to see
-/// whether the store takes writes again.
+/// Rewritten by a readiness probe after a failed write, as large as the largest event, to
+/// see whether the store takes writes again.
 pub(super) const PROBE_KEY: &[u8] = b"m/probe";
-/// A probe's value: about one event's worth, so that a disk with room for a probe but not
-/// for an event is rare.
-pub(super) const PROBE_BYTES: usize = 4096;
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {

@@ -27,7 +27,7 @@
 //! - `m/format` the format version; a start refuses a store written in a newer format
 //! - `m/depth/<dest>` pending deliveries per destination, updated with every group;
 //!   `m/clean` marks a clean close, `m/recount` a failed count update, `m/probe` is
-//!   rewritten by readiness after a failed write. A start reads the
+//!   rewritten by readiness after a failed write (as large as the largest event). A start reads the
 //!   counts instead of scanning the queue, unless they may disagree with it: after a crash
 //!   on an engine whose groups are not atomic (sled), or after a failed update.
 
@@ -527,8 +527,8 @@ impl<E: Engine> Store for KvStore<E> {
             .clone()
     }
 
-    async fn probe(&self) -> Result<(), StoreError> {
-        self.submit(|w| w.txn.put(PROBE_KEY, &[0; PROBE_BYTES]))
+    async fn probe(&self, bytes: usize) -> Result<(), StoreError> {
+        self.submit(move |w| w.txn.put(PROBE_KEY, &vec![0; bytes.max(1)]))
             .await
     }
 
