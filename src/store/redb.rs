@@ -275,8 +275,7 @@ mod tests {
     #[test]
     fn an_operation_failing_after_a_write_fails_its_whole_group() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("t.redb")).unwrap();
-        let engine = RedbEngine { db };
+        let engine = RedbEngine::create(dir.path()).unwrap();
         let done = engine.group(&mut |txn| {
             txn.put(b"a", b"1").unwrap();
             txn.end_op().unwrap();
@@ -303,9 +302,7 @@ mod tests {
     #[test]
     fn get_each_answers_each_key_in_order_as_get_does() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = RedbEngine {
-            db: Database::create(dir.path().join("t.redb")).unwrap(),
-        };
+        let engine = RedbEngine::create(dir.path()).unwrap();
         let keys = [b"b".to_vec(), b"x".to_vec(), b"a".to_vec()];
         let each = |engine: &RedbEngine| {
             let mut seen = Vec::new();
