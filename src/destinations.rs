@@ -131,6 +131,14 @@ impl DestinationStatus {
         }
     }
 
+    /// A probe ended without an outcome (its request was dropped): the next attempt probes.
+    pub fn probe_abandoned(&self) {
+        let mut state = self.breaker.lock().unwrap();
+        if *state == BreakerState::Probing {
+            *state = BreakerState::Open { until_ms: 0 };
+        }
+    }
+
     /// Whether the breaker is open (or probing): the destination's state is `open`.
     pub fn breaker_open(&self) -> bool {
         *self.breaker.lock().unwrap() != BreakerState::Closed
@@ -225,6 +233,21 @@ mod tests {
         assert!(!s.breaker_open());
         assert_eq!(s.consecutive_failures(), 0);
         assert_eq!(s.gate(&b, 2151), Gate::Send);
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_attempt_probe() {
+        let b = Breaker {
+            failures: 1,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), Some(Change::Opened));
+        assert_eq!(s.gate(&b, 1000), Gate::Probe);
+        assert_eq!(s.gate(&b, 1001), Gate::WaitProbe);
+        s.probe_abandoned();
+        assert_eq!(s.gate(&b, 1002), Gate::Probe, "not stuck waiting for it");
+        assert!(s.breaker_open());
     }
 
     #[test]

@@ -170,16 +170,15 @@ async fn a_connection_in_use_is_kept() {
 #[tokio::test]
 async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
     let r = TestRelay::start(&config(100)).await;
-    // Each announces no length, so each holds max_body_bytes (4 MiB) of the 64 MiB budget.
+    // Each announces 4 MiB (max_body_bytes) and sends one byte: each holds 4 MiB of the
+    // 64 MiB budget while it waits for the rest.
     let held = (hookrelay::ingress::body_memory::BUDGET / 4_194_304) as usize;
     let mut slow = Vec::new();
     for _ in 0..held {
         let mut s = TcpStream::connect(r.addr()).await.unwrap();
-        s.write_all(
-            b"POST /open HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\n",
-        )
-        .await
-        .unwrap();
+        s.write_all(b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 4194304\r\n\r\n{")
+            .await
+            .unwrap();
         slow.push(s);
     }
     // Once they all hold their room, the next body is refused at once (bounded wait for

@@ -4,8 +4,8 @@
 //!
 //! With `admin_token` set, every request but `GET /healthz`, `GET /readyz` and the console's
 //! own files (which hold no data) needs `Authorization: Bearer <token>`, compared in
-//! constant time. A request another site's page makes through the operator's browser is
-//! refused ([`origin`]). Answers are JSON; errors use the contract's `{"error","message"}` shape.
+//! constant time. Without a token, a request another site's page makes through the
+//! operator's browser is refused ([`origin`]). Answers are JSON; errors use the contract's `{"error","message"}` shape.
 //! Nothing here prints a secret: events are shown as received (the provider's body),
 //! destination URLs without user info or query, and the routing table without auth values.
 
@@ -366,7 +366,7 @@ async fn readyz(app: &App) -> Response<Body> {
     if let Err(why) = app.store.available() {
         return ApiError::unavailable(why, "5").into_response();
     }
-    if !app.health.store_healthy() {
+    if !app.health.store_healthy() && app.health.probe_turn() {
         // The last accept failed. Without traffic (a balancer that believed this answer
         // sends none) no accept would say it recovered: the probe does.
         let largest = config.server.max_body_bytes as usize;

@@ -1,27 +1,32 @@
-//! Refuses admin requests that a web page on another site makes through the operator's
-//! browser: a cross-site fetch or form post (told by `Sec-Fetch-Site` or `Origin`), and,
-//! when no admin token is set, a `Host` that is not a loopback name (DNS rebinding: a page
-//! whose name was made to point at 127.0.0.1 reading events or pausing destinations).
+//! Without an admin token, refuses admin requests that a web page on another site makes
+//! through the operator's browser: a cross-site fetch or form post (told by
+//! `Sec-Fetch-Site`, or `Origin` when the browser sends no `Sec-Fetch-Site`), and a `Host`
+//! that is not a loopback name (DNS rebinding: a page whose name was made to point at
+//! 127.0.0.1 reading events or pausing destinations). With a token, the token does that.
 //! Clients that are not browsers send none of these headers and are not affected.
 
 use http::{header, Request, StatusCode};
 
 use crate::web::response::ApiError;
 
-/// `Err(403)` when `req` comes from another site's page, or (with no `admin_token`) names
-/// a host that is not this machine.
+/// `Err(403)` when `req` comes from another site's page, or names a host that is not this
+/// machine. With an `admin_token` (`token_set`) none of this is needed: another site's page
+/// cannot send the token, and the console may sit behind a proxy that rewrites `Host`.
 pub fn same_site<B>(req: &Request<B>, token_set: bool) -> Result<(), ApiError> {
-    let h = req.headers();
-    if let Some(site) = h.get("sec-fetch-site") {
-        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
-            return Err(refused("the request came from another site's page"));
-        }
+    if token_set {
+        return Ok(());
     }
+    let h = req.headers();
     let host = h
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if let Some(origin) = h.get(header::ORIGIN) {
+    // The browser's own word first; `Origin` for browsers that do not send it.
+    if let Some(site) = h.get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+            return Err(refused("the request came from another site's page"));
+        }
+    } else if let Some(origin) = h.get(header::ORIGIN) {
         let from = origin
             .to_str()
             .ok()
@@ -32,13 +37,11 @@ pub fn same_site<B>(req: &Request<B>, token_set: bool) -> Result<(), ApiError> {
             return Err(refused("the request came from another origin"));
         }
     }
-    if !token_set {
-        if let Some(host) = host {
-            if !loopback_name(host) {
-                return Err(refused(
-                    "without an admin_token the admin API answers only to a loopback host name",
-                ));
-            }
+    if let Some(host) = host {
+        if !loopback_name(host) {
+            return Err(refused(
+                "without an admin_token the admin API answers only to a loopback host name",
+            ));
         }
     }
     Ok(())
@@ -99,7 +102,8 @@ mod tests {
             ("sec-fetch-site", "cross-site"),
         ];
         assert!(same_site(&req(&form), false).is_err());
-        assert!(same_site(&req(&form), true).is_err());
+        // With a token the page cannot send it: the token refuses it.
+        assert!(same_site(&req(&form), true).is_ok());
         let old_browser = [
             ("host", "127.0.0.1:9090"),
             ("origin", "https://evil.example"),
@@ -111,6 +115,13 @@ mod tests {
         )
         .is_err());
         assert!(same_site(&req(&[("sec-fetch-site", "same-site")]), false).is_err());
+        // A proxy that rewrites Host: the browser's Sec-Fetch-Site decides.
+        let proxied = [
+            ("host", "127.0.0.1:9090"),
+            ("origin", "https://relay-admin.corp"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert!(same_site(&req(&proxied), false).is_ok());
     }
 
     #[test]

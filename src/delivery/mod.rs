@@ -71,6 +71,7 @@ pub async fn call_once(
     // Its scheduler's limits hold for this call too: a slot, then a token, both within the
     // reply's timeout. (Then the breaker, as the scheduler does: a probe it let through is
     // made.)
+    let full = timeout;
     let deadline = tokio::time::Instant::now() + timeout;
     let limits = status.limits();
     let _slot = match &limits {
@@ -89,16 +90,23 @@ pub async fn call_once(
         }
     }
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-    match status.gate(&dest.breaker, now_ms()) {
-        Gate::Send | Gate::Probe => {}
+    if timeout < full / 4 {
+        // Too late for a fair try: a timeout now would count against a destination that
+        // is only busy.
+        return skipped("the destination had no room until just before the reply timeout");
+    }
+    let probe = match status.gate(&dest.breaker, now_ms()) {
+        Gate::Send => false,
+        Gate::Probe => true,
         Gate::WaitUntil(_) | Gate::WaitProbe => {
             return skipped("the destination's breaker is open")
         }
-    }
+    };
     let started = std::time::Instant::now();
-    status.started();
+    // Dropped with the request (the provider hung up): the call stops counting as in
+    // flight, and a probe it was lets the next attempt probe instead of waiting forever.
+    let mut call = InCall::new(status, probe);
     let result = send_once(client, dest, event, 1, timeout).await;
-    status.finished();
     let seconds = started.elapsed().as_secs_f64();
     let described = retry::describe(&result);
     let called = match result {
@@ -131,8 +139,37 @@ pub async fn call_once(
         None => None,
     };
     let change = status.outcome(error.as_deref(), &dest.breaker, now_ms());
+    call.settled = true;
     crate::destinations::log_change(change, &dest.name, &dest.breaker);
     called
+}
+
+/// A reply route's call under way.
+struct InCall<'a> {
+    status: &'a DestinationStatus,
+    probe: bool,
+    /// Its outcome reached the breaker.
+    settled: bool,
+}
+
+impl<'a> InCall<'a> {
+    fn new(status: &'a DestinationStatus, probe: bool) -> Self {
+        status.started();
+        InCall {
+            status,
+            probe,
+            settled: false,
+        }
+    }
+}
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.status.finished();
+        if self.probe && !self.settled {
+            self.status.probe_abandoned();
+        }
+    }
 }
 
 /// What delivery is handed: the config in force, the store, metrics, the outbound client,

@@ -1,8 +1,9 @@
 //! A budget for the request bodies the ingress holds in memory at once, so that many
 //! clients each sending a large body slowly (or many HTTP/2 streams per connection) cannot
-//! exhaust memory: a body reserves its announced length (`max_body_bytes` when it announces
-//! none) before it is read, and frees it once its request is answered. Past the budget the
-//! request is answered 503 with `Retry-After` at once, nothing read.
+//! exhaust memory. A body reserves its announced length before it is read (a small first
+//! part when it announces none, then more as its data comes), and keeps what it turned out
+//! to need until its request is answered. Past the budget the request is answered 503 with
+//! `Retry-After`, at once.
 
 use std::sync::Arc;
 
@@ -12,6 +13,8 @@ use crate::web::response::ApiError;
 
 /// Bytes of request bodies held at once, across every connection.
 pub const BUDGET: u64 = 64 << 20;
+/// What a body that announces no length reserves before its first data.
+const FIRST_PART: u64 = 64 << 10;
 /// The budget's unit.
 const KIB: u64 = 1024;
 
@@ -19,26 +22,67 @@ pub struct BodyMemory(Arc<Semaphore>);
 
 impl Default for BodyMemory {
     fn default() -> Self {
-        BodyMemory(Arc::new(Semaphore::new((BUDGET / KIB) as usize)))
+        BodyMemory(Arc::new(Semaphore::new(units(BUDGET) as usize)))
     }
 }
 
+/// The room one body holds.
+pub struct Room {
+    permit: OwnedSemaphorePermit,
+    budget: Arc<Semaphore>,
+}
+
+fn units(bytes: u64) -> u32 {
+    bytes.min(BUDGET).div_ceil(KIB).max(1) as u32
+}
+
+fn refused() -> ApiError {
+    ApiError::unavailable(
+        "too many request bodies are being received at once; retry shortly",
+        "1",
+    )
+}
+
 impl BodyMemory {
-    /// Reserves room for a body of `announced` bytes (`limit`, the most a body may have,
-    /// when not announced); held until the permit is dropped.
-    pub fn reserve(
-        &self,
-        announced: Option<u64>,
-        limit: u64,
-    ) -> Result<OwnedSemaphorePermit, ApiError> {
-        let bytes = announced.unwrap_or(limit).min(limit).min(BUDGET);
-        let units = bytes.div_ceil(KIB).max(1) as u32;
-        self.0.clone().try_acquire_many_owned(units).map_err(|_| {
-            ApiError::unavailable(
-                "too many request bodies are being received at once; retry shortly",
-                "1",
-            )
+    /// Room for a body that announced `announced` bytes (a first part when it did not).
+    pub fn reserve(&self, announced: Option<u64>) -> Result<Room, ApiError> {
+        let permit = self
+            .0
+            .clone()
+            .try_acquire_many_owned(units(announced.unwrap_or(FIRST_PART)))
+            .map_err(|_| refused())?;
+        Ok(Room {
+            permit,
+            budget: self.0.clone(),
         })
+    }
+}
+
+impl Room {
+    /// Holds room for `bytes` at least; 503 when the budget has none left.
+    pub fn grow_to(&mut self, bytes: u64) -> Result<(), ApiError> {
+        let want = units(bytes);
+        let have = self.permit.num_permits() as u32;
+        if want > have {
+            // Twice what is held, at least: a body coming in many frames reserves a few times.
+            let more = (want - have).max(have).min(units(BUDGET) - have);
+            let extra = self
+                .budget
+                .clone()
+                .try_acquire_many_owned(more.max(want - have))
+                .map_err(|_| refused())?;
+            self.permit.merge(extra);
+        }
+        Ok(())
+    }
+
+    /// Gives back what is held past `bytes`.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        let keep = units(bytes) as usize;
+        let have = self.permit.num_permits();
+        if have > keep {
+            drop(self.permit.split(have - keep));
+        }
     }
 }
 
@@ -49,15 +93,16 @@ mod tests {
     #[test]
     fn bodies_past_the_budget_are_refused_until_room_comes_back() {
         let m = BodyMemory::default();
-        let limit = BUDGET / 4;
-        let held: Vec<_> = (0..4).map(|_| m.reserve(None, limit).unwrap()).collect();
-        assert!(m.reserve(Some(10), limit).is_err(), "over the budget");
+        let quarter = BUDGET / 4;
+        let held: Vec<_> = (0..4).map(|_| m.reserve(Some(quarter)).unwrap()).collect();
+        assert!(m.reserve(Some(10)).is_err(), "over the budget");
         drop(held);
-        assert!(m.reserve(Some(10), limit).is_ok());
-        // An announced length reserves that much, not the limit.
-        let small: Vec<_> = (0..1000)
-            .map(|_| m.reserve(Some(1000), limit).unwrap())
-            .collect();
-        assert_eq!(small.len(), 1000);
+        // A body of unknown length grows its room as its data comes, then keeps its size.
+        let mut room = m.reserve(None).unwrap();
+        room.grow_to(BUDGET / 2).unwrap();
+        assert!(m.reserve(Some(BUDGET / 2 + KIB)).is_err());
+        room.shrink_to(1000);
+        assert_eq!(room.permit.num_permits(), 1);
+        assert!(m.reserve(Some(BUDGET - KIB)).is_ok());
     }
 }

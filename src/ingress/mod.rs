@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::Value;
@@ -138,9 +138,7 @@ async fn accept(
     check_method(&req)?;
     let body_check = auth::check_headers(config, &source, req.headers(), now_ms() / 1000)?;
     let announced = check_announced_size(config, &req)?;
-    let _room = app
-        .bodies
-        .reserve(announced, config.server.max_body_bytes)?;
+    let mut room = app.bodies.reserve(announced)?;
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -150,6 +148,7 @@ async fn accept(
         req.into_body(),
         config.server.max_body_bytes,
         config.server.read_timeout,
+        Some(&mut room),
     )
     .await?;
     if let Some(check) = body_check {
@@ -397,22 +396,67 @@ fn store_unavailable(e: StoreError) -> ApiError {
     ApiError::unavailable("the event store is unavailable; try again later", "1")
 }
 
-async fn read_body(body: Incoming, limit: u64, timeout: Duration) -> Result<Bytes, ApiError> {
-    let limited = Limited::new(body, limit as usize);
-    match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!("the body was not received within {timeout:?}"),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("the body could not be read: {e}"),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+/// Reads the body whole (within `limit` bytes and `timeout`), holding `room` for it as it
+/// comes (when it counts against the budget); then `room` keeps just what the body takes.
+async fn read_body(
+    mut body: Incoming,
+    limit: u64,
+    timeout: Duration,
+    mut room: Option<&mut body_memory::Room>,
+) -> Result<Bytes, ApiError> {
+    let read = async {
+        // One frame (the usual case) is kept as it came; more are joined.
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<bytes::BytesMut> = None;
+        let mut len = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("the body could not be read: {e}"),
+                )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            len += data.len() as u64;
+            if len > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            if let Some(room) = room.as_deref_mut() {
+                room.grow_to(len)?;
+            }
+            match (&mut joined, first.take()) {
+                (Some(j), _) => j.extend_from_slice(&data),
+                (None, None) => first = Some(data),
+                (None, Some(f)) => {
+                    let mut j = bytes::BytesMut::with_capacity(f.len() + data.len());
+                    j.extend_from_slice(&f);
+                    j.extend_from_slice(&data);
+                    joined = Some(j);
+                }
+            }
+        }
+        Ok(match joined {
+            Some(j) => j.freeze(),
+            None => first.unwrap_or_default(),
+        })
+    };
+    let body = match tokio::time::timeout(timeout, read).await {
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body was not received within {timeout:?}"),
+            ))
+        }
+        Ok(r) => r?,
+    };
+    if let Some(room) = room {
+        room.shrink_to(body.len() as u64);
     }
+    Ok(body)
 }
 
 /// Parses the body, decodes the source's `decode_json` fields, and returns `[event]`.

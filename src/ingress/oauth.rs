@@ -129,11 +129,17 @@ pub async fn token_endpoint(
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body =
-        match super::read_body(req.into_body(), MAX_FORM_BYTES, config.server.read_timeout).await {
-            Ok(b) => b,
-            Err(e) => return error(e.status, "invalid_request", &e.message),
-        };
+    let body = match super::read_body(
+        req.into_body(),
+        MAX_FORM_BYTES,
+        config.server.read_timeout,
+        None,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return error(e.status, "invalid_request", &e.message),
+    };
     let mut grant = None;
     let mut form_id = None;
     let mut form_secret = None;

@@ -68,6 +68,10 @@ pub async fn call(
     let status = app.statuses.of(&dest.name);
     let paused = app.store.paused(&dest.name);
     let called = call_once(&app.client, dest, event, reply.timeout, &status, paused).await;
+    if called.outcome.is_some() {
+        // Its outcome may have closed (or opened) the breaker: the scheduler looks again.
+        app.store.wakeup(&dest.name).notify_one();
+    }
     let key = DeliveryKey {
         seq: event.seq,
         destination: dest.name.clone(),

@@ -8,12 +8,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -43,8 +45,8 @@ pub struct Limits {
 /// Serves `handler` on `listener` until `shutdown`; then stops accepting and lets requests
 /// in flight finish (bounded by `limits.drain`).
 ///
-/// A connection with no request in progress is closed once it has been so for
-/// `limits.header_timeout`: one that never sends a request (not a byte, or half an HTTP/2
+/// A connection with no request in progress (and no answer being written) is closed once it
+/// has been so for `limits.header_timeout`: one that never sends a request (not a byte, or half an HTTP/2
 /// preface) and an idle HTTP/2 connection alike, so silent clients cannot hold every slot.
 /// hyper's own header timeout does the same for an idle HTTP/1.1 keep-alive connection.
 pub async fn serve<H, F>(
@@ -108,7 +110,7 @@ pub async fn serve<H, F>(
         connections.spawn(async move {
             let result = match tls {
                 None => {
-                    let io = TokioIo::new(JsonErrors::new(stream));
+                    let io = TokioIo::new(JsonErrors::new(Watched::new(stream, &activity)));
                     let conn = builder.serve_connection(io, svc);
                     drive(
                         conn,
@@ -122,7 +124,7 @@ pub async fn serve<H, F>(
                 }
                 Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
                     Ok(Ok(tls_stream)) => {
-                        let io = TokioIo::new(JsonErrors::new(tls_stream));
+                        let io = TokioIo::new(JsonErrors::new(Watched::new(tls_stream, &activity)));
                         let conn = builder.serve_connection(io, svc);
                         drive(
                             conn,
@@ -190,11 +192,75 @@ where
 /// How long an idle connection being closed gets to say goodbye (an HTTP/2 GOAWAY).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// A connection's byte stream, whose writes count as activity: an answer still being
+/// written (a large page to a slow reader) keeps its connection open.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S, activity: &Arc<Activity>) -> Self {
+        Watched {
+            inner,
+            activity: activity.clone(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A connection's requests in progress, and since when it has had none.
 struct Activity {
     opened: Instant,
     busy: AtomicUsize,
-    /// Milliseconds from `opened` to the end of the last request.
+    /// Milliseconds from `opened` to the last activity (a request's end, an answer's write).
     last_ms: AtomicU64,
 }
 
@@ -203,10 +269,8 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let a = &self.0;
-        a.last_ms
-            .store(a.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
-        a.busy.fetch_sub(1, Ordering::SeqCst);
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -217,6 +281,12 @@ impl Activity {
             busy: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Something happened now: a request ended, or bytes of an answer went out.
+    fn touch(&self) {
+        self.last_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     fn start(self: &Arc<Self>) -> Busy {

@@ -382,7 +382,7 @@ impl JetStreamStore {
     }
 
     /// Whether the event at `seq` was fanned out (or is gone, so it was long ago).
-    pub(super) async fn fanned_out(&self, seq: u64) -> Result<bool, StoreError> {
+    async fn fanned_out(&self, seq: u64) -> Result<bool, StoreError> {
         match self.stream.get_raw_message(seq).await {
             Ok(m) if self.names.is_event(&m.subject) => {}
             Ok(_) => return Ok(true),

@@ -242,6 +242,23 @@ impl JetStreamStore {
         }
     }
 
+    /// Whether every delivery of the event at `seq` is written (its fan-out is done). Read
+    /// from the deliveries themselves: the fan-out's ack floor can stand still behind
+    /// another event for long.
+    async fn deliveries_written(
+        &self,
+        seq: u64,
+        meta: &EventMeta,
+        e: &str,
+    ) -> Result<bool, StoreError> {
+        for dest in &meta.destinations {
+            if self.state_of(seq, dest, e).await?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// A delivery's current state: (its stream sequence, record, body).
     async fn delivery_state(
         &self,
@@ -364,8 +381,8 @@ impl Store for JetStreamStore {
                     }
                     return self.duplicate_of(seq, &e).await;
                 }
-                Some((seq, _)) => {
-                    if !self.fanned_out(seq).await? {
+                Some((seq, old)) => {
+                    if !self.deliveries_written(seq, &old, &e).await? {
                         break;
                     }
                     expect = seq;
