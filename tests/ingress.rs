@@ -479,3 +479,34 @@ async fn connections_beyond_max_connections_wait_their_turn() {
         .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
 }
+
+#[tokio::test]
+async fn a_body_too_costly_for_a_descendant_jsonpath_is_refused() {
+    let cfg = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[sources]]
+name = "deep"
+path = "/deep"
+event_id = ["$..eventId"]
+"#;
+    let r = TestRelay::start(cfg).await;
+    // ~600 KB: 100 objects, each one key of 4,000 bytes, around 100,000 zeros. A search of
+    // every descendant would write ~40 GB of paths.
+    let mut body = String::new();
+    for _ in 0..100 {
+        body.push_str(&format!("{{\"{}\":", "k".repeat(4000)));
+    }
+    body.push('[');
+    body.push_str(&vec!["0"; 100_000].join(","));
+    body.push(']');
+    body.push_str(&"}".repeat(100));
+    let a = r.post("/deep", body.as_bytes()).await;
+    let msg = a.error(400, "invalid_json");
+    assert!(msg.contains("too deeply nested"), "{msg}");
+    // An ordinary event on the same source is accepted, its id found by the search.
+    let a = r.post("/deep", br#"{"payload":{"eventId":"e-1"}}"#).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["id"], "e-1");
+}

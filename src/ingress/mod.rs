@@ -9,6 +9,7 @@
 mod auth;
 pub mod body_memory;
 pub mod client_ip;
+mod descent;
 
 mod oauth;
 mod reply;
@@ -464,6 +465,9 @@ pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
     let mut event: Value = (source.needs)
         .parse(body)
         .map_err(|e| ApiError::bad_json(format!("the body is not valid JSON: {e}")))?;
+    if source.descends {
+        descent::check(&event)?;
+    }
     for field in &source.decode_json {
         let Some(Value::String(text)) = event.get(field) else {
             continue;

@@ -312,6 +312,18 @@ impl Cx<'_> {
 
         for s in &mut sources {
             s.needs = crate::needed::Needed::of(s, s.routes.iter().map(|&i| routes[i].as_ref()));
+            let mut texts =
+                s.event_id
+                    .iter()
+                    .map(|p| p.text.as_str())
+                    .chain(s.routes.iter().flat_map(|&i| {
+                        let r = &routes[i];
+                        r.order_by
+                            .iter()
+                            .map(|p| p.text.as_str())
+                            .chain(r.filter.iter().map(|f| f.text.as_str()))
+                    }));
+            s.descends = texts.any(|t| t.contains(".."));
         }
         Config {
             file: PathBuf::from(&self.file),

@@ -79,6 +79,7 @@ impl Cx<'_> {
             decode_json,
             routes: Vec::new(),
             needs: crate::needed::Needed::nothing(),
+            descends: false,
         }
     }
 

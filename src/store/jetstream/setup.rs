@@ -71,7 +71,10 @@ fn servers(urls: &[String]) -> anyhow::Result<(Vec<ServerAddr>, Option<Login>)> 
             .map_err(|e| anyhow!("store.url {shown:?} is not a NATS address: {e}"))?;
         let mut plain = a.into_inner();
         let found = match (plain.username(), plain.password()) {
-            ("", _) => None,
+            ("", Some(_)) => return Err(anyhow!(
+                "store.url {shown:?}: a password without a user (write user:password@, or token@)"
+            )),
+            ("", None) => None,
             (user, Some(password)) => Some(Login::UserPassword(decoded(user), decoded(password))),
             (token, None) => Some(Login::Token(decoded(token))),
         };
