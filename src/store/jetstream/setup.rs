@@ -71,9 +71,7 @@ fn servers(urls: &[String]) -> anyhow::Result<(Vec<ServerAddr>, Option<Login>)> 
             .map_err(|e| anyhow!("store.url {shown:?} is not a NATS address: {e}"))?;
         let mut plain = a.into_inner();
         let found = match (plain.username(), plain.password()) {
-            ("", Some(_)) => return Err(anyhow!(
-                "store.url {shown:?}: a password without a user (write user:password@, or token@)"
-            )),
+            ("", Some(_)) => return Err(anyhow!("store.url {shown:?}: a password but no user")),
             ("", None) => None,
             (user, Some(password)) => Some(Login::UserPassword(decoded(user), decoded(password))),
             (token, None) => Some(Login::Token(decoded(token))),
