@@ -18,6 +18,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -108,47 +109,38 @@ pub async fn serve<H, F>(
         let drain = limits.drain;
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let result = match tls {
-                None => {
-                    let io = TokioIo::new(JsonErrors::new(Watched::new(stream, &activity)));
-                    let conn = builder.serve_connection(io, svc);
-                    drive(
-                        conn,
-                        |c| c.graceful_shutdown(),
-                        &activity,
-                        idle,
-                        &shutdown,
-                        drain,
-                    )
-                    .await
-                }
+            let stream = match tls {
+                None => Either::Left(stream),
                 Some(acceptor) => match tokio::time::timeout(idle, acceptor.accept(stream)).await {
-                    Ok(Ok(tls_stream)) => {
-                        let io = TokioIo::new(JsonErrors::new(Watched::new(tls_stream, &activity)));
-                        let conn = builder.serve_connection(io, svc);
-                        drive(
-                            conn,
-                            |c| c.graceful_shutdown(),
-                            &activity,
-                            idle,
-                            &shutdown,
-                            drain,
-                        )
-                        .await
-                    }
+                    Ok(Ok(tls_stream)) => Either::Right(tls_stream),
                     Ok(Err(e)) => {
                         debug!(listener = name, error = %e, %peer, "TLS handshake failed");
-                        Ok(())
+                        return;
                     }
                     Err(_) => {
                         debug!(listener = name, %peer, "TLS handshake timed out");
-                        Ok(())
+                        return;
                     }
                 },
             };
-            if let Err(e) = result {
-                debug!(listener = name, error = %e, %peer, "connection ended with an error");
-            }
+            let io = TokioIo::new(JsonErrors::new(Watched::new(stream, &activity)));
+            let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
+            // Until it ends, the relay stops (then it gets `drain` to finish what it has in
+            // progress) or it has had no request in progress for `idle` (then it is closed,
+            // gracefully if that is quick).
+            let grace = tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(listener = name, error = %e, %peer, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = shutdown.cancelled() => drain,
+                _ = activity.idle_for(idle) => IDLE_CLOSE_GRACE,
+            };
+            conn.as_mut().graceful_shutdown();
+            // Past the grace, dropping the connection closes the socket.
+            let _ = tokio::time::timeout(grace, conn).await;
             drop(permit);
         });
     }
@@ -160,33 +152,6 @@ pub async fn serve<H, F>(
     {
         warn!(listener = name, drain = ?limits.drain, "connections still open after the drain period");
     }
-}
-
-type ConnError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Runs one connection until it ends, the relay stops (then it gets `drain` to finish what
-/// it has in progress) or it has had no request in progress for `idle` (then it is closed,
-/// gracefully if that is quick).
-async fn drive<C>(
-    conn: C,
-    shut_down: impl FnOnce(Pin<&mut C>),
-    activity: &Activity,
-    idle: Duration,
-    shutdown: &CancellationToken,
-    drain: Duration,
-) -> Result<(), ConnError>
-where
-    C: Future<Output = Result<(), ConnError>>,
-{
-    let mut conn = std::pin::pin!(conn);
-    let grace = tokio::select! {
-        r = conn.as_mut() => return r,
-        _ = shutdown.cancelled() => drain,
-        _ = activity.idle_for(idle) => IDLE_CLOSE_GRACE,
-    };
-    shut_down(conn.as_mut());
-    // Past the grace, dropping the connection closes the socket.
-    tokio::time::timeout(grace, conn).await.unwrap_or(Ok(()))
 }
 
 /// How long an idle connection being closed gets to say goodbye (an HTTP/2 GOAWAY).
