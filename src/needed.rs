@@ -3,15 +3,16 @@
 //! Routing reads a few fields of an event: its `match` keys, its `event_id` and `order_by`
 //! paths and its `decode_json` fields. Building the whole JSON tree of every event, only to
 //! drop it again, cost as much CPU as all the rest of the ingress handler (profile in
-//! docs/performance.md). [`Needed::parse`] still reads, and so checks, every byte of the
-//! body, and keeps only what a rule can reach; a source with a `filter` or a path that is
+//! docs/performance.md). [`Needed::parse`] still reads, and checks as serde_json's `Value`
+//! would (UTF-8, escapes, numbers in range), every byte of the body, and keeps only what a
+//! rule can reach; a source with a `filter` or a path that is
 //! not plain members (`$.a.b`) needs everything, and gets the whole tree as before.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -137,11 +138,59 @@ impl<'de> Visitor<'de> for Keep<'_> {
                     out.insert(k.into_owned(), v); // a repeated key: the last one wins
                 }
                 None => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                 }
             }
         }
         Ok(Value::Object(out))
+    }
+}
+
+/// A value read and dropped, but checked as building it would check it: serde's
+/// `IgnoredAny` skips strings and numbers without looking inside, so a member no rule reads
+/// could hold bytes that are not UTF-8, a lone surrogate escape or `1e400`, and a body that
+/// is not JSON would be accepted.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_key::<Key<'de>>()?.is_some() {
+            map.next_value::<Checked>()?;
+        }
+        Ok(Checked)
     }
 }
 
@@ -215,7 +264,14 @@ mod tests {
             br#"{"a":1} trailing"#,
             br#"{"a":1,"b":"\x"}"#,
             b"",
+            // In members no rule reads: not UTF-8, a lone surrogate, a number out of range.
+            b"{\"a\":1,\"b\":\"\xff\"}",
+            b"{\"a\":1,\"b\":{\"c\":[\"\xc3\"]}}",
+            br#"{"a":1,"b":"\ud800"}"#,
+            br#"{"a":1,"b":[1e400]}"#,
+            b"{\"a\":1,\"\xff\":2}",
         ] {
+            assert!(serde_json::from_slice::<Value>(bad).is_err());
             assert!(n.parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         // Escaped keys are compared by their text.

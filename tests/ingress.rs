@@ -490,6 +490,12 @@ listen = "127.0.0.1:0"
 name = "deep"
 path = "/deep"
 event_id = ["$..eventId"]
+
+[[sources]]
+name = "decoded"
+path = "/decoded"
+decode_json = ["data"]
+event_id = ["$..eventId"]
 "#;
     let r = TestRelay::start(cfg).await;
     // ~600 KB: 100 objects, each one key of 4,000 bytes, around 100,000 zeros. A search of
@@ -505,8 +511,49 @@ event_id = ["$..eventId"]
     let a = r.post("/deep", body.as_bytes()).await;
     let msg = a.error(400, "invalid_json");
     assert!(msg.contains("too deeply nested"), "{msg}");
-    // An ordinary event on the same source is accepted, its id found by the search.
+    // The same, as the text of a `decode_json` field: searched once decoded, so refused too.
+    let wrapped = serde_json::json!({ "data": body }).to_string();
+    let a = r.post("/decoded", wrapped.as_bytes()).await;
+    let msg = a.error(400, "invalid_json");
+    assert!(msg.contains("too deeply nested"), "{msg}");
+    // An ordinary event on the same sources is accepted, its id found by the search.
     let a = r.post("/deep", br#"{"payload":{"eventId":"e-1"}}"#).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.json()["id"], "e-1");
+    let a = r
+        .post(
+            "/decoded",
+            br#"{"data":"{\"payload\":{\"eventId\":\"e-2\"}}"}"#,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.json()["id"], "e-2");
+}
+
+/// A member no rule reads is still checked: a body that is not JSON is a 400 whichever
+/// member holds the fault.
+#[tokio::test]
+async fn a_body_that_is_not_json_in_a_member_no_rule_reads_is_refused() {
+    let cfg = r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[sources]]
+name = "voice"
+path = "/voice"
+event_id = ["$.payload.eventId"]
+"#;
+    let r = TestRelay::start(cfg).await;
+    for bad in [
+        &b"{\"payload\":{\"eventId\":\"e-1\",\"text\":\"\xff\"}}"[..],
+        br#"{"payload":{"eventId":"e-1"},"note":"\ud800"}"#,
+        br#"{"payload":{"eventId":"e-1"},"n":[1e400]}"#,
+    ] {
+        let a = r.post("/voice", bad).await;
+        a.error(400, "invalid_json");
+    }
+    let a = r
+        .post("/voice", br#"{"payload":{"eventId":"e-1"},"n":1e300}"#)
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
 }

@@ -44,11 +44,11 @@ fn fits(v: &Value, path: u64, left: &mut u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `depth` objects, each with one key of `key` bytes, around an array of `n` zeros.
-    pub fn hostile(depth: usize, key: usize, n: usize) -> Value {
+    pub(crate) fn hostile(depth: usize, key: usize, n: usize) -> Value {
         let mut v = Value::Array(vec![Value::from(0); n]);
         for _ in 0..depth {
             let mut m = serde_json::Map::new();

@@ -465,9 +465,6 @@ pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
     let mut event: Value = (source.needs)
         .parse(body)
         .map_err(|e| ApiError::bad_json(format!("the body is not valid JSON: {e}")))?;
-    if source.descends {
-        descent::check(&event)?;
-    }
     for field in &source.decode_json {
         let Some(Value::String(text)) = event.get(field) else {
             continue;
@@ -478,6 +475,10 @@ pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
             ))
         })?;
         event[field] = decoded;
+    }
+    // After decoding: a `decode_json` field's text is searched as the JSON it holds.
+    if source.descends {
+        descent::check(&event)?;
     }
     Ok(Value::Array(vec![event]))
 }
