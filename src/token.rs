@@ -2,7 +2,9 @@
 //!
 //! Signed with `[server] token_secret`, they carry source, client, scope and expiry, so they
 //! survive restarts and need no store. A token is valid only for the source it was issued
-//! for (checked by the caller against `Claims::source`). The MAC check is constant-time.
+//! for (checked by the caller against `Claims::source`), and only while its client keeps
+//! the secret it was issued against (`Claims::secret`, a MAC of that secret: a rotated or
+//! removed secret revokes its tokens at the reload). The MAC checks are constant-time.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,6 +21,18 @@ pub struct Claims {
     pub scope: Option<String>,
     /// Expiry, unix seconds.
     pub exp: u64,
+    /// [`secret_mark`] of the client secret the token was issued against.
+    #[serde(rename = "sk", default)]
+    pub secret: String,
+}
+
+/// What a token carries of its client's secret: a MAC under the token key, so the token
+/// tells nothing about the secret, yet a token issued against another secret is told apart.
+pub fn secret_mark(key: &[u8], client_secret: &[u8]) -> String {
+    let mut m = mac(key);
+    m.update(b"hookrelay client secret\0");
+    m.update(client_secret);
+    URL_SAFE_NO_PAD.encode(&m.finalize().into_bytes()[..16])
 }
 
 use crate::signature::keyed as mac;
@@ -70,6 +84,7 @@ mod tests {
             client: "8x8-sms".into(),
             scope: None,
             exp,
+            secret: secret_mark(b"k", b"s"),
         }
     }
 

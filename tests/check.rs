@@ -129,6 +129,19 @@ fn invalid_event_id_jsonpath() {
 }
 
 #[test]
+fn a_jsonpath_as_a_decode_json_field() {
+    let t = BASE.replace(
+        "event_id = [\"$.payload.eventId\"]",
+        "event_id = [\"$.payload.eventId\"]\ndecode_json = [\"data\", \"$.data\"]",
+    );
+    rejects(
+        &t,
+        "sources[0].decode_json[1]",
+        "not a top-level field name",
+    );
+}
+
+#[test]
 fn invalid_filter() {
     let t = BASE.replace(
         "to = [\"calls\"]",

@@ -122,6 +122,47 @@ async fn token_with_basic_credentials_opens_the_source() {
     );
 }
 
+/// RFC 6749 §3.2.1: a client authenticated by HTTP Basic may name itself in the form too;
+/// RFC 9110 §11.1: the schemes are case-insensitive.
+#[tokio::test]
+async fn token_with_basic_credentials_and_the_client_named_in_the_form() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let basic = format!(
+        "BASIC {}",
+        STANDARD.encode(format!("{}:{}", enc("8x8-sms"), enc("s3cr3t&=:x")))
+    );
+    let ask = |client_id: &'static str| {
+        let basic = basic.clone();
+        let r = &r;
+        async move {
+            r.post_with(
+                "/oauth/token",
+                &[FORM, ("authorization", &basic)],
+                &form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client_id),
+                ]),
+            )
+            .await
+        }
+    };
+    let token = bearer(&ask("8x8-sms").await);
+    let upper = token.replacen("Bearer", "BEARER", 1);
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &upper)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    // Another client named than the one authenticated: refused.
+    let a = ask("someone-else").await;
+    assert_eq!(a.status, 400, "{:?}", a.body);
+    assert_eq!(a.json()["error"], "invalid_request");
+}
+
 #[tokio::test]
 async fn token_with_form_credentials_and_scope() {
     let r = TestRelay::start_env(CONFIG, ENV).await;
@@ -221,6 +262,7 @@ async fn expired_token_is_refused() {
         client: "8x8-sms".into(),
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 - 1,
+        secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
     };
     let old = hookrelay::token::issue(b"token-signing-key", &claims);
     let a = r
@@ -266,6 +308,32 @@ async fn a_removed_clients_token_is_refused() {
         .await;
     let msg = a.error(401, "unauthorized");
     assert!(msg.contains("no longer configured"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_token_issued_against_a_rotated_secret_is_refused() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
+    let dir = r.stop().await;
+    let rotated = CONFIG.replace(r#"secret = "s3cr3t&=:x""#, r#"secret = "rotated-secret""#);
+    assert_ne!(rotated, CONFIG);
+    let r = TestRelay::start_in(dir, &rotated, ENV).await;
+    let post = |auth: String| {
+        let r = &r;
+        async move {
+            r.post_with(
+                "/8x8/sms",
+                &[("authorization", &auth)],
+                &fixture("8x8/sms-inbound.json"),
+            )
+            .await
+        }
+    };
+    let msg = post(auth).await.error(401, "unauthorized");
+    assert!(msg.contains("secret changed"), "{msg}");
+    // A token issued against the new secret opens the source.
+    let auth = bearer(&token_basic(&r, "8x8-sms", "rotated-secret").await);
+    assert_eq!(post(auth).await.status, 200);
 }
 
 // ---- Standard Webhooks inbound ----

@@ -103,16 +103,7 @@ fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(token) = &config.server.admin_token else {
         return Ok(());
     };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            // The scheme is case-insensitive (RFC 9110 §11.1).
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(token)
-        })
-        .map(str::trim);
+    let given = crate::web::authorization::credentials(req.headers(), "Bearer");
     match given {
         Some(t) if bool::from(t.as_bytes().ct_eq(token.expose())) => Ok(()),
         Some(_) => Err(unauthorized("the admin token is not valid")),

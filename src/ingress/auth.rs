@@ -5,7 +5,7 @@
 //! headers is judged first; a Standard Webhooks signature covers the body and is verified
 //! once the body is read ([`BodyCheck`]).
 
-use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use http::header::WWW_AUTHENTICATE;
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
@@ -68,13 +68,7 @@ pub fn check_headers(
             }
         }
         Auth::OAuth2 { clients, .. } => {
-            let bearer = headers
-                .get(AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                });
+            let bearer = crate::web::authorization::credentials(headers, "Bearer");
             let unauthorized = |m: &str| {
                 ApiError::unauthorized(m.to_string()).with_header(WWW_AUTHENTICATE, "Bearer")
             };
@@ -87,13 +81,21 @@ pub fn check_headers(
                 return Err(unauthorized("no token secret is configured"));
             };
             match token::verify(key.expose(), tok.trim(), now) {
-                // A client removed from the config (or renamed) loses its tokens at the
-                // reload, not when they expire.
+                // A client removed from the config (or renamed), or given another secret,
+                // loses its tokens at the reload, not when they expire.
                 Ok(claims) if claims.source == source.name => {
-                    if clients.iter().any(|c| c.id == claims.client) {
-                        Ok(None)
-                    } else {
-                        Err(unauthorized("the token's client is no longer configured"))
+                    match clients.iter().find(|c| c.id == claims.client) {
+                        Some(c) => {
+                            let mark = token::secret_mark(key.expose(), c.secret.expose());
+                            if bool::from(mark.as_bytes().ct_eq(claims.secret.as_bytes())) {
+                                Ok(None)
+                            } else {
+                                Err(unauthorized(
+                                    "the token was issued before its client's secret changed",
+                                ))
+                            }
+                        }
+                        None => Err(unauthorized("the token's client is no longer configured")),
                     }
                 }
                 Ok(_) => Err(unauthorized("the token was issued for another source")),

@@ -65,9 +65,7 @@ fn invalid_client() -> Response<Body> {
 /// `id:secret` from a Basic header, each part form-urlencoded (RFC 6749 §2.3.1).
 /// Many clients skip that encoding, so the raw pair is returned too.
 fn basic_credentials(value: &str) -> Option<[(String, String); 2]> {
-    let b64 = value
-        .strip_prefix("Basic ")
-        .or_else(|| value.strip_prefix("basic "))?;
+    let b64 = crate::web::authorization::of_scheme(value, "Basic")?;
     let raw = STANDARD.decode(b64.trim()).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (id, secret) = text.split_once(':')?;
@@ -162,8 +160,23 @@ pub async fn token_endpoint(
         *slot = Some(v.into_owned());
     }
     let candidates = match (basic, form_id, form_secret) {
-        (Some(h), None, None) => match basic_credentials(&h) {
-            Some(c) => c.to_vec(),
+        // A client may also name itself in the form (RFC 6749 §3.2.1); then as the client
+        // its Basic header authenticates.
+        (Some(h), named, None) => match basic_credentials(&h) {
+            Some(c) => {
+                let c: Vec<_> = c
+                    .into_iter()
+                    .filter(|(id, _)| named.as_ref().is_none_or(|n| n == id))
+                    .collect();
+                if c.is_empty() {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        "client_id is not the client of the HTTP Basic credentials",
+                    );
+                }
+                c
+            }
             None => return invalid_client(),
         },
         (Some(_), _, _) => {
@@ -201,9 +214,9 @@ pub async fn token_endpoint(
     if !allowed_somewhere {
         return forbidden();
     }
-    let Some((source, id)) = candidates
+    let Some((source, id, secret)) = candidates
         .into_iter()
-        .find_map(|(id, secret)| authenticate(config, &id, &secret).map(|s| (s, id)))
+        .find_map(|(id, secret)| authenticate(config, &id, &secret).map(|s| (s, id, secret)))
     else {
         return invalid_client();
     };
@@ -220,6 +233,7 @@ pub async fn token_endpoint(
         client: id,
         scope: scope.clone(),
         exp: now_ms() / 1000 + ttl,
+        secret: token::secret_mark(key.expose(), secret.as_bytes()),
     };
     let mut body = json!({
         "access_token": token::issue(key.expose(), &claims),

@@ -66,9 +66,22 @@ impl Cx<'_> {
         }
         let mut decode_json = Vec::new();
         for (j, f) in r.decode_json.iter().flatten().enumerate() {
-            if let Some(text) = self.string(f, &format!("{key}.decode_json[{j}]")) {
-                decode_json.push(text);
+            let k = format!("{key}.decode_json[{j}]");
+            let Some(text) = self.string(f, &k) else {
+                continue;
+            };
+            // A JSONPath here would silently never decode anything.
+            if text.is_empty() || text.starts_with('$') {
+                self.err(
+                    Some(f.span()),
+                    &k,
+                    format!(
+                        "{text:?} is not a top-level field name (write \"data\", not \"$.data\")"
+                    ),
+                );
+                continue;
             }
+            decode_json.push(text);
         }
         Source {
             name,
