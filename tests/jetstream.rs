@@ -799,3 +799,65 @@ async fn most_at_once_across_three_instances(
     }
     max
 }
+
+/// A destination that leaves one instance's config (a rolling reload) is sent by the others:
+/// what that instance held for it goes back to them, not kept there until its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_removed_from_one_instance_is_sent_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let x = FaultSink::answering(200).await;
+    let y = FaultSink::answering(200).await;
+    let both = config(&[nats.url()], &[("x", x.url("/x")), ("y", y.url("/y"))]);
+    // On the first instance x is slow: one a second, so it holds most of them a while.
+    let slow = both.replace(
+        &format!("url = \"{}\"\n", x.url("/x")),
+        &format!(
+            "url = \"{}\"\nrate = {{ per_second = 1, burst = 1 }}\n",
+            x.url("/x")
+        ),
+    );
+    assert_ne!(slow, both);
+    let first_cfg = dir.path().join("first.toml");
+    std::fs::write(&first_cfg, &slow).unwrap();
+    let mut first = RelayProcess::spawn_at(&first_cfg, &dir.path().join("first.log"), "info").await;
+    const N: usize = 20;
+    for i in 0..N {
+        assert_eq!(post(&first, &format!("e-{i}")).await.0, 200);
+    }
+    assert!(
+        y.wait_count(N, Duration::from_secs(20)).await,
+        "y has them all"
+    );
+    assert!(
+        x.wait_count(1, Duration::from_secs(10)).await,
+        "x has begun"
+    );
+    // The first instance loses x; a second one, with x, starts.
+    let only_y = config(&[nats.url()], &[("y", y.url("/y"))]);
+    std::fs::write(&first_cfg, &only_y).unwrap();
+    first.signal("HUP");
+    assert!(
+        first
+            .wait_log("config reloaded", Duration::from_secs(10))
+            .await,
+        "the first instance reloaded"
+    );
+    let second_cfg = dir.path().join("second.toml");
+    std::fs::write(&second_cfg, &both).unwrap();
+    let second = RelayProcess::spawn(&second_cfg, &dir.path().join("second.log")).await;
+    let all =
+        |a: &[support::Arrival]| a.iter().map(|a| a.id.clone()).collect::<HashSet<_>>().len() == N;
+    assert!(
+        x.wait_until(all, Duration::from_secs(30)).await,
+        "x got {} of {N} events",
+        x.arrivals()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    );
+    second.sigterm(Duration::from_secs(10)).await;
+    first.sigterm(Duration::from_secs(10)).await;
+    drop(nats);
+}

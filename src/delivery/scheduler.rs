@@ -241,7 +241,12 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             }
         }
         let Some(dest) = ctx.deps.live.get().destination(&name).cloned() else {
-            // Not configured (any more): its deliveries wait on disk.
+            // Not configured (any more): its deliveries wait on disk, and what this instance
+            // holds of them goes back to the others (jetstream) that may still send them.
+            ctx.deps
+                .store
+                .hand_back(&name, &|seq| in_flight.contains(seq))
+                .await;
             tokio::select! {
                 _ = ctx.stop.cancelled() => break,
                 _ = changed(&mut changes) => continue,
@@ -342,6 +347,12 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
         }
     }
     in_flight.status.set_limits(None);
+    // Stopping: take no more, and give back what no attempt holds (jetstream), so other
+    // instances send it while this one finishes its attempts in flight.
+    ctx.deps
+        .store
+        .hand_back(&name, &|seq| in_flight.contains(seq))
+        .await;
     debug!(destination = %name, "scheduler stopped");
 }
 
