@@ -12,8 +12,8 @@ use http::Method;
 
 use hookrelay::store::DeliveryState;
 use support::{
-    client, nats_server_on_its_own_port, send, try_post, Action, Answer, FaultSink, NatsServer,
-    RelayProcess,
+    client, nats_server_on_its_own_port, send, try_post, Action, Answer, FaultSink, NatsCluster,
+    NatsServer, RelayProcess,
 };
 use support::{fixture, jetstream_config, Reply, Sink, TestRelay};
 
@@ -860,4 +860,43 @@ async fn a_destination_removed_from_one_instance_is_sent_by_another() {
     second.sigterm(Duration::from_secs(10)).await;
     first.sigterm(Duration::from_secs(10)).await;
     drop(nats);
+}
+
+/// `replicas` raised in the config (a cluster that grew) holds for a stream made before
+/// with one: the relay scales it at start, so one server's loss loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_with_one_replica_takes_the_configs_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = NatsCluster::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let cfg = dir.path().join("routes.toml");
+    let with = |replicas| jetstream_config(&cluster.urls(), "t", replicas, &[("a", a.url("/a"))]);
+    let js = async_nats::jetstream::new(
+        async_nats::connect(cluster.urls()[1].clone())
+            .await
+            .unwrap(),
+    );
+    let replicas = || async {
+        js.get_stream("t")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .num_replicas
+    };
+    std::fs::write(&cfg, with(1)).unwrap();
+    let relay = RelayProcess::spawn(&cfg, &dir.path().join("one.log")).await;
+    assert_eq!(post(&relay, "before").await.0, 200);
+    relay.sigterm(Duration::from_secs(10)).await;
+    assert_eq!(replicas().await, 1);
+    std::fs::write(&cfg, with(3)).unwrap();
+    let relay = RelayProcess::spawn(&cfg, &dir.path().join("three.log")).await;
+    assert_eq!(replicas().await, 3);
+    assert_eq!(post(&relay, "after").await.0, 200);
+    assert!(
+        a.wait_count(2, Duration::from_secs(10)).await,
+        "both delivered"
+    );
+    relay.sigterm(Duration::from_secs(10)).await;
+    drop(cluster);
 }

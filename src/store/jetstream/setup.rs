@@ -210,6 +210,26 @@ async fn create(
         })
         .await
         .with_context(|| format!("creating the stream {:?}", names.stream()))?;
+    // A stream made earlier keeps its settings; `replicas` is the one an operator changes
+    // (1 → 3 when a cluster grows), and it must hold, or one server's loss loses events.
+    let stream = match stream.cached_info().config.num_replicas {
+        n if n == s.replicas => stream,
+        was => {
+            let mut config = stream.cached_info().config.clone();
+            config.num_replicas = s.replicas;
+            js.update_stream(&config).await.with_context(|| {
+                format!(
+                    "changing the stream {:?} from {was} to {} replicas",
+                    names.stream(),
+                    s.replicas
+                )
+            })?;
+            tracing::info!(stream = %names.stream(), was, now = s.replicas, "the stream's replicas follow the config");
+            js.get_stream(names.stream())
+                .await
+                .with_context(|| format!("reading the stream {:?}", names.stream()))?
+        }
+    };
     let bucket = |name: String, max_age: Duration| kv::Config {
         bucket: name,
         history: 1,
