@@ -974,6 +974,30 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
     st.close().await.unwrap();
 }
 
+/// An accept that fails after writing its line entries (here its event is larger than the
+/// server takes) deletes them at once: the key's next event is not held back for the
+/// 10 s an orphan entry waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_accepts_line_entries_do_not_hold_its_key_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let ordered = |id: &str| NewEvent {
+        order_keys: vec![Some("K".into())],
+        ..ev(id, "o", &["r"])
+    };
+    let too_large = NewEvent {
+        body: Bytes::from(vec![b' '; 9 << 20]),
+        ..ordered("big")
+    };
+    assert!(st.accept(too_large).await.is_err());
+    let k0 = accepted(st.as_ref(), ordered("k0")).await;
+    let started = Instant::now();
+    due_within(st.as_ref(), "r", k0, Duration::from_secs(4)).await;
+    println!("K-0 due after {:?}", started.elapsed());
+    st.close().await.unwrap();
+}
+
 /// An event stored after its line entry was let go as an orphan (the server was slower than
 /// the orphan wait) is not stranded: its fan-out finds the entry gone and puts it back by
 /// accept order, behind the line's head (here K-1, which heads the line by then), waiting.

@@ -266,7 +266,7 @@ impl JetStreamStore {
         e: &str,
         destinations: &[String],
         lines: &mut [Option<Line>],
-    ) -> Result<Vec<u64>, StoreError> {
+    ) -> Result<Entries, StoreError> {
         let started = std::time::Instant::now();
         let writes = destinations
             .iter()
@@ -297,7 +297,10 @@ impl JetStreamStore {
             }
         }
         if failed.is_none() && started.elapsed() <= ENTRIES_FRESH {
-            return Ok(entries);
+            return Ok(Entries {
+                store: self.me.clone(),
+                seqs: entries,
+            });
         }
         for seq in entries {
             self.forget_entry(seq).await;
@@ -338,7 +341,8 @@ impl JetStreamStore {
         Ok(())
     }
 
-    /// Deletes a line entry that stands for nothing (a duplicate's); a failure is logged
+    /// Deletes a line entry that stands for nothing (a duplicate's, a failed accept's); a
+    /// failure is logged
     /// (the entry is let go once old).
     pub(super) async fn forget_entry(&self, seq: u64) {
         if let Err(e) = self.delete_entry(seq).await {
@@ -425,6 +429,58 @@ impl JetStreamStore {
             Some(e) if !not_found(&e) => Err(unavailable(&e)),
             _ => Ok(()),
         }
+    }
+}
+
+/// An accept's line entries, written before its event: [`keep`](Self::keep) once the event
+/// is stored, [`forget`](Self::forget) when it is not. Dropped unsettled (the accept itself
+/// was dropped: the ingress answered 503 at its timeout), they are deleted in a task of
+/// their own. (Should the event still be stored, its fan-out puts its entry back.)
+pub(super) struct Entries {
+    store: std::sync::Weak<JetStreamStore>,
+    seqs: Vec<u64>,
+}
+
+impl Entries {
+    /// No entries (an event with no order key).
+    pub(super) fn none() -> Self {
+        Entries {
+            store: std::sync::Weak::new(),
+            seqs: Vec::new(),
+        }
+    }
+
+    /// The event is stored: its entries stand for it.
+    pub(super) fn keep(mut self) {
+        self.seqs.clear();
+    }
+
+    /// The event is not stored: its entries are deleted now.
+    pub(super) async fn forget(mut self) {
+        let seqs = std::mem::take(&mut self.seqs);
+        if let Some(store) = self.store.upgrade() {
+            for seq in seqs {
+                store.forget_entry(seq).await;
+            }
+        }
+    }
+}
+
+impl Drop for Entries {
+    fn drop(&mut self) {
+        let seqs = std::mem::take(&mut self.seqs);
+        let (false, Some(store), Ok(rt)) = (
+            seqs.is_empty(),
+            self.store.upgrade(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        rt.spawn(async move {
+            for seq in seqs {
+                store.forget_entry(seq).await;
+            }
+        });
     }
 }
 

@@ -54,7 +54,8 @@ pub use self::setup::OLDEST_SERVER;
 use super::*;
 use crate::config::Config;
 
-/// How long the ingress waits for JetStream's commit ack before answering 503.
+/// The longest one write waits for JetStream's ack (the ingress gives up sooner, at its own
+/// timeout: a dropped accept deletes its line entries, [`lines::Entries`]).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
 /// How often each instance renews its membership and recounts the members.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -343,7 +344,7 @@ impl Store for JetStreamStore {
         let ordered = lines.iter().any(Option::is_some);
         let entries = match ordered {
             true => self.write_entries(&e, &ev.destinations, &mut lines).await?,
-            false => Vec::new(),
+            false => lines::Entries::none(),
         };
         let meta = EventMeta {
             id: ev.id.clone(),
@@ -359,42 +360,46 @@ impl Store for JetStreamStore {
         // `retain`) is replaced instead, once its deliveries are written: this one is new.
         let window = ev.dedup_window;
         let payload = encode_event(&meta, &ev.body);
-        let mut expect = 0;
-        for _ in 0..RENEW_TRIES {
-            let writes = [Write::new(self.names.event(&e), payload.clone())
-                .expect(expect)
-                .ttl(window.max(self.retain))];
-            if let Written::Stored { first } = self.write(&writes).await? {
-                let mut depths = self.depths.lock().unwrap();
-                for d in &ev.destinations {
-                    *depths.entry(d.clone()).or_default() += 1;
-                }
-                return Ok(Admission::Accepted { seq: first });
-            }
-            match self.kept_event(&e).await? {
-                // Expired between the write and the read: write it as new.
-                None => expect = 0,
-                Some((seq, old)) if within(&old, window, ev.received_ms) => {
-                    // A duplicate: its line entries stand for nothing.
-                    for seq in entries {
-                        self.forget_entry(seq).await;
+        let stored = async {
+            let mut expect = 0;
+            for _ in 0..RENEW_TRIES {
+                let writes = [Write::new(self.names.event(&e), payload.clone())
+                    .expect(expect)
+                    .ttl(window.max(self.retain))];
+                if let Written::Stored { first } = self.write(&writes).await? {
+                    let mut depths = self.depths.lock().unwrap();
+                    for d in &ev.destinations {
+                        *depths.entry(d.clone()).or_default() += 1;
                     }
-                    return self.duplicate_of(seq, &e).await;
+                    return Ok(Admission::Accepted { seq: first });
                 }
-                Some((seq, old)) => {
-                    if !self.deliveries_written(seq, &old, &e).await? {
-                        break;
+                match self.kept_event(&e).await? {
+                    // Expired between the write and the read: write it as new.
+                    None => expect = 0,
+                    Some((seq, old)) if within(&old, window, ev.received_ms) => {
+                        return self.duplicate_of(seq, &e).await;
                     }
-                    expect = seq;
+                    Some((seq, old)) => {
+                        if !self.deliveries_written(seq, &old, &e).await? {
+                            break;
+                        }
+                        expect = seq;
+                    }
                 }
             }
+            Err(StoreError::Unavailable(
+                "an earlier event with this id is being replaced or fanned out; try again".into(),
+            ))
+        };
+        let stored = stored.await;
+        // Entries stand for the event only once it is stored; otherwise (a duplicate, an
+        // error) they go now, and if this accept is dropped first (the ingress gave up),
+        // when it is dropped: a key is not held back by entries that stand for nothing.
+        match &stored {
+            Ok(Admission::Accepted { .. }) => entries.keep(),
+            _ => entries.forget().await,
         }
-        for seq in entries {
-            self.forget_entry(seq).await;
-        }
-        Err(StoreError::Unavailable(
-            "an earlier event with this id is being replaced or fanned out; try again".into(),
-        ))
+        stored
     }
 
     async fn pending(
