@@ -66,6 +66,8 @@ pub struct Metrics {
     pub oldest_pending_age: Family<DestinationLabel, Gauge>,
     pub destination_state: Family<DestinationState, Gauge>,
     pub accept_duration: Histogram,
+    /// The destinations the gauges above were last set for.
+    gauged: std::sync::Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -88,6 +90,7 @@ impl Metrics {
             oldest_pending_age: Family::default(),
             destination_state: Family::default(),
             accept_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            gauged: Default::default(),
         };
         registry.register(
             "ingress_requests",
@@ -184,6 +187,26 @@ impl Metrics {
     }
 
     /// Sets `hookrelay_destination_state` of `destination` to `state`.
+    /// The destination gauges are now set for `destinations`: the series of any other (one
+    /// a reload removed, with nothing pending) go, so an alert on them clears.
+    pub fn gauged_destinations(&self, destinations: &[String]) {
+        let mut gauged = self.gauged.lock().unwrap();
+        for gone in gauged.iter().filter(|d| !destinations.contains(d)) {
+            let label = DestinationLabel {
+                destination: gone.clone(),
+            };
+            self.queue_depth.remove(&label);
+            self.oldest_pending_age.remove(&label);
+            for state in DESTINATION_STATES {
+                self.destination_state.remove(&DestinationState {
+                    destination: gone.clone(),
+                    state,
+                });
+            }
+        }
+        *gauged = destinations.to_vec();
+    }
+
     pub fn destination_state(&self, destination: &str, state: &str) {
         for s in DESTINATION_STATES {
             self.destination_state

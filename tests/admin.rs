@@ -261,6 +261,51 @@ async fn reload_refuses_a_broken_file_and_applies_a_good_one() {
     assert_eq!(r.post("/new", b"{}").await.status, 200);
 }
 
+/// A destination a reload removed, with nothing pending, leaves `/metrics`'s gauges: they
+/// would otherwise keep their last values (a paused state, an age) and an alert on them
+/// would never clear.
+#[tokio::test]
+async fn a_removed_destination_leaves_the_metrics() {
+    let with_spare = format!(
+        "{CONFIG}\n[[destinations]]\nname = \"spare\"\nurl = \"http://127.0.0.1:9/spare\"\n"
+    );
+    let r = TestRelay::start(&with_spare).await;
+    let a = send(
+        Method::POST,
+        &r.admin_url("/api/destinations/spare/pause"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let metrics = || async {
+        let a = send(Method::GET, &r.admin_url("/metrics"), &[], b"").await;
+        String::from_utf8(a.body.to_vec()).unwrap()
+    };
+    let m = metrics().await;
+    assert!(
+        m.contains(r#"hookrelay_destination_state{destination="spare",state="paused"} 1"#),
+        "{m}"
+    );
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    std::fs::write(&file, CONFIG).unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let m = metrics().await;
+    // Its gauges go (its counters stay: they only ever count up).
+    for gauge in [
+        "hookrelay_destination_state{destination=\"spare\"",
+        "hookrelay_queue_depth{destination=\"spare\"",
+        "hookrelay_oldest_pending_age_seconds{destination=\"spare\"",
+    ] {
+        assert!(!m.contains(gauge), "{gauge} in {m}");
+    }
+    assert!(
+        m.contains(r#"hookrelay_queue_depth{destination="calls"}"#),
+        "{m}"
+    );
+}
+
 #[tokio::test]
 async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -380,7 +380,9 @@ async fn readyz(app: &App) -> Response<Body> {
 }
 
 async fn metrics(app: &App) -> String {
-    for d in destination_names(app) {
+    let names = destination_names(app);
+    app.metrics.gauged_destinations(&names);
+    for d in names {
         let label = DestinationLabel {
             destination: d.clone(),
         };
