@@ -63,6 +63,43 @@ async fn health_ready_and_unknown_paths() {
         .error(404, "not_found");
 }
 
+/// `GET /api/events/{id}` shows the body exactly as received (key order, numbers), and one
+/// event at its top level even when two sources used the id (the newest; all of them, newest
+/// first, under `events`).
+#[tokio::test]
+async fn an_event_is_shown_with_its_body_as_received_and_one_shape() {
+    let text = format!(
+        "{CONFIG}\n[[sources]]\nname = \"other\"\npath = \"/other\"\nevent_id = [\"$.payload.eventId\"]\n"
+    );
+    let r = TestRelay::start(&text).await;
+    let body = br#"{"payload":{"eventId":"same-1"},"z":1,"a":12345678901234567890123,"d":1.10}"#;
+    assert_eq!(r.post("/open", body).await.status, 200);
+    let get = || async {
+        let a = send(Method::GET, &r.admin_url("/api/events/same-1"), &[], b"").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        a
+    };
+    let a = get().await;
+    let raw = String::from_utf8(a.body.to_vec()).unwrap();
+    let want = format!("\"body\":{}", std::str::from_utf8(body).unwrap());
+    assert!(raw.contains(&want), "{raw}");
+    assert_eq!(a.json()["source"], "open");
+    assert!(a.json().get("events").is_none());
+    // The same id from another source, later.
+    let later = br#"{"payload":{"eventId":"same-1"},"from":"other"}"#;
+    assert_eq!(r.post("/other", later).await.status, 200);
+    let v = get().await.json();
+    assert_eq!(v["source"], "other", "{v}");
+    assert_eq!(v["body"]["from"], "other");
+    let all: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(all, ["other", "open"]);
+}
+
 #[tokio::test]
 async fn event_lookup_dead_list_and_replay() {
     let r = TestRelay::start(CONFIG).await;

@@ -144,6 +144,28 @@ async fn open_event(c: &Client, id: &str) {
     .await;
 }
 
+/// Waits (bounded) until the events list has `n` rows.
+async fn rows_become(c: &Client, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = c
+            .execute(
+                "return document.querySelectorAll('#events tbody tr').length;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if got == json!(n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events list has {got} rows, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn screenshot(c: &Client, dir: &std::path::Path, name: &str) {
     let png = c.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
@@ -263,6 +285,48 @@ to = ["calls"]
         click(&c, "//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'resume')]").await;
         appears(&c, &cell("destinations", "calls", "state", "ok")).await;
         assert!(!relay.app.store.paused("calls"));
+
+        // "Load more" goes on with the filter its list was loaded with, whatever the boxes
+        // say meanwhile: 57 delivered events, 50 a page.
+        for i in 0..55 {
+            let id = format!("ev-p-{i}");
+            let (s, _) = post(
+                &relay,
+                "/8x8/voice",
+                "application/json",
+                status(&id, "").as_bytes(),
+            )
+            .await;
+            assert_eq!(s, 200);
+            wait_state(
+                &relay,
+                &id,
+                "calls",
+                hookrelay::store::DeliveryState::Delivered,
+            )
+            .await;
+        }
+        click(&c, "//*[@id='tab-events']").await;
+        click(
+            &c,
+            "//select[@id='filter-state']/option[@value='delivered']",
+        )
+        .await;
+        click(&c, "//*[@id='apply-filters']").await;
+        rows_become(&c, 50).await;
+        click(&c, "//select[@id='filter-state']/option[@value='pending']").await;
+        click(&c, "//*[@id='more']").await;
+        rows_become(&c, 57).await;
+        let states = c
+            .execute(
+                "return Array.from(document.querySelectorAll('#events tbody .badge'), (b) => b.textContent);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let states = states.as_array().unwrap();
+        assert_eq!(states.len(), 57);
+        assert!(states.iter().all(|s| s == "calls: delivered"), "{states:?}");
     };
     // Whatever happens above (a failed assertion too), the browser and its driver go.
     let outcome = tokio::time::timeout(

@@ -71,6 +71,11 @@ fn ok(v: Value) -> Response<Body> {
     json_response(StatusCode::OK, v.to_string().into_bytes())
 }
 
+fn ok_json(v: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(v).expect("admin answers serialize");
+    json_response(StatusCode::OK, body)
+}
+
 fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
@@ -245,12 +250,23 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                 return Err(bad_request("give an event id: /api/events/{id}"));
             }
             let found = app.store.lookup(&id).await.map_err(store_error)?;
-            let mut events: Vec<Value> = found.iter().map(views::event).collect();
-            // One event per id in the common case; several when sources share an id.
-            match events.len() {
-                0 => Err(not_found(format!("no stored event has id {id:?}"))),
-                1 => Ok(ok(events.remove(0))),
-                _ => Ok(ok(json!({ "events": events }))),
+            let mut events: Vec<views::EventOut> = found.iter().map(views::event).collect();
+            events.sort_by_key(|e| std::cmp::Reverse((e.received_ms, e.seq)));
+            // One event per id in the common case. Several (sources sharing an id): the
+            // newest, as the contract's one event, and all of them, newest first.
+            #[derive(serde::Serialize)]
+            struct Several<'a> {
+                #[serde(flatten)]
+                newest: &'a views::EventOut,
+                events: &'a [views::EventOut],
+            }
+            match events.as_slice() {
+                [] => Err(not_found(format!("no stored event has id {id:?}"))),
+                [one] => Ok(ok_json(one)),
+                [newest, ..] => Ok(ok_json(&Several {
+                    newest,
+                    events: &events,
+                })),
             }
         }
         _ => Err(not_found(format!("no admin endpoint at {path}"))),

@@ -4,6 +4,8 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::store::{Delivery, DeliveryState, EventView, StoredEvent};
@@ -54,17 +56,45 @@ fn received(ms: u64) -> String {
     httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
-/// An event with its body: the JSON as received, or base64 when it is not JSON.
-pub fn event(v: &EventView) -> Value {
+/// An event with its body, as `/api/events/{id}` shows it.
+#[derive(Serialize)]
+pub struct EventOut {
+    #[serde(flatten)]
+    summary: Value,
+    /// When it was received and stored, for ordering several events with one id.
+    #[serde(skip)]
+    pub received_ms: u64,
+    #[serde(skip)]
+    pub seq: u64,
+    body: EventBody,
+}
+
+/// The body: the JSON exactly as received (its key order, numbers and spacing inside it
+/// kept: building a tree would sort keys and round numbers), or base64 when it is not JSON.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EventBody {
+    Json(Box<RawValue>),
+    Other { base64: String },
+}
+
+pub fn event(v: &EventView) -> EventOut {
     let e = &v.event;
-    let body = serde_json::from_slice::<Value>(&e.body).unwrap_or_else(
-        |_| json!({"base64": base64::engine::general_purpose::STANDARD.encode(&e.body)}),
-    );
-    let mut out = event_summary(v);
-    out["received_ms"] = json!(e.received_ms);
-    out["content_type"] = json!(e.content_type);
-    out["body"] = body;
-    out
+    let body = match serde_json::from_slice::<Box<RawValue>>(&e.body) {
+        Ok(raw) => EventBody::Json(raw),
+        Err(_) => EventBody::Other {
+            base64: base64::engine::general_purpose::STANDARD.encode(&e.body),
+        },
+    };
+    let mut summary = event_summary(v);
+    summary["received_ms"] = json!(e.received_ms);
+    summary["content_type"] = json!(e.content_type);
+    EventOut {
+        summary,
+        received_ms: e.received_ms,
+        seq: e.seq,
+        body,
+    }
 }
 
 #[cfg(test)]

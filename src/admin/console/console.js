@@ -8,8 +8,9 @@
   const $ = (id) => document.getElementById(id);
   const VIEWS = ['events', 'dead', 'destinations', 'routing'];
   const PAGE_SIZE = 50;
+  const DEAD_SHOWN = 500;
   const app = { token: '', authed: false, needsToken: false, started: false, loginTried: false, authGen: 0,
-    view: 'events', next: null, eventId: null, eventSource: null, pollTimer: null, destTimer: null };
+    view: 'events', next: null, filter: null, eventId: null, eventPick: null, pollTimer: null, destTimer: null };
 
   // ---- DOM helpers -------------------------------------------------------
   const SAFE_ATTR = /^(class|id|type|value|title|disabled|data-[a-z0-9-]+)$/;
@@ -234,8 +235,13 @@
   async function loadEvents(append) {
     if (append && !app.next) return;
     const current = ticket('events');
-    const params = { source: $('filter-source').value, destination: $('filter-destination').value,
-      state: $('filter-state').value, limit: PAGE_SIZE, before: append ? app.next : '' };
+    // "Load more" goes on with the filter the list was loaded with, not the boxes' values
+    // now: its cursor belongs to that filter.
+    if (!append || !app.filter) {
+      app.filter = { source: $('filter-source').value, destination: $('filter-destination').value,
+        state: $('filter-state').value };
+    }
+    const params = { ...app.filter, limit: PAGE_SIZE, before: append ? app.next : '' };
     const data = await api('GET', '/api/events' + query(params));
     if (!current()) return;
     const tbody = $('events').tBodies[0];
@@ -243,13 +249,14 @@
     for (const ev of (data && Array.isArray(data.events)) ? data.events : []) tbody.appendChild(eventRow(ev));
     app.next = data && data.next ? String(data.next) : null;
     show($('more'), app.next !== null);
-    show($('events-empty'), tbody.rows.length === 0);
+    // A page may hold no match while older events remain to look through.
+    show($('events-empty'), tbody.rows.length === 0 && app.next === null);
   }
 
   const badge = (d) => el('span', { class: 'badge ' + stateClass(d.state) }, `${d.destination}: ${d.state}`);
 
   function eventRow(ev) {
-    return el('tr', { 'data-event-id': ev.id, 'data-source': ev.source },
+    return el('tr', { 'data-event-id': ev.id, 'data-source': ev.source, 'data-seq': ev.seq },
       el('td', { class: 'received mono' }, text(ev.received)),
       el('td', { class: 'source' }, text(ev.source)),
       el('td', { class: 'id mono' }, button('open link', text(ev.id))),
@@ -258,8 +265,11 @@
 
   function onEventsClick(e) {
     const tr = e.target.closest('tr[data-event-id]');
-    if (tr) guard(openEvent)(tr.dataset.eventId, tr.dataset.source);
+    if (tr) guard(openEvent)(tr.dataset.eventId, pickOf(tr));
   }
+
+  // Which of the events with one id a row or button names: its sequence, else its source.
+  const pickOf = (node) => ({ source: node.dataset.source, seq: node.dataset.seq });
 
   function onSearch() {
     const id = $('search-id').value.trim();
@@ -267,21 +277,23 @@
   }
 
   // ---- event detail --------------------------------------------------------
-  async function openEvent(id, source) {
+  async function openEvent(id, pick) {
     stopPoll();
     setStatus('');
-    if (await fetchEvent(id, source)) $('event-view').scrollIntoView({ block: 'start' });
+    if (await fetchEvent(id, pick)) $('event-view').scrollIntoView({ block: 'start' });
   }
 
-  async function fetchEvent(id, source) {
+  async function fetchEvent(id, pick) {
     const current = ticket('event');
     const data = await api('GET', '/api/events/' + encodeURIComponent(id));
     if (!current()) return null;
     const list = data && Array.isArray(data.events) ? data.events : [data];
-    const ev = list.find((x) => x && x.source === source) || list[0];
+    const want = pick || {};
+    const ev = list.find((x) => x && want.seq !== undefined && String(x.seq) === String(want.seq)) ||
+      list.find((x) => x && want.source !== undefined && x.source === want.source) || list[0];
     if (!ev) throw new Error(`no event with id ${id}`);
     app.eventId = id;
-    app.eventSource = ev.source;
+    app.eventPick = { source: ev.source, seq: ev.seq };
     renderEvent(ev, list);
     return ev;
   }
@@ -316,8 +328,9 @@
     const box = clear($('event-choices'));
     show(box, list.length > 1);
     if (list.length < 2) return;
-    box.append(`${list.length} sources used this id: `, ...list.map((x) =>
-      el('button', { type: 'button', class: 'choice' + (x === ev ? ' active' : ''), 'data-source': x.source }, text(x.source))));
+    box.append(`${list.length} events have this id: `, ...list.map((x) =>
+      el('button', { type: 'button', class: 'choice' + (x === ev ? ' active' : ''), 'data-source': x.source, 'data-seq': x.seq },
+        `${text(x.source)}, ${text(x.received)}`)));
   }
 
   function deliveryRow(d) {
@@ -338,7 +351,7 @@
   // Re-fetch the open event every second while `busy(ev)` holds (max until deadline).
   async function pollEvent(deadline, busy = hasPending) {
     stopPoll();
-    const ev = await fetchEvent(app.eventId, app.eventSource);
+    const ev = await fetchEvent(app.eventId, app.eventPick);
     if (ev && app.authed && busy(ev) && Date.now() < deadline) {
       app.pollTimer = setTimeout(() => guard(pollEvent)(deadline, busy), 1000);
     }
@@ -369,7 +382,7 @@
     const replay = e.target.closest('#deliveries button.replay');
     if (replay) guard(replayOpenEvent)(replay);
     const choice = e.target.closest('#event-choices button.choice');
-    if (choice) guard(fetchEvent)(app.eventId, choice.dataset.source);
+    if (choice) guard(fetchEvent)(app.eventId, pickOf(choice));
   }
 
   function closeEvent() {
@@ -382,15 +395,18 @@
   async function loadDead() {
     updateReplayAll();
     const current = ticket('dead');
-    const rows = await api('GET', '/api/dead' + query({ destination: $('dead-destination').value, limit: 500 }));
+    const rows = await api('GET', '/api/dead' + query({ destination: $('dead-destination').value, limit: DEAD_SHOWN }));
     if (!current()) return;
     const tbody = $('dead').tBodies[0];
-    syncRows(tbody, Array.isArray(rows) ? rows : [], (d) => JSON.stringify([d.source, d.event_id, d.destination]), deadRow);
+    const list = Array.isArray(rows) ? rows : [];
+    // Keyed by the event's sequence too: one id may name several events (sources, reuse).
+    syncRows(tbody, list, (d) => JSON.stringify([d.source, d.event_id, d.destination, d.seq]), deadRow);
     show($('dead-empty'), tbody.rows.length === 0);
+    show($('dead-more'), list.length >= DEAD_SHOWN);
   }
 
   function deadRow(d) {
-    return el('tr', { 'data-event-id': d.event_id, 'data-destination': d.destination, 'data-source': d.source },
+    return el('tr', { 'data-event-id': d.event_id, 'data-destination': d.destination, 'data-source': d.source, 'data-seq': d.seq },
       el('td', { class: 'event-id mono' }, button('open link', text(d.event_id))),
       el('td', { class: 'source' }, text(d.source)),
       el('td', { class: 'destination' }, text(d.destination)),
@@ -412,13 +428,15 @@
       updateReplayAll();
     }
     await loadDead();
+    // An open event shows its deliveries' states: replayed ones are pending again.
+    if (app.eventId && !$('event-view').classList.contains('hidden')) await fetchEvent(app.eventId, app.eventPick);
   }
 
   function onDeadClick(e) {
     const tr = e.target.closest('tr[data-event-id]');
     if (!tr) return;
     if (e.target.closest('button.replay')) guard(replayDead)({ id: tr.dataset.eventId }, e.target.closest('button'));
-    else if (e.target.closest('button.open')) guard(openEvent)(tr.dataset.eventId, tr.dataset.source);
+    else if (e.target.closest('button.open')) guard(openEvent)(tr.dataset.eventId, pickOf(tr));
   }
 
   // ---- destinations ----------------------------------------------------------
