@@ -298,6 +298,51 @@ async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
     }
 }
 
+/// An id used again past its window names two events: the first one's dead delivery is
+/// still found by the id, and replayed by it (dead ones stay until replayed).
+async fn a_reused_ids_dead_letter_is_found_and_replayed_by_id(name: &str, st: &dyn Store) {
+    let window = Duration::from_secs(1);
+    let at = |ms: u64| NewEvent {
+        dedup_window: window,
+        received_ms: ms,
+        ..ev("reused", "x", &["v"])
+    };
+    let t0 = now_ms();
+    let first = accepted(st, at(t0)).await;
+    due(st, "v", first).await;
+    st.record(&key(first, "v"), dead()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        match st.accept(at(t0 + 1500)).await {
+            Ok(Admission::Accepted { seq }) => break seq,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{name}: past the window: {other:?}"),
+        }
+    };
+    let found: HashSet<u64> = st
+        .lookup("reused")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.event.seq)
+        .collect();
+    assert_eq!(found, HashSet::from([first, second]), "{name}");
+    let n = st
+        .replay(ReplaySelector::EventId("reused".into()))
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "{name}: the first event's dead delivery");
+    let d = due(st, "v", first).await;
+    assert_eq!(d.state, DeliveryState::Pending, "{name}");
+    for seq in [first, second] {
+        st.record(&key(seq, "v"), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+    }
+}
+
 /// Dead letters of all destinations are listed oldest first, whatever their names.
 async fn dead_letters_oldest_first(name: &str, st: &dyn Store) {
     let old = accepted(st, ev("dead-old", "x", &["zz"])).await;
@@ -461,6 +506,7 @@ async fn the_store_contract_on_redb() {
     the_order_contract("redb", st.as_ref(), st.as_ref()).await;
     dead_letters_oldest_first("redb", st.as_ref()).await;
     an_id_past_its_window_is_new("redb", st.as_ref()).await;
+    a_reused_ids_dead_letter_is_found_and_replayed_by_id("redb", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -472,6 +518,7 @@ async fn the_store_contract_on_sled() {
     the_order_contract("sled", st.as_ref(), st.as_ref()).await;
     dead_letters_oldest_first("sled", st.as_ref()).await;
     an_id_past_its_window_is_new("sled", st.as_ref()).await;
+    a_reused_ids_dead_letter_is_found_and_replayed_by_id("sled", st.as_ref()).await;
     st.close().await.unwrap();
 }
 
@@ -529,6 +576,7 @@ async fn the_store_contract_on_jetstream() {
     the_order_contract("jetstream", st.as_ref(), other.as_ref()).await;
     dead_letters_oldest_first("jetstream", st.as_ref()).await;
     an_id_past_its_window_is_new("jetstream", st.as_ref()).await;
+    a_reused_ids_dead_letter_is_found_and_replayed_by_id("jetstream", st.as_ref()).await;
     other.close().await.unwrap();
     st.close().await.unwrap();
     drop(st);

@@ -131,6 +131,28 @@ pub(super) fn id_prefixes(id: &str, legacy_until: u64) -> impl Iterator<Item = V
 pub(super) fn of_id(prefix: &[u8], k: &[u8]) -> bool {
     !k[prefix.len()..].contains(&0)
 }
+/// The most earlier events one dedup record names.
+pub(super) const EARLIER_KEPT: usize = 16;
+
+/// The events a dedup record names: its own (the newest with the id), then the earlier
+/// ones with the same id and source that were still stored when it was written. (Formats 1
+/// to 4 wrote only the first; a build that reads only those ignores the rest.)
+pub(super) fn event_seqs(v: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    let earlier = v.get(16..).unwrap_or_default();
+    std::iter::once(read_u64(v)).chain(earlier.chunks_exact(8).map(read_u64))
+}
+
+/// A dedup record: event `seq`, its dedup window's end, and the `earlier` events.
+pub(super) fn dedup_value(seq: u64, expires: u64, earlier: &[u64]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + 8 * earlier.len());
+    v.extend_from_slice(&be(seq));
+    v.extend_from_slice(&be(expires));
+    for s in earlier {
+        v.extend_from_slice(&be(*s));
+    }
+    v
+}
+
 pub(super) const DEDUP_PREFIX: &[u8] = b"d/";
 pub(super) const UUID_DEDUP_PREFIX: &[u8] = b"u/";
 

@@ -9,7 +9,9 @@
 //!
 //! Keys (integers big-endian so they sort):
 //! - `e/<seq>` event: its metadata (binary, [`records`]), then the body bytes
-//! - `d/<id>\0<source>` dedup record: seq, expiry (id first: lookups by id scan a prefix);
+//! - `d/<id>\0<source>` dedup record: seq, expiry, then the sequences of earlier events
+//!   with this id still stored (the id used again past its window; [`keys::event_seqs`])
+//!   (id first: lookups by id scan a prefix);
 //!   expiry is checked when read, and the record goes when its event is purged. The id of
 //!   a v1 UUID is keyed `u/<its digits in time order>\0<source>` instead
 //!   ([`keys::time_ordered`]); those that formats 1 to 3 keyed under `d/` stay there
@@ -453,7 +455,7 @@ impl<E: Engine> Store for KvStore<E> {
         for prefix in id_prefixes(id, self.shared.legacy_until) {
             self.shared.engine.scan_prefix(&prefix, &mut |k, v| {
                 if of_id(&prefix, k) {
-                    seqs.push(read_u64(v));
+                    seqs.extend(event_seqs(v));
                 }
                 Ok(true)
             })?;

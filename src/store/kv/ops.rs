@@ -49,6 +49,9 @@ impl Writer<'_> {
         let dk = dedup_key(&ev.source, &ev.id);
         let legacy = ev.received_ms < self.legacy_until;
         let txn = &mut *self.txn;
+        // Past its window, the id's earlier events stay reachable by id (a dead one must be
+        // found and replayed by it): the new record names those still stored.
+        let mut earlier = Vec::new();
         if let Some(v) = read_dedup(&dk, &ev.source, &ev.id, legacy, |k| txn.get(k))? {
             let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
             if expires > ev.received_ms {
@@ -57,6 +60,11 @@ impl Writer<'_> {
                     None => None,
                 };
                 return Ok(Admission::Duplicate { seq, reply });
+            }
+            for s in event_seqs(&v).take(EARLIER_KEPT) {
+                if self.txn.get(&event_key(s))?.is_some() {
+                    earlier.push(s);
+                }
             }
         }
         for (i, dest) in ev.destinations.iter().enumerate() {
@@ -84,7 +92,7 @@ impl Writer<'_> {
         // allocated, whole).
         let record = Bytes::from(encode_event(&meta, &ev.body));
         self.txn.put(&event_key(seq), &record)?;
-        self.txn.put(&dk, &key(&[&be(seq), &be(expires)]))?;
+        self.txn.put(&dk, &dedup_value(seq, expires, &earlier))?;
         // Deliveries a scheduler will attempt at once: not held for a reply route, not
         // waiting behind an earlier one of their order key.
         let mut due_now = 0;
@@ -250,7 +258,7 @@ impl Writer<'_> {
                 for prefix in id_prefixes(&id, self.legacy_until) {
                     self.txn.scan_prefix(&prefix, &mut |k, v| {
                         if of_id(&prefix, k) {
-                            seqs.push(read_u64(v));
+                            seqs.extend(event_seqs(v));
                         }
                         Ok(true)
                     })?;
@@ -318,8 +326,20 @@ impl Writer<'_> {
             {
                 continue;
             }
-            if ours {
-                self.txn.delete(&dk)?;
+            if let (true, Some(v)) = (ours, &dedup) {
+                // The record goes with its event, unless it still names earlier events
+                // with the id (a dead one stays until replayed): then the newest of those
+                // heads it, its window long past.
+                let mut kept = Vec::new();
+                for s in event_seqs(v).skip(1) {
+                    if self.txn.get(&event_key(s))?.is_some() {
+                        kept.push(s);
+                    }
+                }
+                match kept.split_first() {
+                    Some((head, rest)) => self.txn.put(&dk, &dedup_value(*head, 0, rest))?,
+                    None => self.txn.delete(&dk)?,
+                }
             }
             for d in deliveries {
                 self.txn.delete(&delivery_key(seq, &d.destination))?;

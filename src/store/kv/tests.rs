@@ -104,6 +104,57 @@ async fn dedup_expires_and_purge_keeps_undelivered(st: Arc<dyn Store>) {
     st.close().await.unwrap();
 }
 
+/// An id used again past its window: once the newer event is delivered and purged, the
+/// earlier one, dead, is still found and replayed by the id (the dedup record is kept for
+/// it, not deleted with the newer event).
+async fn purge_keeps_an_earlier_dead_event_of_the_id_reachable(st: Arc<dyn Store>) {
+    let mut e = ev("e1", &["a"]);
+    e.dedup_window = Duration::from_millis(1);
+    e.received_ms -= 10;
+    let Admission::Accepted { seq: old } = st.accept(e.clone()).await.unwrap() else {
+        panic!()
+    };
+    let key = |seq| DeliveryKey {
+        seq,
+        destination: "a".into(),
+    };
+    let dead = Outcome::Dead {
+        status: Some(400),
+        error: "HTTP 400".into(),
+    };
+    st.record(&key(old), dead).await.unwrap();
+    let mut again = ev("e1", &["a"]);
+    again.dedup_window = Duration::from_millis(1);
+    again.received_ms -= 5;
+    let Admission::Accepted { seq: new } = st.accept(again).await.unwrap() else {
+        panic!()
+    };
+    st.record(&key(new), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1);
+    assert!(st.event(new).await.unwrap().is_none());
+    let found: Vec<u64> = st
+        .lookup("e1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.event.seq)
+        .collect();
+    assert_eq!(found, [old]);
+    let n = st
+        .replay(ReplaySelector::EventId("e1".into()))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // And the id is new again (its window long past).
+    assert!(matches!(
+        st.accept(ev("e1", &["a"])).await.unwrap(),
+        Admission::Accepted { .. }
+    ));
+    st.close().await.unwrap();
+}
+
 /// Old undelivered events fill more than one purge batch; a delivered event after them
 /// still goes, and the undelivered ones stay.
 async fn purge_crosses_batches(st: Arc<dyn Store>) {
@@ -181,6 +232,7 @@ async fn accept_dedup_record_replay_on_every_engine() {
 async fn purge_on_every_engine() {
     on_every_engine(|st| Box::pin(dedup_expires_and_purge_keeps_undelivered(st))).await;
     on_every_engine(|st| Box::pin(purge_crosses_batches(st))).await;
+    on_every_engine(|st| Box::pin(purge_keeps_an_earlier_dead_event_of_the_id_reachable(st))).await;
 }
 
 /// Queue counts come back exact after a clean close (read, not counted) and after a
