@@ -297,6 +297,9 @@ impl JetStreamStore {
     }
 }
 
+/// Dead letters one replay of a destination holds at once.
+const REPLAY_CHUNK: usize = 256;
+
 /// How many times an accept tries its conditional write while other instances change the
 /// event's subject (a renewal racing another).
 const RENEW_TRIES: usize = 3;
@@ -512,7 +515,7 @@ impl Store for JetStreamStore {
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError> {
         Ok(self
-            .dead_letters(destination, limit)
+            .dead_letters(destination, 1, limit)
             .await?
             .into_iter()
             .map(|(_, _, rec, _)| NamedDelivery {
@@ -525,12 +528,23 @@ impl Store for JetStreamStore {
 
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
         let targets: Vec<(u64, DeliveryRecord, Bytes)> = match which {
-            ReplaySelector::Destination(d) => self
-                .dead_letters(Some(&d), usize::MAX)
-                .await?
-                .into_iter()
-                .map(|(_, s, r, b)| (s, r, b))
-                .collect(),
+            ReplaySelector::Destination(d) => {
+                // All of them, a chunk at a time (bodies in memory: a chunk's), each index
+                // entry once: the walk goes on past the last one read.
+                let mut n = 0;
+                let mut from = 1;
+                loop {
+                    let chunk = self.dead_letters(Some(&d), from, REPLAY_CHUNK).await?;
+                    let Some(last) = chunk.last().map(|c| c.0) else {
+                        break;
+                    };
+                    from = last + 1;
+                    for (_, state_seq, rec, body) in chunk {
+                        n += usize::from(self.reopen(state_seq, rec, body).await?);
+                    }
+                }
+                return Ok(n);
+            }
             ReplaySelector::EventId(id) => self.dead_with_id(&id).await?,
         };
         let mut n = 0;

@@ -9,8 +9,6 @@ use super::*;
 
 /// Messages one event-list call examines.
 const RECENT_EXAMINED: u64 = 10_000;
-/// Dead-letter index entries one listing reads.
-const DEAD_EXAMINED: usize = 10_000;
 
 impl JetStreamStore {
     /// An event and its deliveries, from the event's message.
@@ -29,33 +27,34 @@ impl JetStreamStore {
     }
 
     /// Dead deliveries as (index entry's sequence, state sequence, record, body), oldest
-    /// first.
+    /// first, from index entry `from` on: the index walked in stream order, one read per
+    /// entry, so no listing of its subjects (capped, and in no order) and as many reads as
+    /// `limit` takes.
     pub(super) async fn dead_letters(
         &self,
         destination: Option<&str>,
+        from: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
         let filter = self.names.dead_of(destination);
-        let mut index = Vec::new();
-        for s in self.subjects(&filter, DEAD_EXAMINED).await? {
-            if let Some((seq, p)) = self.last(&s).await? {
-                if &p[..] == b"dead" {
-                    index.push((seq, s));
-                }
-            }
-        }
-        index.sort();
         let mut out = Vec::new();
-        for (seq, s) in index {
-            if out.len() >= limit {
-                break;
+        let mut next = from.max(1);
+        while out.len() < limit {
+            let m = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
+                Ok(m) => m,
+                Err(e) if not_found(&e) => break,
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            };
+            next = m.sequence + 1;
+            if &m.payload[..] != b"dead" {
+                continue;
             }
-            let Some((dest, e)) = self.dead_subject_parts(&s) else {
+            let Some((dest, e)) = self.dead_subject_parts(&m.subject) else {
                 continue;
             };
             if let Some((state_seq, rec, body)) = self.delivery_state(&dest, e).await? {
                 if rec.delivery.state == DeliveryState::Dead {
-                    out.push((seq, state_seq, rec, body));
+                    out.push((m.sequence, state_seq, rec, body));
                 }
             }
         }
