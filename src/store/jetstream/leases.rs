@@ -252,10 +252,16 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         let Some(key) = rec.delivery.order_key.as_deref().filter(|_| delivered > 1) else {
             return;
         };
+        // In a task of its own: the rest of the batch, delivered to this instance already,
+        // must be held (and so renewed) meanwhile, not wait for a long line to be read.
         if let (true, Some(s)) = (leases.recheck(key), store.upgrade()) {
-            if let Err(e) = s.advance(&leases.destination, key).await {
-                debug!(destination = %leases.destination, error = %e, "checking an order key's line failed");
-            }
+            let (dest, key) = (leases.destination.clone(), key.to_string());
+            let tasks = s.tasks.clone();
+            tasks.spawn(async move {
+                if let Err(e) = s.advance(&dest, &key).await {
+                    debug!(destination = %dest, error = %e, "checking an order key's line failed");
+                }
+            });
         }
         return;
     }

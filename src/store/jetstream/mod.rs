@@ -86,7 +86,7 @@ pub struct JetStreamStore {
     keep_events: Duration,
     retain: Duration,
     stop: CancellationToken,
-    tasks: TaskTracker,
+    pub(super) tasks: TaskTracker,
     /// Itself, for work that outlives a call (a reply route's background write).
     me: std::sync::Weak<JetStreamStore>,
 }
