@@ -278,6 +278,14 @@ to = ["calls"]
         // Pause and resume the destination.
         click(&c, "//*[@id='tab-destinations']").await;
         appears(&c, &cell("destinations", "calls", "state", "ok")).await;
+        // For a screen reader: which tab is shown, and what each action acts on.
+        appears(&c, "//*[@id='tab-destinations' and @aria-current='page']").await;
+        appears(&c, "//*[@id='tab-events' and @aria-current='false']").await;
+        appears(
+            &c,
+            "//table[@id='destinations']//button[@aria-label='Pause calls']",
+        )
+        .await;
         click(&c, "//table[@id='destinations']//tr[@data-destination='calls']//button[contains(@class,'pause')]").await;
         appears(&c, &cell("destinations", "calls", "state", "paused")).await;
         assert!(relay.app.store.paused("calls"));

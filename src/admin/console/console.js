@@ -13,7 +13,7 @@
     view: 'events', next: null, filter: null, eventId: null, eventPick: null, pollTimer: null, destTimer: null };
 
   // ---- DOM helpers -------------------------------------------------------
-  const SAFE_ATTR = /^(class|id|type|value|title|disabled|data-[a-z0-9-]+)$/;
+  const SAFE_ATTR = /^(class|id|type|value|title|disabled|aria-label|data-[a-z0-9-]+)$/;
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -32,7 +32,8 @@
   const show = (node, visible) => node.classList.toggle('hidden', !visible);
   const text = (v) => (v === null || v === undefined || v === '' ? '—' : String(v));
   const stateClass = (s) => 'state-' + (/^[a-z_]+$/.test(String(s)) ? s : 'unknown');
-  const button = (cls, label) => el('button', { type: 'button', class: cls }, label);
+  // `name`, when given, is what a screen reader says (the label alone says not of what).
+  const button = (cls, label, name) => el('button', { type: 'button', class: cls, 'aria-label': name }, label);
   const pad = (n) => String(n).padStart(2, '0');
   const clock = (d) => `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
   const reportReplay = (res) => {
@@ -208,6 +209,7 @@
     for (const v of VIEWS) {
       show($(v + '-view'), v === name);
       $('tab-' + v).classList.toggle('active', v === name);
+      $('tab-' + v).setAttribute('aria-current', v === name ? 'page' : 'false');
     }
     stopDestTimer();
     setStatus('');
@@ -280,7 +282,10 @@
   async function openEvent(id, pick) {
     stopPoll();
     setStatus('');
-    if (await fetchEvent(id, pick)) $('event-view').scrollIntoView({ block: 'start' });
+    if (await fetchEvent(id, pick)) {
+      $('event-view').scrollIntoView({ block: 'start' });
+      $('event-view').focus({ preventScroll: true });
+    }
   }
 
   async function fetchEvent(id, pick) {
@@ -341,7 +346,7 @@
       el('td', { class: 'last-status num' }, text(d.last_status)),
       el('td', { class: 'last-error' }, text(d.last_error)),
       el('td', { class: 'next-attempt mono' }, d.state === 'pending' ? text(d.next_attempt_at) : '—'),
-      el('td', { class: 'actions' }, d.state === 'dead' ? button('replay', 'Replay') : null));
+      el('td', { class: 'actions' }, d.state === 'dead' ? button('replay', 'Replay', `Replay to ${d.destination}`) : null));
   }
 
   const hasPending = (ev) => (ev.deliveries || []).some((d) => d.state === 'pending');
@@ -414,7 +419,7 @@
       el('td', { class: 'last-status num' }, text(d.last_status)),
       el('td', { class: 'last-error' }, text(d.last_error)),
       el('td', { class: 'updated mono' }, text(d.updated_at)),
-      el('td', { class: 'actions' }, button('replay', 'Replay')));
+      el('td', { class: 'actions' }, button('replay', 'Replay', `Replay ${d.event_id} to ${d.destination}`)));
   }
 
   const updateReplayAll = () => { $('replay-all').disabled = $('dead-destination').value === ''; };
@@ -469,7 +474,7 @@
       el('td', { class: 'oldest-pending num' }, humanSeconds(d.oldest_pending_age_seconds)),
       el('td', { class: 'failures num' }, text(d.consecutive_failures)),
       el('td', { class: 'last-error' }, text(d.last_error)),
-      el('td', { class: 'actions' }, paused ? button('resume', 'Resume') : button('pause', 'Pause')));
+      el('td', { class: 'actions' }, paused ? button('resume', 'Resume', `Resume ${d.name}`) : button('pause', 'Pause', `Pause ${d.name}`)));
   }
 
   // Render the answer straight away, then refetch the whole table.

@@ -40,7 +40,11 @@ impl JetStreamStore {
         let mut out = Vec::new();
         let mut next = from.max(1);
         while out.len() < limit {
-            let m = match self.stream.get_first_raw_message_by_subject(&filter, next).await {
+            let m = match self
+                .stream
+                .get_first_raw_message_by_subject(&filter, next)
+                .await
+            {
                 Ok(m) => m,
                 Err(e) if not_found(&e) => break,
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
