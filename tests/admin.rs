@@ -100,6 +100,64 @@ async fn an_event_is_shown_with_its_body_as_received_and_one_shape() {
     assert_eq!(all, ["other", "open"]);
 }
 
+/// `?id=` with `?destination=` replays that event's dead delivery to that destination only
+/// (the console's Replay on one delivery row); `?id=` alone, all of them.
+#[tokio::test]
+async fn a_replay_of_one_delivery_leaves_the_events_other_dead_ones() {
+    let text = CONFIG.replace(
+        "to = [\"calls\"]",
+        "to = [\"calls\", \"audit\"]\n\n[[destinations]]\nname = \"audit\"\nurl = \"http://127.0.0.1:9/audit\"",
+    );
+    assert_ne!(text, CONFIG);
+    let r = TestRelay::start(&text).await;
+    let a = r
+        .post("/open", br#"{"payload":{"eventId":"two-dead"}}"#)
+        .await;
+    assert_eq!(a.json()["deliveries"], 2, "{:?}", a.body);
+    let seq = r.app().store.lookup("two-dead").await.unwrap()[0].event.seq;
+    for destination in ["calls", "audit"] {
+        let key = DeliveryKey {
+            seq,
+            destination: destination.into(),
+        };
+        let dead = Outcome::Dead {
+            status: Some(400),
+            error: "HTTP 400".into(),
+        };
+        r.app().store.record(&key, dead).await.unwrap();
+    }
+    let replay = |q: &'static str| {
+        let url = r.admin_url(&format!("/api/dead/replay?{q}"));
+        async move { send(Method::POST, &url, &[], b"").await.json()["replayed"].clone() }
+    };
+    let states = || async {
+        let v = send(Method::GET, &r.admin_url("/api/events/two-dead"), &[], b"")
+            .await
+            .json();
+        let mut s: Vec<(String, String)> = v["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let name = d["destination"].as_str().unwrap().to_string();
+                (name, d["state"].as_str().unwrap().to_string())
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    assert_eq!(replay("id=two-dead&destination=calls").await, 1);
+    let want = |audit: &str, calls: &str| {
+        vec![
+            ("audit".to_string(), audit.to_string()),
+            ("calls".to_string(), calls.to_string()),
+        ]
+    };
+    assert_eq!(states().await, want("dead", "pending"));
+    assert_eq!(replay("id=two-dead").await, 1);
+    assert_eq!(states().await, want("pending", "pending"));
+}
+
 #[tokio::test]
 async fn event_lookup_dead_list_and_replay() {
     let r = TestRelay::start(CONFIG).await;

@@ -329,11 +329,19 @@ async fn a_reused_ids_dead_letter_is_found_and_replayed_by_id(name: &str, st: &d
         .map(|v| v.event.seq)
         .collect();
     assert_eq!(found, HashSet::from([first, second]), "{name}");
+    // By id and destination: only that destination's (none to `nope`).
+    let to = |destination: &str| ReplaySelector::Delivery {
+        id: "reused".into(),
+        destination: destination.into(),
+    };
+    assert_eq!(st.replay(to("nope")).await.unwrap(), 0, "{name}");
+    let n = st.replay(to("v")).await.unwrap();
+    assert_eq!(n, 1, "{name}: the first event's dead delivery");
     let n = st
         .replay(ReplaySelector::EventId("reused".into()))
         .await
         .unwrap();
-    assert_eq!(n, 1, "{name}: the first event's dead delivery");
+    assert_eq!(n, 0, "{name}: nothing dead is left");
     let d = due(st, "v", first).await;
     assert_eq!(d.state, DeliveryState::Pending, "{name}");
     for seq in [first, second] {

@@ -188,10 +188,15 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         "/api/dead/replay" => {
             only(&req, Method::POST)?;
             let q = query(&req);
+            // Both: that event's dead delivery to that destination only.
             let which = match (q.get("destination"), q.get("id")) {
                 (Some(d), None) => ReplaySelector::Destination(d.clone()),
                 (None, Some(id)) => ReplaySelector::EventId(id.clone()),
-                _ => return Err(bad_request("give exactly one of ?destination= or ?id=")),
+                (Some(d), Some(id)) => ReplaySelector::Delivery {
+                    id: id.clone(),
+                    destination: d.clone(),
+                },
+                (None, None) => return Err(bad_request("give ?destination=, ?id=, or both")),
             };
             let n = app.store.replay(which).await.map_err(store_error)?;
             info!(replayed = n, "dead deliveries replayed");

@@ -248,6 +248,11 @@ impl Outcome {
 pub enum ReplaySelector {
     Destination(String),
     EventId(String),
+    /// The dead delivery to one destination of the events with this id.
+    Delivery {
+        id: String,
+        destination: String,
+    },
 }
 
 /// A delivery with the event it belongs to, as the admin API lists dead letters.

@@ -546,6 +546,11 @@ impl Store for JetStreamStore {
                 return Ok(n);
             }
             ReplaySelector::EventId(id) => self.dead_with_id(&id).await?,
+            ReplaySelector::Delivery { id, destination } => {
+                let mut all = self.dead_with_id(&id).await?;
+                all.retain(|(_, rec, _)| rec.delivery.destination == destination);
+                all
+            }
         };
         let mut n = 0;
         for (state_seq, rec, body) in targets {

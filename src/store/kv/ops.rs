@@ -253,7 +253,12 @@ impl Writer<'_> {
                         Ok(true)
                     })?;
             }
-            ReplaySelector::EventId(id) => {
+            ReplaySelector::EventId(_) | ReplaySelector::Delivery { .. } => {
+                let (id, only) = match which {
+                    ReplaySelector::Delivery { id, destination } => (id, Some(destination)),
+                    ReplaySelector::EventId(id) => (id, None),
+                    ReplaySelector::Destination(_) => unreachable!(),
+                };
                 let mut seqs = Vec::new();
                 for prefix in id_prefixes(&id, self.legacy_until) {
                     self.txn.scan_prefix(&prefix, &mut |k, v| {
@@ -265,7 +270,9 @@ impl Writer<'_> {
                 }
                 for seq in seqs {
                     for d in self.deliveries_of(seq)? {
-                        targets.push((seq, d.destination));
+                        if only.as_ref().is_none_or(|o| *o == d.destination) {
+                            targets.push((seq, d.destination));
+                        }
                     }
                 }
             }
