@@ -61,6 +61,23 @@ async fn health_ready_and_unknown_paths() {
     send(Method::GET, &r.admin_url("/api/events/missing"), &[], b"")
         .await
         .error(404, "not_found");
+    // No such endpoint is a 404 whatever the method; a known one asked wrongly, a 405.
+    send(
+        Method::GET,
+        &r.admin_url("/api/destinations/calls"),
+        &[],
+        b"",
+    )
+    .await
+    .error(404, "not_found");
+    let a = send(
+        Method::GET,
+        &r.admin_url("/api/destinations/calls/pause"),
+        &[],
+        b"",
+    )
+    .await;
+    a.error(405, "method_not_allowed");
 }
 
 /// `GET /api/events/{id}` shows the body exactly as received (key order, numbers), and one

@@ -225,7 +225,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             Ok(reload(app))
         }
         p if p.starts_with("/api/destinations/") => {
-            only(&req, Method::POST)?;
+            // The path first (no such endpoint: 404), then the method (405).
             let rest = &p["/api/destinations/".len()..];
             let (name, paused) = match rest.rsplit_once('/') {
                 Some((n, "pause")) => (n, true),
@@ -236,6 +236,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                     ))
                 }
             };
+            only(&req, Method::POST)?;
             let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
             if !destination_names(app).iter().any(|d| *d == name) {
                 return Err(not_found(format!("no destination is named {name:?}")));
