@@ -6,7 +6,8 @@
 # BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
 # connections (default 64) and prints each run (with the CPU time per request of the relay
 # process and of nginx's processes, and the bytes they wrote to disk), the medians, the
-# ratios, and each round's ratio with their median.
+# ratios, and each round's ratio with their median, and how quick the disk was before each
+# round (the relay's figures move with it).
 # BENCH_PERF=file first records a CPU profile of the relay (perf, call graphs) in a round of
 # its own, not counted. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -130,6 +131,14 @@ ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat"; done | awk 
 # dirtied, whether written by them or flushed later by the kernel).
 written() { for p in "$@"; do awk '/^write_bytes/ {print $2}' "/proc/$p/io"; done | awk '{b += $1} END {printf "%.0f\n", b}'; }
 
+# How quick the disk is now, the relay's figures move with it (its commit ends in an
+# fdatasync, and this machine's disk is shared): µs per 4 KiB write with O_DSYNC, 200 of them.
+disk_probe() {
+  dd if=/dev/zero of="$work/disk-probe" bs=4k count=200 oflag=dsync 2>&1 |
+    awk '/copied/ {for (i = 1; i <= NF; i++) if ($i == "s,") printf "%.0f", $(i - 1) * 1e6 / 200}'
+  rm -f "$work/disk-probe"
+}
+
 # µs of CPU per request: ticks spent, requests.
 per_request() { awk -v t="$1" -v r="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}'; }
 
@@ -169,8 +178,9 @@ fi
 
 echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request | disk bytes/request |"
 echo "|---|---|---:|---:|---:|---:|---:|"
-declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu relay_disk
+declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu relay_disk disk_us
 for r in $(seq 1 "$rounds"); do
+  disk_us+=("$(disk_probe)")
   # The forwarder's own CPU (nginx's processes, the relay's process), not the sink's or wrk's.
   # shellcheck disable=SC2086
   before=$(ticks $nginx_pids)
@@ -209,3 +219,4 @@ for i in "${!relay_rps[@]}"; do
   ratios+=("$(awk -v a="${relay_rps[$i]}" -v b="${nginx_rps[$i]}" 'BEGIN {printf "%.2f", a/b}')")
 done
 echo "hookrelay / nginx req/s by round: ${ratios[*]}; median $(median "${ratios[@]}")"
+echo "disk by round (µs per 4 KiB O_DSYNC write, 200 of them): ${disk_us[*]}"

@@ -145,13 +145,16 @@ fn main() {
     rt.block_on(async move {
         let seq = Arc::new(AtomicU64::new(0));
         let mut all: Vec<RoundRatios> = Vec::new();
+        let mut disk = Vec::new();
         for r in 1..=rounds {
             println!();
             println!("round {r} of {rounds}");
+            disk.push(disk_now());
             all.push(round(conns, secs, rate, &backends, seq.clone()).await);
         }
         if rounds > 1 {
             println!();
+            println!("disk by round (µs per synced 4 KiB write, median of 200): {}", listed(&disk));
             for (i, (backend, _, _)) in all[0].iter().enumerate() {
                 let accept: Vec<f64> = all.iter().map(|r| r[i].1).collect();
                 let cpu: Vec<f64> = all.iter().map(|r| r[i].2).collect();
@@ -166,6 +169,14 @@ fn main() {
             }
         }
     });
+}
+
+/// The disk's speed now (the store's figures move with it), printed and returned.
+fn disk_now() -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let us = support::disk::synced_write_us(dir.path(), 200);
+    println!("disk: {us:.0} µs per synced 4 KiB write (median of 200)");
+    us
 }
 
 fn listed(v: &[f64]) -> String {
