@@ -154,7 +154,10 @@ fn main() {
         }
         if rounds > 1 {
             println!();
-            println!("disk by round (µs per synced 4 KiB write, median of 200): {}", listed(&disk));
+            println!(
+                "disk by round (µs per synced 4 KiB write, median of 200): {}",
+                listed(&disk)
+            );
             for (i, (backend, _, _)) in all[0].iter().enumerate() {
                 let accept: Vec<f64> = all.iter().map(|r| r[i].1).collect();
                 let cpu: Vec<f64> = all.iter().map(|r| r[i].2).collect();

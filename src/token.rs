@@ -21,7 +21,8 @@ pub struct Claims {
     pub scope: Option<String>,
     /// Expiry, unix seconds.
     pub exp: u64,
-    /// [`secret_mark`] of the client secret the token was issued against.
+    /// [`secret_mark`] of the client secret the token was issued against; empty in a token
+    /// an older build issued (accepted until it expires).
     #[serde(rename = "sk", default)]
     pub secret: String,
 }

@@ -336,6 +336,37 @@ async fn a_token_issued_against_a_rotated_secret_is_refused() {
     assert_eq!(post(auth).await.status, 200);
 }
 
+/// A token an older build issued (no mark of its client's secret) stays valid until it
+/// expires: 8x8 keeps using its cached token across the relay's upgrade.
+#[tokio::test]
+async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let claims = hookrelay::token::Claims {
+        source: "sms".into(),
+        client: "8x8-sms".into(),
+        scope: None,
+        exp: hookrelay::store::now_ms() / 1000 + 600,
+        secret: String::new(),
+    };
+    // As an older build wrote it: no `sk` member at all.
+    let payload =
+        serde_json::json!({"src": claims.source, "cid": claims.client, "exp": claims.exp});
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
+    let mut m =
+        <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(b"token-signing-key").unwrap();
+    m.update(encoded.as_bytes());
+    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(m.finalize().into_bytes());
+    let old = format!("Bearer {encoded}.{tag}");
+    let a = r
+        .post_with(
+            "/8x8/sms",
+            &[("authorization", &old)],
+            &fixture("8x8/sms-inbound.json"),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+}
+
 // ---- Standard Webhooks inbound ----
 
 const DIDS_SECRET: &[u8] = b"signing-secret-for-dids";

@@ -329,13 +329,16 @@ async fn a_reused_ids_dead_letter_is_found_and_replayed_by_id(name: &str, st: &d
         .map(|v| v.event.seq)
         .collect();
     assert_eq!(found, HashSet::from([first, second]), "{name}");
-    // By id and destination: only that destination's (none to `nope`).
-    let to = |destination: &str| ReplaySelector::Delivery {
+    // By id, destination and event: only that one (none to `nope`).
+    let to = |destination: &str, seq: u64| ReplaySelector::Delivery {
         id: "reused".into(),
         destination: destination.into(),
+        seq: Some(seq),
     };
-    assert_eq!(st.replay(to("nope")).await.unwrap(), 0, "{name}");
-    let n = st.replay(to("v")).await.unwrap();
+    assert_eq!(st.replay(to("nope", first)).await.unwrap(), 0, "{name}");
+    // The second event's delivery to `v` is not dead: nothing of it to replay.
+    assert_eq!(st.replay(to("v", second)).await.unwrap(), 0, "{name}");
+    let n = st.replay(to("v", first)).await.unwrap();
     assert_eq!(n, 1, "{name}: the first event's dead delivery");
     let n = st
         .replay(ReplaySelector::EventId("reused".into()))

@@ -188,15 +188,26 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         "/api/dead/replay" => {
             only(&req, Method::POST)?;
             let q = query(&req);
-            // Both: that event's dead delivery to that destination only.
+            // Both: that event's dead delivery to that destination only (`seq`: of the
+            // event with that sequence, when several have the id).
+            let seq = match q.get("seq").map(|s| s.parse::<u64>()) {
+                None => None,
+                Some(Ok(s)) => Some(s),
+                Some(Err(_)) => return Err(bad_request("seq is not a sequence number")),
+            };
             let which = match (q.get("destination"), q.get("id")) {
-                (Some(d), None) => ReplaySelector::Destination(d.clone()),
-                (None, Some(id)) => ReplaySelector::EventId(id.clone()),
+                (Some(d), None) if seq.is_none() => ReplaySelector::Destination(d.clone()),
+                (None, Some(id)) if seq.is_none() => ReplaySelector::EventId(id.clone()),
                 (Some(d), Some(id)) => ReplaySelector::Delivery {
                     id: id.clone(),
                     destination: d.clone(),
+                    seq,
                 },
-                (None, None) => return Err(bad_request("give ?destination=, ?id=, or both")),
+                _ => {
+                    return Err(bad_request(
+                        "give ?destination=, ?id=, or both (and then ?seq= if you will)",
+                    ))
+                }
             };
             let n = app.store.replay(which).await.map_err(store_error)?;
             info!(replayed = n, "dead deliveries replayed");

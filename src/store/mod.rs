@@ -248,10 +248,12 @@ impl Outcome {
 pub enum ReplaySelector {
     Destination(String),
     EventId(String),
-    /// The dead delivery to one destination of the events with this id.
+    /// The dead delivery to one destination of the events with this id; of the one with
+    /// sequence `seq` only, when given (several sources, or an id used again).
     Delivery {
         id: String,
         destination: String,
+        seq: Option<u64>,
     },
 }
 

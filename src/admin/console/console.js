@@ -377,7 +377,8 @@
     try {
       // This row's delivery only: the event's other dead deliveries stay as they are.
       const tr = btn.closest('tr[data-destination]');
-      res = await api('POST', '/api/dead/replay' + query({ id: app.eventId, destination: tr ? tr.dataset.destination : '' }));
+      const seq = app.eventPick ? app.eventPick.seq : '';
+      res = await api('POST', '/api/dead/replay' + query({ id: app.eventId, destination: tr ? tr.dataset.destination : '', seq: tr ? seq : '' }));
       reportReplay(res);
     } finally {
       btn.disabled = false;
@@ -442,7 +443,7 @@
   function onDeadClick(e) {
     const tr = e.target.closest('tr[data-event-id]');
     if (!tr) return;
-    if (e.target.closest('button.replay')) guard(replayDead)({ id: tr.dataset.eventId, destination: tr.dataset.destination }, e.target.closest('button'));
+    if (e.target.closest('button.replay')) guard(replayDead)({ id: tr.dataset.eventId, destination: tr.dataset.destination, seq: tr.dataset.seq }, e.target.closest('button'));
     else if (e.target.closest('button.open')) guard(openEvent)(tr.dataset.eventId, pickOf(tr));
   }
 

@@ -71,7 +71,7 @@ impl Cx<'_> {
                 continue;
             };
             // A JSONPath here would silently never decode anything.
-            if text.is_empty() || text.starts_with('$') {
+            if text.is_empty() || text == "$" || text.starts_with("$.") || text.starts_with("$[") {
                 self.err(
                     Some(f.span()),
                     &k,

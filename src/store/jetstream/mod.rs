@@ -515,7 +515,7 @@ impl Store for JetStreamStore {
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError> {
         Ok(self
-            .dead_letters(destination, 1, limit)
+            .dead_letters(destination, (1, u64::MAX), limit)
             .await?
             .into_iter()
             .map(|(_, _, rec, _)| NamedDelivery {
@@ -530,11 +530,22 @@ impl Store for JetStreamStore {
         let targets: Vec<(u64, DeliveryRecord, Bytes)> = match which {
             ReplaySelector::Destination(d) => {
                 // All of them, a chunk at a time (bodies in memory: a chunk's), each index
-                // entry once: the walk goes on past the last one read.
+                // entry once: the walk goes on past the last one read, and stops at the
+                // stream's end as it was, so one that dies again meanwhile (a new index
+                // entry) is not replayed twice by this request.
+                let until = {
+                    let mut stream = self.stream.clone();
+                    let info = stream.info().await;
+                    info.map_err(|e| StoreError::Unavailable(e.to_string()))?
+                        .state
+                        .last_sequence
+                };
                 let mut n = 0;
                 let mut from = 1;
                 loop {
-                    let chunk = self.dead_letters(Some(&d), from, REPLAY_CHUNK).await?;
+                    let chunk = self
+                        .dead_letters(Some(&d), (from, until), REPLAY_CHUNK)
+                        .await?;
                     let Some(last) = chunk.last().map(|c| c.0) else {
                         break;
                     };
@@ -546,9 +557,16 @@ impl Store for JetStreamStore {
                 return Ok(n);
             }
             ReplaySelector::EventId(id) => self.dead_with_id(&id).await?,
-            ReplaySelector::Delivery { id, destination } => {
+            ReplaySelector::Delivery {
+                id,
+                destination,
+                seq,
+            } => {
                 let mut all = self.dead_with_id(&id).await?;
-                all.retain(|(_, rec, _)| rec.delivery.destination == destination);
+                all.retain(|(_, rec, _)| {
+                    rec.delivery.destination == destination
+                        && seq.is_none_or(|s| s == rec.delivery.seq)
+                });
                 all
             }
         };

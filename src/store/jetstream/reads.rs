@@ -27,13 +27,13 @@ impl JetStreamStore {
     }
 
     /// Dead deliveries as (index entry's sequence, state sequence, record, body), oldest
-    /// first, from index entry `from` on: the index walked in stream order, one read per
-    /// entry, so no listing of its subjects (capped, and in no order) and as many reads as
-    /// `limit` takes.
+    /// first, from index entry `from` up to `until`: the index walked in stream order, one
+    /// read per entry, so no listing of its subjects (capped, and in no order) and as many
+    /// reads as `limit` takes.
     pub(super) async fn dead_letters(
         &self,
         destination: Option<&str>,
-        from: u64,
+        (from, until): (u64, u64),
         limit: usize,
     ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
         let filter = self.names.dead_of(destination);
@@ -49,6 +49,9 @@ impl JetStreamStore {
                 Err(e) if not_found(&e) => break,
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             };
+            if m.sequence > until {
+                break;
+            }
             next = m.sequence + 1;
             if &m.payload[..] != b"dead" {
                 continue;

@@ -460,6 +460,9 @@ impl<E: Engine> Store for KvStore<E> {
                 Ok(true)
             })?;
         }
+        // One id may be under two prefixes while legacy records remain.
+        seqs.sort_unstable();
+        seqs.dedup();
         let mut out = Vec::new();
         for seq in seqs {
             if let Some(event) = self.shared.event(seq)? {

@@ -254,9 +254,13 @@ impl Writer<'_> {
                     })?;
             }
             ReplaySelector::EventId(_) | ReplaySelector::Delivery { .. } => {
-                let (id, only) = match which {
-                    ReplaySelector::Delivery { id, destination } => (id, Some(destination)),
-                    ReplaySelector::EventId(id) => (id, None),
+                let (id, only, event) = match which {
+                    ReplaySelector::Delivery {
+                        id,
+                        destination,
+                        seq,
+                    } => (id, Some(destination), seq),
+                    ReplaySelector::EventId(id) => (id, None, None),
                     ReplaySelector::Destination(_) => unreachable!(),
                 };
                 let mut seqs = Vec::new();
@@ -268,6 +272,10 @@ impl Writer<'_> {
                         Ok(true)
                     })?;
                 }
+                // One id may be under two prefixes while legacy records remain.
+                seqs.sort_unstable();
+                seqs.dedup();
+                seqs.retain(|s| event.is_none_or(|e| e == *s));
                 for seq in seqs {
                     for d in self.deliveries_of(seq)? {
                         if only.as_ref().is_none_or(|o| *o == d.destination) {
