@@ -43,6 +43,14 @@ pub struct DestinationState {
 /// The states `hookrelay_destination_state` shows (1 for the current one, 0 for the others).
 pub const DESTINATION_STATES: [&str; 3] = ["ok", "open", "paused"];
 
+/// A destination's gauges as one scrape read them.
+pub struct DestinationGauges {
+    pub name: String,
+    pub depth: i64,
+    pub oldest_pending_age: i64,
+    pub state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DestinationLabel {
     pub destination: String,
@@ -187,10 +195,12 @@ impl Metrics {
     }
 
     /// Sets `hookrelay_destination_state` of `destination` to `state`.
-    /// The destination gauges are now set for `destinations`: the series of any other (one
-    /// a reload removed, with nothing pending) go, so an alert on them clears.
-    pub fn gauged_destinations(&self, destinations: &[String]) {
+    /// Sets the destination gauges to `gauges`, and takes away the series of any other
+    /// destination (one a reload removed, with nothing pending), so an alert on them clears.
+    /// All under one lock: a concurrent scrape cannot put a removed one back.
+    pub fn set_destination_gauges(&self, gauges: &[DestinationGauges]) {
         let mut gauged = self.gauged.lock().unwrap();
+        let destinations: Vec<String> = gauges.iter().map(|g| g.name.clone()).collect();
         for gone in gauged.iter().filter(|d| !destinations.contains(d)) {
             let label = DestinationLabel {
                 destination: gone.clone(),
@@ -204,7 +214,17 @@ impl Metrics {
                 });
             }
         }
-        *gauged = destinations.to_vec();
+        for g in gauges {
+            let label = DestinationLabel {
+                destination: g.name.clone(),
+            };
+            self.queue_depth.get_or_create(&label).set(g.depth);
+            self.oldest_pending_age
+                .get_or_create(&label)
+                .set(g.oldest_pending_age);
+            self.destination_state(&g.name, g.state);
+        }
+        *gauged = destinations;
     }
 
     pub fn destination_state(&self, destination: &str, state: &str) {

@@ -29,7 +29,6 @@ use tracing::{info, warn};
 use crate::app::App;
 use crate::clock::now_ms;
 use crate::config::shown_url;
-use crate::metrics::DestinationLabel;
 use crate::store::{DeliveryState, EventQuery, ReplaySelector, StoreError};
 use crate::web::response::{answer, json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
@@ -413,23 +412,18 @@ async fn readyz(app: &App) -> Response<Body> {
 }
 
 async fn metrics(app: &App) -> String {
-    let names = destination_names(app);
-    app.metrics.gauged_destinations(&names);
-    for d in names {
-        let label = DestinationLabel {
-            destination: d.clone(),
-        };
-        app.metrics
-            .queue_depth
-            .get_or_create(&label)
-            .set(app.store.queue_depth(&d) as i64);
-        let age = oldest_pending_age(app, &d).await as i64;
-        app.metrics
-            .oldest_pending_age
-            .get_or_create(&label)
-            .set(age);
-        app.metrics.destination_state(&d, state_of(app, &d));
+    // The figures first (reading an age may wait), then all the gauges at once, so two
+    // scrapes around a reload cannot leave a removed destination's series behind.
+    let mut gauges = Vec::new();
+    for name in destination_names(app) {
+        gauges.push(crate::metrics::DestinationGauges {
+            depth: app.store.queue_depth(&name) as i64,
+            oldest_pending_age: oldest_pending_age(app, &name).await as i64,
+            state: state_of(app, &name),
+            name,
+        });
     }
+    app.metrics.set_destination_gauges(&gauges);
     app.metrics.render()
 }
 
