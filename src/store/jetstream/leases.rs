@@ -109,11 +109,16 @@ impl Leases {
         l
     }
 
-    pub fn put_back(&self, lease: Lease) {
-        self.held
-            .lock()
-            .unwrap()
-            .insert(lease.rec.delivery.seq, lease);
+    /// Holds a pulled delivery, unless this destination was handed back meanwhile (its
+    /// window 0, read under the lock [`release_idle`](Self::release_idle) takes after
+    /// setting it): then the lease is returned, to be handed back too.
+    fn hold(&self, lease: Lease) -> Option<Lease> {
+        let mut held = self.held.lock().unwrap();
+        if self.window.load(Ordering::Relaxed) == 0 {
+            return Some(lease);
+        }
+        held.insert(lease.rec.delivery.seq, lease);
+        None
     }
 
     /// Hands back every held delivery that `in_flight` does not name, so that another
@@ -271,12 +276,16 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         let _ = m.ack_with(AckKind::Nak(Some(delay))).await;
         return;
     }
-    leases.put_back(Lease {
+    let lease = Lease {
         msg: m,
         state_seq,
         rec,
         body,
-    });
+    };
+    if let Some(back) = leases.hold(lease) {
+        let _ = back.msg.ack_with(AckKind::Nak(None)).await;
+        return;
+    }
     leases.wakeup.notify_one();
 }
 
