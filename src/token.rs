@@ -23,7 +23,7 @@ pub struct Claims {
     pub exp: u64,
     /// [`secret_mark`] of the client secret the token was issued against; empty in a token
     /// an older build issued (accepted until it expires).
-    #[serde(rename = "sk", default)]
+    #[serde(rename = "sk", default, skip_serializing_if = "String::is_empty")]
     pub secret: String,
 }
 

@@ -87,6 +87,16 @@ async fn token_basic(r: &TestRelay, id: &str, secret: &str) -> support::Answer {
     .await
 }
 
+/// Posts the SMS inbound sample to the sms source with `auth` as its Authorization header.
+async fn post_sms(r: &TestRelay, auth: &str) -> support::Answer {
+    r.post_with(
+        "/8x8/sms",
+        &[("authorization", auth)],
+        &fixture("8x8/sms-inbound.json"),
+    )
+    .await
+}
+
 fn bearer(a: &support::Answer) -> String {
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.headers["cache-control"], "no-store");
@@ -100,13 +110,7 @@ fn bearer(a: &support::Answer) -> String {
 async fn token_with_basic_credentials_opens_the_source() {
     let r = TestRelay::start_env(CONFIG, ENV).await;
     let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &auth)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let a = post_sms(&r, &auth).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     assert_eq!(a.json()["id"], "0f7a2c1e-6b9d-4f3a-9e51-2b7c8d1a4e10");
     let a = r
@@ -149,13 +153,7 @@ async fn token_with_basic_credentials_and_the_client_named_in_the_form() {
     };
     let token = bearer(&ask("8x8-sms").await);
     let upper = token.replacen("Bearer", "BEARER", 1);
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &upper)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let a = post_sms(&r, &upper).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
     // Another client named than the one authenticated: refused.
     let a = ask("someone-else").await;
@@ -180,13 +178,7 @@ async fn token_with_form_credentials_and_scope() {
         .await;
     assert_eq!(a.json()["scope"], "webhooks");
     let auth = bearer(&a);
-    let ok = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &auth)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let ok = post_sms(&r, &auth).await;
     assert_eq!(ok.status, 200);
 }
 
@@ -242,13 +234,7 @@ async fn bad_grant_and_bad_requests() {
 async fn token_of_another_source_is_refused() {
     let r = TestRelay::start_env(CONFIG, ENV).await;
     let chat = bearer(&token_basic(&r, "8x8-chat", "other").await);
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &chat)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let a = post_sms(&r, &chat).await;
     let msg = a.error(401, "unauthorized");
     assert!(msg.contains("another source"), "{msg}");
     assert_eq!(a.headers["www-authenticate"], "Bearer");
@@ -282,13 +268,7 @@ async fn token_stays_valid_after_a_restart() {
     let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
     let dir = r.stop().await;
     let r = TestRelay::start_in(dir, CONFIG, ENV).await;
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &auth)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let a = post_sms(&r, &auth).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
@@ -299,13 +279,7 @@ async fn a_removed_clients_token_is_refused() {
     let dir = r.stop().await;
     let without = CONFIG.replace(r#"id = "8x8-sms""#, r#"id = "8x8-sms-new""#);
     let r = TestRelay::start_in(dir, &without, ENV).await;
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &auth)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let a = post_sms(&r, &auth).await;
     let msg = a.error(401, "unauthorized");
     assert!(msg.contains("no longer configured"), "{msg}");
 }
@@ -318,22 +292,11 @@ async fn a_token_issued_against_a_rotated_secret_is_refused() {
     let rotated = CONFIG.replace(r#"secret = "s3cr3t&=:x""#, r#"secret = "rotated-secret""#);
     assert_ne!(rotated, CONFIG);
     let r = TestRelay::start_in(dir, &rotated, ENV).await;
-    let post = |auth: String| {
-        let r = &r;
-        async move {
-            r.post_with(
-                "/8x8/sms",
-                &[("authorization", &auth)],
-                &fixture("8x8/sms-inbound.json"),
-            )
-            .await
-        }
-    };
-    let msg = post(auth).await.error(401, "unauthorized");
+    let msg = post_sms(&r, &auth).await.error(401, "unauthorized");
     assert!(msg.contains("secret changed"), "{msg}");
     // A token issued against the new secret opens the source.
     let auth = bearer(&token_basic(&r, "8x8-sms", "rotated-secret").await);
-    assert_eq!(post(auth).await.status, 200);
+    assert_eq!(post_sms(&r, &auth).await.status, 200);
 }
 
 /// A token an older build issued (no mark of its client's secret) stays valid until it
@@ -341,6 +304,7 @@ async fn a_token_issued_against_a_rotated_secret_is_refused() {
 #[tokio::test]
 async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
     let r = TestRelay::start_env(CONFIG, ENV).await;
+    // As an older build wrote it: no mark of the secret (no `sk` member at all).
     let claims = hookrelay::token::Claims {
         source: "sms".into(),
         client: "8x8-sms".into(),
@@ -348,22 +312,14 @@ async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
         exp: hookrelay::store::now_ms() / 1000 + 600,
         secret: String::new(),
     };
-    // As an older build wrote it: no `sk` member at all.
-    let payload =
-        serde_json::json!({"src": claims.source, "cid": claims.client, "exp": claims.exp});
-    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
-    let mut m =
-        <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(b"token-signing-key").unwrap();
-    m.update(encoded.as_bytes());
-    let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(m.finalize().into_bytes());
-    let old = format!("Bearer {encoded}.{tag}");
-    let a = r
-        .post_with(
-            "/8x8/sms",
-            &[("authorization", &old)],
-            &fixture("8x8/sms-inbound.json"),
-        )
-        .await;
+    let token = hookrelay::token::issue(b"token-signing-key", &claims);
+    let payload = token.split('.').next().unwrap();
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    assert!(!String::from_utf8(json).unwrap().contains("\"sk\""));
+    let old = format!("Bearer {token}");
+    let a = post_sms(&r, &old).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 

@@ -254,6 +254,21 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     assert!(!st.paused("a"), "{name}");
 }
 
+/// `ev`, an id seen again past its window, accepted as new: its sequence. JetStream answers
+/// 503 until the earlier event's fan-out is acked, so that is tried again (bounded).
+async fn accepted_again(name: &str, st: &dyn Store, ev: NewEvent) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match st.accept(ev.clone()).await {
+            Ok(Admission::Accepted { seq }) => return seq,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{name}: past the window: {other:?}"),
+        }
+    }
+}
+
 /// An id seen again past its dedup window is a new event (with its own delivery); within
 /// the window of that one, a duplicate of it. `received_ms` stands in for the clock.
 async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
@@ -271,18 +286,8 @@ async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
         matches!(dup, Admission::Duplicate { seq, .. } if seq == first),
         "{name}: within the window: {dup:?}"
     );
-    // Past it: new. (JetStream answers 503 until the first one's fan-out is acked.)
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let second = loop {
-        match st.accept(at(t0 + 1500)).await {
-            Ok(Admission::Accepted { seq }) => break seq,
-            Err(StoreError::Unavailable(why)) if Instant::now() < deadline => {
-                let _ = why;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => panic!("{name}: past the window: {other:?}"),
-        }
-    };
+    // Past it: new.
+    let second = accepted_again(name, st, at(t0 + 1500)).await;
     assert_ne!(second, first, "{name}");
     let d = due(st, "w", second).await;
     assert_eq!((d.seq, d.state), (second, DeliveryState::Pending), "{name}");
@@ -311,16 +316,7 @@ async fn a_reused_ids_dead_letter_is_found_and_replayed_by_id(name: &str, st: &d
     let first = accepted(st, at(t0)).await;
     due(st, "v", first).await;
     st.record(&key(first, "v"), dead()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let second = loop {
-        match st.accept(at(t0 + 1500)).await {
-            Ok(Admission::Accepted { seq }) => break seq,
-            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            other => panic!("{name}: past the window: {other:?}"),
-        }
-    };
+    let second = accepted_again(name, st, at(t0 + 1500)).await;
     let found: HashSet<u64> = st
         .lookup("reused")
         .await

@@ -66,12 +66,8 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
-fn ok(v: Value) -> Response<Body> {
-    json_response(StatusCode::OK, v.to_string().into_bytes())
-}
-
-fn ok_json(v: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec(v).expect("admin answers serialize");
+fn ok(v: impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(&v).expect("admin answers serialize");
     json_response(StatusCode::OK, body)
 }
 
@@ -278,8 +274,8 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             }
             match events.as_slice() {
                 [] => Err(not_found(format!("no stored event has id {id:?}"))),
-                [one] => Ok(ok_json(one)),
-                [newest, ..] => Ok(ok_json(&Several {
+                [one] => Ok(ok(one)),
+                [newest, ..] => Ok(ok(Several {
                     newest,
                     events: &events,
                 })),

@@ -1,6 +1,7 @@
 //! The key layout of the key-value store (integers big-endian so keys sort); see the table
 //! in [`super`]. The records under the keys: [`super::records`].
 
+use crate::store::engine::Visit;
 use crate::store::StoreError;
 
 pub(super) fn be(n: u64) -> [u8; 8] {
@@ -125,6 +126,28 @@ pub(super) fn id_prefixes(id: &str, legacy_until: u64) -> impl Iterator<Item = V
     let legacy = (legacy_until > 0).then(|| legacy_id_prefix(id)).flatten();
     std::iter::once(id_prefix(id)).chain(legacy)
 }
+/// The events the dedup records of `id` name (every source's, and earlier ones with the
+/// id), each once (an id may be under two prefixes while legacy records remain), in
+/// sequence order; `scan` reads the keys under a prefix (the engine's, or a group's).
+pub(super) fn events_of_id(
+    id: &str,
+    legacy_until: u64,
+    mut scan: impl FnMut(&[u8], &mut Visit<'_>) -> Result<(), StoreError>,
+) -> Result<Vec<u64>, StoreError> {
+    let mut seqs = Vec::new();
+    for prefix in id_prefixes(id, legacy_until) {
+        scan(&prefix, &mut |k, v| {
+            if of_id(&prefix, k) {
+                seqs.extend(event_seqs(v));
+            }
+            Ok(true)
+        })?;
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    Ok(seqs)
+}
+
 /// Whether dedup key `k`, found under `prefix` (one of [`id_prefixes`]), is of that id and
 /// not of a longer one that holds a NUL (`a\0x` from some source is under `d/a\0` too):
 /// what follows the prefix is a source name, which has none.

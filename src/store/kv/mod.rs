@@ -451,18 +451,10 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
-        let mut seqs = Vec::new();
-        for prefix in id_prefixes(id, self.shared.legacy_until) {
-            self.shared.engine.scan_prefix(&prefix, &mut |k, v| {
-                if of_id(&prefix, k) {
-                    seqs.extend(event_seqs(v));
-                }
-                Ok(true)
-            })?;
-        }
-        // One id may be under two prefixes while legacy records remain.
-        seqs.sort_unstable();
-        seqs.dedup();
+        let engine = &self.shared.engine;
+        let seqs = events_of_id(id, self.shared.legacy_until, |p, visit| {
+            engine.scan_prefix(p, visit)
+        })?;
         let mut out = Vec::new();
         for seq in seqs {
             if let Some(event) = self.shared.event(seq)? {

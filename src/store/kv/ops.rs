@@ -244,52 +244,50 @@ impl Writer<'_> {
     }
 
     pub(super) fn replay(&mut self, which: ReplaySelector) -> Result<usize, StoreError> {
-        let mut targets: Vec<(u64, String)> = Vec::new();
-        match which {
+        let targets = match which {
             ReplaySelector::Destination(dest) => {
+                let mut targets = Vec::new();
                 self.txn
                     .scan_prefix(&key(&[b"z/", dest.as_bytes(), b"\0"]), &mut |k, _| {
                         targets.push((read_u64(&k[k.len() - 8..]), dest.clone()));
                         Ok(true)
                     })?;
+                targets
             }
-            ReplaySelector::EventId(_) | ReplaySelector::Delivery { .. } => {
-                let (id, only, event) = match which {
-                    ReplaySelector::Delivery {
-                        id,
-                        destination,
-                        seq,
-                    } => (id, Some(destination), seq),
-                    ReplaySelector::EventId(id) => (id, None, None),
-                    ReplaySelector::Destination(_) => unreachable!(),
-                };
-                let mut seqs = Vec::new();
-                for prefix in id_prefixes(&id, self.legacy_until) {
-                    self.txn.scan_prefix(&prefix, &mut |k, v| {
-                        if of_id(&prefix, k) {
-                            seqs.extend(event_seqs(v));
-                        }
-                        Ok(true)
-                    })?;
-                }
-                // One id may be under two prefixes while legacy records remain.
-                seqs.sort_unstable();
-                seqs.dedup();
-                seqs.retain(|s| event.is_none_or(|e| e == *s));
-                for seq in seqs {
-                    for d in self.deliveries_of(seq)? {
-                        if only.as_ref().is_none_or(|o| *o == d.destination) {
-                            targets.push((seq, d.destination));
-                        }
-                    }
-                }
-            }
-        }
+            ReplaySelector::EventId(id) => self.deliveries_of_id(&id, None, None)?,
+            ReplaySelector::Delivery {
+                id,
+                destination,
+                seq,
+            } => self.deliveries_of_id(&id, Some(&destination), seq)?,
+        };
         let mut n = 0;
         for (seq, dest) in targets {
             n += usize::from(self.replay_one(seq, &dest)?);
         }
         Ok(n)
+    }
+
+    /// The deliveries of the events with `id` (of event `seq` only, when given), to
+    /// `destination` only, when given: (event, destination).
+    fn deliveries_of_id(
+        &mut self,
+        id: &str,
+        destination: Option<&str>,
+        seq: Option<u64>,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
+        let txn = &mut *self.txn;
+        let mut seqs = events_of_id(id, self.legacy_until, |p, visit| txn.scan_prefix(p, visit))?;
+        seqs.retain(|s| seq.is_none_or(|e| e == *s));
+        let mut out = Vec::new();
+        for s in seqs {
+            for d in self.deliveries_of(s)? {
+                if destination.is_none_or(|o| o == d.destination) {
+                    out.push((s, d.destination));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most. Events
