@@ -254,6 +254,16 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     assert!(!st.paused("a"), "{name}");
 }
 
+/// Event `id` of source `x` to `dest`, received at `ms` (standing in for the clock), with
+/// a dedup window of 1 s.
+fn received_at(id: &str, dest: &str, ms: u64) -> NewEvent {
+    NewEvent {
+        dedup_window: Duration::from_secs(1),
+        received_ms: ms,
+        ..ev(id, "x", &[dest])
+    }
+}
+
 /// `ev`, an id seen again past its window, accepted as new: its sequence. JetStream answers
 /// 503 until the earlier event's fan-out is acked, so that is tried again (bounded).
 async fn accepted_again(name: &str, st: &dyn Store, ev: NewEvent) -> u64 {
@@ -272,12 +282,7 @@ async fn accepted_again(name: &str, st: &dyn Store, ev: NewEvent) -> u64 {
 /// An id seen again past its dedup window is a new event (with its own delivery); within
 /// the window of that one, a duplicate of it. `received_ms` stands in for the clock.
 async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
-    let window = Duration::from_secs(1);
-    let at = |ms: u64| NewEvent {
-        dedup_window: window,
-        received_ms: ms,
-        ..ev("again", "x", &["w"])
-    };
+    let at = |ms: u64| received_at("again", "w", ms);
     let t0 = now_ms();
     let first = accepted(st, at(t0)).await;
     due(st, "w", first).await;
@@ -306,12 +311,7 @@ async fn an_id_past_its_window_is_new(name: &str, st: &dyn Store) {
 /// An id used again past its window names two events: the first one's dead delivery is
 /// still found by the id, and replayed by it (dead ones stay until replayed).
 async fn a_reused_ids_dead_letter_is_found_and_replayed_by_id(name: &str, st: &dyn Store) {
-    let window = Duration::from_secs(1);
-    let at = |ms: u64| NewEvent {
-        dedup_window: window,
-        received_ms: ms,
-        ..ev("reused", "x", &["v"])
-    };
+    let at = |ms: u64| received_at("reused", "v", ms);
     let t0 = now_ms();
     let first = accepted(st, at(t0)).await;
     due(st, "v", first).await;
