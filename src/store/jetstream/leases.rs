@@ -225,12 +225,6 @@ pub async fn pull(
 
 /// Holds a pulled message, or hands it back / acks it when it is not for sending now.
 async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Message) {
-    if leases.window.load(Ordering::Relaxed) == 0 {
-        // Handed back (the destination left this instance's config, or it stops): what a
-        // pull still open brings in goes back at once, to an instance that sends it.
-        let _ = m.ack_with(AckKind::Nak(None)).await;
-        return;
-    }
     let Ok(state_seq) = m.info().map(|i| i.stream_sequence) else {
         return;
     };
@@ -283,6 +277,8 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         body,
     };
     if let Some(back) = leases.hold(lease) {
+        // Handed back (the destination left this instance's config, or it stops): what a
+        // pull still open brings in goes back at once, to an instance that sends it.
         let _ = back.msg.ack_with(AckKind::Nak(None)).await;
         return;
     }

@@ -302,9 +302,7 @@ impl JetStreamStore {
                 seqs: entries,
             });
         }
-        for seq in entries {
-            self.forget_entry(seq).await;
-        }
+        self.forget_entries(entries).await;
         Err(failed.unwrap_or_else(|| {
             StoreError::Unavailable("JetStream was too slow to take the event; try again".into())
         }))
@@ -341,12 +339,13 @@ impl JetStreamStore {
         Ok(())
     }
 
-    /// Deletes a line entry that stands for nothing (a duplicate's, a failed accept's); a
-    /// failure is logged
-    /// (the entry is let go once old).
-    pub(super) async fn forget_entry(&self, seq: u64) {
-        if let Err(e) = self.delete_entry(seq).await {
-            debug!(seq, error = %e, "deleting a duplicate's line entry failed; it is let go once old");
+    /// Deletes line entries that stand for nothing (a duplicate's, a failed accept's); a
+    /// failure is logged (the entry is let go once old).
+    async fn forget_entries(&self, seqs: Vec<u64>) {
+        for seq in seqs {
+            if let Err(e) = self.delete_entry(seq).await {
+                debug!(seq, error = %e, "deleting a line entry that stands for nothing failed; it is let go once old");
+            }
         }
     }
 
@@ -459,9 +458,7 @@ impl Entries {
     pub(super) async fn forget(mut self) {
         let seqs = std::mem::take(&mut self.seqs);
         if let Some(store) = self.store.upgrade() {
-            for seq in seqs {
-                store.forget_entry(seq).await;
-            }
+            store.forget_entries(seqs).await;
         }
     }
 }
@@ -476,11 +473,7 @@ impl Drop for Entries {
         ) else {
             return;
         };
-        rt.spawn(async move {
-            for seq in seqs {
-                store.forget_entry(seq).await;
-            }
-        });
+        rt.spawn(async move { store.forget_entries(seqs).await });
     }
 }
 
