@@ -252,6 +252,23 @@ async fn event_lookup_dead_list_and_replay() {
     )
     .await;
     assert_eq!(a.json()["replayed"], 0, "nothing left to replay");
+    // A destination that does not exist is named as such, not "nothing replayed".
+    for q in ["destination=nosuch", "destination=nosuch&id=x"] {
+        let a = send(
+            Method::POST,
+            &r.admin_url(&format!("/api/dead/replay?{q}")),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(a.status, 404, "{q}");
+        assert_eq!(a.json()["error"], "not_found", "{q}");
+        assert!(
+            a.json()["message"].as_str().unwrap().contains("\"nosuch\""),
+            "{}",
+            a.json()
+        );
+    }
     let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
     assert_eq!(a.json().as_array().unwrap().len(), 0);
 }

@@ -204,6 +204,14 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                     ))
                 }
             };
+            // A name that is no destination is a mistake to say, not "nothing replayed".
+            if let ReplaySelector::Destination(d)
+            | ReplaySelector::Delivery { destination: d, .. } = &which
+            {
+                if !destination_names(app).contains(d) {
+                    return Err(not_found(format!("no destination is named {d:?}")));
+                }
+            }
             let n = app.store.replay(which).await.map_err(store_error)?;
             info!(replayed = n, "dead deliveries replayed");
             Ok(ok(json!({"replayed": n})))
