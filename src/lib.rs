@@ -35,6 +35,7 @@ pub mod routing;
 pub mod rules;
 pub mod signature;
 pub mod sink;
+pub mod starting;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

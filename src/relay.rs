@@ -17,9 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::app::App;
-use crate::config::{self, Backend, Config};
-use crate::store::redb::RedbStore;
-use crate::store::sled::SledStore;
+use crate::config::{self, Config};
+use crate::starting;
 use crate::store::Store;
 
 /// How often expired dedup records and old delivered events are purged.
@@ -35,39 +34,27 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Opens the store, binds the listeners and starts every part.
+    /// Binds the listeners, opens the store (they answer 503 meanwhile: [`starting`]) and
+    /// starts every part.
     pub async fn start(config: Config) -> anyhow::Result<Relay> {
-        let store: Arc<dyn Store> = match config.store.backend {
-            Backend::Sled => {
-                let path = config.store.path.clone();
-                tokio::task::spawn_blocking(move || SledStore::open(&path))
-                    .await?
-                    .with_context(|| "opening the store")?
-            }
-            Backend::Redb => {
-                let path = config.store.path.clone();
-                tokio::task::spawn_blocking(move || RedbStore::open(&path))
-                    .await?
-                    .with_context(|| "opening the store")?
-            }
-            Backend::Jetstream => crate::store::jetstream::JetStreamStore::open(&config)
-                .await
-                .context("opening the JetStream store")?,
-        };
-        Self::start_with_store(config, store).await
+        let (listener, admin_listener) = bind(&config).await?;
+        let store = starting::open_store(&config, &listener, &admin_listener).await?;
+        Self::start_on(config, store, listener, admin_listener)
     }
 
     /// Starts the relay on an already opened store (any [`Store`] implementation).
     pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Relay> {
-        let listener = TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let (listener, admin_listener) = bind(&config).await?;
+        Self::start_on(config, store, listener, admin_listener)
+    }
+
+    fn start_on(
+        config: Config,
+        store: Arc<dyn Store>,
+        listener: TcpListener,
+        admin_listener: TcpListener,
+    ) -> anyhow::Result<Relay> {
         let ingress = listener.local_addr()?;
-        let admin_listener = TcpListener::bind(config.server.admin_listen)
-            .await
-            .with_context(|| {
-                format!("binding server.admin_listen {}", config.server.admin_listen)
-            })?;
         let admin = admin_listener.local_addr()?;
         let app = App::new(config, store).context("building the HTTP client")?;
         let shutdown = CancellationToken::new();
@@ -103,6 +90,17 @@ impl Relay {
     pub async fn stopped(self) -> anyhow::Result<()> {
         self.task.await?
     }
+}
+
+/// The ingress and admin listeners, bound.
+async fn bind(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .with_context(|| format!("binding server.admin_listen {}", config.server.admin_listen))?;
+    Ok((listener, admin))
 }
 
 async fn run(
@@ -167,12 +165,17 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let relay = Relay::start(config).await?;
-    // Handlers are in place before the relay says it is listening, so no early signal
-    // takes the default action (which would kill the process).
+    // Handlers are in place before anything starts, so no early signal takes the default
+    // action (which would kill the process).
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Nothing is accepted before the store is open, so a signal then simply ends it.
+    let relay = tokio::select! {
+        r = Relay::start(config) => r?,
+        _ = term.recv() => return Ok(stopped_while_starting()),
+        _ = int.recv() => return Ok(stopped_while_starting()),
+    };
     println!(
         "hookrelay listening ingress={} admin={}",
         relay.ingress, relay.admin
@@ -196,6 +199,11 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
     });
     relay.stopped().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn stopped_while_starting() -> ExitCode {
+    info!("stopped before the store was open; nothing was accepted");
+    ExitCode::SUCCESS
 }
 
 /// SIGHUP: reload as `POST /api/reload` does; on errors the old config stays.

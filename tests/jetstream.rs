@@ -393,25 +393,139 @@ async fn rate_holds_across_three_instances(burst: u32) {
     assert!(149.0 / took > 30.0 * 0.6, "{:.1}/s", 149.0 / took);
 }
 
-#[tokio::test]
-async fn a_bad_url_or_a_server_without_jetstream_is_a_start_error_saying_which() {
+/// Fixed free loopback ports for `text`'s two listeners (a relay that is still starting
+/// prints none), and what they are.
+fn on_fixed_ports(text: &str) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
+    let (ingress, admin) = (support::free_port(), support::free_port());
+    let text = text
+        .replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{ingress}\""),
+            1,
+        )
+        .replacen(
+            "admin_listen = \"127.0.0.1:0\"",
+            &format!("admin_listen = \"127.0.0.1:{admin}\""),
+            1,
+        );
+    let addr = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+    (text, addr(ingress), addr(admin))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jetstream_out_of_reach_at_start_is_waited_for_with_503s_then_used() {
     let dir = tempfile::tempdir().unwrap();
-    // Credentials in the URL never reach the output. (Port 9: nothing listens there, as
-    // for the tests' unreachable destinations.)
+    let mut nats = NatsServer::start(dir.path()).await;
+    let port = nats.port;
+    nats.sigkill();
+    let a = FaultSink::answering(200).await;
+    // Credentials in the URL never reach the output or an answer.
+    let (text, ingress, admin) = on_fixed_ports(&config(
+        &[format!("nats://relay:s3cret@127.0.0.1:{port}")],
+        &[("a", a.url("/a"))],
+    ));
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let mut child = tokio::process::Command::new(support::bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("HOOKRELAY_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut logged = String::new();
+    // The listeners are bound before the store is tried, so they answer once it says so.
+    let said = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            logged.push_str(&line);
+            logged.push('\n');
+            if line.contains("JetStream is out of reach") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(said, Ok(true)), "no wait was logged:\n{logged}");
+    assert!(
+        logged.contains("cannot connect to NATS at nats://127.0.0.1:"),
+        "{logged}"
+    );
+
+    let r = send(Method::GET, &format!("http://{admin}/healthz"), &[], b"").await;
+    assert_eq!(r.status, 200, "the process runs");
+    let r = send(Method::GET, &format!("http://{admin}/readyz"), &[], b"").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["retry-after"], "5");
+    let why = r.json()["message"].as_str().unwrap().to_string();
+    assert!(why.contains("cannot connect to NATS"), "{why}");
+    let r = send(Method::GET, &format!("http://{admin}/api/dead"), &[], b"").await;
+    assert_eq!(r.status, 503, "nothing to show before the store is open");
+    let p = try_post(
+        &client(),
+        &format!("http://{ingress}/8x8/voice"),
+        voice("early"),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(p.status, 503);
+    assert_eq!(p.headers["retry-after"], "5");
+    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    assert_eq!(v["error"], "unavailable", "{v}");
+    assert!(
+        !String::from_utf8_lossy(&p.body).contains("127.0.0.1"),
+        "{v}"
+    );
+
+    // JetStream comes: the relay opens its store and says it listens, where it answered.
+    nats.restart().await;
+    let mut stdout =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the relay started within 30 s of JetStream")
+        .unwrap()
+        .unwrap_or_default();
+    assert!(line.contains(&format!("ingress={ingress}")), "{line}");
+    let r = send(Method::GET, &format!("http://{admin}/readyz"), &[], b"").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let p = try_post(
+        &client(),
+        &format!("http://{ingress}/8x8/voice"),
+        voice("late"),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
+    assert!(
+        a.wait_count(1, Duration::from_secs(20)).await,
+        "the event accepted after the wait is delivered"
+    );
+    child.kill().await.unwrap();
+    while let Ok(Some(line)) = stderr.next_line().await {
+        logged.push_str(&line);
+    }
+    assert!(
+        !logged.contains("s3cret") && !why.contains("s3cret"),
+        "{logged}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_jetstream_or_refusing_the_account_is_a_start_error_saying_which() {
+    let dir = tempfile::tempdir().unwrap();
     let text = config(
-        &["nats://relay:s3cret@127.0.0.1:9".to_string()],
+        &["nats://127.0.0.1:9".to_string()],
         &[("a", "http://127.0.0.1:9/".into())],
     );
     let cfg = dir.path().join("routes.toml");
-    std::fs::write(&cfg, &text).unwrap();
-    let out = serve_to_exit(&cfg).await;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("cannot connect to NATS at nats://127.0.0.1:"),
-        "{err}"
-    );
-
     // A server without -js.
     let (plain, port) =
         nats_server_on_its_own_port("nats-server", &[], &dir.path().join("plain-ports")).await;

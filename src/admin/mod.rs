@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::clock::now_ms;
-use crate::config::shown_url;
+use crate::config::{shown_url, Config};
 use crate::store::{DeliveryState, EventQuery, ReplaySelector, StoreError};
 use crate::web::response::{answer, json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
@@ -39,18 +39,27 @@ const MAX_LIMIT: usize = 10_000;
 const MAX_CONNECTIONS: usize = 256;
 
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
-    let limits = Limits {
+    server::serve(
+        listener,
+        limits(&app.config()),
+        shutdown,
+        move |_peer: SocketAddr, req| {
+            let app = app.clone();
+            async move { handle(&app, req).await }
+        },
+    )
+    .await
+}
+
+/// How the admin listener serves connections.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
         max_connections: MAX_CONNECTIONS,
-        header_timeout: app.config().server.read_timeout,
+        header_timeout: config.server.read_timeout,
         drain: Duration::from_secs(2),
         tls: None,
         name: "admin",
-    };
-    server::serve(listener, limits, shutdown, move |_peer: SocketAddr, req| {
-        let app = app.clone();
-        async move { handle(&app, req).await }
-    })
-    .await
+    }
 }
 
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {

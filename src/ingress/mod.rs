@@ -78,8 +78,17 @@ impl Deps {
 /// Serves the ingress on `listener` until `shutdown`; then stops accepting and lets
 /// requests in flight finish (bounded by `drain`).
 pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken, drain: Duration) {
-    let config = app.config();
-    let limits = Limits {
+    let limits = limits(&app.config(), drain);
+    server::serve(listener, limits, shutdown, move |peer, req| {
+        let app = app.clone();
+        async move { handle(&app, peer, req).await }
+    })
+    .await
+}
+
+/// How the ingress listener serves connections (TLS when configured), `drain` at the end.
+pub fn limits(config: &Config, drain: Duration) -> Limits {
+    Limits {
         max_connections: config.server.max_connections,
         header_timeout: config.server.read_timeout,
         drain,
@@ -89,12 +98,7 @@ pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken
             .as_ref()
             .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone())),
         name: "ingress",
-    };
-    server::serve(listener, limits, shutdown, move |peer, req| {
-        let app = app.clone();
-        async move { handle(&app, peer, req).await }
-    })
-    .await
+    }
 }
 
 /// One request: never fails, every problem is an answer.

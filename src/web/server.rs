@@ -43,15 +43,16 @@ pub struct Limits {
     pub name: &'static str,
 }
 
-/// Serves `handler` on `listener` until `shutdown`; then stops accepting and lets requests
-/// in flight finish (bounded by `limits.drain`).
+/// Serves `handler` on `listener` until `shutdown`; then stops accepting (closes the
+/// listener if it was given, leaves it open if lent) and lets requests in flight finish
+/// (bounded by `limits.drain`).
 ///
 /// A connection with no request in progress (and no answer being written) is closed once it
 /// has been so for `limits.header_timeout`: one that never sends a request (not a byte, or half an HTTP/2
 /// preface) and an idle HTTP/2 connection alike, so silent clients cannot hold every slot.
 /// hyper's own header timeout does the same for an idle HTTP/1.1 keep-alive connection.
 pub async fn serve<H, F>(
-    listener: TcpListener,
+    listener: impl std::borrow::Borrow<TcpListener>,
     limits: Limits,
     shutdown: CancellationToken,
     handler: H,
@@ -81,7 +82,7 @@ pub async fn serve<H, F>(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
+            r = listener.borrow().accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     warn!(listener = name, error = %e, "accept failed");

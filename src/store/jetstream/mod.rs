@@ -28,6 +28,7 @@ mod pulls;
 mod reads;
 mod records;
 mod setup;
+pub use setup::OutOfReach;
 mod watchers;
 
 use std::collections::HashMap;

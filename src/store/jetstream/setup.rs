@@ -24,6 +24,20 @@ const SETUP_WAIT: Duration = Duration::from_secs(30);
 /// Room a record needs next to its body (the header line and NATS headers).
 const RECORD_OVERHEAD: u64 = 16 * 1024;
 
+/// Why start-up could not reach NATS or its JetStream: worth waiting for (a server or a
+/// cluster still starting, a network partition), unlike the refusals, which a restart
+/// would only repeat.
+#[derive(Debug)]
+pub struct OutOfReach(pub String);
+
+impl std::fmt::Display for OutOfReach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OutOfReach {}
+
 /// The connection, the stream and the buckets.
 pub struct Connected {
     pub client: Client,
@@ -132,7 +146,7 @@ pub async fn connect(
             ConnectErrorKind::AuthorizationViolation => {
                 anyhow!("NATS at {shown} refused the account (authorization violation): {e}")
             }
-            _ => anyhow!("cannot connect to NATS at {shown}: {e}"),
+            _ => OutOfReach(format!("cannot connect to NATS at {shown}: {e}")).into(),
         })?;
     let info = client.server_info();
     let version = parse_version(&info.version).ok_or_else(|| {
@@ -175,9 +189,10 @@ pub async fn connect(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => {
-                return Err(e.context(format!(
-                    "JetStream at {shown} was not ready within {SETUP_WAIT:?}"
-                )))
+                return Err(OutOfReach(format!(
+                    "JetStream at {shown} was not ready within {SETUP_WAIT:?}: {e:#}"
+                ))
+                .into())
             }
         }
     };
