@@ -24,6 +24,7 @@ pub struct App {
     pub health: Arc<Health>,
     /// The room request bodies may take in memory at once.
     pub bodies: Arc<crate::ingress::body_memory::BodyMemory>,
+    reloading: std::sync::Mutex<()>,
 }
 
 impl App {
@@ -41,6 +42,7 @@ impl App {
             statuses: Arc::default(),
             health: Arc::default(),
             bodies: Arc::default(),
+            reloading: std::sync::Mutex::default(),
         }))
     }
 
@@ -82,10 +84,16 @@ impl App {
     }
 
     /// Re-reads the config file; on success swaps it in and returns the routing table.
-    /// On any problem the config in force stays.
+    /// On any problem, or a change that takes a restart, the config in force stays.
+    /// One reload at a time: two at once cannot leave the older file in force.
     pub fn reload(&self) -> Result<String, ConfigErrors> {
-        let path = self.config().file.clone();
-        let new = config::load(&path)?;
+        let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let running = self.config();
+        let new = config::load(&running.file)?;
+        let refused = config::needs_restart(&running, &new);
+        if !refused.is_empty() {
+            return Err(ConfigErrors(refused));
+        }
         let table = config::routing_table(&new);
         self.swap_config(new);
         Ok(table)

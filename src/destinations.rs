@@ -40,6 +40,9 @@ pub struct DestinationStatus {
     breaker: Mutex<BreakerState>,
     /// Set by the scheduler while this instance sends to the destination.
     limits: Mutex<Option<SendLimits>>,
+    /// Told when a probe ends without an outcome, so the scheduler waiting on it probes
+    /// again at once instead of at the next event.
+    probe_released: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +139,14 @@ impl DestinationStatus {
         let mut state = self.breaker.lock().unwrap();
         if *state == BreakerState::Probing {
             *state = BreakerState::Open { until_ms: 0 };
+            self.probe_released.notify_one();
         }
+    }
+
+    /// Resolves once a probe has ended without an outcome (at once if one did since the
+    /// last wait).
+    pub async fn probe_released(&self) {
+        self.probe_released.notified().await;
     }
 
     /// Whether the breaker is open (or probing): the destination's state is `open`.

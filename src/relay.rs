@@ -21,6 +21,9 @@ use crate::config::{self, Config};
 use crate::starting;
 use crate::store::Store;
 
+/// How long abandoned attempts get to end before the store closes.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
+
 /// How often expired dedup records and old delivered events are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
@@ -135,6 +138,10 @@ async fn run(
             "deliveries still in flight after shutdown_grace; they stay pending"
         );
     }
+    // Attempts past the grace are abandoned (they stay pending) before the store closes,
+    // not left to answer into a closing store.
+    delivery.abandon();
+    let _ = tokio::time::timeout(ABANDON_WAIT, delivery.wait()).await;
     upkeep.abort();
     app.store.close().await.context("flushing the store")?;
     info!("stopped");

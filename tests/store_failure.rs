@@ -1,6 +1,7 @@
 //! The store failing: the ingress answers 503 with `Retry-After` (the §3 row "store
 //! unavailable"), loses nothing it accepted before, and accepts again once the store
-//! recovers; an attempt's outcome that cannot be stored is stored later, not sent again.
+//! recovers; an attempt's outcome that cannot be stored is stored later, not sent again; a
+//! breaker probe whose event cannot be read does not leave the breaker waiting forever.
 
 mod support;
 
@@ -20,6 +21,9 @@ struct Flaky {
     failing_records: AtomicBool,
     /// How many outcome writes were tried.
     records: tokio::sync::watch::Sender<usize>,
+    /// Only the events' reads fail; and how many did.
+    failing_events: AtomicBool,
+    event_failures: tokio::sync::watch::Sender<usize>,
 }
 
 impl Flaky {
@@ -29,6 +33,8 @@ impl Flaky {
             failing: AtomicBool::new(false),
             failing_records: AtomicBool::new(false),
             records: tokio::sync::watch::channel(0).0,
+            failing_events: AtomicBool::new(false),
+            event_failures: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -58,6 +64,10 @@ impl Store for Flaky {
         self.inner.pending(d, limit, skip).await
     }
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
+        if self.failing_events.load(Ordering::SeqCst) {
+            self.event_failures.send_modify(|n| *n += 1);
+            return Err(StoreError::Unavailable("event not read (simulated)".into()));
+        }
         self.inner.event(seq).await
     }
     async fn record(&self, key: &DeliveryKey, outcome: Outcome) -> Result<(), StoreError> {
@@ -236,4 +246,127 @@ async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
     assert!(delivered, "the outcome was stored");
     assert_eq!(sink.count(), 1);
     support::stop_relay(relay).await;
+}
+
+#[tokio::test]
+async fn a_probe_whose_event_cannot_be_read_lets_the_next_attempt_probe() {
+    // The first attempt fails and opens the breaker; the probe after the cool-down cannot
+    // read its event; once reads work again the next probe delivers it.
+    let sink =
+        support::FaultSink::start(|n| support::Action::Answer(if n == 0 { 500 } else { 200 }))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[delivery]
+retry = {{ first = "50ms", factor = 1.0 }}
+breaker = {{ failures = 1, cool_down = "300ms" }}
+[[sources]]
+name = "open"
+path = "/open"
+event_id = ["$.id"]
+[[destinations]]
+name = "calls"
+url = "{}"
+[[routes]]
+name = "all"
+source = "open"
+to = ["calls"]
+"#,
+        sink.url("/")
+    );
+    let config =
+        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+    let store = Arc::new(Flaky::new(
+        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
+    ));
+    let relay = support::RunningRelay::new(
+        hookrelay::Relay::start_with_store(config, store.clone())
+            .await
+            .unwrap(),
+    );
+    let url = format!("http://{}/open", relay.ingress);
+    let r = support::send(http::Method::POST, &url, &[], br#"{"id":"probe"}"#).await;
+    assert_eq!(r.status, 200);
+    assert!(sink.wait_count(1, Duration::from_secs(10)).await);
+    store.failing_events.store(true, Ordering::SeqCst);
+    let mut failures = store.event_failures.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), failures.wait_for(|n| *n >= 1))
+        .await
+        .expect("the probe tried to read its event")
+        .unwrap();
+    store.failing_events.store(false, Ordering::SeqCst);
+    // No new event, replay or reload comes to wake the scheduler: the abandoned probe must.
+    assert!(
+        sink.wait_count(2, Duration::from_secs(10)).await,
+        "the breaker still waits for a probe that ended without an outcome"
+    );
+    support::stop_relay(relay).await;
+}
+
+#[tokio::test]
+async fn while_outcomes_cannot_be_stored_the_queue_is_not_all_sent() {
+    let sink = support::FaultSink::answering(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[[sources]]
+name = "open"
+path = "/open"
+event_id = ["$.id"]
+[[destinations]]
+name = "calls"
+url = "{}"
+max_in_flight = 2
+[[routes]]
+name = "all"
+source = "open"
+to = ["calls"]
+"#,
+        sink.url("/")
+    );
+    let config =
+        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
+    let store = Arc::new(Flaky::new(
+        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
+    ));
+    store.failing_records.store(true, Ordering::SeqCst);
+    let relay = support::RunningRelay::new(
+        hookrelay::Relay::start_with_store(config, store.clone())
+            .await
+            .unwrap(),
+    );
+    let url = format!("http://{}/open", relay.ingress);
+    for i in 0..10 {
+        let body = format!("{{\"id\":\"q{i}\"}}");
+        let r = support::send(http::Method::POST, &url, &[], body.as_bytes()).await;
+        assert_eq!(r.status, 200);
+    }
+    // Outcomes were tried again (a second round, a second later): by then every delivery
+    // would have been sent if failed outcomes gave their slots back.
+    let mut records = store.records.subscribe();
+    let sent = sink.count();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        records.wait_for(|n| *n >= sent + 2),
+    )
+    .await
+    .expect("outcomes are tried again")
+    .unwrap();
+    let sent = sink.count();
+    assert!(
+        (1..=4).contains(&sent),
+        "{sent} of 10 sent while no outcome could be stored (max_in_flight 2)"
+    );
+    // The store takes writes again: the rest goes, each once.
+    store.failing_records.store(false, Ordering::SeqCst);
+    assert!(sink.wait_count(10, Duration::from_secs(20)).await);
+    support::stop_relay(relay).await;
+    assert_eq!(sink.count(), 10, "nothing sent twice");
 }

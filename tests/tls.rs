@@ -1,5 +1,6 @@
 //! HTTPS on the ingress with a self-signed certificate made in the test: HTTP/1.1 and
-//! HTTP/2 over ALPN, and a bad certificate file as a config error naming it.
+//! HTTP/2 over ALPN, a renewed certificate served after a reload, and a bad certificate
+//! file as a config error naming it.
 
 mod support;
 
@@ -37,6 +38,14 @@ async fn post_https(
     port: u16,
     h2: bool,
 ) -> (u16, http::Version, String) {
+    try_post_https(roots, port, h2).await.unwrap()
+}
+
+async fn try_post_https(
+    roots: rustls::RootCertStore,
+    port: u16,
+    h2: bool,
+) -> Result<(u16, http::Version, String), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -60,14 +69,14 @@ async fn post_https(
     let resp = tokio::time::timeout(WAIT, client.request(req))
         .await
         .expect("an answer in time")
-        .unwrap();
+        .map_err(|e| format!("{e:?}"))?;
     let (status, version) = (resp.status().as_u16(), resp.version());
     let body = tokio::time::timeout(WAIT, resp.into_body().collect())
         .await
         .expect("the body in time")
         .unwrap()
         .to_bytes();
-    (status, version, String::from_utf8_lossy(&body).into_owned())
+    Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[tokio::test]
@@ -83,6 +92,45 @@ async fn https_ingress_speaks_http1_and_http2() {
     let (status, version, _) = post_https(roots, port, true).await;
     assert_eq!(status, 200);
     assert_eq!(version, http::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn a_reload_serves_a_renewed_certificate_and_refuses_turning_tls_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = write_cert(dir.path());
+    let file = dir.path().join("routes.toml");
+    let r = TestRelay::start_in(dir, &config(), &[]).await;
+    let port = r.addr().port();
+    assert_eq!(post_https(old.clone(), port, false).await.0, 200);
+
+    // Renewed in place, then a reload: new handshakes get the new certificate.
+    let new = write_cert(file.parent().unwrap());
+    r.app().reload().unwrap();
+    assert_eq!(post_https(new.clone(), port, false).await.0, 200);
+    assert_eq!(post_https(new.clone(), port, true).await.0, 200);
+    let refused = try_post_https(old.clone(), port, false).await;
+    assert!(refused.is_err(), "the old certificate is still served");
+
+    // TLS off, or another port, takes a restart: the reload says so and changes nothing.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let plain = text.replace("tls = { cert = \"relay.crt\", key = \"relay.key\" }\n", "");
+    std::fs::write(&file, plain).unwrap();
+    let err = r.app().reload().unwrap_err().to_string();
+    assert!(err.contains("server.tls: changed from on to off"), "{err}");
+    assert!(err.contains("takes a restart"), "{err}");
+    let moved = text.replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        "\nlisten = \"127.0.0.1:1\"",
+        1,
+    );
+    std::fs::write(&file, moved).unwrap();
+    let err = r.app().reload().unwrap_err().to_string();
+    assert!(
+        err.contains("server.listen: changed from 127.0.0.1:0 to 127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(!err.contains("admin_listen"), "{err}");
+    assert_eq!(post_https(new, port, false).await.0, 200, "still served");
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 
 mod live;
 mod raw;
+mod restart;
 mod table;
 mod validate;
 
@@ -25,6 +26,7 @@ use ipnet::IpNet;
 use crate::rules::{Filter, Matcher};
 
 pub use live::Live;
+pub use restart::needs_restart;
 pub use table::{routing_table, shown_url};
 pub use validate::{load, parse, ConfigErrors, Problem};
 

@@ -206,6 +206,11 @@ impl Drop for Engine {
 }
 
 impl Engine {
+    /// Abandons the attempts still in flight: they end without an outcome and stay pending.
+    pub fn abandon(&self) {
+        self.abort.cancel();
+    }
+
     /// Waits until every scheduler has stopped (after the stop token) and every attempt in
     /// flight has finished and stored its outcome.
     pub async fn wait(&self) {

@@ -159,13 +159,17 @@ pub fn decide(
                 }
                 Err(_) => None,
             };
+            let told_ms = told.map(|t| now_ms.saturating_add(ms(t)));
             if let Some(told) = told {
                 wait = wait.max(told);
             }
-            let due_ms = now_ms.saturating_add(ms(wait));
             let window_start = delivery.first_attempt_ms.unwrap_or(now_ms);
             let deadline = window_start.saturating_add(ms(policy.give_up_after));
-            if due_ms > deadline {
+            // Tried until `give_up_after` is up: a backoff that would pass the deadline
+            // makes the last attempt at it. Dead once it is up, or when the destination's
+            // own Retry-After falls past it (not retried earlier than it asked).
+            let due_ms = now_ms.saturating_add(ms(wait)).min(deadline);
+            if now_ms >= deadline || told_ms.is_some_and(|t| t > deadline) {
                 return Outcome::Dead {
                     status,
                     error: format!(
@@ -436,11 +440,22 @@ mod tests {
             give_up_after: Duration::from_secs(10),
             ..policy()
         };
-        // 9.5 s into the window, the next retry (>= 750 ms) would fall after 10 s.
+        // 9.5 s into the window, the next retry (>= 750 ms) would fall after 10 s: the
+        // last one is made at 10 s; failing then, the time is up.
+        match decide(
+            &timed,
+            &delivery(5, Some(now - 9_500)),
+            &answer(503, &[]),
+            now,
+            0.0,
+        ) {
+            Outcome::Retry { due_ms, .. } => assert_eq!(due_ms, now + 500),
+            o => panic!("{o:?}"),
+        }
         assert!(matches!(
             decide(
                 &timed,
-                &delivery(5, Some(now - 9_500)),
+                &delivery(6, Some(now - 10_000)),
                 &answer(503, &[]),
                 now,
                 0.0

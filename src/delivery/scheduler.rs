@@ -326,8 +326,15 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = limits.limiter.until_ready() => {}
             }
             let guard = in_flight.enter(d.seq);
-            ctx.tasks
-                .spawn(attempt(ctx.clone(), dest.clone(), d, permit, guard));
+            let probing = probe.then(|| Probing(in_flight.status.clone()));
+            ctx.tasks.spawn(attempt(
+                ctx.clone(),
+                dest.clone(),
+                d,
+                permit,
+                guard,
+                probing,
+            ));
             if probe {
                 info!(destination = %name, "breaker: cool-down over; one attempt probes the destination");
                 break;
@@ -342,6 +349,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             _ = ctx.stop.cancelled() => break,
             _ = wakeup.notified() => {}
             _ = in_flight.finished.notified() => {}
+            _ = in_flight.status.probe_released() => {}
             _ = changed(&mut changes) => {}
             _ = sleep_ms(sleep) => {}
         }
@@ -356,6 +364,17 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
     debug!(destination = %name, "scheduler stopped");
 }
 
+/// An attempt that probes the breaker: if it ends without telling the breaker an outcome
+/// (its event could not be read, the relay stopped), dropping this lets the next attempt
+/// probe instead of every one waiting for an outcome that never comes.
+struct Probing(Arc<DestinationStatus>);
+
+impl Drop for Probing {
+    fn drop(&mut self) {
+        self.0.probe_abandoned();
+    }
+}
+
 /// One attempt on one delivery: send, decide, store the outcome.
 async fn attempt(
     ctx: Arc<Context>,
@@ -363,6 +382,7 @@ async fn attempt(
     d: Delivery,
     permit: OwnedSemaphorePermit,
     guard: InFlightGuard,
+    probing: Option<Probing>,
 ) {
     let key = DeliveryKey {
         seq: d.seq,
@@ -372,6 +392,7 @@ async fn attempt(
     let event = match ctx.deps.store.event(d.seq).await {
         Ok(Some(e)) => e,
         Ok(None) => {
+            let slots = permit.semaphore().clone();
             drop(permit);
             warn!(destination = %dest.name, seq = d.seq, "the event is no longer stored; delivery dropped as dead");
             let outcome = Outcome::Dead {
@@ -387,7 +408,7 @@ async fn attempt(
                     outcome: outcome.word(),
                 })
                 .inc();
-            store_outcome(&ctx, &key, outcome, guard).await;
+            store_outcome(&ctx, &key, outcome, guard, &slots).await;
             return;
         }
         Err(e) => {
@@ -433,8 +454,11 @@ async fn attempt(
             .status
             .outcome(outcome.error(), &dest.breaker, now_ms());
         crate::destinations::log_change(change, &dest.name, &dest.breaker);
+        // The breaker has its outcome: no longer probing (a no-op on drop).
+        drop(probing);
+        let slots = permit.semaphore().clone();
         drop(permit); // only now: the breaker knows this outcome before the next attempt starts
-        store_outcome(&ctx, &key, outcome, guard).await;
+        store_outcome(&ctx, &key, outcome, guard, &slots).await;
     }
     .instrument(span)
     .await
@@ -444,8 +468,20 @@ async fn attempt(
 /// while the store fails. The delivery stays in flight meanwhile, so it is not sent again:
 /// the destination may already have it, and a failed attempt waits its backoff. Stopped
 /// first, the delivery stays pending and is sent after the restart.
-async fn store_outcome(ctx: &Context, key: &DeliveryKey, outcome: Outcome, guard: InFlightGuard) {
+///
+/// The attempt let go of its slot in `slots` before the first try (a commit's wait is not
+/// the destination's); after a failed one it takes a slot again until the outcome is
+/// stored, so while the store fails the scheduler starts no more than `max_in_flight`
+/// attempts whose outcomes wait, instead of sending the whole queue.
+async fn store_outcome(
+    ctx: &Context,
+    key: &DeliveryKey,
+    outcome: Outcome,
+    guard: InFlightGuard,
+    slots: &Arc<Semaphore>,
+) {
     let mut pause = STORE_RETRY;
+    let mut held = None;
     loop {
         let Err(e) = ctx.deps.store.record(key, outcome.clone()).await else {
             break;
@@ -455,6 +491,12 @@ async fn store_outcome(ctx: &Context, key: &DeliveryKey, outcome: Outcome, guard
             retry_in_ms = pause.as_millis() as u64,
             "storing the outcome failed; trying again (the delivery is not sent again meanwhile)"
         );
+        if held.is_none() {
+            held = tokio::select! {
+                _ = ctx.stop.cancelled() => break,
+                p = slots.clone().acquire_owned() => p.ok(),
+            };
+        }
         tokio::select! {
             _ = ctx.stop.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}
@@ -462,6 +504,7 @@ async fn store_outcome(ctx: &Context, key: &DeliveryKey, outcome: Outcome, guard
         pause = (pause * 2).min(MAX_STORE_RETRY);
     }
     drop(guard);
+    drop(held);
 }
 
 /// Keeps a delivery out of the scheduler's passes for a while after a store failure, so a

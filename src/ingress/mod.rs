@@ -45,7 +45,7 @@ use crate::web::server::{self, Limits};
 
 /// The longest the ingress waits for the store to commit an event before answering 503
 /// (the event may still be committed: the provider's retry is then a duplicate).
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Serialize)]
 struct Accepted<'a> {
@@ -78,7 +78,8 @@ impl Deps {
 /// Serves the ingress on `listener` until `shutdown`; then stops accepting and lets
 /// requests in flight finish (bounded by `drain`).
 pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken, drain: Duration) {
-    let limits = limits(&app.config(), drain);
+    let mut limits = limits(&app.config(), drain);
+    limits.tls = crate::tls::live_acceptor(app.live.clone());
     server::serve(listener, limits, shutdown, move |peer, req| {
         let app = app.clone();
         async move { handle(&app, peer, req).await }

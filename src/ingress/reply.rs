@@ -22,8 +22,11 @@ use crate::delivery::call_once;
 use crate::store::{DeliveryKey, Outcome, StoredEvent, StoredReply};
 use crate::web::response::Body;
 
-/// How long after the reply timeout the held delivery falls due.
-pub const HOLD_MARGIN_MS: u64 = 2_000;
+/// How long after the reply timeout the held delivery falls due: the call's timeout starts
+/// only once the event is stored (up to the accept's own timeout after it was received),
+/// and its outcome then needs a commit, so the scheduler never sends it while the call
+/// may still be out.
+pub const HOLD_MARGIN_MS: u64 = super::ACCEPT_TIMEOUT.as_millis() as u64 + 2_000;
 
 /// The answer for a stored reply.
 pub fn stored(reply: &StoredReply) -> Response<Body> {

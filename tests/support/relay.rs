@@ -36,16 +36,17 @@ impl TestRelay {
 
     pub async fn start_in(dir: TempDir, toml: &str, env: &[(&str, &str)]) -> TestRelay {
         let file = dir.path().join("routes.toml");
+        // Tests run in parallel: every relay gets its own admin port, in the file, so a
+        // reload of it keeps the address.
+        let toml = &with_own_admin_port(toml);
         std::fs::write(&file, toml).unwrap();
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let mut config = hookrelay::config::parse(toml, &file, &lookup)
+        let config = hookrelay::config::parse(toml, &file, &lookup)
             .unwrap_or_else(|e| panic!("config: {e}"));
-        // Tests run in parallel: every relay gets its own admin port.
-        config.server.admin_listen = "127.0.0.1:0".parse().unwrap();
         let relay = hookrelay::Relay::start(config).await.unwrap();
         TestRelay {
             relay: Some(relay),
@@ -168,4 +169,26 @@ pub async fn wait_state(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("delivery of {id} to {dest} not {state:?} within {WAIT:?}: {last:?}");
+}
+
+/// `toml` with `admin_listen = "127.0.0.1:0"` (replacing the one it has, if any).
+pub fn with_own_admin_port(toml: &str) -> String {
+    const OWN: &str = "admin_listen = \"127.0.0.1:0\"";
+    let mut lines: Vec<String> = toml
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("admin_listen") {
+                OWN.to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    if !lines.iter().any(|l| l == OWN) {
+        match lines.iter().position(|l| l.trim() == "[server]") {
+            Some(i) => lines.insert(i + 1, OWN.to_string()),
+            None => lines.insert(0, format!("[server]\n{OWN}")),
+        }
+    }
+    lines.join("\n") + "\n"
 }
