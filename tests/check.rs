@@ -437,3 +437,52 @@ fn order_by_and_breaker_are_checked() {
     assert_eq!(c.routes[0].order_by.len(), 1);
     assert_eq!(c.destinations[0].breaker.failures, 0, "off unless set");
 }
+
+#[test]
+fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/routes.toml")).unwrap();
+    let file = Path::new("routes.toml");
+    let public = |k: &str| match k {
+        "HOOKRELAY_LISTEN" => Some("0.0.0.0:8080".to_string()),
+        _ => None,
+    };
+    let err = hookrelay::config::parse(&shipped, file, &public)
+        .unwrap_err()
+        .to_string();
+    // Every secret of the shipped file that fell back to its default, each by its key.
+    for (key, var) in [
+        ("server.token_secret", "HOOKRELAY_TOKEN_SECRET"),
+        ("sources[0].auth.value", "VOICE_AUTH"),
+        ("SMS_CLIENT_SECRET", "SMS_CLIENT_SECRET"),
+        ("DIDS_SIGNING_SECRET", "DIDS_SIGNING_SECRET"),
+        ("sign.secret", "CALLS_SIGNING_SECRET"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(key) && l.contains(&format!("set {var}"))),
+            "{key} / {var} not named in:\n{err}"
+        );
+    }
+    assert!(
+        err.contains("0.0.0.0:8080 is reachable from other hosts"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("dev-token-secret"),
+        "a secret was shown:\n{err}"
+    );
+    // On a loopback address the defaults serve for trying it; set, they are not defaults.
+    assert!(hookrelay::config::parse(&shipped, file, &|_| None).is_ok());
+    let everything_set = |k: &str| match k {
+        "HOOKRELAY_LISTEN" => Some("0.0.0.0:8080".to_string()),
+        "DIDS_SIGNING_SECRET" | "CALLS_SIGNING_SECRET" => {
+            Some("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=".to_string())
+        }
+        "HOOKRELAY_ADMIN_LISTEN" | "HOOKRELAY_DATA" | "HOOKRELAY_ADMIN_TOKEN" => None,
+        _ => Some("set-by-the-operator".to_string()),
+    };
+    if let Err(e) = hookrelay::config::parse(&shipped, file, &everything_set) {
+        panic!("{e}");
+    }
+}

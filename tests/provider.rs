@@ -323,6 +323,29 @@ async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
     assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
+#[tokio::test]
+async fn a_token_outliving_the_token_ttl_is_refused() {
+    // Signed with the right key (as one issued before token_ttl was lowered would be),
+    // but expiring later than a token issued now could.
+    let r = TestRelay::start_env(CONFIG, ENV).await;
+    let claims = hookrelay::token::Claims {
+        source: "sms".into(),
+        client: "8x8-sms".into(),
+        scope: None,
+        exp: hookrelay::store::now_ms() / 1000 + 30 * 24 * 3600,
+        secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
+    };
+    let long = format!(
+        "Bearer {}",
+        hookrelay::token::issue(b"token-signing-key", &claims)
+    );
+    let msg = post_sms(&r, &long).await.error(401, "unauthorized");
+    assert!(msg.contains("token_ttl"), "{msg}");
+    // One the endpoint issues passes.
+    let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);
+    assert_eq!(post_sms(&r, &auth).await.status, 200);
+}
+
 // ---- Standard Webhooks inbound ----
 
 const DIDS_SECRET: &[u8] = b"signing-secret-for-dids";

@@ -13,6 +13,10 @@ use crate::config::{Auth, Config, Source};
 use crate::web::response::ApiError;
 use crate::{signature, token};
 
+/// How far a token's expiry may pass now + `token_ttl` (clocks of the instances that
+/// issue and check it may differ).
+const TOKEN_CLOCK_SKEW_SECS: u64 = 60;
+
 /// A check that still needs the body.
 pub struct BodyCheck {
     id: String,
@@ -67,7 +71,7 @@ pub fn check_headers(
                 )))
             }
         }
-        Auth::OAuth2 { clients, .. } => {
+        Auth::OAuth2 { clients, token_ttl } => {
             let bearer = crate::web::authorization::credentials(headers, "Bearer");
             let unauthorized = |m: &str| {
                 ApiError::unauthorized(m.to_string()).with_header(WWW_AUTHENTICATE, "Bearer")
@@ -83,6 +87,10 @@ pub fn check_headers(
             match token::verify(key.expose(), tok.trim(), now) {
                 // A client removed from the config (or renamed), or given another secret,
                 // loses its tokens at the reload, not when they expire.
+                // No token outlives the `token_ttl` in force (a lowered one included).
+                Ok(claims) if claims.exp > now + token_ttl.as_secs() + TOKEN_CLOCK_SKEW_SECS => {
+                    Err(unauthorized("the token outlives the source's token_ttl"))
+                }
                 Ok(claims) if claims.source == source.name => {
                     match clients.iter().find(|c| c.id == claims.client) {
                         Some(c) => {

@@ -89,6 +89,8 @@ pub fn parse(
         env,
         problems: Vec::new(),
         client_ids: HashSet::new(),
+        defaulted: Vec::new(),
+        published_secrets: Vec::new(),
     };
     let (raw, mut found) = deserialize_all(text);
     found.sort_by_key(|(_, span, _)| span.as_ref().map(|s| s.start));
@@ -231,6 +233,10 @@ struct Cx<'a> {
     problems: Vec<Problem>,
     /// OAuth2 client ids seen so far: unique across sources, since a token names one.
     client_ids: HashSet<String>,
+    /// Variables whose `${VAR:-default}` default was used by the last expansion.
+    defaulted: Vec<String>,
+    /// Secrets that took a default written in the file: (place, key, variables).
+    published_secrets: Vec<(Range<usize>, String, Vec<String>)>,
 }
 
 impl Cx<'_> {
@@ -324,6 +330,23 @@ impl Cx<'_> {
                             .chain(r.filter.iter().map(|f| f.text.as_str()))
                     }));
             s.descends = texts.any(|t| t.contains(".."));
+        }
+        // A secret's default is written in the file for anyone to read: fine for trying
+        // the relay on this host, not once the ingress takes requests from others.
+        if !server.listen.ip().is_loopback() {
+            for (span, key, vars) in std::mem::take(&mut self.published_secrets) {
+                self.err(
+                    Some(span),
+                    &key,
+                    format!(
+                        "{} not set, so this secret is the default written in the file, while \
+                         server.listen {} is reachable from other hosts: set {}",
+                        vars.join(", "),
+                        server.listen,
+                        vars.join(" and ")
+                    ),
+                );
+            }
         }
         Config {
             file: PathBuf::from(&self.file),

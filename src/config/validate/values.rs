@@ -22,6 +22,7 @@ impl Cx<'_> {
 
     /// Expands `${VAR}` (or `${VAR:-default}`) in `v`, found at `span`.
     pub(super) fn expand(&mut self, v: &str, span: Range<usize>, key: &str) -> Option<String> {
+        self.defaulted.clear();
         let mut out = String::with_capacity(v.len());
         let mut rest = v;
         while let Some(i) = rest.find("${") {
@@ -49,7 +50,10 @@ impl Cx<'_> {
             }
             match (self.env)(name) {
                 Some(val) => out.push_str(&val),
-                None if default.is_some() => out.push_str(default.unwrap_or_default()),
+                None if default.is_some() => {
+                    out.push_str(default.unwrap_or_default());
+                    self.defaulted.push(name.to_string());
+                }
                 None => {
                     self.err(
                         Some(span.clone()),
@@ -160,6 +164,11 @@ impl Cx<'_> {
         signing: bool,
     ) -> Option<Secret> {
         let text = self.expand(v, span.clone(), key)?;
+        if !self.defaulted.is_empty() {
+            let vars = std::mem::take(&mut self.defaulted);
+            self.published_secrets
+                .push((span.clone(), key.to_string(), vars));
+        }
         let decoded = if signing {
             decode_secret(&text)
         } else if text.is_empty() {
