@@ -9,8 +9,14 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::LogFormat;
 
 pub fn init_logs(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("HOOKRELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match std::env::var("HOOKRELAY_LOG") {
+        Ok(v) => EnvFilter::try_new(&v).unwrap_or_else(|e| {
+            // Said before any log line, where the operator looks first.
+            eprintln!("HOOKRELAY_LOG={v:?} is not a valid filter ({e}); logging at info");
+            EnvFilter::new("info")
+        }),
+        Err(_) => EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

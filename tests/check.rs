@@ -123,6 +123,22 @@ fn invalid_duration() {
 }
 
 #[test]
+fn a_zero_timeout_or_lifetime_is_an_error() {
+    let server = BASE.replace("[server]\n", "[server]\nread_timeout = \"0s\"\n");
+    rejects(&server, "server.read_timeout", "must be more than 0");
+    let dest = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"\n",
+        "url = \"http://127.0.0.1:8001/hooks\"\ntimeout = \"0ms\"\n",
+    );
+    rejects(&dest, "destinations[0].timeout", "must be more than 0");
+    let ttl = format!(
+        "{BASE}\n[[sources]]\nname = \"sms\"\npath = \"/sms\"\n\
+         auth = {{ kind = \"oauth2\", clients = [{{ id = \"c\", secret = \"s\" }}], token_ttl = \"0s\" }}\n"
+    );
+    rejects(&ttl, "sources[1].auth.token_ttl", "must be more than 0");
+}
+
+#[test]
 fn invalid_event_id_jsonpath() {
     let t = BASE.replace("$.payload.eventId", "$.payload[");
     rejects(&t, "sources[0].event_id[0]", "invalid JSONPath");
@@ -278,6 +294,20 @@ fn the_binary_exits_1_with_every_problem_and_0_when_valid() {
     assert!(
         text.contains("route r1: eventType=CALL_STATUS -> calls"),
         "{text}"
+    );
+
+    // A log filter that does not parse is said, not silently replaced.
+    let out = Command::new(support::bin())
+        .arg("check")
+        .env("HOOKRELAY_CONFIG", &bad)
+        .env("HOOKRELAY_LOG", "hookrelay=dbug")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HOOKRELAY_LOG=\"hookrelay=dbug\" is not a valid filter"),
+        "{err}"
     );
 }
 

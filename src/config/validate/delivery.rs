@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use base64::Engine as _;
 use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 
@@ -137,7 +138,7 @@ impl Cx<'_> {
         if let Some(b) = &r.breaker {
             d.breaker = self.breaker(b.get_ref(), "delivery.breaker", &d.breaker);
         }
-        d.timeout = self.duration(&r.timeout, "delivery.timeout", d.timeout);
+        d.timeout = self.duration_nonzero(&r.timeout, "delivery.timeout", d.timeout);
         d.max_in_flight = self.positive(
             &r.max_in_flight,
             "delivery.max_in_flight",
@@ -211,6 +212,17 @@ impl Cx<'_> {
                 ),
             }
         }
+        // `https://user:password@host/` is sent as HTTP Basic (the client would drop the
+        // user info): unless the headers already authorize, and never in the URL itself.
+        let (url, login) = without_user_info(url);
+        if let Some(basic) = login {
+            if !headers
+                .iter()
+                .any(|(h, _)| h == http::header::AUTHORIZATION)
+            {
+                headers.push((http::header::AUTHORIZATION, basic));
+            }
+        }
         let sign = r
             .sign
             .as_ref()
@@ -232,7 +244,7 @@ impl Cx<'_> {
             url,
             headers,
             sign,
-            timeout: self.duration(&r.timeout, &format!("{key}.timeout"), defaults.timeout),
+            timeout: self.duration_nonzero(&r.timeout, &format!("{key}.timeout"), defaults.timeout),
             max_in_flight: self.positive(
                 &r.max_in_flight,
                 &format!("{key}.max_in_flight"),
@@ -247,5 +259,55 @@ impl Cx<'_> {
             rate,
             breaker,
         }
+    }
+}
+
+/// `url` without its user info, and that user info as an HTTP Basic `Authorization` value
+/// (percent-decoded, marked sensitive).
+fn without_user_info(url: Uri) -> (Uri, Option<HeaderValue>) {
+    let Some((login, host)) = url.authority().and_then(|a| a.as_str().rsplit_once('@')) else {
+        return (url, None);
+    };
+    let decoded = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (user, password) = login.split_once(':').unwrap_or((login, ""));
+    let credentials = format!("{}:{}", decoded(user), decoded(password));
+    let basic = HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    ))
+    .ok()
+    .map(|mut v| {
+        v.set_sensitive(true);
+        v
+    });
+    let mut parts = url.clone().into_parts();
+    parts.authority = host.parse().ok();
+    match Uri::from_parts(parts) {
+        Ok(u) => (u, basic),
+        Err(_) => (url, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_becomes_basic_auth_and_leaves_the_url() {
+        let (u, b) = without_user_info(
+            "https://ops%40corp:p%3Ass@hooks.example:8443/in?x=1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(u.to_string(), "https://hooks.example:8443/in?x=1");
+        // base64("ops@corp:p:ss")
+        assert_eq!(b.unwrap().to_str().unwrap(), "Basic b3BzQGNvcnA6cDpzcw==");
+        let (u, b) = without_user_info("http://h/".parse().unwrap());
+        assert_eq!(u.to_string(), "http://h/");
+        assert!(b.is_none());
     }
 }

@@ -121,7 +121,7 @@ impl Cx<'_> {
                     format!("{from:?} must also be listed in {key}.to"),
                 );
             }
-            let timeout = self.duration(
+            let timeout = self.duration_nonzero(
                 &rp.timeout,
                 &format!("{rk}.timeout"),
                 destinations[di].timeout,

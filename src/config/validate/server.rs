@@ -84,7 +84,7 @@ impl Cx<'_> {
                 "server.shutdown_grace",
                 defaults::SHUTDOWN_GRACE,
             ),
-            read_timeout: self.duration(
+            read_timeout: self.duration_nonzero(
                 &r.read_timeout,
                 "server.read_timeout",
                 defaults::READ_TIMEOUT,

@@ -146,9 +146,12 @@ impl Cx<'_> {
                     );
                 }
                 let token_ttl = match token_ttl {
-                    Some(t) => {
-                        self.duration_at(t, span, &format!("{key}.token_ttl"), defaults::TOKEN_TTL)
-                    }
+                    Some(t) => self.duration_at_nonzero(
+                        t,
+                        span,
+                        &format!("{key}.token_ttl"),
+                        defaults::TOKEN_TTL,
+                    ),
                     None => defaults::TOKEN_TTL,
                 };
                 Auth::OAuth2 {
@@ -159,7 +162,7 @@ impl Cx<'_> {
             RawAuth::StandardWebhooks { secret, tolerance } => {
                 let s = self.secret_at(secret, span.clone(), &format!("{key}.secret"), true);
                 let tolerance = match tolerance {
-                    Some(t) => self.duration_at(
+                    Some(t) => self.duration_at_nonzero(
                         t,
                         span,
                         &format!("{key}.tolerance"),

@@ -76,6 +76,35 @@ impl Cx<'_> {
         }
     }
 
+    /// A duration that must be more than zero: at zero it would cut off or refuse every
+    /// request (a timeout, a token's or a signature's lifetime).
+    pub(super) fn duration_nonzero(
+        &mut self,
+        s: &Option<Str>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        match s {
+            Some(s) => self.duration_at_nonzero(s.get_ref(), s.span(), key, default),
+            None => default,
+        }
+    }
+
+    pub(super) fn duration_at_nonzero(
+        &mut self,
+        v: &str,
+        span: Range<usize>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let d = self.duration_at(v, span.clone(), key, default);
+        if d.is_zero() {
+            self.err(Some(span), key, "must be more than 0");
+            return default;
+        }
+        d
+    }
+
     pub(super) fn duration_at(
         &mut self,
         v: &str,
