@@ -90,7 +90,21 @@ impl App {
         let _one = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let running = self.config();
         let new = config::load(&running.file)?;
-        let refused = config::needs_restart(&running, &new);
+        let mut refused = config::needs_restart(&running, &new);
+        if let Some(largest) = self.store.largest_body() {
+            if new.server.max_body_bytes > largest {
+                refused.push(config::Problem {
+                    file: new.file.display().to_string(),
+                    at: None,
+                    key: "server.max_body_bytes".into(),
+                    reason: format!(
+                        "{} is more than the store takes ({largest}: NATS max_payload less the \
+                         record's own room); raise max_payload in the nats-server config first",
+                        new.server.max_body_bytes
+                    ),
+                });
+            }
+        }
         if !refused.is_empty() {
             return Err(ConfigErrors(refused));
         }

@@ -1014,3 +1014,34 @@ async fn a_stream_made_with_one_replica_takes_the_configs_three() {
     relay.sigterm(Duration::from_secs(10)).await;
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_may_not_raise_max_body_bytes_past_what_nats_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await; // max_payload: 8MB
+    let text = config(&[nats.url()], &[("a", "http://127.0.0.1:9/".into())]);
+    let r = TestRelay::start(&text).await;
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    let written = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        written.replace("max_body_bytes = 65536", "max_body_bytes = 16777216"),
+    )
+    .unwrap();
+    let err = r.app().reload().unwrap_err().to_string();
+    assert!(err.contains("server.max_body_bytes"), "{err}");
+    assert!(err.contains("max_payload"), "{err}");
+    assert_eq!(
+        r.app().config().server.max_body_bytes,
+        65536,
+        "the old config stays"
+    );
+    // Within it, the reload goes through.
+    std::fs::write(
+        &file,
+        written.replace("max_body_bytes = 65536", "max_body_bytes = 1048576"),
+    )
+    .unwrap();
+    r.app().reload().unwrap();
+    assert_eq!(r.app().config().server.max_body_bytes, 1048576);
+}

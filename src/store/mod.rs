@@ -402,6 +402,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = (destination, in_flight);
     }
 
+    /// The largest event body the store can keep, when it has a limit of its own (a NATS
+    /// server's `max_payload`): a reload may not raise `server.max_body_bytes` past it.
+    fn largest_body(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the store can be written now; the reason when not (readiness says it).
     fn available(&self) -> Result<(), String> {
         Ok(())

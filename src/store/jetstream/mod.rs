@@ -641,6 +641,10 @@ impl Store for JetStreamStore {
         self.members.count()
     }
 
+    fn largest_body(&self) -> Option<u64> {
+        Some((self.client.server_info().max_payload as u64).saturating_sub(setup::RECORD_OVERHEAD))
+    }
+
     fn delivers(&self, senders: usize) -> bool {
         self.members.rank() < senders.max(1)
     }

@@ -22,7 +22,7 @@ pub const MEMBER_TTL: Duration = Duration::from_secs(6);
 const SETUP_WAIT: Duration = Duration::from_secs(30);
 
 /// Room a record needs next to its body (the header line and NATS headers).
-const RECORD_OVERHEAD: u64 = 16 * 1024;
+pub const RECORD_OVERHEAD: u64 = 16 * 1024;
 
 /// Why start-up could not reach NATS or its JetStream: worth waiting for (a server or a
 /// cluster still starting, a network partition), unlike the refusals, which a restart
