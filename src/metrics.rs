@@ -178,6 +178,11 @@ impl Metrics {
         };
         let _ = self.delivery_duration.get_or_create(&label);
         let _ = self.queue_depth.get_or_create(&label);
+        // Its series go with the next scrape if it is gone by then (removed before any).
+        let mut gauged = self.gauged.lock().unwrap();
+        if !gauged.iter().any(|d| d == destination) {
+            gauged.push(destination.to_string());
+        }
     }
 
     pub fn delivery(&self, destination: &str, outcome: &'static str, seconds: f64) {
@@ -196,7 +201,8 @@ impl Metrics {
 
     /// Sets `hookrelay_destination_state` of `destination` to `state`.
     /// Sets the destination gauges to `gauges`, and takes away the series of any other
-    /// destination (one a reload removed, with nothing pending), so an alert on them clears.
+    /// destination (one a reload removed, with nothing pending: its gauges, counters and
+    /// histogram), so an alert on them clears.
     /// All under one lock: a concurrent scrape cannot put a removed one back.
     pub fn set_destination_gauges(&self, gauges: &[DestinationGauges]) {
         let mut gauged = self.gauged.lock().unwrap();
@@ -207,6 +213,13 @@ impl Metrics {
             };
             self.queue_depth.remove(&label);
             self.oldest_pending_age.remove(&label);
+            self.delivery_duration.remove(&label);
+            for outcome in crate::store::Outcome::WORDS {
+                self.deliveries.remove(&DestinationOutcome {
+                    destination: gone.clone(),
+                    outcome,
+                });
+            }
             for state in DESTINATION_STATES {
                 self.destination_state.remove(&DestinationState {
                     destination: gone.clone(),

@@ -390,7 +390,7 @@ async fn reload_refuses_a_broken_file_and_applies_a_good_one() {
     assert_eq!(r.post("/new", b"{}").await.status, 200);
 }
 
-/// A destination a reload removed, with nothing pending, leaves `/metrics`'s gauges: they
+/// A destination a reload removed, with nothing pending, leaves `/metrics`: its gauges
 /// would otherwise keep their last values (a paused state, an age) and an alert on them
 /// would never clear.
 #[tokio::test]
@@ -420,14 +420,26 @@ async fn a_removed_destination_leaves_the_metrics() {
     std::fs::write(&file, CONFIG).unwrap();
     let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
     assert_eq!(a.status, 200, "{:?}", a.body);
+    // One added and removed again between two scrapes leaves nothing either.
+    std::fs::write(&file, with_spare.replace("\"spare\"", "\"brief\"")).unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    std::fs::write(&file, CONFIG).unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
     let m = metrics().await;
-    // Its gauges go (its counters stay: they only ever count up).
-    for gauge in [
-        "hookrelay_destination_state{destination=\"spare\"",
-        "hookrelay_queue_depth{destination=\"spare\"",
-        "hookrelay_oldest_pending_age_seconds{destination=\"spare\"",
-    ] {
-        assert!(!m.contains(gauge), "{gauge} in {m}");
+    // Its series go, the counters and the histogram with the gauges.
+    for gone in ["spare", "brief"] {
+        for series in [
+            "hookrelay_destination_state{",
+            "hookrelay_queue_depth{",
+            "hookrelay_oldest_pending_age_seconds{",
+            "hookrelay_deliveries_total{",
+            "hookrelay_delivery_duration_seconds_count{",
+        ] {
+            let line = format!("{series}destination=\"{gone}\"");
+            assert!(!m.contains(&line), "{line} in {m}");
+        }
     }
     assert!(
         m.contains(r#"hookrelay_queue_depth{destination="calls"}"#),
