@@ -240,6 +240,9 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue,
             }
         }
+        // What this pass reads of the config is the latest: a swap from now on is seen
+        // before each send (and ends the pass).
+        changes.borrow_and_update();
         let Some(dest) = ctx.deps.live.get().destination(&name).cloned() else {
             // Not configured (any more): its deliveries wait on disk, and what this instance
             // holds of them goes back to the others (jetstream) that may still send them.
@@ -324,6 +327,14 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
                 _ = limits.limiter.until_ready() => {}
+            }
+            // Paused, or the config swapped, while this waited for its slot and token: not
+            // sent on what it read before (the next pass reads the destination again).
+            if ctx.deps.store.paused(&name) || changes.has_changed().unwrap_or(false) {
+                if probe {
+                    in_flight.status.probe_abandoned();
+                }
+                break;
             }
             let guard = in_flight.enter(d.seq);
             let probing = probe.then(|| Probing(in_flight.status.clone()));
