@@ -56,12 +56,17 @@ async fn serve_to_exit(cfg: &Path) -> std::process::Output {
 }
 
 async fn post(relay: &RelayProcess, id: &str) -> (u16, serde_json::Value) {
-    let url = format!("http://{}/8x8/voice", relay.ingress);
-    let p = try_post(&client(), &url, voice(id), Duration::from_secs(10))
-        .await
-        .expect("an answer");
+    let p = post_at(relay.ingress, id).await;
     let v = serde_json::from_slice(&p.body).unwrap_or_default();
     (p.status, v)
+}
+
+/// The voice event `id` posted to the ingress at `ingress`: its answer.
+async fn post_at(ingress: std::net::SocketAddr, id: &str) -> support::Posted {
+    let url = format!("http://{ingress}/8x8/voice");
+    try_post(&client(), &url, voice(id), Duration::from_secs(10))
+        .await
+        .expect("an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,14 +471,7 @@ async fn a_jetstream_out_of_reach_at_start_is_waited_for_with_503s_then_used() {
     assert!(why.contains("cannot connect to NATS"), "{why}");
     let r = send(Method::GET, &format!("http://{admin}/api/dead"), &[], b"").await;
     assert_eq!(r.status, 503, "nothing to show before the store is open");
-    let p = try_post(
-        &client(),
-        &format!("http://{ingress}/8x8/voice"),
-        voice("early"),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("an answer");
+    let p = post_at(ingress, "early").await;
     assert_eq!(p.status, 503);
     assert_eq!(p.headers["retry-after"], "5");
     let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
@@ -495,14 +493,7 @@ async fn a_jetstream_out_of_reach_at_start_is_waited_for_with_503s_then_used() {
     assert!(line.contains(&format!("ingress={ingress}")), "{line}");
     let r = send(Method::GET, &format!("http://{admin}/readyz"), &[], b"").await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let p = try_post(
-        &client(),
-        &format!("http://{ingress}/8x8/voice"),
-        voice("late"),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("an answer");
+    let p = post_at(ingress, "late").await;
     assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&p.body));
     assert!(
         a.wait_count(1, Duration::from_secs(20)).await,

@@ -134,13 +134,23 @@ impl Store for Flaky {
 
 /// One source (`/open`, id at `$.id`) routed to one destination at `url`.
 fn config(dir: &std::path::Path, url: &str) -> hookrelay::config::Config {
+    config_with(dir, url, "retry = { first = \"1h\" }", "")
+}
+
+/// [`config`] with these `[delivery]` lines and these lines for the destination.
+fn config_with(
+    dir: &std::path::Path,
+    url: &str,
+    delivery: &str,
+    destination: &str,
+) -> hookrelay::config::Config {
     let toml = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [delivery]
-retry = {{ first = "1h" }}
+{delivery}
 [[sources]]
 name = "open"
 path = "/open"
@@ -148,6 +158,7 @@ event_id = ["$.id"]
 [[destinations]]
 name = "calls"
 url = "{url}"
+{destination}
 [[routes]]
 name = "all"
 source = "open"
@@ -157,17 +168,30 @@ to = ["calls"]
     hookrelay::config::parse(&toml, &dir.join("routes.toml"), &|_| None).unwrap()
 }
 
-#[tokio::test]
-async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "http://127.0.0.1:9/");
-    let inner = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
-    let store = Arc::new(Flaky::new(inner));
+/// A relay on `config` over a [`Flaky`] redb store in `dir`, set up by `prepare` before
+/// the relay starts.
+async fn start_flaky(
+    dir: &std::path::Path,
+    config: hookrelay::config::Config,
+    prepare: impl FnOnce(&Flaky),
+) -> (Arc<Flaky>, support::RunningRelay) {
+    let store = Arc::new(Flaky::new(
+        hookrelay::store::redb::RedbStore::open(&dir.join("data")).unwrap(),
+    ));
+    prepare(&store);
     let relay = support::RunningRelay::new(
         hookrelay::Relay::start_with_store(config, store.clone())
             .await
             .unwrap(),
     );
+    (store, relay)
+}
+
+#[tokio::test]
+async fn store_failure_is_503_with_retry_after_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "http://127.0.0.1:9/");
+    let (store, relay) = start_flaky(dir.path(), config, |_| {}).await;
     let url = format!("http://{}/open", relay.ingress);
     let post = |id: &'static str| {
         let url = url.clone();
@@ -208,15 +232,10 @@ async fn an_outcome_that_cannot_be_stored_is_stored_later_not_sent_again() {
     let sink = support::FaultSink::answering(200).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &sink.url("/"));
-    let store = Arc::new(Flaky::new(
-        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
-    ));
-    store.failing_records.store(true, Ordering::SeqCst);
-    let relay = support::RunningRelay::new(
-        hookrelay::Relay::start_with_store(config, store.clone())
-            .await
-            .unwrap(),
-    );
+    let (store, relay) = start_flaky(dir.path(), config, |s| {
+        s.failing_records.store(true, Ordering::SeqCst)
+    })
+    .await;
     let url = format!("http://{}/open", relay.ingress);
     let r = support::send(http::Method::POST, &url, &[], br#"{"id":"once"}"#).await;
     assert_eq!(r.status, 200);
@@ -256,38 +275,13 @@ async fn a_probe_whose_event_cannot_be_read_lets_the_next_attempt_probe() {
         support::FaultSink::start(|n| support::Action::Answer(if n == 0 { 500 } else { 200 }))
             .await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[delivery]
-retry = {{ first = "50ms", factor = 1.0 }}
-breaker = {{ failures = 1, cool_down = "300ms" }}
-[[sources]]
-name = "open"
-path = "/open"
-event_id = ["$.id"]
-[[destinations]]
-name = "calls"
-url = "{}"
-[[routes]]
-name = "all"
-source = "open"
-to = ["calls"]
-"#,
-        sink.url("/")
+    let config = config_with(
+        dir.path(),
+        &sink.url("/"),
+        "retry = { first = \"50ms\", factor = 1.0 }\nbreaker = { failures = 1, cool_down = \"300ms\" }",
+        "",
     );
-    let config =
-        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
-    let store = Arc::new(Flaky::new(
-        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
-    ));
-    let relay = support::RunningRelay::new(
-        hookrelay::Relay::start_with_store(config, store.clone())
-            .await
-            .unwrap(),
-    );
+    let (store, relay) = start_flaky(dir.path(), config, |_| {}).await;
     let url = format!("http://{}/open", relay.ingress);
     let r = support::send(http::Method::POST, &url, &[], br#"{"id":"probe"}"#).await;
     assert_eq!(r.status, 200);
@@ -311,37 +305,11 @@ to = ["calls"]
 async fn while_outcomes_cannot_be_stored_the_queue_is_not_all_sent() {
     let sink = support::FaultSink::answering(200).await;
     let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[[sources]]
-name = "open"
-path = "/open"
-event_id = ["$.id"]
-[[destinations]]
-name = "calls"
-url = "{}"
-max_in_flight = 2
-[[routes]]
-name = "all"
-source = "open"
-to = ["calls"]
-"#,
-        sink.url("/")
-    );
-    let config =
-        hookrelay::config::parse(&toml, &dir.path().join("routes.toml"), &|_| None).unwrap();
-    let store = Arc::new(Flaky::new(
-        hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap(),
-    ));
-    store.failing_records.store(true, Ordering::SeqCst);
-    let relay = support::RunningRelay::new(
-        hookrelay::Relay::start_with_store(config, store.clone())
-            .await
-            .unwrap(),
-    );
+    let config = config_with(dir.path(), &sink.url("/"), "", "max_in_flight = 2");
+    let (store, relay) = start_flaky(dir.path(), config, |s| {
+        s.failing_records.store(true, Ordering::SeqCst)
+    })
+    .await;
     let url = format!("http://{}/open", relay.ingress);
     for i in 0..10 {
         let body = format!("{{\"id\":\"q{i}\"}}");
