@@ -25,6 +25,7 @@ pub struct App {
     /// The room request bodies may take in memory at once.
     pub bodies: Arc<crate::ingress::body_memory::BodyMemory>,
     reloading: std::sync::Mutex<()>,
+    replies: Arc<crate::ingress::ReplyCalls>,
 }
 
 impl App {
@@ -43,6 +44,7 @@ impl App {
             health: Arc::default(),
             bodies: Arc::default(),
             reloading: std::sync::Mutex::default(),
+            replies: Arc::default(),
         }))
     }
 
@@ -56,6 +58,7 @@ impl App {
             health: self.health.clone(),
             statuses: self.statuses.clone(),
             bodies: self.bodies.clone(),
+            replies: self.replies.clone(),
         }
     }
 

@@ -204,3 +204,24 @@ async fn a_reply_call_takes_a_slot_within_max_in_flight() {
     assert_eq!(ivr.seen().len(), 1, "a call beyond max_in_flight was made");
     assert_eq!(ivr.max_concurrent(), 1);
 }
+
+#[tokio::test]
+async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call() {
+    // 8x8 retries a slow answer: the retry waits for the call already out.
+    let ivr = replying(200, REPLY, Duration::from_millis(400)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"5s\"");
+    let r = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let first = {
+        let (url, body) = (r.url("/8x8/voice"), body.clone());
+        tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await })
+    };
+    assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    let again = r.post("/8x8/voice", &body).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(&again.body[..], REPLY);
+    let first = first.await.unwrap();
+    assert_eq!(&first.body[..], REPLY);
+    assert_eq!(ivr.seen().len(), 1, "one call to ivr for both requests");
+}

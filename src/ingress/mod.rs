@@ -13,6 +13,7 @@ mod descent;
 
 mod oauth;
 mod reply;
+pub use reply::InProgress as ReplyCalls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,6 +68,8 @@ pub struct Deps {
     /// Live figures per destination: a reply route's call counts in them like an attempt.
     pub statuses: Arc<crate::destinations::Statuses>,
     pub bodies: Arc<body_memory::BodyMemory>,
+    /// Reply calls out on this instance (a duplicate waits for the first one's answer).
+    pub replies: Arc<reply::InProgress>,
 }
 
 impl Deps {

@@ -9,6 +9,13 @@
 //! follows the destination's retry policy like any other. A paused destination, or one
 //! whose breaker is open, is not called: the fallback goes at once, and the held delivery
 //! waits for the scheduler like any other.
+//!
+//! A duplicate that arrives while this instance's call for the event is still out (the
+//! provider retried a slow answer) waits for that call's answer ([`InProgress`]) instead
+//! of calling the destination a second time at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -27,6 +34,51 @@ use crate::web::response::Body;
 /// and its outcome then needs a commit, so the scheduler never sends it while the call
 /// may still be out.
 pub const HOLD_MARGIN_MS: u64 = super::ACCEPT_TIMEOUT.as_millis() as u64 + 2_000;
+
+/// What a finished call answered: the destination's 2xx (status, content type, body), or
+/// `None` for the fallback.
+type Answered = Option<(u16, Option<String>, Bytes)>;
+
+/// Reply calls out on this instance, by event sequence number: each one's answer once it
+/// has one.
+#[derive(Default)]
+pub struct InProgress(Mutex<HashMap<u64, tokio::sync::watch::Receiver<Option<Answered>>>>);
+
+/// A call registered in [`InProgress`]: says its answer, and leaves when dropped (a call
+/// dropped without one, the provider having hung up, lets a waiting duplicate call).
+struct Registered<'a> {
+    calls: &'a InProgress,
+    seq: u64,
+    answered: tokio::sync::watch::Sender<Option<Answered>>,
+}
+
+impl InProgress {
+    fn register(&self, seq: u64) -> Registered<'_> {
+        let (answered, rx) = tokio::sync::watch::channel(None);
+        self.0.lock().unwrap().insert(seq, rx);
+        Registered {
+            calls: self,
+            seq,
+            answered,
+        }
+    }
+
+    fn out(&self, seq: u64) -> Option<tokio::sync::watch::Receiver<Option<Answered>>> {
+        self.0.lock().unwrap().get(&seq).cloned()
+    }
+}
+
+impl Registered<'_> {
+    fn answer(&self, a: Answered) {
+        self.answered.send_replace(Some(a));
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.calls.0.lock().unwrap().remove(&self.seq);
+    }
+}
 
 /// The answer for a stored reply.
 pub fn stored(reply: &StoredReply) -> Response<Body> {
@@ -67,6 +119,23 @@ pub async fn call(
     event: &StoredEvent,
     fresh: bool,
 ) -> Response<Body> {
+    if !fresh {
+        if let Some(mut out) = app.replies.out(event.seq) {
+            match tokio::time::timeout(reply.timeout, out.wait_for(Option::is_some)).await {
+                Ok(Ok(a)) => {
+                    if let Some(Some((status, ct, body))) = a.clone() {
+                        info!(status, "reply of the call already out for this event");
+                        return answer(status, ct.as_deref(), body);
+                    }
+                    // That call got the fallback: this one calls again, as after a kept
+                    // fallback.
+                }
+                Ok(Err(_)) => {} // that call was dropped unanswered: this one calls
+                Err(_) => return fallback(reply), // none in time, as that call would
+            }
+        }
+    }
+    let registered = fresh.then(|| app.replies.register(event.seq));
     let dest = &config.destinations[reply.from];
     let status = app.statuses.of(&dest.name);
     let paused = app.store.paused(&dest.name);
@@ -89,16 +158,25 @@ pub async fn call(
                 body: a.body.to_vec(),
             };
             settle(app, key, Some(kept), outcome, called.seconds);
+            if let Some(r) = &registered {
+                r.answer(Some((a.status, a.content_type.clone(), a.body.clone())));
+            }
             info!(destination = %dest.name, status = a.status, "reply forwarded");
             answer(a.status, a.content_type.as_deref(), a.body)
         }
         None if called.outcome.is_none() => {
+            if let Some(r) = &registered {
+                r.answer(None);
+            }
             info!(destination = %dest.name, why = %called.described, "reply destination not called; answering the fallback");
             fallback(reply)
         }
         None => {
             warn!(destination = %dest.name, result = %called.described, "reply destination failed; answering the fallback");
             settle(app, key, None, outcome, called.seconds);
+            if let Some(r) = &registered {
+                r.answer(None);
+            }
             fallback(reply)
         }
     }
