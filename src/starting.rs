@@ -43,30 +43,29 @@ pub async fn open_store(
         store
     };
     let answering = async {
-        let mut limits = crate::ingress::limits(config, HAND_OVER);
+        let mut admin_limits = crate::admin::limits(config);
+        admin_limits.drain = HAND_OVER;
+        let why = why.clone();
         tokio::join!(
-            server::serve(ingress, limits.clone(), opened.clone(), |_, _| async {
-                ApiError::unavailable("the relay is starting; try again shortly", "5")
-                    .into_response()
-            }),
-            {
-                limits = crate::admin::limits(config);
-                limits.drain = HAND_OVER;
-                let why = why.clone();
-                server::serve(admin, limits, opened.clone(), move |_, req| {
-                    let why = why.lock().unwrap().clone();
-                    async move {
-                        if req.uri().path() == "/healthz" && req.method() == Method::GET {
-                            return json_response(
-                                StatusCode::OK,
-                                json!({"status": "ok"}).to_string(),
-                            );
-                        }
-                        ApiError::unavailable(format!("the relay is starting: {why}"), "5")
-                            .into_response()
+            server::serve(
+                ingress,
+                crate::ingress::limits(config, HAND_OVER),
+                opened.clone(),
+                |_, _| async {
+                    ApiError::unavailable("the relay is starting; try again shortly", "5")
+                        .into_response()
+                },
+            ),
+            server::serve(admin, admin_limits, opened.clone(), move |_, req| {
+                let why = why.lock().unwrap().clone();
+                async move {
+                    if req.uri().path() == "/healthz" && req.method() == Method::GET {
+                        return json_response(StatusCode::OK, json!({"status": "ok"}).to_string());
                     }
-                })
-            }
+                    ApiError::unavailable(format!("the relay is starting: {why}"), "5")
+                        .into_response()
+                }
+            })
         );
     };
     tokio::join!(opening, answering).0

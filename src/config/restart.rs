@@ -3,15 +3,13 @@
 //! reload that changes one of them is refused, naming each, so the file and the relay
 //! never disagree; the certificate and key files themselves are read again by a reload.
 
-use std::fmt::Display;
-
 use super::{Backend, Config, Problem};
 
 /// Every setting that differs between `running` and `new` and takes a restart.
 pub fn needs_restart(running: &Config, new: &Config) -> Vec<Problem> {
     let mut out = Vec::new();
-    let mut check = |key: &str, was: &dyn Display, now: &dyn Display, differ: bool| {
-        if differ {
+    let mut check = |key: &str, was: String, now: String| {
+        if was != now {
             out.push(Problem {
                 file: new.file.display().to_string(),
                 at: None,
@@ -22,62 +20,52 @@ pub fn needs_restart(running: &Config, new: &Config) -> Vec<Problem> {
             });
         }
     };
+    let time = |d| humantime::format_duration(d).to_string();
+    let on_off = |t: bool| if t { "on" } else { "off" }.to_string();
     let (a, b) = (&running.server, &new.server);
-    check("server.listen", &a.listen, &b.listen, a.listen != b.listen);
+    check("server.listen", a.listen.to_string(), b.listen.to_string());
     check(
         "server.admin_listen",
-        &a.admin_listen,
-        &b.admin_listen,
-        a.admin_listen != b.admin_listen,
+        a.admin_listen.to_string(),
+        b.admin_listen.to_string(),
     );
     check(
         "server.max_connections",
-        &a.max_connections,
-        &b.max_connections,
-        a.max_connections != b.max_connections,
+        a.max_connections.to_string(),
+        b.max_connections.to_string(),
     );
     check(
         "server.read_timeout",
-        &humantime::format_duration(a.read_timeout),
-        &humantime::format_duration(b.read_timeout),
-        a.read_timeout != b.read_timeout,
+        time(a.read_timeout),
+        time(b.read_timeout),
     );
-    let on_off = |t: bool| if t { "on" } else { "off" };
     check(
         "server.tls",
-        &on_off(a.tls.is_some()),
-        &on_off(b.tls.is_some()),
-        a.tls.is_some() != b.tls.is_some(),
+        on_off(a.tls.is_some()),
+        on_off(b.tls.is_some()),
     );
     let (a, b) = (&running.store, &new.store);
-    check(
-        "store.backend",
-        &format!("{:?}", a.backend).to_lowercase(),
-        &format!("{:?}", b.backend).to_lowercase(),
-        a.backend != b.backend,
-    );
+    let backend = |b: &Backend| format!("{b:?}").to_lowercase();
+    check("store.backend", backend(&a.backend), backend(&b.backend));
     check(
         "store.path",
-        &a.path.display(),
-        &b.path.display(),
-        a.path != b.path,
+        a.path.display().to_string(),
+        b.path.display().to_string(),
     );
     // The addresses may carry credentials: not shown.
-    check("store.url", &"one list", &"another", a.url != b.url);
-    check("store.prefix", &a.prefix, &b.prefix, a.prefix != b.prefix);
+    if a.url != b.url {
+        check("store.url", "one list".into(), "another".into());
+    }
+    check("store.prefix", a.prefix.clone(), b.prefix.clone());
     check(
         "store.replicas",
-        &a.replicas,
-        &b.replicas,
-        a.replicas != b.replicas,
+        a.replicas.to_string(),
+        b.replicas.to_string(),
     );
     // The embedded stores' purge reads it each time; JetStream sets its records' lifetime
     // from it at start.
-    check(
-        "store.retain",
-        &humantime::format_duration(a.retain),
-        &humantime::format_duration(b.retain),
-        a.backend == Backend::Jetstream && a.retain != b.retain,
-    );
+    if a.backend == Backend::Jetstream {
+        check("store.retain", time(a.retain), time(b.retain));
+    }
     out
 }

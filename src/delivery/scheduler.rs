@@ -314,15 +314,17 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = ctx.stop.cancelled() => break 'passes,
                 p = limits.slot() => p,
             };
-            let probe = match in_flight.status.gate(&dest.breaker, now_ms()) {
-                Gate::Send => false,
-                Gate::Probe => true,
+            // A probe not handed to an attempt (any `break` below) is given back on drop.
+            let probing = match in_flight.status.gate(&dest.breaker, now_ms()) {
+                Gate::Send => None,
+                Gate::Probe => Some(Probing(in_flight.status.clone())),
                 Gate::WaitUntil(t) => {
                     next_due = Some(t);
                     break;
                 }
                 Gate::WaitProbe => break,
             };
+            let probe = probing.is_some();
             tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
@@ -331,13 +333,9 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             // Paused, or the config swapped, while this waited for its slot and token: not
             // sent on what it read before (the next pass reads the destination again).
             if ctx.deps.store.paused(&name) || changes.has_changed().unwrap_or(false) {
-                if probe {
-                    in_flight.status.probe_abandoned();
-                }
                 break;
             }
             let guard = in_flight.enter(d.seq);
-            let probing = probe.then(|| Probing(in_flight.status.clone()));
             ctx.tasks.spawn(attempt(
                 ctx.clone(),
                 dest.clone(),

@@ -148,6 +148,14 @@ pub async fn call(
         seq: event.seq,
         destination: dest.name.clone(),
     };
+    if let Some(r) = &registered {
+        r.answer(
+            called
+                .answer
+                .as_ref()
+                .map(|a| (a.status, a.content_type.clone(), a.body.clone())),
+        );
+    }
     // A duplicate has no delivery of its own to settle.
     let outcome = called.outcome.clone().filter(|_| fresh);
     match called.answer {
@@ -158,25 +166,16 @@ pub async fn call(
                 body: a.body.to_vec(),
             };
             settle(app, key, Some(kept), outcome, called.seconds);
-            if let Some(r) = &registered {
-                r.answer(Some((a.status, a.content_type.clone(), a.body.clone())));
-            }
             info!(destination = %dest.name, status = a.status, "reply forwarded");
             answer(a.status, a.content_type.as_deref(), a.body)
         }
         None if called.outcome.is_none() => {
-            if let Some(r) = &registered {
-                r.answer(None);
-            }
             info!(destination = %dest.name, why = %called.described, "reply destination not called; answering the fallback");
             fallback(reply)
         }
         None => {
             warn!(destination = %dest.name, result = %called.described, "reply destination failed; answering the fallback");
             settle(app, key, None, outcome, called.seconds);
-            if let Some(r) = &registered {
-                r.answer(None);
-            }
             fallback(reply)
         }
     }
