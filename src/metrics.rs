@@ -148,12 +148,17 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// The exposition: OpenMetrics text, or with `openmetrics` false the Prometheus text
+    /// format 0.0.4 (what a scraper gets that does not ask for OpenMetrics).
+    pub fn render(&self, openmetrics: bool) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        if openmetrics {
+            out
+        } else {
+            prometheus_text(&out)
+        }
     }
 
     pub fn ingress(&self, source: &str, status: u16) {
@@ -249,5 +254,90 @@ impl Metrics {
                 })
                 .set(i64::from(s == state));
         }
+    }
+}
+
+/// The Content-Type of each exposition [`Metrics::render`] writes.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as Prometheus text 0.0.4. The samples are the same; what differs is
+/// the metadata: a counter family is named with its `_total` (OpenMetrics names it without),
+/// and there is no `# UNIT` line and no `# EOF`.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_their_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.ingress("voice", 200);
+        m.set_destination_gauges(&[DestinationGauges {
+            name: "calls".into(),
+            depth: 3,
+            oldest_pending_age: 0,
+            state: "ok",
+        }]);
+        let text = m.render(false);
+        assert!(
+            text.contains("# HELP hookrelay_ingress_requests_total "),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE hookrelay_ingress_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hookrelay_ingress_requests_total{source=\"voice\",status=\"200\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE hookrelay_queue_depth gauge\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let open = m.render(true);
+        assert!(
+            open.contains("# TYPE hookrelay_ingress_requests counter\n"),
+            "{open}"
+        );
+        assert!(open.ends_with("# EOF\n"), "{open}");
     }
 }

@@ -305,13 +305,34 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(r.post("/locked", b"{}").await.status, 401);
     assert_eq!(r.post("/locked", b"{}").await.status, 401);
     assert_eq!(r.post("/nowhere", b"{}").await.status, 404);
-    let text = String::from_utf8(
-        send(Method::GET, &r.admin_url("/metrics"), &[], b"")
-            .await
-            .body
-            .to_vec(),
+    // Prometheus text 0.0.4 by default; OpenMetrics to a scraper that asks for it.
+    let plain = send(Method::GET, &r.admin_url("/metrics"), &[], b"").await;
+    assert_eq!(
+        plain.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = String::from_utf8(plain.body.to_vec()).unwrap();
+    let open = send(
+        Method::GET,
+        &r.admin_url("/metrics"),
+        &[(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )],
+        b"",
     )
-    .unwrap();
+    .await;
+    assert!(open.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let open = String::from_utf8(open.body.to_vec()).unwrap();
+    assert!(
+        open.contains("# TYPE hookrelay_deliveries counter"),
+        "{open}"
+    );
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    assert!(!text.contains("# EOF"), "{text}");
     assert_eq!(
         metric(
             &text,
@@ -346,7 +367,7 @@ async fn metrics_count_known_traffic_exactly() {
         "{text}"
     );
     assert!(
-        text.contains("# TYPE hookrelay_deliveries counter"),
+        text.contains("# TYPE hookrelay_deliveries_total counter"),
         "{text}"
     );
     assert!(

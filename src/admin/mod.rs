@@ -160,12 +160,23 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
     match path.as_str() {
         "/metrics" => {
             only(&req, Method::GET)?;
-            let text = metrics(app).await;
+            // OpenMetrics to a scraper that asks for it (Prometheus does), else Prometheus
+            // text 0.0.4.
+            let openmetrics = req
+                .headers()
+                .get_all(http::header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let text = metrics(app, openmetrics).await;
+            let content_type = if openmetrics {
+                crate::metrics::OPENMETRICS
+            } else {
+                crate::metrics::PROMETHEUS_TEXT
+            };
             Ok(answer(
                 StatusCode::OK,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                http::HeaderValue::from_static(content_type),
                 text,
             ))
         }
@@ -424,7 +435,7 @@ async fn readyz(app: &App) -> Response<Body> {
     }))
 }
 
-async fn metrics(app: &App) -> String {
+async fn metrics(app: &App, openmetrics: bool) -> String {
     // The figures first (reading an age may wait), then all the gauges at once, so two
     // scrapes around a reload cannot leave a removed destination's series behind.
     let mut gauges = Vec::new();
@@ -437,7 +448,7 @@ async fn metrics(app: &App) -> String {
         });
     }
     app.metrics.set_destination_gauges(&gauges);
-    app.metrics.render()
+    app.metrics.render(openmetrics)
 }
 
 fn reload(app: &App) -> Response<Body> {

@@ -42,12 +42,28 @@ pub(super) fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>,
     let depth = if trusted {
         kept.clone()
     } else {
-        let mut counted: HashMap<String, u64> = HashMap::new();
+        // Pending = the due queue plus the deliveries waiting in an order key's line
+        // behind its head: each line's entries, less the one (its head) that is queued.
+        let mut counted: HashMap<String, i64> = HashMap::new();
         engine.scan_prefix(b"q/", &mut |k, _| {
             *counted.entry(dest_of(k)).or_default() += 1;
             Ok(true)
         })?;
+        let mut line: Vec<u8> = Vec::new();
+        engine.scan_prefix(b"o/", &mut |k, _| {
+            let n = counted.entry(dest_of(k)).or_default();
+            let this = &k[..k.len().saturating_sub(8)];
+            if this == line.as_slice() {
+                *n += 1; // waits behind the line's head
+            } else {
+                line = this.to_vec(); // the head, counted in the queue
+            }
+            Ok(true)
+        })?;
         counted
+            .into_iter()
+            .map(|(dest, n)| (dest, n.max(0) as u64))
+            .collect()
     };
     let mut failed = None;
     engine.group(&mut |txn| {
