@@ -79,6 +79,9 @@ pub(super) const LEGACY_UNTIL_KEY: &[u8] = b"m/legacy-dedup-until";
 /// Rewritten by a readiness probe after a failed write, as large as the largest event, to
 /// see whether the store takes writes again.
 pub(super) const PROBE_KEY: &[u8] = b"m/probe";
+/// The next sequence number when a purge ran (`u64`, big-endian): a purge may remove the
+/// newest events, and a sequence number once given is never given again.
+pub(super) const NEXT_SEQ_KEY: &[u8] = b"m/next-seq";
 /// Present after a failed update of the kept counts: the next start counts the queue.
 pub(super) const RECOUNT_KEY: &[u8] = b"m/recount";
 pub(super) fn paused_key(dest: &str) -> Vec<u8> {
@@ -112,12 +115,20 @@ pub(super) fn read_dedup(
     legacy: bool,
     mut get: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, StoreError>,
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    if let Some(v) = get(dk)? {
-        return Ok(Some(v));
-    }
-    match legacy_dedup_key(source, id) {
-        Some(old) if legacy => get(&old),
-        _ => Ok(None),
+    let found = match get(dk)? {
+        Some(v) => Some(v),
+        None => match legacy_dedup_key(source, id) {
+            Some(old) if legacy => get(&old)?,
+            _ => None,
+        },
+    };
+    match found {
+        // Every format wrote at least the event and the window's end.
+        Some(v) if v.len() < 16 => Err(corrupt(format!(
+            "the dedup record of id {id:?} is {} bytes long",
+            v.len()
+        ))),
+        found => Ok(found),
     }
 }
 /// Every prefix the dedup records of `id` may be under: [`id_prefix`], then the legacy one
@@ -161,8 +172,12 @@ pub(super) const EARLIER_KEPT: usize = 16;
 /// ones with the same id and source that were still stored when it was written. (Formats 1
 /// to 4 wrote only the first; a build that reads only those ignores the rest.)
 pub(super) fn event_seqs(v: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    // A record too short to name an event (only a damaged one) names none.
+    let first = v.get(..8).map(read_u64);
     let earlier = v.get(16..).unwrap_or_default();
-    std::iter::once(read_u64(v)).chain(earlier.chunks_exact(8).map(read_u64))
+    first
+        .into_iter()
+        .chain(earlier.chunks_exact(8).map(read_u64))
 }
 
 /// A dedup record: event `seq`, its dedup window's end, and the `earlier` events.

@@ -85,6 +85,8 @@ pub struct KvStore<E: Engine> {
     shared: Arc<Shared<E>>,
     jobs: Mutex<Option<mpsc::Sender<(Job, Urgency)>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// One pause or resume at a time, so the set in memory ends as the last one written.
+    pausing: tokio::sync::Mutex<()>,
 }
 
 impl<E: Engine> Shared<E> {
@@ -144,10 +146,12 @@ impl<E: Engine> KvStore<E> {
             .into_iter()
             .map(|(d, n)| (d, Arc::new(AtomicU64::new(n))))
             .collect();
+        // After the newest stored event, and never below what a purge saw given.
         let next_seq = match engine.last_with_prefix(b"e/")? {
             Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
             _ => 1,
-        };
+        }
+        .max(engine.get(NEXT_SEQ_KEY)?.map_or(1, |v| read_u64(&v)));
         let mut paused = HashSet::new();
         engine.scan_prefix(PAUSED_PREFIX, &mut |k, _| {
             paused.insert(String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned());
@@ -173,6 +177,7 @@ impl<E: Engine> KvStore<E> {
             shared,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            pausing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -281,9 +286,18 @@ impl<E: Engine> Store for KvStore<E> {
         let mut out = Vec::with_capacity(found.len());
         self.shared.engine.get_each(&keys, &mut |i, raw| {
             let Some(raw) = raw else { return Ok(()) };
-            let mut d = decode_delivery(raw)?;
+            // A damaged record holds back its own delivery, not the destination's queue.
+            let mut d = match decode_delivery(raw) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(destination, seq = found[i].0, error = %e, "a pending delivery's record cannot be read; it is skipped");
+                    return Ok(());
+                }
+            };
             if d.state == DeliveryState::Pending {
-                d.next_due_ms = found[i].1;
+                // The later of the two: the queue was read before the records, so an
+                // outcome written in between (a retry's backoff) shows in the record only.
+                d.next_due_ms = d.next_due_ms.max(found[i].1);
                 out.push(d);
             }
             Ok(())
@@ -422,6 +436,7 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
+        let _one_at_a_time = self.pausing.lock().await;
         let dest = destination.to_string();
         self.submit(move |w| {
             if paused {

@@ -154,14 +154,17 @@ impl Writer<'_> {
         Ok(first.is_none_or(|seq| seq == d.seq))
     }
 
-    /// An ordered delivery leaves its key's line (delivered or dead): the first still in the
-    /// line becomes the head and goes in the due queue (again, if it already was: the same
-    /// key, so nothing changes).
-    fn leave_order(&mut self, d: &Delivery) -> Result<(), StoreError> {
+    /// An ordered delivery leaves its key's line (delivered or dead). If it held the key's
+    /// place in the due queue (`queued`), the first still in the line becomes the head and
+    /// goes in the due queue (again, if it already was: the same key, so nothing changes).
+    fn leave_order(&mut self, d: &Delivery, queued: bool) -> Result<(), StoreError> {
         let Some(order) = &d.order_key else {
             return Ok(());
         };
         self.txn.delete(&order_key(&d.destination, order, d.seq))?;
+        if !queued {
+            return Ok(());
+        }
         self.promote_first(&d.destination, order)
     }
 
@@ -193,17 +196,20 @@ impl Writer<'_> {
             return Ok(());
         }
         let now = now_ms();
-        self.txn
-            .delete(&queue_key(&k.destination, d.next_due_ms, k.seq))?;
+        let qk = queue_key(&k.destination, d.next_due_ms, k.seq);
+        // Whether it held its key's place in the due queue: a reply route's call is made at
+        // once, whatever the key, for a delivery that may wait in its line behind the one
+        // queued. Only the one queued hands the place on.
+        let queued = d.order_key.is_none() || self.txn.get(&qk)?.is_some();
+        self.txn.delete(&qk)?;
         d.apply(&outcome, now);
         let leaves_queue = match d.state {
             DeliveryState::Pending => {
                 // Back in the due queue if it heads its key's line. If an earlier one is
-                // ahead of it (replayed meanwhile, or this was a reply route's call, made
-                // at once whatever the key), it waits and that one goes first.
+                // ahead of it (replayed meanwhile), it waits and that one goes first.
                 if self.heads_line(&d)? {
                     self.queue(&k.destination, d.next_due_ms, k.seq)?;
-                } else if let Some(order) = &d.order_key {
+                } else if let (Some(order), true) = (&d.order_key, queued) {
                     self.promote_first(&k.destination, order)?;
                 }
                 false
@@ -218,7 +224,7 @@ impl Writer<'_> {
             .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
         if leaves_queue {
             *self.depth.entry(k.destination.clone()).or_default() -= 1;
-            self.leave_order(&d)?;
+            self.leave_order(&d, queued)?;
         }
         Ok(())
     }
@@ -310,7 +316,14 @@ impl Writer<'_> {
                 next = Some(seq);
                 return Ok(false);
             }
-            let (meta, _) = decode_meta(raw)?;
+            let meta = match decode_meta(raw) {
+                Ok((meta, _)) => meta,
+                Err(e) => {
+                    // A damaged event does not stop the purge of the ones after it.
+                    tracing::warn!(seq, error = %e, "a stored event cannot be read; the purge leaves it");
+                    return Ok(true);
+                }
+            };
             if meta.received_ms >= cutoff {
                 return Ok(false);
             }
@@ -321,7 +334,10 @@ impl Writer<'_> {
         for (seq, meta) in old {
             let mut dk = dedup_key(&meta.source, &meta.id);
             let mut dedup = self.txn.get(&dk)?;
-            let is_ours = |d: &Option<Vec<u8>>| d.as_ref().is_some_and(|v| read_u64(v) == seq);
+            let is_ours = |d: &Option<Vec<u8>>| {
+                d.as_ref()
+                    .is_some_and(|v| v.len() >= 16 && read_u64(v) == seq)
+            };
             if !is_ours(&dedup) && self.legacy_until > 0 {
                 if let Some(old) = legacy_dedup_key(&meta.source, &meta.id) {
                     dedup = self.txn.get(&old)?;
@@ -361,6 +377,9 @@ impl Writer<'_> {
             self.fresh.remove(seq);
             self.txn.delete(&reply_key(seq))?;
             removed += 1;
+        }
+        if removed > 0 {
+            self.txn.put(NEXT_SEQ_KEY, &be(*self.next_seq))?;
         }
         Ok((removed, next))
     }

@@ -104,6 +104,37 @@ async fn dedup_expires_and_purge_keeps_undelivered(st: Arc<dyn Store>) {
     st.close().await.unwrap();
 }
 
+/// A purge that removes the newest events does not let a restart give their sequence
+/// numbers again (the admin API's cursors and `seq=` name events by them).
+#[tokio::test]
+async fn sequence_numbers_are_not_given_twice_after_a_purge() {
+    for (name, open) in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).unwrap();
+        let mut e = ev("n1", &["a"]);
+        e.dedup_window = Duration::ZERO;
+        let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            panic!()
+        };
+        let k = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        st.record(&k, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1, "{name}");
+        st.close().await.unwrap();
+        drop(st);
+        let st = open(dir.path()).unwrap();
+        let Admission::Accepted { seq: next } = st.accept(ev("n2", &["a"])).await.unwrap() else {
+            panic!()
+        };
+        assert!(next > seq, "{name}: {next} after {seq}");
+        st.close().await.unwrap();
+    }
+}
+
 /// An id used again past its window: once the newer event is delivered and purged, the
 /// earlier one, dead, is still found and replayed by the id (the dedup record is kept for
 /// it, not deleted with the newer event).
@@ -281,7 +312,13 @@ async fn a_recount_counts_what_waits_behind_a_line_head() {
     for (name, open) in ENGINES {
         let dir = tempfile::tempdir().unwrap();
         let st = open(dir.path()).unwrap();
-        for (id, order) in [("o1", "k"), ("o2", "k"), ("o3", "k"), ("p1", "j"), ("u1", "")] {
+        for (id, order) in [
+            ("o1", "k"),
+            ("o2", "k"),
+            ("o3", "k"),
+            ("p1", "j"),
+            ("u1", ""),
+        ] {
             let mut e = ev(id, &["a"]);
             e.order_keys = vec![(!order.is_empty()).then(|| order.to_string())];
             st.accept(e).await.unwrap();
@@ -442,6 +479,26 @@ async fn an_order_keys_line_on_every_engine() {
             1
         );
         assert_eq!(due(st.clone()).await, [seqs[1]], "{name}: the head stays");
+        // A reply route's call for a later one of the key, made at once while it waits in
+        // the line: its outcome hands the queued place to nobody.
+        let mut held = ev("o2", &["a"]);
+        held.order_keys = vec![Some("k".into())];
+        held.held = Some(("a".into(), now_ms() + 60_000));
+        let Admission::Accepted { seq: s2 } = st.accept(held).await.unwrap() else {
+            panic!()
+        };
+        let k2 = DeliveryKey {
+            seq: s2,
+            destination: "a".into(),
+        };
+        st.after_reply(s2, None, Some((k2, Outcome::Delivered { status: 200 })))
+            .unwrap();
+        st.set_paused("x", false).await.unwrap(); // after the reply's write
+        assert_eq!(
+            due(st.clone()).await,
+            [seqs[1]],
+            "{name}: still only the head after the reply call"
+        );
         let k1 = DeliveryKey {
             seq: seqs[1],
             destination: "a".into(),
@@ -476,6 +533,36 @@ async fn an_order_keys_line_on_every_engine() {
         assert_eq!(st.queue_depth("a"), 0, "{name}");
         st.close().await.unwrap();
     }
+}
+
+/// Damaged records cost their own event or delivery only: a dedup record too short is an
+/// error for its id (the writer goes on), an unreadable delivery record is skipped by the
+/// queue's reads.
+#[tokio::test]
+async fn a_damaged_record_holds_back_only_its_own() {
+    use super::keys::*;
+    use crate::store::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    engine
+        .group(&mut |txn| {
+            txn.put(&dedup_key("s", "bad"), &[1, 2, 3, 4]).unwrap();
+            txn.put(&delivery_key(5, "a"), b"\xff\xff").unwrap();
+            txn.put(&queue_key("a", 1, 5), &[]).unwrap();
+            txn.end_op().unwrap();
+        })
+        .unwrap();
+    let st = KvStore::start(engine).unwrap();
+    assert!(matches!(
+        st.accept(ev("bad", &["a"])).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    let Admission::Accepted { seq } = st.accept(ev("good", &["a"])).await.unwrap() else {
+        panic!()
+    };
+    let due = st.pending("a", 10, &|_| false).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.seq).collect::<Vec<_>>(), [seq]);
+    st.close().await.unwrap();
 }
 
 /// A store written in format 2 (JSON records, as the builds before binary records wrote
