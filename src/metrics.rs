@@ -132,7 +132,7 @@ impl Metrics {
         );
         registry.register(
             "oldest_pending_age_seconds",
-            "How long the earliest-due pending delivery has been due (0 while none is), per destination",
+            "Age of the event of the oldest pending delivery (0 with none pending), per destination",
             m.oldest_pending_age.clone(),
         );
         registry.register(

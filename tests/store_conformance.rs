@@ -133,9 +133,9 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
     let d = due(st.as_ref(), "a", s1).await;
     assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 0), "{name}");
     assert_eq!(
-        st.earliest_due("a").await.unwrap(),
+        st.oldest_pending("a").await.unwrap(),
         Some(d.next_due_ms),
-        "{name}: the admin's read of the earliest due time"
+        "{name}: the admin's read of the oldest pending (received when it was first due)"
     );
     let event = st.event(s1).await.unwrap().expect("the event");
     assert_eq!(
@@ -789,11 +789,11 @@ async fn delivered_messages_are_settled_without_an_ack() {
     st.close().await.unwrap();
 }
 
-/// The admin's read of the earliest due time changes nothing: this instance's puller keeps
+/// The admin's read of the oldest pending delivery changes nothing: this instance's puller keeps
 /// taking deliveries up to the scheduler's window. (Read through `pending` with a limit of
 /// one, as it was, it shrank the window to one until the scheduler's next pass.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_the_earliest_due_time_leaves_the_pullers_window_alone() {
+async fn reading_the_oldest_pending_leaves_the_pullers_window_alone() {
     const WINDOW: usize = 8;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
@@ -804,7 +804,7 @@ async fn reading_the_earliest_due_time_leaves_the_pullers_window_alone() {
         .await
         .unwrap()
         .is_empty());
-    assert_eq!(st.earliest_due("w").await.unwrap(), None);
+    assert_eq!(st.oldest_pending("w").await.unwrap(), None);
     let started = now_ms();
     for i in 0..WINDOW {
         accepted(st.as_ref(), ev(&format!("w{i}"), "x", &["w"])).await;
@@ -813,7 +813,7 @@ async fn reading_the_earliest_due_time_leaves_the_pullers_window_alone() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // Only the admin reads meanwhile.
-        let due = st.earliest_due("w").await.unwrap();
+        let due = st.oldest_pending("w").await.unwrap();
         if let Ok(mut consumer) = stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>("c-n-w")
             .await
@@ -952,7 +952,7 @@ async fn a_line_left_behind_by_a_dead_instance_moves_on() {
 /// The oldest pending age counts the backlog no instance has taken yet: an instance that
 /// holds none of a destination's deliveries still shows how long its first has been due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_earliest_due_time_counts_the_backlog_no_instance_holds() {
+async fn the_oldest_pending_counts_the_backlog_no_instance_holds() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = jetstream(dir.path(), &nats).await;
@@ -970,12 +970,12 @@ async fn the_earliest_due_time_counts_the_backlog_no_instance_holds() {
     b.hand_back("w", &|_| false).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let due = loop {
-        if let Some(due) = b.earliest_due("w").await.unwrap() {
+        if let Some(due) = b.oldest_pending("w").await.unwrap() {
             break due;
         }
         assert!(
             Instant::now() < deadline,
-            "B never saw the backlog's first due time"
+            "B never saw the backlog's oldest"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

@@ -63,6 +63,9 @@ impl Store for Flaky {
     ) -> Result<Vec<Delivery>, StoreError> {
         self.inner.pending(d, limit, skip).await
     }
+    async fn oldest_pending(&self, d: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.oldest_pending(d).await
+    }
     async fn event(&self, seq: u64) -> Result<Option<StoredEvent>, StoreError> {
         if self.failing_events.load(Ordering::SeqCst) {
             self.event_failures.send_modify(|n| *n += 1);

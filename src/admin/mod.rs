@@ -371,10 +371,11 @@ fn state_of(app: &App, name: &str) -> &'static str {
     }
 }
 
-/// Seconds the earliest-due pending delivery of `name` has been due (0 while none is).
+/// Seconds since the event of `name`'s oldest pending delivery was received (0 with none
+/// pending).
 async fn oldest_pending_age(app: &App, name: &str) -> u64 {
-    match app.store.earliest_due(name).await {
-        Ok(Some(due)) => now_ms().saturating_sub(due) / 1000,
+    match app.store.oldest_pending(name).await {
+        Ok(Some(received)) => now_ms().saturating_sub(received) / 1000,
         _ => 0,
     }
 }

@@ -308,17 +308,11 @@ pub trait Store: Send + Sync + 'static {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// When `destination`'s earliest-due pending delivery is (was) due, unix ms; `None` with
-    /// nothing pending. A read for the admin API and metrics: unlike [`Store::pending`],
-    /// which a scheduler calls, it changes nothing (jetstream: not the puller's window).
-    /// Jetstream answers from the deliveries this instance holds.
-    async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .pending(destination, 1, &|_| false)
-            .await?
-            .first()
-            .map(|d| d.next_due_ms))
-    }
+    /// When the event of `destination`'s oldest pending delivery was received, unix ms;
+    /// `None` with nothing pending. A read for the admin API and metrics (the oldest
+    /// pending age): it changes nothing. Jetstream answers from the deliveries this
+    /// instance holds and the next its destination's consumer hands out.
+    async fn oldest_pending(&self, destination: &str) -> Result<Option<u64>, StoreError>;
 
     /// The stored event with this sequence number, for a delivery attempt (the embedded
     /// stores hand over an event kept in memory since its accept, once per destination).

@@ -74,9 +74,9 @@ pub struct JetStreamStore {
     leases: Mutex<HashMap<String, Arc<Leases>>>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     depths: Arc<Mutex<HashMap<String, u64>>>,
-    /// Each destination's backlog no instance has taken yet: when its first delivery was
-    /// due (as of the last count).
-    backlog_due: Mutex<HashMap<String, u64>>,
+    /// Each destination's backlog no instance has taken yet: when its first delivery's
+    /// event was received (as of the last count).
+    backlog_oldest: Mutex<HashMap<String, u64>>,
     /// Line entries seen standing for nothing, and when first ([`lines`]).
     orphans: Mutex<HashMap<u64, std::time::Instant>>,
     /// Accepted events not fanned out yet (as of the last count): each may add a delivery
@@ -117,7 +117,7 @@ impl JetStreamStore {
             leases: Mutex::default(),
             wakeups: Mutex::default(),
             depths: Arc::default(),
-            backlog_due: Mutex::default(),
+            backlog_oldest: Mutex::default(),
             orphans: Mutex::default(),
             unfanned: AtomicU64::new(0),
             members: Arc::new(watchers::Membership::new()),
@@ -436,13 +436,18 @@ impl Store for JetStreamStore {
 
     /// The earlier of what this instance holds and the backlog no instance has taken yet
     /// (deliveries other instances hold are being sent).
-    async fn earliest_due(&self, destination: &str) -> Result<Option<u64>, StoreError> {
-        let backlog = self.backlog_due.lock().unwrap().get(destination).copied();
+    async fn oldest_pending(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let backlog = self
+            .backlog_oldest
+            .lock()
+            .unwrap()
+            .get(destination)
+            .copied();
         let Some(leases) = self.leases.lock().unwrap().get(destination).cloned() else {
             return Ok(backlog);
         };
         let held = leases.held.lock().unwrap();
-        let held = held.values().map(|l| l.rec.delivery.next_due_ms).min();
+        let held = held.values().map(|l| l.rec.event.received_ms).min();
         Ok(held.into_iter().chain(backlog).min())
     }
 

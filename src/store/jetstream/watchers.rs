@@ -147,7 +147,7 @@ pub(super) async fn watch_pauses(
 }
 
 /// Reads each known destination's queue depth (pending + held) from its consumer, when the
-/// first of its backlog no instance has taken yet was due, and the accepted events no
+/// event of the first of its backlog no instance has taken yet was received, and the accepted events no
 /// instance has taken to fan out yet from the fan-out's.
 ///
 /// The fan-out's is read first: an event fanned out between the two reads counts twice
@@ -171,13 +171,13 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
                 counted.push((d.clone(), info.num_pending + info.num_ack_pending as u64));
                 if info.num_pending > 0 {
                     let after = info.delivered.stream_sequence + 1;
-                    if let Some(due) = first_due(&s, &d, after).await {
-                        backlog.insert(d, due);
+                    if let Some(received) = first_pending(&s, &d, after).await {
+                        backlog.insert(d, received);
                     }
                 }
             }
         }
-        *s.backlog_due.lock().unwrap() = backlog;
+        *s.backlog_oldest.lock().unwrap() = backlog;
         // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
             s.unfanned.store(info.num_pending, Ordering::Relaxed);
@@ -191,10 +191,10 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
     }
 }
 
-/// When the first pending delivery to `dest` at or after the stream sequence `start` (the
-/// first its consumer has not handed out) was due: the first of a few messages (the others
-/// are outcomes or waiting deliveries, which the consumer hands out too).
-async fn first_due(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
+/// When the event of the first pending delivery to `dest` at or after the stream sequence
+/// `start` (the first its consumer has not handed out) was received: the first of a few
+/// messages (the others are outcomes, which the consumer hands out too).
+async fn first_pending(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
     let filter = s.names.deliveries_of(dest);
     for _ in 0..FIRST_DUE_LOOKS {
         let m = s
@@ -203,8 +203,8 @@ async fn first_due(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64
             .await
             .ok()?;
         let (rec, _) = decode_delivery(&m.payload).ok()?;
-        if rec.delivery.state == DeliveryState::Pending && !rec.waiting {
-            return Some(rec.delivery.next_due_ms);
+        if rec.delivery.state == DeliveryState::Pending {
+            return Some(rec.event.received_ms);
         }
         start = m.sequence + 1;
     }

@@ -78,6 +78,17 @@ struct Shared<E> {
     fresh: FreshEvents,
     /// The store's [`keys::LEGACY_UNTIL_KEY`] (0: none).
     legacy_until: u64,
+    /// Where the search for each destination's oldest pending delivery starts: no
+    /// delivery of it below is pending. Forgotten by a replay ([`Oldest`]).
+    oldest: Mutex<Oldest>,
+}
+
+/// The oldest pending delivery's search marks, and how many replays forgot them: a
+/// search that began before a replay does not set its mark.
+#[derive(Default)]
+struct Oldest {
+    marks: HashMap<String, u64>,
+    replays: u64,
 }
 
 /// The store over engine `E`.
@@ -166,6 +177,7 @@ impl<E: Engine> KvStore<E> {
             flushed: AtomicU64::new(0),
             fresh: FreshEvents::default(),
             legacy_until,
+            oldest: Mutex::default(),
         });
         let (tx, rx) = mpsc::channel::<(Job, Urgency)>();
         let s2 = shared.clone();
@@ -462,7 +474,52 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
-        self.submit(move |w| w.replay(which)).await
+        let n = self.submit(move |w| w.replay(which)).await?;
+        if n > 0 {
+            // A dead delivery below a mark is pending again: search from the start.
+            let mut oldest = self.shared.oldest.lock().unwrap();
+            oldest.marks.clear();
+            oldest.replays += 1;
+        }
+        Ok(n)
+    }
+
+    /// The delivery records in sequence order from the destination's mark: the first one
+    /// pending is the oldest, and the mark moves up to it. Each record is passed once
+    /// (until a replay), so the reads cost about one record per delivery.
+    async fn oldest_pending(&self, destination: &str) -> Result<Option<u64>, StoreError> {
+        let (replays, mark) = {
+            let oldest = self.shared.oldest.lock().unwrap();
+            (
+                oldest.replays,
+                oldest.marks.get(destination).copied().unwrap_or(0),
+            )
+        };
+        let (mut found, mut last) = (None, None);
+        self.shared
+            .engine
+            .scan_from(b"l/", &key(&[b"l/", &be(mark)]), &mut |k, v| {
+                let seq = read_u64(&k[2..10]);
+                last = Some(seq);
+                let pending = &k[10..] == destination.as_bytes()
+                    && decode_delivery(v).is_ok_and(|d| d.state == DeliveryState::Pending);
+                if pending {
+                    found = Some(seq);
+                }
+                Ok(!pending)
+            })?;
+        // Sequence numbers only grow: none of this destination up to `last` was pending.
+        let next = found.or(last.map(|l| l + 1)).unwrap_or(mark);
+        {
+            let mut oldest = self.shared.oldest.lock().unwrap();
+            if oldest.replays == replays {
+                oldest.marks.insert(destination.to_string(), next);
+            }
+        }
+        match found {
+            Some(seq) => Ok(self.shared.meta(seq)?.map(|m| m.received_ms)),
+            None => Ok(None),
+        }
     }
 
     async fn lookup(&self, id: &str) -> Result<Vec<EventView>, StoreError> {

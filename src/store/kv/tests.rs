@@ -303,6 +303,76 @@ async fn queue_counts_survive_close_and_crash() {
     }
 }
 
+/// The oldest pending delivery is the one whose event came first, whenever it is due: a
+/// retry waiting out its backoff still counts; a delivered one stops counting; a replayed
+/// one counts again, on every engine.
+#[tokio::test]
+async fn the_oldest_pending_is_by_receipt_not_by_due_time() {
+    for (name, open) in ENGINES {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).unwrap();
+        let mut seqs = Vec::new();
+        let mut received = Vec::new();
+        for (i, ago) in [50_000, 10_000].into_iter().enumerate() {
+            let mut e = ev(&format!("old{i}"), &["a", "b"]);
+            e.received_ms -= ago;
+            received.push(e.received_ms);
+            let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+                panic!()
+            };
+            seqs.push(seq);
+        }
+        let key = |i: usize| DeliveryKey {
+            seq: seqs[i],
+            destination: "a".into(),
+        };
+        assert_eq!(
+            st.oldest_pending("a").await.unwrap(),
+            Some(received[0]),
+            "{name}"
+        );
+        let later = Outcome::Retry {
+            due_ms: now_ms() + 60_000,
+            status: Some(503),
+            error: "HTTP 503".into(),
+        };
+        st.record(&key(0), later).await.unwrap();
+        assert_eq!(
+            st.oldest_pending("a").await.unwrap(),
+            Some(received[0]),
+            "{name}: retrying, still the oldest"
+        );
+        st.record(&key(0), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        assert_eq!(
+            st.oldest_pending("a").await.unwrap(),
+            Some(received[1]),
+            "{name}"
+        );
+        refused(st.as_ref(), seqs[1], "a").await;
+        assert_eq!(
+            st.oldest_pending("a").await.unwrap(),
+            None,
+            "{name}: none pending"
+        );
+        assert_eq!(
+            st.oldest_pending("b").await.unwrap(),
+            Some(received[0]),
+            "{name}: another destination's own"
+        );
+        st.replay(ReplaySelector::Destination("a".into()))
+            .await
+            .unwrap();
+        assert_eq!(
+            st.oldest_pending("a").await.unwrap(),
+            Some(received[1]),
+            "{name}: replayed, pending again"
+        );
+        st.close().await.unwrap();
+    }
+}
+
 /// A recount (sled after a crash, redb when marked) counts the deliveries waiting in an
 /// order key's line behind its head, not only the due queue.
 #[tokio::test]
