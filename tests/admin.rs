@@ -8,7 +8,7 @@ use std::process::Command;
 use hookrelay::store::{DeliveryKey, Outcome};
 use http::Method;
 use std::time::Duration;
-use support::{fixture, send, RelayProcess, TestRelay, WAIT};
+use support::{fixture, metric, send, RelayProcess, TestRelay, WAIT};
 
 const CONFIG: &str = r#"
 [server]
@@ -271,17 +271,6 @@ async fn event_lookup_dead_list_and_replay() {
     }
     let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
     assert_eq!(a.json().as_array().unwrap().len(), 0);
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test]

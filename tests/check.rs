@@ -200,6 +200,15 @@ fn unknown_key_is_an_error() {
 }
 
 #[test]
+fn an_unknown_key_inside_an_inline_table_is_an_error() {
+    let t = BASE.replace(
+        "event_id = [\"$.payload.eventId\"]",
+        "event_id = [\"$.payload.eventId\"]\nauth = { kind = \"header\", header = \"X-Key\", value = \"k\", vaule = \"k\" }",
+    );
+    rejects(&t, "sources[0].auth", "unknown field `vaule`");
+}
+
+#[test]
 fn unset_variable_is_named() {
     let t = BASE.replace(
         "token_secret = \"t\"",

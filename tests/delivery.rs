@@ -178,18 +178,18 @@ to = ["calls", "analytics"]
 }
 
 #[tokio::test]
-async fn retries_5xx_with_growing_delays_counting_attempts() {
+async fn retries_5xx_and_408_with_growing_delays_counting_attempts() {
     let sink = Sink::start(
-        vec![Reply::status(503), Reply::status(500)],
+        vec![Reply::status(503), Reply::status(500), Reply::status(408)],
         Reply::status(200),
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let relay = start_relay(dir.path(), &one_destination(&sink.url("/x"), "")).await;
     let id = post_open(&relay, 1).await;
-    let seen = sink.wait_for(3).await;
+    let seen = sink.wait_for(4).await;
     let attempts: Vec<u32> = seen.iter().map(|s| s.attempt()).collect();
-    assert_eq!(attempts, [1, 2, 3]);
+    assert_eq!(attempts, [1, 2, 3, 4]);
     for s in &seen {
         assert_eq!(s.header("webhook-id"), Some(id.as_str()));
         assert_eq!(s.body, seen[0].body);
@@ -201,8 +201,8 @@ async fn retries_5xx_with_growing_delays_counting_attempts() {
     assert!(gap2 >= Duration::from_millis(75), "{gap2:?}");
     assert!(gap2 < Duration::from_secs(2), "{gap2:?}");
     let d = wait_state(&relay, &id, "d", DeliveryState::Delivered).await;
-    assert_eq!((d.attempts, d.last_status), (3, Some(200)));
-    assert_eq!(sink.seen().len(), 3);
+    assert_eq!((d.attempts, d.last_status), (4, Some(200)));
+    assert_eq!(sink.seen().len(), 4);
     stop_relay(relay).await;
     sink.stop().await;
 }

@@ -133,3 +133,15 @@ pub async fn try_post(
         Err(_) => Err(format!("no answer within {within:?}")),
     }
 }
+
+/// The value of the first line of a metrics text that starts with `line_start`.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,174 @@
+//! The command line as a user runs it: `hookrelay sink` with each of its options, and
+//! `hookrelay serve` found through `HOOKRELAY_CONFIG`, logging JSON lines with
+//! `--log-format json`, counting an event no route takes, and stopping on Ctrl-C (SIGINT).
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::{bin, metric, send};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+/// The next line of `lines`, within 15 s.
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> String {
+    tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .expect("a line within 15 s")
+        .unwrap()
+        .expect("a line before the end")
+}
+
+/// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit; true when it exited 0.
+async fn interrupt(mut child: Child) -> bool {
+    let pid = child.id().expect("still running").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits within 15 s of SIGINT")
+        .unwrap();
+    status.success()
+}
+
+fn piped(
+    command: &mut Command,
+) -> (
+    Child,
+    Lines<BufReader<ChildStdout>>,
+    Lines<BufReader<ChildStderr>>,
+) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let err = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, out, err)
+}
+
+#[tokio::test]
+async fn the_sink_prints_each_request_and_answers_as_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let reply = dir.path().join("reply.json");
+    std::fs::write(&reply, br#"{"next":"hangup"}"#).unwrap();
+    let (child, mut out, mut err) = piped(
+        Command::new(bin())
+            .args(["sink", "--listen", "127.0.0.1:0", "--status", "202"])
+            .args(["--delay", "150ms", "--fail-first", "1", "--reply"])
+            .arg(&reply),
+    );
+    let said = next_line(&mut err).await;
+    let addr = said
+        .strip_prefix("hookrelay sink listening on ")
+        .unwrap_or_else(|| panic!("{said}"));
+    let url = format!("http://{addr}/calls/status?x=1");
+    let headers = [("content-type", "application/json"), ("x-test", "one")];
+
+    let first = send(Method::POST, &url, &headers, br#"{"n":1}"#).await;
+    assert_eq!(first.status, 503, "the first of --fail-first 1");
+    let started = Instant::now();
+    let second = send(Method::POST, &url, &headers, br#"{"n":2}"#).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "--delay 150ms"
+    );
+    assert_eq!(second.status, 202, "--status 202");
+    assert_eq!(&second.body[..], br#"{"next":"hangup"}"#, "--reply FILE");
+    assert_eq!(second.headers["content-type"], "application/json");
+
+    for n in 1..=2 {
+        let line: serde_json::Value = serde_json::from_str(&next_line(&mut out).await).unwrap();
+        assert_eq!(line["method"], "POST");
+        assert_eq!(line["path"], "/calls/status");
+        assert_eq!(line["headers"]["x-test"], "one");
+        assert_eq!(line["body"], format!(r#"{{"n":{n}}}"#));
+    }
+    assert!(interrupt(child).await, "the sink exits 0 on Ctrl-C");
+}
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[[sources]]
+name = "calls"
+path = "/calls"
+event_id = ["$.id"]
+
+[[destinations]]
+name = "ivr"
+url = "http://127.0.0.1:9/ivr"
+
+[[routes]]
+name = "answered"
+source = "calls"
+match = { type = "ANSWERED" }
+to = ["ivr"]
+"#;
+
+#[tokio::test]
+async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    // No routes.toml where it runs: only HOOKRELAY_CONFIG names the file.
+    let (child, mut out, mut err) = piped(
+        Command::new(bin())
+            .args(["--log-format", "json", "serve"])
+            .current_dir(dir.path())
+            .env("HOOKRELAY_CONFIG", &config)
+            .env("HOOKRELAY_LOG", "info"),
+    );
+    let said = next_line(&mut out).await;
+    let word = |p: &str| {
+        said.split_whitespace()
+            .find_map(|w| w.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} in {said:?}"))
+            .to_string()
+    };
+    let (ingress, admin) = (word("ingress="), word("admin="));
+    // Every log line is a JSON object; one of them says it listens.
+    let mut listening = false;
+    for _ in 0..50 {
+        let line = next_line(&mut err).await;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v.is_object(), "{line}");
+        if line.contains("listening") {
+            listening = true;
+            break;
+        }
+    }
+    assert!(listening, "no JSON log line said it was listening");
+
+    // An event that no route takes is answered and counted.
+    let ingress_url = format!("http://{ingress}/calls");
+    let a = send(
+        Method::POST,
+        &ingress_url,
+        &[("content-type", "application/json")],
+        br#"{"id":"c-1","type":"RINGING"}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let metrics = send(Method::GET, &format!("http://{admin}/metrics"), &[], b"").await;
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert_eq!(
+        metric(&text, r#"hookrelay_events_unrouted_total{source="calls"}"#),
+        1.0,
+        "{text}"
+    );
+    assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
+    // The store went where the config file is, not elsewhere.
+    assert!(dir.path().join("data").exists());
+}
