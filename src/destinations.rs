@@ -106,6 +106,17 @@ impl DestinationStatus {
         }
     }
 
+    /// Whether [`gate`](Self::gate) would let an attempt go at `now_ms` (send or probe),
+    /// changing nothing.
+    pub fn would_send(&self, breaker: &Breaker, now_ms: u64) -> bool {
+        match *self.breaker.lock().unwrap() {
+            _ if breaker.failures == 0 => true,
+            BreakerState::Closed => true,
+            BreakerState::Open { until_ms } => now_ms >= until_ms,
+            BreakerState::Probing => false,
+        }
+    }
+
     /// An attempt was delivered (`error` is `None`) or failed with `error`, at `now_ms`;
     /// returns the breaker's change of state, if any.
     pub fn outcome(&self, error: Option<&str>, breaker: &Breaker, now_ms: u64) -> Option<Change> {

@@ -68,21 +68,26 @@ pub async fn call_once(
     if paused {
         return skipped("the destination is paused");
     }
-    // Its scheduler's limits hold for this call too: a slot, then a token, both within the
-    // reply's timeout. (Then the breaker, as the scheduler does: a probe it let through is
-    // made.)
-    let full = timeout;
+    // An open breaker first, before a slot or a token is spent on a call not made.
+    if !status.would_send(&dest.breaker, now_ms()) {
+        return skipped("the destination's breaker is open");
+    }
+    // Its scheduler's limits hold for this call too: a slot, then a token, both while a
+    // quarter of the reply's timeout is left at least (later, a timeout would count
+    // against a destination that is only busy; and a token not taken is not spent).
     let deadline = tokio::time::Instant::now() + timeout;
+    let last_start = deadline - timeout / 4;
     let limits = status.limits();
     let _slot = match &limits {
-        Some(l) => match tokio::time::timeout_at(deadline, l.slots.clone().acquire_owned()).await {
+        Some(l) => match tokio::time::timeout_at(last_start, l.slots.clone().acquire_owned()).await
+        {
             Ok(Ok(p)) => Some(p),
             _ => return skipped("the destination has max_in_flight requests in flight"),
         },
         None => None,
     };
     if let Some(l) = &limits {
-        if tokio::time::timeout_at(deadline, l.limiter.until_ready())
+        if tokio::time::timeout_at(last_start, l.limiter.until_ready())
             .await
             .is_err()
         {
@@ -90,11 +95,7 @@ pub async fn call_once(
         }
     }
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if timeout < full / 4 {
-        // Too late for a fair try: a timeout now would count against a destination that
-        // is only busy.
-        return skipped("the destination had no room until just before the reply timeout");
-    }
+    // Then the breaker's gate, as the scheduler does: a probe it lets through is made.
     let probe = match status.gate(&dest.breaker, now_ms()) {
         Gate::Send => false,
         Gate::Probe => true,
