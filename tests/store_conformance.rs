@@ -949,6 +949,46 @@ async fn a_line_left_behind_by_a_dead_instance_moves_on() {
     st.close().await.unwrap();
 }
 
+/// The oldest pending age counts a delivery waiting out a retry's backoff, which the
+/// server holds for its redelivery and no instance holds: it does not fall to none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_counts_a_delivery_waiting_out_its_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    st.wakeup("w"); // a known destination, as its scheduler makes it
+    let mut e = ev("g1", "x", &["w"]);
+    e.received_ms -= 30_000;
+    let received = e.received_ms;
+    let seq = accepted(st.as_ref(), e).await;
+    due(st.as_ref(), "w", seq).await;
+    let key = DeliveryKey {
+        seq,
+        destination: "w".into(),
+    };
+    let later = Outcome::Retry {
+        due_ms: now_ms() + 60_000,
+        status: Some(503),
+        error: "HTTP 503".into(),
+    };
+    st.record(&key, later).await.unwrap();
+    // Seen by the next count (one a second), then on every read after it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while st.oldest_pending("w").await.unwrap() != Some(received) {
+        assert!(
+            Instant::now() < deadline,
+            "the retrying delivery is not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(st.oldest_pending("w").await.unwrap(), Some(received));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    st.close().await.unwrap();
+}
+
 /// The oldest pending age counts the backlog no instance has taken yet: an instance that
 /// holds none of a destination's deliveries still shows how long its first has been due.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,7 +311,8 @@ pub trait Store: Send + Sync + 'static {
     /// When the event of `destination`'s oldest pending delivery was received, unix ms;
     /// `None` with nothing pending. A read for the admin API and metrics (the oldest
     /// pending age): it changes nothing. Jetstream answers from the deliveries this
-    /// instance holds and the next its destination's consumer hands out.
+    /// instance holds and the first its destination's consumer has not had acknowledged
+    /// (a lower bound: a retry rewrites its delivery's state further on in the stream).
     async fn oldest_pending(&self, destination: &str) -> Result<Option<u64>, StoreError>;
 
     /// The stored event with this sequence number, for a delivery attempt (the embedded

@@ -74,8 +74,8 @@ pub struct JetStreamStore {
     leases: Mutex<HashMap<String, Arc<Leases>>>,
     wakeups: Mutex<HashMap<String, Arc<Notify>>>,
     depths: Arc<Mutex<HashMap<String, u64>>>,
-    /// Each destination's backlog no instance has taken yet: when its first delivery's
-    /// event was received (as of the last count).
+    /// When the event of each destination's first pending delivery that its consumer has
+    /// not had acknowledged was received (as of the last count).
     backlog_oldest: Mutex<HashMap<String, u64>>,
     /// Line entries seen standing for nothing, and when first ([`lines`]).
     orphans: Mutex<HashMap<u64, std::time::Instant>>,

@@ -15,8 +15,8 @@ use super::records::{decode_delivery, untoken};
 use super::{JetStreamStore, DEPTH_EVERY, HEARTBEAT};
 use crate::store::DeliveryState;
 
-/// The most messages read to find a destination's first untaken pending delivery.
-const FIRST_DUE_LOOKS: usize = 16;
+/// The most messages read to find a destination's first unacknowledged pending delivery.
+const FIRST_PENDING_LOOKS: usize = 16;
 
 /// The live members as this instance last counted them, and its place among them.
 pub(super) struct Membership {
@@ -147,7 +147,7 @@ pub(super) async fn watch_pauses(
 }
 
 /// Reads each known destination's queue depth (pending + held) from its consumer, when the
-/// event of the first of its backlog no instance has taken yet was received, and the accepted events no
+/// event of its first pending delivery not acknowledged was received, and the accepted events no
 /// instance has taken to fan out yet from the fan-out's.
 ///
 /// The fan-out's is read first: an event fanned out between the two reads counts twice
@@ -168,9 +168,12 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         let mut backlog = HashMap::new();
         for d in known {
             if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
-                counted.push((d.clone(), info.num_pending + info.num_ack_pending as u64));
-                if info.num_pending > 0 {
-                    let after = info.delivered.stream_sequence + 1;
+                let depth = info.num_pending + info.num_ack_pending as u64;
+                counted.push((d.clone(), depth));
+                if depth > 0 {
+                    // From the first not acknowledged: handed out or not, held, waiting
+                    // out a backoff or behind its key's head.
+                    let after = info.ack_floor.stream_sequence + 1;
                     if let Some(received) = first_pending(&s, &d, after).await {
                         backlog.insert(d, received);
                     }
@@ -192,19 +195,20 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
 }
 
 /// When the event of the first pending delivery to `dest` at or after the stream sequence
-/// `start` (the first its consumer has not handed out) was received: the first of a few
-/// messages (the others are outcomes, which the consumer hands out too).
+/// `start` (its consumer's first not acknowledged) was received: the first of a few
+/// messages (the others are outcomes, which the consumer hands out too, or damaged).
 async fn first_pending(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
     let filter = s.names.deliveries_of(dest);
-    for _ in 0..FIRST_DUE_LOOKS {
+    for _ in 0..FIRST_PENDING_LOOKS {
         let m = s
             .stream
             .get_first_raw_message_by_subject(&filter, start)
             .await
             .ok()?;
-        let (rec, _) = decode_delivery(&m.payload).ok()?;
-        if rec.delivery.state == DeliveryState::Pending {
-            return Some(rec.event.received_ms);
+        if let Ok((rec, _)) = decode_delivery(&m.payload) {
+            if rec.delivery.state == DeliveryState::Pending {
+                return Some(rec.event.received_ms);
+            }
         }
         start = m.sequence + 1;
     }
