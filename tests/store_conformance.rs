@@ -949,6 +949,31 @@ async fn a_line_left_behind_by_a_dead_instance_moves_on() {
     st.close().await.unwrap();
 }
 
+/// A retry due at once is handed out again at once, every time: the lease on its new state
+/// (taken while its outcome was still being written) is kept, not let go for the server to
+/// hand out after its ack wait (6 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_due_at_once_is_due_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    for i in 0..20 {
+        let seq = accepted(st.as_ref(), ev(&format!("now{i}"), "x", &["w"])).await;
+        due(st.as_ref(), "w", seq).await;
+        let now = Outcome::Retry {
+            due_ms: now_ms(),
+            status: Some(503),
+            error: "HTTP 503".into(),
+        };
+        st.record(&key(seq, "w"), now).await.unwrap();
+        due_within(st.as_ref(), "w", seq, Duration::from_secs(3)).await;
+        st.record(&key(seq, "w"), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+    }
+    st.close().await.unwrap();
+}
+
 /// The oldest pending age counts a delivery waiting out a retry's backoff, which the
 /// server holds for its redelivery and no instance holds: it does not fall to none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,8 +103,16 @@ impl Leases {
         Some((l.state_seq, l.rec.clone(), l.body.clone()))
     }
 
-    pub fn take(&self, seq: u64) -> Option<Lease> {
-        let l = self.held.lock().unwrap().remove(&seq);
+    /// Lets go of the lease held for `seq`, if it is still the one on the state at
+    /// `state_seq`: a retry due at once may already be held again on its new state, which
+    /// must stay held (and renewed).
+    pub fn take_if(&self, seq: u64, state_seq: u64) -> Option<Lease> {
+        let mut held = self.held.lock().unwrap();
+        if held.get(&seq)?.state_seq != state_seq {
+            return None;
+        }
+        let l = held.remove(&seq);
+        drop(held);
         self.freed.notify_one();
         l
     }

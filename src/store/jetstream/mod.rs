@@ -487,7 +487,7 @@ impl Store for JetStreamStore {
                 // No ack: the write replaced the held message on its subject (one message
                 // per subject), and the server settles a pending message it removes as if
                 // acked. An ack now would be one more operation per delivery for nothing.
-                leases.take(key.seq);
+                leases.take_if(key.seq, state_seq);
                 self.advance_after(&rec, matches!(w, Written::Stored { .. }))
                     .await;
                 Ok(())
