@@ -1094,6 +1094,37 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
     st.close().await.unwrap();
 }
 
+/// A damaged line entry at the head of a key's line is let go at once: it held back the
+/// key, and the whole event's fan-out (its other destinations too) was tried again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_line_entry_holds_nothing_back() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let hash: String = sha2::Sha256::digest(b"K")[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.publish(format!("c.o.n-r.{hash}.00000000deadbeef"), "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let k0 = accepted(
+        st.as_ref(),
+        NewEvent {
+            order_keys: vec![Some("K".into()), None],
+            ..ev("k0", "o", &["r", "u"])
+        },
+    )
+    .await;
+    due_within(st.as_ref(), "u", k0, Duration::from_secs(5)).await;
+    due_within(st.as_ref(), "r", k0, Duration::from_secs(5)).await;
+    st.close().await.unwrap();
+}
+
 /// An accept that fails after writing its line entries (here its event is larger than the
 /// server takes) deletes them at once: the key's next event is not held back for the
 /// 10 s an orphan entry waits.

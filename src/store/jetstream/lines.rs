@@ -53,6 +53,8 @@ const ORPHAN_AFTER: Duration = Duration::from_secs(10);
 /// The longest an accept may take to write its entries before it writes the event; slower,
 /// it deletes them and answers 503.
 const ENTRIES_FRESH: Duration = Duration::from_secs(4);
+/// The most damaged entries one read of a line's head lets go before it gives up.
+const DAMAGED_LET_GO: usize = 16;
 /// Past this many entries seen standing for nothing, the ones seen long ago are forgotten.
 const ORPHANS_KEPT: usize = 4_096;
 
@@ -88,23 +90,37 @@ pub(super) fn end_entry(pos: u64, e: &str) -> Bytes {
 }
 
 impl JetStreamStore {
-    /// The first entry of `key`'s line to `dest`: (its sequence, slot, payload).
+    /// The first entry of `key`'s line to `dest`: (its sequence, slot, payload). A damaged
+    /// entry is let go (as one standing for nothing is, and its delivery, if any, rejoins
+    /// at the end): it would hold the key's line, and every fan-out of its events, forever.
     pub(super) async fn head(
         &self,
         dest: &str,
         key: &str,
     ) -> Result<Option<(u64, String, LineEntry)>, StoreError> {
         let line = self.names.line(dest, key);
-        match self.stream.get_first_raw_message_by_subject(&line, 1).await {
-            Ok(m) => {
-                let entry = LineEntry::decode(&m.payload)?;
-                Ok(Some((m.sequence, slot_of(&m.subject).to_string(), entry)))
+        for _ in 0..DAMAGED_LET_GO {
+            match self.stream.get_first_raw_message_by_subject(&line, 1).await {
+                Ok(m) => match LineEntry::decode(&m.payload) {
+                    Ok(entry) => {
+                        return Ok(Some((m.sequence, slot_of(&m.subject).to_string(), entry)))
+                    }
+                    Err(e) => {
+                        warn!(destination = %dest, seq = m.sequence, error = %e, "a damaged order line entry; let go");
+                        self.delete_entry(m.sequence).await?;
+                    }
+                },
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "reading the head of {line}: {e}"
+                    )))
+                }
             }
-            Err(e) if not_found(&e) => Ok(None),
-            Err(e) => Err(StoreError::Unavailable(format!(
-                "reading the head of {line}: {e}"
-            ))),
         }
+        Err(StoreError::Corrupt(format!(
+            "the first {DAMAGED_LET_GO} entries of {line} were damaged"
+        )))
     }
 
     /// What the entry `slot` of a line to `dest` (its event part `e`) stands for.
@@ -226,7 +242,17 @@ impl JetStreamStore {
             let Some((entry_seq, slot, entry)) = self.head(dest, key).await? else {
                 return Ok(());
             };
-            match self.stands_for(dest, &slot, &entry.e).await? {
+            let stands = match self.stands_for(dest, &slot, &entry.e).await {
+                // Its delivery's state or event cannot be read: it can never be sent (the
+                // puller sets such a state aside), so it holds nothing back.
+                Err(StoreError::Corrupt(e)) => {
+                    warn!(destination = %dest, seq = entry_seq, error = %e, "an order line entry whose delivery is damaged; let go");
+                    self.delete_entry(entry_seq).await?;
+                    continue;
+                }
+                other => other?,
+            };
+            match stands {
                 // Not fanned out yet: the fan-out moves the line on once it is.
                 Stands::Unfanned => return Ok(()),
                 Stands::Nothing => {
