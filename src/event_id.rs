@@ -46,8 +46,8 @@ impl IdPath {
         self.members.as_deref()
     }
 
-    /// Appends what this path finds in `event` to `out`; returns whether it found anything.
-    fn find_into(&self, event: &Value, out: &mut String) -> bool {
+    /// Adds each value this path finds in `event` to `out`; returns whether it found any.
+    fn find_into(&self, event: &Value, out: &mut Vec<String>) -> bool {
         if let Some(members) = &self.members {
             let mut v = event;
             for m in members {
@@ -63,9 +63,6 @@ impl IdPath {
         };
         let mut any = false;
         for r in found {
-            if any {
-                out.push(SEPARATOR);
-            }
             any |= push_value(r.val, out);
         }
         any
@@ -84,34 +81,58 @@ fn plain_members(text: &str) -> Option<Vec<String>> {
     ok.then_some(parts)
 }
 
-fn push_value(v: &Value, out: &mut String) -> bool {
+/// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` is no value.
+fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
     match v {
-        Value::Null => false,
-        Value::String(s) => {
-            out.push_str(s);
-            true
-        }
-        other => {
-            out.push_str(&other.to_string());
-            true
-        }
+        Value::Null => return false,
+        Value::String(s) => out.push(s.clone()),
+        other => out.push(other.to_string()),
     }
+    true
 }
 
-/// The values `paths` find in `event`, joined with [`SEPARATOR`]; `None` when none finds one.
-/// Event ids and `order_by` keys are made this way.
-pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
-    let mut out = String::new();
-    for p in paths {
-        let mark = out.len();
-        if !out.is_empty() {
+/// One value as it is; several joined with [`SEPARATOR`], each with `\` and the separator
+/// escaped (`\\`, `\:`), so that different values never join the same (`a:b` + `c` and
+/// `a` + `b:c`).
+fn join(mut parts: Vec<String>) -> Option<String> {
+    if parts.len() <= 1 {
+        return parts.pop();
+    }
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
             out.push(SEPARATOR);
         }
-        if !p.find_into(event, &mut out) {
-            out.truncate(mark);
+        for c in p.chars() {
+            if c == '\\' || c == SEPARATOR {
+                out.push('\\');
+            }
+            out.push(c);
         }
     }
-    (!out.is_empty()).then_some(out)
+    Some(out)
+}
+
+/// The values `paths` find in `event`, joined ([`join`]); `None` when none finds one. Event
+/// ids are made this way.
+pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in paths {
+        p.find_into(event, &mut parts);
+    }
+    join(parts)
+}
+
+/// An `order_by` key: the values `paths` find in `event`, joined; `None` (not ordered) when
+/// a path finds none, so that events missing part of the key do not share one line.
+pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in paths {
+        if !p.find_into(event, &mut parts) {
+            return None;
+        }
+    }
+    join(parts)
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -156,6 +177,34 @@ mod tests {
             none,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn joined_values_never_run_together() {
+        let p = paths(&["$.a", "$.b"]);
+        let one = event_id(&p, &json!({"a":"x:y","b":"z"}), b"1");
+        let two = event_id(&p, &json!({"a":"x","b":"y:z"}), b"2");
+        assert_ne!(one, two);
+        assert_eq!(one, r"x\:y:z");
+        // A single value stays as it is.
+        assert_eq!(
+            event_id(&paths(&["$.a"]), &json!({"a":"urn:x"}), b""),
+            "urn:x"
+        );
+        // A null among several values found is no value (no empty part).
+        let many = paths(&["$.p[*]"]);
+        assert_eq!(event_id(&many, &json!({"p":["a",null,"b"]}), b""), "a:b");
+        assert_eq!(event_id(&many, &json!({"p":["a",null]}), b""), "a");
+    }
+
+    #[test]
+    fn an_order_key_needs_every_part() {
+        let p = paths(&["$.schema", "$.data.id"]);
+        assert_eq!(
+            order_key(&p, &json!({"schema":"dids","data":{"id":7}})).as_deref(),
+            Some("dids:7")
+        );
+        assert_eq!(order_key(&p, &json!({"schema":"sms_enablement"})), None);
     }
 
     #[test]

@@ -41,8 +41,9 @@ impl Matcher {
             return false;
         };
         match (&self.accept, v) {
-            (_, Value::Null) => false,
+            // "*": any present value, `null` too (the contract's words).
             (Accept::Any, _) => true,
+            (_, Value::Null) => false,
             (Accept::OneOf(set), Value::String(s)) => set.iter().any(|x| x == s),
             (Accept::OneOf(set), Value::Number(n)) => {
                 let text = n.to_string();
@@ -112,7 +113,8 @@ mod tests {
         );
         assert!(Matcher::new("eventType".into(), vec!["*".into()]).matches(&ev));
         assert!(!Matcher::new("missing".into(), vec!["*".into()]).matches(&ev));
-        assert!(!Matcher::new("z".into(), vec!["*".into()]).matches(&ev));
+        assert!(Matcher::new("z".into(), vec!["*".into()]).matches(&ev));
+        assert!(!Matcher::new("z".into(), vec!["null".into()]).matches(&ev));
         assert!(Matcher::new("n".into(), vec!["3".into()]).matches(&ev));
     }
 

@@ -177,6 +177,46 @@ to = ["calls", "analytics"]
     analytics.stop().await;
 }
 
+/// An id a header cannot carry as it is (here not ASCII) still reaches the destination as
+/// its `webhook-id`, percent-encoded, and the signature is over that same header value, so
+/// a Standard Webhooks receiver verifies it. (It went without `webhook-id`, signed over the
+/// raw id: every such delivery failed verification.)
+#[tokio::test]
+async fn an_id_a_header_cannot_carry_is_sent_encoded_and_signed_as_sent() {
+    let sink = Sink::always(200).await;
+    let key = b"a signing key of 32 bytes, random";
+    let toml = config(&format!(
+        r#"
+[[destinations]]
+name = "calls"
+url = "{}"
+sign = {{ secret = "whsec_{}" }}
+
+[[routes]]
+name = "voice"
+source = "voice"
+to = ["calls"]
+"#,
+        sink.url("/hooks"),
+        STANDARD.encode(key),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(dir.path(), &toml).await;
+    let body = r#"{"payload":{"eventId":"évt 1"}}"#.as_bytes();
+    let (status, v) = post(&relay, "/8x8/voice", "application/json", body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["id"], "évt 1", "the event keeps its id");
+    let seen = sink.wait_for(1).await.remove(0);
+    assert_eq!(seen.header("webhook-id"), Some("%C3%A9vt%201"));
+    let ts = seen.header("webhook-timestamp").unwrap();
+    assert_eq!(
+        seen.header("webhook-signature").unwrap(),
+        expected_signature(key, "%C3%A9vt%201", ts, body)
+    );
+    stop_relay(relay).await;
+    sink.stop().await;
+}
+
 #[tokio::test]
 async fn retries_5xx_and_408_with_growing_delays_counting_attempts() {
     let sink = Sink::start(

@@ -89,18 +89,14 @@ pub fn build_request(
             h.remove(CONTENT_TYPE);
         }
     }
-    // Ids come from the body; one that cannot be a header value is sent without it.
-    if let Ok(v) = HeaderValue::from_str(&event.id) {
+    // Ids come from the body: sent (and signed) in a form a header can carry.
+    let id = header_id(&event.id);
+    if let Ok(v) = HeaderValue::from_str(&id) {
         h.insert(WEBHOOK_ID, v);
     }
     h.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
     if let Some(secret) = &dest.sign {
-        let sig = signature::sign(
-            secret.expose(),
-            &event.id,
-            &timestamp.to_string(),
-            &event.body,
-        );
+        let sig = signature::sign(secret.expose(), &id, &timestamp.to_string(), &event.body);
         if let Ok(mut v) = HeaderValue::from_str(&sig) {
             v.set_sensitive(true);
             h.insert(WEBHOOK_SIGNATURE, v);
@@ -111,6 +107,27 @@ pub fn build_request(
     }
     h.insert(X_ATTEMPT, HeaderValue::from(attempt));
     req
+}
+
+/// The longest `webhook-id` sent as the id itself.
+const MAX_HEADER_ID: usize = 256;
+
+/// The event id as its `webhook-id` header (and the signature's message id): as it is when
+/// a header carries it unchanged (visible ASCII, at most [`MAX_HEADER_ID`] bytes); else
+/// percent-encoded (non-ASCII, spaces, controls, `%`), or, still longer, `sha256:` and the
+/// hex SHA-256 of the id. The same id always gives the same header.
+pub fn header_id(id: &str) -> std::borrow::Cow<'_, str> {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+    let plain = |b: u8| b.is_ascii_graphic();
+    if !id.is_empty() && id.len() <= MAX_HEADER_ID && id.bytes().all(plain) {
+        return id.into();
+    }
+    const NOT_PLAIN: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
+    let encoded = utf8_percent_encode(id, NOT_PLAIN).to_string();
+    if !encoded.is_empty() && encoded.len() <= MAX_HEADER_ID {
+        return encoded.into();
+    }
+    format!("sha256:{}", crate::event_id::body_hash(id.as_bytes())).into()
 }
 
 /// The error and its causes, joined (hyper's own message alone says little).
@@ -182,5 +199,26 @@ pub async fn send_once(
     match tokio::time::timeout(timeout, call).await {
         Ok(r) => r,
         Err(_) => Err(SendError::Timeout(timeout)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_id;
+
+    #[test]
+    fn a_header_id_is_the_id_when_a_header_carries_it() {
+        assert_eq!(
+            header_id("eb0fc709-9693-11ea-454d-1705dde98182"),
+            "eb0fc709-9693-11ea-454d-1705dde98182"
+        );
+        assert_eq!(header_id("dids:update:48213"), "dids:update:48213");
+        assert_eq!(header_id("évt 1"), "%C3%A9vt%201");
+        assert_eq!(header_id(" a\n"), "%20a%0A");
+        let long = "x".repeat(300);
+        let h = header_id(&long);
+        assert!(h.starts_with("sha256:") && h.len() == 71, "{h}");
+        assert_eq!(header_id(&long), h, "always the same");
+        assert_eq!(header_id(&"x".repeat(256)), "x".repeat(256));
     }
 }

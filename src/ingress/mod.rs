@@ -306,7 +306,7 @@ fn routed(
         fanout
             .via
             .iter()
-            .map(|&ri| crate::event_id::joined(&config.routes[ri].order_by, &wrapped[0]))
+            .map(|&ri| crate::event_id::order_key(&config.routes[ri].order_by, &wrapped[0]))
             .collect()
     } else {
         Vec::new()
