@@ -85,15 +85,20 @@ impl<'de> DeserializeSeed<'de> for &Needed {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         match self {
-            Needed::All => Value::deserialize(d),
-            Needed::Members(m) => d.deserialize_any(Keep(m)),
+            // Not serde_json's own `Value`: with the `raw_value` feature (the admin API's
+            // body view) it reads an object whose key is serde_json's private raw-value
+            // token as the JSON its string holds, and a body would route as something it
+            // is not, differently with and without a `filter` on the source.
+            Needed::All => d.deserialize_any(Keep(None)),
+            Needed::Members(m) => d.deserialize_any(Keep(Some(m))),
         }
     }
 }
 
 /// Builds what serde_json's own `Value` would, except that an object keeps only the
-/// members asked for (the others are read and dropped without being built).
-struct Keep<'a>(&'a BTreeMap<String, Needed>);
+/// members asked for (`None`: all; the others are read and dropped without being built),
+/// and that every key is only a key.
+struct Keep<'a>(Option<&'a BTreeMap<String, Needed>>);
 
 impl<'de> Visitor<'de> for Keep<'_> {
     type Value = Value;
@@ -124,7 +129,7 @@ impl<'de> Visitor<'de> for Keep<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element::<Value>()? {
+        while let Some(v) = seq.next_element_seed(&Needed::All)? {
             out.push(v);
         }
         Ok(Value::Array(out))
@@ -132,7 +137,11 @@ impl<'de> Visitor<'de> for Keep<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = Map::new();
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
-            match self.0.get(&*k) {
+            let needed = match self.0 {
+                None => Some(&Needed::All),
+                Some(members) => members.get(&*k),
+            };
+            match needed {
                 Some(n) => {
                     let v = map.next_value_seed(n)?;
                     out.insert(k.into_owned(), v); // a repeated key: the last one wins
@@ -223,6 +232,22 @@ impl<'de> Deserialize<'de> for Key<'de> {
 mod tests {
     use super::*;
     use crate::event_id::{joined, IdPath};
+
+    #[test]
+    fn every_key_is_only_a_key() {
+        // serde_json's private raw-value token as a key: a key like any other, whether the
+        // whole tree is built or only some members.
+        let body = br#"{"$serde_json::private::RawValue":"{\"eventType\":\"CALL_ACTION\"}","n":[{"$serde_json::private::RawValue":"1"}]}"#;
+        let whole = Needed::All.parse(body).unwrap();
+        assert_eq!(whole["eventType"], Value::Null, "{whole}");
+        assert_eq!(
+            whole["$serde_json::private::RawValue"],
+            "{\"eventType\":\"CALL_ACTION\"}"
+        );
+        assert_eq!(whole["n"][0]["$serde_json::private::RawValue"], "1");
+        let (some, _) = needed(&["$.eventType"]);
+        assert_eq!(some.parse(body).unwrap()["eventType"], Value::Null);
+    }
 
     fn needed(paths: &[&str]) -> (Needed, Vec<IdPath>) {
         let paths: Vec<IdPath> = paths.iter().map(|p| IdPath::compile(p).unwrap()).collect();

@@ -477,11 +477,13 @@ pub fn parse_event(source: &Source, body: &[u8]) -> Result<Value, ApiError> {
         let Some(Value::String(text)) = event.get(field) else {
             continue;
         };
-        let decoded: Value = serde_json::from_str(text).map_err(|e| {
-            ApiError::bad_json(format!(
-                "field {field:?} is a string but not valid JSON: {e}"
-            ))
-        })?;
+        let decoded: Value = crate::needed::Needed::All
+            .parse(text.as_bytes())
+            .map_err(|e| {
+                ApiError::bad_json(format!(
+                    "field {field:?} is a string but not valid JSON: {e}"
+                ))
+            })?;
         event[field] = decoded;
     }
     // After decoding: a `decode_json` field's text is searched as the JSON it holds.
