@@ -1058,23 +1058,15 @@ async fn the_oldest_pending_counts_the_backlog_no_instance_holds() {
 /// let go. The waiting delivery behind it checks its line 5 and 15 s after its fan-out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_event_never_came_is_let_go_once_old() {
-    use sha2::Digest;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
-    // The line of key K to `r`: `c.o.n-r.<16 hex digits of SHA-256 of K>.*`.
-    let hash: String = sha2::Sha256::digest(b"K")[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let minute_ago = now_ms() - 60_000;
-    let orphan = format!(r#"{{"e":"0000000000000000.0000000000000000","ms":{minute_ago}}}"#);
-    js.publish(format!("c.o.n-r.{hash}.00000000deadbeef"), orphan.into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    put_line_entry(
+        &nats,
+        &format!(r#"{{"e":"0000000000000000.0000000000000000","ms":{minute_ago}}}"#),
+    )
+    .await;
     let k0 = accepted(
         st.as_ref(),
         NewEvent {
@@ -1094,24 +1086,33 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
     st.close().await.unwrap();
 }
 
-/// A damaged line entry at the head of a key's line is let go at once: it held back the
-/// key, and the whole event's fan-out (its other destinations too) was tried again forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_line_entry_holds_nothing_back() {
+/// Puts `payload` first in the line of key `K` to destination `r` (stream prefix `c`):
+/// `c.o.n-r.<16 hex digits of SHA-256 of K>.<slot>`, as if an accept had written it.
+async fn put_line_entry(nats: &NatsServer, payload: &str) {
     use sha2::Digest;
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start(dir.path()).await;
-    let st = jetstream(dir.path(), &nats).await;
     let hash: String = sha2::Sha256::digest(b"K")[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    js.publish(format!("c.o.n-r.{hash}.00000000deadbeef"), "x".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    js.publish(
+        format!("c.o.n-r.{hash}.00000000deadbeef"),
+        payload.to_string().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// A damaged line entry at the head of a key's line is let go at once: it held back the
+/// key, and the whole event's fan-out (its other destinations too) was tried again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_line_entry_holds_nothing_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    put_line_entry(&nats, "x").await;
     let k0 = accepted(
         st.as_ref(),
         NewEvent {
