@@ -1,7 +1,7 @@
 //! The compiled rules of a route: `match` and `filter`.
 //!
 //! A [`Matcher`] compares one top-level field of the event with a string, a set of strings
-//! or `"*"` (any present, non-null value). A [`Filter`] is an RFC 9535 filter expression
+//! or `"*"` (any present value). A number is compared by value (`"200"` matches `200.0`). A [`Filter`] is an RFC 9535 filter expression
 //! compiled once as `$[?<expr>]` and run over a one-element array holding the event,
 //! because a JSONPath filter selects children, not the node itself.
 
@@ -47,7 +47,10 @@ impl Matcher {
             (Accept::OneOf(set), Value::String(s)) => set.iter().any(|x| x == s),
             (Accept::OneOf(set), Value::Number(n)) => {
                 let text = n.to_string();
+                // By value when not as written: `200.0` and `2e2` are 200.
                 set.contains(&text)
+                    || n.as_f64()
+                        .is_some_and(|x| set.iter().any(|v| v.parse::<f64>().is_ok_and(|y| y == x)))
             }
             (Accept::OneOf(set), Value::Bool(b)) => {
                 let text = if *b { "true" } else { "false" };
@@ -116,6 +119,12 @@ mod tests {
         assert!(Matcher::new("z".into(), vec!["*".into()]).matches(&ev));
         assert!(!Matcher::new("z".into(), vec!["null".into()]).matches(&ev));
         assert!(Matcher::new("n".into(), vec!["3".into()]).matches(&ev));
+        for written in ["200.0", "2e2", "200"] {
+            let ev: Value = serde_json::from_str(&format!(r#"{{"sipCode":{written}}}"#)).unwrap();
+            let m = |v: &str| Matcher::new("sipCode".into(), vec![v.into()]).matches(&ev);
+            assert!(m("200") && m("200.0"), "{written}");
+            assert!(!m("201") && !m("2000"), "{written}");
+        }
     }
 
     #[test]
