@@ -80,10 +80,13 @@ impl App {
 
     /// Puts `config` in force for every request that starts from now on.
     pub fn swap_config(&self, config: Config) {
-        for d in &config.destinations {
-            self.metrics.announce_destination(&d.name);
-        }
+        let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
         self.live.swap(config);
+        // After the swap: a scrape between the two, reading the old config, would take a
+        // new destination's zero series out again.
+        for name in &names {
+            self.metrics.announce_destination(name);
+        }
     }
 
     /// Re-reads the config file; on success swaps it in and returns the routing table.

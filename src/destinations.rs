@@ -49,10 +49,16 @@ pub struct DestinationStatus {
 enum BreakerState {
     #[default]
     Closed,
-    /// Nothing is sent before this time (ms).
-    Open { until_ms: u64 },
+    /// Opened at this time (ms): nothing is sent for the breaker's `cool_down` in force
+    /// (a reload that shortens it applies to a breaker already open).
+    Open { since_ms: u64 },
     /// One attempt is out to probe the destination.
     Probing,
+}
+
+/// When a breaker opened at `since_ms` lets a probe go.
+fn reopens(since_ms: u64, breaker: &Breaker) -> u64 {
+    since_ms.saturating_add(breaker.cool_down.as_millis() as u64)
 }
 
 /// What the breaker lets the scheduler do now.
@@ -97,7 +103,9 @@ impl DestinationStatus {
                 Gate::Send
             }
             BreakerState::Closed => Gate::Send,
-            BreakerState::Open { until_ms } if now_ms < until_ms => Gate::WaitUntil(until_ms),
+            BreakerState::Open { since_ms } if now_ms < reopens(since_ms, breaker) => {
+                Gate::WaitUntil(reopens(since_ms, breaker))
+            }
             BreakerState::Open { .. } => {
                 *state = BreakerState::Probing;
                 Gate::Probe
@@ -112,7 +120,7 @@ impl DestinationStatus {
         match *self.breaker.lock().unwrap() {
             _ if breaker.failures == 0 => true,
             BreakerState::Closed => true,
-            BreakerState::Open { until_ms } => now_ms >= until_ms,
+            BreakerState::Open { since_ms } => now_ms >= reopens(since_ms, breaker),
             BreakerState::Probing => false,
         }
     }
@@ -128,9 +136,7 @@ impl DestinationStatus {
             return (was != BreakerState::Closed).then_some(Change::Closed);
         };
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let open = BreakerState::Open {
-            until_ms: now_ms.saturating_add(breaker.cool_down.as_millis() as u64),
-        };
+        let open = BreakerState::Open { since_ms: now_ms };
         match *state {
             _ if breaker.failures == 0 => None,
             BreakerState::Probing => {
@@ -149,7 +155,7 @@ impl DestinationStatus {
     pub fn probe_abandoned(&self) {
         let mut state = self.breaker.lock().unwrap();
         if *state == BreakerState::Probing {
-            *state = BreakerState::Open { until_ms: 0 };
+            *state = BreakerState::Open { since_ms: 0 };
             self.probe_released.notify_one();
         }
     }
@@ -231,6 +237,26 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_reloaded_cool_down_applies_to_a_breaker_already_open() {
+        let hour = Breaker {
+            failures: 1,
+            cool_down: Duration::from_secs(3600),
+        };
+        let s = DestinationStatus::default();
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), &hour, 1000),
+            Some(Change::Opened)
+        );
+        assert_eq!(s.gate(&hour, 2000), Gate::WaitUntil(3_601_000));
+        let second = Breaker {
+            cool_down: Duration::from_secs(1),
+            ..hour
+        };
+        assert!(s.would_send(&second, 2000));
+        assert_eq!(s.gate(&second, 2000), Gate::Probe);
+    }
 
     #[test]
     fn opens_after_n_failures_waits_probes_once_and_closes_on_success() {

@@ -40,6 +40,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Not waiting on blocking work still under way (a store still opening when SIGTERM
+    // came): cut off, it is as safe as a SIGKILL, which the store is made for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => code,
         Err(e) => {

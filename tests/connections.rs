@@ -85,6 +85,41 @@ async fn half_an_http2_preface_does_not_hold_a_connection() {
     );
 }
 
+/// An HTTP/2 client that sends no request but PINGs again and again is closed all the same
+/// (the relay's PING acknowledgements counted as activity, and kept it open for ever).
+#[tokio::test]
+async fn an_http2_connection_that_only_pings_is_closed() {
+    let r = TestRelay::start(&config(100)).await;
+    let s = TcpStream::connect(r.addr()).await.unwrap();
+    let (mut read, mut write) = s.into_split();
+    // The preface, an empty SETTINGS frame, then a PING every 300 ms.
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let pinging = tokio::spawn(async move {
+        let ping = b"\0\0\x08\x06\0\0\0\0\0pingping";
+        for _ in 0..100 {
+            if write.write_all(ping).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(CLOSE_WITHIN, read.read(&mut buf)).await {
+            Err(_) => panic!("a connection that only pings was kept for {CLOSE_WITHIN:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(_)) => {} // SETTINGS, PING acknowledgements, a GOAWAY
+        }
+    }
+    let after = started.elapsed();
+    assert!(after < 3 * READ_TIMEOUT, "closed after {after:?}");
+    pinging.abort();
+}
+
 #[tokio::test]
 async fn silent_connections_do_not_hold_every_slot() {
     let r = TestRelay::start(&config(4)).await;

@@ -217,6 +217,31 @@ to = ["calls"]
     sink.stop().await;
 }
 
+/// A reload that raises a destination's rate applies to the delivery already waiting for a
+/// token of the old one (it waited out the old rate: here 20 s).
+#[tokio::test]
+async fn a_reloaded_rate_applies_to_a_delivery_waiting_for_a_token() {
+    let sink = Sink::always(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let slow = one_destination(&sink.url("/x"), "rate = { per_second = 0.05, burst = 1 }");
+    let relay = start_relay(dir.path(), &slow).await;
+    post_open(&relay, 1).await;
+    post_open(&relay, 2).await;
+    sink.wait_for(1).await;
+    let fast = one_destination(&sink.url("/x"), "rate = { per_second = 100, burst = 1 }");
+    std::fs::write(dir.path().join("routes.toml"), fast).unwrap();
+    let started = std::time::Instant::now();
+    relay.app.reload().unwrap();
+    sink.wait_for(2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the second went {:?} after the reload",
+        started.elapsed()
+    );
+    stop_relay(relay).await;
+    sink.stop().await;
+}
+
 #[tokio::test]
 async fn retries_5xx_and_408_with_growing_delays_counting_attempts() {
     let sink = Sink::start(

@@ -309,9 +309,12 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             }
             // The slot first, then the breaker: the attempt that held the slot has told the
             // breaker its outcome before letting go of it, so a breaker it opened is seen here.
+            // A reload's new limits (or URL, or pause) apply at once, not after a wait on
+            // the old ones: the next pass reads them.
             let permit = tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
+                _ = changed(&mut changes) => continue 'passes,
                 p = limits.slot() => p,
             };
             // A probe not handed to an attempt (any `break` below) is given back on drop.
@@ -328,6 +331,7 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
+                _ = changed(&mut changes) => continue 'passes,
                 _ = limits.limiter.until_ready() => {}
             }
             // Paused, or the config swapped, while this waited for its slot and token: not

@@ -92,7 +92,7 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(limits.header_timeout));
         let handler = handler.clone();
         let busy = activity.clone();
         let svc = hyper::service::service_fn(move |req| {
@@ -158,8 +158,10 @@ pub async fn serve<H, F>(
 /// How long an idle connection being closed gets to say goodbye (an HTTP/2 GOAWAY).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// A connection's byte stream, whose writes count as activity: an answer still being
-/// written (a large page to a slow reader) keeps its connection open.
+/// A connection's byte stream, whose writes count as activity for a while after a request
+/// ended: an answer still being written (a large page to a slow reader) keeps its
+/// connection open, but HTTP/2's own writes (a PING's or a SETTINGS' acknowledgement) do
+/// not keep a connection that sends no request open for ever.
 struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -192,7 +194,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         r
     }
@@ -204,7 +206,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.activity.wrote();
         }
         r
     }
@@ -228,6 +230,10 @@ struct Activity {
     busy: AtomicUsize,
     /// Milliseconds from `opened` to the last activity (a request's end, an answer's write).
     last_ms: AtomicU64,
+    /// Milliseconds from `opened` to the last request's end (0: none yet).
+    answered_ms: AtomicU64,
+    /// How long after a request's end writes still count as activity: the idle timeout.
+    writes_count_for: Duration,
 }
 
 /// A request in progress; its end is the connection's latest activity.
@@ -235,24 +241,37 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.touch();
+        let now = self.0.now_ms();
+        self.0.answered_ms.store(now, Ordering::Relaxed);
+        self.0.last_ms.store(now, Ordering::Relaxed);
         self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(writes_count_for: Duration) -> Self {
         Activity {
             opened: Instant::now(),
             busy: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
+            answered_ms: AtomicU64::new(0),
+            writes_count_for,
         }
     }
 
-    /// Something happened now: a request ended, or bytes of an answer went out.
-    fn touch(&self) {
-        self.last_ms
-            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// Bytes went out now: activity while a request is in progress or within
+    /// `writes_count_for` of the last one's end (its answer still being written).
+    fn wrote(&self) {
+        let now = self.now_ms();
+        let since = now.saturating_sub(self.answered_ms.load(Ordering::Relaxed));
+        if self.busy.load(Ordering::SeqCst) > 0 || since <= self.writes_count_for.as_millis() as u64
+        {
+            self.last_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     fn start(self: &Arc<Self>) -> Busy {
