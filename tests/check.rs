@@ -209,6 +209,26 @@ fn an_unknown_key_inside_an_inline_table_is_an_error() {
 }
 
 #[test]
+fn ipv4_mapped_networks_are_read_as_ipv4() {
+    let t = BASE
+        .replace(
+            "token_secret = \"t\"",
+            "token_secret = \"t\"\ntrusted_proxies = [\"::ffff:10.0.0.5\"]",
+        )
+        .replace(
+            "event_id = [\"$.payload.eventId\"]",
+            "event_id = [\"$.payload.eventId\"]\nallow_ips = [\"::ffff:203.0.113.0/120\", \"2001:db8::/32\"]",
+        );
+    let c = hookrelay::config::parse(&t, Path::new("routes.toml"), &|_| None).unwrap();
+    let shown = |n: &[ipnet::IpNet]| n.iter().map(ToString::to_string).collect::<Vec<_>>();
+    assert_eq!(shown(&c.server.trusted_proxies), ["10.0.0.5/32"]);
+    assert_eq!(
+        shown(&c.sources[0].allow_ips),
+        ["203.0.113.0/24", "2001:db8::/32"]
+    );
+}
+
+#[test]
 fn unset_variable_is_named() {
     let t = BASE.replace(
         "token_secret = \"t\"",

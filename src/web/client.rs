@@ -15,6 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
+/// How long a TCP connect may take. The call's own timeout bounds the caller, but a
+/// connect the pool finishes in the background (its caller served by a pooled connection
+/// meanwhile) has only this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP keepalive on outbound connections: a peer gone without a word is found out.
+const KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The pooled outbound client. Cheap to clone (the pool is shared).
 #[derive(Clone)]
@@ -34,6 +40,8 @@ impl HttpClient {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        http.set_keepalive(Some(KEEPALIVE));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
             .https_or_http()

@@ -169,6 +169,18 @@ impl Cx<'_> {
                 .parse::<IpNet>()
                 .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
             match parsed {
+                // An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`, as a `[::]` listener
+                // logs its peers) as the IPv4 one: peers are compared as IPv4.
+                Ok(IpNet::V6(n)) if n.prefix_len() >= 96 && n.addr().to_ipv4_mapped().is_some() => {
+                    let v4 = n
+                        .addr()
+                        .to_ipv4_mapped()
+                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
+                    match ipnet::Ipv4Net::new(v4, n.prefix_len() - 96) {
+                        Ok(n) => out.push(IpNet::V4(n.trunc())),
+                        Err(_) => out.push(IpNet::V6(n.trunc())),
+                    }
+                }
                 Ok(n) => out.push(n.trunc()),
                 Err(_) => self.err(
                     Some(s.span()),
