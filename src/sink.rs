@@ -2,7 +2,7 @@
 //!
 //! Prints one JSON line per request to stdout (`method`, `path`, `headers`, `body`), answers
 //! `--status` after `--delay`, 503 to the first `--fail-first` requests, and `--reply FILE`
-//! as the body.
+//! as the body. Bodies past [`MAX_BODY`] are answered 413 and not printed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,6 +22,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::web::server::{self, Limits};
+
+/// The longest body the sink reads: far past the relay's `max_body_bytes` default (1 MiB),
+/// so the bodies the relay forwards always fit.
+pub const MAX_BODY: usize = 64 << 20;
 
 pub struct SinkOptions {
     pub listen: SocketAddr,
@@ -84,11 +88,19 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
 impl Sink {
     async fn answer(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        let too_large = || {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            resp
+        };
+        if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+            return too_large();
+        }
+        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Err(_) => Bytes::new(),
+        };
         let headers: BTreeMap<String, String> = parts
             .headers
             .iter()

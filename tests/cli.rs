@@ -1,4 +1,5 @@
-//! The command line as a user runs it: `hookrelay sink` with each of its options, and
+//! The command line as a user runs it: `hookrelay sink` with each of its options (and its
+//! body limit), and
 //! `hookrelay serve` found through `HOOKRELAY_CONFIG`, logging JSON lines with
 //! `--log-format json`, counting an event no route takes, and stopping on Ctrl-C (SIGINT).
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 use support::{bin, metric, send};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 /// The next line of `lines`, within 15 s.
@@ -72,6 +73,19 @@ async fn the_sink_prints_each_request_and_answers_as_told() {
         .unwrap_or_else(|| panic!("{said}"));
     let url = format!("http://{addr}/calls/status?x=1");
     let headers = [("content-type", "application/json"), ("x-test", "one")];
+
+    // A body past 64 MiB is refused, not read, not printed, not counted.
+    let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+    big.write_all(b"POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: 67108865\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(15), big.read_exact(&mut head))
+        .await
+        .expect("an answer within 15 s")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    drop(big);
 
     let first = send(Method::POST, &url, &headers, br#"{"n":1}"#).await;
     assert_eq!(first.status, 503, "the first of --fail-first 1");

@@ -1,8 +1,9 @@
 //! A budget for the request bodies the ingress holds in memory at once, so that many
 //! clients each sending a large body slowly (or many HTTP/2 streams per connection) cannot
-//! exhaust memory. A body reserves its announced length before it is read (a small first
-//! part when it announces none, then more as its data comes), and keeps what it turned out
-//! to need until its request is answered. Past the budget the request is answered 503 with
+//! exhaust memory. A body reserves a small first part before it is read, then more as its
+//! data comes (never past the length it announced), and keeps what it turned out to need
+//! until its request is answered: a client announcing a large body and sending it slowly
+//! holds only what it has sent. Past the budget the request is answered 503 with
 //! `Retry-After`, at once.
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use crate::web::response::ApiError;
 
 /// Bytes of request bodies held at once, across every connection.
 pub const BUDGET: u64 = 64 << 20;
-/// What a body that announces no length reserves before its first data.
+/// What a body reserves before its first data (less when it announces less).
 const FIRST_PART: u64 = 64 << 10;
 /// The budget's unit.
 const KIB: u64 = 1024;
@@ -30,6 +31,8 @@ impl Default for BodyMemory {
 pub struct Room {
     permit: OwnedSemaphorePermit,
     budget: Arc<Semaphore>,
+    /// The most it grows to ahead of its data: the announced length's units.
+    cap: u32,
 }
 
 fn units(bytes: u64) -> u32 {
@@ -44,16 +47,18 @@ fn refused() -> ApiError {
 }
 
 impl BodyMemory {
-    /// Room for a body that announced `announced` bytes (a first part when it did not).
+    /// Room for the first part of a body that announced `announced` bytes (if it did).
     pub fn reserve(&self, announced: Option<u64>) -> Result<Room, ApiError> {
+        let cap = units(announced.unwrap_or(BUDGET));
         let permit = self
             .0
             .clone()
-            .try_acquire_many_owned(units(announced.unwrap_or(FIRST_PART)))
+            .try_acquire_many_owned(units(FIRST_PART).min(cap))
             .map_err(|_| refused())?;
         Ok(Room {
             permit,
             budget: self.0.clone(),
+            cap,
         })
     }
 }
@@ -64,8 +69,9 @@ impl Room {
         let want = units(bytes);
         let have = self.permit.num_permits() as u32;
         if want > have {
-            // Twice what is held, at least: a body coming in many frames reserves a few times.
-            let more = (want - have).max(have).min(units(BUDGET) - have);
+            // Twice what is held, at least, up to the announced length: a body coming in
+            // many frames reserves a few times.
+            let more = (want - have).max(have).min(self.cap.saturating_sub(have));
             let extra = self
                 .budget
                 .clone()
@@ -94,15 +100,29 @@ mod tests {
     fn bodies_past_the_budget_are_refused_until_room_comes_back() {
         let m = BodyMemory::default();
         let quarter = BUDGET / 4;
-        let held: Vec<_> = (0..4).map(|_| m.reserve(Some(quarter)).unwrap()).collect();
+        // Announcing a length holds only a first part until the data comes.
+        let mut held: Vec<_> = (0..4).map(|_| m.reserve(Some(quarter)).unwrap()).collect();
+        assert_eq!(held[0].permit.num_permits() as u64, FIRST_PART / KIB);
+        assert_eq!(m.reserve(Some(10)).unwrap().permit.num_permits(), 1);
+        // Growing with the data never reserves past the announced length.
+        for room in &mut held {
+            room.grow_to(quarter * 3 / 4).unwrap();
+            room.grow_to(quarter - 3 * KIB).unwrap();
+            assert_eq!(room.permit.num_permits() as u64, quarter / KIB);
+        }
         assert!(m.reserve(Some(10)).is_err(), "over the budget");
+        held[3].shrink_to(quarter / 2);
+        let mut other = m.reserve(None).unwrap();
+        assert!(other.grow_to(quarter).is_err(), "over the budget");
+        drop(other);
         drop(held);
         // A body of unknown length grows its room as its data comes, then keeps its size.
         let mut room = m.reserve(None).unwrap();
         room.grow_to(BUDGET / 2).unwrap();
-        assert!(m.reserve(Some(BUDGET / 2 + KIB)).is_err());
+        let mut big = m.reserve(Some(BUDGET / 2 + KIB)).unwrap();
+        assert!(big.grow_to(BUDGET / 2 + KIB).is_err());
         room.shrink_to(1000);
         assert_eq!(room.permit.num_permits(), 1);
-        assert!(m.reserve(Some(BUDGET - KIB)).is_ok());
+        big.grow_to(BUDGET / 2 + KIB).unwrap();
     }
 }
