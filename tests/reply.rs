@@ -225,3 +225,23 @@ async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call
     assert_eq!(&first.body[..], REPLY);
     assert_eq!(ivr.seen().len(), 1, "one call to ivr for both requests");
 }
+
+#[tokio::test]
+async fn a_bodiless_fallback_is_answered_as_configured() {
+    // A fallback of 404 with no body: the provider gets exactly that (not turned into the
+    // JSON error the relay puts on hyper's own bodiless answers).
+    let ivr = Sink::always(503).await;
+    let analytics = Sink::always(200).await;
+    let toml = config(ivr.addr, analytics.addr).replace(
+        r#"fallback = { status = 200, body = '{"callflow":[{"action":"hangup"}]}' }"#,
+        r#"fallback = { status = 404, body = "" }"#,
+    );
+    assert!(toml.contains("status = 404"));
+    let r = TestRelay::start(&toml).await;
+    let a = r
+        .post("/8x8/voice", &fixture("8x8/voice-call-action.json"))
+        .await;
+    assert_eq!(a.status, 404);
+    assert!(a.body.is_empty(), "{:?}", a.body);
+    analytics.wait_for(1).await;
+}

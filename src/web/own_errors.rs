@@ -1,9 +1,11 @@
 //! hyper answers some requests itself, before any handler runs: a request head over the
 //! buffer limit gets 431, a request it cannot parse gets 400, each with an empty body. The
 //! contract wants every error as `{"error","message"}` JSON, so the connection's byte stream
-//! is wrapped: a write that is exactly such a head (HTTP/1.1, 4xx, `content-length: 0`) is
-//! replaced by the same head with a JSON body. The relay's own error answers always carry
-//! a body, so they never match; HTTP/2 frames never start with `HTTP/1.1 `.
+//! is wrapped: a write that is exactly such a head (HTTP/1.1, 400, 414 or 431, no header but
+//! hyper's `connection`, `content-length: 0` and `date`) is replaced by the same head with a
+//! JSON body. The relay's own error answers always carry a body, and a reply route's bodiless
+//! fallback of another status (a 404, say) passes as configured; HTTP/2 frames never start
+//! with `HTTP/1.1 `.
 
 use std::io;
 use std::pin::Pin;
@@ -32,6 +34,23 @@ impl<S> JsonErrors<S> {
 pub fn rewrite(head: &[u8]) -> Option<Vec<u8>> {
     const EMPTY: &[u8] = b"\r\ncontent-length: 0\r\n";
     if !head.starts_with(b"HTTP/1.1 4") || !head.ends_with(b"\r\n\r\n") || head.len() < 12 {
+        return None;
+    }
+    // Only what hyper writes itself: its statuses, its headers.
+    if !matches!(&head[9..12], b"400" | b"414" | b"431") {
+        return None;
+    }
+    let hypers = |line: &[u8]| {
+        line == b"connection: close"
+            || line == b"content-length: 0"
+            || line.starts_with(b"date: ")
+            || line.is_empty()
+    };
+    if !head
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .all(|l| hypers(l.strip_suffix(b"\r").unwrap_or(l)))
+    {
         return None;
     }
     let at = head.windows(EMPTY.len()).position(|w| w == EMPTY)?;
@@ -163,5 +182,14 @@ mod tests {
         assert!(rewrite(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n").is_none());
         assert!(rewrite(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none());
         assert!(rewrite(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}").is_none());
+        // hyper's own: as it writes them, rewritten.
+        let own = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\r\n";
+        assert!(rewrite(own).is_some());
+        // A reply route's bodiless fallback: another status, or a header hyper does not
+        // write, passes as configured.
+        let fallback = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\r\n";
+        assert!(rewrite(fallback).is_none());
+        let typed = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 10:00:00 GMT\r\n\r\n";
+        assert!(rewrite(typed).is_none());
     }
 }
