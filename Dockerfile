@@ -19,10 +19,14 @@ VOLUME ["/var/lib/hookrelay"]
 USER hookrelay
 WORKDIR /var/lib/hookrelay
 # The shipped routes.toml reads these (see its ${VAR:-default} values). The store is redb
-# (the default) in the volume. The admin listener is reachable from outside the container,
-# so `check` and `serve` refuse to start without a token: pass one at run time,
-#   docker run -e HOOKRELAY_ADMIN_TOKEN="$(openssl rand -hex 32)" -p 8080:8080 -p 9090:9090 hookrelay
-# and send it as `Authorization: Bearer <token>` (the console at :9090 asks for it).
+# (the default) in the volume. The listeners are reachable from outside the container, so
+# `check` and `serve` refuse to start without an admin token, and with the development
+# fallback of any secret the relay checks: pass them at run time (an env file is easiest),
+#   docker run --env-file hookrelay.env -p 8080:8080 -p 9090:9090 hookrelay
+# with HOOKRELAY_ADMIN_TOKEN, HOOKRELAY_TOKEN_SECRET, VOICE_AUTH, SMS_CLIENT_SECRET,
+# CHATAPPS_CLIENT_SECRET, DIDS_SIGNING_SECRET, CALLS_SIGNING_SECRET and CALLS_KEY set
+# (e.g. each to "$(openssl rand -hex 32)"). Send the admin token as
+# `Authorization: Bearer <token>` (the console at :9090 asks for it).
 ENV HOOKRELAY_CONFIG=/etc/hookrelay/routes.toml \
     HOOKRELAY_DATA=/var/lib/hookrelay/data \
     HOOKRELAY_LISTEN=0.0.0.0:8080 \

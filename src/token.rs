@@ -21,6 +21,10 @@ pub struct Claims {
     pub scope: Option<String>,
     /// Expiry, unix seconds.
     pub exp: u64,
+    /// Issue time, unix seconds; absent in a token an older build issued (then only `exp`
+    /// is checked against the `token_ttl` in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// [`secret_mark`] of the client secret the token was issued against; empty in a token
     /// an older build issued (accepted until it expires).
     #[serde(rename = "sk", default, skip_serializing_if = "String::is_empty")]
@@ -85,6 +89,7 @@ mod tests {
             client: "8x8-sms".into(),
             scope: None,
             exp,
+            iat: None,
             secret: secret_mark(b"k", b"s"),
         }
     }

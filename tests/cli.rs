@@ -135,11 +135,12 @@ async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, CONFIG).unwrap();
-    // No routes.toml where it runs: only HOOKRELAY_CONFIG names the file.
+    // No routes.toml where it runs (another directory): only HOOKRELAY_CONFIG names the file.
+    let cwd = tempfile::tempdir().unwrap();
     let (child, mut out, mut err) = piped(
         Command::new(bin())
             .args(["--log-format", "json", "serve"])
-            .current_dir(dir.path())
+            .current_dir(cwd.path())
             .env("HOOKRELAY_CONFIG", &config)
             .env("HOOKRELAY_LOG", "info"),
     );
@@ -183,6 +184,7 @@ async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c
         "{text}"
     );
     assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
-    // The store went where the config file is, not elsewhere.
+    // The store went where the config file is, not where the relay ran.
     assert!(dir.path().join("data").exists());
+    assert!(!cwd.path().join("data").exists());
 }

@@ -51,9 +51,10 @@ to = ["down"]
 /// keeps the connection past [`CLOSE_WITHIN`].
 async fn closed_after(s: &mut TcpStream) -> Duration {
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + CLOSE_WITHIN;
     let mut buf = [0u8; 1024];
     loop {
-        match tokio::time::timeout(CLOSE_WITHIN, s.read(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
             Err(_) => panic!("the relay kept a silent connection for {CLOSE_WITHIN:?}"),
             Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
             // An HTTP/2 GOAWAY (or a 408) before the close is fine; keep reading.
@@ -107,9 +108,10 @@ async fn an_http2_connection_that_only_pings_is_closed() {
         }
     });
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + CLOSE_WITHIN;
     let mut buf = [0u8; 1024];
     loop {
-        match tokio::time::timeout(CLOSE_WITHIN, read.read(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, read.read(&mut buf)).await {
             Err(_) => panic!("a connection that only pings was kept for {CLOSE_WITHIN:?}"),
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(_)) => {} // SETTINGS, PING acknowledgements, a GOAWAY
@@ -163,13 +165,17 @@ async fn h2_post(send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>
     let req = http::Request::post("http://relay/open")
         .body(Full::new(Bytes::from(format!("{{\"n\":{n}}}"))))
         .unwrap();
-    let resp = tokio::time::timeout(CLOSE_WITHIN, send.send_request(req))
-        .await
-        .expect("an answer")
-        .expect("the connection was open");
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    status
+    tokio::time::timeout(CLOSE_WITHIN, async {
+        let resp = send
+            .send_request(req)
+            .await
+            .expect("the connection was open");
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        status
+    })
+    .await
+    .expect("an answer")
 }
 
 #[tokio::test]

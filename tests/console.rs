@@ -92,10 +92,12 @@ impl Driver {
                 ],
             }),
         );
-        ClientBuilder::new(HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{}", self.port))
+        let mut builder = ClientBuilder::new(HttpConnector::new());
+        builder.capabilities(caps);
+        let url = format!("http://127.0.0.1:{}", self.port);
+        tokio::time::timeout(Duration::from_secs(60), builder.connect(&url))
             .await
+            .expect("a Chromium session within 60 s")
             .expect("a Chromium session")
     }
 }
@@ -342,7 +344,8 @@ to = ["calls"]
         std::panic::AssertUnwindSafe(run).catch_unwind(),
     )
     .await;
-    let _ = c.close().await;
+    // Bounded: a stuck browser must not keep the driver (and Chromium) from being killed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.close()).await;
     drop(driver);
     match outcome {
         Err(_) => panic!("the console scenario did not finish within 120 s"),

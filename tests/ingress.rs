@@ -380,7 +380,11 @@ async fn huge_headers_and_malformed_http_are_refused_without_harm() {
     );
     let _ = s.write_all(big.as_bytes()).await;
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    // Answered and closed, promptly (a reset while the rest of the head was still being
+    // written may lose the answer: then nothing was read).
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered or closed within 5 s");
     let text = String::from_utf8_lossy(&answer);
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 431"),
@@ -390,12 +394,11 @@ async fn huge_headers_and_malformed_http_are_refused_without_harm() {
     let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
     s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within 5 s");
     let text = String::from_utf8_lossy(&answer);
-    assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 400"),
-        "{text}"
-    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     // The relay still serves.
     assert_eq!(r.post("/open", b"{}").await.status, 200);
 }

@@ -248,6 +248,7 @@ async fn expired_token_is_refused() {
         client: "8x8-sms".into(),
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 - 1,
+        iat: None,
         secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
     };
     let old = hookrelay::token::issue(b"token-signing-key", &claims);
@@ -310,6 +311,7 @@ async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
         client: "8x8-sms".into(),
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 + 600,
+        iat: None,
         secret: String::new(),
     };
     let token = hookrelay::token::issue(b"token-signing-key", &claims);
@@ -333,6 +335,7 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
         client: "8x8-sms".into(),
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 + 30 * 24 * 3600,
+        iat: None,
         secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
     };
     let long = format!(
@@ -340,6 +343,20 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
         hookrelay::token::issue(b"token-signing-key", &claims)
     );
     let msg = post_sms(&r, &long).await.error(401, "unauthorized");
+    assert!(msg.contains("token_ttl"), "{msg}");
+    // Issued 2 h ago for 2 h 10 min, before token_ttl was lowered to 1 h: it expires within
+    // the hour, yet it is older than the token_ttl in force.
+    let now = hookrelay::store::now_ms() / 1000;
+    let issued = hookrelay::token::Claims {
+        exp: now + 600,
+        iat: Some(now - 2 * 3600),
+        ..claims
+    };
+    let old = format!(
+        "Bearer {}",
+        hookrelay::token::issue(b"token-signing-key", &issued)
+    );
+    let msg = post_sms(&r, &old).await.error(401, "unauthorized");
     assert!(msg.contains("token_ttl"), "{msg}");
     // One the endpoint issues passes.
     let auth = bearer(&token_basic(&r, "8x8-sms", "s3cr3t&=:x").await);

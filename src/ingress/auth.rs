@@ -87,8 +87,15 @@ pub fn check_headers(
             match token::verify(key.expose(), tok.trim(), now) {
                 // A client removed from the config (or renamed), or given another secret,
                 // loses its tokens at the reload, not when they expire.
-                // No token outlives the `token_ttl` in force (a lowered one included).
-                Ok(claims) if claims.exp > now + token_ttl.as_secs() + TOKEN_CLOCK_SKEW_SECS => {
+                // No token outlives the `token_ttl` in force (a lowered one included):
+                // counted from its issue time, or (a token from an older build, without
+                // one) from now to its expiry.
+                Ok(claims)
+                    if claims.exp > now + token_ttl.as_secs() + TOKEN_CLOCK_SKEW_SECS
+                        || claims.iat.is_some_and(|iat| {
+                            now > iat + token_ttl.as_secs() + TOKEN_CLOCK_SKEW_SECS
+                        }) =>
+                {
                     Err(unauthorized("the token outlives the source's token_ttl"))
                 }
                 Ok(claims) if claims.source == source.name => {

@@ -228,11 +228,13 @@ pub async fn token_endpoint(
         return invalid_client();
     };
     let ttl = token_ttl.as_secs().max(1);
+    let now = now_ms() / 1000;
     let claims = Claims {
         source: source.name.clone(),
         client: id,
         scope: scope.clone(),
-        exp: now_ms() / 1000 + ttl,
+        exp: now + ttl,
+        iat: Some(now),
         secret: token::secret_mark(key.expose(), secret.as_bytes()),
     };
     let mut body = json!({

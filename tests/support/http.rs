@@ -46,12 +46,13 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &[u
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(20), client.request(req))
-        .await
-        .expect("answer within 20s")
-        .expect("request");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    // The head and the body within one limit.
+    let (parts, body) = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let (parts, body) = client.request(req).await.expect("request").into_parts();
+        (parts, body.collect().await.unwrap().to_bytes())
+    })
+    .await
+    .expect("answer within 20s");
     Answer {
         status: parts.status,
         headers: parts.headers,
@@ -71,12 +72,13 @@ pub async fn post(
         .header("content-type", content_type)
         .body(Full::new(Bytes::copy_from_slice(body)))
         .unwrap();
-    let resp = tokio::time::timeout(WAIT, client.request(req))
-        .await
-        .expect("ingress answers in time")
-        .expect("ingress request");
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = tokio::time::timeout(WAIT, async {
+        let resp = client.request(req).await.expect("ingress request");
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    })
+    .await
+    .expect("ingress answers in time");
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     (status, json)
 }

@@ -130,20 +130,23 @@ pub async fn nats_server_on_its_own_port(
     ports_dir: &Path,
 ) -> (KillOnDrop, u16) {
     let exe = exe.as_ref();
-    let mut child = Command::new(exe)
-        .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-        .arg(fresh_dir(ports_dir))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e}", exe.to_string_lossy()));
-    match listening_port(ports_dir, &mut child).await {
-        Some(port) => (KillOnDrop(child), port),
+    // Killed when dropped from the start: also when no ports file comes (a panic).
+    let mut child = KillOnDrop(
+        Command::new(exe)
+            .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
+            .arg(fresh_dir(ports_dir))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e}", exe.to_string_lossy())),
+    );
+    match listening_port(ports_dir, &mut child.0).await {
+        Some(port) => (child, port),
         None => panic!(
             "{} {args:?} exited before it listened: {:?}",
             exe.to_string_lossy(),
-            child.wait()
+            child.0.wait()
         ),
     }
 }

@@ -74,7 +74,10 @@ impl TestRelay {
     pub async fn stop(mut self) -> TempDir {
         let relay = self.relay.take().unwrap();
         relay.shutdown();
-        relay.stopped().await.unwrap();
+        tokio::time::timeout(WAIT, relay.stopped())
+            .await
+            .expect("the relay stopped in time")
+            .unwrap();
         self.dir.take().unwrap()
     }
 

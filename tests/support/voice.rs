@@ -68,11 +68,12 @@ pub async fn get_text(url: &str) -> (u16, String) {
     let req = http::Request::get(url)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
-    let resp = tokio::time::timeout(FAULT_WAIT, client().request(req))
-        .await
-        .expect("answer in time")
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = tokio::time::timeout(FAULT_WAIT, async {
+        let resp = client().request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    })
+    .await
+    .expect("answer in time");
     (status, String::from_utf8_lossy(&body).into_owned())
 }
