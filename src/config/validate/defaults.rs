@@ -9,10 +9,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: u64 = 10_000;
 
+pub const BACKEND: crate::config::Backend = crate::config::Backend::Redb;
 pub const STORE_PATH: &str = "data";
 pub const RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
 /// What the names of everything the jetstream backend creates start with.
 pub const JETSTREAM_PREFIX: &str = "hookrelay";
+pub const JETSTREAM_REPLICAS: usize = 1;
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,6 +24,8 @@ pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub const RETRY_FACTOR: f64 = 2.0;
 pub const RETRY_MAX_DELAY: Duration = Duration::from_secs(600);
 pub const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// 0: no limit on attempts, only `give_up_after`.
+pub const RETRY_MAX_ATTEMPTS: u32 = 0;
 pub const RATE_PER_SECOND: f64 = 100.0;
 pub const RATE_BURST: u32 = 100;
 /// 0: the breaker is off unless the file sets it.

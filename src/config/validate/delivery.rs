@@ -116,14 +116,14 @@ impl Cx<'_> {
     pub(super) fn delivery_defaults(&mut self, raw: Option<&RawDelivery>) -> DeliveryDefaults {
         let mut d = DeliveryDefaults {
             timeout: defaults::TIMEOUT,
-            max_in_flight: 32,
+            max_in_flight: defaults::MAX_IN_FLIGHT as usize,
             max_queue: defaults::MAX_QUEUE,
             retry: RetryPolicy {
                 first: defaults::RETRY_FIRST,
                 factor: defaults::RETRY_FACTOR,
                 max_delay: defaults::RETRY_MAX_DELAY,
                 give_up_after: defaults::GIVE_UP_AFTER,
-                max_attempts: 0,
+                max_attempts: defaults::RETRY_MAX_ATTEMPTS,
             },
             rate: Rate {
                 per_second: defaults::RATE_PER_SECOND,
@@ -142,7 +142,7 @@ impl Cx<'_> {
         d.max_in_flight = self.positive(
             &r.max_in_flight,
             "delivery.max_in_flight",
-            defaults::MAX_IN_FLIGHT,
+            d.max_in_flight as u64,
         ) as usize;
         d.max_queue = self.positive(&r.max_queue, "delivery.max_queue", d.max_queue);
         if let Some(rt) = &r.retry {

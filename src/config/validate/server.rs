@@ -99,12 +99,12 @@ impl Cx<'_> {
 
     pub(super) fn store(&mut self, raw: Option<&Spanned<RawStore>>) -> StoreSettings {
         let mut out = StoreSettings {
-            backend: Backend::Redb,
+            backend: defaults::BACKEND,
             path: self.dir.join(defaults::STORE_PATH),
             retain: defaults::RETAIN,
             url: Vec::new(),
             prefix: defaults::JETSTREAM_PREFIX.to_string(),
-            replicas: 1,
+            replicas: defaults::JETSTREAM_REPLICAS,
         };
         let Some(r) = raw.map(|s| s.get_ref()) else {
             return out;
