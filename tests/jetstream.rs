@@ -555,6 +555,25 @@ async fn a_server_without_jetstream_or_refusing_the_account_is_a_start_error_say
     assert!(!out.status.success());
     assert!(err.contains("refused the account"), "{err}");
 
+    // replicas = 3 on a server that is not clustered: said at once, not waited for.
+    let three = jetstream_config(
+        &[format!("nats://u:s3cret-pw@127.0.0.1:{port}")],
+        "r3",
+        3,
+        &[("a", "http://127.0.0.1:9/".into())],
+    );
+    std::fs::write(&cfg, three).unwrap();
+    let started = std::time::Instant::now();
+    let out = serve_to_exit(&cfg).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("replicas"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited {:?} for settings refused for good",
+        started.elapsed()
+    );
+
     // The credentials in the address: the relay logs in, and never logs the password,
     // even at debug level (where the NATS client logs the addresses it connects to).
     let with_login = at(port).replace("nats://127.0.0.1", "nats://u:s3cret-pw@127.0.0.1");

@@ -184,6 +184,13 @@ pub async fn connect(
     let (stream, pauses, members) = loop {
         match create(&js, s, names).await {
             Ok(made) => break made,
+            // Settings the server refuses for good: waiting would only repeat it.
+            Err(e) if refused_settings(&e) => {
+                return Err(e.context(
+                    "JetStream refused the store's settings (a single server takes \
+                     [store] replicas = 1; another stream may already take this prefix's subjects)",
+                ))
+            }
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::info!(error = %format!("{e:#}"), "JetStream is not ready yet; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -202,6 +209,21 @@ pub async fn connect(
         pauses,
         members,
     })
+}
+
+/// JetStream's error codes for settings it will never take (as opposed to a cluster still
+/// electing its leaders, or servers not yet joined): replicas above 1 on a server that is
+/// not clustered, or not to be changed; subjects another stream takes; an invalid stream
+/// config or one a name already has; the account's limits.
+const REFUSED_SETTINGS: [u64; 7] = [10074, 10061, 10065, 10052, 10058, 10002, 10027];
+
+/// Whether `e` (or what caused it) is JetStream refusing settings for good.
+fn refused_settings(e: &anyhow::Error) -> bool {
+    // async-nats gives the code only in its errors' text: "… (code 400, error code 10074)".
+    let text = format!("{e:#}");
+    REFUSED_SETTINGS
+        .iter()
+        .any(|code| text.contains(&format!("error code {code})")))
 }
 
 /// The stream and the two buckets, created if missing (the same settings from every
@@ -310,6 +332,21 @@ mod tests {
             "nats://10.0.0.1:4222, tls://nats.example:4222, 127.0.0.1:4222"
         );
         assert!(!shown.contains("s3cret") && !shown.contains("tok3n"));
+    }
+
+    #[test]
+    fn settings_jetstream_refuses_for_good_are_told_from_waiting() {
+        let refused = anyhow::anyhow!(
+            "jetstream error: replicas > 1 not supported in non-clustered mode (code 400, error code 10074)"
+        )
+        .context("creating the stream \"hookrelay\"");
+        assert!(refused_settings(&refused));
+        let electing = anyhow::anyhow!(
+            "jetstream error: JetStream system temporarily unavailable (code 503, error code 10008)"
+        );
+        assert!(!refused_settings(&electing));
+        let short = anyhow::anyhow!("jetstream error: x (code 400, error code 100740)");
+        assert!(!refused_settings(&short));
     }
 
     #[test]
