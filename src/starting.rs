@@ -62,7 +62,13 @@ pub async fn open_store(
                     if req.uri().path() == "/healthz" && req.method() == Method::GET {
                         return json_response(StatusCode::OK, json!({"status": "ok"}).to_string());
                     }
-                    ApiError::unavailable(format!("the relay is starting: {why}"), "5")
+                    // What is awaited (servers, their errors) only where readiness is asked:
+                    // the other paths need the admin token, which is not checked yet.
+                    if req.uri().path() == "/readyz" {
+                        return ApiError::unavailable(format!("the relay is starting: {why}"), "5")
+                            .into_response();
+                    }
+                    ApiError::unavailable("the relay is starting; try again shortly", "5")
                         .into_response()
                 }
             })

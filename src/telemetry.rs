@@ -28,3 +28,62 @@ pub fn init_logs(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// At most one log line a second from one place for a fault that can repeat with every
+/// request (a store that is down, a reply destination failing, accepts failing): the lines
+/// in between are counted and the next one says how many. A `static` per call site.
+pub struct Throttle {
+    last_ms: std::sync::atomic::AtomicU64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const EVERY_MS: u64 = 1000;
+
+    pub const fn new() -> Self {
+        Throttle {
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` lines having been held back since the
+    /// last; `None` when this one is held back (and counted).
+    pub fn pass(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last_ms.load(Relaxed);
+        let due = last == 0 || now_ms >= last.saturating_add(Self::EVERY_MS);
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.skipped.swap(0, Relaxed));
+        }
+        self.skipped.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_throttle_passes_one_line_a_second_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.pass(5_000), Some(0));
+        assert_eq!(t.pass(5_001), None);
+        assert_eq!(t.pass(5_999), None);
+        assert_eq!(t.pass(6_000), Some(2));
+        assert_eq!(t.pass(6_000), None);
+        assert_eq!(t.pass(60_000), Some(1));
+    }
+}

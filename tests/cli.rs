@@ -1,7 +1,8 @@
 //! The command line as a user runs it: `hookrelay sink` with each of its options (and its
 //! body limit), and
 //! `hookrelay serve` found through `HOOKRELAY_CONFIG`, logging JSON lines with
-//! `--log-format json`, counting an event no route takes, and stopping on Ctrl-C (SIGINT).
+//! `--log-format json`, counting an event no route takes, and stopping on Ctrl-C (SIGINT);
+//! an event id that cannot break a log line.
 
 mod support;
 
@@ -187,4 +188,51 @@ async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c
     // The store went where the config file is, not where the relay ran.
     assert!(dir.path().join("data").exists());
     assert!(!cwd.path().join("data").exists());
+}
+
+#[tokio::test]
+async fn an_event_id_cannot_break_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    // Plain text logs: the shape a newline in a field would break.
+    let (child, mut out, mut err) = piped(
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("HOOKRELAY_LOG", "info"),
+    );
+    let said = next_line(&mut out).await;
+    let ingress = said
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ingress="))
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_string();
+    // The id comes from the body; its destination is down, so its attempt is logged.
+    let a = send(
+        Method::POST,
+        &format!("http://{ingress}/calls"),
+        &[("content-type", "application/json")],
+        br#"{"id":"x\nFORGED ERROR line","type":"ANSWERED"}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            seen.len() < 200,
+            "no attempt was logged:\n{}",
+            seen.join("\n")
+        );
+        let line = next_line(&mut err).await;
+        assert!(!line.starts_with("FORGED"), "{line}");
+        let attempt = line.contains("attempt failed");
+        seen.push(line);
+        if attempt {
+            break;
+        }
+    }
+    let attempt = seen.last().unwrap();
+    assert!(attempt.contains("x%0AFORGED%20ERROR%20line"), "{attempt}");
+    assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
 }

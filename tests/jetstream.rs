@@ -471,6 +471,9 @@ async fn a_jetstream_out_of_reach_at_start_is_waited_for_with_503s_then_used() {
     assert!(why.contains("cannot connect to NATS"), "{why}");
     let r = send(Method::GET, &format!("http://{admin}/api/dead"), &[], b"").await;
     assert_eq!(r.status, 503, "nothing to show before the store is open");
+    // What is awaited is said on /readyz only (the token is not checked yet).
+    let said = r.json()["message"].as_str().unwrap().to_string();
+    assert!(!said.contains("127.0.0.1"), "{said}");
     let p = post_at(ingress, "early").await;
     assert_eq!(p.status, 503);
     assert_eq!(p.headers["retry-after"], "5");

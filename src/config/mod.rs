@@ -113,7 +113,7 @@ pub enum Backend {
     Jetstream,
 }
 
-#[derive(Debug)]
+/// `Debug` shows the NATS addresses without their credentials.
 pub struct StoreSettings {
     pub backend: Backend,
     pub path: PathBuf,
@@ -124,6 +124,20 @@ pub struct StoreSettings {
     pub prefix: String,
     /// JetStream only: stream replicas.
     pub replicas: usize,
+}
+
+impl std::fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url: Vec<String> = self.url.iter().map(|u| table::shown_url_text(u)).collect();
+        f.debug_struct("StoreSettings")
+            .field("backend", &self.backend)
+            .field("path", &self.path)
+            .field("retain", &self.retain)
+            .field("url", &url)
+            .field("prefix", &self.prefix)
+            .field("replicas", &self.replicas)
+            .finish()
+    }
 }
 
 #[derive(Debug)]

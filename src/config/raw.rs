@@ -3,7 +3,8 @@
 //! Unknown keys are rejected (`deny_unknown_fields`) so a typo can never silently disable a
 //! check. String values keep their byte span (`Spanned`) so that `validate` can point at the
 //! line and column of a bad value after `${VAR}` expansion. Nothing here interprets a value:
-//! durations, CIDRs, URLs and JSONPaths are compiled in `validate`.
+//! durations, CIDRs, URLs and JSONPaths are compiled in `validate`. No `Debug`: secrets are
+//! plain strings here, and must never be printed.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,7 @@ use toml::Spanned;
 /// A string value with its byte range in the file.
 pub type Str = Spanned<String>;
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub server: Option<Spanned<RawServer>>,
@@ -28,7 +29,7 @@ pub struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<Str>,
@@ -43,14 +44,14 @@ pub struct RawServer {
     pub max_connections: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     pub cert: Str,
     pub key: Str,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
     pub backend: Option<Str>,
@@ -62,14 +63,14 @@ pub struct RawStore {
     pub replicas: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDedup {
     pub window: Option<Str>,
 }
 
 /// `[delivery]` defaults; every key may be overridden per destination.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDelivery {
     pub timeout: Option<Str>,
@@ -80,14 +81,14 @@ pub struct RawDelivery {
     pub breaker: Option<Spanned<RawBreaker>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBreaker {
     pub failures: Option<Spanned<i64>>,
     pub cool_down: Option<Str>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
     pub first: Option<Str>,
@@ -97,14 +98,14 @@ pub struct RawRetry {
     pub max_attempts: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRate {
     pub per_second: Option<Spanned<f64>>,
     pub burst: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     pub name: Str,
@@ -117,7 +118,7 @@ pub struct RawSource {
 
 /// Auth of a source. Internally tagged, so serde buffers it and its fields cannot carry
 /// spans: problems inside point at the `auth` table.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum RawAuth {
     Header {
@@ -134,14 +135,14 @@ pub enum RawAuth {
     },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClient {
     pub id: String,
     pub secret: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDestination {
     pub name: Str,
@@ -156,13 +157,13 @@ pub struct RawDestination {
     pub breaker: Option<Spanned<RawBreaker>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSign {
     pub secret: Str,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: Str,
@@ -175,14 +176,14 @@ pub struct RawRoute {
     pub order_by: Option<Vec<Str>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 pub enum RawMatchValue {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawReply {
     pub from: Str,
@@ -190,7 +191,7 @@ pub struct RawReply {
     pub fallback: Option<Spanned<RawFallback>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFallback {
     pub status: Option<Spanned<i64>>,

@@ -100,9 +100,39 @@ pub fn shown_url(u: &http::Uri) -> String {
     format!("{}://{host}{}", u.scheme_str().unwrap_or("http"), u.path())
 }
 
+/// A URL as written, for an error about it: without user info or query (either may hold a
+/// credential), even when the text is no valid URL.
+pub fn shown_url_text(text: &str) -> String {
+    let no_query = text.split(['?', '#']).next().unwrap_or("");
+    let (scheme, rest) = match no_query.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, no_query),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        Some(s) => format!("{s}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::shown_url;
+    use super::{shown_url, shown_url_text};
+
+    #[test]
+    fn urls_as_written_lose_user_info_and_query_valid_or_not() {
+        assert_eq!(
+            shown_url_text("htps://ops:S3cret@hooks.example/in?key=k"),
+            "htps://hooks.example/in"
+        );
+        assert_eq!(shown_url_text("ops:S3cret@hooks"), "hooks");
+        assert_eq!(shown_url_text("http://relay:pw@"), "http://");
+        assert_eq!(
+            shown_url_text("nats://u:p@10.0.0.5:4222"),
+            "nats://10.0.0.5:4222"
+        );
+    }
 
     #[test]
     fn shown_urls_drop_user_info_and_query() {

@@ -33,7 +33,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::client::send_once;
+use super::client::{header_id, send_once};
 use super::retry;
 use super::Context;
 use crate::clock::now_ms;
@@ -431,7 +431,8 @@ async fn attempt(
             return;
         }
     };
-    let span = info_span!("delivery", destination = %dest.name, event_id = %event.id, attempt = n);
+    // The id as its `webhook-id`: bounded, and nothing in it can break a log line.
+    let span = info_span!("delivery", destination = %dest.name, event_id = %header_id(&event.id), attempt = n);
     async move {
         let started = tokio::time::Instant::now();
         let result = tokio::select! {

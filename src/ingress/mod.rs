@@ -40,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::routing::route;
 use crate::store::Store;
 use crate::store::{Admission, NewEvent, StoreError, StoredEvent, StoredReply};
+use crate::telemetry::Throttle;
 use crate::web::client::HttpClient;
 use crate::web::response::{json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
@@ -173,7 +174,10 @@ async fn accept(
             .kept(&source.name, &ev.id)
             .await
             .unwrap_or_else(|e| {
-                warn!(error = %e, "looking for a kept event failed; shedding the request");
+                static SAID: Throttle = Throttle::new();
+                if let Some(held_back) = SAID.pass(now_ms()) {
+                    warn!(error = %e, held_back, "looking for a kept event failed; shedding the request");
+                }
                 false
             });
         if !kept {
@@ -272,7 +276,8 @@ fn routed(
     content_type: Option<String>,
 ) -> Result<Routed, ApiError> {
     let id = event_id(&source.event_id, &wrapped[0], &body);
-    Span::current().record("event_id", id.as_str());
+    // As its `webhook-id`: bounded, and nothing in it can break a log line.
+    Span::current().record("event_id", crate::delivery::client::header_id(&id).as_ref());
     let fanout = route(config, source, wrapped);
     // Fast path under overload: a destination's queue looks full without asking the store's
     // writer. The writer makes the exact check (`Admission::QueueFull`), which concurrent
@@ -390,18 +395,30 @@ async fn admit(
     }
 }
 
+/// The provider is told to come back; the operator (at most once a second) which
+/// destination's `max_queue` was reached: its name is nothing for the internet to know.
 fn queue_full(destination: &str, config: &Config) -> ApiError {
-    let max = config.destination(destination).map_or(0, |d| d.max_queue);
+    static SAID: Throttle = Throttle::new();
+    if let Some(held_back) = SAID.pass(now_ms()) {
+        let max = config.destination(destination).map_or(0, |d| d.max_queue);
+        warn!(
+            destination,
+            max_queue = max,
+            held_back,
+            "a destination's queue is full; shedding events (503)"
+        );
+    }
     ApiError::unavailable(
-        format!(
-            "destination {destination} has {max} deliveries queued (max_queue); try again later"
-        ),
+        "the relay's queue for this event is full; try again later",
         "5",
     )
 }
 
 fn store_unavailable(e: StoreError) -> ApiError {
-    warn!(error = %e, "store write failed; answering 503");
+    static SAID: Throttle = Throttle::new();
+    if let Some(held_back) = SAID.pass(now_ms()) {
+        warn!(error = %e, held_back, "store write failed; answering 503");
+    }
     ApiError::unavailable("the event store is unavailable; try again later", "1")
 }
 

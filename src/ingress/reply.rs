@@ -170,11 +170,17 @@ pub async fn call(
             answer(a.status, a.content_type.as_deref(), a.body)
         }
         None if called.outcome.is_none() => {
-            info!(destination = %dest.name, why = %called.described, "reply destination not called; answering the fallback");
+            static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+            if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
+                info!(destination = %dest.name, why = %called.described, held_back, "reply destination not called; answering the fallback");
+            }
             fallback(reply)
         }
         None => {
-            warn!(destination = %dest.name, result = %called.described, "reply destination failed; answering the fallback");
+            static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+            if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
+                warn!(destination = %dest.name, result = %called.described, held_back, "reply destination failed; answering the fallback");
+            }
             settle(app, key, None, outcome, called.seconds);
             fallback(reply)
         }

@@ -85,7 +85,10 @@ pub async fn serve<H, F>(
             r = listener.borrow().accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    warn!(listener = name, error = %e, "accept failed");
+                    static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+                    if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
+                        warn!(listener = name, error = %e, held_back, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }

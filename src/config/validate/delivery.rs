@@ -176,10 +176,11 @@ impl Cx<'_> {
                     self.err(
                         Some(r.url.span()),
                         &format!("{key}.url"),
-                        // The text as written: an expanded ${VAR} may hold a credential.
+                        // The text as written (an expanded ${VAR} may hold a credential),
+                        // without user info or query (so may the text).
                         format!(
                             "invalid URL {:?}: need http:// or https:// with a host",
-                            r.url.get_ref()
+                            crate::config::table::shown_url_text(r.url.get_ref())
                         ),
                     );
                     Uri::from_static("http://invalid.invalid/")
