@@ -2,7 +2,7 @@
 //! body limit), and
 //! `hookrelay serve` found through `HOOKRELAY_CONFIG`, logging JSON lines with
 //! `--log-format json`, counting an event no route takes, and stopping on Ctrl-C (SIGINT);
-//! an event id that cannot break a log line.
+//! an event id that cannot break a log line; running out of file descriptors.
 
 mod support;
 
@@ -234,5 +234,65 @@ async fn an_event_id_cannot_break_a_log_line() {
     }
     let attempt = seen.last().unwrap();
     assert!(attempt.contains("x%0AFORGED%20ERROR%20line"), "{attempt}");
+    assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_relay_says_so_once_a_second_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    // 64 descriptors: the relay's own files and listeners take some, a few clients the rest.
+    let (child, mut out, mut err) = piped(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"ulimit -n 64 && exec "$0" serve --config "$1""#)
+            .arg(bin())
+            .arg(&config)
+            .env("HOOKRELAY_LOG", "warn"),
+    );
+    let said = next_line(&mut out).await;
+    let ingress = said
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ingress="))
+        .unwrap_or_else(|| panic!("{said}"))
+        .to_string();
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        clients.push(tokio::net::TcpStream::connect(&ingress).await.unwrap());
+    }
+    // Accepts fail for as long as the clients stay: said at most once a second, with how
+    // many were held back (10 ms apart, they were 100 lines a second before).
+    let first = next_line(&mut err).await;
+    assert!(first.contains("accept failed"), "{first}");
+    let watched = Instant::now();
+    let mut lines = 1;
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout_at((watched + Duration::from_secs(3)).into(), err.next_line()).await
+    {
+        assert!(line.contains("accept failed"), "{line}");
+        assert!(line.contains("held_back"), "{line}");
+        lines += 1;
+    }
+    assert!(lines <= 5, "{lines} lines in 3 s");
+    // Once the clients go, the relay serves again.
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = tokio::time::timeout(
+            Duration::from_secs(5),
+            send(
+                Method::POST,
+                &format!("http://{ingress}/calls"),
+                &[("content-type", "application/json")],
+                br#"{"id":"after","type":"RINGING"}"#,
+            ),
+        )
+        .await;
+        if matches!(&a, Ok(a) if a.status == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay did not serve again");
+    }
     assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
 }

@@ -28,6 +28,9 @@ use super::response::Body;
 
 /// Request head limit: headers past this get 431, a connection is not a memory sink.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The first pause after a failed accept, and the longest.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 
 /// How a listener serves its connections.
 #[derive(Clone)]
@@ -75,6 +78,9 @@ pub async fn serve<H, F>(
         .max_concurrent_streams(64);
     let connections = TaskTracker::new();
     let name = limits.name;
+    // After a failed accept (out of file descriptors, say), a pause before the next: 10 ms,
+    // doubling to 1 s while they keep failing.
+    let mut pause = ACCEPT_PAUSE;
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -89,11 +95,16 @@ pub async fn serve<H, F>(
                     if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
                         warn!(listener = name, error = %e, held_back, "accept failed");
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
                     continue;
                 }
             },
         };
+        pause = ACCEPT_PAUSE;
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new(limits.header_timeout));
         let handler = handler.clone();
