@@ -52,7 +52,8 @@ impl Throttle {
     pub fn pass(&self, now_ms: u64) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         let last = self.last_ms.load(Relaxed);
-        let due = last == 0 || now_ms >= last.saturating_add(Self::EVERY_MS);
+        // A wall clock set back counts as due: a site is never silenced for that long.
+        let due = last == 0 || now_ms < last || now_ms >= last.saturating_add(Self::EVERY_MS);
         if due
             && self
                 .last_ms
@@ -85,5 +86,7 @@ mod tests {
         assert_eq!(t.pass(6_000), Some(2));
         assert_eq!(t.pass(6_000), None);
         assert_eq!(t.pass(60_000), Some(1));
+        // The clock set back: not silenced until it catches up.
+        assert_eq!(t.pass(30_000), Some(0));
     }
 }

@@ -103,16 +103,17 @@ pub fn shown_url(u: &http::Uri) -> String {
 /// A URL as written, for an error about it: without user info or query (either may hold a
 /// credential), even when the text is no valid URL.
 pub fn shown_url_text(text: &str) -> String {
-    let no_query = text.split(['?', '#']).next().unwrap_or("");
-    let (scheme, rest) = match no_query.split_once("://") {
+    let (scheme, rest) = match text.split_once("://") {
         Some((s, r)) => (Some(s), r),
-        None => (None, no_query),
+        None => (None, text),
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // Everything up to the last `@` may be user info (a password may hold `/`, `?` or `#`);
+    // dropping a path's or query's `@` with it only shows less.
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let shown = rest.split(['?', '#']).next().unwrap_or("");
     match scheme {
-        Some(s) => format!("{s}://{host}{path}"),
-        None => format!("{host}{path}"),
+        Some(s) => format!("{s}://{shown}"),
+        None => shown.to_string(),
     }
 }
 
@@ -132,6 +133,13 @@ mod tests {
             shown_url_text("nats://u:p@10.0.0.5:4222"),
             "nats://10.0.0.5:4222"
         );
+        // A password holding what ends an authority, a path or a query.
+        assert_eq!(
+            shown_url_text("https://ops:ab/cd@hooks/in"),
+            "https://hooks/in"
+        );
+        assert_eq!(shown_url_text("https://ops:p#ss@h/in"), "https://h/in");
+        assert_eq!(shown_url_text("https://ops:p?s@h/in?k=v"), "https://h/in");
     }
 
     #[test]

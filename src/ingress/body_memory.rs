@@ -72,10 +72,12 @@ impl Room {
             // Twice what is held, at least, up to the announced length: a body coming in
             // many frames reserves a few times.
             let more = (want - have).max(have).min(self.cap.saturating_sub(have));
+            // The doubled room if there is, else just what the data needs.
             let extra = self
                 .budget
                 .clone()
                 .try_acquire_many_owned(more.max(want - have))
+                .or_else(|_| self.budget.clone().try_acquire_many_owned(want - have))
                 .map_err(|_| refused())?;
             self.permit.merge(extra);
         }
@@ -114,6 +116,11 @@ mod tests {
         held[3].shrink_to(quarter / 2);
         let mut other = m.reserve(None).unwrap();
         assert!(other.grow_to(quarter).is_err(), "over the budget");
+        // Short of room to double, it still takes just what its data needs.
+        other.grow_to(quarter / 4 + 2 * KIB).unwrap();
+        let had = other.permit.num_permits();
+        other.grow_to(quarter / 4 + 12 * KIB).unwrap();
+        assert_eq!(other.permit.num_permits(), had + 10, "not doubled: no room");
         drop(other);
         drop(held);
         // A body of unknown length grows its room as its data comes, then keeps its size.

@@ -233,7 +233,7 @@ pub async fn token_endpoint(
         source: source.name.clone(),
         client: id,
         scope: scope.clone(),
-        exp: now + ttl,
+        exp: now.saturating_add(ttl),
         iat: Some(now),
         secret: token::secret_mark(key.expose(), secret.as_bytes()),
     };
