@@ -23,6 +23,18 @@ async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> 
         .expect("a line before the end")
 }
 
+/// The ingress and admin addresses from `serve`'s first line on stdout.
+async fn listening(out: &mut Lines<BufReader<ChildStdout>>) -> (String, String) {
+    let said = next_line(out).await;
+    let word = |p: &str| {
+        said.split_whitespace()
+            .find_map(|w| w.strip_prefix(p))
+            .unwrap_or_else(|| panic!("no {p} in {said:?}"))
+            .to_string()
+    };
+    (word("ingress="), word("admin="))
+}
+
 /// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit; true when it exited 0.
 async fn interrupt(mut child: Child) -> bool {
     let pid = child.id().expect("still running").to_string();
@@ -145,14 +157,7 @@ async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c
             .env("HOOKRELAY_CONFIG", &config)
             .env("HOOKRELAY_LOG", "info"),
     );
-    let said = next_line(&mut out).await;
-    let word = |p: &str| {
-        said.split_whitespace()
-            .find_map(|w| w.strip_prefix(p))
-            .unwrap_or_else(|| panic!("no {p} in {said:?}"))
-            .to_string()
-    };
-    let (ingress, admin) = (word("ingress="), word("admin="));
+    let (ingress, admin) = listening(&mut out).await;
     // Every log line is a JSON object; one of them says it listens.
     let mut listening = false;
     for _ in 0..50 {
@@ -202,12 +207,7 @@ async fn an_event_id_cannot_break_a_log_line() {
             .arg(&config)
             .env("HOOKRELAY_LOG", "info"),
     );
-    let said = next_line(&mut out).await;
-    let ingress = said
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ingress="))
-        .unwrap_or_else(|| panic!("{said}"))
-        .to_string();
+    let (ingress, _) = listening(&mut out).await;
     // The id comes from the body; its destination is down, so its attempt is logged.
     let a = send(
         Method::POST,
@@ -251,12 +251,7 @@ async fn out_of_file_descriptors_the_relay_says_so_once_a_second_and_recovers() 
             .arg(&config)
             .env("HOOKRELAY_LOG", "warn"),
     );
-    let said = next_line(&mut out).await;
-    let ingress = said
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ingress="))
-        .unwrap_or_else(|| panic!("{said}"))
-        .to_string();
+    let (ingress, _) = listening(&mut out).await;
     let mut clients = Vec::new();
     for _ in 0..100 {
         clients.push(tokio::net::TcpStream::connect(&ingress).await.unwrap());
