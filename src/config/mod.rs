@@ -27,7 +27,7 @@ use crate::rules::{Filter, Matcher};
 
 pub use live::Live;
 pub use restart::needs_restart;
-pub use table::{routing_table, shown_url};
+pub use table::{routing_table, shown_url, shown_url_text};
 pub use validate::{load, parse, ConfigErrors, Problem};
 
 /// Where OAuth2 clients fetch tokens (on the ingress port); no source may use it.
@@ -128,7 +128,7 @@ pub struct StoreSettings {
 
 impl std::fmt::Debug for StoreSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url: Vec<String> = self.url.iter().map(|u| table::shown_url_text(u)).collect();
+        let url: Vec<String> = self.url.iter().map(|u| shown_url_text(u)).collect();
         f.debug_struct("StoreSettings")
             .field("backend", &self.backend)
             .field("path", &self.path)

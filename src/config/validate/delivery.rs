@@ -180,7 +180,7 @@ impl Cx<'_> {
                         // without user info or query (so may the text).
                         format!(
                             "invalid URL {:?}: need http:// or https:// with a host",
-                            crate::config::table::shown_url_text(r.url.get_ref())
+                            crate::config::shown_url_text(r.url.get_ref())
                         ),
                     );
                     Uri::from_static("http://invalid.invalid/")

@@ -181,7 +181,7 @@ impl Cx<'_> {
                     key,
                     format!(
                         "{:?} is not a NATS server address (expected nats://host:port)",
-                        crate::config::table::shown_url_text(u.get_ref())
+                        crate::config::shown_url_text(u.get_ref())
                     ),
                 );
                 continue;

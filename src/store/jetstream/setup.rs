@@ -50,16 +50,7 @@ pub struct Connected {
 /// or query.
 pub fn shown_servers(urls: &[String]) -> String {
     urls.iter()
-        .map(|u| {
-            let (scheme, rest) = u.split_once("://").unwrap_or(("", u));
-            let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-            let rest = rest.split('?').next().unwrap_or(rest);
-            if scheme.is_empty() {
-                rest.to_string()
-            } else {
-                format!("{scheme}://{rest}")
-            }
-        })
+        .map(|u| crate::config::shown_url_text(u))
         .collect::<Vec<_>>()
         .join(", ")
 }
