@@ -276,8 +276,12 @@ fn routed(
     content_type: Option<String>,
 ) -> Result<Routed, ApiError> {
     let id = event_id(&source.event_id, &wrapped[0], &body);
-    // As its `webhook-id`: bounded, and nothing in it can break a log line.
-    Span::current().record("event_id", crate::delivery::client::header_id(&id).as_ref());
+    // As its `webhook-id`: bounded, and nothing in it can break a log line (worked out
+    // only when something logs).
+    let span = Span::current();
+    if !span.is_disabled() {
+        span.record("event_id", crate::delivery::client::header_id(&id).as_ref());
+    }
     let fanout = route(config, source, wrapped);
     // Fast path under overload: a destination's queue looks full without asking the store's
     // writer. The writer makes the exact check (`Admission::QueueFull`), which concurrent
