@@ -20,10 +20,13 @@ pub(crate) fn keyed(key: &[u8]) -> HmacSha256 {
 /// Decodes a configured secret: `whsec_` + base64, or the raw bytes of the text.
 pub fn decode_secret(text: &str) -> Result<Vec<u8>, String> {
     match text.strip_prefix("whsec_") {
-        Some(b64) => STANDARD
-            .decode(b64)
+        Some(b64) => match STANDARD.decode(b64) {
+            // An empty key is one anybody can sign with.
+            Ok(key) if key.is_empty() => Err("the secret is empty after whsec_".into()),
+            Ok(key) => Ok(key),
             // Not the decoder's message: it names a byte of the secret and where it is.
-            .map_err(|_| "the part after whsec_ is not base64".to_string()),
+            Err(_) => Err("the part after whsec_ is not base64".into()),
+        },
         None if text.is_empty() => Err("the secret is empty".into()),
         None => Ok(text.as_bytes().to_vec()),
     }
@@ -94,6 +97,9 @@ mod tests {
     fn raw_secret_and_bad_base64() {
         assert_eq!(decode_secret("plain").unwrap(), b"plain");
         assert!(decode_secret("whsec_!!!").is_err());
+        // An empty key would let anybody sign.
+        assert!(decode_secret("whsec_").is_err());
+        assert!(decode_secret("").is_err());
         assert!(decode_secret("").is_err());
     }
 }

@@ -193,6 +193,29 @@ fn token_secret_missing_with_oauth2_source() {
 }
 
 #[test]
+fn an_empty_signing_key_is_refused() {
+    // `whsec_` and nothing (an unset variable after it, say) would be a key anybody has.
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"",
+        "url = \"http://127.0.0.1:8001/hooks\"\nsign = { secret = \"whsec_\" }",
+    );
+    rejects(
+        &t,
+        "destinations[0].sign.secret",
+        "the secret is empty after whsec_",
+    );
+    let t = BASE.replace(
+        "event_id = [\"$.payload.eventId\"]",
+        "auth = { kind = \"standard-webhooks\", secret = \"whsec_\" }",
+    );
+    rejects(
+        &t,
+        "sources[0].auth.secret",
+        "the secret is empty after whsec_",
+    );
+}
+
+#[test]
 fn unknown_key_is_an_error() {
     let t = BASE.replace("name = \"calls\"", "name = \"calls\"\nurll = \"x\"");
     let line = rejects(&t, "destinations[0].urll", "unknown field `urll`");

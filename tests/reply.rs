@@ -227,6 +227,62 @@ async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call
 }
 
 #[tokio::test]
+async fn a_resend_whose_call_succeeds_delivers_the_held_delivery() {
+    // The first call fails: 8x8 gets the fallback and the held delivery waits for its retry
+    // (an hour off). 8x8 sends the event again; that call gets ivr's answer, which is
+    // ivr's delivery: no retry is left to send it a third time.
+    let failing = Reply::status(500).body(b"oops");
+    let answering = Reply::status(200)
+        .header("content-type", "application/json")
+        .body(REPLY);
+    let ivr = Sink::start(vec![failing], answering).await;
+    let analytics = Sink::always(200).await;
+    let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let a = r.post("/8x8/voice", &body).await;
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    delivery_of(&r, "ivr", |d| d.attempts == 1).await;
+    let again = r.post("/8x8/voice", &body).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(&again.body[..], REPLY);
+    let d = delivery_of(&r, "ivr", |d| d.state != DeliveryState::Pending).await;
+    assert_eq!(d.state, DeliveryState::Delivered);
+    assert_eq!((d.attempts, d.last_status), (2, Some(200)));
+    // A third copy gets the kept answer without a call.
+    assert_eq!(&r.post("/8x8/voice", &body).await.body[..], REPLY);
+    assert_eq!(ivr.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn a_resend_waiting_for_the_call_out_is_answered_within_its_own_timeout() {
+    // ivr answers after the reply timeout. A resend that waited for the first call, which
+    // ended in the fallback, calls again within what is left of its own timeout (1 s), not
+    // a whole new one: 8x8 waits for one timeout.
+    let ivr = replying(200, REPLY, Duration::from_secs(3)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"1s\"");
+    let r = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let first = {
+        let (url, body) = (r.url("/8x8/voice"), body.clone());
+        tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await })
+    };
+    assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    let sent = std::time::Instant::now();
+    let again = r.post("/8x8/voice", &body).await;
+    let took = sent.elapsed();
+    assert_eq!(&again.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert!(
+        took < Duration::from_millis(1600),
+        "answered after {took:?}"
+    );
+    assert_eq!(
+        &first.await.unwrap().body[..],
+        br#"{"callflow":[{"action":"hangup"}]}"#
+    );
+}
+
+#[tokio::test]
 async fn a_bodiless_fallback_is_answered_as_configured() {
     // A fallback of 404 with no body: the provider gets exactly that (not turned into the
     // JSON error the relay puts on hyper's own bodiless answers).

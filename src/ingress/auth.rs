@@ -91,15 +91,13 @@ pub fn check_headers(
                 // counted from its issue time, or (a token from an older build, without
                 // one) from now to its expiry.
                 Ok(claims)
-                    if claims.exp
-                        > now
-                            .saturating_add(token_ttl.as_secs())
-                            .saturating_add(TOKEN_CLOCK_SKEW_SECS)
-                        || claims.iat.is_some_and(|iat| {
-                            now > iat
-                                .saturating_add(token_ttl.as_secs())
-                                .saturating_add(TOKEN_CLOCK_SKEW_SECS)
-                        }) =>
+                    if {
+                        let limit = token_ttl.as_secs().saturating_add(TOKEN_CLOCK_SKEW_SECS);
+                        match claims.iat {
+                            Some(iat) => now > iat.saturating_add(limit),
+                            None => claims.exp > now.saturating_add(limit),
+                        }
+                    } =>
                 {
                     Err(unauthorized("the token outlives the source's token_ttl"))
                 }

@@ -119,6 +119,9 @@ pub async fn call(
     event: &StoredEvent,
     fresh: bool,
 ) -> Response<Body> {
+    // A duplicate that waits for the call already out calls within what is left of its own
+    // timeout, not a whole new one: the provider waits for one timeout, not two.
+    let deadline = tokio::time::Instant::now() + reply.timeout;
     if !fresh {
         if let Some(mut out) = app.replies.out(event.seq) {
             match tokio::time::timeout(reply.timeout, out.wait_for(Option::is_some)).await {
@@ -139,7 +142,11 @@ pub async fn call(
     let dest = &config.destinations[reply.from];
     let status = app.statuses.of(&dest.name);
     let paused = app.store.paused(&dest.name);
-    let called = call_once(&app.client, dest, event, reply.timeout, &status, paused).await;
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if timeout.is_zero() {
+        return fallback(reply);
+    }
+    let called = call_once(&app.client, dest, event, timeout, &status, paused).await;
     if called.outcome.is_some() {
         // Its outcome may have closed (or opened) the breaker: the scheduler looks again.
         app.store.wakeup(&dest.name).notify_one();
@@ -156,8 +163,14 @@ pub async fn call(
                 .map(|a| (a.status, a.content_type.clone(), a.body.clone())),
         );
     }
-    // A duplicate has no delivery of its own to settle.
-    let outcome = called.outcome.clone().filter(|_| fresh);
+    // A duplicate's call settles the held delivery only when it delivered it (the first
+    // call failed and the delivery waits for a retry): a failure of its own would move that
+    // retry, which the first call's outcome already scheduled. A delivery no longer pending
+    // is left as it is.
+    let outcome = called
+        .outcome
+        .clone()
+        .filter(|o| fresh || matches!(o, Outcome::Delivered { .. }));
     match called.answer {
         Some(a) => {
             let kept = StoredReply {

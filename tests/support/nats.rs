@@ -166,7 +166,16 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a single server with JetStream, its store under `dir`.
     pub async fn start(dir: &Path) -> NatsServer {
+        Self::start_with(dir, "8MB").await
+    }
+
+    /// [`NatsServer::start`] with messages of at most `max_payload` (nats-server's units).
+    #[allow(dead_code)]
+    pub async fn start_with(dir: &Path, max_payload: &str) -> NatsServer {
         let mut s = Self::configure(dir, "n1", None);
+        let text = std::fs::read_to_string(&s.conf).unwrap();
+        let text = text.replace("max_payload: 8MB", &format!("max_payload: {max_payload}"));
+        std::fs::write(&s.conf, text).unwrap();
         s.run();
         assert!(
             s.listening().await,

@@ -222,7 +222,7 @@ impl JetStreamStore {
     /// reply kept for it (a reply written before `seq` was an earlier event's).
     async fn duplicate_of(&self, seq: u64, e: &str) -> Result<Admission, StoreError> {
         let reply = match self.last(&self.names.reply(e)).await? {
-            Some((at, p)) if at > seq => serde_json::from_slice(&p).ok(),
+            Some((at, p)) if at > seq => StoredReply::decode(&p).ok(),
             _ => None,
         };
         Ok(Admission::Duplicate { seq, reply })

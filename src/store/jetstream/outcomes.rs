@@ -102,34 +102,39 @@ impl JetStreamStore {
             return Ok(());
         };
         let (meta, event) = decode_event(seq, &m.payload)?;
-        if let Some(r) = reply {
-            let payload = Bytes::from(serde_json::to_vec(&r).expect("replies serialize"));
-            self.write(&[Write::new(self.names.reply(&e), payload).ttl(self.keep_events)])
-                .await?;
-        }
-        let Some((key, outcome)) = attempt else {
-            return Ok(());
+        // Not kept (larger than the server takes, say), the reply is only called for again
+        // by a duplicate: the attempt is still recorded, or the destination gets the event
+        // once more from the scheduler.
+        let kept = match reply {
+            Some(r) => {
+                let w = Write::new(self.names.reply(&e), Bytes::from(r.encode()));
+                self.write(&[w.ttl(self.keep_events)]).await.map(|_| ())
+            }
+            None => Ok(()),
         };
-        // The call may come before the fan-out wrote the held delivery: write it first.
-        self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body, true)
-            .await?;
-        for _ in 0..3 {
-            let Some((state_seq, mut rec, body)) = self.state_of(seq, &key.destination, &e).await?
-            else {
-                return Ok(());
-            };
-            if rec.delivery.state != DeliveryState::Pending {
-                return Ok(());
-            }
-            rec.delivery.apply(&outcome, now_ms());
-            if let Written::Stored { .. } = self
-                .write(&self.state_writes(state_seq, &rec, &body))
-                .await?
-            {
-                self.advance_after(&rec, true).await;
-                return Ok(());
+        if let Some((key, outcome)) = attempt {
+            // The call may come before the fan-out wrote the held delivery: write it first.
+            self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body, true)
+                .await?;
+            for _ in 0..3 {
+                let Some((state_seq, mut rec, body)) =
+                    self.state_of(seq, &key.destination, &e).await?
+                else {
+                    break;
+                };
+                if rec.delivery.state != DeliveryState::Pending {
+                    break;
+                }
+                rec.delivery.apply(&outcome, now_ms());
+                if let Written::Stored { .. } = self
+                    .write(&self.state_writes(state_seq, &rec, &body))
+                    .await?
+                {
+                    self.advance_after(&rec, true).await;
+                    break;
+                }
             }
         }
-        Ok(())
+        kept
     }
 }

@@ -135,6 +135,10 @@ mod tests {
                         .unwrap();
                     if id == A {
                         txn.put(&dead_key("a", seq), &[]).unwrap();
+                        // A reply route's answer, kept as JSON as formats 1 to 4 did.
+                        let reply =
+                            br#"{"status":201,"content_type":"text/xml","body":[60,47,62]}"#;
+                        txn.put(&reply_key(seq), reply).unwrap();
                     }
                     txn.put(&old_key(id), &key(&[&be(seq), &be(expires)]))
                         .unwrap();
@@ -144,7 +148,8 @@ mod tests {
             .unwrap();
     }
 
-    /// A format 3 store opens as format 4 without moving its records: the latest expiry of
+    /// A format 3 store opens as the current format without moving its records, and its
+    /// replies, kept as JSON, still read: the latest expiry of
     /// its v1 UUID records is kept; a duplicate, a lookup and a replay by id find an old
     /// record, across a restart too; a new v1 id is keyed in time order; the purge takes an
     /// old record with its event.
@@ -158,14 +163,25 @@ mod tests {
             let engine = first.take().unwrap_or_else(|| open(dir));
             let st: Arc<KvStore<E>> = KvStore::start(engine).unwrap();
             let engine = &st.shared.engine;
-            assert_eq!(engine.get(FORMAT_KEY).unwrap().unwrap(), 4u32.to_be_bytes());
+            assert_eq!(
+                engine.get(FORMAT_KEY).unwrap().unwrap(),
+                FORMAT.to_be_bytes()
+            );
             assert_eq!(
                 st.shared.legacy_until, a_until,
                 "the v1 records' latest expiry"
             );
             for id in [A, C] {
                 let dup = st.accept(new_event(id)).await.unwrap();
-                assert!(matches!(dup, Admission::Duplicate { .. }), "{id}: {dup:?}");
+                let Admission::Duplicate { reply, .. } = dup else {
+                    panic!("{id}: {dup:?}");
+                };
+                let kept = (id == A).then(|| StoredReply {
+                    status: 201,
+                    content_type: Some("text/xml".into()),
+                    body: b"</>".to_vec(),
+                });
+                assert_eq!(reply, kept, "{id}: the reply an older format kept");
                 let found = st.lookup(id).await.unwrap();
                 assert_eq!(found.len(), 1, "{id}");
                 assert_eq!(found[0].event.id, id);

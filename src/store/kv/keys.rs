@@ -70,8 +70,10 @@ pub(crate) const FORMAT_KEY: &[u8] = b"m/format";
 /// that reads only format 1 would misread (it would never send a waiting ordered delivery);
 /// 3: binary event and delivery records ([`super::records`]; those of 1 and 2 still read);
 /// 4: the dedup records of v1 UUID ids under `u/`, in time order ([`time_ordered`]); those
-/// an older format wrote under `d/` stay there and are still read ([`LEGACY_UNTIL_KEY`]).
-pub(crate) const FORMAT: u32 = 4;
+/// an older format wrote under `d/` stay there and are still read ([`LEGACY_UNTIL_KEY`]);
+/// 5: reply records in binary ([`crate::store::StoredReply::encode`]; the JSON ones of
+/// earlier formats still read), which a build reading only JSON would take for corrupt.
+pub(crate) const FORMAT: u32 = 5;
 /// Present in a store that formats 1 to 3 wrote v1 UUID dedup records in (under `d/`): the
 /// latest expiry among them (`u64`, big-endian). Until then an accept of a v1 UUID id looks
 /// under `d/` too; while the key is present, lookups, replays and purges look under both.

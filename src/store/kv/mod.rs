@@ -341,8 +341,7 @@ impl<E: Engine> Store for KvStore<E> {
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
             let mut r = Ok(());
             if let Some(reply) = reply {
-                let v = serde_json::to_vec(&reply).expect("reply serializes");
-                r = w.txn.put(&reply_key(seq), &v);
+                r = w.txn.put(&reply_key(seq), &reply.encode());
             }
             if let (Ok(()), Some((key, outcome))) = (&r, attempt) {
                 r = w.record(&key, outcome);

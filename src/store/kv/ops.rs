@@ -56,7 +56,7 @@ impl Writer<'_> {
             let (seq, expires) = (read_u64(&v), read_u64(&v[8..]));
             if expires > ev.received_ms {
                 let reply = match self.txn.get(&reply_key(seq))? {
-                    Some(r) => Some(serde_json::from_slice(&r).map_err(corrupt)?),
+                    Some(r) => Some(StoredReply::decode(&r)?),
                     None => None,
                 };
                 return Ok(Admission::Duplicate { seq, reply });
