@@ -124,6 +124,47 @@ async fn every_admin_path_but_health_needs_the_token() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_to_a_destination_that_left_the_config_stays_dead_until_it_is_back() {
+    // Replayed while its destination is out of the config, it would leave the dead list
+    // and wait, unsent, where no scheduler looks.
+    let sink = Sink::start(vec![Reply::status(400)], Reply::status(200)).await;
+    let other = Sink::always(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let both = config(&[("d", &sink.url("/d")), ("e", &other.url("/e"))]);
+    let relay = start_relay(dir.path(), &both).await;
+    let (status, _) = post(&relay, "/open", "application/json", br#"{"id":"ev-gone"}"#).await;
+    assert_eq!(status, 200);
+    wait_state(&relay, "ev-gone", "d", DeliveryState::Dead).await;
+    let reload = |text: String| {
+        std::fs::write(dir.path().join("routes.toml"), text).unwrap();
+        admin(&relay, Method::POST, "/api/reload")
+    };
+    assert_eq!(reload(config(&[("e", &other.url("/e"))])).await.status, 200);
+
+    let a = admin(&relay, Method::POST, "/api/dead/replay?id=ev-gone").await;
+    assert_eq!(
+        a.json()["replayed"],
+        0,
+        "not to a destination out of the config"
+    );
+    for q in ["destination=d", "destination=d&id=ev-gone"] {
+        let a = admin(&relay, Method::POST, &format!("/api/dead/replay?{q}")).await;
+        let msg = a.error(404, "not_found");
+        assert!(msg.contains("no longer in the config"), "{q}: {msg}");
+    }
+    let dead = admin(&relay, Method::GET, "/api/dead").await.json();
+    assert_eq!(dead.as_array().unwrap().len(), 1, "still dead: {dead}");
+
+    // Back in the config, the same replay sends it.
+    assert_eq!(reload(both).await.status, 200);
+    let a = admin(&relay, Method::POST, "/api/dead/replay?id=ev-gone").await;
+    assert_eq!(a.json()["replayed"], 1);
+    wait_state(&relay, "ev-gone", "d", DeliveryState::Delivered).await;
+    assert_eq!(sink.seen().len(), 2);
+    stop_relay(relay).await;
+}
+
+#[tokio::test]
 async fn a_dead_letter_names_its_event_and_is_replayed_by_that_id() {
     let sink = Sink::start(vec![Reply::status(400)], Reply::status(200)).await;
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ mod console;
 mod origin;
 pub mod views;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -224,15 +224,15 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                     ))
                 }
             };
-            // A name that is no destination is a mistake to say, not "nothing replayed".
-            if let ReplaySelector::Destination(d)
-            | ReplaySelector::Delivery { destination: d, .. } = &which
-            {
-                if !destination_names(app).contains(d) {
-                    return Err(not_found(format!("no destination is named {d:?}")));
-                }
-            }
-            let n = app.store.replay(which).await.map_err(store_error)?;
+            // Only to a destination in the config: re-queued for one that left it, a dead
+            // letter would leave the dead list and wait, unsent, until it came back.
+            let configured = app
+                .config()
+                .destinations
+                .iter()
+                .map(|d| d.name.clone())
+                .collect();
+            let n = replay(app, which, &configured).await?;
             info!(replayed = n, "dead deliveries replayed");
             Ok(ok(json!({"replayed": n})))
         }
@@ -349,6 +349,50 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
 }
 
 /// Configured destinations, then those with pending deliveries the config no longer names.
+/// Replays the dead deliveries `which` names to the destinations in `configured`. A name
+/// that is no destination (or no longer one) is a mistake to say, not "nothing replayed";
+/// an event's dead deliveries to destinations that left the config stay dead.
+async fn replay(
+    app: &App,
+    which: ReplaySelector,
+    configured: &HashSet<String>,
+) -> Result<usize, ApiError> {
+    let id = match which {
+        ReplaySelector::Destination(d) | ReplaySelector::Delivery { destination: d, .. }
+            if !configured.contains(&d) =>
+        {
+            let left = destination_names(app).contains(&d)
+                || !app
+                    .store
+                    .dead(Some(&d), 1)
+                    .await
+                    .map_err(store_error)?
+                    .is_empty();
+            let why = match left {
+                true => format!("{d:?} is no longer in the config: its dead deliveries stay dead until it is back"),
+                false => format!("no destination is named {d:?}"),
+            };
+            return Err(not_found(why));
+        }
+        ReplaySelector::EventId(id) => id,
+        which => return app.store.replay(which).await.map_err(store_error),
+    };
+    let mut n = 0;
+    for view in app.store.lookup(&id).await.map_err(store_error)? {
+        for d in &view.deliveries {
+            if d.state == DeliveryState::Dead && configured.contains(&d.destination) {
+                let one = ReplaySelector::Delivery {
+                    id: id.clone(),
+                    destination: d.destination.clone(),
+                    seq: Some(view.event.seq),
+                };
+                n += app.store.replay(one).await.map_err(store_error)?;
+            }
+        }
+    }
+    Ok(n)
+}
+
 fn destination_names(app: &App) -> Vec<String> {
     let config = app.config();
     let mut names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
