@@ -125,6 +125,23 @@ impl DestinationStatus {
         }
     }
 
+    /// Closes the breaker for good when the config turns it off (`failures = 0`); whether
+    /// it was open (or probing).
+    pub fn turn_off(&self) -> bool {
+        let was = std::mem::take(&mut *self.breaker.lock().unwrap());
+        was != BreakerState::Closed
+    }
+
+    /// When an open breaker lets a probe go; `None` when it is not open (or a probe is out).
+    pub fn reopens_at(&self, breaker: &Breaker) -> Option<u64> {
+        match *self.breaker.lock().unwrap() {
+            BreakerState::Open { since_ms } if breaker.failures > 0 => {
+                Some(reopens(since_ms, breaker))
+            }
+            _ => None,
+        }
+    }
+
     /// An attempt was delivered (`error` is `None`) or failed with `error`, at `now_ms`;
     /// returns the breaker's change of state, if any.
     pub fn outcome(&self, error: Option<&str>, breaker: &Breaker, now_ms: u64) -> Option<Change> {

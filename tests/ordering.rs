@@ -646,3 +646,61 @@ async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_cl
     drop(relay);
     sink.stop().await;
 }
+
+#[tokio::test]
+async fn an_attempt_waiting_for_its_rate_token_is_not_sent_once_the_breaker_opened_and_a_reload_turns_it_off(
+) {
+    // One request every 2 s. The first attempt fails (held until released, then 503),
+    // opening the breaker (failures = 1) while the second waits for its token: when the
+    // token comes, the cool-down (30 s) holds it back.
+    let sink = FaultSink::start(|n| {
+        if n == 0 {
+            Action::Held(503)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_in_flight = 4\nrate = { per_second = 0.5, burst = 1 }\n\
+                 breaker = { failures = 1, cool_down = \"30s\" }";
+    let toml = voice_config(&Backend::Embedded("redb"), &sink, extra);
+    let relay = start(dir.path(), &toml, 0).await;
+    let bodies: Vec<Vec<u8>> = (0..2).map(|i| voice_event(&format!("k{i}"), 0)).collect();
+    post_all(std::slice::from_ref(&relay), "/voice", &bodies).await;
+    assert!(sink.wait_count(1, WAIT).await);
+    sink.release();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
+        if d[0]["state"] == "open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never open: {d}");
+        tokio::task::yield_now().await;
+    }
+    // The second's token comes within 2 s of the first attempt.
+    assert!(
+        !sink.wait_count(2, Duration::from_secs(3)).await,
+        "sent during the cool-down: {:?}",
+        sink.arrivals()
+    );
+    // A reload turning the breaker off closes it at once, in the API and the gauge too,
+    // and what it held back goes.
+    let off = toml.replace("failures = 1", "failures = 0");
+    std::fs::write(dir.path().join("routes.toml"), off).unwrap();
+    let reloaded = admin(&relay, http::Method::POST, "/api/reload").await;
+    assert_eq!(reloaded["reloaded"], true, "{reloaded}");
+    let d = admin(&relay, http::Method::GET, "/api/destinations").await;
+    assert_eq!(d[0]["state"], "ok", "{d}");
+    let metrics = admin(&relay, http::Method::GET, "/metrics").await;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("hookrelay_destination_state{destination=\"d\",state=\"ok\"} 1"),
+        "{text}"
+    );
+    let ids: std::collections::HashSet<String> = (0..2).map(|i| format!("k{i}-0")).collect();
+    assert!(sink.wait_delivered(&ids, WAIT).await.is_ok());
+    drop(relay);
+    sink.stop().await;
+}

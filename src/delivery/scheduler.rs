@@ -317,17 +317,11 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue 'passes,
                 p = limits.slot() => p,
             };
-            // A probe not handed to an attempt (any `break` below) is given back on drop.
-            let probing = match in_flight.status.gate(&dest.breaker, now_ms()) {
-                Gate::Send => None,
-                Gate::Probe => Some(Probing(in_flight.status.clone())),
-                Gate::WaitUntil(t) => {
-                    next_due = Some(t);
-                    break;
-                }
-                Gate::WaitProbe => break,
-            };
-            let probe = probing.is_some();
+            // An open breaker spends no token.
+            if !in_flight.status.would_send(&dest.breaker, now_ms()) {
+                next_due = in_flight.status.reopens_at(&dest.breaker);
+                break;
+            }
             tokio::select! {
                 biased;
                 _ = ctx.stop.cancelled() => break 'passes,
@@ -339,6 +333,19 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             if ctx.deps.store.paused(&name) || changes.has_changed().unwrap_or(false) {
                 break;
             }
+            // The breaker once the token came: an attempt that failed meanwhile may have
+            // opened it. A probe not handed to an attempt (any `break` below) is given back
+            // on drop.
+            let probing = match in_flight.status.gate(&dest.breaker, now_ms()) {
+                Gate::Send => None,
+                Gate::Probe => Some(Probing(in_flight.status.clone())),
+                Gate::WaitUntil(t) => {
+                    next_due = Some(t);
+                    break;
+                }
+                Gate::WaitProbe => break,
+            };
+            let probe = probing.is_some();
             let guard = in_flight.enter(d.seq);
             ctx.tasks.spawn(attempt(
                 ctx.clone(),
