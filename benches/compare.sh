@@ -157,7 +157,7 @@ run() { # name port round
 # Waits until the relay has delivered its backlog (bounded: 120 s).
 drain() {
   for _ in $(seq 1 1200); do
-    depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}')
+    depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}' || true)
     [ "${depth:-0}" = "0" ] && return 0
     sleep 0.1
   done

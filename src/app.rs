@@ -81,18 +81,17 @@ impl App {
     /// Puts `config` in force for every request that starts from now on.
     pub fn swap_config(&self, config: Config) {
         let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
-        // A breaker the config turns off is closed now, not when an attempt next passes it:
-        // the API and the gauge would say `open` until then.
-        for d in config
-            .destinations
-            .iter()
-            .filter(|d| d.breaker.failures == 0)
-        {
-            if self.statuses.of(&d.name).turn_off() {
-                tracing::info!(destination = %d.name, "breaker closed: the config turns it off (failures = 0)");
+        let breakers: Vec<(String, bool)> = (config.destinations.iter())
+            .map(|d| (d.name.clone(), d.breaker.failures > 0))
+            .collect();
+        self.live.swap(config);
+        // A breaker the config turns off is closed now: the API and the gauge would say
+        // `open` until an attempt next passed it.
+        for (name, on) in breakers {
+            if self.statuses.of(&name).set_breaker_on(on) {
+                tracing::info!(destination = %name, "breaker closed: the config turns it off (failures = 0)");
             }
         }
-        self.live.swap(config);
         // After the swap: a scrape between the two, reading the old config, would take a
         // new destination's zero series out again.
         for name in &names {

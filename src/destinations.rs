@@ -9,7 +9,7 @@
 //! again. Deliveries wait meanwhile: no attempt is spent, nothing is made dead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use governor::DefaultDirectRateLimiter;
@@ -38,6 +38,9 @@ pub struct DestinationStatus {
     consecutive_failures: AtomicU64,
     last_error: Mutex<Option<String>>,
     breaker: Mutex<BreakerState>,
+    /// The config in force turns the breaker off (`failures = 0`): an attempt that started
+    /// under an older config, with it on, does not open it.
+    breaker_off: AtomicBool,
     /// Set by the scheduler while this instance sends to the destination.
     limits: Mutex<Option<SendLimits>>,
     /// Told when a probe ends without an outcome, so the scheduler waiting on it probes
@@ -125,11 +128,16 @@ impl DestinationStatus {
         }
     }
 
-    /// Closes the breaker for good when the config turns it off (`failures = 0`); whether
-    /// it was open (or probing).
-    pub fn turn_off(&self) -> bool {
-        let was = std::mem::take(&mut *self.breaker.lock().unwrap());
-        was != BreakerState::Closed
+    /// Whether the config in force turns the breaker on (`failures > 0`). Turned off, an
+    /// open breaker closes now, not when an attempt next passes it; returns whether it did.
+    pub fn set_breaker_on(&self, on: bool) -> bool {
+        self.breaker_off.store(!on, Ordering::Relaxed);
+        if on {
+            return false;
+        }
+        let mut state = self.breaker.lock().unwrap();
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        std::mem::take(&mut *state) != BreakerState::Closed
     }
 
     /// When an open breaker lets a probe go; `None` when it is not open (or a probe is out).
@@ -155,7 +163,7 @@ impl DestinationStatus {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let open = BreakerState::Open { since_ms: now_ms };
         match *state {
-            _ if breaker.failures == 0 => None,
+            _ if breaker.failures == 0 || self.breaker_off.load(Ordering::Relaxed) => None,
             BreakerState::Probing => {
                 *state = open;
                 Some(Change::Reopened)

@@ -255,12 +255,12 @@ async fn a_resend_whose_call_succeeds_delivers_the_held_delivery() {
 
 #[tokio::test]
 async fn a_resend_waiting_for_the_call_out_is_answered_within_its_own_timeout() {
-    // ivr answers after the reply timeout. A resend that waited for the first call, which
-    // ended in the fallback, calls again within what is left of its own timeout (1 s), not
-    // a whole new one: 8x8 waits for one timeout.
-    let ivr = replying(200, REPLY, Duration::from_secs(3)).await;
+    // ivr answers long after the reply timeout (3 s). A resend 1.5 s after the first call,
+    // which ends in the fallback, calls again within what is left of its own timeout (~1.5
+    // s), not a whole new one: 8x8 waits for one timeout. (A whole one: ~4.5 s.)
+    let ivr = replying(200, REPLY, Duration::from_secs(10)).await;
     let analytics = Sink::always(200).await;
-    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"1s\"");
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"3s\"");
     let r = TestRelay::start(&text).await;
     let body = fixture("8x8/voice-call-action.json");
     let first = {
@@ -268,13 +268,20 @@ async fn a_resend_waiting_for_the_call_out_is_answered_within_its_own_timeout() 
         tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await })
     };
     assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    // Not a synchronisation: the resend comes halfway through the first call's timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = std::time::Instant::now();
     let again = r.post("/8x8/voice", &body).await;
     let took = sent.elapsed();
     assert_eq!(&again.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
     assert!(
-        took < Duration::from_millis(1600),
+        took < Duration::from_millis(3750),
         "answered after {took:?}"
+    );
+    assert_eq!(
+        ivr.seen().len(),
+        2,
+        "the resend called, within its time left"
     );
     assert_eq!(
         &first.await.unwrap().body[..],

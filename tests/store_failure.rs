@@ -91,9 +91,10 @@ impl Store for Flaky {
         seq: u64,
         reply: Option<StoredReply>,
         attempt: Option<(DeliveryKey, Outcome)>,
+        fresh: bool,
     ) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.after_reply(seq, reply, attempt)
+        self.inner.after_reply(seq, reply, attempt, fresh)
     }
     async fn dead(&self, d: Option<&str>, limit: usize) -> Result<Vec<NamedDelivery>, StoreError> {
         self.inner.dead(d, limit).await

@@ -348,7 +348,6 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
     })))
 }
 
-/// Configured destinations, then those with pending deliveries the config no longer names.
 /// Replays the dead deliveries `which` names to the destinations in `configured`. A name
 /// that is no destination (or no longer one) is a mistake to say, not "nothing replayed";
 /// an event's dead deliveries to destinations that left the config stay dead.
@@ -393,6 +392,7 @@ async fn replay(
     Ok(n)
 }
 
+/// Configured destinations, then those with pending deliveries the config no longer names.
 fn destination_names(app: &App) -> Vec<String> {
     let config = app.config();
     let mut names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();

@@ -110,8 +110,8 @@ fn fallback(reply: &Reply) -> Response<Body> {
 }
 
 /// Calls `reply.from` for `event` and answers with its response or the fallback.
-/// `fresh` says whether this request stored the event (a duplicate has no delivery of its
-/// own to settle).
+/// `fresh` says whether this request stored the event (a duplicate's call settles the held
+/// delivery only by delivering it).
 pub async fn call(
     app: &Deps,
     config: &Config,
@@ -142,8 +142,10 @@ pub async fn call(
     let dest = &config.destinations[reply.from];
     let status = app.statuses.of(&dest.name);
     let paused = app.store.paused(&dest.name);
+    // Less than a quarter of it left, a call would mostly time out, and count against the
+    // destination's breaker as a failure of its own.
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if timeout.is_zero() {
+    if timeout < reply.timeout / 4 {
         return fallback(reply);
     }
     let called = call_once(&app.client, dest, event, timeout, &status, paused).await;
@@ -178,7 +180,7 @@ pub async fn call(
                 content_type: a.content_type.clone(),
                 body: a.body.to_vec(),
             };
-            settle(app, key, Some(kept), outcome, called.seconds);
+            settle(app, key, Some(kept), outcome, fresh, called.seconds);
             info!(destination = %dest.name, status = a.status, "reply forwarded");
             answer(a.status, a.content_type.as_deref(), a.body)
         }
@@ -194,18 +196,20 @@ pub async fn call(
             if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
                 warn!(destination = %dest.name, result = %called.described, held_back, "reply destination failed; answering the fallback");
             }
-            settle(app, key, None, outcome, called.seconds);
+            settle(app, key, None, outcome, fresh, called.seconds);
             fallback(reply)
         }
     }
 }
 
 /// Queues the kept answer and the held delivery's outcome; the answer does not wait.
+/// `fresh`: the call was made for the request that stored the event.
 fn settle(
     app: &Deps,
     key: DeliveryKey,
     reply: Option<StoredReply>,
     outcome: Option<Outcome>,
+    fresh: bool,
     seconds: f64,
 ) {
     if let Some(o) = &outcome {
@@ -213,7 +217,7 @@ fn settle(
     }
     if let Err(e) = app
         .store
-        .after_reply(key.seq, reply, outcome.map(|o| (key, o)))
+        .after_reply(key.seq, reply, outcome.map(|o| (key, o)), fresh)
     {
         warn!(error = %e, "keeping the reply failed; a duplicate will call again");
     }

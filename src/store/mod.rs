@@ -383,12 +383,15 @@ pub trait Store: Send + Sync + 'static {
     /// the attempt on the held delivery. Queued in order behind everything submitted before
     /// and committed with the next group, but not waited for: the provider's answer need
     /// not wait for a second commit. If it is lost in a crash, a duplicate calls again and
-    /// the held delivery goes out later (at least once).
+    /// the held delivery goes out later (at least once). `fresh`: the call was made for the
+    /// request that stored the event (else for a duplicate, whose outcome only settles a
+    /// delivery still there to settle).
     fn after_reply(
         &self,
         seq: u64,
         reply: Option<StoredReply>,
         attempt: Option<(DeliveryKey, Outcome)>,
+        fresh: bool,
     ) -> Result<(), StoreError>;
 
     /// Dead deliveries, oldest first, optionally of one destination.

@@ -503,12 +503,13 @@ impl Store for JetStreamStore {
         seq: u64,
         reply: Option<StoredReply>,
         attempt: Option<(DeliveryKey, Outcome)>,
+        fresh: bool,
     ) -> Result<(), StoreError> {
         let Some(me) = self.me.upgrade() else {
             return Err(StoreError::Closed);
         };
         self.tasks.spawn(async move {
-            if let Err(e) = me.store_reply(seq, reply, attempt).await {
+            if let Err(e) = me.store_reply(seq, reply, attempt, fresh).await {
                 warn!(error = %e, "storing a reply route's answer failed; a duplicate calls again");
             }
         });

@@ -92,6 +92,7 @@ impl JetStreamStore {
         seq: u64,
         reply: Option<StoredReply>,
         attempt: Option<(DeliveryKey, Outcome)>,
+        fresh: bool,
     ) -> Result<(), StoreError> {
         let m = self
             .stream
@@ -114,8 +115,11 @@ impl JetStreamStore {
         };
         if let Some((key, outcome)) = attempt {
             // The call may come before the fan-out wrote the held delivery: write it first.
-            self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body, true)
-                .await?;
+            // Not for a duplicate's call: its delivery, if gone, was settled and expired.
+            if fresh {
+                self.ensure_delivery(seq, &meta, &key.destination, &e, &event.body, true)
+                    .await?;
+            }
             for _ in 0..3 {
                 let Some((state_seq, mut rec, body)) =
                     self.state_of(seq, &key.destination, &e).await?

@@ -337,6 +337,7 @@ impl<E: Engine> Store for KvStore<E> {
         seq: u64,
         reply: Option<StoredReply>,
         attempt: Option<(DeliveryKey, Outcome)>,
+        _fresh: bool,
     ) -> Result<(), StoreError> {
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
             let mut r = Ok(());

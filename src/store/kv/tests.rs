@@ -561,8 +561,13 @@ async fn an_order_keys_line_on_every_engine() {
             seq: s2,
             destination: "a".into(),
         };
-        st.after_reply(s2, None, Some((k2, Outcome::Delivered { status: 200 })))
-            .unwrap();
+        st.after_reply(
+            s2,
+            None,
+            Some((k2, Outcome::Delivered { status: 200 })),
+            true,
+        )
+        .unwrap();
         st.set_paused("x", false).await.unwrap(); // after the reply's write
         assert_eq!(
             due(st.clone()).await,
