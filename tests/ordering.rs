@@ -584,6 +584,19 @@ async fn each_records_insert_update_delete_arrive_in_order_under_32_senders_jets
     each_records_insert_update_delete_arrive_in_order_under_32_senders("jetstream").await;
 }
 
+/// Waits (bounded) until the admin API says destination `d`'s breaker is open.
+async fn breaker_opened(relay: &RelayProcess) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let d = admin(relay, http::Method::GET, "/api/destinations").await;
+        if d[0]["state"] == "open" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never open: {d}");
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test]
 async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_closes() {
     // Arrivals 0..=3 fail (three to open it, then the first probe); the next probe is taken.
@@ -603,15 +616,7 @@ async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_cl
     post_all(std::slice::from_ref(&relay), "/voice", &bodies).await;
     assert!(sink.wait_count(3, WAIT).await);
     // Open: the API and the gauge say so (within a moment of the third answer).
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
-        if d[0]["state"] == "open" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never open: {d}");
-        tokio::task::yield_now().await;
-    }
+    breaker_opened(&relay).await;
     let metrics = admin(&relay, http::Method::GET, "/metrics").await;
     let text = metrics.as_str().unwrap();
     assert!(
@@ -673,15 +678,7 @@ async fn an_attempt_waiting_for_its_rate_token_is_not_sent_once_the_breaker_open
     // slot and passed the closed breaker at once) when the first fails.
     tokio::time::sleep(Duration::from_millis(500)).await;
     sink.release();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
-        if d[0]["state"] == "open" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never open: {d}");
-        tokio::task::yield_now().await;
-    }
+    breaker_opened(&relay).await;
     // The second's token comes 5 s after the first attempt.
     assert!(
         !sink.wait_count(2, Duration::from_secs(6)).await,

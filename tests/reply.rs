@@ -70,6 +70,19 @@ async fn replying(status: u16, body: &[u8], delay: Duration) -> Sink {
     Sink::start(Vec::new(), reply).await
 }
 
+/// Posts `body` in the background, as 8x8's first try, once ivr has its call.
+async fn first_try_out(
+    r: &TestRelay,
+    ivr: &Sink,
+    body: &[u8],
+) -> tokio::task::JoinHandle<support::Answer> {
+    let (url, body) = (r.url("/8x8/voice"), body.to_vec());
+    let first =
+        tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await });
+    assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    first
+}
+
 const REPLY: &[u8] = include_bytes!("../examples/payloads/8x8/voice-call-action-reply.json");
 
 #[tokio::test]
@@ -213,11 +226,7 @@ async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call
     let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"5s\"");
     let r = TestRelay::start(&text).await;
     let body = fixture("8x8/voice-call-action.json");
-    let first = {
-        let (url, body) = (r.url("/8x8/voice"), body.clone());
-        tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await })
-    };
-    assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    let first = first_try_out(&r, &ivr, &body).await;
     let again = r.post("/8x8/voice", &body).await;
     assert_eq!(again.status, 200);
     assert_eq!(&again.body[..], REPLY);
@@ -263,11 +272,7 @@ async fn a_resend_waiting_for_the_call_out_is_answered_within_its_own_timeout() 
     let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"3s\"");
     let r = TestRelay::start(&text).await;
     let body = fixture("8x8/voice-call-action.json");
-    let first = {
-        let (url, body) = (r.url("/8x8/voice"), body.clone());
-        tokio::spawn(async move { support::send(http::Method::POST, &url, &[], &body).await })
-    };
-    assert_eq!(ivr.wait_for(1).await.len(), 1, "the first call is out");
+    let first = first_try_out(&r, &ivr, &body).await;
     // Not a synchronisation: the resend comes halfway through the first call's timeout.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = std::time::Instant::now();
