@@ -132,12 +132,13 @@ impl DestinationStatus {
     /// open breaker closes now, not when an attempt next passes it; returns whether it did.
     pub fn set_breaker_on(&self, on: bool) -> bool {
         self.breaker_off.store(!on, Ordering::Relaxed);
-        if on {
+        let mut state = self.breaker.lock().unwrap();
+        if on || *state == BreakerState::Closed {
             return false;
         }
-        let mut state = self.breaker.lock().unwrap();
         self.consecutive_failures.store(0, Ordering::Relaxed);
-        std::mem::take(&mut *state) != BreakerState::Closed
+        *state = BreakerState::Closed;
+        true
     }
 
     /// When an open breaker lets a probe go; `None` when it is not open (or a probe is out).
@@ -334,5 +335,28 @@ mod tests {
         }
         assert_eq!(s.gate(&b, 0), Gate::Send);
         assert_eq!(s.consecutive_failures(), 100);
+    }
+
+    #[test]
+    fn a_config_turning_the_breaker_off_closes_it_and_keeps_it_closed() {
+        let on = Breaker {
+            failures: 1,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        assert_eq!(s.outcome(Some("HTTP 503"), &on, 0), Some(Change::Opened));
+        assert!(s.set_breaker_on(false), "it was open");
+        assert!(!s.breaker_open());
+        assert_eq!(s.consecutive_failures(), 0);
+        // An attempt started under the old config fails: the breaker stays closed.
+        assert_eq!(s.outcome(Some("HTTP 503"), &on, 10), None);
+        assert!(
+            !s.set_breaker_on(false),
+            "closed already: counts are left alone"
+        );
+        assert_eq!(s.consecutive_failures(), 1);
+        // On again, the next failure opens it.
+        assert!(!s.set_breaker_on(true));
+        assert_eq!(s.outcome(Some("HTTP 503"), &on, 20), Some(Change::Opened));
     }
 }
