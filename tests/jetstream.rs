@@ -925,6 +925,74 @@ async fn max_in_flight_below_the_instance_count_still_holds() {
     assert_eq!(max, 1, "{max} requests at once");
 }
 
+/// A reply route's calls on an instance that does not send to the destination (its
+/// `max_in_flight` is below the instance count) take from a sender's part too: each
+/// instance makes one call at a time, where those that do not send made as many as came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_calls_on_instances_that_do_not_send_are_limited_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let ivr = Sink::start(
+        Vec::new(),
+        Reply::status(200)
+            .header("content-type", "application/json")
+            .body(CALL_ACTION_REPLY)
+            .delay(Duration::from_millis(300)),
+    )
+    .await;
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 65536
+[store]
+backend = "jetstream"
+url = "{}"
+prefix = "calls"
+[delivery]
+retry = {{ first = "1h" }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "ivr"
+url = "{}"
+max_in_flight = 1
+[[routes]]
+name = "ivr"
+source = "voice"
+match = {{ eventType = "CALL_ACTION" }}
+to = ["ivr"]
+reply = {{ from = "ivr", timeout = "10s", fallback = {{ status = 200, body = '{{"callflow":[{{"action":"hangup"}}]}}' }} }}
+"#,
+        nats.url(),
+        ivr.url("/call-action")
+    );
+    let relays = relays(dir.path(), &text, 3).await;
+    wait_instances(&relays, 3).await;
+    let body = String::from_utf8(fixture("8x8/voice-call-action.json").to_vec()).unwrap();
+    // Three at once at each instance.
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        let url = format!("http://{}/8x8/voice", relays[i % 3].ingress);
+        let body = body.replace("77e6a667-133a-11ef", &format!("77e6a667-{i:04x}-11ef"));
+        calls.push(tokio::spawn(async move {
+            send(Method::POST, &url, &[], body.as_bytes()).await
+        }));
+    }
+    for c in calls {
+        let a = c.await.unwrap();
+        assert_eq!(&a.body[..], CALL_ACTION_REPLY, "each call answered in time");
+    }
+    let max = ivr.max_concurrent();
+    assert!(max <= 3, "{max} calls at once from three instances");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+}
+
 /// `events` posted round-robin to three instances, delivered to a destination with
 /// `max_in_flight` that answers after `delay_ms`: the most requests it had at once, once
 /// every event arrived.

@@ -259,6 +259,21 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             let in_flight = in_flight.clone();
             move |seq: u64| in_flight.contains(seq)
         };
+        let part = part(&dest.rate, dest.max_in_flight, ctx.deps.store.share());
+        let limits = match &mut limits {
+            Some(l) => {
+                l.update(part);
+                l
+            }
+            None => limits.insert(Limits::new(part)),
+        };
+        // A reply route's calls take from the same slots and tokens; on an instance that
+        // does not send to the destination too (there, from a sender's part: bounded per
+        // instance, where they would not be at all).
+        in_flight.status.set_limits(Some(SendLimits {
+            slots: limits.slots.clone(),
+            limiter: limits.limiter.clone(),
+        }));
         if !ctx
             .deps
             .store
@@ -270,19 +285,6 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             }
             break;
         }
-        let part = part(&dest.rate, dest.max_in_flight, ctx.deps.store.share());
-        let limits = match &mut limits {
-            Some(l) => {
-                l.update(part);
-                l
-            }
-            None => limits.insert(Limits::new(part)),
-        };
-        // A reply route's calls take from the same slots and tokens.
-        in_flight.status.set_limits(Some(SendLimits {
-            slots: limits.slots.clone(),
-            limiter: limits.limiter.clone(),
-        }));
         let window = limits
             .max_in_flight
             .saturating_mul(2)
