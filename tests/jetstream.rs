@@ -596,6 +596,52 @@ async fn a_server_without_jetstream_or_refusing_the_account_is_a_start_error_say
 const CALL_ACTION_REPLY: &[u8] =
     include_bytes!("../examples/payloads/8x8/voice-call-action-reply.json");
 
+/// A relay config on JetStream at `nats` with one reply route: voice `CALL_ACTION` events
+/// to ivr at `ivr` (its table gets `ivr_keys`; the call's timeout is `timeout`) and to
+/// analytics at `analytics`, if given. Retries are an hour off.
+fn call_action_config(
+    nats: &str,
+    ivr: &str,
+    ivr_keys: &str,
+    analytics: Option<&str>,
+    timeout: &str,
+) -> String {
+    let (analytics_table, to) = match analytics {
+        Some(url) => (
+            format!("[[destinations]]\nname = \"analytics\"\nurl = \"{url}\"\n"),
+            r#"["ivr", "analytics"]"#,
+        ),
+        None => (String::new(), r#"["ivr"]"#),
+    };
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+max_body_bytes = 65536
+[store]
+backend = "jetstream"
+url = "{nats}"
+prefix = "reply"
+[delivery]
+retry = {{ first = "1h" }}
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.payload.eventId"]
+[[destinations]]
+name = "ivr"
+url = "{ivr}"
+{ivr_keys}{analytics_table}[[routes]]
+name = "ivr"
+source = "voice"
+match = {{ eventType = "CALL_ACTION" }}
+to = {to}
+reply = {{ from = "ivr", timeout = "{timeout}", fallback = {{ status = 200, body = '{{"callflow":[{{"action":"hangup"}}]}}' }} }}
+"#
+    )
+}
+
 /// The call action reply sample grown to `len` bytes with spaces before its last brace.
 fn padded_reply(len: usize) -> Vec<u8> {
     let end = CALL_ACTION_REPLY.iter().rposition(|&b| b == b'}').unwrap();
@@ -641,38 +687,12 @@ async fn a_call_action_reply_is_kept_for_a_duplicate_at_another_instance() {
     };
     let ivr = Sink::start(vec![reply(&large), reply(&too_large)], reply(&large)).await;
     let analytics = Sink::always(200).await;
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-max_body_bytes = 65536
-[store]
-backend = "jetstream"
-url = "{}"
-prefix = "reply"
-[delivery]
-retry = {{ first = "1h" }}
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
-event_id = ["$.payload.eventId"]
-[[destinations]]
-name = "ivr"
-url = "{}"
-[[destinations]]
-name = "analytics"
-url = "{}"
-[[routes]]
-name = "ivr"
-source = "voice"
-match = {{ eventType = "CALL_ACTION" }}
-to = ["ivr", "analytics"]
-reply = {{ from = "ivr", timeout = "2s", fallback = {{ status = 200, body = '{{"callflow":[{{"action":"hangup"}}]}}' }} }}
-"#,
-        nats.url(),
-        ivr.url("/call-action"),
-        analytics.url("/ingest")
+    let text = call_action_config(
+        &nats.url(),
+        &ivr.url("/call-action"),
+        "",
+        Some(&analytics.url("/ingest")),
+        "2s",
     );
     let one = TestRelay::start(&text).await;
     let two = TestRelay::start(&text).await;
@@ -940,35 +960,12 @@ async fn reply_calls_on_instances_that_do_not_send_are_limited_too() {
             .delay(Duration::from_millis(300)),
     )
     .await;
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-max_body_bytes = 65536
-[store]
-backend = "jetstream"
-url = "{}"
-prefix = "calls"
-[delivery]
-retry = {{ first = "1h" }}
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
-event_id = ["$.payload.eventId"]
-[[destinations]]
-name = "ivr"
-url = "{}"
-max_in_flight = 1
-[[routes]]
-name = "ivr"
-source = "voice"
-match = {{ eventType = "CALL_ACTION" }}
-to = ["ivr"]
-reply = {{ from = "ivr", timeout = "10s", fallback = {{ status = 200, body = '{{"callflow":[{{"action":"hangup"}}]}}' }} }}
-"#,
-        nats.url(),
-        ivr.url("/call-action")
+    let text = call_action_config(
+        &nats.url(),
+        &ivr.url("/call-action"),
+        "max_in_flight = 1\n",
+        None,
+        "10s",
     );
     let relays = relays(dir.path(), &text, 3).await;
     wait_instances(&relays, 3).await;
