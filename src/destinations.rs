@@ -64,6 +64,19 @@ fn reopens(since_ms: u64, breaker: &Breaker) -> u64 {
     since_ms.saturating_add(breaker.cool_down.as_millis() as u64)
 }
 
+/// What a breaker in `state` lets an attempt do at `now_ms` under `breaker`.
+fn gate_of(state: BreakerState, breaker: &Breaker, now_ms: u64) -> Gate {
+    match state {
+        _ if breaker.failures == 0 => Gate::Send,
+        BreakerState::Closed => Gate::Send,
+        BreakerState::Open { since_ms } if now_ms < reopens(since_ms, breaker) => {
+            Gate::WaitUntil(reopens(since_ms, breaker))
+        }
+        BreakerState::Open { .. } => Gate::Probe,
+        BreakerState::Probing => Gate::WaitProbe,
+    }
+}
+
 /// What the breaker lets the scheduler do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
@@ -97,35 +110,29 @@ impl DestinationStatus {
             });
     }
 
-    /// What `breaker` lets the scheduler do at `now_ms`.
+    /// What `breaker` would let the scheduler do at `now_ms`, changing nothing (a probe
+    /// [`gate`](Self::gate) would hand out is not taken).
+    pub fn peek(&self, breaker: &Breaker, now_ms: u64) -> Gate {
+        gate_of(*self.breaker.lock().unwrap(), breaker, now_ms)
+    }
+
+    /// What `breaker` lets the scheduler do at `now_ms`: a probe it lets go is taken.
     pub fn gate(&self, breaker: &Breaker, now_ms: u64) -> Gate {
         let mut state = self.breaker.lock().unwrap();
-        match *state {
-            _ if breaker.failures == 0 => {
-                *state = BreakerState::Closed;
-                Gate::Send
-            }
-            BreakerState::Closed => Gate::Send,
-            BreakerState::Open { since_ms } if now_ms < reopens(since_ms, breaker) => {
-                Gate::WaitUntil(reopens(since_ms, breaker))
-            }
-            BreakerState::Open { .. } => {
-                *state = BreakerState::Probing;
-                Gate::Probe
-            }
-            BreakerState::Probing => Gate::WaitProbe,
+        let gate = gate_of(*state, breaker, now_ms);
+        match gate {
+            // Turned off: whatever it was, it is closed.
+            Gate::Send if breaker.failures == 0 => *state = BreakerState::Closed,
+            Gate::Probe => *state = BreakerState::Probing,
+            _ => {}
         }
+        gate
     }
 
     /// Whether [`gate`](Self::gate) would let an attempt go at `now_ms` (send or probe),
     /// changing nothing.
     pub fn would_send(&self, breaker: &Breaker, now_ms: u64) -> bool {
-        match *self.breaker.lock().unwrap() {
-            _ if breaker.failures == 0 => true,
-            BreakerState::Closed => true,
-            BreakerState::Open { since_ms } => now_ms >= reopens(since_ms, breaker),
-            BreakerState::Probing => false,
-        }
+        matches!(self.peek(breaker, now_ms), Gate::Send | Gate::Probe)
     }
 
     /// Whether the config in force turns the breaker on (`failures > 0`). Turned off, an
@@ -139,16 +146,6 @@ impl DestinationStatus {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         *state = BreakerState::Closed;
         true
-    }
-
-    /// When an open breaker lets a probe go; `None` when it is not open (or a probe is out).
-    pub fn reopens_at(&self, breaker: &Breaker) -> Option<u64> {
-        match *self.breaker.lock().unwrap() {
-            BreakerState::Open { since_ms } if breaker.failures > 0 => {
-                Some(reopens(since_ms, breaker))
-            }
-            _ => None,
-        }
     }
 
     /// An attempt was delivered (`error` is `None`) or failed with `error`, at `now_ms`;

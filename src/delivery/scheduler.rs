@@ -320,9 +320,13 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 p = limits.slot() => p,
             };
             // An open breaker spends no token.
-            if !in_flight.status.would_send(&dest.breaker, now_ms()) {
-                next_due = in_flight.status.reopens_at(&dest.breaker);
-                break;
+            match in_flight.status.peek(&dest.breaker, now_ms()) {
+                Gate::Send | Gate::Probe => {}
+                Gate::WaitUntil(t) => {
+                    next_due = Some(t);
+                    break;
+                }
+                Gate::WaitProbe => break,
             }
             tokio::select! {
                 biased;
