@@ -80,22 +80,19 @@ impl App {
 
     /// Puts `config` in force for every request that starts from now on.
     pub fn swap_config(&self, config: Config) {
-        let names: Vec<String> = config.destinations.iter().map(|d| d.name.clone()).collect();
-        let breakers: Vec<(String, bool)> = (config.destinations.iter())
-            .map(|d| (d.name.clone(), d.breaker.failures > 0))
-            .collect();
         self.live.swap(config);
-        // A breaker the config turns off is closed now: the API and the gauge would say
-        // `open` until an attempt next passed it.
-        for (name, on) in breakers {
-            if self.statuses.of(&name).set_breaker_on(on) {
-                tracing::info!(destination = %name, "breaker closed: the config turns it off (failures = 0)");
-            }
-        }
         // After the swap: a scrape between the two, reading the old config, would take a
-        // new destination's zero series out again.
-        for name in &names {
-            self.metrics.announce_destination(name);
+        // new destination's zero series out again. A breaker the config turns off is
+        // closed now: the API and the gauge would say `open` until an attempt next passed it.
+        for d in &self.config().destinations {
+            self.metrics.announce_destination(&d.name);
+            if self
+                .statuses
+                .of(&d.name)
+                .set_breaker_on(d.breaker.failures > 0)
+            {
+                tracing::info!(destination = %d.name, "breaker closed: the config turns it off (failures = 0)");
+            }
         }
     }
 
