@@ -207,6 +207,10 @@ async fn a_retrying_head_holds_back_only_its_key_across_a_sigkill(backend: &'sta
         "only K's head was tried: {:?}",
         arrivals_of(&log, "K")
     );
+    // L's outcomes on disk first: one the kill took back would send that L again after the
+    // restart, maybe after K-0 (at least once), which is not what this test is about. The
+    // queue depth counts an outcome once its commit is durable: K's ten are left.
+    queue_depth_reaches(&relays[0], 10).await;
     // SIGKILL in the middle of K-0's retries (every relay: whichever holds K-0), then
     // start again on the same store.
     let n = relays.len();
@@ -381,6 +385,21 @@ async fn admin(relay: &RelayProcess, method: http::Method, path: &str) -> serde_
     serde_json::from_slice(&body).unwrap_or(serde_json::Value::String(
         String::from_utf8_lossy(&body).into(),
     ))
+}
+
+/// Waits (bounded) until destination `d`'s queue depth, as `relay` reports it, is `n`.
+async fn queue_depth_reaches(relay: &RelayProcess, n: u64) {
+    let want = format!("hookrelay_queue_depth{{destination=\"d\"}} {n}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = admin(relay, http::Method::GET, "/metrics").await;
+        let text = metrics.as_str().unwrap_or_default();
+        if text.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {want}: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn a_dead_head_lets_the_next_pass_and_is_replayed_later(backend: &'static str) {
