@@ -245,15 +245,67 @@ mod tests {
         releaser.join().unwrap();
     }
 
-    /// sled under a switch: when armed, a group stops between its writes (visible to
-    /// readers: sled applies each operation's batch at once) and its flush, until released.
+    /// sled under switches: when `armed`, a group stops between its writes (visible to
+    /// readers: sled applies each operation's batch at once) and its flush, until released;
+    /// with `fail_flush`, the next group's flush fails (its writes are made); with
+    /// `fail_scans`, scans of keys under that prefix fail.
     struct HeldSled {
         inner: SledEngine,
         armed: Arc<Mutex<Option<Hold>>>,
+        fail_flush: Arc<std::sync::atomic::AtomicBool>,
+        fail_scans: Arc<Mutex<Option<&'static [u8]>>>,
+    }
+
+    impl HeldSled {
+        fn new(inner: SledEngine) -> Self {
+            HeldSled {
+                inner,
+                armed: Default::default(),
+                fail_flush: Default::default(),
+                fail_scans: Default::default(),
+            }
+        }
     }
 
     /// Says the group reached its flush; then waits for the word to go on.
     type Hold = (mpsc::Sender<()>, mpsc::Receiver<()>);
+
+    /// A group's transaction whose scans under `fail` fail.
+    struct FailingScans<'a> {
+        inner: &'a mut dyn Txn,
+        fail: Option<&'static [u8]>,
+    }
+
+    impl Txn for FailingScans<'_> {
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn scan_from(
+            &mut self,
+            p: &[u8],
+            f: &[u8],
+            visit: &mut Visit<'_>,
+        ) -> Result<(), StoreError> {
+            match self.fail {
+                Some(fail) if p.starts_with(fail) => {
+                    Err(StoreError::Unavailable("read failed".into()))
+                }
+                _ => self.inner.scan_from(p, f, visit),
+            }
+        }
+        fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put(key, value)
+        }
+        fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
+            self.inner.delete(key)
+        }
+        fn end_op(&mut self) -> Result<(), StoreError> {
+            self.inner.end_op()
+        }
+        fn abort_op(&mut self) {
+            self.inner.abort_op()
+        }
+    }
 
     impl Engine for HeldSled {
         fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -272,13 +324,21 @@ mod tests {
         }
         fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
             let held = self.armed.lock().unwrap().take();
+            let fail = *self.fail_scans.lock().unwrap();
             self.inner.group(&mut |txn| {
-                f(txn);
+                f(&mut FailingScans { inner: txn, fail });
                 if let Some((reached, release)) = &held {
                     reached.send(()).unwrap();
                     release.recv_timeout(Duration::from_secs(10)).unwrap();
                 }
-            })
+            })?;
+            if self
+                .fail_flush
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
+            {
+                return Err(StoreError::Unavailable("flush failed".into()));
+            }
+            Ok(())
         }
         fn sync(&self) -> Result<(), StoreError> {
             self.inner.sync()
@@ -288,6 +348,56 @@ mod tests {
         }
     }
 
+    fn ordered_event(id: &str) -> NewEvent {
+        NewEvent {
+            source: "s".into(),
+            id: id.into(),
+            body: bytes::Bytes::from_static(b"{}"),
+            content_type: None,
+            received_ms: crate::clock::now_ms(),
+            destinations: vec!["a".into()],
+            max_queue: Vec::new(),
+            order_keys: vec![Some("k".into())],
+            held: None,
+            dedup_window: Duration::from_secs(60),
+        }
+    }
+
+    /// The pending count follows what sled holds when something fails: a group whose flush
+    /// failed still made its writes (they count), an operation that failed made none (its
+    /// changes do not count). Both were once counted the other way round.
+    #[tokio::test]
+    async fn queue_counts_follow_the_store_through_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        let engine = HeldSled::new(SledEngine { db });
+        let (fail_flush, fail_scans) = (engine.fail_flush.clone(), engine.fail_scans.clone());
+        let st = crate::store::kv::KvStore::start(engine).unwrap();
+        fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            st.accept(ordered_event("k1")).await.is_err(),
+            "the flush failed"
+        );
+        let Admission::Duplicate { seq, .. } = st.accept(ordered_event("k1")).await.unwrap() else {
+            panic!("the event was written")
+        };
+        assert_eq!(st.queue_depth("a"), 1, "after the failed flush");
+        // Delivered, but the operation fails at its last step (moving the key's line on).
+        *fail_scans.lock().unwrap() = Some(b"o/");
+        let key = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        let delivered = Outcome::Delivered { status: 200 };
+        assert!(st.record(&key, delivered.clone()).await.is_err());
+        *fail_scans.lock().unwrap() = None;
+        assert_eq!(st.queue_depth("a"), 1, "after the failed operation");
+        assert_eq!(st.pending("a", 10, &|_| false).await.unwrap().len(), 1);
+        st.record(&key, delivered).await.unwrap();
+        assert_eq!(st.queue_depth("a"), 0, "once delivered");
+        st.close().await.unwrap();
+    }
+
     /// The next of an order key's line, put in the due queue by its predecessor's outcome,
     /// is not handed to the scheduler before that outcome's group is flushed: a crash could
     /// take the outcome back, and the predecessor would then be sent after it.
@@ -295,27 +405,12 @@ mod tests {
     async fn a_due_entry_waits_for_its_groups_flush() {
         let dir = tempfile::tempdir().unwrap();
         let db = ::sled::Config::new().path(dir.path()).open().unwrap();
-        let armed = Arc::new(Mutex::new(None));
-        let engine = HeldSled {
-            inner: SledEngine { db },
-            armed: armed.clone(),
-        };
+        let engine = HeldSled::new(SledEngine { db });
+        let armed = engine.armed.clone();
         let st = crate::store::kv::KvStore::start(engine).unwrap();
         let mut seqs = Vec::new();
         for id in ["k1", "k2"] {
-            let e = NewEvent {
-                source: "s".into(),
-                id: id.into(),
-                body: bytes::Bytes::from_static(b"{}"),
-                content_type: None,
-                received_ms: crate::clock::now_ms(),
-                destinations: vec!["a".into()],
-                max_queue: Vec::new(),
-                order_keys: vec![Some("k".into())],
-                held: None,
-                dedup_window: Duration::from_secs(60),
-            };
-            let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            let Admission::Accepted { seq } = st.accept(ordered_event(id)).await.unwrap() else {
                 panic!("accepted")
             };
             seqs.push(seq);

@@ -211,9 +211,9 @@ impl<E: Engine> KvStore<E> {
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
             let kept = w.accepted.len();
             let r = match f(w) {
-                Ok(v) => w.txn.end_op().map(|_| v),
+                Ok(v) => w.end_op().map(|_| v),
                 Err(e) => {
-                    w.txn.abort_op();
+                    w.abort_op();
                     Err(e)
                 }
             };
@@ -348,9 +348,9 @@ impl<E: Engine> Store for KvStore<E> {
                 r = w.record(&key, outcome);
             }
             r = match r {
-                Ok(()) => w.txn.end_op(),
+                Ok(()) => w.end_op(),
                 Err(e) => {
-                    w.txn.abort_op();
+                    w.abort_op();
                     Err(e)
                 }
             };

@@ -107,7 +107,7 @@ impl Writer<'_> {
             }
         }
         for dest in &ev.destinations {
-            *self.depth.entry(dest.clone()).or_default() += 1;
+            self.count(dest, 1);
         }
         if due_now > 0 {
             let event = StoredEvent {
@@ -223,7 +223,7 @@ impl Writer<'_> {
         self.txn
             .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d))?;
         if leaves_queue {
-            *self.depth.entry(k.destination.clone()).or_default() -= 1;
+            self.count(&k.destination, -1);
             self.leave_order(&d, queued)?;
         }
         Ok(())
@@ -245,7 +245,7 @@ impl Writer<'_> {
         }
         self.txn
             .put(&delivery_key(seq, dest), &encode_delivery(&d))?;
-        *self.depth.entry(dest.to_string()).or_default() += 1;
+        self.count(dest, 1);
         Ok(true)
     }
 

@@ -46,8 +46,11 @@ pub(super) struct Writer<'a> {
     /// Pending counts as of the last commit.
     pub(super) committed: &'a RwLock<HashMap<String, Arc<AtomicU64>>>,
     pub(super) next_seq: &'a mut u64,
-    /// Queue depth changes, applied once the group is committed.
+    /// Queue depth changes of the group's ended operations, applied once it is committed.
     pub(super) depth: HashMap<String, i64>,
+    /// Queue depth changes of the operation under way: they join `depth` when it ends and
+    /// are dropped if it fails, as its writes are.
+    op_depth: HashMap<String, i64>,
     /// Destinations to wake once the group is committed.
     pub(super) wakes: HashSet<String>,
     /// The value of this group's due-queue entries: the epoch and the group's number.
@@ -74,12 +77,41 @@ impl<'a> Writer<'a> {
             committed: &shared.depth,
             next_seq,
             depth: HashMap::new(),
+            op_depth: HashMap::new(),
             wakes: HashSet::new(),
             stamp: stamp(shared.epoch, group),
             fresh: &shared.fresh,
             accepted: Vec::new(),
             legacy_until: shared.legacy_until,
         }
+    }
+
+    /// Counts `delta` more pending deliveries of `dest` for the operation under way.
+    pub(super) fn count(&mut self, dest: &str, delta: i64) {
+        match self.op_depth.get_mut(dest) {
+            Some(n) => *n += delta,
+            None => {
+                self.op_depth.insert(dest.to_string(), delta);
+            }
+        }
+    }
+
+    /// Ends the operation under way: its writes and its queue changes join the group's.
+    pub(super) fn end_op(&mut self) -> Result<(), StoreError> {
+        if let Err(e) = self.txn.end_op() {
+            self.op_depth.clear();
+            return Err(e);
+        }
+        for (dest, delta) in self.op_depth.drain() {
+            *self.depth.entry(dest).or_default() += delta;
+        }
+        Ok(())
+    }
+
+    /// Drops the operation under way: its writes and its queue changes.
+    pub(super) fn abort_op(&mut self) {
+        self.txn.abort_op();
+        self.op_depth.clear();
     }
 
     /// Puts delivery `seq` of `dest` in the due queue at `due`; its scheduler is woken once
@@ -193,6 +225,10 @@ pub(super) fn writer_loop<E: Engine>(
                 shared.fresh.insert(event, uses);
             }
             shared.flushed.store(group, Ordering::Release);
+        }
+        // A group that failed on an engine without atomic groups (sled) failed at its
+        // flush: its operations are in the store, durable at the next flush, so they count.
+        if committed.is_ok() || !shared.engine.atomic_groups() {
             for (dest, delta) in depth {
                 let c = shared.depth_counter(&dest);
                 if delta >= 0 {
