@@ -85,4 +85,9 @@ pub trait Txn {
     /// Drops the current operation's writes. An engine that cannot drop just those (redb)
     /// fails the whole group instead, so an operation is never half committed.
     fn abort_op(&mut self);
+    /// Whether the group will fail whatever comes next (an operation failed halfway on an
+    /// engine that cannot drop just its writes).
+    fn doomed(&self) -> bool {
+        false
+    }
 }

@@ -259,6 +259,9 @@ impl Txn for RedbTxn<'_, '_> {
         self.op_wrote = false;
         Ok(())
     }
+    fn doomed(&self) -> bool {
+        self.broken.is_some()
+    }
     fn abort_op(&mut self) {
         if std::mem::take(&mut self.op_wrote) && self.broken.is_none() {
             self.broken = Some(StoreError::Unavailable(
@@ -279,8 +282,10 @@ mod tests {
         let done = engine.group(&mut |txn| {
             txn.put(b"a", b"1").unwrap();
             txn.end_op().unwrap();
+            assert!(!txn.doomed());
             txn.put(b"b", b"2").unwrap();
             txn.abort_op(); // failed after writing
+            assert!(txn.doomed(), "the writer takes no more operations into it");
         });
         assert!(done.is_err());
         assert_eq!(

@@ -247,13 +247,13 @@ mod tests {
 
     /// sled under switches: when `armed`, a group stops between its writes (visible to
     /// readers: sled applies each operation's batch at once) and its flush, until released;
-    /// with `fail_flush`, the next group's flush fails (its writes are made); with
-    /// `fail_scans`, scans of keys under that prefix fail.
+    /// with `fail_flush`, the next group's flush fails (its writes are made); reads and
+    /// writes of keys under one of `fail_keys` fail.
     struct HeldSled {
         inner: SledEngine,
         armed: Arc<Mutex<Option<Hold>>>,
         fail_flush: Arc<std::sync::atomic::AtomicBool>,
-        fail_scans: Arc<Mutex<Option<&'static [u8]>>>,
+        fail_keys: Arc<Mutex<&'static [&'static [u8]]>>,
     }
 
     impl HeldSled {
@@ -262,7 +262,7 @@ mod tests {
                 inner,
                 armed: Default::default(),
                 fail_flush: Default::default(),
-                fail_scans: Default::default(),
+                fail_keys: Arc::new(Mutex::new(&[])),
             }
         }
     }
@@ -270,14 +270,24 @@ mod tests {
     /// Says the group reached its flush; then waits for the word to go on.
     type Hold = (mpsc::Sender<()>, mpsc::Receiver<()>);
 
-    /// A group's transaction whose scans under `fail` fail.
-    struct FailingScans<'a> {
+    /// A group's transaction whose reads and writes of keys under one of `fail` fail.
+    struct FailingKeys<'a> {
         inner: &'a mut dyn Txn,
-        fail: Option<&'static [u8]>,
+        fail: &'static [&'static [u8]],
     }
 
-    impl Txn for FailingScans<'_> {
+    impl FailingKeys<'_> {
+        fn check(&self, key: &[u8]) -> Result<(), StoreError> {
+            match self.fail.iter().any(|p| key.starts_with(p)) {
+                true => Err(StoreError::Unavailable("failed".into())),
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl Txn for FailingKeys<'_> {
         fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.check(key)?;
             self.inner.get(key)
         }
         fn scan_from(
@@ -286,17 +296,15 @@ mod tests {
             f: &[u8],
             visit: &mut Visit<'_>,
         ) -> Result<(), StoreError> {
-            match self.fail {
-                Some(fail) if p.starts_with(fail) => {
-                    Err(StoreError::Unavailable("read failed".into()))
-                }
-                _ => self.inner.scan_from(p, f, visit),
-            }
+            self.check(p)?;
+            self.inner.scan_from(p, f, visit)
         }
         fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.check(key)?;
             self.inner.put(key, value)
         }
         fn delete(&mut self, key: &[u8]) -> Result<(), StoreError> {
+            self.check(key)?;
             self.inner.delete(key)
         }
         fn end_op(&mut self) -> Result<(), StoreError> {
@@ -324,9 +332,9 @@ mod tests {
         }
         fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError> {
             let held = self.armed.lock().unwrap().take();
-            let fail = *self.fail_scans.lock().unwrap();
+            let fail = *self.fail_keys.lock().unwrap();
             self.inner.group(&mut |txn| {
-                f(&mut FailingScans { inner: txn, fail });
+                f(&mut FailingKeys { inner: txn, fail });
                 if let Some((reached, release)) = &held {
                     reached.send(()).unwrap();
                     release.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -371,7 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = ::sled::Config::new().path(dir.path()).open().unwrap();
         let engine = HeldSled::new(SledEngine { db });
-        let (fail_flush, fail_scans) = (engine.fail_flush.clone(), engine.fail_scans.clone());
+        let (fail_flush, fail_keys) = (engine.fail_flush.clone(), engine.fail_keys.clone());
         let st = crate::store::kv::KvStore::start(engine).unwrap();
         fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(
@@ -383,18 +391,79 @@ mod tests {
         };
         assert_eq!(st.queue_depth("a"), 1, "after the failed flush");
         // Delivered, but the operation fails at its last step (moving the key's line on).
-        *fail_scans.lock().unwrap() = Some(b"o/");
+        *fail_keys.lock().unwrap() = &[b"o/"];
         let key = DeliveryKey {
             seq,
             destination: "a".into(),
         };
         let delivered = Outcome::Delivered { status: 200 };
         assert!(st.record(&key, delivered.clone()).await.is_err());
-        *fail_scans.lock().unwrap() = None;
+        *fail_keys.lock().unwrap() = &[];
         assert_eq!(st.queue_depth("a"), 1, "after the failed operation");
         assert_eq!(st.pending("a", 10, &|_| false).await.unwrap().len(), 1);
         st.record(&key, delivered).await.unwrap();
         assert_eq!(st.queue_depth("a"), 0, "once delivered");
+        st.close().await.unwrap();
+    }
+
+    /// A pause or a replay whose flush failed was still made (sled applies it first): the
+    /// relay's view follows the store, so the destination is paused, and the replayed
+    /// delivery counts as the oldest pending again.
+    #[tokio::test]
+    async fn a_pause_or_replay_whose_flush_failed_is_seen_as_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        let engine = HeldSled::new(SledEngine { db });
+        let fail_flush = engine.fail_flush.clone();
+        let st = crate::store::kv::KvStore::start(engine).unwrap();
+        fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(st.set_paused("a", true).await.is_err());
+        assert!(st.paused("a"), "paused in the store, so paused");
+        st.set_paused("a", false).await.unwrap();
+        let (mut seqs, mut received) = (Vec::new(), Vec::new());
+        for (id, ago) in [("e1", 2_000), ("e2", 1_000)] {
+            let mut e = ordered_event(id);
+            e.order_keys = Vec::new();
+            e.received_ms -= ago;
+            received.push(e.received_ms);
+            let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+                panic!()
+            };
+            seqs.push(seq);
+        }
+        let first = DeliveryKey {
+            seq: seqs[0],
+            destination: "a".into(),
+        };
+        let dead = Outcome::Dead {
+            status: Some(400),
+            error: "HTTP 400".into(),
+        };
+        st.record(&first, dead).await.unwrap();
+        assert_eq!(st.oldest_pending("a").await.unwrap(), Some(received[1]));
+        fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
+        let replay = crate::store::ReplaySelector::EventId("e1".into());
+        assert!(st.replay(replay).await.is_err());
+        assert_eq!(st.oldest_pending("a").await.unwrap(), Some(received[0]));
+        st.close().await.unwrap();
+    }
+
+    /// When neither the kept counts nor the word to rebuild them can be written, the close
+    /// does not mark the store clean, and the next start counts the queue.
+    #[tokio::test]
+    async fn counts_that_could_not_be_kept_are_rebuilt_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        let engine = HeldSled::new(SledEngine { db });
+        let fail_keys = engine.fail_keys.clone();
+        let st = crate::store::kv::KvStore::start(engine).unwrap();
+        *fail_keys.lock().unwrap() = &[b"m/depth/", b"m/recount"];
+        st.accept(ordered_event("k1")).await.unwrap();
+        *fail_keys.lock().unwrap() = &[];
+        st.close().await.unwrap();
+        drop(st);
+        let st = SledStore::open(dir.path()).unwrap();
+        assert_eq!(st.queue_depth("a"), 1);
         st.close().await.unwrap();
     }
 

@@ -74,6 +74,9 @@ struct Shared<E> {
     epoch: u64,
     /// The last group known durable.
     flushed: AtomicU64,
+    /// Set when neither the kept counts nor the word to rebuild them could be written: the
+    /// close then does not mark the store clean, so the next start counts the queues.
+    recount: std::sync::atomic::AtomicBool,
     /// Events just accepted, for their first attempts.
     fresh: FreshEvents,
     /// The store's [`keys::LEGACY_UNTIL_KEY`] (0: none).
@@ -175,6 +178,7 @@ impl<E: Engine> KvStore<E> {
             paused: RwLock::new(paused),
             epoch: rand::random(),
             flushed: AtomicU64::new(0),
+            recount: Default::default(),
             fresh: FreshEvents::default(),
             legacy_until,
             oldest: Mutex::default(),
@@ -450,14 +454,24 @@ impl<E: Engine> Store for KvStore<E> {
     async fn set_paused(&self, destination: &str, paused: bool) -> Result<(), StoreError> {
         let _one_at_a_time = self.pausing.lock().await;
         let dest = destination.to_string();
-        self.submit(move |w| {
-            if paused {
-                w.txn.put(&paused_key(&dest), b"1")
-            } else {
-                w.txn.delete(&paused_key(&dest))
-            }
-        })
-        .await?;
+        let written = self
+            .submit(move |w| {
+                if paused {
+                    w.txn.put(&paused_key(&dest), b"1")
+                } else {
+                    w.txn.delete(&paused_key(&dest))
+                }
+            })
+            .await;
+        // A failed write may still have been made (sled applies it before the flush that
+        // failed): the set in memory follows what the store holds, whichever it is.
+        let paused = match &written {
+            Ok(()) => paused,
+            Err(_) => match self.shared.engine.get(&paused_key(destination)) {
+                Ok(v) => v.is_some(),
+                Err(_) => return written,
+            },
+        };
         let mut set = self.shared.paused.write().unwrap();
         if paused {
             set.insert(destination.to_string());
@@ -466,7 +480,7 @@ impl<E: Engine> Store for KvStore<E> {
             drop(set);
             self.wakeup(destination).notify_one();
         }
-        Ok(())
+        written
     }
 
     fn paused(&self, destination: &str) -> bool {
@@ -474,14 +488,15 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
-        let n = self.submit(move |w| w.replay(which)).await?;
-        if n > 0 {
-            // A dead delivery below a mark is pending again: search from the start.
+        let replayed = self.submit(move |w| w.replay(which)).await;
+        // A dead delivery below a mark is pending again: search from the start. Also after
+        // a failed replay, which may still have been made (sled).
+        if !matches!(replayed, Ok(0)) {
             let mut oldest = self.shared.oldest.lock().unwrap();
             oldest.marks.clear();
             oldest.replays += 1;
         }
-        Ok(n)
+        replayed
     }
 
     /// The delivery records in sequence order from the destination's mark: the first one
@@ -611,7 +626,11 @@ impl<E: Engine> Store for KvStore<E> {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?
                 .map_err(|_| StoreError::Unavailable("writer thread panicked".into()))?;
         }
-        // Every write is done: the kept counts are exact; say so for the next start.
+        // Every write is done: the kept counts are exact (unless keeping them failed); say
+        // so for the next start.
+        if self.shared.recount.load(Ordering::Relaxed) {
+            return self.shared.engine.sync();
+        }
         let engine = self.shared.engine.clone();
         tokio::task::spawn_blocking(move || {
             let mut marked = Ok(());

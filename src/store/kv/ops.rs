@@ -15,6 +15,9 @@ use crate::store::*;
 /// writer serves other work between them and holds at most this many events' metadata.
 pub(super) const PURGE_BATCH: usize = 1024;
 
+/// Damaged records one step over at most while looking for a key's next delivery.
+const MAX_DAMAGED_SKIPPED: usize = 64;
+
 impl Writer<'_> {
     pub(super) fn committed_depth(&self, dest: &str) -> u64 {
         self.committed
@@ -169,20 +172,30 @@ impl Writer<'_> {
     }
 
     /// Puts the first of `order`'s line in the due queue (again, if it already was: the
-    /// same key, so nothing changes).
+    /// same key, so nothing changes). One whose record cannot be read cannot be sent: it
+    /// leaves the line (with a warning), so the key's next goes instead of none.
     fn promote_first(&mut self, dest: &str, order: &str) -> Result<(), StoreError> {
-        let mut next = None;
-        self.txn
-            .scan_prefix(&order_prefix(dest, order), &mut |k, _| {
+        let prefix = order_prefix(dest, order);
+        // Bounded: each turn takes a damaged entry out of the line.
+        for _ in 0..MAX_DAMAGED_SKIPPED {
+            let mut next = None;
+            self.txn.scan_prefix(&prefix, &mut |k, _| {
                 next = Some(read_u64(&k[k.len() - 8..]));
                 Ok(false)
             })?;
-        let Some(seq) = next else {
-            return Ok(());
-        };
-        if let Some(n) = self.delivery(seq, dest)? {
-            if n.state == DeliveryState::Pending {
-                self.queue(dest, n.next_due_ms, seq)?;
+            let Some(seq) = next else {
+                return Ok(());
+            };
+            match self.delivery(seq, dest) {
+                Ok(Some(n)) if n.state == DeliveryState::Pending => {
+                    return self.queue(dest, n.next_due_ms, seq);
+                }
+                Ok(_) => return Ok(()),
+                Err(StoreError::Corrupt(e)) => {
+                    tracing::warn!(seq, destination = dest, error = %e, "a delivery record cannot be read; it leaves its key's line, the next goes");
+                    self.txn.delete(&order_key(dest, order, seq))?;
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -348,7 +361,15 @@ impl Writer<'_> {
             if ours && dedup.as_ref().is_some_and(|v| read_u64(&v[8..]) > now) {
                 continue; // still inside its dedup window
             }
-            let deliveries = self.deliveries_of(seq)?;
+            let deliveries = match self.deliveries_of(seq) {
+                Ok(d) => d,
+                Err(StoreError::Corrupt(e)) => {
+                    // A damaged delivery does not stop the purge of the other events.
+                    tracing::warn!(seq, error = %e, "a stored delivery cannot be read; the purge leaves its event");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if deliveries
                 .iter()
                 .any(|d| d.state != DeliveryState::Delivered)

@@ -756,3 +756,68 @@ async fn accepted_events_are_kept_for_their_first_attempts() {
     assert!(st.shared.fresh.peek(behind).is_none(), "waits behind o1");
     st.close().await.unwrap();
 }
+
+/// A delivery record that cannot be read stops neither its key's line (the head's outcome
+/// moves it on to the next one readable) nor a purge (the other events go): on redb, a
+/// failed operation would take its whole group with it, again at every try.
+#[tokio::test]
+async fn a_damaged_delivery_stops_neither_its_keys_line_nor_the_purge() {
+    use super::keys::*;
+    use crate::store::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let st = crate::store::redb::RedbStore::open(dir.path()).unwrap();
+    let mut line = Vec::new();
+    for i in 0..3 {
+        let mut e = ev(&format!("o{i}"), &["a"]);
+        e.order_keys = vec![Some("k".into())];
+        let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            panic!()
+        };
+        line.push(seq);
+    }
+    let mut old = Vec::new();
+    for i in 0..2 {
+        let mut e = ev(&format!("p{i}"), &["b"]);
+        e.dedup_window = Duration::ZERO;
+        e.received_ms = now_ms() - 10_000;
+        let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            panic!()
+        };
+        let k = DeliveryKey {
+            seq,
+            destination: "b".into(),
+        };
+        st.record(&k, Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+        old.push(seq);
+    }
+    st.close().await.unwrap();
+    drop(st);
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    engine
+        .group(&mut |txn| {
+            txn.put(&delivery_key(line[1], "a"), b"\xff\xff").unwrap();
+            txn.put(&delivery_key(old[0], "b"), b"\xff\xff").unwrap();
+            txn.end_op().unwrap();
+        })
+        .unwrap();
+    let st = KvStore::start(engine).unwrap();
+    let head = DeliveryKey {
+        seq: line[0],
+        destination: "a".into(),
+    };
+    st.record(&head, Outcome::Delivered { status: 200 })
+        .await
+        .expect("the head's outcome is kept");
+    let due = st.pending("a", 10, &|_| false).await.unwrap();
+    assert_eq!(due.iter().map(|d| d.seq).collect::<Vec<_>>(), [line[2]]);
+    assert_eq!(
+        st.purge(Duration::ZERO).await.unwrap(),
+        1,
+        "the readable one"
+    );
+    assert!(st.event(old[0]).await.unwrap().is_some());
+    assert!(st.event(old[1]).await.unwrap().is_none());
+    st.close().await.unwrap();
+}

@@ -179,7 +179,8 @@ pub(super) fn writer_loop<E: Engine>(
                 done.push(job(&mut w));
             }
             let company_until = Instant::now() + COMPANY_WAIT;
-            while done.len() < MAX_GROUP {
+            // A group an operation has doomed (redb) takes no more company to fail with it.
+            while done.len() < MAX_GROUP && !w.txn.doomed() {
                 let (job, urgency) = match rx.try_recv() {
                     Ok(next) => next,
                     Err(_) if urgent => break,
@@ -196,7 +197,13 @@ pub(super) fn writer_loop<E: Engine>(
             }
             if let Err(e) = persist_depth(w.txn, &w.depth) {
                 w.txn.abort_op();
-                let _ = w.txn.put(RECOUNT_KEY, b"1").and_then(|_| w.txn.end_op());
+                if w.txn.put(RECOUNT_KEY, b"1").and_then(|_| w.txn.end_op()).is_err() {
+                    // Neither the counts nor the word to rebuild them: redb fails the
+                    // group rather than commit counts it would trust; sled is not marked
+                    // clean at its close, so its next start counts.
+                    w.txn.abort_op();
+                    shared.recount.store(true, Ordering::Relaxed);
+                }
                 tracing::warn!(error = %e, "keeping the queue counts failed; rebuilt at the next start");
             }
             depth = std::mem::take(&mut w.depth);
