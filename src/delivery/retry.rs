@@ -182,6 +182,7 @@ pub fn decide(
                 due_ms,
                 status,
                 error: what,
+                attempt: delivery.attempts.saturating_add(1),
             }
         }
     }
@@ -359,8 +360,10 @@ mod tests {
                 due_ms,
                 status,
                 error,
+                attempt,
             } => {
                 assert_eq!(due_ms, now + 100);
+                assert_eq!(attempt, 1);
                 assert_eq!(status, None);
                 assert!(error.contains("refused"), "{error}");
             }

@@ -238,6 +238,7 @@ impl Delivery {
                 due_ms,
                 status,
                 error,
+                ..
             } => {
                 self.next_due_ms = *due_ms;
                 self.last_status = *status;
@@ -271,6 +272,9 @@ pub enum Outcome {
         due_ms: u64,
         status: Option<u16>,
         error: String,
+        /// Which attempt of the delivery failed (1 for the first): a store that already
+        /// counts it (its write made, though reported failed) keeps what it has.
+        attempt: u32,
     },
     Dead {
         status: Option<u16>,

@@ -406,6 +406,37 @@ mod tests {
         st.close().await.unwrap();
     }
 
+    /// A retry's outcome whose flush failed was still written: stored again (the scheduler
+    /// tries until it is), it counts one attempt, not two.
+    #[tokio::test]
+    async fn a_retry_stored_again_after_a_failed_flush_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
+        let engine = HeldSled::new(SledEngine { db });
+        let fail_flush = engine.fail_flush.clone();
+        let st = crate::store::kv::KvStore::start(engine).unwrap();
+        let Admission::Accepted { seq } = st.accept(ordered_event("k1")).await.unwrap() else {
+            panic!()
+        };
+        let key = DeliveryKey {
+            seq,
+            destination: "a".into(),
+        };
+        let retry = Outcome::Retry {
+            due_ms: crate::clock::now_ms(),
+            status: Some(503),
+            error: "HTTP 503".into(),
+            attempt: 1,
+        };
+        fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(st.record(&key, retry.clone()).await.is_err());
+        st.record(&key, retry).await.unwrap();
+        let due = st.pending("a", 10, &|_| false).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].attempts, 1);
+        st.close().await.unwrap();
+    }
+
     /// A pause or a replay whose flush failed was still made (sled applies it first): the
     /// relay's view follows the store, so the destination is paused, and the replayed
     /// delivery counts as the oldest pending again.

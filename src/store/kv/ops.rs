@@ -208,6 +208,11 @@ impl Writer<'_> {
         if d.state != DeliveryState::Pending {
             return Ok(());
         }
+        if let Outcome::Retry { attempt, .. } = &outcome {
+            if d.attempts >= *attempt {
+                return Ok(()); // counted already: its group's flush failed after the write
+            }
+        }
         let now = now_ms();
         let qk = queue_key(&k.destination, d.next_due_ms, k.seq);
         // Whether it held its key's place in the due queue: a reply route's call is made at
