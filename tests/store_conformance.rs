@@ -1186,3 +1186,46 @@ async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     due(st.as_ref(), "r", k0).await;
     st.close().await.unwrap();
 }
+
+/// A delivery held here, not yet sent, through a JetStream outage longer than the ack wait
+/// may have gone to another instance: it is let go, not listed (and so sent) here too. The
+/// other instance sends it; for an order key, the key's next may follow it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_through_an_outage_is_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path()).await;
+    let a = jetstream(dir.path(), &nats).await;
+    let seq = accepted(a.as_ref(), ev("o1", "x", &["w"])).await;
+    // Held by `a`, in a window of one: its puller takes nothing more.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !a
+        .pending("w", 1, &|_| false)
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.seq == seq)
+    {
+        assert!(Instant::now() < deadline, "never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The outage itself: longer than the 6 s ack wait.
+    nats.sigkill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    nats.restart().await;
+    let b = jetstream(dir.path(), &nats).await;
+    let d = due_within(b.as_ref(), "w", seq, Duration::from_secs(30)).await;
+    let key = DeliveryKey {
+        seq: d.seq,
+        destination: "w".into(),
+    };
+    b.record(&key, Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let listed = a.pending("w", 1, &|_| false).await.unwrap();
+    assert!(
+        listed.iter().all(|d| d.seq != seq),
+        "held on here too: {listed:?}"
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

@@ -491,10 +491,11 @@ async fn attempt(
     .await
 }
 
-/// Stores an attempt's outcome, trying again (at growing intervals, until the relay stops)
+/// Stores an attempt's outcome, trying again (at growing intervals, until abandoned)
 /// while the store fails. The delivery stays in flight meanwhile, so it is not sent again:
-/// the destination may already have it, and a failed attempt waits its backoff. Stopped
-/// first, the delivery stays pending and is sent after the restart.
+/// the destination may already have it, and a failed attempt waits its backoff. A shutdown
+/// lets it go on trying through its grace; abandoned then, the delivery stays pending and
+/// is sent after the restart.
 ///
 /// The attempt let go of its slot in `slots` before the first try (a commit's wait is not
 /// the destination's); after a failed one it takes a slot again until the outcome is
@@ -520,12 +521,12 @@ async fn store_outcome(
         );
         if held.is_none() {
             held = tokio::select! {
-                _ = ctx.stop.cancelled() => break,
+                _ = ctx.abort.cancelled() => break,
                 p = slots.clone().acquire_owned() => p.ok(),
             };
         }
         tokio::select! {
-            _ = ctx.stop.cancelled() => break,
+            _ = ctx.abort.cancelled() => break,
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(MAX_STORE_RETRY);

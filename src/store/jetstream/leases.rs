@@ -7,6 +7,12 @@
 //! wait (the server would give the message to another instance while this one still sends
 //! it).
 //!
+//! When the signal may not have reached the server for nearly the ack wait (JetStream out
+//! of reach, the consumer made again), the server may have given what is held to another
+//! instance: those leases are *stale*. A stale one not yet sent is let go (the other
+//! instance sends it, and the key's next may already have followed it); one in flight
+//! finishes, and its write, conditional on the state it read, settles which one counts.
+//!
 //! A message not yet due (a retry's backoff) goes straight back with a delayed nak, so the
 //! server holds it until it is due. A delivered or dead state (written to the same subject)
 //! is acked on sight. If this instance dies, the server gives its messages to another after
@@ -36,6 +42,9 @@ use crate::store::DeliveryState;
 pub const ACK_WAIT: Duration = Duration::from_secs(6);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// With no renewal sent while connected for this long, what is held may have been given to
+/// another instance: a second's margin under the ack wait.
+const LAPSE: Duration = Duration::from_secs(5);
 /// Past this many order keys checked, the ones checked longer ago than a recheck's delay
 /// are forgotten.
 const RECHECKS_KEPT: usize = 4_096;
@@ -49,6 +58,8 @@ pub struct Lease {
     pub state_seq: u64,
     pub rec: DeliveryRecord,
     pub body: Bytes,
+    /// Held since before a lapse of its renewals: it may be another instance's now.
+    pub stale: bool,
 }
 
 /// The deliveries held for one destination.
@@ -64,6 +75,8 @@ pub struct Leases {
     /// When each order key's line was last checked for a waiting delivery that came back:
     /// once per [`lines::WAITING_RECHECK`] is enough, however many of the key wait.
     rechecked: Mutex<HashMap<String, Instant>>,
+    /// When the held leases were last renewed while connected.
+    renewed: Mutex<Instant>,
 }
 
 impl Leases {
@@ -75,6 +88,29 @@ impl Leases {
             freed: Notify::new(),
             wakeup,
             rechecked: Mutex::default(),
+            renewed: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Marks every held lease stale: the server may have given them to another instance.
+    fn all_stale(&self) {
+        let mut held = self.held.lock().unwrap();
+        if !held.is_empty() {
+            warn!(destination = %self.destination, held = held.len(), "deliveries held here may have gone to another instance (their leases were not renewed in time); those not yet sent are let go");
+        }
+        for l in held.values_mut() {
+            l.stale = true;
+        }
+    }
+
+    /// Lets go, without a word to the server, of the stale leases `in_flight` does not name.
+    pub fn drop_stale(&self, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
+        let mut held = self.held.lock().unwrap();
+        let before = held.len();
+        held.retain(|seq, l| !l.stale || in_flight(*seq));
+        if held.len() < before {
+            drop(held);
+            self.freed.notify_one();
         }
     }
 
@@ -222,6 +258,8 @@ pub async fn pull(
                 Some(Err(e)) => {
                     let again = pulls::recover(&stream, &name, config.clone(), &what, &e, &stop);
                     let Some(c) = again.await else { return };
+                    // Made again, the consumer hands out what was held here afresh.
+                    leases.all_stale();
                     consumer = c;
                     break;
                 }
@@ -283,6 +321,7 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         state_seq,
         rec,
         body,
+        stale: false,
     };
     if let Some(back) = leases.hold(lease) {
         // Handed back (the destination left this instance's config, or it stops): what a
@@ -294,23 +333,36 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
 }
 
 /// Renews every held lease each [`PROGRESS_EVERY`], until `stop`.
-pub async fn renew_every(leases: Arc<Leases>, stop: CancellationToken) {
+pub async fn renew_every(leases: Arc<Leases>, client: async_nats::Client, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(PROGRESS_EVERY) => {}
         }
-        renew(&leases).await;
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        renew(&leases, connected).await;
     }
 }
 
-/// Tells the server every held message is still being worked on.
-async fn renew(leases: &Leases) {
+/// Tells the server every held message is still being worked on; marks them all stale
+/// first if the last renewal made while `connected` is [`LAPSE`] old.
+async fn renew(leases: &Leases, connected: bool) {
+    {
+        let now = Instant::now();
+        let mut renewed = leases.renewed.lock().unwrap();
+        if now.duration_since(*renewed) > LAPSE {
+            leases.all_stale();
+        }
+        if connected {
+            *renewed = now;
+        }
+    }
     let msgs: Vec<jetstream::Message> = leases
         .held
         .lock()
         .unwrap()
         .values()
+        .filter(|l| !l.stale)
         .map(|l| l.msg.clone())
         .collect();
     for m in msgs {

@@ -184,8 +184,11 @@ impl JetStreamStore {
             self.paused.clone(),
             self.stop.clone(),
         ));
-        self.tasks
-            .spawn(leases::renew_every(l.clone(), self.stop.clone()));
+        self.tasks.spawn(leases::renew_every(
+            l.clone(),
+            self.client.clone(),
+            self.stop.clone(),
+        ));
         l
     }
 
@@ -413,6 +416,7 @@ impl Store for JetStreamStore {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
         let leases = self.leases_of(destination);
+        leases.drop_stale(skip);
         leases.window.store(limit.max(1), Ordering::Relaxed);
         leases.freed.notify_one();
         let mut out: Vec<Delivery> = leases
@@ -472,6 +476,13 @@ impl Store for JetStreamStore {
         let Some((state_seq, mut rec, body)) = leases.get(key.seq) else {
             return Ok(()); // not held here (any more): another instance owns it
         };
+        if let Outcome::Retry { attempt, .. } = &outcome {
+            if rec.delivery.attempts >= *attempt {
+                // Counted already: the write landed though its answer never came, and
+                // its new state is held again here. That lease stays, to be sent when due.
+                return Ok(());
+            }
+        }
         rec.delivery.apply(&outcome, now_ms());
         let writes = self.state_writes(state_seq, &rec, &body);
         match self.write(&writes).await {
