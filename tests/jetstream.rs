@@ -653,7 +653,12 @@ fn padded_reply(len: usize) -> Vec<u8> {
 
 /// Waits (10 s at most) until `relay` sees event `id`'s delivery to ivr delivered.
 async fn ivr_delivered(relay: &TestRelay, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    ivr_delivered_within(relay, id, Duration::from_secs(10)).await
+}
+
+/// [`ivr_delivered`], waiting up to `within`.
+async fn ivr_delivered_within(relay: &TestRelay, id: &str, within: Duration) {
+    let deadline = Instant::now() + within;
     loop {
         let views = relay.app().store.lookup(id).await.unwrap();
         let ivr_state = views
@@ -1156,4 +1161,41 @@ async fn a_reload_may_not_raise_max_body_bytes_past_what_nats_takes() {
     .unwrap();
     r.app().reload().unwrap();
     assert_eq!(r.app().config().server.max_body_bytes, 1048576);
+}
+
+/// A reply route's call answered while JetStream is out of reach: its attempt is recorded
+/// once JetStream is back, so the held delivery is not sent to the destination again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_calls_attempt_is_recorded_after_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path()).await;
+    let ivr = FaultSink::start(|n| {
+        if n == 0 {
+            Action::Held(200)
+        } else {
+            Action::Answer(200)
+        }
+    })
+    .await;
+    // The held delivery falls due 14 s after the event (the reply's timeout and 4 s).
+    let text = call_action_config(&nats.url(), &ivr.url("/call-action"), "", None, "10s");
+    let one = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let posting = {
+        let url = one.url("/8x8/voice");
+        tokio::spawn(async move { try_post(&client(), &url, body, Duration::from_secs(20)).await })
+    };
+    assert!(ivr.wait_count(1, Duration::from_secs(10)).await, "the call");
+    // JetStream goes while the call is out; the destination answers meanwhile.
+    nats.sigkill();
+    ivr.release();
+    let answered = posting.await.unwrap().expect("answered");
+    assert_eq!(answered.status, 200);
+    // The outage itself: longer than a JetStream request's 5 s timeout.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    nats.restart().await;
+    let id = "77e6a667-133a-11ef-9dd4-e911cc6fc82f";
+    ivr_delivered_within(&one, id, Duration::from_secs(30)).await;
+    assert_eq!(ivr.count(), 1, "ivr got the event once");
+    one.stop().await;
 }

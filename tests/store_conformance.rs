@@ -153,7 +153,7 @@ async fn the_contract(name: &str, st: Arc<dyn Store>) {
             due_ms: later,
             status: Some(503),
             error: "HTTP 503".into(),
-            attempt: 1,
+            attempt: Some(1),
         },
     )
     .await
@@ -443,7 +443,7 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         due_ms: now_ms(),
         status: Some(503),
         error: "HTTP 503".into(),
-        attempt: 1,
+        attempt: Some(1),
     };
     st.record(&key(k0, "o"), retry).await.unwrap();
     due(st, "o", k0).await;
@@ -966,7 +966,7 @@ async fn a_retry_due_at_once_is_due_again_at_once() {
             due_ms: now_ms(),
             status: Some(503),
             error: "HTTP 503".into(),
-            attempt: 1,
+            attempt: Some(1),
         };
         st.record(&key(seq, "w"), now).await.unwrap();
         due_within(st.as_ref(), "w", seq, Duration::from_secs(3)).await;
@@ -998,7 +998,7 @@ async fn the_oldest_pending_counts_a_delivery_waiting_out_its_backoff() {
         due_ms: now_ms() + 60_000,
         status: Some(503),
         error: "HTTP 503".into(),
-        attempt: 1,
+        attempt: Some(1),
     };
     st.record(&key, later).await.unwrap();
     // Seen by the next count (one a second), then on every read after it.

@@ -121,14 +121,14 @@ pub async fn call_once(
         other => {
             let now = now_ms();
             let fresh = Delivery::first(event.seq, &dest.name, now, None, None);
+            let mut outcome = retry::decide(&dest.retry, &fresh, &other, now, rand::random());
+            // Decided from a fresh delivery: which attempt of the stored one it is, is not
+            // known here (a resend's call may be its second).
+            if let Outcome::Retry { attempt, .. } = &mut outcome {
+                *attempt = None;
+            }
             Called {
-                outcome: Some(retry::decide(
-                    &dest.retry,
-                    &fresh,
-                    &other,
-                    now,
-                    rand::random(),
-                )),
+                outcome: Some(outcome),
                 answer: None,
                 described,
                 seconds,

@@ -182,7 +182,7 @@ pub fn decide(
                 due_ms,
                 status,
                 error: what,
-                attempt: delivery.attempts.saturating_add(1),
+                attempt: Some(delivery.attempts.saturating_add(1)),
             }
         }
     }
@@ -363,7 +363,7 @@ mod tests {
                 attempt,
             } => {
                 assert_eq!(due_ms, now + 100);
-                assert_eq!(attempt, 1);
+                assert_eq!(attempt, Some(1));
                 assert_eq!(status, None);
                 assert!(error.contains("refused"), "{error}");
             }

@@ -272,9 +272,10 @@ pub enum Outcome {
         due_ms: u64,
         status: Option<u16>,
         error: String,
-        /// Which attempt of the delivery failed (1 for the first): a store that already
-        /// counts it (its write made, though reported failed) keeps what it has.
-        attempt: u32,
+        /// Which attempt of the delivery failed (1 for the first), when known: a store that
+        /// already counts it (its write made, though reported failed) keeps what it has.
+        /// A reply route's call, made from the event alone, does not know.
+        attempt: Option<u32>,
     },
     Dead {
         status: Option<u16>,

@@ -426,7 +426,7 @@ mod tests {
             due_ms: crate::clock::now_ms(),
             status: Some(503),
             error: "HTTP 503".into(),
-            attempt: 1,
+            attempt: Some(1),
         };
         fail_flush.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(st.record(&key, retry.clone()).await.is_err());

@@ -58,6 +58,9 @@ use crate::config::Config;
 /// The longest one write waits for JetStream's ack (the ingress gives up sooner, at its own
 /// timeout: a dropped accept deletes its line entries, [`lines::Entries`]).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Tries at recording a reply route's call, 250 ms apart and doubling up to 4 s: about
+/// 16 s in all, so an outage of a few seconds does not have the delivery sent again.
+const REPLY_TRIES: usize = 8;
 /// How often each instance renews its membership and recounts the members.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often queue depths are read from the consumers.
@@ -476,8 +479,11 @@ impl Store for JetStreamStore {
         let Some((state_seq, mut rec, body)) = leases.get(key.seq) else {
             return Ok(()); // not held here (any more): another instance owns it
         };
-        if let Outcome::Retry { attempt, .. } = &outcome {
-            if rec.delivery.attempts >= *attempt {
+        if let Outcome::Retry {
+            attempt: Some(n), ..
+        } = &outcome
+        {
+            if rec.delivery.attempts >= *n {
                 // Counted already: the write landed though its answer never came, and
                 // its new state is held again here. That lease stays, to be sent when due.
                 return Ok(());
@@ -520,8 +526,24 @@ impl Store for JetStreamStore {
             return Err(StoreError::Closed);
         };
         self.tasks.spawn(async move {
-            if let Err(e) = me.store_reply(seq, reply, attempt, fresh).await {
-                warn!(error = %e, "storing a reply route's answer failed; a duplicate calls again");
+            // The attempt is tried again a few times: not recorded before the held
+            // delivery falls due, it is sent again.
+            let mut reply = reply;
+            let mut pause = Duration::from_millis(250);
+            for tries in 1.. {
+                let Err(e) = me.store_reply(seq, reply.take(), attempt.clone(), fresh).await
+                else {
+                    break;
+                };
+                if tries == REPLY_TRIES || me.stop.is_cancelled() {
+                    warn!(error = %e, "recording a reply route's call failed; the delivery is sent again when it falls due");
+                    break;
+                }
+                tokio::select! {
+                    _ = me.stop.cancelled() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(4));
             }
         });
         Ok(())

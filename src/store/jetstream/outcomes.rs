@@ -86,7 +86,9 @@ impl JetStreamStore {
         Ok(false)
     }
 
-    /// After a reply route's call, in the background: the answer, then the attempt.
+    /// After a reply route's call, in the background: the answer, then the attempt. A
+    /// failure to keep the answer is only logged (a duplicate calls again); one to record
+    /// the attempt is returned, for the caller to try again.
     pub(super) async fn store_reply(
         &self,
         seq: u64,
@@ -106,13 +108,12 @@ impl JetStreamStore {
         // Not kept (larger than the server takes, say), the reply is only called for again
         // by a duplicate: the attempt is still recorded, or the destination gets the event
         // once more from the scheduler.
-        let kept = match reply {
-            Some(r) => {
-                let w = Write::new(self.names.reply(&e), Bytes::from(r.encode()));
-                self.write(&[w.ttl(self.keep_events)]).await.map(|_| ())
+        if let Some(r) = reply {
+            let w = Write::new(self.names.reply(&e), Bytes::from(r.encode()));
+            if let Err(e) = self.write(&[w.ttl(self.keep_events)]).await {
+                warn!(error = %e, "keeping a reply route's answer failed; a duplicate calls again");
             }
-            None => Ok(()),
-        };
+        }
         if let Some((key, outcome)) = attempt {
             // The call may come before the fan-out wrote the held delivery: write it first.
             // Not for a duplicate's call: its delivery, if gone, was settled and expired.
@@ -129,6 +130,14 @@ impl JetStreamStore {
                 if rec.delivery.state != DeliveryState::Pending {
                     break;
                 }
+                if let Outcome::Retry {
+                    attempt: Some(n), ..
+                } = &outcome
+                {
+                    if rec.delivery.attempts >= *n {
+                        break;
+                    }
+                }
                 rec.delivery.apply(&outcome, now_ms());
                 if let Written::Stored { .. } = self
                     .write(&self.state_writes(state_seq, &rec, &body))
@@ -139,6 +148,6 @@ impl JetStreamStore {
                 }
             }
         }
-        kept
+        Ok(())
     }
 }

@@ -208,8 +208,11 @@ impl Writer<'_> {
         if d.state != DeliveryState::Pending {
             return Ok(());
         }
-        if let Outcome::Retry { attempt, .. } = &outcome {
-            if d.attempts >= *attempt {
+        if let Outcome::Retry {
+            attempt: Some(n), ..
+        } = &outcome
+        {
+            if d.attempts >= *n {
                 return Ok(()); // counted already: its group's flush failed after the write
             }
         }

@@ -335,7 +335,7 @@ async fn the_oldest_pending_is_by_receipt_not_by_due_time() {
             due_ms: now_ms() + 60_000,
             status: Some(503),
             error: "HTTP 503".into(),
-            attempt: 1,
+            attempt: Some(1),
         };
         st.record(&key(0), later).await.unwrap();
         assert_eq!(
@@ -583,7 +583,7 @@ async fn an_order_keys_line_on_every_engine() {
             due_ms: now_ms(),
             status: Some(503),
             error: "HTTP 503".into(),
-            attempt: 1,
+            attempt: Some(1),
         };
         st.record(&k1, retry).await.unwrap();
         assert_eq!(
