@@ -77,9 +77,14 @@ impl RelayProcess {
         let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = stderr.next_line().await {
                 let _ = file.write_all(format!("{line}\n").as_bytes()).await;
-                let mut all = kept.lock().unwrap();
-                all.push(line);
-                seen.send_replace(all.len());
+                // The lock goes before the count is sent: a `wait_log` reads the lines
+                // while it holds the count, so holding both here would deadlock.
+                let n = {
+                    let mut all = kept.lock().unwrap();
+                    all.push(line);
+                    all.len()
+                };
+                seen.send_replace(n);
             }
             let _ = file.flush().await;
         });
