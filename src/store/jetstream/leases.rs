@@ -92,14 +92,25 @@ impl Leases {
         }
     }
 
+    /// Marks every held lease stale if the last renewal made while connected is [`LAPSE`]
+    /// old: checked at each renewal and each read of what is due.
+    pub fn check_lapse(&self) {
+        let renewed = *self.renewed.lock().unwrap();
+        if renewed.elapsed() > LAPSE {
+            self.all_stale();
+        }
+    }
+
     /// Marks every held lease stale: the server may have given them to another instance.
     fn all_stale(&self) {
         let mut held = self.held.lock().unwrap();
-        if !held.is_empty() {
-            warn!(destination = %self.destination, held = held.len(), "deliveries held here may have gone to another instance (their leases were not renewed in time); those not yet sent are let go");
-        }
-        for l in held.values_mut() {
+        let mut marked = 0;
+        for l in held.values_mut().filter(|l| !l.stale) {
             l.stale = true;
+            marked += 1;
+        }
+        if marked > 0 {
+            warn!(destination = %self.destination, held = marked, "deliveries held here may have gone to another instance (their leases were not renewed in time); those not yet sent are let go");
         }
     }
 
@@ -344,19 +355,11 @@ pub async fn renew_every(leases: Arc<Leases>, client: async_nats::Client, stop: 
     }
 }
 
-/// Tells the server every held message is still being worked on; marks them all stale
-/// first if the last renewal made while `connected` is [`LAPSE`] old.
+/// Tells the server every held message is still being worked on (marking them all stale
+/// first if the last renewal made while `connected` is [`LAPSE`] old).
 async fn renew(leases: &Leases, connected: bool) {
-    {
-        let now = Instant::now();
-        let mut renewed = leases.renewed.lock().unwrap();
-        if now.duration_since(*renewed) > LAPSE {
-            leases.all_stale();
-        }
-        if connected {
-            *renewed = now;
-        }
-    }
+    let started = Instant::now();
+    leases.check_lapse();
     let msgs: Vec<jetstream::Message> = leases
         .held
         .lock()
@@ -367,5 +370,8 @@ async fn renew(leases: &Leases, connected: bool) {
         .collect();
     for m in msgs {
         let _ = m.ack_with(AckKind::Progress).await;
+    }
+    if connected {
+        *leases.renewed.lock().unwrap() = started;
     }
 }

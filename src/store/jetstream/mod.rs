@@ -419,6 +419,7 @@ impl Store for JetStreamStore {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
         let leases = self.leases_of(destination);
+        leases.check_lapse();
         leases.drop_stale(skip);
         leases.window.store(limit.max(1), Ordering::Relaxed);
         leases.freed.notify_one();
@@ -427,7 +428,7 @@ impl Store for JetStreamStore {
             .lock()
             .unwrap()
             .values()
-            .filter(|l| !skip(l.rec.delivery.seq))
+            .filter(|l| !skip(l.rec.delivery.seq) && !l.stale)
             .map(|l| l.rec.delivery.clone())
             .collect();
         out.sort_by_key(|d| (d.next_due_ms, d.seq));
@@ -528,11 +529,10 @@ impl Store for JetStreamStore {
         self.tasks.spawn(async move {
             // The attempt is tried again a few times: not recorded before the held
             // delivery falls due, it is sent again.
-            let mut reply = reply;
+            let (mut reply, mut attempt) = (reply, attempt);
             let mut pause = Duration::from_millis(250);
             for tries in 1.. {
-                let Err(e) = me.store_reply(seq, reply.take(), attempt.clone(), fresh).await
-                else {
+                let Err(e) = me.store_reply(seq, reply.take(), &mut attempt, fresh).await else {
                     break;
                 };
                 if tries == REPLY_TRIES || me.stop.is_cancelled() {

@@ -93,7 +93,7 @@ impl JetStreamStore {
         &self,
         seq: u64,
         reply: Option<StoredReply>,
-        attempt: Option<(DeliveryKey, Outcome)>,
+        attempt: &mut Option<(DeliveryKey, Outcome)>,
         fresh: bool,
     ) -> Result<(), StoreError> {
         let m = self
@@ -130,15 +130,15 @@ impl JetStreamStore {
                 if rec.delivery.state != DeliveryState::Pending {
                     break;
                 }
-                if let Outcome::Retry {
-                    attempt: Some(n), ..
-                } = &outcome
-                {
-                    if rec.delivery.attempts >= *n {
+                // Which attempt this is, once known: tried again after a write that
+                // landed though its answer never came, it is not counted twice.
+                if let Outcome::Retry { attempt: n, .. } = outcome {
+                    let n = *n.get_or_insert(rec.delivery.attempts.saturating_add(1));
+                    if rec.delivery.attempts >= n {
                         break;
                     }
                 }
-                rec.delivery.apply(&outcome, now_ms());
+                rec.delivery.apply(outcome, now_ms());
                 if let Written::Stored { .. } = self
                     .write(&self.state_writes(state_seq, &rec, &body))
                     .await?
