@@ -1199,3 +1199,65 @@ async fn a_reply_calls_attempt_is_recorded_after_an_outage() {
     assert_eq!(ivr.count(), 1, "ivr got the event once");
     one.stop().await;
 }
+
+/// An event whose id makes its records larger than the server takes is refused with 413
+/// (not accepted and then never fanned out, nor a 503 the provider retries for ever); every
+/// event accepted up to that size is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_its_records_is_refused_and_every_accepted_one_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    // max_body_bytes = 65536 needs 80 KiB; the id can take as much again as the body.
+    let nats = NatsServer::start_with(dir.path(), "96KB").await;
+    let sink = Sink::always(200).await;
+    let r = TestRelay::start(&config(&[nats.url()], &[("a", sink.url("/a"))])).await;
+    let url = r.url("/8x8/voice");
+    let mut posted = 0usize;
+    let mut accepted = 0usize;
+    // The event with an id `len` bytes long (each one new): whether it was accepted.
+    let mut send = |len: usize| {
+        posted += 1;
+        let id = format!("{posted:06}{}", "x".repeat(len - 6));
+        let url = url.clone();
+        async move {
+            let p = try_post(&client(), &url, voice(&id), Duration::from_secs(10))
+                .await
+                .expect("an answer");
+            let text = String::from_utf8_lossy(&p.body).to_string();
+            match p.status {
+                200 => true,
+                413 => {
+                    assert!(text.contains("payload_too_large"), "{text}");
+                    assert!(text.contains("bytes per record"), "{text}");
+                    false
+                }
+                other => panic!("id of {len} bytes: {other} {text}"),
+            }
+        }
+    };
+    // The longest id accepted, by bisection (bodies stay within max_body_bytes).
+    let (mut ok, mut too_long) = (1_000usize, 65_000usize);
+    assert!(send(ok).await, "a short id is accepted");
+    accepted += 1;
+    assert!(
+        !send(too_long).await,
+        "an id as large as the body limit is refused"
+    );
+    while too_long - ok > 1 {
+        let mid = (ok + too_long) / 2;
+        if send(mid).await {
+            accepted += 1;
+            ok = mid;
+        } else {
+            too_long = mid;
+        }
+    }
+    // Around that edge, every size is accepted up to it and refused past it.
+    for len in (ok - 600..ok + 200).step_by(8) {
+        let took = send(len).await;
+        assert_eq!(took, len <= ok, "an id of {len} bytes (the edge: {ok})");
+        accepted += usize::from(took);
+    }
+    sink.wait_for(accepted).await;
+    r.stop().await;
+    sink.stop().await;
+}

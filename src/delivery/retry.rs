@@ -101,9 +101,24 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     parse_retry_after(v, now)
 }
 
-/// A short description of a result for the delivery's `last_error` and logs. Never holds
-/// the response body (it may carry anything).
+/// The most of a description kept (a store's records leave it bounded room).
+const DESCRIPTION_MAX: usize = 1024;
+
+/// A short description of a result for the delivery's `last_error` and logs, at most
+/// [`DESCRIPTION_MAX`] bytes. Never holds the response body (it may carry anything).
 pub fn describe(result: &AttemptResult) -> String {
+    let mut what = describe_in_full(result);
+    if what.len() > DESCRIPTION_MAX {
+        let mut cut = DESCRIPTION_MAX;
+        while !what.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        what.truncate(cut);
+    }
+    what
+}
+
+fn describe_in_full(result: &AttemptResult) -> String {
     match result {
         Ok(a) => match http::StatusCode::from_u16(a.status)
             .ok()
@@ -195,6 +210,16 @@ mod tests {
     use crate::store::DeliveryState;
     use bytes::Bytes;
     use http::HeaderValue;
+
+    #[test]
+    fn a_long_error_is_kept_short_at_a_char_boundary() {
+        let long = format!("{}é", "x".repeat(DESCRIPTION_MAX - 1));
+        let what = describe(&Err(SendError::Request(long)));
+        assert!(what.len() <= DESCRIPTION_MAX, "{}", what.len());
+        assert!(what.starts_with("request failed: xxx"), "{what}");
+        let short = describe(&Err(SendError::Connect("refused".into())));
+        assert_eq!(short, "connection failed: refused");
+    }
 
     fn policy() -> RetryPolicy {
         RetryPolicy {

@@ -396,6 +396,7 @@ async fn admit(
             Ok((seq, true, reply))
         }
         Admission::QueueFull { destination } => Err(queue_full(&destination, config)),
+        Admission::TooLarge { limit } => Err(ApiError::record_too_large(limit)),
     }
 }
 

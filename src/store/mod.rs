@@ -77,6 +77,11 @@ pub enum Admission {
     QueueFull {
         destination: String,
     },
+    /// The event's records would be larger than the store takes (its id, order keys or
+    /// content type are too long for the room left beside the body): nothing was written.
+    TooLarge {
+        limit: u64,
+    },
 }
 
 /// A reply route's answer, kept so a duplicate gets the same answer.

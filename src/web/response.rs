@@ -76,6 +76,19 @@ impl ApiError {
         )
     }
 
+    /// The event's records, with its id, order keys and content type, are larger than the
+    /// store takes, though the body alone is within `max_body_bytes`.
+    pub fn record_too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the event with its id, order keys and content type is larger than the store's \
+                 limit of {limit} bytes per record; shorten them or send a smaller body"
+            ),
+        )
+    }
+
     pub fn bad_json(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_json", message)
     }

@@ -370,6 +370,14 @@ impl Store for JetStreamStore {
         // `retain`) is replaced instead, once its deliveries are written: this one is new.
         let window = ev.dedup_window;
         let payload = encode_event(&meta, &ev.body);
+        // Each delivery record carries what the event record does (less the other
+        // destinations' lines) and its own state: one that could not be written would
+        // leave the event accepted but never fanned out.
+        let limit = self.client.server_info().max_payload as u64;
+        if payload.len() as u64 + setup::DELIVERY_STATE_ROOM > limit {
+            entries.forget().await;
+            return Ok(Admission::TooLarge { limit });
+        }
         let stored = async {
             let mut expect = 0;
             for _ in 0..RENEW_TRIES {

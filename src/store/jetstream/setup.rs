@@ -23,6 +23,9 @@ const SETUP_WAIT: Duration = Duration::from_secs(30);
 
 /// Room a record needs next to its body (the header line and NATS headers).
 pub const RECORD_OVERHEAD: u64 = 16 * 1024;
+/// The room a delivery record needs beyond its event record's size: its state (attempts,
+/// times, the last error, which [`crate::delivery::retry::describe`] keeps short).
+pub const DELIVERY_STATE_ROOM: u64 = 4 * 1024;
 
 /// Why start-up could not reach NATS or its JetStream: worth waiting for (a server or a
 /// cluster still starting, a network partition), unlike the refusals, which a restart
