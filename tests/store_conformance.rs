@@ -1208,9 +1208,13 @@ async fn a_delivery_held_through_an_outage_is_let_go() {
         assert!(Instant::now() < deadline, "never held");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(a.still_held("w", seq), "held, so it may be sent");
     // The outage itself: longer than the 6 s ack wait.
     nats.sigkill();
     tokio::time::sleep(Duration::from_secs(8)).await;
+    // A scheduler that read it before the outage (and waited for a slot or a token) checks
+    // this right before sending it.
+    assert!(!a.still_held("w", seq), "no longer held after the lapse");
     nats.restart().await;
     let b = jetstream(dir.path(), &nats).await;
     let d = due_within(b.as_ref(), "w", seq, Duration::from_secs(30)).await;

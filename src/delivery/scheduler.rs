@@ -339,6 +339,11 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             if ctx.deps.store.paused(&name) || changes.has_changed().unwrap_or(false) {
                 break;
             }
+            // Its hold lapsed while this waited (a shared store out of reach): another
+            // instance may be sending it.
+            if !ctx.deps.store.still_held(&name, d.seq) {
+                continue;
+            }
             // The breaker once the token came: an attempt that failed meanwhile may have
             // opened it. A probe not handed to an attempt (any `break` below) is given back
             // on drop.

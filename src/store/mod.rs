@@ -460,6 +460,15 @@ pub trait Store: Send + Sync + 'static {
         true
     }
 
+    /// Whether this instance may still send `destination`'s delivery `seq`, listed by
+    /// [`Store::pending`] a while ago: on a shared store its hold may have lapsed meanwhile
+    /// (waiting for a slot or a rate token through an outage), and another instance may be
+    /// sending it. Checked right before each send; always true on an embedded store.
+    fn still_held(&self, destination: &str, seq: u64) -> bool {
+        let _ = (destination, seq);
+        true
+    }
+
     /// For an instance that does not send to `destination` ([`Store::delivers`]): hands
     /// back what it holds of it and is not sending (`in_flight` names what it is), and
     /// takes no more until the next [`Store::pending`]. Nothing to do on an embedded store.

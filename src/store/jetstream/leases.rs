@@ -125,6 +125,15 @@ impl Leases {
         }
     }
 
+    /// Whether the lease for `seq` is held and not stale.
+    pub fn holds(&self, seq: u64) -> bool {
+        self.held
+            .lock()
+            .unwrap()
+            .get(&seq)
+            .is_some_and(|l| !l.stale)
+    }
+
     /// Whether `key`'s line is due a check now (and notes that it is checked).
     fn recheck(&self, key: &str) -> bool {
         let now = Instant::now();

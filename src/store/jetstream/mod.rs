@@ -444,6 +444,14 @@ impl Store for JetStreamStore {
         Ok(out)
     }
 
+    fn still_held(&self, destination: &str, seq: u64) -> bool {
+        let Some(leases) = self.leases.lock().unwrap().get(destination).cloned() else {
+            return false;
+        };
+        leases.check_lapse();
+        leases.holds(seq)
+    }
+
     async fn hand_back(&self, destination: &str, in_flight: &(dyn Fn(u64) -> bool + Send + Sync)) {
         let leases = self.leases_of(destination);
         leases.window.store(0, Ordering::Relaxed);
