@@ -1233,3 +1233,49 @@ async fn a_delivery_held_through_an_outage_is_let_go() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// A delivery made here while its hold lapsed (an outage during the attempt), after another
+/// instance took it over and stored a retry: the destination has the event, so the retry
+/// becomes delivered rather than being sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path()).await;
+    let a = jetstream(dir.path(), &nats).await;
+    let seq = accepted(a.as_ref(), ev("m1", "x", &["w"])).await;
+    due_within(a.as_ref(), "w", seq, Duration::from_secs(15)).await;
+    // `a` sends it; its answer comes only after an outage longer than the ack wait.
+    nats.sigkill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    nats.restart().await;
+    let b = jetstream(dir.path(), &nats).await;
+    let d = due_within(b.as_ref(), "w", seq, Duration::from_secs(30)).await;
+    let key = DeliveryKey {
+        seq: d.seq,
+        destination: "w".into(),
+    };
+    // `b`'s own attempt failed: a retry due in a minute.
+    b.record(
+        &key,
+        Outcome::Retry {
+            due_ms: now_ms() + 60_000,
+            status: Some(503),
+            error: "HTTP 503".into(),
+            attempt: Some(d.attempts + 1),
+        },
+    )
+    .await
+    .unwrap();
+    // Then `a`'s answer: delivered.
+    a.record(&key, Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let views = b.lookup("m1").await.unwrap();
+    let states: Vec<DeliveryState> = views
+        .iter()
+        .flat_map(|v| v.deliveries.iter().map(|d| d.state))
+        .collect();
+    assert_eq!(states, vec![DeliveryState::Delivered], "{views:?}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

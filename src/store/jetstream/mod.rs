@@ -506,12 +506,26 @@ impl Store for JetStreamStore {
                 return Ok(());
             }
         }
+        let window_base = rec.delivery.window_base;
         rec.delivery.apply(&outcome, now_ms());
         let writes = self.state_writes(state_seq, &rec, &body);
         match self.write(&writes).await {
             Ok(w @ (Written::Stored { .. } | Written::Conflict)) => {
                 // Conflict: another instance moved it on (a replay, or a lease it took
-                // over); its state stands.
+                // over); its state stands, but for a delivery made here all the same.
+                let mut written = matches!(w, Written::Stored { .. });
+                if !written && matches!(outcome, Outcome::Delivered { .. }) {
+                    match self.delivered_over(&rec, window_base, &outcome).await {
+                        Ok(Some((new_seq, new_rec))) => {
+                            leases.take_if(key.seq, new_seq);
+                            (written, rec) = (true, new_rec);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(destination = %key.destination, error = %e, "marking a delivery made after its hold lapsed as delivered failed; it may be sent again");
+                        }
+                    }
+                }
                 if !matches!(outcome, Outcome::Retry { .. }) {
                     let mut depths = self.depths.lock().unwrap();
                     if let Some(n) = depths.get_mut(&key.destination) {
@@ -522,8 +536,7 @@ impl Store for JetStreamStore {
                 // per subject), and the server settles a pending message it removes as if
                 // acked. An ack now would be one more operation per delivery for nothing.
                 leases.take_if(key.seq, state_seq);
-                self.advance_after(&rec, matches!(w, Written::Stored { .. }))
-                    .await;
+                self.advance_after(&rec, written).await;
                 Ok(())
             }
             // Still held as it was read: the write is tried again, or another instance

@@ -33,6 +33,38 @@ impl JetStreamStore {
         }
     }
 
+    /// After a delivery made here met a state another instance wrote meanwhile (it took the
+    /// delivery over when the hold here lapsed, and its own attempt failed): the destination
+    /// has the event, so that pending state becomes delivered rather than sent again. Not
+    /// over a state a replay made since `window_base` (the operator asked for it again),
+    /// nor over a settled one. The state written and its sequence, if it was.
+    pub(super) async fn delivered_over(
+        &self,
+        mine: &DeliveryRecord,
+        window_base: u32,
+        outcome: &Outcome,
+    ) -> Result<Option<(u64, DeliveryRecord)>, StoreError> {
+        let (seq, dest) = (mine.delivery.seq, &mine.delivery.destination);
+        let e = event_token(&mine.event.source, &mine.event.id);
+        for _ in 0..3 {
+            let Some((state_seq, mut rec, body)) = self.state_of(seq, dest, &e).await? else {
+                return Ok(None);
+            };
+            if rec.delivery.state != DeliveryState::Pending
+                || rec.waiting
+                || rec.delivery.window_base != window_base
+            {
+                return Ok(None);
+            }
+            rec.delivery.apply(outcome, now_ms());
+            let writes = self.state_writes(state_seq, &rec, &body);
+            if let Written::Stored { .. } = self.write(&writes).await? {
+                return Ok(Some((state_seq, rec)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Makes one dead delivery pending again; whether it was. An ordered one rejoins its
     /// key's line by accept order, waiting (the line moves it on when it is first); if the
     /// line changes while it is read, the replay reads it again, and the last try puts it
