@@ -1279,3 +1279,35 @@ async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// The oldest pending delivery's age stays what it was while its consumer cannot be read
+/// (it is what an operator's alert watches; dropping to nothing would clear the alert).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_pending_is_kept_while_its_consumer_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    // Paused: nothing is held here, so the figure comes from the consumer's backlog.
+    st.set_paused("w", true).await.unwrap();
+    st.wakeup("w");
+    let received = now_ms();
+    accepted(st.as_ref(), ev("b1", "x", &["w"])).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let oldest = loop {
+        if let Some(t) = st.oldest_pending("w").await.unwrap() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the backlog is never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!((received..=now_ms()).contains(&oldest), "{oldest}");
+    // Its consumer gone (deleted by hand; the puller makes it again only once resumed),
+    // the once-a-second counts fail to read it.
+    let stream = stream_of(&nats).await;
+    stream.delete_consumer("c-n-w").await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(st.oldest_pending("w").await.unwrap(), Some(oldest));
+    }
+    st.close().await.unwrap();
+}

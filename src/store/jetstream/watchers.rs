@@ -165,18 +165,29 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         let unfanned = consumer_info(&s, &s.names.fanout_consumer()).await;
         let known: Vec<String> = s.wakeups.lock().unwrap().keys().cloned().collect();
         let mut counted = Vec::new();
-        let mut backlog = HashMap::new();
+        // A read that fails keeps the last figure: the oldest pending does not seem to
+        // drop to nothing (and an alert on it clear) while JetStream is slow to answer.
+        let mut backlog = s.backlog_oldest.lock().unwrap().clone();
+        backlog.retain(|d, _| known.contains(d));
         for d in known {
             if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
                 let depth = info.num_pending + info.num_ack_pending as u64;
                 counted.push((d.clone(), depth));
-                if depth > 0 {
-                    // From the first not acknowledged: handed out or not, held, waiting
-                    // out a backoff or behind its key's head.
-                    let after = info.ack_floor.stream_sequence + 1;
-                    if let Some(received) = first_pending(&s, &d, after).await {
+                if depth == 0 {
+                    backlog.remove(&d);
+                    continue;
+                }
+                // From the first not acknowledged: handed out or not, held, waiting out a
+                // backoff or behind its key's head.
+                let after = info.ack_floor.stream_sequence + 1;
+                match first_pending(&s, &d, after).await {
+                    Ok(Some(received)) => {
                         backlog.insert(d, received);
                     }
+                    Ok(None) => {
+                        backlog.remove(&d);
+                    }
+                    Err(()) => {}
                 }
             }
         }
@@ -197,22 +208,29 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
 /// When the event of the first pending delivery to `dest` at or after the stream sequence
 /// `start` (its consumer's first not acknowledged) was received: the first of a few
 /// messages (the others are outcomes, which the consumer hands out too, or damaged).
-async fn first_pending(s: &JetStreamStore, dest: &str, mut start: u64) -> Option<u64> {
+/// `Ok(None)` when none is found; `Err` when a read failed.
+async fn first_pending(s: &JetStreamStore, dest: &str, mut start: u64) -> Result<Option<u64>, ()> {
     let filter = s.names.deliveries_of(dest);
     for _ in 0..FIRST_PENDING_LOOKS {
-        let m = s
+        let m = match s
             .stream
             .get_first_raw_message_by_subject(&filter, start)
             .await
-            .ok()?;
+        {
+            Ok(m) => m,
+            Err(e) if super::not_found(&e) => {
+                return Ok(None);
+            }
+            Err(_) => return Err(()),
+        };
         if let Ok((rec, _)) = decode_delivery(&m.payload) {
             if rec.delivery.state == DeliveryState::Pending {
-                return Some(rec.event.received_ms);
+                return Ok(Some(rec.event.received_ms));
             }
         }
         start = m.sequence + 1;
     }
-    None
+    Ok(None)
 }
 
 async fn consumer_info(s: &JetStreamStore, name: &str) -> Option<consumer::Info> {
