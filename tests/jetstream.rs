@@ -838,12 +838,16 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
-    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
+    // Delivered states are kept as long as their events (the dedup window, 24 h), not
+    // only for `retain`: the new fan-out consumer reads every event kept.
+    let text = config(&[nats.url()], &[("a", a.url("/a"))])
+        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"");
     let relays = relays(dir.path(), &text, 1).await;
     assert_eq!(post(&relays[0], "before").await.0, 200);
     assert!(a.wait_count(1, Duration::from_secs(10)).await, "delivered");
-    // An operator (or a mistaken script) deletes the fan-out's and the destination's
-    // consumers while the relay runs.
+    tokio::time::sleep(Duration::from_secs(2)).await; // past `retain`
+                                                      // An operator (or a mistaken script) deletes the fan-out's and the destination's
+                                                      // consumers while the relay runs.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("t").await.unwrap();
     for name in ["t-fanout", "t-n-a"] {
@@ -857,6 +861,23 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
     a.wait_delivered(&after, Duration::from_secs(15))
         .await
         .expect("fanned out and delivered through new consumers");
+    // Once the new consumers are through every event, "before" was not sent again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for name in ["t-fanout", "t-n-a"] {
+        loop {
+            let mut c = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+                .await
+                .unwrap();
+            let info = c.info().await.unwrap();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} never through: {info:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(a.count(), 2, "each event sent once");
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }

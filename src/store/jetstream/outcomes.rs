@@ -20,9 +20,11 @@ impl JetStreamStore {
         let dest = &rec.delivery.destination;
         let subject = self.names.delivery(dest, &e);
         match rec.delivery.state {
+            // Kept as long as its event: a fan-out consumer made again reads every event
+            // kept, and one whose delivered state had gone would be sent again.
             DeliveryState::Delivered => vec![Write::new(subject, encode_delivery(rec, &[]))
                 .expect(state_seq)
-                .ttl(self.retain)],
+                .ttl(self.keep_events)],
             DeliveryState::Pending => {
                 vec![Write::new(subject, encode_delivery(rec, body)).expect(state_seq)]
             }
