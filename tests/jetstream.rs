@@ -878,6 +878,18 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
         }
     }
     assert_eq!(a.count(), 2, "each event sent once");
+    // The new fan-out consumer is marked with where the events it reads again end (so they
+    // are not counted against max_queue as unfanned): past "before" at least.
+    let mut fanout = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("t-fanout")
+        .await
+        .unwrap();
+    let info = fanout.info().await.unwrap().clone();
+    let mark: u64 = info.config.metadata["hookrelay_replay_until"]
+        .parse()
+        .unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    assert!((1..=last).contains(&mark), "{mark} of {last}: {info:?}");
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }

@@ -1130,7 +1130,7 @@ async fn a_damaged_line_entry_holds_nothing_back() {
     st.close().await.unwrap();
 }
 
-/// An accept that fails after writing its line entries (here its event is larger than the
+/// An accept refused after writing its line entries (here its event is larger than the
 /// server takes) deletes them at once: the key's next event is not held back for the
 /// 10 s an orphan entry waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1146,7 +1146,8 @@ async fn a_failed_accepts_line_entries_do_not_hold_its_key_back() {
         body: Bytes::from(vec![b' '; 9 << 20]),
         ..ordered("big")
     };
-    assert!(st.accept(too_large).await.is_err());
+    let refused = st.accept(too_large).await.unwrap();
+    assert!(matches!(refused, Admission::TooLarge { .. }), "{refused:?}");
     let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let started = Instant::now();
     due_within(st.as_ref(), "r", k0, Duration::from_secs(4)).await;

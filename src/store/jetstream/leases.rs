@@ -276,7 +276,10 @@ pub async fn pull(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    let again = pulls::recover(&stream, &name, config.clone(), &what, &e, &stop);
+                    if !pulls::pause_after(&what, &e, &stop).await {
+                        return;
+                    }
+                    let again = pulls::consumer(&stream, &name, config.clone(), &what, &stop);
                     let Some(c) = again.await else { return };
                     // Made again, the consumer hands out what was held here afresh.
                     leases.all_stale();

@@ -38,21 +38,18 @@ pub(super) async fn consumer(
 }
 
 /// After a pull ended with an error (the consumer deleted, no leader during an election, no
-/// responders): waits `RETRY`, then finds or creates the consumer again; `None` once `stop`.
-pub(super) async fn recover(
-    stream: &stream::Stream,
-    name: &str,
-    config: pull::Config,
+/// responders): logs it and waits `RETRY` before the caller finds or creates the consumer
+/// again ([`consumer`]); false once `stop`.
+pub(super) async fn pause_after(
     what: &str,
     error: &async_nats::Error,
     stop: &CancellationToken,
-) -> Option<PullConsumer> {
+) -> bool {
     warn!(puller = what, error = %error, "a pull ended with an error; trying again");
     tokio::select! {
-        _ = stop.cancelled() => return None,
-        _ = tokio::time::sleep(RETRY) => {}
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(RETRY) => true,
     }
-    consumer(stream, name, config, what, stop).await
 }
 
 /// One pull of at most `max` messages; `None` after a failed one, once `RETRY` has passed

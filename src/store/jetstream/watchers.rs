@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::records::{decode_delivery, untoken};
-use super::{JetStreamStore, DEPTH_EVERY, HEARTBEAT};
+use super::{fanout, JetStreamStore, DEPTH_EVERY, HEARTBEAT};
 use crate::store::DeliveryState;
 
 /// The most messages read to find a destination's first unacknowledged pending delivery.
@@ -155,9 +155,6 @@ pub(super) async fn watch_pauses(
 /// during the reads are kept on top of what the consumers said. Events being fanned out
 /// at the moment (taken, not acked: a few hundred at most) are not counted.
 pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: CancellationToken) {
-    // The fan-out consumer last seen (when it was created) and the stream's last sequence
-    // then: a consumer made again reads every event kept once more.
-    let mut replay: Option<(i128, u64)> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -197,14 +194,13 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         *s.backlog_oldest.lock().unwrap() = backlog;
         // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
-            let created = info.created.unix_timestamp_nanos();
-            if replay.is_none_or(|(seen, _)| seen != created) {
-                if let Ok(stream) = s.stream.get_info().await {
-                    replay = Some((created, stream.state.last_sequence));
-                }
-            }
-            let until = replay.map_or(0, |(_, until)| until);
-            let n = unfanned_of(info.num_pending, info.delivered.stream_sequence, until);
+            let until = info
+                .config
+                .metadata
+                .get(fanout::REPLAY_UNTIL)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let n = fanout::unfanned_of(info.num_pending, info.delivered.stream_sequence, until);
             s.unfanned.store(n, Ordering::Relaxed);
         }
         let mut depths = s.depths.lock().unwrap();
@@ -214,18 +210,6 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
             depths.insert(d, n.saturating_add_signed(meanwhile.max(0)));
         }
     }
-}
-
-/// Accepted events not fanned out yet, from the fan-out consumer's count of the events it
-/// has not handed out (`pending`), less those it is reading a second time: a consumer made
-/// again (deleted by hand, lost with a server) reads every event kept, and all of them
-/// counted against `max_queue` would refuse every accept until it is through. The stream
-/// sequences between the last it handed out (`delivered`) and the stream's last when it was
-/// first seen (`replay_until`) are at least as many as those events (the stream holds other
-/// messages too), so new events are counted once it is past them, and the few left unfanned
-/// when the old one went are not counted meanwhile.
-fn unfanned_of(pending: u64, delivered: u64, replay_until: u64) -> u64 {
-    pending.saturating_sub(replay_until.saturating_sub(delivered))
 }
 
 /// When the event of the first pending delivery to `dest` at or after the stream sequence
@@ -263,19 +247,7 @@ async fn consumer_info(s: &JetStreamStore, name: &str) -> Option<consumer::Info>
 
 #[cfg(test)]
 mod tests {
-    use super::{unfanned_of, Pauses};
-
-    #[test]
-    fn events_read_again_by_a_new_fan_out_consumer_are_not_counted_as_unfanned() {
-        // Made again when the stream's last sequence was 1,000: 900 events to read again,
-        // 100 of them read so far (up to sequence 150), 5 new ones since.
-        assert_eq!(unfanned_of(805, 150, 1_000), 0);
-        // Past the replay, new events count in full.
-        assert_eq!(unfanned_of(5, 1_000, 1_000), 5);
-        assert_eq!(unfanned_of(5, 1_020, 1_000), 5);
-        // Nearly through: only what lies past the replay's end counts.
-        assert_eq!(unfanned_of(30, 990, 1_000), 20);
-    }
+    use super::Pauses;
 
     #[test]
     fn an_older_pause_or_resume_never_undoes_a_newer() {
