@@ -838,16 +838,34 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
-    // Delivered states are kept as long as their events (the dedup window, 24 h), not
-    // only for `retain`: the new fan-out consumer reads every event kept.
+    // Delivered states are kept as long as their events, not only for `retain`: the new
+    // fan-out consumer reads every event kept. Here the dedup window is raised from 1 s
+    // to 24 h by a reload before the first event, so it is kept for 24 h.
     let text = config(&[nats.url()], &[("a", a.url("/a"))])
-        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"");
-    let relays = relays(dir.path(), &text, 1).await;
-    assert_eq!(post(&relays[0], "before").await.0, 200);
+        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"")
+        + "\n[dedup]\nwindow = \"1s\"\n";
+    let r = TestRelay::start(&text).await;
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    let written = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        written.replace("window = \"1s\"", "window = \"24h\""),
+    )
+    .unwrap();
+    r.app().reload().unwrap();
+    let post = |id: &'static str| {
+        let url = r.url("/8x8/voice");
+        async move {
+            let p = try_post(&client(), &url, voice(id), Duration::from_secs(10)).await;
+            p.expect("an answer").status
+        }
+    };
+    assert_eq!(post("before").await, 200);
     assert!(a.wait_count(1, Duration::from_secs(10)).await, "delivered");
-    tokio::time::sleep(Duration::from_secs(2)).await; // past `retain`
-                                                      // An operator (or a mistaken script) deletes the fan-out's and the destination's
-                                                      // consumers while the relay runs.
+    // Past `retain` and the first window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // An operator (or a mistaken script) deletes the fan-out's and the destination's
+    // consumers while the relay runs.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("t").await.unwrap();
     for name in ["t-fanout", "t-n-a"] {
@@ -856,7 +874,7 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
             "{name}"
         );
     }
-    assert_eq!(post(&relays[0], "after").await.0, 200);
+    assert_eq!(post("after").await, 200);
     let after: HashSet<String> = ["after".to_string()].into();
     a.wait_delivered(&after, Duration::from_secs(15))
         .await
@@ -890,9 +908,7 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
         .unwrap();
     let last = stream.get_info().await.unwrap().state.last_sequence;
     assert!((1..=last).contains(&mark), "{mark} of {last}: {info:?}");
-    for r in relays {
-        r.sigterm(Duration::from_secs(10)).await;
-    }
+    r.stop().await;
     drop(nats);
 }
 

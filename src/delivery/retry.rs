@@ -213,10 +213,12 @@ mod tests {
 
     #[test]
     fn a_long_error_is_kept_short_at_a_char_boundary() {
-        let long = format!("{}é", "x".repeat(DESCRIPTION_MAX - 1));
+        // "request failed: " is 16 bytes: the 2-byte 'é' straddles the limit.
+        let long = format!("{}é", "x".repeat(DESCRIPTION_MAX - 16 - 1));
         let what = describe(&Err(SendError::Request(long)));
-        assert!(what.len() <= DESCRIPTION_MAX, "{}", what.len());
+        assert_eq!(what.len(), DESCRIPTION_MAX - 1, "cut before the 'é'");
         assert!(what.starts_with("request failed: xxx"), "{what}");
+        assert!(what.ends_with('x'), "{what}");
         let short = describe(&Err(SendError::Connect("refused".into())));
         assert_eq!(short, "connection failed: refused");
     }

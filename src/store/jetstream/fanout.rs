@@ -49,16 +49,15 @@ pub fn consumer_config(names: &Names) -> pull::Config {
 /// ([`unfanned_of`]).
 pub const REPLAY_UNTIL: &str = "hookrelay_replay_until";
 
-/// [`consumer_config`] marked with the stream's last sequence now (unmarked if the stream
-/// cannot be read), for a consumer about to be made (an existing one keeps its own mark).
-async fn marked_config(stream: &stream::Stream, names: &Names) -> pull::Config {
+/// [`consumer_config`] marked with the stream's last sequence now, for a consumer about to be
+/// made (an existing one keeps its own mark); `None` if the stream cannot be read.
+async fn marked_config(stream: &stream::Stream, names: &Names) -> Option<pull::Config> {
+    let info = stream.get_info().await.ok()?;
     let mut config = consumer_config(names);
-    if let Ok(info) = stream.get_info().await {
-        config
-            .metadata
-            .insert(REPLAY_UNTIL.into(), info.state.last_sequence.to_string());
-    }
     config
+        .metadata
+        .insert(REPLAY_UNTIL.into(), info.state.last_sequence.to_string());
+    Some(config)
 }
 
 /// Accepted events not fanned out yet, from the fan-out consumer's count of the events it
@@ -66,9 +65,11 @@ async fn marked_config(stream: &stream::Stream, names: &Names) -> pull::Config {
 /// again (deleted by hand, lost with a server) reads every event kept, and all of them
 /// counted against `max_queue` would refuse every accept until it is through. The stream
 /// sequences between the last it handed out (`delivered`) and the stream's last when it was
-/// made (`replay_until`, its [`REPLAY_UNTIL`] mark) are at least as many as those events
-/// (the stream holds other messages too), so new events count once it is past them; the
-/// few the old one left unfanned are not counted meanwhile.
+/// made (`replay_until`, its [`REPLAY_UNTIL`] mark) are at least as many as those events.
+/// They are usually many more (the stream holds deliveries and outcomes too), so until it is
+/// past them the events accepted meanwhile, and the few the old one left unfanned, are
+/// mostly not counted: `max_queue` holds back less for that while, rather than refusing
+/// everything.
 pub fn unfanned_of(pending: u64, delivered: u64, replay_until: u64) -> u64 {
     pending.saturating_sub(replay_until.saturating_sub(delivered))
 }
@@ -170,8 +171,9 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     };
     let what = "fan-out";
     let name = names.fanout_consumer();
-    let config = marked_config(&stream, &names).await;
-    let Some(mut consumer) = pulls::consumer(&stream, &name, config, what, &stop).await else {
+    // Marked right before it is made, at each try.
+    let make = || marked_config(&stream, &names);
+    let Some(mut consumer) = pulls::consumer(&stream, &name, make, what, &stop).await else {
         return;
     };
     let slots = Arc::new(Semaphore::new(CONCURRENT));
@@ -190,9 +192,7 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
                     if !pulls::pause_after(what, &e, &stop).await {
                         return;
                     }
-                    // Marked right before it is made again, if it was deleted.
-                    let config = marked_config(&stream, &names).await;
-                    let again = pulls::consumer(&stream, &name, config, what, &stop);
+                    let again = pulls::consumer(&stream, &name, make, what, &stop);
                     let Some(c) = again.await else { return };
                     consumer = c;
                     break;

@@ -238,8 +238,8 @@ pub async fn pull(
     let name = names.consumer(&dest);
     let what = format!("deliveries of {dest}");
     let config = consumer_config(&names, &dest);
-    let Some(mut consumer) = pulls::consumer(&stream, &name, config.clone(), &what, &stop).await
-    else {
+    let make = || async { Some(config.clone()) };
+    let Some(mut consumer) = pulls::consumer(&stream, &name, make, &what, &stop).await else {
         return;
     };
     debug!(destination = %dest, consumer = %name, "taking deliveries from JetStream");
@@ -279,7 +279,7 @@ pub async fn pull(
                     if !pulls::pause_after(&what, &e, &stop).await {
                         return;
                     }
-                    let again = pulls::consumer(&stream, &name, config.clone(), &what, &stop);
+                    let again = pulls::consumer(&stream, &name, make, &what, &stop);
                     let Some(c) = again.await else { return };
                     // Made again, the consumer hands out what was held here afresh.
                     leases.all_stale();

@@ -86,7 +86,8 @@ pub struct JetStreamStore {
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
     members: Arc<watchers::Membership>,
-    /// `max(dedup window, retain)`: how long an event (its dedup record) is kept.
+    /// `max(dedup window, retain)` at start: how long the records of an event accepted by
+    /// an earlier build (which did not say, [`EventMeta::keep_ms`]) are kept.
     keep_events: Duration,
     retain: Duration,
     stop: CancellationToken,
@@ -282,6 +283,14 @@ impl JetStreamStore {
 
     /// The delivery of the event at `seq` (its event part `e`) to `destination`: on its
     /// usual subject, or kept apart on its own.
+    /// How long the records that live as long as `meta`'s event are kept.
+    fn keep(&self, meta: &EventMeta) -> Duration {
+        match meta.keep_ms {
+            0 => self.keep_events,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     async fn state_of(
         &self,
         seq: u64,
@@ -361,6 +370,7 @@ impl Store for JetStreamStore {
             source: ev.source.clone(),
             received_ms: ev.received_ms,
             content_type: ev.content_type.clone(),
+            keep_ms: ev.dedup_window.max(self.retain).as_millis() as u64,
             destinations: ev.destinations.clone(),
             held: ev.held.clone(),
             lines: if ordered { lines } else { Vec::new() },
@@ -383,7 +393,7 @@ impl Store for JetStreamStore {
             for _ in 0..RENEW_TRIES {
                 let writes = [Write::new(self.names.event(&e), payload.clone())
                     .expect(expect)
-                    .ttl(window.max(self.retain))];
+                    .ttl(Duration::from_millis(meta.keep_ms))];
                 if let Written::Stored { first } = self.write(&writes).await? {
                     let mut depths = self.depths.lock().unwrap();
                     for d in &ev.destinations {

@@ -20,11 +20,10 @@ impl JetStreamStore {
         let dest = &rec.delivery.destination;
         let subject = self.names.delivery(dest, &e);
         match rec.delivery.state {
-            // Kept as long as its event: a fan-out consumer made again reads every event
-            // kept, and one whose delivered state had gone would be sent again.
+            // Kept as long as its event (`EventMeta::keep_ms`).
             DeliveryState::Delivered => vec![Write::new(subject, encode_delivery(rec, &[]))
                 .expect(state_seq)
-                .ttl(self.keep_events)],
+                .ttl(self.keep(&rec.event))],
             DeliveryState::Pending => {
                 vec![Write::new(subject, encode_delivery(rec, body)).expect(state_seq)]
             }
@@ -144,7 +143,7 @@ impl JetStreamStore {
         // once more from the scheduler.
         if let Some(r) = reply {
             let w = Write::new(self.names.reply(&e), Bytes::from(r.encode()));
-            if let Err(e) = self.write(&[w.ttl(self.keep_events)]).await {
+            if let Err(e) = self.write(&[w.ttl(self.keep(&meta))]).await {
                 warn!(error = %e, "keeping a reply route's answer failed; a duplicate calls again");
             }
         }

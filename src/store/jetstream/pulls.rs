@@ -15,24 +15,34 @@ const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// The wait before trying again after a failure.
 pub(super) const RETRY: Duration = Duration::from_secs(1);
 
-/// The durable consumer `name` on `stream`, created if missing; `None` once `stop`.
-pub(super) async fn consumer(
+/// The durable consumer `name` on `stream`, created if missing with the config `make` gives
+/// at each try (`None`: it could not be made now, tried again); `None` once `stop`.
+pub(super) async fn consumer<F>(
     stream: &stream::Stream,
     name: &str,
-    config: pull::Config,
+    make: impl Fn() -> F,
     what: &str,
     stop: &CancellationToken,
-) -> Option<PullConsumer> {
+) -> Option<PullConsumer>
+where
+    F: std::future::Future<Output = Option<pull::Config>>,
+{
     loop {
-        match stream.get_or_create_consumer(name, config.clone()).await {
-            Ok(c) => return Some(c),
-            Err(e) => {
-                warn!(puller = what, error = %e, "creating the JetStream consumer failed; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => return None,
-                    _ = tokio::time::sleep(RETRY) => {}
+        match make().await {
+            Some(config) => match stream.get_or_create_consumer(name, config).await {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    warn!(puller = what, error = %e, "creating the JetStream consumer failed; trying again");
                 }
-            }
+            },
+            None => warn!(
+                puller = what,
+                "reading the stream to make its consumer failed; trying again"
+            ),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep(RETRY) => {}
         }
     }
 }

@@ -149,6 +149,12 @@ pub struct EventMeta {
     pub source: String,
     pub received_ms: u64,
     pub content_type: Option<String>,
+    /// How long its event record is kept (`max(dedup window, retain)` when it was accepted),
+    /// ms; 0 in records of earlier builds. A delivered state and a kept reply live as long,
+    /// whatever the window is by then: a fan-out consumer made again reads every event kept,
+    /// and one whose delivered state had gone would be sent again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub keep_ms: u64,
     /// The destinations it was accepted for (on the event record only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<String>,
@@ -160,6 +166,10 @@ pub struct EventMeta {
     /// (on the event record only; empty when none is ordered).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lines: Vec<Option<Line>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An ordered delivery's order key, the slot naming its line entry, and the entry's
@@ -370,6 +380,7 @@ mod tests {
             source: "s".into(),
             received_ms: 1,
             content_type: None,
+            keep_ms: 0,
             destinations: Vec::new(),
             held: None,
             lines: Vec::new(),
@@ -414,6 +425,7 @@ mod tests {
             source: "s".into(),
             received_ms: 5,
             content_type: None,
+            keep_ms: 0,
             destinations: vec!["d".into()],
             held: None,
             lines: Vec::new(),
