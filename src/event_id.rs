@@ -91,12 +91,16 @@ fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
     true
 }
 
-/// One value as it is; several joined with [`SEPARATOR`], each with `\` and the separator
-/// escaped (`\\`, `\:`), so that different values never join the same (`a:b` + `c` and
-/// `a` + `b:c`).
-fn join(mut parts: Vec<String>) -> Option<String> {
-    if parts.len() <= 1 {
+/// One value of one path as it is; otherwise the values joined with [`SEPARATOR`], each
+/// with `\` and the separator escaped (`\\`, `\:`), so that different values never join
+/// the same (`a:b` + `c` and `a` + `b:c`; nor `x:y` found alone by one of several paths and
+/// `x` + `y`).
+fn join(mut parts: Vec<String>, paths: usize) -> Option<String> {
+    if parts.len() <= 1 && paths <= 1 {
         return parts.pop();
+    }
+    if parts.is_empty() {
+        return None;
     }
     let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
     for (i, p) in parts.iter().enumerate() {
@@ -120,7 +124,7 @@ pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     for p in paths {
         p.find_into(event, &mut parts);
     }
-    join(parts)
+    join(parts, paths.len())
 }
 
 /// An `order_by` key: the values `paths` find in `event`, joined; `None` (not ordered) when
@@ -132,7 +136,7 @@ pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
             return None;
         }
     }
-    join(parts)
+    join(parts, paths.len())
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -186,11 +190,16 @@ mod tests {
         let two = event_id(&p, &json!({"a":"x","b":"y:z"}), b"2");
         assert_ne!(one, two);
         assert_eq!(one, r"x\:y:z");
-        // A single value stays as it is.
+        // A single value of a single path stays as it is.
         assert_eq!(
             event_id(&paths(&["$.a"]), &json!({"a":"urn:x"}), b""),
             "urn:x"
         );
+        // One of several paths finding one value: escaped all the same, or `x:y` found
+        // alone would be the id of `x` and `y` found by both.
+        let alone = event_id(&p, &json!({"a":"x:y"}), b"3");
+        assert_eq!(alone, r"x\:y");
+        assert_ne!(alone, event_id(&p, &json!({"a":"x","b":"y"}), b"4"));
         // A null among several values found is no value (no empty part).
         let many = paths(&["$.p[*]"]);
         assert_eq!(event_id(&many, &json!({"p":["a",null,"b"]}), b""), "a:b");
