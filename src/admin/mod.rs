@@ -21,7 +21,6 @@ use std::time::Duration;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -114,7 +113,7 @@ fn authorized(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     };
     let given = crate::web::authorization::credentials(req.headers(), "Bearer");
     match given {
-        Some(t) if bool::from(t.as_bytes().ct_eq(token.expose())) => Ok(()),
+        Some(t) if token.matches(t.as_bytes()) => Ok(()),
         Some(_) => Err(unauthorized("the admin token is not valid")),
         None => Err(unauthorized(
             "the admin API needs Authorization: Bearer <admin_token>",

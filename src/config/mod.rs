@@ -44,6 +44,14 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+    /// Whether `given` is this secret, in constant time, its length included: the SHA-256
+    /// digests of both are compared (comparing the bytes stops at once when the lengths
+    /// differ, which tells a prober the secret's length).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        use subtle::ConstantTimeEq;
+        bool::from(Sha256::digest(&self.0).ct_eq(&Sha256::digest(given)))
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -240,4 +248,20 @@ pub struct Reply {
     pub fallback_status: u16,
     pub fallback_body: String,
     pub fallback_content_type: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn a_secret_matches_only_itself() {
+        let s = Secret::new("s3cret-value");
+        assert!(s.matches(b"s3cret-value"));
+        assert!(!s.matches(b"s3cret-valuE"));
+        assert!(!s.matches(b"s3cret"), "a prefix");
+        assert!(!s.matches(b"s3cret-value-and-more"), "longer");
+        assert!(!s.matches(b""));
+        assert!(Secret::new("").matches(b""));
+    }
 }

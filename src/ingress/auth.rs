@@ -63,7 +63,7 @@ pub fn check_headers(
             value,
         } => {
             let got = headers.get(name).map(|v| v.as_bytes()).unwrap_or_default();
-            if bool::from(got.ct_eq(value.expose())) {
+            if value.matches(got) {
                 Ok(None)
             } else {
                 Err(ApiError::unauthorized(format!(

@@ -91,9 +91,9 @@ fn authenticate<'a>(config: &'a Config, id: &str, secret: &str) -> Option<&'a So
             continue;
         };
         for c in clients {
-            let id_ok = c.id.as_bytes().ct_eq(id.as_bytes());
-            let secret_ok = c.secret.expose().ct_eq(secret.as_bytes());
-            if bool::from(id_ok & secret_ok) {
+            let id_ok = bool::from(c.id.as_bytes().ct_eq(id.as_bytes()));
+            let secret_ok = c.secret.matches(secret.as_bytes());
+            if id_ok & secret_ok {
                 found = Some(s.as_ref());
             }
         }
