@@ -567,4 +567,30 @@ fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
     if let Err(e) = hookrelay::config::parse(&shipped, file, &everything_set) {
         panic!("{e}");
     }
+    // The admin token likewise, once the admin API is reachable from others.
+    let admin = shipped.replace(
+        "${HOOKRELAY_ADMIN_TOKEN:-}",
+        "${HOOKRELAY_ADMIN_TOKEN:-letmein}",
+    );
+    assert!(hookrelay::config::parse(&admin, file, &|_| None).is_ok());
+    let public_admin = |k: &str| match k {
+        "HOOKRELAY_ADMIN_LISTEN" => Some("0.0.0.0:9090".to_string()),
+        _ => None,
+    };
+    let err = hookrelay::config::parse(&admin, file, &public_admin)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.lines().any(|l| l.contains("server.admin_token")
+            && l.contains("set HOOKRELAY_ADMIN_TOKEN")
+            && l.contains("0.0.0.0:9090 is reachable from other hosts")),
+        "{err}"
+    );
+    assert!(!err.contains("letmein"), "the token was shown:\n{err}");
+    let set = |k: &str| match k {
+        "HOOKRELAY_ADMIN_LISTEN" => Some("0.0.0.0:9090".to_string()),
+        "HOOKRELAY_ADMIN_TOKEN" => Some("set-by-the-operator".to_string()),
+        _ => None,
+    };
+    assert!(hookrelay::config::parse(&admin, file, &set).is_ok());
 }

@@ -166,6 +166,9 @@ async fn accept(
     }
     let wrapped = parse_event(&source, &body)?;
     let ev = routed(app, config, &source, &wrapped, body, content_type)?;
+    // The parsed tree can be many times the body's size, and no budget counts it: it is
+    // not kept through the waits below (the store's commit, a reply route's call).
+    drop(wrapped);
     if let Some(dest) = &ev.full {
         // Shed without a write, unless it may be a retry of an event already kept: the
         // store answers that one as the duplicate it is, full queue or not.

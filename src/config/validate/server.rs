@@ -51,7 +51,28 @@ impl Cx<'_> {
         let admin_token = r
             .admin_token
             .as_ref()
-            .and_then(|t| self.string(t, "server.admin_token"))
+            .and_then(|t| {
+                let token = self.string(t, "server.admin_token");
+                // A default written in the file is for anyone who reads it: fine on this
+                // host, not once the admin API is reachable from others. (An empty one
+                // leaves the API open: refused below, for the same reason.)
+                let vars = std::mem::take(&mut self.defaulted);
+                let published = token.as_ref().is_some_and(|t| !t.is_empty());
+                if published && !vars.is_empty() && !admin_listen.ip().is_loopback() {
+                    self.err(
+                        Some(t.span()),
+                        "server.admin_token",
+                        format!(
+                            "{} not set, so the admin token is the default written in the file, \
+                             while server.admin_listen {admin_listen} is reachable from other \
+                             hosts: set {}",
+                            vars.join(", "),
+                            vars.join(" and ")
+                        ),
+                    );
+                }
+                token
+            })
             .filter(|t| !t.is_empty())
             .map(Secret::new);
         if admin_token.is_none() && !admin_listen.ip().is_loopback() {
