@@ -1324,3 +1324,51 @@ async fn the_oldest_pending_is_kept_while_its_consumer_cannot_be_read() {
     }
     st.close().await.unwrap();
 }
+
+/// Event subjects are named by 64-bit hashes of the id and the source. Another id whose
+/// hashes collide with an event kept within the window is refused (the provider retries
+/// later), not answered as that event's duplicate and never delivered. The collision is
+/// made by hand: a record of id "other" under the subject of id "mine".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_whose_subject_collides_with_another_ids_is_not_a_duplicate() {
+    use sha2::Digest;
+    let hash = |s: &str| -> String {
+        sha2::Sha256::digest(s.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let record = format!(
+        "{}\n{{}}",
+        serde_json::json!({"id": "other", "source": "x", "received_ms": now_ms(),
+            "content_type": null, "destinations": ["w"]})
+    );
+    js.publish(
+        format!("c.ev.{}.{}", hash("mine"), hash("x")),
+        record.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let refused = st.accept(ev("mine", "x", &["w"])).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("collides")),
+        "{refused:?}"
+    );
+    // The same through the queue-full path, which looks for a duplicate first.
+    let full = NewEvent {
+        max_queue: vec![0],
+        ..ev("mine", "x", &["w"])
+    };
+    let refused = st.accept(full).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("collides")),
+        "{refused:?}"
+    );
+    st.close().await.unwrap();
+}

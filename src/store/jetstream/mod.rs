@@ -225,6 +225,23 @@ impl JetStreamStore {
         Ok(Some((seq, meta)))
     }
 
+    /// Whether the event `meta` kept within the dedup window under `ev`'s token is `ev`'s
+    /// duplicate. Tokens are 64-bit hashes of the id and the source: another id whose
+    /// token collides is refused (503, logged) rather than answered as a duplicate and
+    /// never delivered.
+    fn duplicate_within(meta: &EventMeta, ev: &NewEvent) -> Result<(), StoreError> {
+        if meta.id == ev.id && meta.source == ev.source {
+            return Ok(());
+        }
+        tracing::error!(
+            source = %ev.source,
+            "an event id's subject token collides with another id's kept within the dedup window; the event is refused (503) until that one leaves the window"
+        );
+        Err(StoreError::Unavailable(
+            "this event's id collides with another kept event's".into(),
+        ))
+    }
+
     /// The answer to a duplicate of the event at `seq` (token `e`): its sequence and the
     /// reply kept for it (a reply written before `seq` was an earlier event's).
     async fn duplicate_of(&self, seq: u64, e: &str) -> Result<Admission, StoreError> {
@@ -237,14 +254,10 @@ impl JetStreamStore {
 
     /// The duplicate answer for an event with token `e` received at `now_ms`, if an event
     /// with its id was received within `window` before.
-    async fn duplicate(
-        &self,
-        e: &str,
-        window: Duration,
-        now_ms: u64,
-    ) -> Result<Option<Admission>, StoreError> {
+    async fn duplicate(&self, e: &str, ev: &NewEvent) -> Result<Option<Admission>, StoreError> {
         match self.kept_event(e).await? {
-            Some((seq, meta)) if within(&meta, window, now_ms) => {
+            Some((seq, meta)) if within(&meta, ev.dedup_window, ev.received_ms) => {
+                Self::duplicate_within(&meta, ev)?;
                 Ok(Some(self.duplicate_of(seq, e).await?))
             }
             _ => Ok(None),
@@ -342,7 +355,7 @@ impl Store for JetStreamStore {
                 if self.queue_depth(d) + self.unfanned.load(Ordering::Relaxed) >= max {
                     // A retry of an accepted event is still answered as the duplicate it is
                     // (with its kept reply), as the embedded stores do.
-                    if let Some(dup) = self.duplicate(&e, ev.dedup_window, ev.received_ms).await? {
+                    if let Some(dup) = self.duplicate(&e, &ev).await? {
                         return Ok(dup);
                     }
                     return Ok(Admission::QueueFull {
@@ -405,6 +418,7 @@ impl Store for JetStreamStore {
                     // Expired between the write and the read: write it as new.
                     None => expect = 0,
                     Some((seq, old)) if within(&old, window, ev.received_ms) => {
+                        Self::duplicate_within(&old, &ev)?;
                         return self.duplicate_of(seq, &e).await;
                     }
                     Some((seq, old)) => {
