@@ -223,9 +223,10 @@ to = ["calls"]
         hookrelay::store::DeliveryState::Dead,
     )
     .await;
+    // Markup, a number past a double's precision, an integer-like key after another.
     let hostile = status(
         "ev-xss",
-        r#","note":"<script>window.__xss=1</script><img src=x onerror=\"window.__xss=2\">""#,
+        r#","note":"<script>window.__xss=1</script><img src=x onerror=\"window.__xss=2\">","n":12345678901234567890123,"z":{},"10":[1, "a\",b"]"#,
     );
     let (s, _) = post(&relay, "/8x8/voice", "application/json", hostile.as_bytes()).await;
     assert_eq!(s, 200);
@@ -263,6 +264,15 @@ to = ["calls"]
             .unwrap();
         assert!(body.contains("<script>window.__xss=1</script>"), "{body}");
         assert!(body.contains("<img src=x onerror="), "{body}");
+        // As received, indented: the number exact, the keys in their order.
+        assert!(body.contains("\"n\": 12345678901234567890123,"), "{body}");
+        assert!(body.contains("\"z\": {},\n"), "{body}");
+        assert!(body.find("\"z\"") < body.find("\"10\""), "{body}");
+        assert!(body.contains("\"10\": [\n"), "{body}");
+        assert!(
+            body.contains("\"a\\\",b\""),
+            "a string's comma and quote: {body}"
+        );
         let probe = c
             .execute(
                 "return [typeof window.__xss, document.querySelectorAll('#event-body *').length, document.querySelectorAll('script').length];",

@@ -67,6 +67,10 @@ pub struct EventOut {
     #[serde(skip)]
     pub seq: u64,
     body: EventBody,
+    /// The JSON body as the text received, for the console to show as it is (a browser's
+    /// JSON reading rounds large numbers and moves integer-like keys first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_text: Option<String>,
 }
 
 /// The body: the JSON exactly as received (its key order, numbers and spacing inside it
@@ -80,11 +84,17 @@ enum EventBody {
 
 pub fn event(v: &EventView) -> EventOut {
     let e = &v.event;
-    let body = match serde_json::from_slice::<Box<RawValue>>(&e.body) {
-        Ok(raw) => EventBody::Json(raw),
-        Err(_) => EventBody::Other {
-            base64: base64::engine::general_purpose::STANDARD.encode(&e.body),
-        },
+    let (body, body_text) = match serde_json::from_slice::<Box<RawValue>>(&e.body) {
+        Ok(raw) => {
+            let text = raw.get().to_string();
+            (EventBody::Json(raw), Some(text))
+        }
+        Err(_) => (
+            EventBody::Other {
+                base64: base64::engine::general_purpose::STANDARD.encode(&e.body),
+            },
+            None,
+        ),
     };
     let mut summary = event_summary(v);
     summary["received_ms"] = json!(e.received_ms);
@@ -94,6 +104,7 @@ pub fn event(v: &EventView) -> EventOut {
         received_ms: e.received_ms,
         seq: e.seq,
         body,
+        body_text,
     }
 }
 

@@ -303,6 +303,42 @@
     return ev;
   }
 
+  // Indents JSON text without reading it into values: only whitespace outside strings
+  // changes, so every number, key and key order stays as received.
+  function indentJson(src) {
+    let out = '';
+    let depth = 0;
+    let inString = false;
+    let escaped = false;
+    const line = () => '\n' + '  '.repeat(depth);
+    for (let i = 0; i < src.length; i++) {
+      const ch = src[i];
+      if (inString) {
+        out += ch;
+        if (escaped) escaped = false;
+        else if (ch === '\\') escaped = true;
+        else if (ch === '"') inString = false;
+        continue;
+      }
+      if (ch === ' ' || ch === '\t' || ch === '\n' || ch === '\r') continue;
+      if (ch === '"') { inString = true; out += ch; continue; }
+      if (ch === '{' || ch === '[') {
+        const close = ch === '{' ? '}' : ']';
+        let j = i + 1;
+        while (j < src.length && ' \t\n\r'.includes(src[j])) j++;
+        if (src[j] === close) { out += ch + close; i = j; continue; }
+        depth++;
+        out += ch + line();
+        continue;
+      }
+      if (ch === '}' || ch === ']') { depth = Math.max(0, depth - 1); out += line() + ch; continue; }
+      if (ch === ',') { out += ',' + line(); continue; }
+      if (ch === ':') { out += ': '; continue; }
+      out += ch;
+    }
+    return out;
+  }
+
   function decodeBase64Body(body) {
     if (!body || typeof body !== 'object' || typeof body.base64 !== 'string' || Object.keys(body).length !== 1) return null;
     try {
@@ -319,7 +355,8 @@
     $('event-seq').textContent = text(ev.seq);
     $('event-received').textContent = text(ev.received);
     $('event-content-type').textContent = text(ev.content_type);
-    $('event-body').textContent = ev.body === undefined ? '' : JSON.stringify(ev.body, null, 2);
+    $('event-body').textContent = typeof ev.body_text === 'string' ? indentJson(ev.body_text)
+      : ev.body === undefined ? '' : JSON.stringify(ev.body, null, 2);
     const decoded = decodeBase64Body(ev.body);
     $('event-body-decoded').textContent = decoded || '';
     show($('event-body-decoded'), decoded !== null);
