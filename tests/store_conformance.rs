@@ -1188,6 +1188,22 @@ async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     st.close().await.unwrap();
 }
 
+/// Waits until `st` holds `dest`'s delivery `seq` with a scheduler's window of one (so its
+/// puller takes no more).
+async fn held_alone(st: &dyn Store, dest: &str, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !st
+        .pending(dest, 1, &|_| false)
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.seq == seq)
+    {
+        assert!(Instant::now() < deadline, "never held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A delivery held here, not yet sent, through a JetStream outage longer than the ack wait
 /// may have gone to another instance: it is let go, not listed (and so sent) here too. The
 /// other instance sends it; for an order key, the key's next may follow it at once.
@@ -1198,17 +1214,7 @@ async fn a_delivery_held_through_an_outage_is_let_go() {
     let a = jetstream(dir.path(), &nats).await;
     let seq = accepted(a.as_ref(), ev("o1", "x", &["w"])).await;
     // Held by `a`, in a window of one: its puller takes nothing more.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !a
-        .pending("w", 1, &|_| false)
-        .await
-        .unwrap()
-        .iter()
-        .any(|d| d.seq == seq)
-    {
-        assert!(Instant::now() < deadline, "never held");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    held_alone(a.as_ref(), "w", seq).await;
     assert!(a.still_held("w", seq), "held, so it may be sent");
     // The outage itself: longer than the 6 s ack wait.
     nats.sigkill();
@@ -1246,17 +1252,7 @@ async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
     let seq = accepted(a.as_ref(), ev("m1", "x", &["w"])).await;
     // Held by `a`, in a window of one: its puller takes nothing more (nor this delivery
     // again once the server hands it out after the outage).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !a
-        .pending("w", 1, &|_| false)
-        .await
-        .unwrap()
-        .iter()
-        .any(|d| d.seq == seq)
-    {
-        assert!(Instant::now() < deadline, "never held");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    held_alone(a.as_ref(), "w", seq).await;
     // `a` sends it; its answer comes only after an outage longer than the ack wait.
     nats.sigkill();
     tokio::time::sleep(Duration::from_secs(8)).await;
