@@ -91,12 +91,14 @@ fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
     true
 }
 
-/// One value of one path as it is; otherwise the values joined with [`SEPARATOR`], each
-/// with `\` and the separator escaped (`\\`, `\:`), so that different values never join
-/// the same (`a:b` + `c` and `a` + `b:c`; nor `x:y` found alone by one of several paths and
-/// `x` + `y`).
-fn join(mut parts: Vec<String>, paths: usize) -> Option<String> {
-    if parts.len() <= 1 && paths <= 1 {
+/// The value of a single plain member path (which finds one value at most) as it is;
+/// otherwise the values joined with [`SEPARATOR`], each with `\` and the separator escaped
+/// (`\\`, `\:`), so that different values never join the same (`a:b` + `c` and `a` +
+/// `b:c`; nor `x:y` found alone, by one of several paths or by a path that may find several,
+/// and `x` + `y`).
+fn join(mut parts: Vec<String>, paths: &[IdPath]) -> Option<String> {
+    let single = matches!(paths, [p] if p.members.is_some());
+    if single {
         return parts.pop();
     }
     if parts.is_empty() {
@@ -124,7 +126,7 @@ pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     for p in paths {
         p.find_into(event, &mut parts);
     }
-    join(parts, paths.len())
+    join(parts, paths)
 }
 
 /// An `order_by` key: the values `paths` find in `event`, joined; `None` (not ordered) when
@@ -136,7 +138,7 @@ pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
             return None;
         }
     }
-    join(parts, paths.len())
+    join(parts, paths)
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -204,6 +206,10 @@ mod tests {
         let many = paths(&["$.p[*]"]);
         assert_eq!(event_id(&many, &json!({"p":["a",null,"b"]}), b""), "a:b");
         assert_eq!(event_id(&many, &json!({"p":["a",null]}), b""), "a");
+        // A path that may find several values escapes one found alone.
+        let alone = event_id(&many, &json!({"p":["x:y"]}), b"5");
+        assert_eq!(alone, r"x\:y");
+        assert_ne!(alone, event_id(&many, &json!({"p":["x","y"]}), b"6"));
     }
 
     #[test]

@@ -400,6 +400,10 @@ async fn admit(
         }
         Admission::QueueFull { destination } => Err(queue_full(&destination, config)),
         Admission::TooLarge { limit } => Err(ApiError::record_too_large(limit)),
+        Admission::IdCollides => Err(ApiError::unavailable(
+            "this event's id collides with another kept event's; try again later",
+            "60",
+        )),
     }
 }
 

@@ -82,6 +82,10 @@ pub enum Admission {
     TooLarge {
         limit: u64,
     },
+    /// Another id's event, kept within the dedup window, has the same subject token
+    /// (JetStream's 64-bit hashes): nothing was written; the provider is told to come
+    /// back (the store itself is healthy).
+    IdCollides,
 }
 
 /// A reply route's answer, kept so a duplicate gets the same answer.

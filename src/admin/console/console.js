@@ -9,6 +9,7 @@
   const VIEWS = ['events', 'dead', 'destinations', 'routing'];
   const PAGE_SIZE = 50;
   const DEAD_SHOWN = 500;
+  const INDENTED_MAX = 256 * 1024;
   const app = { token: '', authed: false, needsToken: false, started: false, loginTried: false, authGen: 0,
     view: 'events', next: null, filter: null, eventId: null, eventPick: null, pollTimer: null, destTimer: null };
 
@@ -355,7 +356,10 @@
     $('event-seq').textContent = text(ev.seq);
     $('event-received').textContent = text(ev.received);
     $('event-content-type').textContent = text(ev.content_type);
-    $('event-body').textContent = typeof ev.body_text === 'string' ? indentJson(ev.body_text)
+    // Indented up to 256 KiB; a larger body is shown as received (indenting a deeply
+    // nested one could make it a hundred times larger).
+    const raw = typeof ev.body_text === 'string' ? ev.body_text : null;
+    $('event-body').textContent = raw !== null ? (raw.length <= INDENTED_MAX ? indentJson(raw) : raw)
       : ev.body === undefined ? '' : JSON.stringify(ev.body, null, 2);
     const decoded = decodeBase64Body(ev.body);
     $('event-body-decoded').textContent = decoded || '';

@@ -227,19 +227,21 @@ impl JetStreamStore {
 
     /// Whether the event `meta` kept within the dedup window under `ev`'s token is `ev`'s
     /// duplicate. Tokens are 64-bit hashes of the id and the source: another id whose
-    /// token collides is refused (503, logged) rather than answered as a duplicate and
-    /// never delivered.
-    fn duplicate_within(meta: &EventMeta, ev: &NewEvent) -> Result<(), StoreError> {
+    /// token collides is refused ([`Admission::IdCollides`], logged) rather than answered
+    /// as a duplicate and never delivered.
+    fn same_event(meta: &EventMeta, ev: &NewEvent) -> bool {
         if meta.id == ev.id && meta.source == ev.source {
-            return Ok(());
+            return true;
         }
-        tracing::error!(
-            source = %ev.source,
-            "an event id's subject token collides with another id's kept within the dedup window; the event is refused (503) until that one leaves the window"
-        );
-        Err(StoreError::Unavailable(
-            "this event's id collides with another kept event's".into(),
-        ))
+        static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+        if let Some(held_back) = SAID.pass(now_ms()) {
+            tracing::error!(
+                source = %ev.source,
+                held_back,
+                "an event id's subject token collides with another id's kept within the dedup window; the event is refused (503) until that one leaves the window"
+            );
+        }
+        false
     }
 
     /// The answer to a duplicate of the event at `seq` (token `e`): its sequence and the
@@ -257,7 +259,9 @@ impl JetStreamStore {
     async fn duplicate(&self, e: &str, ev: &NewEvent) -> Result<Option<Admission>, StoreError> {
         match self.kept_event(e).await? {
             Some((seq, meta)) if within(&meta, ev.dedup_window, ev.received_ms) => {
-                Self::duplicate_within(&meta, ev)?;
+                if !Self::same_event(&meta, ev) {
+                    return Ok(Some(Admission::IdCollides));
+                }
                 Ok(Some(self.duplicate_of(seq, e).await?))
             }
             _ => Ok(None),
@@ -418,7 +422,9 @@ impl Store for JetStreamStore {
                     // Expired between the write and the read: write it as new.
                     None => expect = 0,
                     Some((seq, old)) if within(&old, window, ev.received_ms) => {
-                        Self::duplicate_within(&old, &ev)?;
+                        if !Self::same_event(&old, &ev) {
+                            return Ok(Admission::IdCollides);
+                        }
                         return self.duplicate_of(seq, &e).await;
                     }
                     Some((seq, old)) => {
