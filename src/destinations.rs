@@ -46,6 +46,9 @@ pub struct DestinationStatus {
     /// Told when a probe ends without an outcome, so the scheduler waiting on it probes
     /// again at once instead of at the next event.
     probe_released: tokio::sync::Notify,
+    /// Until when (unix ms) the destination asked for quiet (a 429 or 503 with
+    /// `Retry-After`): nothing is sent to it before then, and no attempt is spent.
+    quiet_until_ms: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +101,17 @@ pub enum Change {
 }
 
 impl DestinationStatus {
+    /// The destination asked for quiet until `until_ms` (a later ask extends it).
+    pub fn quiet_until(&self, until_ms: u64) {
+        self.quiet_until_ms.fetch_max(until_ms, Ordering::Relaxed);
+    }
+
+    /// When sending may resume, if the destination asked for quiet past `now_ms`.
+    pub fn quiet(&self, now_ms: u64) -> Option<u64> {
+        let until = self.quiet_until_ms.load(Ordering::Relaxed);
+        (until > now_ms).then_some(until)
+    }
+
     pub fn started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }

@@ -295,6 +295,38 @@ async fn honours_retry_after_on_429() {
     sink.stop().await;
 }
 
+/// A 429's `Retry-After` holds the whole destination: the deliveries queued behind the one
+/// that got it wait too, instead of each spending an attempt on the same answer.
+#[tokio::test]
+async fn retry_after_holds_the_whole_destination() {
+    let sink = Sink::start(
+        vec![Reply::status(429).header("retry-after", "1")],
+        Reply::status(200),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start_relay(
+        dir.path(),
+        &one_destination(&sink.url("/x"), "max_in_flight = 1"),
+    )
+    .await;
+    let ids = [post_open(&relay, 1).await, post_open(&relay, 2).await];
+    let seen = sink.wait_for(3).await;
+    // Whichever went first got the 429; nothing went out for the second it asked.
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(990), "next sent after {gap:?}");
+    for id in &ids {
+        wait_state(&relay, id, "d", DeliveryState::Delivered).await;
+    }
+    assert_eq!(
+        sink.seen().len(),
+        3,
+        "one attempt spent on the 429, none more"
+    );
+    stop_relay(relay).await;
+    sink.stop().await;
+}
+
 #[tokio::test]
 async fn client_error_is_dead_at_once_then_replayed() {
     let sink = Sink::start(vec![Reply::status(400)], Reply::status(200)).await;

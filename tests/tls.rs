@@ -1,6 +1,7 @@
 //! HTTPS on the ingress with a self-signed certificate made in the test: HTTP/1.1 and
 //! HTTP/2 over ALPN, a renewed certificate served after a reload, and a bad certificate
-//! file as a config error naming it.
+//! file as a config error naming it. HTTPS to a destination whose certificate only the
+//! host trusts (`SSL_CERT_FILE`), as an internal service's private CA.
 
 mod support;
 
@@ -153,4 +154,112 @@ async fn bad_certificate_file_is_a_config_error_naming_it() {
         .unwrap_err()
         .to_string();
     assert!(text.contains("server.tls.key"), "{text}");
+}
+
+/// A destination on HTTPS whose certificate no public root vouches for, trusted by the host
+/// (here through `SSL_CERT_FILE`, as a private CA added to the system's store would be), is
+/// delivered to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let ca_file = dir.path().join("internal-ca.pem");
+    std::fs::write(&ca_file, ck.cert.pem()).unwrap();
+    // The destination: HTTPS on 127.0.0.1 with that certificate, counting what it gets.
+    let key = rustls_pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(AtomicUsize::new(0));
+    let (told, mut arrived) = tokio::sync::watch::channel(0usize);
+    let server = {
+        let got = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, got, told) = (acceptor.clone(), got.clone(), told.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                        let n = got.fetch_add(1, Ordering::SeqCst) + 1;
+                        told.send_replace(n);
+                        async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::new(),
+                            )))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        })
+    };
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[store]
+path = "data"
+
+[[sources]]
+name = "open"
+path = "/open"
+
+[[destinations]]
+name = "internal"
+url = "https://localhost:{port}/hook"
+retry = {{ first = "100ms", max_delay = "200ms" }}
+
+[[routes]]
+name = "all"
+source = "open"
+to = ["internal"]
+"#
+    );
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let ca = ca_file.to_str().unwrap();
+    let relay = support::RelayProcess::spawn_with_env(
+        &cfg,
+        &dir.path().join("relay.log"),
+        &[("SSL_CERT_FILE", ca)],
+    )
+    .await;
+    let answer = support::try_post(
+        &support::client(),
+        &format!("http://{}/open", relay.ingress),
+        br#"{"internal":true}"#.to_vec(),
+        WAIT,
+    )
+    .await
+    .expect("an answer");
+    assert_eq!(answer.status, 200);
+    let delivered = tokio::time::timeout(WAIT, arrived.wait_for(|n| *n >= 1)).await;
+    if !matches!(delivered, Ok(Ok(_))) {
+        let log = relay.finish().await;
+        server.abort();
+        panic!("never delivered over HTTPS; the relay's log:\n{log}");
+    }
+    relay.sigterm(std::time::Duration::from_secs(10)).await;
+    server.abort();
 }

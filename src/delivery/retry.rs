@@ -69,7 +69,7 @@ pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
         .unwrap_or(cap)
         .min(cap);
     // backon multiplies in f32; whole microseconds drop its rounding noise.
-    Duration::from_micros(d.as_micros() as u64)
+    Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// [`base_delay`] with jitter: `unit` (in `[0, 1)`, random) takes off up to [`JITTER`].
@@ -93,6 +93,19 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Until when (unix ms) a destination that answered `result` at `now_ms` asked to be left
+/// alone as a whole: a 429 or 503 with a `Retry-After`, held no longer than the policy's
+/// `max_delay` (one answer must not stop a destination for days).
+pub fn quiet_until(policy: &RetryPolicy, result: &AttemptResult, now_ms: u64) -> Option<u64> {
+    let answer = result.as_ref().ok()?;
+    if !matches!(answer.status, 429 | 503) {
+        return None;
+    }
+    let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
+    let told = retry_after(&answer.headers, now)?.min(policy.max_delay.max(policy.first));
+    Some(now_ms.saturating_add(ms(told)))
 }
 
 /// The `Retry-After` of a response, if it has a valid one.
@@ -247,6 +260,37 @@ mod tests {
             updated_ms: 0,
             order_key: None,
         }
+    }
+
+    #[test]
+    fn a_429_or_503_with_retry_after_quiets_the_destination_up_to_max_delay() {
+        let p = policy(); // max_delay 1 s
+        let now = 1_000_000;
+        let told = |status, after| quiet_until(&p, &answer(status, &[("retry-after", after)]), now);
+        assert_eq!(told(429, "0"), Some(now));
+        assert_eq!(
+            quiet_until(
+                &RetryPolicy {
+                    max_delay: Duration::from_secs(60),
+                    ..p.clone()
+                },
+                &answer(503, &[("retry-after", "2")]),
+                now
+            ),
+            Some(now + 2_000)
+        );
+        assert_eq!(told(429, "3600"), Some(now + 1_000), "capped at max_delay");
+        assert_eq!(told(500, "2"), None, "only 429 and 503");
+        assert_eq!(
+            quiet_until(&p, &answer(429, &[]), now),
+            None,
+            "no Retry-After"
+        );
+        assert_eq!(told(429, "soon"), None, "unreadable");
+        assert_eq!(
+            quiet_until(&p, &Err(SendError::Connect("refused".into())), now),
+            None
+        );
     }
 
     fn answer(status: u16, headers: &[(&str, &str)]) -> AttemptResult {

@@ -319,6 +319,11 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue 'passes,
                 p = limits.slot() => p,
             };
+            // Nor a destination that asked for quiet (Retry-After).
+            if let Some(t) = in_flight.status.quiet(now_ms()) {
+                next_due = Some(t);
+                break;
+            }
             // An open breaker spends no token.
             match in_flight.status.peek(&dest.breaker, now_ms()) {
                 Gate::Send | Gate::Probe => {}
@@ -462,7 +467,14 @@ async fn attempt(
             r = send_once(&ctx.deps.client, &dest, &event, n, dest.timeout) => r,
         };
         let took = started.elapsed();
-        let outcome = retry::decide(&dest.retry, &d, &result, now_ms(), rand::random::<f64>());
+        let answered_ms = now_ms();
+        let outcome = retry::decide(&dest.retry, &d, &result, answered_ms, rand::random::<f64>());
+        // Its Retry-After holds the whole destination, not only this delivery: the others
+        // would spend attempts on answers it said would be the same. Told before the slot
+        // goes, so the next attempt waiting for it sees it.
+        if let Some(until) = retry::quiet_until(&dest.retry, &result, answered_ms) {
+            guard.set.status.quiet_until(until);
+        }
         match &outcome {
             Outcome::Delivered { status } => {
                 debug!(status, ms = took.as_millis() as u64, "delivered");

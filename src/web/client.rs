@@ -1,6 +1,8 @@
 //! The outbound HTTP client every stage shares (deliveries and reply routes): hyper-util's
-//! pooled client over hyper-rustls (ring provider, webpki roots, ALPN h2 and http/1.1;
-//! plain `http://` URLs too). Redirects are not followed.
+//! pooled client over hyper-rustls (ring provider, ALPN h2 and http/1.1; plain `http://`
+//! URLs too). It trusts the public roots (webpki-roots) and the system's store, or the
+//! file `SSL_CERT_FILE` names, so destinations behind a private CA can be reached.
+//! Redirects are not followed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +30,20 @@ pub struct HttpClient {
     inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
+/// The public roots, and those of the system's store (or of the file `SSL_CERT_FILE`
+/// names): an internal destination's private CA is trusted once the host trusts it.
+fn roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let system = rustls_native_certs::load_native_certs();
+    for e in &system.errors {
+        tracing::warn!(error = %e, "reading the system's trusted certificates failed; the public roots are trusted still");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(system.certs);
+    tracing::debug!(added, ignored, "the system's trusted certificates");
+    roots
+}
+
 impl std::fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("HttpClient")
@@ -42,8 +58,14 @@ impl HttpClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
         http.set_keepalive(Some(KEEPALIVE));
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots())
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(Arc::new(rustls::crypto::ring::default_provider()))?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()

@@ -38,17 +38,28 @@ impl RelayProcess {
 
     /// [`spawn`](Self::spawn) at the log level `level` (`HOOKRELAY_LOG`).
     pub async fn spawn_at(config: &Path, log: &Path, level: &str) -> RelayProcess {
-        Self::start(config, log, Some(level)).await
+        Self::start(config, log, Some(level), &[]).await
+    }
+
+    /// [`spawn`](Self::spawn) with the variables `env` set too.
+    #[allow(dead_code)]
+    pub async fn spawn_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> RelayProcess {
+        Self::start(config, log, Some("warn"), env).await
     }
 
     /// [`spawn`](Self::spawn) with no environment variable at all, as a newcomer's shell
     /// might run it.
     pub async fn spawn_with_no_environment(config: &Path, log: &Path) -> RelayProcess {
-        Self::start(config, log, None).await
+        Self::start(config, log, None, &[]).await
     }
 
-    /// `level: None` clears the environment.
-    async fn start(config: &Path, log: &Path, level: Option<&str>) -> RelayProcess {
+    /// `level: None` clears the environment; `env` is set after.
+    async fn start(
+        config: &Path,
+        log: &Path,
+        level: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> RelayProcess {
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -60,6 +71,7 @@ impl RelayProcess {
             Some(level) => command.env("HOOKRELAY_LOG", level),
             None => command.env_clear(),
         };
+        command.envs(env.iter().copied());
         let mut child = command
             .args(["serve", "--config"])
             .arg(config)
