@@ -84,13 +84,14 @@ impl App {
         // After the swap: a scrape between the two, reading the old config, would take a
         // new destination's zero series out again. A breaker the config turns off is
         // closed now: the API and the gauge would say `open` until an attempt next passed it.
+        let now = crate::clock::now_ms();
         for d in &self.config().destinations {
             self.metrics.announce_destination(&d.name);
-            if self
-                .statuses
-                .of(&d.name)
-                .set_breaker_on(d.breaker.failures > 0)
-            {
+            let status = self.statuses.of(&d.name);
+            // A quiet asked for (Retry-After) lasts no longer than the new `max_delay`.
+            let longest = d.retry.max_delay.max(d.retry.first).as_millis() as u64;
+            status.quiet_at_most(now.saturating_add(longest));
+            if status.set_breaker_on(d.breaker.failures > 0) {
                 tracing::info!(destination = %d.name, "breaker closed: the config turns it off (failures = 0)");
             }
         }

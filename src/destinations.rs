@@ -106,6 +106,11 @@ impl DestinationStatus {
         self.quiet_until_ms.fetch_max(until_ms, Ordering::Relaxed);
     }
 
+    /// A reload's `max_delay` bounds a quiet already asked for: it ends by `latest_ms`.
+    pub fn quiet_at_most(&self, latest_ms: u64) {
+        self.quiet_until_ms.fetch_min(latest_ms, Ordering::Relaxed);
+    }
+
     /// When sending may resume, if the destination asked for quiet past `now_ms`.
     pub fn quiet(&self, now_ms: u64) -> Option<u64> {
         let until = self.quiet_until_ms.load(Ordering::Relaxed);
@@ -274,6 +279,26 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_quiet_asked_for_is_extended_by_a_later_ask_and_bounded_by_a_reload() {
+        let s = DestinationStatus::default();
+        assert_eq!(s.quiet(1_000), None);
+        s.quiet_until(5_000);
+        s.quiet_until(3_000);
+        assert_eq!(
+            s.quiet(1_000),
+            Some(5_000),
+            "a shorter ask does not shorten it"
+        );
+        assert_eq!(s.quiet(5_000), None, "over at its time");
+        s.quiet_at_most(2_000);
+        assert_eq!(
+            s.quiet(1_000),
+            Some(2_000),
+            "a reload's max_delay bounds it"
+        );
+    }
 
     #[test]
     fn a_reloaded_cool_down_applies_to_a_breaker_already_open() {

@@ -192,6 +192,36 @@ async fn an_open_breaker_skips_the_reply_call() {
     assert_eq!(ivr.seen().len(), 1, "called with its breaker open");
 }
 
+/// A reply call answered 429 with `Retry-After` holds the destination: the next call action
+/// gets the fallback at once, the destination is not called again meanwhile.
+#[tokio::test]
+async fn a_retry_after_skips_the_next_reply_call() {
+    let ivr = Sink::start(Vec::new(), Reply::status(429).header("retry-after", "3600")).await;
+    let analytics = Sink::always(200).await;
+    // max_delay (which bounds the hold) an hour, as the Retry-After asks.
+    let text = config(ivr.addr, analytics.addr).replace(
+        "retry = { first = \"1h\" }",
+        "retry = { first = \"1h\", max_delay = \"1h\" }",
+    );
+    let r = TestRelay::start(&text).await;
+    let first = fixture("8x8/voice-call-action.json");
+    let a = r.post("/8x8/voice", &first).await;
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert_eq!(ivr.seen().len(), 1);
+    assert!(r.app().statuses.of("ivr").quiet(0).is_some(), "held");
+    let next = String::from_utf8(first)
+        .unwrap()
+        .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "next-call-action");
+    let a = r.post("/8x8/voice", next.as_bytes()).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    assert_eq!(
+        ivr.seen().len(),
+        1,
+        "called while it asked to be left alone"
+    );
+}
+
 #[tokio::test]
 async fn a_reply_call_takes_a_slot_within_max_in_flight() {
     // ivr takes 3 s to answer anything; it may have one request in flight.

@@ -436,6 +436,8 @@ async fn destination(app: &App, name: &str) -> Value {
         "oldest_pending_age_seconds": oldest_pending_age(app, name).await,
         "consecutive_failures": status.consecutive_failures(),
         "last_error": status.last_error(),
+        // Until when the destination asked to be left alone (Retry-After); null if not.
+        "quiet_until": status.quiet(now_ms()).map(views::rfc3339),
     })
 }
 

@@ -68,9 +68,13 @@ pub async fn call_once(
     if paused {
         return skipped("the destination is paused");
     }
-    // An open breaker first, before a slot or a token is spent on a call not made.
+    // An open breaker first, before a slot or a token is spent on a call not made; nor
+    // while the destination asked for quiet (Retry-After).
     if !status.would_send(&dest.breaker, now_ms()) {
         return skipped("the destination's breaker is open");
+    }
+    if status.quiet(now_ms()).is_some() {
+        return skipped("the destination asked to be left alone for now (Retry-After)");
     }
     // Its scheduler's limits hold for this call too: a slot, then a token, both while a
     // quarter of the reply's timeout is left at least (later, a timeout would count
@@ -110,6 +114,9 @@ pub async fn call_once(
     let result = send_once(client, dest, event, 1, timeout).await;
     let seconds = started.elapsed().as_secs_f64();
     let described = retry::describe(&result);
+    if let Some(until) = retry::quiet_until(&dest.retry, &result, now_ms()) {
+        status.quiet_until(until);
+    }
     let called = match result {
         // A cut-off body is not the destination's answer: the fallback goes instead.
         Ok(a) if (200..300).contains(&a.status) && !a.truncated => Called {

@@ -349,6 +349,11 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             if !ctx.deps.store.still_held(&name, d.seq) {
                 continue;
             }
+            // A Retry-After another attempt got while this waited holds it too.
+            if let Some(t) = in_flight.status.quiet(now_ms()) {
+                next_due = Some(t);
+                break;
+            }
             // The breaker once the token came: an attempt that failed meanwhile may have
             // opened it. A probe not handed to an attempt (any `break` below) is given back
             // on drop.
