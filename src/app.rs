@@ -89,7 +89,7 @@ impl App {
             self.metrics.announce_destination(&d.name);
             let status = self.statuses.of(&d.name);
             // A quiet asked for (Retry-After) lasts no longer than the new `max_delay`.
-            let longest = d.retry.max_delay.max(d.retry.first).as_millis() as u64;
+            let longest = crate::delivery::retry::longest_delay(&d.retry).as_millis() as u64;
             status.quiet_at_most(now.saturating_add(longest));
             if status.set_breaker_on(d.breaker.failures > 0) {
                 tracing::info!(destination = %d.name, "breaker closed: the config turns it off (failures = 0)");

@@ -129,14 +129,22 @@ impl DestinationStatus {
             });
     }
 
-    /// What `breaker` would let the scheduler do at `now_ms`, changing nothing (a probe
-    /// [`gate`](Self::gate) would hand out is not taken).
+    /// What `breaker` (and a quiet the destination asked for, first) would let the
+    /// scheduler do at `now_ms`, changing nothing (a probe [`gate`](Self::gate) would hand
+    /// out is not taken).
     pub fn peek(&self, breaker: &Breaker, now_ms: u64) -> Gate {
+        if let Some(t) = self.quiet(now_ms) {
+            return Gate::WaitUntil(t);
+        }
         gate_of(*self.breaker.lock().unwrap(), breaker, now_ms)
     }
 
-    /// What `breaker` lets the scheduler do at `now_ms`: a probe it lets go is taken.
+    /// What `breaker` (and a quiet the destination asked for, first) lets the scheduler do
+    /// at `now_ms`: a probe it lets go is taken.
     pub fn gate(&self, breaker: &Breaker, now_ms: u64) -> Gate {
+        if let Some(t) = self.quiet(now_ms) {
+            return Gate::WaitUntil(t);
+        }
         let mut state = self.breaker.lock().unwrap();
         let gate = gate_of(*state, breaker, now_ms);
         match gate {
@@ -298,6 +306,14 @@ mod tests {
             Some(2_000),
             "a reload's max_delay bounds it"
         );
+        // The scheduler and reply calls see it through the breaker's gate, on or off.
+        let off = Breaker {
+            failures: 0,
+            cool_down: Duration::from_secs(1),
+        };
+        assert_eq!(s.gate(&off, 1_000), Gate::WaitUntil(2_000));
+        assert!(!s.would_send(&off, 1_000));
+        assert_eq!(s.gate(&off, 2_000), Gate::Send);
     }
 
     #[test]

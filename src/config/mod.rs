@@ -34,15 +34,23 @@ pub use validate::{load, parse, ConfigErrors, Problem};
 pub const TOKEN_PATH: &str = "/oauth/token";
 
 /// A secret string (auth value, client secret, signing key). `Debug`/`Display` print `***`.
+/// Its SHA-256 is kept beside it, for [`Secret::matches`] on every request.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<[u8]>);
+pub struct Secret {
+    bytes: Arc<[u8]>,
+    digest: [u8; 32],
+}
 
 impl Secret {
     pub fn new(v: impl AsRef<[u8]>) -> Self {
-        Secret(Arc::from(v.as_ref()))
+        use sha2::{Digest, Sha256};
+        Secret {
+            bytes: Arc::from(v.as_ref()),
+            digest: Sha256::digest(v.as_ref()).into(),
+        }
     }
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
     /// Whether `given` is this secret, in constant time, its length included: the SHA-256
     /// digests of both are compared (comparing the bytes stops at once when the lengths
@@ -50,7 +58,7 @@ impl Secret {
     pub fn matches(&self, given: &[u8]) -> bool {
         use sha2::{Digest, Sha256};
         use subtle::ConstantTimeEq;
-        bool::from(Sha256::digest(&self.0).ct_eq(&Sha256::digest(given)))
+        bool::from(self.digest.ct_eq(Sha256::digest(given).as_slice()))
     }
 }
 

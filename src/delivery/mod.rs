@@ -68,13 +68,10 @@ pub async fn call_once(
     if paused {
         return skipped("the destination is paused");
     }
-    // An open breaker first, before a slot or a token is spent on a call not made; nor
-    // while the destination asked for quiet (Retry-After).
+    // An open breaker first (or a quiet the destination asked for), before a slot or a
+    // token is spent on a call not made.
     if !status.would_send(&dest.breaker, now_ms()) {
-        return skipped("the destination's breaker is open");
-    }
-    if status.quiet(now_ms()).is_some() {
-        return skipped("the destination asked to be left alone for now (Retry-After)");
+        return skipped("the destination's breaker is open, or it asked for quiet (Retry-After)");
     }
     // Its scheduler's limits hold for this call too: a slot, then a token, both while a
     // quarter of the reply's timeout is left at least (later, a timeout would count
@@ -104,7 +101,9 @@ pub async fn call_once(
         Gate::Send => false,
         Gate::Probe => true,
         Gate::WaitUntil(_) | Gate::WaitProbe => {
-            return skipped("the destination's breaker is open")
+            return skipped(
+                "the destination's breaker is open, or it asked for quiet (Retry-After)",
+            )
         }
     };
     let started = std::time::Instant::now();

@@ -56,7 +56,7 @@ pub fn classify(result: &AttemptResult) -> Class {
 /// exponential policy, evaluated at the stored count so a restart resumes the schedule.
 pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
     use backon::BackoffBuilder;
-    let cap = policy.max_delay.max(policy.first);
+    let cap = longest_delay(policy);
     // The curve is flat once it reaches the cap; 64 steps reach it for any factor > 1.
     let step = failed.clamp(1, 64) as usize - 1;
     let d = backon::ExponentialBuilder::default()
@@ -70,6 +70,12 @@ pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
         .min(cap);
     // backon multiplies in f32; whole microseconds drop its rounding noise.
     Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The longest a delivery waits between attempts (`max_delay`, or `first` if larger), and
+/// so the longest a destination's `Retry-After` holds it as a whole.
+pub fn longest_delay(policy: &RetryPolicy) -> Duration {
+    policy.max_delay.max(policy.first)
 }
 
 /// [`base_delay`] with jitter: `unit` (in `[0, 1)`, random) takes off up to [`JITTER`].
@@ -104,7 +110,7 @@ pub fn quiet_until(policy: &RetryPolicy, result: &AttemptResult, now_ms: u64) ->
         return None;
     }
     let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
-    let told = retry_after(&answer.headers, now)?.min(policy.max_delay.max(policy.first));
+    let told = retry_after(&answer.headers, now)?.min(longest_delay(policy));
     Some(now_ms.saturating_add(ms(told)))
 }
 

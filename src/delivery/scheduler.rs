@@ -319,12 +319,8 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
                 _ = changed(&mut changes) => continue 'passes,
                 p = limits.slot() => p,
             };
-            // Nor a destination that asked for quiet (Retry-After).
-            if let Some(t) = in_flight.status.quiet(now_ms()) {
-                next_due = Some(t);
-                break;
-            }
-            // An open breaker spends no token.
+            // An open breaker spends no token, nor a destination that asked for quiet
+            // (Retry-After).
             match in_flight.status.peek(&dest.breaker, now_ms()) {
                 Gate::Send | Gate::Probe => {}
                 Gate::WaitUntil(t) => {
@@ -349,13 +345,8 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             if !ctx.deps.store.still_held(&name, d.seq) {
                 continue;
             }
-            // A Retry-After another attempt got while this waited holds it too.
-            if let Some(t) = in_flight.status.quiet(now_ms()) {
-                next_due = Some(t);
-                break;
-            }
             // The breaker once the token came: an attempt that failed meanwhile may have
-            // opened it. A probe not handed to an attempt (any `break` below) is given back
+            // opened it (or got a Retry-After). A probe not handed to an attempt (any `break` below) is given back
             // on drop.
             let probing = match in_flight.status.gate(&dest.breaker, now_ms()) {
                 Gate::Send => None,

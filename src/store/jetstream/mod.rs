@@ -244,6 +244,21 @@ impl JetStreamStore {
         false
     }
 
+    /// The answer to `ev`, whose token `e` names the event `meta` kept at `seq` within the
+    /// dedup window: its duplicate, unless another id's token collides with it.
+    async fn kept_answer(
+        &self,
+        seq: u64,
+        meta: &EventMeta,
+        e: &str,
+        ev: &NewEvent,
+    ) -> Result<Admission, StoreError> {
+        if !Self::same_event(meta, ev) {
+            return Ok(Admission::IdCollides);
+        }
+        self.duplicate_of(seq, e).await
+    }
+
     /// The answer to a duplicate of the event at `seq` (token `e`): its sequence and the
     /// reply kept for it (a reply written before `seq` was an earlier event's).
     async fn duplicate_of(&self, seq: u64, e: &str) -> Result<Admission, StoreError> {
@@ -259,10 +274,7 @@ impl JetStreamStore {
     async fn duplicate(&self, e: &str, ev: &NewEvent) -> Result<Option<Admission>, StoreError> {
         match self.kept_event(e).await? {
             Some((seq, meta)) if within(&meta, ev.dedup_window, ev.received_ms) => {
-                if !Self::same_event(&meta, ev) {
-                    return Ok(Some(Admission::IdCollides));
-                }
-                Ok(Some(self.duplicate_of(seq, e).await?))
+                Ok(Some(self.kept_answer(seq, &meta, e, ev).await?))
             }
             _ => Ok(None),
         }
@@ -298,8 +310,6 @@ impl JetStreamStore {
         Ok(Some((seq, rec, body)))
     }
 
-    /// The delivery of the event at `seq` (its event part `e`) to `destination`: on its
-    /// usual subject, or kept apart on its own.
     /// How long the records that live as long as `meta`'s event are kept.
     fn keep(&self, meta: &EventMeta) -> Duration {
         match meta.keep_ms {
@@ -308,6 +318,8 @@ impl JetStreamStore {
         }
     }
 
+    /// The delivery of the event at `seq` (its event part `e`) to `destination`: on its
+    /// usual subject, or kept apart on its own.
     async fn state_of(
         &self,
         seq: u64,
@@ -410,7 +422,7 @@ impl Store for JetStreamStore {
             for _ in 0..RENEW_TRIES {
                 let writes = [Write::new(self.names.event(&e), payload.clone())
                     .expect(expect)
-                    .ttl(Duration::from_millis(meta.keep_ms))];
+                    .ttl(self.keep(&meta))];
                 if let Written::Stored { first } = self.write(&writes).await? {
                     let mut depths = self.depths.lock().unwrap();
                     for d in &ev.destinations {
@@ -422,10 +434,7 @@ impl Store for JetStreamStore {
                     // Expired between the write and the read: write it as new.
                     None => expect = 0,
                     Some((seq, old)) if within(&old, window, ev.received_ms) => {
-                        if !Self::same_event(&old, &ev) {
-                            return Ok(Admission::IdCollides);
-                        }
-                        return self.duplicate_of(seq, &e).await;
+                        return self.kept_answer(seq, &old, &e, &ev).await;
                     }
                     Some((seq, old)) => {
                         if !self.deliveries_written(seq, &old, &e).await? {
