@@ -83,6 +83,14 @@ async fn first_try_out(
     first
 }
 
+/// The call-action fixture `first` as another call action (its own event id).
+fn next_call_action(first: Vec<u8>) -> Vec<u8> {
+    String::from_utf8(first)
+        .unwrap()
+        .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "next-call-action")
+        .into_bytes()
+}
+
 const REPLY: &[u8] = include_bytes!("../examples/payloads/8x8/voice-call-action-reply.json");
 
 #[tokio::test]
@@ -183,10 +191,7 @@ async fn an_open_breaker_skips_the_reply_call() {
         "one failed call opens it"
     );
     // The next call action gets the fallback at once: the destination is not called.
-    let next = String::from_utf8(first)
-        .unwrap()
-        .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "next-call-action");
-    let a = r.post("/8x8/voice", next.as_bytes()).await;
+    let a = r.post("/8x8/voice", &next_call_action(first)).await;
     assert_eq!(a.status, 200);
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
     assert_eq!(ivr.seen().len(), 1, "called with its breaker open");
@@ -209,10 +214,7 @@ async fn a_retry_after_skips_the_next_reply_call() {
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
     assert_eq!(ivr.seen().len(), 1);
     assert!(r.app().statuses.of("ivr").quiet(0).is_some(), "held");
-    let next = String::from_utf8(first)
-        .unwrap()
-        .replace("77e6a667-133a-11ef-9dd4-e911cc6fc82f", "next-call-action");
-    let a = r.post("/8x8/voice", next.as_bytes()).await;
+    let a = r.post("/8x8/voice", &next_call_action(first)).await;
     assert_eq!(a.status, 200);
     assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
     assert_eq!(
