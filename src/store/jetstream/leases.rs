@@ -237,8 +237,8 @@ pub async fn pull(
     let dest = leases.destination.clone();
     let name = names.consumer(&dest);
     let what = format!("deliveries of {dest}");
-    let config = consumer_config(&names, &dest);
-    let make = || async { Some(config.clone()) };
+    // Marked right before it is made, at each try.
+    let make = || pulls::marked(&stream, consumer_config(&names, &dest));
     let Some(mut consumer) = pulls::consumer(&stream, &name, make, &what, &stop).await else {
         return;
     };

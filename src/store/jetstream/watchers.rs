@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::records::{decode_delivery, untoken};
-use super::{fanout, JetStreamStore, DEPTH_EVERY, HEARTBEAT};
+use super::{pulls, JetStreamStore, DEPTH_EVERY, HEARTBEAT};
 use crate::store::DeliveryState;
 
 /// The most messages read to find a destination's first unacknowledged pending delivery.
@@ -171,7 +171,8 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         backlog.retain(|d, _| known.contains(d));
         for d in known {
             if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
-                let depth = info.num_pending + info.num_ack_pending as u64;
+                // Kept delivered states that a consumer made again reads are not queued.
+                let depth = pulls::unread(&info) + info.num_ack_pending as u64;
                 counted.push((d.clone(), depth));
                 if depth == 0 {
                     backlog.remove(&d);
@@ -194,14 +195,7 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         *s.backlog_oldest.lock().unwrap() = backlog;
         // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
-            let until = info
-                .config
-                .metadata
-                .get(fanout::REPLAY_UNTIL)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            let n = fanout::unfanned_of(info.num_pending, info.delivered.stream_sequence, until);
-            s.unfanned.store(n, Ordering::Relaxed);
+            s.unfanned.store(pulls::unread(&info), Ordering::Relaxed);
         }
         let mut depths = s.depths.lock().unwrap();
         for (d, n) in counted {
