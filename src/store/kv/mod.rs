@@ -197,6 +197,22 @@ impl<E: Engine> KvStore<E> {
         }))
     }
 
+    /// Replays every dead delivery of `dest` a chunk at a time, each chunk its own writer
+    /// operation ([`Writer::replay_dead`]): a destination's whole dead-letter list is not
+    /// one write that holds accepts back until it is through, nor in memory at once.
+    async fn replay_destination(&self, dest: String) -> Result<usize, StoreError> {
+        let (mut n, mut from, mut until) = (0, 0, None);
+        loop {
+            let d = dest.clone();
+            let (k, next, end) = self.submit(move |w| w.replay_dead(&d, from, until)).await?;
+            n += k;
+            match next {
+                Some(f) => (from, until) = (f, Some(end)),
+                None => return Ok(n),
+            }
+        }
+    }
+
     /// Runs `f` on the writer thread as one atomic operation and waits until its group is
     /// committed.
     async fn submit<T: Send + 'static>(
@@ -488,7 +504,20 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn replay(&self, which: ReplaySelector) -> Result<usize, StoreError> {
-        let replayed = self.submit(move |w| w.replay(which)).await;
+        let replayed = match which {
+            ReplaySelector::Destination(dest) => self.replay_destination(dest).await,
+            ReplaySelector::EventId(id) => {
+                self.submit(move |w| w.replay_of_id(&id, None, None)).await
+            }
+            ReplaySelector::Delivery {
+                id,
+                destination,
+                seq,
+            } => {
+                self.submit(move |w| w.replay_of_id(&id, Some(&destination), seq))
+                    .await
+            }
+        };
         // A dead delivery below a mark is pending again: search from the start. Also after
         // a failed replay, which may still have been made (sled).
         if !matches!(replayed, Ok(0)) {

@@ -14,6 +14,8 @@ use crate::store::*;
 /// Events one purge operation looks at. A purge is as many operations as it takes, so the
 /// writer serves other work between them and holds at most this many events' metadata.
 pub(super) const PURGE_BATCH: usize = 1024;
+/// Dead letters one operation of a destination's replay reopens at most.
+pub(super) const REPLAY_CHUNK: usize = 1024;
 
 /// Damaged records one step over at most while looking for a key's next delivery.
 const MAX_DAMAGED_SKIPPED: usize = 64;
@@ -270,26 +272,53 @@ impl Writer<'_> {
         Ok(true)
     }
 
-    pub(super) fn replay(&mut self, which: ReplaySelector) -> Result<usize, StoreError> {
-        let targets = match which {
-            ReplaySelector::Destination(dest) => {
-                let mut targets = Vec::new();
-                self.txn
-                    .scan_prefix(&key(&[b"z/", dest.as_bytes(), b"\0"]), &mut |k, _| {
-                        targets.push((read_u64(&k[k.len() - 8..]), dest.clone()));
-                        Ok(true)
-                    })?;
-                targets
-            }
-            ReplaySelector::EventId(id) => self.deliveries_of_id(&id, None, None)?,
-            ReplaySelector::Delivery {
-                id,
-                destination,
-                seq,
-            } => self.deliveries_of_id(&id, Some(&destination), seq)?,
-        };
+    /// Replays the dead deliveries of `dest` of the events from `from` up to (not including)
+    /// `until`, [`REPLAY_CHUNK`] at most: one operation of a replay of a whole destination,
+    /// so that accepts are committed between its chunks. Returns how many were replayed,
+    /// where the next chunk starts (`None`: none left), and `until` (the next event's
+    /// sequence when `None` was given: dead letters of events accepted later are not this
+    /// replay's).
+    pub(super) fn replay_dead(
+        &mut self,
+        dest: &str,
+        from: u64,
+        until: Option<u64>,
+    ) -> Result<(usize, Option<u64>, u64), StoreError> {
+        let until = until.unwrap_or(*self.next_seq);
+        let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
+        let mut seqs = Vec::new();
+        let mut more = false;
+        self.txn
+            .scan_from(&prefix, &dead_key(dest, from), &mut |k, _| {
+                let seq = read_u64(&k[k.len() - 8..]);
+                if seq >= until {
+                    return Ok(false);
+                }
+                if seqs.len() == REPLAY_CHUNK {
+                    more = true;
+                    return Ok(false);
+                }
+                seqs.push(seq);
+                Ok(true)
+            })?;
         let mut n = 0;
-        for (seq, dest) in targets {
+        for &seq in &seqs {
+            n += usize::from(self.replay_one(seq, dest)?);
+        }
+        let next = more.then(|| seqs.last().map_or(from, |s| s + 1));
+        Ok((n, next, until))
+    }
+
+    /// Replays the dead deliveries of the events with `id` (of event `seq` only, when
+    /// given), to `destination` only, when given.
+    pub(super) fn replay_of_id(
+        &mut self,
+        id: &str,
+        destination: Option<&str>,
+        seq: Option<u64>,
+    ) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (seq, dest) in self.deliveries_of_id(id, destination, seq)? {
             n += usize::from(self.replay_one(seq, &dest)?);
         }
         Ok(n)

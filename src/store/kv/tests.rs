@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use super::ops::PURGE_BATCH;
+use super::ops::{PURGE_BATCH, REPLAY_CHUNK};
 use super::*;
 
 fn ev(id: &str, dests: &[&str]) -> NewEvent {
@@ -222,6 +222,36 @@ async fn purge_crosses_batches(st: Arc<dyn Store>) {
     st.accept(ev("e1", &["a"])).await.unwrap();
 }
 
+/// A destination's dead letters, more than two of a replay's chunks, are all replayed
+/// (and another destination's are not).
+async fn replay_crosses_chunks(st: Arc<dyn Store>) {
+    let n = 2 * REPLAY_CHUNK + 5;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let st = st.clone();
+        tasks.spawn(async move {
+            let Admission::Accepted { seq } =
+                st.accept(ev(&format!("d-{i}"), &["a"])).await.unwrap()
+            else {
+                panic!()
+            };
+            refused(st.as_ref(), seq, "a").await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let Admission::Accepted { seq } = st.accept(ev("e1", &["b"])).await.unwrap() else {
+        panic!()
+    };
+    refused(st.as_ref(), seq, "b").await;
+    assert_eq!(st.queue_depth("a"), 0);
+    let replayed = st.replay(ReplaySelector::Destination("a".into())).await;
+    assert_eq!(replayed.unwrap(), n);
+    assert_eq!(st.queue_depth("a"), n as u64);
+    assert!(st.dead(Some("a"), 10).await.unwrap().is_empty());
+    assert_eq!(st.dead(Some("b"), 10).await.unwrap().len(), 1);
+    assert_eq!(st.pending("a", n + 1, &|_| false).await.unwrap().len(), n);
+}
+
 type Open = fn(&std::path::Path) -> Result<Arc<dyn Store>, StoreError>;
 
 /// Every engine, by name, with how to open a store on it.
@@ -257,6 +287,7 @@ type BoxCheck = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 #[tokio::test]
 async fn accept_dedup_record_replay_on_every_engine() {
     on_every_engine(|st| Box::pin(accept_dedup_record_replay(st))).await;
+    on_every_engine(|st| Box::pin(replay_crosses_chunks(st))).await;
 }
 
 #[tokio::test]
