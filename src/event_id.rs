@@ -81,34 +81,45 @@ fn plain_members(text: &str) -> Option<Vec<String>> {
     ok.then_some(parts)
 }
 
-/// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` is no value.
+/// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` and the
+/// empty string are no value (every event with an empty id would be one event).
 fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
     match v {
         Value::Null => return false,
+        Value::String(s) if s.is_empty() => return false,
         Value::String(s) => out.push(s.clone()),
         other => out.push(other.to_string()),
     }
     true
 }
 
+/// Stands for a path that found nothing, before a later one that found a value: by
+/// `["$.a", "$.b"]`, `{"a":"x"}` is `x` and `{"b":"x"}` is `\-:x`. No value is written
+/// this way (escaping makes only `\\` and `\:`).
+const MISSING: &str = "\\-";
+
 /// The value of a single plain member path (which finds one value at most) as it is;
 /// otherwise the values joined with [`SEPARATOR`], each with `\` and the separator escaped
 /// (`\\`, `\:`), so that different values never join the same (`a:b` + `c` and `a` +
 /// `b:c`; nor `x:y` found alone, by one of several paths or by a path that may find several,
-/// and `x` + `y`).
-fn join(mut parts: Vec<String>, paths: &[IdPath]) -> Option<String> {
+/// and `x` + `y`). `None` parts are paths that found nothing ([`MISSING`]).
+fn join(mut parts: Vec<Option<String>>, paths: &[IdPath]) -> Option<String> {
     let single = matches!(paths, [p] if p.members.is_some());
     if single {
-        return parts.pop();
+        return parts.pop().flatten();
     }
     if parts.is_empty() {
         return None;
     }
-    let mut out = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    let mut out = String::with_capacity(parts.iter().flatten().map(|p| p.len() + 1).sum());
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
             out.push(SEPARATOR);
         }
+        let Some(p) = p else {
+            out.push_str(MISSING);
+            continue;
+        };
         for c in p.chars() {
             if c == '\\' || c == SEPARATOR {
                 out.push('\\');
@@ -119,12 +130,20 @@ fn join(mut parts: Vec<String>, paths: &[IdPath]) -> Option<String> {
     Some(out)
 }
 
-/// The values `paths` find in `event`, joined ([`join`]); `None` when none finds one. Event
-/// ids are made this way.
+/// The values `paths` find in `event`, joined ([`join`]), with a path that found nothing
+/// marked when a later one found a value (not when none after it did: a trailing path is
+/// often optional); `None` when none finds one. Event ids are made this way.
 pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut parts = Vec::with_capacity(paths.len());
+    let (mut found, mut missing) = (Vec::new(), 0);
     for p in paths {
-        p.find_into(event, &mut parts);
+        if p.find_into(event, &mut found) {
+            parts.extend(std::iter::repeat_n(None, missing));
+            parts.extend(found.drain(..).map(Some));
+            missing = 0;
+        } else {
+            missing += 1;
+        }
     }
     join(parts, paths)
 }
@@ -138,7 +157,7 @@ pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
             return None;
         }
     }
-    join(parts, paths)
+    join(parts.into_iter().map(Some).collect(), paths)
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -210,6 +229,19 @@ mod tests {
         let alone = event_id(&many, &json!({"p":["x:y"]}), b"5");
         assert_eq!(alone, r"x\:y");
         assert_ne!(alone, event_id(&many, &json!({"p":["x","y"]}), b"6"));
+        // The same value found by different paths: a path that found nothing before one
+        // that did is marked, so they are different ids; one after the last found is not.
+        let by_b = event_id(&p, &json!({"b":"x"}), b"7");
+        assert_eq!(by_b, r"\-:x");
+        assert_ne!(by_b, event_id(&p, &json!({"a":"x"}), b"8"));
+        assert_eq!(event_id(&p, &json!({"a":"x","b":null}), b"9"), "x");
+        assert_ne!(by_b, event_id(&p, &json!({"a":"-","b":"x"}), b"10"));
+        assert_ne!(by_b, event_id(&p, &json!({"a":"\\-","b":"x"}), b"11"));
+        // An empty string is no value: every event with an empty id would be one event.
+        assert_eq!(
+            event_id(&paths(&["$.id"]), &json!({"id":""}), b"abc"),
+            body_hash(b"abc")
+        );
     }
 
     #[test]

@@ -47,10 +47,7 @@ impl Matcher {
             (Accept::OneOf(set), Value::String(s)) => set.iter().any(|x| x == s),
             (Accept::OneOf(set), Value::Number(n)) => {
                 let text = n.to_string();
-                // By value when not as written: `200.0` and `2e2` are 200.
-                set.contains(&text)
-                    || n.as_f64()
-                        .is_some_and(|x| set.iter().any(|v| v.parse::<f64>().is_ok_and(|y| y == x)))
+                set.contains(&text) || set.iter().any(|v| same_number(n, v))
             }
             (Accept::OneOf(set), Value::Bool(b)) => {
                 let text = if *b { "true" } else { "false" };
@@ -58,6 +55,19 @@ impl Matcher {
             }
             _ => false,
         }
+    }
+}
+
+/// Whether the number `n` is the value `text` writes, when not written the same: `200.0`
+/// and `2e2` are 200. Two integers are compared exactly (ids past a double's 2^53 differ
+/// by one); through a double only when either is not an integer.
+fn same_number(n: &serde_json::Number, text: &str) -> bool {
+    let int = n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+    match (int, text.parse::<i128>()) {
+        (Some(a), Ok(b)) => a == b,
+        _ => n
+            .as_f64()
+            .is_some_and(|x| text.parse::<f64>().is_ok_and(|y| y == x)),
     }
 }
 
@@ -125,6 +135,14 @@ mod tests {
             assert!(m("200") && m("200.0"), "{written}");
             assert!(!m("201") && !m("2000"), "{written}");
         }
+        // Integers past a double's precision: exactly, not to the nearest double.
+        let ev = json!({"tenantId": 9007199254740992u64, "big": 1200000000000000001u64, "neg": -9007199254740993i64});
+        let m = |f: &str, v: &str| Matcher::new(f.into(), vec![v.into()]).matches(&ev);
+        assert!(m("tenantId", "9007199254740992"));
+        assert!(!m("tenantId", "9007199254740993"));
+        assert!(m("big", "1200000000000000001"));
+        assert!(!m("big", "1200000000000000000") && !m("big", "1200000000000000100"));
+        assert!(m("neg", "-9007199254740993") && !m("neg", "-9007199254740992"));
     }
 
     #[test]

@@ -117,6 +117,50 @@ fn invalid_url() {
 }
 
 #[test]
+fn a_port_that_is_no_number_is_an_invalid_url() {
+    // `http::Uri` takes these, with no port: sent to port 80, not where they meant.
+    for url in [
+        "http://127.0.0.1:80800/hooks",
+        "http://calls:8o80/hooks",
+        "http://calls:/x",
+        "http://[::1]:99999/",
+    ] {
+        let t = BASE.replace("http://127.0.0.1:8001/hooks", url);
+        rejects(&t, "destinations[0].url", "invalid URL");
+    }
+    for url in [
+        "http://[::1]:8080/",
+        "https://user:pw@calls/x",
+        "http://calls:65535/",
+    ] {
+        let t = BASE.replace("http://127.0.0.1:8001/hooks", url);
+        assert!(problems(&t).is_empty(), "{url}: {:#?}", problems(&t));
+    }
+}
+
+#[test]
+fn durations_and_rates_past_a_century_are_refused() {
+    let t = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"101y\" }}\n");
+    rejects(&t, "delivery.retry.give_up_after", "longer than the most");
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"",
+        "url = \"http://127.0.0.1:8001/hooks\"\nrate = { per_second = 1e-11 }",
+    );
+    rejects(&t, "destinations[0].rate.per_second", "per 100 years");
+    let t = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"99y\" }}\n");
+    assert!(problems(&t).is_empty(), "{:#?}", problems(&t));
+}
+
+#[test]
+fn a_fallback_content_type_a_header_cannot_carry_is_refused() {
+    let t = BASE.replace(
+        "to = [\"calls\"]\n",
+        "to = [\"calls\", \"ivr\"]\nreply = { from = \"ivr\", fallback = { content_type = \"text/plain\\u0000\" } }\n",
+    );
+    rejects(&t, "routes[0].reply.fallback.content_type", "Content-Type");
+}
+
+#[test]
 fn invalid_duration() {
     let t = format!("{BASE}\n[dedup]\nwindow = \"24 parsecs\"\n");
     rejects(&t, "dedup.window", "invalid duration");

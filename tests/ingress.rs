@@ -499,6 +499,11 @@ name = "decoded"
 path = "/decoded"
 decode_json = ["data"]
 event_id = ["$..eventId"]
+
+[[sources]]
+name = "wild"
+path = "/wild"
+event_id = ["$.*[*]"]
 "#;
     let r = TestRelay::start(cfg).await;
     // ~600 KB: 100 objects, each one key of 4,000 bytes, around 100,000 zeros. A search of
@@ -519,6 +524,17 @@ event_id = ["$..eventId"]
     let a = r.post("/decoded", wrapped.as_bytes()).await;
     let msg = a.error(400, "invalid_json");
     assert!(msg.contains("too deeply nested"), "{msg}");
+    // A wildcard under a long key writes that key in the path of every element below it.
+    let wide = format!(
+        "{{\"{}\":[{}]}}",
+        "k".repeat(4000),
+        vec!["0"; 100_000].join(",")
+    );
+    let a = r.post("/wild", wide.as_bytes()).await;
+    let msg = a.error(400, "invalid_json");
+    assert!(msg.contains("too deeply nested"), "{msg}");
+    let a = r.post("/wild", br#"{"ids":["w-1"]}"#).await;
+    assert_eq!(a.json()["id"], "w-1");
     // An ordinary event on the same sources is accepted, its id found by the search.
     let a = r.post("/deep", br#"{"payload":{"eventId":"e-1"}}"#).await;
     assert_eq!(a.status, 200, "{:?}", a.body);

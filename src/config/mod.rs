@@ -169,8 +169,9 @@ pub struct Source {
     pub routes: Vec<usize>,
     /// What of an event those routes and this source's own rules read.
     pub needs: crate::needed::Needed,
-    /// Whether one of those rules searches descendants (`..`): its events are checked
-    /// against the cost of that search first.
+    /// Whether one of those rules searches descendants (`..`), or has a wildcard (`*`) or
+    /// a filter selector (`?`) that may: its events are checked against the cost of that
+    /// search first.
     pub descends: bool,
 }
 

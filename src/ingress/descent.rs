@@ -1,7 +1,8 @@
 //! A guard for JSONPaths that search descendants (`$..eventId`): jsonpath-rust writes the
 //! whole path of every node it visits, so a hostile body (deep, with long keys, ending in
-//! a large array) could make it write tens of gigabytes from one 1 MiB event. For a source
-//! whose rules use `..`, an event is refused (400) when those paths would exceed
+//! a large array) could make it write tens of gigabytes from one 1 MiB event; so could a
+//! wildcard or a filter selector under a member with a long key (`$.*[*]`). For a source
+//! whose rules use `..`, `*` or `?`, an event is refused (400) when those paths would exceed
 //! [`PATH_BUDGET`] bytes; any ordinary event stays far below it.
 
 use serde_json::Value;
@@ -19,7 +20,7 @@ pub fn check(event: &Value) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::bad_json(
-            "the event is too deeply nested, with keys too long, for this source's `..` JSONPaths",
+            "the event is too deeply nested, with keys too long, for this source's JSONPaths",
         ))
     }
 }

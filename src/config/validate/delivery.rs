@@ -8,6 +8,7 @@ use http::{HeaderName, HeaderValue, Uri};
 use toml::Spanned;
 
 use super::defaults;
+use super::values::MAX_DURATION;
 use super::Cx;
 use crate::config::raw::*;
 use crate::config::*;
@@ -89,13 +90,15 @@ impl Cx<'_> {
     pub(super) fn rate(&mut self, r: &RawRate, key: &str, base: &Rate) -> Rate {
         let mut out = base.clone();
         if let Some(ps) = &r.per_second {
-            if *ps.get_ref() > 0.0 && ps.get_ref().is_finite() {
-                out.per_second = *ps.get_ref();
+            let per_second = *ps.get_ref();
+            // One at least every 100 years (a limiter's period is bounded).
+            if per_second.is_finite() && per_second * MAX_DURATION.as_secs_f64() >= 1.0 {
+                out.per_second = per_second;
             } else {
                 self.err(
                     Some(ps.span()),
                     &format!("{key}.per_second"),
-                    "must be greater than 0",
+                    "must be greater than 0 (and at least one per 100 years)",
                 );
             }
         }
@@ -168,7 +171,8 @@ impl Cx<'_> {
             Some(text) => match text.parse::<Uri>() {
                 Ok(u)
                     if matches!(u.scheme_str(), Some("http") | Some("https"))
-                        && u.host().is_some_and(|h| !h.is_empty()) =>
+                        && u.host().is_some_and(|h| !h.is_empty())
+                        && port_is_valid(&u) =>
                 {
                     u
                 }
@@ -179,7 +183,7 @@ impl Cx<'_> {
                         // The text as written (an expanded ${VAR} may hold a credential),
                         // without user info or query (so may the text).
                         format!(
-                            "invalid URL {:?}: need http:// or https:// with a host",
+                            "invalid URL {:?}: need http:// or https:// with a host (and a port from 0 to 65535, if any)",
                             crate::config::shown_url_text(r.url.get_ref())
                         ),
                     );
@@ -311,4 +315,20 @@ mod tests {
         assert_eq!(u.to_string(), "http://h/");
         assert!(b.is_none());
     }
+}
+
+/// Whether a URL's port, if it has one, is a number a port can be: `http::Uri` takes any
+/// text after the host's `:` (`:80800`, `:8o80`) and then has no port, which would send to
+/// the scheme's default port.
+fn port_is_valid(u: &Uri) -> bool {
+    let Some(authority) = u.authority() else {
+        return true;
+    };
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    // After an IPv6 literal's brackets, or the whole of another host.
+    let after_host = match host_port.rfind(']') {
+        Some(i) => &host_port[i + 1..],
+        None => host_port,
+    };
+    !after_host.contains(':') || u.port_u16().is_some()
 }

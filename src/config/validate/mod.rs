@@ -329,7 +329,9 @@ impl Cx<'_> {
                             .map(|p| p.text.as_str())
                             .chain(r.filter.iter().map(|f| f.text.as_str()))
                     }));
-            s.descends = texts.any(|t| t.contains(".."));
+            // A search of descendants, a wildcard or a filter selector may visit nodes
+            // below a member whose long key every one of their paths repeats.
+            s.descends = texts.any(|t| t.contains("..") || t.contains('*') || t.contains('?'));
         }
         // A secret's default is written in the file for anyone to read: fine for trying
         // the relay on this host, not once the ingress takes requests from others.

@@ -148,9 +148,15 @@ impl Cx<'_> {
                 None => defaults::FALLBACK_BODY.into(),
             };
             let content_type = match fb.and_then(|f| f.content_type.as_ref()) {
-                Some(c) => self
-                    .string(c, &format!("{rk}.fallback.content_type"))
-                    .unwrap_or_default(),
+                Some(c) => {
+                    let key = format!("{rk}.fallback.content_type");
+                    let text = self.string(c, &key).unwrap_or_default();
+                    if http::HeaderValue::from_str(&text).is_err() {
+                        let why = format!("{text:?} cannot be sent as a Content-Type header");
+                        self.err(Some(c.span()), &key, why);
+                    }
+                    text
+                }
                 None => defaults::FALLBACK_CONTENT_TYPE.into(),
             };
             Some(Reply {

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Duration;
 
+/// The longest duration a config may give: longer ones are mistakes (or "never", which
+/// `0` says where it is allowed), and times computed from them would overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 use ipnet::IpNet;
 use toml::Spanned;
 
@@ -116,6 +120,14 @@ impl Cx<'_> {
             return default;
         };
         match humantime::parse_duration(text.trim()) {
+            Ok(d) if d > MAX_DURATION => {
+                self.err(
+                    Some(span),
+                    key,
+                    format!("{text:?} is longer than the most a duration may be (100 years)"),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.err(
