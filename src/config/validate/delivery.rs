@@ -297,6 +297,22 @@ fn without_user_info(url: Uri) -> (Uri, Option<HeaderValue>) {
     }
 }
 
+/// Whether a URL's port, if it has one, is a number a port can be: `http::Uri` takes any
+/// text after the host's `:` (`:80800`, `:8o80`) and then has no port, which would send to
+/// the scheme's default port.
+fn port_is_valid(u: &Uri) -> bool {
+    let Some(authority) = u.authority() else {
+        return true;
+    };
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    // After an IPv6 literal's brackets, or the whole of another host.
+    let after_host = match host_port.rfind(']') {
+        Some(i) => &host_port[i + 1..],
+        None => host_port,
+    };
+    !after_host.contains(':') || u.port_u16().is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,20 +331,4 @@ mod tests {
         assert_eq!(u.to_string(), "http://h/");
         assert!(b.is_none());
     }
-}
-
-/// Whether a URL's port, if it has one, is a number a port can be: `http::Uri` takes any
-/// text after the host's `:` (`:80800`, `:8o80`) and then has no port, which would send to
-/// the scheme's default port.
-fn port_is_valid(u: &Uri) -> bool {
-    let Some(authority) = u.authority() else {
-        return true;
-    };
-    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
-    // After an IPv6 literal's brackets, or the whole of another host.
-    let after_host = match host_port.rfind(']') {
-        Some(i) => &host_port[i + 1..],
-        None => host_port,
-    };
-    !after_host.contains(':') || u.port_u16().is_some()
 }
