@@ -227,6 +227,7 @@ async fn event_lookup_dead_list_and_replay() {
     assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
     assert_eq!(dead[0]["state"], "dead");
     assert_eq!(dead[0]["last_status"], 400);
+    // A name no destination has (a typo) is said, not answered as "nothing dead".
     let a = send(
         Method::GET,
         &r.admin_url("/api/dead?destination=other"),
@@ -234,7 +235,8 @@ async fn event_lookup_dead_list_and_replay() {
         b"",
     )
     .await;
-    assert_eq!(a.json().as_array().unwrap().len(), 0);
+    assert_eq!(a.status, 404);
+    assert!(a.json()["message"].as_str().unwrap().contains("\"other\""));
 
     let a = send(
         Method::POST,
@@ -269,6 +271,16 @@ async fn event_lookup_dead_list_and_replay() {
             a.json()
         );
     }
+    // So is an id no event has.
+    let a = send(
+        Method::POST,
+        &r.admin_url("/api/dead/replay?id=nosuch"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    assert!(a.json()["message"].as_str().unwrap().contains("\"nosuch\""));
     let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
     assert_eq!(a.json().as_array().unwrap().len(), 0);
 }

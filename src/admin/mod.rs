@@ -193,6 +193,12 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                 .map(String::as_str)
                 .filter(|d| !d.is_empty());
             let dead = app.store.dead(dest, limit).await.map_err(store_error)?;
+            // A name no destination has (a typo) is said, not shown as "nothing dead".
+            if let Some(d) =
+                dest.filter(|d| dead.is_empty() && !destination_names(app).iter().any(|n| n == d))
+            {
+                return Err(not_found(format!("no destination is named {d:?}")));
+            }
             Ok(ok(Value::Array(
                 dead.iter()
                     .map(|n| views::delivery(&n.event_id, &n.source, &n.delivery))
@@ -375,8 +381,12 @@ async fn replay(
         ReplaySelector::EventId(id) => id,
         which => return app.store.replay(which).await.map_err(store_error),
     };
+    let views = app.store.lookup(&id).await.map_err(store_error)?;
+    if views.is_empty() {
+        return Err(not_found(format!("no event has the id {id:?}")));
+    }
     let mut n = 0;
-    for view in app.store.lookup(&id).await.map_err(store_error)? {
+    for view in views {
         for d in &view.deliveries {
             if d.state == DeliveryState::Dead && configured.contains(&d.destination) {
                 let one = ReplaySelector::Delivery {

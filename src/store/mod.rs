@@ -425,8 +425,9 @@ pub trait Store: Send + Sync + 'static {
     /// shedding load without a write, still lets a possible duplicate reach [`Store::accept`].
     async fn kept(&self, source: &str, id: &str) -> Result<bool, StoreError>;
 
-    /// The newest events matching `query`, walking back from its cursor. A selective filter
-    /// looks at a bounded number of events per call and returns a cursor to go on from.
+    /// The newest events matching `query`, walking back from its cursor, without their
+    /// bodies (empty). A selective filter looks at a bounded number of events per call and
+    /// returns a cursor to go on from; none once nothing older is kept.
     async fn recent(&self, query: &EventQuery) -> Result<EventPage, StoreError>;
 
     /// Pauses (nothing is sent) or resumes a destination; kept across restarts.

@@ -162,20 +162,22 @@ impl JetStreamStore {
     /// The newest events matching `query`: the stream walked back from its cursor, at most
     /// `RECENT_EXAMINED` messages per call.
     pub(super) async fn walk_back(&self, query: &EventQuery) -> Result<EventPage, StoreError> {
-        let last = match query.before {
-            Some(b) => b.saturating_sub(1),
-            None => {
-                let mut s = self.stream.clone();
-                s.info()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                    .state
-                    .last_sequence
-            }
+        let state = {
+            let mut s = self.stream.clone();
+            let info = s.info().await;
+            info.map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .state
+                .clone()
         };
+        let last = match query.before {
+            Some(b) => b.saturating_sub(1).min(state.last_sequence),
+            None => state.last_sequence,
+        };
+        // Below the first message kept, nothing is: no page walks the expired ones.
+        let oldest = state.first_sequence.max(1) - 1;
         let mut events = Vec::new();
         let mut seq = last;
-        let floor = last.saturating_sub(RECENT_EXAMINED);
+        let floor = last.saturating_sub(RECENT_EXAMINED).max(oldest);
         while seq > floor && events.len() < query.limit {
             let m = match self.stream.get_raw_message(seq).await {
                 Ok(m) => m,
@@ -189,7 +191,9 @@ impl JetStreamStore {
             if !self.names.is_event(&m.subject) {
                 continue;
             }
-            let v = self.view(m.sequence, &m.payload).await?;
+            let mut v = self.view(m.sequence, &m.payload).await?;
+            // No body: a list shows none, and a page may hold thousands.
+            v.event.body = Bytes::new();
             if query.source.as_ref().is_some_and(|s| *s != v.event.source) {
                 continue;
             }
@@ -207,7 +211,7 @@ impl JetStreamStore {
             }
             events.push(v);
         }
-        let next = (seq > 0).then_some(seq + 1);
+        let next = (seq > oldest).then_some(seq + 1);
         Ok(EventPage { events, next })
     }
 }

@@ -63,15 +63,24 @@ pub(super) fn decode_meta(raw: &[u8]) -> Result<(EventMeta, usize), StoreError> 
 }
 
 pub(super) fn decode_event(seq: u64, raw: &[u8]) -> Result<StoredEvent, StoreError> {
+    let (mut event, body) = decode_head(seq, raw)?;
+    event.body = Bytes::copy_from_slice(&raw[body..]);
+    Ok(event)
+}
+
+/// An event record without its body (an empty one), for a list that shows none; and where
+/// the body starts.
+pub(super) fn decode_head(seq: u64, raw: &[u8]) -> Result<(StoredEvent, usize), StoreError> {
     let (meta, body) = decode_meta(raw)?;
-    Ok(StoredEvent {
+    let event = StoredEvent {
         seq,
         id: meta.id,
         source: meta.source,
         received_ms: meta.received_ms,
         content_type: meta.content_type,
-        body: Bytes::copy_from_slice(&raw[body..]),
-    })
+        body: Bytes::new(),
+    };
+    Ok((event, body))
 }
 
 pub(super) fn encode_delivery(d: &Delivery) -> Vec<u8> {
