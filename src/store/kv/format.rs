@@ -6,7 +6,8 @@ use crate::store::engine::Engine;
 use crate::store::StoreError;
 
 /// Refuses a store written in a newer format than this build reads (it would misread it);
-/// marks an older one, or a new one, as written in [`FORMAT`]. Returns the store's
+/// marks an older one, or a new one, as written in [`FORMAT`], an older one to have its
+/// queue counted at this start. Returns the store's
 /// [`LEGACY_UNTIL_KEY`] (0: none).
 pub(super) fn check_format<E: Engine>(engine: &E) -> Result<u64, StoreError> {
     let found = match engine.get(FORMAT_KEY)? {
@@ -35,6 +36,9 @@ pub(super) fn check_format<E: Engine>(engine: &E) -> Result<u64, StoreError> {
             if legacy_until > 0 {
                 txn.put(LEGACY_UNTIL_KEY, &be(legacy_until))?;
             }
+            // A store of an older build may hold no kept counts (format 1 predates them),
+            // or counts that build kept otherwise: counted once, not trusted as none.
+            txn.put(RECOUNT_KEY, b"1")?;
             txn.put(FORMAT_KEY, &FORMAT.to_be_bytes())?;
             txn.end_op()
         })();

@@ -704,7 +704,6 @@ async fn a_format_2_store_is_read() {
     engine
         .group(&mut |txn| {
             txn.put(FORMAT_KEY, &2u32.to_be_bytes()).unwrap();
-            txn.put(RECOUNT_KEY, b"1").unwrap();
             txn.put(&event_key(1), &event).unwrap();
             txn.put(&dedup_key("s", "old-1"), &key(&[&be(1), &be(u64::MAX)]))
                 .unwrap();
@@ -715,6 +714,8 @@ async fn a_format_2_store_is_read() {
         })
         .unwrap();
     let st = KvStore::start(engine).unwrap();
+    // An older build's store holds no kept count (or not this build's): counted at start.
+    assert_eq!(st.queue_depth("a"), 1);
     let due = st.pending("a", 10, &|_| false).await.unwrap();
     assert_eq!(due, [d]);
     let e = st.event(1).await.unwrap().unwrap();
