@@ -252,11 +252,18 @@ impl Writer<'_> {
         Ok(())
     }
 
-    pub(super) fn replay_one(&mut self, seq: u64, dest: &str) -> Result<bool, StoreError> {
+    /// Makes the delivery of `seq` to `dest` pending again if it is dead (and went dead no
+    /// later than `dead_by`, when given).
+    pub(super) fn replay_one(
+        &mut self,
+        seq: u64,
+        dest: &str,
+        dead_by: Option<u64>,
+    ) -> Result<bool, StoreError> {
         let Some(mut d) = self.delivery(seq, dest)? else {
             return Ok(false);
         };
-        if d.state != DeliveryState::Dead {
+        if d.state != DeliveryState::Dead || dead_by.is_some_and(|t| d.updated_ms > t) {
             return Ok(false);
         }
         let now = now_ms();
@@ -275,16 +282,17 @@ impl Writer<'_> {
     /// Replays the dead deliveries of `dest` of the events from `from` up to (not including)
     /// `until`, [`REPLAY_CHUNK`] at most: one operation of a replay of a whole destination,
     /// so that accepts are committed between its chunks. Returns how many were replayed,
-    /// where the next chunk starts (`None`: none left), and `until` (the next event's
-    /// sequence when `None` was given: dead letters of events accepted later are not this
-    /// replay's).
+    /// where the next chunk starts (`None`: none left), and `until` with the time the replay
+    /// began: the next event's sequence and now when `None` was given. Dead letters of
+    /// events accepted later are not this replay's, nor deliveries that died after it began
+    /// (an earlier chunk may have made them pending, or they were in flight).
     pub(super) fn replay_dead(
         &mut self,
         dest: &str,
         from: u64,
-        until: Option<u64>,
-    ) -> Result<(usize, Option<u64>, u64), StoreError> {
-        let until = until.unwrap_or(*self.next_seq);
+        until: Option<(u64, u64)>,
+    ) -> Result<(usize, Option<u64>, (u64, u64)), StoreError> {
+        let (until, began) = until.unwrap_or((*self.next_seq, now_ms()));
         let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
         let mut seqs = Vec::new();
         let mut more = false;
@@ -303,10 +311,10 @@ impl Writer<'_> {
             })?;
         let mut n = 0;
         for &seq in &seqs {
-            n += usize::from(self.replay_one(seq, dest)?);
+            n += usize::from(self.replay_one(seq, dest, Some(began))?);
         }
         let next = more.then(|| seqs.last().map_or(from, |s| s + 1));
-        Ok((n, next, until))
+        Ok((n, next, (until, began)))
     }
 
     /// Replays the dead deliveries of the events with `id` (of event `seq` only, when
@@ -319,7 +327,7 @@ impl Writer<'_> {
     ) -> Result<usize, StoreError> {
         let mut n = 0;
         for (seq, dest) in self.deliveries_of_id(id, destination, seq)? {
-            n += usize::from(self.replay_one(seq, &dest)?);
+            n += usize::from(self.replay_one(seq, &dest, None)?);
         }
         Ok(n)
     }

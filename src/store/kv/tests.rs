@@ -855,3 +855,36 @@ async fn a_damaged_delivery_stops_neither_its_keys_line_nor_the_purge() {
     assert!(st.event(old[1]).await.unwrap().is_none());
     st.close().await.unwrap();
 }
+
+/// A chunk of a destination's replay leaves a delivery that went dead after the replay
+/// began (an earlier chunk made it pending again, or it was in flight): not twice in one
+/// replay.
+#[tokio::test]
+async fn a_replay_leaves_what_died_after_it_began() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = crate::store::redb::RedbEngine::create(dir.path()).unwrap();
+    let st = KvStore::start(engine).unwrap();
+    let mut seqs = Vec::new();
+    for id in ["before", "after"] {
+        let Admission::Accepted { seq } = st.accept(ev(id, &["a"])).await.unwrap() else {
+            panic!()
+        };
+        seqs.push(seq);
+    }
+    refused(st.as_ref(), seqs[0], "a").await;
+    let began = now_ms();
+    // Past the millisecond the replay began in.
+    while now_ms() == began {
+        tokio::task::yield_now().await;
+    }
+    refused(st.as_ref(), seqs[1], "a").await;
+    let (n, next, _) = st
+        .submit(move |w| w.replay_dead("a", 0, Some((u64::MAX, began))))
+        .await
+        .unwrap();
+    assert_eq!((n, next), (1, None));
+    let dead = st.dead(Some("a"), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].event_id, "after");
+    st.close().await.unwrap();
+}
