@@ -204,10 +204,10 @@ impl<E: Engine> KvStore<E> {
         let (mut n, mut from, mut until) = (0, 0, None);
         loop {
             let d = dest.clone();
-            let (k, next, end) = self.submit(move |w| w.replay_dead(&d, from, until)).await?;
-            n += k;
-            match next {
-                Some(f) => (from, until) = (f, Some(end)),
+            let chunk = self.submit(move |w| w.replay_dead(&d, from, until)).await?;
+            n += chunk.replayed;
+            match chunk.next {
+                Some(f) => (from, until) = (f, Some(chunk.bounds)),
                 None => return Ok(n),
             }
         }

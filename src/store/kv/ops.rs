@@ -17,6 +17,15 @@ pub(super) const PURGE_BATCH: usize = 1024;
 /// Dead letters one operation of a destination's replay reopens at most.
 pub(super) const REPLAY_CHUNK: usize = 1024;
 
+/// What one chunk of a destination's replay did ([`Writer::replay_dead`]).
+pub(super) struct ReplayChunk {
+    pub replayed: usize,
+    /// Where the next chunk starts; `None`: none left.
+    pub next: Option<u64>,
+    /// The replay's end (an event sequence) and the time it began.
+    pub bounds: (u64, u64),
+}
+
 /// Damaged records one step over at most while looking for a key's next delivery.
 const MAX_DAMAGED_SKIPPED: usize = 64;
 
@@ -291,7 +300,7 @@ impl Writer<'_> {
         dest: &str,
         from: u64,
         until: Option<(u64, u64)>,
-    ) -> Result<(usize, Option<u64>, (u64, u64)), StoreError> {
+    ) -> Result<ReplayChunk, StoreError> {
         let (until, began) = until.unwrap_or((*self.next_seq, now_ms()));
         let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
         let mut seqs = Vec::new();
@@ -313,8 +322,11 @@ impl Writer<'_> {
         for &seq in &seqs {
             n += usize::from(self.replay_one(seq, dest, Some(began))?);
         }
-        let next = more.then(|| seqs.last().map_or(from, |s| s + 1));
-        Ok((n, next, (until, began)))
+        Ok(ReplayChunk {
+            replayed: n,
+            next: more.then(|| seqs.last().map_or(from, |s| s + 1)),
+            bounds: (until, began),
+        })
     }
 
     /// Replays the dead deliveries of the events with `id` (of event `seq` only, when

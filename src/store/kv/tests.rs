@@ -878,11 +878,11 @@ async fn a_replay_leaves_what_died_after_it_began() {
         tokio::task::yield_now().await;
     }
     refused(st.as_ref(), seqs[1], "a").await;
-    let (n, next, _) = st
+    let chunk = st
         .submit(move |w| w.replay_dead("a", 0, Some((u64::MAX, began))))
         .await
         .unwrap();
-    assert_eq!((n, next), (1, None));
+    assert_eq!((chunk.replayed, chunk.next), (1, None));
     let dead = st.dead(Some("a"), 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].event_id, "after");
