@@ -295,46 +295,56 @@ impl<E: Engine> Store for KvStore<E> {
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
         let prefix = queue_prefix(destination);
-        let mut found = Vec::new();
         let (epoch, flushed) = (
             self.shared.epoch,
             self.shared.flushed.load(Ordering::Acquire),
         );
-        self.shared.engine.scan_prefix(&prefix, &mut |k, v| {
-            if found.len() >= limit {
-                return Ok(false);
-            }
-            let seq = read_u64(&k[k.len() - 8..]);
-            if !skip(seq) && writer::durable(v, epoch, flushed) {
-                found.push((seq, read_u64(&k[prefix.len()..])));
-            }
-            Ok(true)
-        })?;
-        // The window's delivery records in one read (one transaction on redb, not one each).
-        let keys: Vec<Vec<u8>> = found
-            .iter()
-            .map(|&(seq, _)| delivery_key(seq, destination))
-            .collect();
-        let mut out = Vec::with_capacity(found.len());
-        self.shared.engine.get_each(&keys, &mut |i, raw| {
-            let Some(raw) = raw else { return Ok(()) };
-            // A damaged record holds back its own delivery, not the destination's queue.
-            let mut d = match decode_delivery(raw) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(destination, seq = found[i].0, error = %e, "a pending delivery's record cannot be read; it is skipped");
-                    return Ok(());
+        let mut out = Vec::new();
+        let mut from = prefix.clone();
+        // More than once only past unreadable records: those do not count toward `limit`,
+        // so a run of them at the head does not hide what is due behind it.
+        loop {
+            let want = limit - out.len();
+            let (mut found, mut resume) = (Vec::new(), None);
+            self.shared.engine.scan_from(&prefix, &from, &mut |k, v| {
+                if found.len() >= want {
+                    resume = Some(k.to_vec());
+                    return Ok(false);
                 }
-            };
-            if d.state == DeliveryState::Pending {
-                // The later of the two: the queue was read before the records, so an
-                // outcome written in between (a retry's backoff) shows in the record only.
-                d.next_due_ms = d.next_due_ms.max(found[i].1);
-                out.push(d);
+                let seq = read_u64(&k[k.len() - 8..]);
+                if !skip(seq) && writer::durable(v, epoch, flushed) {
+                    found.push((seq, read_u64(&k[prefix.len()..])));
+                }
+                Ok(true)
+            })?;
+            // The window's delivery records in one read (one transaction on redb, not one each).
+            let keys: Vec<Vec<u8>> = found
+                .iter()
+                .map(|&(seq, _)| delivery_key(seq, destination))
+                .collect();
+            self.shared.engine.get_each(&keys, &mut |i, raw| {
+                let Some(raw) = raw else { return Ok(()) };
+                // A damaged record holds back its own delivery, not the destination's queue.
+                let mut d = match decode_delivery(raw) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(destination, seq = found[i].0, error = %e, "a pending delivery's record cannot be read; it is skipped");
+                        return Ok(());
+                    }
+                };
+                if d.state == DeliveryState::Pending {
+                    // The later of the two: the queue was read before the records, so an
+                    // outcome written in between (a retry's backoff) shows in the record only.
+                    d.next_due_ms = d.next_due_ms.max(found[i].1);
+                    out.push(d);
+                }
+                Ok(())
+            })?;
+            match resume {
+                Some(k) if out.len() < limit => from = k,
+                _ => return Ok(out),
             }
-            Ok(())
-        })?;
-        Ok(out)
+        }
     }
 
     /// A kept event's uses are the first attempts of its deliveries due at once: only they

@@ -655,8 +655,11 @@ async fn a_damaged_record_holds_back_only_its_own() {
     engine
         .group(&mut |txn| {
             txn.put(&dedup_key("s", "bad"), &[1, 2, 3, 4]).unwrap();
-            txn.put(&delivery_key(5, "a"), b"\xff\xff").unwrap();
-            txn.put(&queue_key("a", 1, 5), &[]).unwrap();
+            // More of them at the head of the queue than one read takes (10 below).
+            for seq in 5..25 {
+                txn.put(&delivery_key(seq, "a"), b"\xff\xff").unwrap();
+                txn.put(&queue_key("a", 1, seq), &[]).unwrap();
+            }
             txn.end_op().unwrap();
         })
         .unwrap();
