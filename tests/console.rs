@@ -24,13 +24,20 @@ const UI_WAIT: Duration = Duration::from_secs(15);
 /// `chromedriver` on a loopback port it picks itself; it and every Chromium process of the
 /// test's profile are killed when dropped.
 struct Driver {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     port: u16,
     profile: tempfile::TempDir,
 }
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // chromedriver leads a process group of its own, which the browsers it starts
+        // join: all of it, then whatever names the profile (in case one left the group).
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
         let _ = std::process::Command::new("pkill")
             .args(["-KILL", "-f"])
             .arg(self.profile.path())
@@ -47,6 +54,7 @@ impl Driver {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("chromedriver (Debian's chromium-driver) on PATH: run scripts/test");
@@ -70,7 +78,7 @@ impl Driver {
         // Keep reading so chromedriver never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
         Driver {
-            _child: child,
+            child,
             port,
             profile: tempfile::tempdir().unwrap(),
         }

@@ -25,6 +25,8 @@ async fn shipped_routes_toml_checks_and_serves_on_redb_with_no_environment() {
     )
     .await;
     let file = dir.path().join("routes.toml");
+    // Swapped below for ports of their own: present, or the relay would take the defaults.
+    assert!(text.contains("127.0.0.1:8080") && text.contains("127.0.0.1:9090"));
     std::fs::write(
         &file,
         text.replace("127.0.0.1:8080", "127.0.0.1:0")

@@ -189,6 +189,7 @@ async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 };
                 let (acceptor, got, told) = (acceptor.clone(), got.clone(), told.clone());

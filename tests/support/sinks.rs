@@ -119,7 +119,11 @@ impl Sink {
                     _ = &mut stopped => break,
                     r = listener.accept() => match r {
                         Ok((s, _)) => s,
-                        Err(_) => continue,
+                        // Out of descriptors, say: not a hot loop meanwhile.
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
                     },
                     Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 };
