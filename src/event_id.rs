@@ -81,12 +81,10 @@ fn plain_members(text: &str) -> Option<Vec<String>> {
     ok.then_some(parts)
 }
 
-/// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` and the
-/// empty string are no value (every event with an empty id would be one event).
+/// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` is no value.
 fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
     match v {
         Value::Null => return false,
-        Value::String(s) if s.is_empty() => return false,
         Value::String(s) => out.push(s.clone()),
         other => out.push(other.to_string()),
     }
@@ -132,12 +130,15 @@ fn join(mut parts: Vec<Option<String>>, paths: &[IdPath]) -> Option<String> {
 
 /// The values `paths` find in `event`, joined ([`join`]), with a path that found nothing
 /// marked when a later one found a value (not when none after it did: a trailing path is
-/// often optional); `None` when none finds one. Event ids are made this way.
+/// often optional); `None` when none finds one. An empty string is no value here (every
+/// event with an empty id would be one event). Event ids are made this way.
 pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut parts = Vec::with_capacity(paths.len());
     let (mut found, mut missing) = (Vec::new(), 0);
     for p in paths {
-        if p.find_into(event, &mut found) {
+        p.find_into(event, &mut found);
+        found.retain(|v: &String| !v.is_empty());
+        if !found.is_empty() {
             parts.extend(std::iter::repeat_n(None, missing));
             parts.extend(found.drain(..).map(Some));
             missing = 0;
@@ -252,6 +253,11 @@ mod tests {
             Some("dids:7")
         );
         assert_eq!(order_key(&p, &json!({"schema":"sms_enablement"})), None);
+        // An empty string is a value of a key (unlike an id's).
+        assert_eq!(
+            order_key(&p, &json!({"schema":"dids","data":{"id":""}})).as_deref(),
+            Some("dids:")
+        );
     }
 
     #[test]

@@ -122,7 +122,6 @@ fn a_port_that_is_no_number_is_an_invalid_url() {
     for url in [
         "http://127.0.0.1:80800/hooks",
         "http://calls:8o80/hooks",
-        "http://calls:/x",
         "http://[::1]:99999/",
     ] {
         let t = BASE.replace("http://127.0.0.1:8001/hooks", url);
@@ -132,6 +131,7 @@ fn a_port_that_is_no_number_is_an_invalid_url() {
         "http://[::1]:8080/",
         "https://user:pw@calls/x",
         "http://calls:65535/",
+        "http://calls:/x",
     ] {
         let t = BASE.replace("http://127.0.0.1:8001/hooks", url);
         assert!(problems(&t).is_empty(), "{url}: {:#?}", problems(&t));
@@ -147,7 +147,7 @@ fn durations_and_rates_past_a_century_are_refused() {
         "url = \"http://127.0.0.1:8001/hooks\"\nrate = { per_second = 1e-11 }",
     );
     rejects(&t, "destinations[0].rate.per_second", "per 100 years");
-    let t = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"99y\" }}\n");
+    let t = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"100y\" }}\n");
     assert!(problems(&t).is_empty(), "{:#?}", problems(&t));
 }
 

@@ -197,7 +197,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             if let Some(d) =
                 dest.filter(|d| dead.is_empty() && !destination_names(app).iter().any(|n| n == d))
             {
-                return Err(not_found(format!("no destination is named {d:?}")));
+                return Err(unknown_destination(d));
             }
             Ok(ok(Value::Array(
                 dead.iter()
@@ -278,7 +278,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             only(&req, Method::POST)?;
             let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
             if !destination_names(app).iter().any(|d| *d == name) {
-                return Err(not_found(format!("no destination is named {name:?}")));
+                return Err(unknown_destination(&name));
             }
             app.store
                 .set_paused(&name, paused)
@@ -372,14 +372,21 @@ async fn replay(
                     .await
                     .map_err(store_error)?
                     .is_empty();
-            let why = match left {
-                true => format!("{d:?} is no longer in the config: its dead deliveries stay dead until it is back"),
-                false => format!("no destination is named {d:?}"),
-            };
-            return Err(not_found(why));
+            return Err(match left {
+                true => not_found(format!("{d:?} is no longer in the config: its dead deliveries stay dead until it is back")),
+                false => unknown_destination(&d),
+            });
         }
         ReplaySelector::EventId(id) => id,
-        which => return app.store.replay(which).await.map_err(store_error),
+        which => {
+            // To its end even when the request is gone (a client's timeout on a large one),
+            // rather than some of the letters replayed and the rest left for no reason.
+            let store = app.store.clone();
+            let whole = tokio::spawn(async move { store.replay(which).await }).await;
+            return whole
+                .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("the replay ended: {e}"))))
+                .map_err(store_error);
+        }
     };
     let views = app.store.lookup(&id).await.map_err(store_error)?;
     if views.is_empty() {
@@ -399,6 +406,11 @@ async fn replay(
         }
     }
     Ok(n)
+}
+
+/// The answer for a destination name that no destination has.
+fn unknown_destination(name: &str) -> ApiError {
+    not_found(format!("no destination is named {name:?}"))
 }
 
 /// Configured destinations, then those with pending deliveries the config no longer names.

@@ -310,7 +310,11 @@ fn port_is_valid(u: &Uri) -> bool {
         Some(i) => &host_port[i + 1..],
         None => host_port,
     };
-    !after_host.contains(':') || u.port_u16().is_some()
+    // `host:` with nothing after it is the scheme's default port, as RFC 3986 has it.
+    match after_host.rsplit_once(':') {
+        None => true,
+        Some((_, port)) => port.is_empty() || u.port_u16().is_some(),
+    }
 }
 
 #[cfg(test)]

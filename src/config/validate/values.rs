@@ -8,7 +8,8 @@ use std::time::Duration;
 
 /// The longest duration a config may give: longer ones are mistakes (or "never", which
 /// `0` says where it is allowed), and times computed from them would overflow.
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// humantime's year is 365.25 days, so `"100y"` is this.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 use ipnet::IpNet;
 use toml::Spanned;
@@ -124,7 +125,7 @@ impl Cx<'_> {
                 self.err(
                     Some(span),
                     key,
-                    format!("{text:?} is longer than the most a duration may be (100 years)"),
+                    format!("{text:?} is longer than the most a duration may be (\"100y\")"),
                 );
                 default
             }

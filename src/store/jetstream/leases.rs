@@ -237,8 +237,10 @@ pub async fn pull(
     let dest = leases.destination.clone();
     let name = names.consumer(&dest);
     let what = format!("deliveries of {dest}");
-    // Marked right before it is made, at each try.
-    let make = || pulls::marked(&stream, consumer_config(&names, &dest));
+    // Not marked as the fan-out's is: its filter holds a small part of the stream, so the
+    // stream's sequences would discount what is really queued (all of it while paused).
+    let config = consumer_config(&names, &dest);
+    let make = || async { Some(config.clone()) };
     let Some(mut consumer) = pulls::consumer(&stream, &name, make, &what, &stop).await else {
         return;
     };

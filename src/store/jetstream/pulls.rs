@@ -18,7 +18,9 @@ pub(super) const RETRY: Duration = Duration::from_secs(1);
 
 /// A consumer's metadata key for the stream's last sequence when it was made: a consumer
 /// made again (deleted by hand, lost with a server) reads every message kept up to there a
-/// second time ([`unread`]).
+/// second time ([`unread`]). Only for a consumer that takes most of the stream's messages
+/// and is never paused (the fan-out's): for one of a few subjects the discount would hide
+/// what it has not read at all.
 pub const REPLAY_UNTIL: &str = "hookrelay_replay_until";
 
 /// `config` marked with the stream's last sequence now, for a consumer about to be made (an
@@ -35,8 +37,8 @@ pub(super) async fn marked(
 }
 
 /// What a consumer has not handed out yet, less what it is reading a second time: all of it
-/// counted against `max_queue` (kept events to fan out again, kept delivered states) would
-/// refuse every accept until it is through ([`unread_of`]).
+/// counted against `max_queue` (kept events to fan out again) would refuse every accept
+/// until it is through ([`unread_of`]).
 pub(super) fn unread(info: &consumer::Info) -> u64 {
     let until = info
         .config

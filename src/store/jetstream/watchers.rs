@@ -171,8 +171,7 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         backlog.retain(|d, _| known.contains(d));
         for d in known {
             if let Some(info) = consumer_info(&s, &s.names.consumer(&d)).await {
-                // Kept delivered states that a consumer made again reads are not queued.
-                let depth = pulls::unread(&info) + info.num_ack_pending as u64;
+                let depth = info.num_pending + info.num_ack_pending as u64;
                 counted.push((d.clone(), depth));
                 if depth == 0 {
                     backlog.remove(&d);

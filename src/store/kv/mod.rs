@@ -207,7 +207,7 @@ impl<E: Engine> KvStore<E> {
             let chunk = self.submit(move |w| w.replay_dead(&d, from, until)).await?;
             n += chunk.replayed;
             match chunk.next {
-                Some(f) => (from, until) = (f, Some(chunk.bounds)),
+                Some(f) => (from, until) = (f, Some(chunk.until)),
                 None => return Ok(n),
             }
         }

@@ -22,8 +22,8 @@ pub(super) struct ReplayChunk {
     pub replayed: usize,
     /// Where the next chunk starts; `None`: none left.
     pub next: Option<u64>,
-    /// The replay's end (an event sequence) and the time it began.
-    pub bounds: (u64, u64),
+    /// The replay's end: the first event sequence it does not take.
+    pub until: u64,
 }
 
 /// Damaged records one step over at most while looking for a key's next delivery.
@@ -261,18 +261,12 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Makes the delivery of `seq` to `dest` pending again if it is dead (and went dead no
-    /// later than `dead_by`, when given).
-    pub(super) fn replay_one(
-        &mut self,
-        seq: u64,
-        dest: &str,
-        dead_by: Option<u64>,
-    ) -> Result<bool, StoreError> {
+    /// Makes the delivery of `seq` to `dest` pending again if it is dead.
+    pub(super) fn replay_one(&mut self, seq: u64, dest: &str) -> Result<bool, StoreError> {
         let Some(mut d) = self.delivery(seq, dest)? else {
             return Ok(false);
         };
-        if d.state != DeliveryState::Dead || dead_by.is_some_and(|t| d.updated_ms > t) {
+        if d.state != DeliveryState::Dead {
             return Ok(false);
         }
         let now = now_ms();
@@ -290,18 +284,16 @@ impl Writer<'_> {
 
     /// Replays the dead deliveries of `dest` of the events from `from` up to (not including)
     /// `until`, [`REPLAY_CHUNK`] at most: one operation of a replay of a whole destination,
-    /// so that accepts are committed between its chunks. Returns how many were replayed,
-    /// where the next chunk starts (`None`: none left), and `until` with the time the replay
-    /// began: the next event's sequence and now when `None` was given. Dead letters of
-    /// events accepted later are not this replay's, nor deliveries that died after it began
-    /// (an earlier chunk may have made them pending, or they were in flight).
+    /// so that accepts are committed between its chunks. `None`: up to the next event's
+    /// sequence, so dead letters of events accepted later are not this replay's. One
+    /// replayed that dies again is behind the next chunk's start: not replayed twice.
     pub(super) fn replay_dead(
         &mut self,
         dest: &str,
         from: u64,
-        until: Option<(u64, u64)>,
+        until: Option<u64>,
     ) -> Result<ReplayChunk, StoreError> {
-        let (until, began) = until.unwrap_or((*self.next_seq, now_ms()));
+        let until = until.unwrap_or(*self.next_seq);
         let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
         let mut seqs = Vec::new();
         let mut more = false;
@@ -320,12 +312,18 @@ impl Writer<'_> {
             })?;
         let mut n = 0;
         for &seq in &seqs {
-            n += usize::from(self.replay_one(seq, dest, Some(began))?);
+            // One whose record cannot be read is left, before anything is written for it:
+            // the others go on (an error would end every replay of the destination here).
+            if let Err(StoreError::Corrupt(e)) = self.delivery(seq, dest) {
+                tracing::warn!(seq, destination = dest, error = %e, "a dead delivery's record cannot be read; the replay leaves it");
+                continue;
+            }
+            n += usize::from(self.replay_one(seq, dest)?);
         }
         Ok(ReplayChunk {
             replayed: n,
             next: more.then(|| seqs.last().map_or(from, |s| s + 1)),
-            bounds: (until, began),
+            until,
         })
     }
 
@@ -339,7 +337,7 @@ impl Writer<'_> {
     ) -> Result<usize, StoreError> {
         let mut n = 0;
         for (seq, dest) in self.deliveries_of_id(id, destination, seq)? {
-            n += usize::from(self.replay_one(seq, &dest, None)?);
+            n += usize::from(self.replay_one(seq, &dest)?);
         }
         Ok(n)
     }
