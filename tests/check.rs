@@ -638,3 +638,36 @@ fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
     };
     assert!(hookrelay::config::parse(&admin, file, &set).is_ok());
 }
+
+#[test]
+fn a_secret_in_the_wrong_place_is_not_printed() {
+    // A secret's variable put in another key too, by mistake: the problem quoting its value
+    // shows the variable.
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"",
+        "url = \"http://127.0.0.1:8001/hooks\"\nheaders = { \"X-Api-Key\" = \"${CALLS_KEY}\" }",
+    ) + "\n[dedup]\nwindow = \"${CALLS_KEY}\"\n";
+    let env = |n: &str| (n == "CALLS_KEY").then(|| "sk_live_S3CRET".to_string());
+    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("dedup.window"), "{p:#?}");
+    assert!(
+        !p[0].contains("S3CRET") && p[0].contains("${CALLS_KEY}"),
+        "{p:#?}"
+    );
+    // A secret written in the file in the wrong shape: serde's message quotes it.
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"",
+        "url = \"http://127.0.0.1:8001/hooks\"\nsign = \"whsec_S3CRET\"",
+    );
+    let p = problems(&t);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("destinations[0].sign"), "{p:#?}");
+    assert!(
+        !p[0].contains("S3CRET") && p[0].contains("a string"),
+        "{p:#?}"
+    );
+}

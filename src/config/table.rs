@@ -108,9 +108,19 @@ pub fn shown_url_text(text: &str) -> String {
         None => (None, text),
     };
     // Everything up to the last `@` may be user info (a password may hold `/`, `?` or `#`);
-    // dropping a path's or query's `@` with it only shows less.
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
-    let shown = rest.split(['?', '#']).next().unwrap_or("");
+    // dropping a path's or query's `@` with it only shows less. When that `@` is the
+    // query's (`/in?user=ops@corp&token=…`: a path before the `?`), what follows it is the
+    // query too: none shown.
+    let in_query = |before: &str| {
+        before
+            .find(['?', '#'])
+            .is_some_and(|q| before[..q].contains('/'))
+    };
+    let shown = match rest.rsplit_once('@') {
+        Some((before, _)) if in_query(before) => "…",
+        Some((_, after)) => after.split(['?', '#']).next().unwrap_or(""),
+        None => rest.split(['?', '#']).next().unwrap_or(""),
+    };
     match scheme {
         Some(s) => format!("{s}://{shown}"),
         None => shown.to_string(),
@@ -140,6 +150,11 @@ mod tests {
         );
         assert_eq!(shown_url_text("https://ops:p#ss@h/in"), "https://h/in");
         assert_eq!(shown_url_text("https://ops:p?s@h/in?k=v"), "https://h/in");
+        // An `@` of the query: what follows it is the query too.
+        assert_eq!(
+            shown_url_text("https://h:80800/in?user=ops@corp.com&token=S3CRET"),
+            "https://…"
+        );
     }
 
     #[test]

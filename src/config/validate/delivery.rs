@@ -205,6 +205,7 @@ impl Cx<'_> {
             let Some(val) = self.string(v, &k) else {
                 continue;
             };
+            self.expanded_a_secret();
             match HeaderValue::from_str(&val) {
                 Ok(mut hv) => {
                     hv.set_sensitive(true);

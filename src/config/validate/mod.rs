@@ -91,11 +91,13 @@ pub fn parse(
         client_ids: HashSet::new(),
         defaulted: Vec::new(),
         published_secrets: Vec::new(),
+        expanded: Vec::new(),
+        secret_vars: Vec::new(),
     };
     let (raw, mut found) = deserialize_all(text);
     found.sort_by_key(|(_, span, _)| span.as_ref().map(|s| s.start));
     for (key, span, reason) in found {
-        cx.err(span, &key, reason);
+        cx.err(span, &key, without_string_value(reason));
     }
     let Some(raw) = raw else {
         return Err(ConfigErrors(cx.problems));
@@ -106,8 +108,26 @@ pub fn parse(
     } else {
         // In the order of the file; those without a place last.
         cx.problems.sort_by_key(|p| (p.at.is_none(), p.at));
+        for p in &mut cx.problems {
+            p.reason = without_secrets(&p.reason, &cx.secret_vars);
+        }
         Err(ConfigErrors(cx.problems))
     }
+}
+
+/// `reason` with each of `secrets`' values (as they are, or as Debug quotes them) written as
+/// its variable, `${NAME}`.
+fn without_secrets(reason: &str, secrets: &[(String, String)]) -> String {
+    let mut reason = reason.to_string();
+    for (name, value) in secrets {
+        let quoted = format!("{value:?}");
+        for shown in [value.as_str(), &quoted[1..quoted.len() - 1]] {
+            if !shown.is_empty() && reason.contains(shown) {
+                reason = reason.replace(shown, &format!("${{{name}}}"));
+            }
+        }
+    }
+    reason
 }
 
 type SerdeProblem = (String, Option<Range<usize>>, String);
@@ -175,6 +195,19 @@ fn blankable_line(text: &str, offset: usize) -> Option<Range<usize>> {
     (depth == 0 && quote.is_none()).then_some(start..end)
 }
 
+/// serde's "invalid type: string \"…\", expected …" without the string: a secret written in
+/// the file under the wrong shape (`sign = "whsec_…"` for `sign = { secret = … }`) is not
+/// printed by `check` nor by a reload's answer.
+fn without_string_value(reason: String) -> String {
+    let Some(start) = reason.find("string \"") else {
+        return reason;
+    };
+    match reason[start..].find("\", expected") {
+        Some(end) => format!("{}a string{}", &reason[..start], &reason[start + end + 1..]),
+        None => reason,
+    }
+}
+
 fn deserialize(text: &str) -> Result<RawConfig, SerdeProblem> {
     toml::from_str(text).map_err(|e| {
         let key = e
@@ -237,6 +270,11 @@ struct Cx<'a> {
     defaulted: Vec<String>,
     /// Secrets that took a default written in the file: (place, key, variables).
     published_secrets: Vec<(Range<usize>, String, Vec<String>)>,
+    /// Variables (name, value) the last expansion used.
+    expanded: Vec<(String, String)>,
+    /// Variables (name, value) expanded into a secret: a problem quoting one of their values
+    /// (the same variable put in another key as well, by mistake) shows `${NAME}` instead.
+    secret_vars: Vec<(String, String)>,
 }
 
 impl Cx<'_> {
@@ -256,6 +294,12 @@ impl Cx<'_> {
             key: key.to_string(),
             reason: reason.into(),
         });
+    }
+
+    /// The variables of the last expansion made a secret ([`Cx::secret_vars`]).
+    fn expanded_a_secret(&mut self) {
+        let used = std::mem::take(&mut self.expanded);
+        self.secret_vars.extend(used);
     }
 
     /// Every section in turn, then the references between them.

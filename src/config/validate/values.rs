@@ -28,6 +28,7 @@ impl Cx<'_> {
     /// Expands `${VAR}` (or `${VAR:-default}`) in `v`, found at `span`.
     pub(super) fn expand(&mut self, v: &str, span: Range<usize>, key: &str) -> Option<String> {
         self.defaulted.clear();
+        self.expanded.clear();
         let mut out = String::with_capacity(v.len());
         let mut rest = v;
         while let Some(i) = rest.find("${") {
@@ -54,7 +55,10 @@ impl Cx<'_> {
                 return None;
             }
             match (self.env)(name) {
-                Some(val) => out.push_str(&val),
+                Some(val) => {
+                    out.push_str(&val);
+                    self.expanded.push((name.to_string(), val));
+                }
                 None if default.is_some() => {
                     out.push_str(default.unwrap_or_default());
                     self.defaulted.push(name.to_string());
@@ -218,6 +222,7 @@ impl Cx<'_> {
         signing: bool,
     ) -> Option<Secret> {
         let text = self.expand(v, span.clone(), key)?;
+        self.expanded_a_secret();
         if !self.defaulted.is_empty() {
             let vars = std::mem::take(&mut self.defaulted);
             self.published_secrets
