@@ -640,6 +640,28 @@ fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
 }
 
 #[test]
+fn pem_text_where_a_tls_path_goes_is_not_printed() {
+    let t = BASE.replace(
+        "token_secret = \"t\"",
+        "token_secret = \"t\"\ntls = { cert = \"cert.pem\", key = \"${TLS_KEY}\" }",
+    );
+    let env = |n: &str| {
+        (n == "TLS_KEY")
+            .then(|| "-----BEGIN PRIVATE KEY-----\nMIIEvQ\n-----END PRIVATE KEY-----".to_string())
+    };
+    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].contains("server.tls.key") && p[0].contains("PEM text"),
+        "{p:#?}"
+    );
+    assert!(!p[0].contains("MIIEvQ"), "{p:#?}");
+}
+
+#[test]
 fn a_secret_in_the_wrong_place_is_not_printed() {
     // A secret's variable put in another key too, by mistake: the problem quoting its value
     // shows the variable.
@@ -658,6 +680,33 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
         !p[0].contains("S3CRET") && p[0].contains("${CALLS_KEY}"),
         "{p:#?}"
     );
+    // The same for the admin token, and for a password in a destination URL; one secret
+    // holding another is not shown in part; the wording around a value stays as it is.
+    let t =
+        BASE.replace(
+            "token_secret = \"t\"",
+            "token_secret = \"t\"\nadmin_token = \"${ADMIN}\"",
+        )
+        .replace(
+            "http://127.0.0.1:8001/hooks",
+            "http://ops:${PW}@127.0.0.1:8001/hooks",
+        ) + "\n[dedup]\nwindow = \"${ADMIN}\"\n[delivery]\ntimeout = \"${PW}\"\n";
+    let env = |n: &str| match n {
+        "ADMIN" => Some("adm1n-T0KEN".to_string()),
+        "PW" => Some("adm1n-T0KEN-and-more".to_string()),
+        _ => None,
+    };
+    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ToString::to_string).collect(),
+    };
+    assert_eq!(p.len(), 2, "{p:#?}");
+    assert!(p.iter().all(|l| !l.contains("T0KEN")), "{p:#?}");
+    assert!(
+        p[0].contains("\"${ADMIN}\"") && p[1].contains("\"${PW}\""),
+        "{p:#?}"
+    );
+    assert!(p[0].contains("write e.g. \"250ms\""), "{p:#?}");
     // A secret written in the file in the wrong shape: serde's message quotes it.
     let t = BASE.replace(
         "url = \"http://127.0.0.1:8001/hooks\"",

@@ -382,10 +382,24 @@ async fn replay(
             // To its end even when the request is gone (a client's timeout on a large one),
             // rather than some of the letters replayed and the rest left for no reason.
             let store = app.store.clone();
-            let whole = tokio::spawn(async move { store.replay(which).await }).await;
-            return whole
-                .unwrap_or_else(|e| Err(StoreError::Unavailable(format!("the replay ended: {e}"))))
-                .map_err(store_error);
+            let whole = tokio::spawn(async move {
+                let replayed = store.replay(which).await;
+                // Said here too: the request may be gone.
+                match &replayed {
+                    Ok(n) => info!(replayed = n, "a destination's dead deliveries replayed"),
+                    Err(e) => warn!(error = %e, "replaying a destination's dead deliveries failed"),
+                }
+                replayed
+            })
+            .await;
+            return match whole {
+                Ok(replayed) => replayed.map_err(store_error),
+                Err(e) => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("the replay ended: {e}"),
+                )),
+            };
         }
     };
     let views = app.store.lookup(&id).await.map_err(store_error)?;

@@ -107,17 +107,12 @@ pub fn shown_url_text(text: &str) -> String {
         Some((s, r)) => (Some(s), r),
         None => (None, text),
     };
-    // Everything up to the last `@` may be user info (a password may hold `/`, `?` or `#`);
-    // dropping a path's or query's `@` with it only shows less. When that `@` is the
-    // query's (`/in?user=ops@corp&token=…`: a path before the `?`), what follows it is the
-    // query too: none shown.
-    let in_query = |before: &str| {
-        before
-            .find(['?', '#'])
-            .is_some_and(|q| before[..q].contains('/'))
-    };
+    // Everything up to the last `@` may be user info (a password may hold `/`); dropping a
+    // path's `@` with it only shows less. When a `?` or `#` comes before that `@`, the `@`
+    // may be the query's (`?user=ops@corp&token=…`) and what follows it the query too: none
+    // of it is shown (a password holding `?` or `#` is shown as less than it could be).
     let shown = match rest.rsplit_once('@') {
-        Some((before, _)) if in_query(before) => "…",
+        Some((before, _)) if before.contains(['?', '#']) => "…",
         Some((_, after)) => after.split(['?', '#']).next().unwrap_or(""),
         None => rest.split(['?', '#']).next().unwrap_or(""),
     };
@@ -148,11 +143,15 @@ mod tests {
             shown_url_text("https://ops:ab/cd@hooks/in"),
             "https://hooks/in"
         );
-        assert_eq!(shown_url_text("https://ops:p#ss@h/in"), "https://h/in");
-        assert_eq!(shown_url_text("https://ops:p?s@h/in?k=v"), "https://h/in");
+        assert_eq!(shown_url_text("https://ops:p#ss@h/in"), "https://…");
+        assert_eq!(shown_url_text("https://ops:p?s@h/in?k=v"), "https://…");
         // An `@` of the query: what follows it is the query too.
         assert_eq!(
             shown_url_text("https://h:80800/in?user=ops@corp.com&token=S3CRET"),
+            "https://…"
+        );
+        assert_eq!(
+            shown_url_text("https://h:80800?user=ops@corp&token=S3CRET"),
             "https://…"
         );
     }

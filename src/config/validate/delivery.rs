@@ -167,7 +167,12 @@ impl Cx<'_> {
         let key = format!("destinations[{i}]");
         let r = d.get_ref();
         let name = self.name(&r.name, &format!("{key}.name"), names, "destination");
-        let url = match self.string(&r.url, &format!("{key}.url")) {
+        let text = self.string(&r.url, &format!("{key}.url"));
+        // User info (sent as Basic auth) or a query may hold a credential.
+        if text.as_deref().is_some_and(|t| t.contains(['@', '?'])) {
+            self.expanded_a_secret();
+        }
+        let url = match text {
             Some(text) => match text.parse::<Uri>() {
                 Ok(u)
                     if matches!(u.scheme_str(), Some("http") | Some("https"))

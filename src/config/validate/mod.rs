@@ -116,18 +116,38 @@ pub fn parse(
 }
 
 /// `reason` with each of `secrets`' values (as they are, or as Debug quotes them) written as
-/// its variable, `${NAME}`.
+/// its variable, `${NAME}`, in what it quotes (`"…"`, where a reason puts a value): the
+/// wording around stays as it is. The longest first, so that one holding another is not
+/// shown in part.
 fn without_secrets(reason: &str, secrets: &[(String, String)]) -> String {
-    let mut reason = reason.to_string();
-    for (name, value) in secrets {
-        let quoted = format!("{value:?}");
-        for shown in [value.as_str(), &quoted[1..quoted.len() - 1]] {
-            if !shown.is_empty() && reason.contains(shown) {
-                reason = reason.replace(shown, &format!("${{{name}}}"));
+    let mut secrets: Vec<&(String, String)> =
+        secrets.iter().filter(|(_, v)| !v.is_empty()).collect();
+    if secrets.is_empty() {
+        return reason.to_string();
+    }
+    secrets.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+    // Split at the quotes that are not escaped: odd pieces are quoted.
+    let mut pieces = vec![String::new()];
+    let mut escaped = false;
+    for c in reason.chars() {
+        if c == '"' && !escaped {
+            pieces.push(String::new());
+            continue;
+        }
+        escaped = c == '\\' && !escaped;
+        pieces.last_mut().expect("one at least").push(c);
+    }
+    for piece in pieces.iter_mut().skip(1).step_by(2) {
+        for (name, value) in &secrets {
+            let quoted = format!("{value:?}");
+            for shown in [value.as_str(), &quoted[1..quoted.len() - 1]] {
+                if piece.contains(shown) {
+                    *piece = piece.replace(shown, &format!("${{{name}}}"));
+                }
             }
         }
     }
-    reason
+    pieces.join("\"")
 }
 
 type SerdeProblem = (String, Option<Range<usize>>, String);
@@ -202,7 +222,7 @@ fn without_string_value(reason: String) -> String {
     let Some(start) = reason.find("string \"") else {
         return reason;
     };
-    match reason[start..].find("\", expected") {
+    match reason[start..].rfind("\", expected") {
         Some(end) => format!("{}a string{}", &reason[..start], &reason[start + end + 1..]),
         None => reason,
     }

@@ -26,6 +26,21 @@ impl Cx<'_> {
             let t = t.get_ref();
             let cert = self.string(&t.cert, "server.tls.cert")?;
             let key = self.string(&t.key, "server.tls.key")?;
+            // PEM text where a path goes (a platform's variable holding the key itself):
+            // said without quoting it, as a path is quoted below.
+            for (text, value, name) in [
+                (&cert, &t.cert, "server.tls.cert"),
+                (&key, &t.key, "server.tls.key"),
+            ] {
+                if text.trim_start().starts_with("-----BEGIN") {
+                    self.err(
+                        Some(value.span()),
+                        name,
+                        "holds PEM text, not the path of a PEM file",
+                    );
+                    return None;
+                }
+            }
             let (cert, key) = (self.dir.join(cert), self.dir.join(key));
             match crate::tls::server_config(&cert, &key) {
                 Ok(server_config) => Some(TlsFiles {
@@ -53,6 +68,7 @@ impl Cx<'_> {
             .as_ref()
             .and_then(|t| {
                 let token = self.string(t, "server.admin_token");
+                self.expanded_a_secret();
                 // A default written in the file is for anyone who reads it: fine on this
                 // host, not once the admin API is reachable from others. (An empty one
                 // leaves the API open: refused below, for the same reason.)
@@ -192,6 +208,10 @@ impl Cx<'_> {
             let Some(v) = self.string(u, key) else {
                 continue;
             };
+            // User info (`user:password@`) is a credential.
+            if v.contains('@') {
+                self.expanded_a_secret();
+            }
             let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
                 .iter()
                 .any(|s| v.starts_with(s))

@@ -261,10 +261,18 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Makes the delivery of `seq` to `dest` pending again if it is dead.
+    /// Makes the delivery of `seq` to `dest` pending again if it is dead. One whose record
+    /// cannot be read is left, before anything is written for it: an error would end every
+    /// replay that reaches it.
     pub(super) fn replay_one(&mut self, seq: u64, dest: &str) -> Result<bool, StoreError> {
-        let Some(mut d) = self.delivery(seq, dest)? else {
-            return Ok(false);
+        let mut d = match self.delivery(seq, dest) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(false),
+            Err(StoreError::Corrupt(e)) => {
+                tracing::warn!(seq, destination = dest, error = %e, "a dead delivery's record cannot be read; the replay leaves it");
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
         };
         if d.state != DeliveryState::Dead {
             return Ok(false);
@@ -312,12 +320,6 @@ impl Writer<'_> {
             })?;
         let mut n = 0;
         for &seq in &seqs {
-            // One whose record cannot be read is left, before anything is written for it:
-            // the others go on (an error would end every replay of the destination here).
-            if let Err(StoreError::Corrupt(e)) = self.delivery(seq, dest) {
-                tracing::warn!(seq, destination = dest, error = %e, "a dead delivery's record cannot be read; the replay leaves it");
-                continue;
-            }
             n += usize::from(self.replay_one(seq, dest)?);
         }
         Ok(ReplayChunk {
