@@ -31,7 +31,12 @@ to = ["calls"]
 
 /// Parses `text` and returns every problem as `file:line:col: key: reason` lines.
 fn problems(text: &str) -> Vec<String> {
-    match hookrelay::config::parse(text, Path::new("routes.toml"), &|_| None) {
+    problems_with(text, &|_| None)
+}
+
+/// [`problems`] with the environment variables `env` gives.
+fn problems_with(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    match hookrelay::config::parse(text, Path::new("routes.toml"), env) {
         Ok(_) => vec![],
         Err(e) => e.0.iter().map(ToString::to_string).collect(),
     }
@@ -649,10 +654,7 @@ fn pem_text_where_a_tls_path_goes_is_not_printed() {
         (n == "TLS_KEY")
             .then(|| "-----BEGIN PRIVATE KEY-----\nMIIEvQ\n-----END PRIVATE KEY-----".to_string())
     };
-    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
-        Ok(_) => vec![],
-        Err(e) => e.0.iter().map(ToString::to_string).collect(),
-    };
+    let p = problems_with(&t, &env);
     assert_eq!(p.len(), 1, "{p:#?}");
     assert!(
         p[0].contains("server.tls.key") && p[0].contains("PEM text"),
@@ -670,10 +672,7 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
         "url = \"http://127.0.0.1:8001/hooks\"\nheaders = { \"X-Api-Key\" = \"${CALLS_KEY}\" }",
     ) + "\n[dedup]\nwindow = \"${CALLS_KEY}\"\n";
     let env = |n: &str| (n == "CALLS_KEY").then(|| "sk_live_S3CRET".to_string());
-    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
-        Ok(_) => vec![],
-        Err(e) => e.0.iter().map(ToString::to_string).collect(),
-    };
+    let p = problems_with(&t, &env);
     assert_eq!(p.len(), 1, "{p:#?}");
     assert!(p[0].contains("dedup.window"), "{p:#?}");
     assert!(
@@ -696,10 +695,7 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
         "PW" => Some("adm1n-T0KEN-and-more".to_string()),
         _ => None,
     };
-    let p: Vec<String> = match hookrelay::config::parse(&t, Path::new("routes.toml"), &env) {
-        Ok(_) => vec![],
-        Err(e) => e.0.iter().map(ToString::to_string).collect(),
-    };
+    let p = problems_with(&t, &env);
     assert_eq!(p.len(), 2, "{p:#?}");
     assert!(p.iter().all(|l| !l.contains("T0KEN")), "{p:#?}");
     assert!(
