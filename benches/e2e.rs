@@ -12,7 +12,9 @@
 //! "sled,redb") picks the stores. Prints one table with the ratios per round;
 //! `BENCH_ROUNDS` (default 1) runs the whole sequence that many times and then prints each
 //! round's ratios and their medians (the phases of a round are seconds apart, so a round's
-//! ratio is steadier than figures taken minutes apart).
+//! ratio is steadier than figures taken minutes apart). The forwarder runs before the relay
+//! and again after it, and the ratios are to the mean of the two: a machine that slows down
+//! or speeds up during a round moves both sides of a ratio alike.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,8 +197,37 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// The reference, the forwarder, then the relay on each backend, seconds apart: one table
-/// and its ratios.
+/// One run of the bare forwarder: its load, the rate its deliveries reached the sink, and
+/// events fully relayed per second over the load and its drain.
+struct ForwarderRun {
+    load: Load,
+    delivered: f64,
+    sustained: f64,
+}
+
+async fn forwarder_phase(conns: usize, secs: u64, seq: Arc<AtomicU64>) -> ForwarderRun {
+    let (fwd_sink, fwd_count) = counting_sink().await;
+    let fwd_addr = forwarder(fwd_sink).await;
+    let (t0, cpu0) = (Instant::now(), process_cpu());
+    let mut load = run_load(fwd_addr, "/", conns, secs, None, seq).await;
+    let delivered = fwd_count.load(Ordering::Relaxed) as f64 / load.elapsed.as_secs_f64();
+    // Its backlog drains before the next phase; events fully relayed per second over the
+    // whole time (load + drain) is what a relay whose deliveries keep up can reach.
+    let drain_deadline = Instant::now() + Duration::from_secs(120);
+    while fwd_count.load(Ordering::Relaxed) < load.ok && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sustained = fwd_count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    load.cpu = process_cpu().saturating_sub(cpu0);
+    ForwarderRun {
+        load,
+        delivered,
+        sustained,
+    }
+}
+
+/// The reference, the forwarder, the relay on each backend, then the forwarder again,
+/// seconds apart: one table and its ratios.
 async fn round(
     conns: usize,
     secs: u64,
@@ -208,20 +239,8 @@ async fn round(
     let (ref_addr, _) = counting_sink().await;
     let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
 
-    // The ceiling: two HTTP exchanges per event and nothing else.
-    let (fwd_sink, fwd_count) = counting_sink().await;
-    let fwd_addr = forwarder(fwd_sink).await;
-    let (t0, cpu0) = (Instant::now(), process_cpu());
-    let mut ceiling = run_load(fwd_addr, "/", conns, secs, None, seq.clone()).await;
-    let fwd_rate = fwd_count.load(Ordering::Relaxed) as f64 / ceiling.elapsed.as_secs_f64();
-    // Its backlog drains before the next phase; events fully relayed per second over the
-    // whole time (load + drain) is what a relay whose deliveries keep up can reach.
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
-    while fwd_count.load(Ordering::Relaxed) < ceiling.ok && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let sustained = fwd_count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-    ceiling.cpu = process_cpu().saturating_sub(cpu0);
+    // The ceiling: two HTTP exchanges per event and nothing else; before the relay and after.
+    let mut before = forwarder_phase(conns, secs, seq.clone()).await;
 
     let mut rows = Vec::new();
     for backend in backends.split(',') {
@@ -230,6 +249,9 @@ async fn round(
             relay_phase(backend, conns, secs, rate, seq.clone()).await,
         ));
     }
+    let mut after = forwarder_phase(conns, secs, seq.clone()).await;
+    let sustained = (before.sustained + after.sustained) / 2.0;
+    let ceiling_cpu = (before.load.cpu_us_per_event() + after.load.cpu_us_per_event()) / 2.0;
     println!("hookrelay e2e bench: {conns} connections, {secs}s per phase, 2 runtime threads");
     println!("| run | ok/s | p50 ms | p99 ms | errors | CPU µs/event |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -244,12 +266,20 @@ async fn round(
         );
     };
     row("bare hyper reference", &mut reference);
-    row(
-        "bare forwarder (2 exchanges per event, no store)",
-        &mut ceiling,
-    );
-    println!("| deliveries reaching the sink, bare forwarder | {fwd_rate:.0} | | | | |");
-    println!("| bare forwarder, events fully relayed (load + drain) | {sustained:.0} | | | | |");
+    for (when, f) in [("before", &mut before), ("after", &mut after)] {
+        row(
+            &format!("bare forwarder (2 exchanges per event, no store), {when} the relay"),
+            &mut f.load,
+        );
+        println!(
+            "| deliveries reaching the sink, bare forwarder, {when} | {:.0} | | | | |",
+            f.delivered
+        );
+        println!(
+            "| bare forwarder, events fully relayed (load + drain), {when} | {:.0} | | | | |",
+            f.sustained
+        );
+    }
     for (backend, p) in rows.iter_mut() {
         row(
             &format!("relay accept, {backend} (durable, deduplicated, routed)"),
@@ -266,14 +296,15 @@ async fn round(
     println!();
     println!(
         "bare forwarder / reference = {:.2}; fully relayed / reference = {:.2} \
-         (the most a relay whose deliveries keep up can reach here)",
-        ceiling.rate() / reference.rate(),
+         (the most a relay whose deliveries keep up can reach here; forwarder figures are \
+         the mean of before and after the relay)",
+        (before.load.rate() + after.load.rate()) / 2.0 / reference.rate(),
         sustained / reference.rate()
     );
     let mut ratios = Vec::new();
     for (backend, p) in rows.iter() {
         let accept = p.accept.rate() / sustained;
-        let cpu = p.accept.cpu_us_per_event() / ceiling.cpu_us_per_event();
+        let cpu = p.accept.cpu_us_per_event() / ceiling_cpu;
         println!(
             "{backend}: accept / reference = {:.2}; accept / fully relayed by the bare \
              forwarder = {accept:.2}; CPU per event / the bare forwarder's = {cpu:.2}; \
