@@ -44,6 +44,36 @@ pub fn consumer_config(names: &Names) -> pull::Config {
     }
 }
 
+/// The fan-out consumer's metadata key for the stream's last sequence when it was made:
+/// a consumer made again reads every event kept up to there a second time
+/// ([`unfanned_of`]).
+pub const REPLAY_UNTIL: &str = "hookrelay_replay_until";
+
+/// [`consumer_config`] marked with the stream's last sequence now, for a consumer about to be
+/// made (an existing one keeps its own mark); `None` if the stream cannot be read.
+async fn marked_config(stream: &stream::Stream, names: &Names) -> Option<pull::Config> {
+    let info = stream.get_info().await.ok()?;
+    let mut config = consumer_config(names);
+    config
+        .metadata
+        .insert(REPLAY_UNTIL.into(), info.state.last_sequence.to_string());
+    Some(config)
+}
+
+/// Accepted events not fanned out yet, from the fan-out consumer's count of the events it
+/// has not handed out (`pending`), less those it is reading a second time: a consumer made
+/// again (deleted by hand, lost with a server) reads every event kept, and all of them
+/// counted against `max_queue` would refuse every accept until it is through. The stream
+/// sequences between the last it handed out (`delivered`) and the stream's last when it was
+/// made (`replay_until`, its [`REPLAY_UNTIL`] mark) are at least as many as those events.
+/// They are usually many more (the stream holds deliveries and outcomes too), so until it is
+/// past them the events accepted meanwhile, and the few the old one left unfanned, are
+/// mostly not counted: `max_queue` holds back less for that while, rather than refusing
+/// everything.
+pub fn unfanned_of(pending: u64, delivered: u64, replay_until: u64) -> u64 {
+    pending.saturating_sub(replay_until.saturating_sub(delivered))
+}
+
 impl JetStreamStore {
     /// Writes the deliveries of the event stored at `seq` that are not written yet.
     /// `again`: an earlier fan-out of it may have written some.
@@ -142,7 +172,7 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     let what = "fan-out";
     let name = names.fanout_consumer();
     // Marked right before it is made, at each try.
-    let make = || pulls::marked(&stream, consumer_config(&names));
+    let make = || marked_config(&stream, &names);
     let Some(mut consumer) = pulls::consumer(&stream, &name, make, what, &stop).await else {
         return;
     };
@@ -189,5 +219,22 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
                 drop(permit);
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unfanned_of;
+
+    #[test]
+    fn events_read_again_by_a_new_fan_out_consumer_are_not_counted_as_unfanned() {
+        // Made again when the stream's last sequence was 1,000: 900 events to read again,
+        // 100 of them read so far (up to sequence 150), 5 new ones since.
+        assert_eq!(unfanned_of(805, 150, 1_000), 0);
+        // Past the replay, new events count in full.
+        assert_eq!(unfanned_of(5, 1_000, 1_000), 5);
+        assert_eq!(unfanned_of(5, 1_020, 1_000), 5);
+        // Nearly through: only what lies past the replay's end counts.
+        assert_eq!(unfanned_of(30, 990, 1_000), 20);
     }
 }

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::records::{decode_delivery, untoken};
-use super::{pulls, JetStreamStore, DEPTH_EVERY, HEARTBEAT};
+use super::{fanout, JetStreamStore, DEPTH_EVERY, HEARTBEAT};
 use crate::store::DeliveryState;
 
 /// The most messages read to find a destination's first unacknowledged pending delivery.
@@ -194,7 +194,14 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         *s.backlog_oldest.lock().unwrap() = backlog;
         // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
-            s.unfanned.store(pulls::unread(&info), Ordering::Relaxed);
+            let until = info
+                .config
+                .metadata
+                .get(fanout::REPLAY_UNTIL)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let n = fanout::unfanned_of(info.num_pending, info.delivered.stream_sequence, until);
+            s.unfanned.store(n, Ordering::Relaxed);
         }
         let mut depths = s.depths.lock().unwrap();
         for (d, n) in counted {
