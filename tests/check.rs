@@ -207,6 +207,19 @@ fn a_jsonpath_as_a_decode_json_field() {
 }
 
 #[test]
+fn a_jsonpath_as_a_match_key() {
+    let t = BASE.replace(
+        "match = { eventType = \"CALL_STATUS\" }",
+        "match = { \"$.payload.callDirection\" = \"INBOUND\" }",
+    );
+    rejects(
+        &t,
+        "routes[0].match.$.payload.callDirection",
+        "not a top-level field name",
+    );
+}
+
+#[test]
 fn invalid_filter() {
     let t = BASE.replace(
         "to = [\"calls\"]",

@@ -172,16 +172,19 @@ async fn serve_finds_its_config_in_the_environment_logs_json_and_stops_on_ctrl_c
     }
     assert!(listening, "no JSON log line said it was listening");
 
-    // An event that no route takes is answered and counted.
+    // An event that no route takes is answered and counted, once: its resend is not.
     let ingress_url = format!("http://{ingress}/calls");
-    let a = send(
-        Method::POST,
-        &ingress_url,
-        &[("content-type", "application/json")],
-        br#"{"id":"c-1","type":"RINGING"}"#,
-    )
-    .await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
+    for duplicate in [false, true] {
+        let a = send(
+            Method::POST,
+            &ingress_url,
+            &[("content-type", "application/json")],
+            br#"{"id":"c-1","type":"RINGING"}"#,
+        )
+        .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        assert_eq!(a.json()["duplicate"], duplicate);
+    }
     let metrics = send(Method::GET, &format!("http://{admin}/metrics"), &[], b"").await;
     let text = String::from_utf8(metrics.body.to_vec()).unwrap();
     assert_eq!(

@@ -112,7 +112,7 @@ async fn fan_out_sends_identical_bytes_and_all_headers() {
 [[destinations]]
 name = "calls"
 url = "{}"
-headers = {{ "X-Api-Key" = "calls-key" }}
+headers = {{ "X-Api-Key" = "calls-key", "User-Agent" = "acme/1" }}
 sign = {{ secret = "whsec_{}" }}
 
 [[destinations]]
@@ -159,6 +159,13 @@ to = ["calls", "analytics"]
     // Only `calls` has headers and signing.
     assert_eq!(a.header("x-api-key"), Some("calls-key"));
     assert_eq!(b.header("x-api-key"), None);
+    // A destination's own User-Agent goes instead of the relay's.
+    assert_eq!(a.header("user-agent"), Some("acme/1"));
+    assert!(
+        b.header("user-agent").unwrap().starts_with("hookrelay/"),
+        "{:?}",
+        b.header("user-agent")
+    );
     let ts = a.header("webhook-timestamp").unwrap();
     assert_eq!(
         a.header("webhook-signature").unwrap(),

@@ -253,6 +253,10 @@ async fn missing_or_wrong_credentials_are_401() {
         )
         .await;
     a.error(401, "unauthorized");
+    assert_eq!(
+        a.headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
     // Auth is checked before size and JSON.
     r.post("/8x8/voice", &[b'x'; 10_000])
         .await

@@ -201,6 +201,22 @@ async fn wrong_secret_is_invalid_client() {
         )
         .await;
     assert_eq!(a.status, 401);
+    // A provider with a wrong secret never posts: its failures show under `(token)`.
+    assert_eq!(token_basic(&r, "8x8-sms", "s3cr3t&=:x").await.status, 200);
+    let text = String::from_utf8(
+        support::send(http::Method::GET, &r.admin_url("/metrics"), &[], b"")
+            .await
+            .body
+            .to_vec(),
+    )
+    .unwrap();
+    let count = |status: &str| {
+        support::metric(
+            &text,
+            &format!("hookrelay_ingress_requests_total{{source=\"(token)\",status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!((count("401"), count("200")), (3.0, 1.0), "{text}");
 }
 
 #[tokio::test]
@@ -237,7 +253,11 @@ async fn token_of_another_source_is_refused() {
     let a = post_sms(&r, &chat).await;
     let msg = a.error(401, "unauthorized");
     assert!(msg.contains("another source"), "{msg}");
-    assert_eq!(a.headers["www-authenticate"], "Bearer");
+    // RFC 6750 §3.1: a presented token that is refused says so.
+    assert_eq!(
+        a.headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
 }
 
 #[tokio::test]

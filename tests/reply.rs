@@ -345,3 +345,38 @@ async fn a_bodiless_fallback_is_answered_as_configured() {
     assert!(a.body.is_empty(), "{:?}", a.body);
     analytics.wait_for(1).await;
 }
+
+#[tokio::test]
+async fn the_reply_timeout_counts_from_the_requests_arrival() {
+    // The timeout is 1 s and ivr answers after 700 ms, but the body comes 600 ms after the
+    // headers: what is left for the call (~400 ms) is too short, so 8x8 gets the fallback
+    // by the end of its 1 s. (Counted from the call's start: ivr's answer, after ~1.3 s.)
+    let ivr = replying(200, REPLY, Duration::from_millis(700)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"1s\"");
+    let r = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+    let head = format!(
+        "POST /8x8/voice HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // Not a synchronisation: a slow upload is the case under test.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(&body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with(r#"{"callflow":[{"action":"hangup"}]}"#),
+        "{text}"
+    );
+    assert_eq!(ivr.wait_for(1).await.len(), 1, "called with the time left");
+}

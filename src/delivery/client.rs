@@ -73,10 +73,13 @@ pub fn build_request(
     for (k, v) in &dest.headers {
         h.append(k.clone(), v.clone());
     }
-    h.insert(
-        USER_AGENT,
-        HeaderValue::from_static(concat!("hookrelay/", env!("CARGO_PKG_VERSION"))),
-    );
+    // The destination's own User-Agent, if it sets one, is sent instead of ours.
+    if !h.contains_key(USER_AGENT) {
+        h.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("hookrelay/", env!("CARGO_PKG_VERSION"))),
+        );
+    }
     match event
         .content_type
         .as_deref()
@@ -113,12 +116,13 @@ pub fn build_request(
 const MAX_HEADER_ID: usize = 256;
 
 /// The event id as its `webhook-id` header (and the signature's message id): as it is when
-/// a header carries it unchanged (visible ASCII, at most [`MAX_HEADER_ID`] bytes); else
-/// percent-encoded (non-ASCII, spaces, controls, `%`), or, still longer, `sha256:` and the
-/// hex SHA-256 of the id. The same id always gives the same header.
+/// a header carries it unchanged (visible ASCII but `%`, at most [`MAX_HEADER_ID`] bytes);
+/// else percent-encoded (non-ASCII, spaces, controls, `%`), or, still longer, `sha256:` and
+/// the hex SHA-256 of the id. The same id always gives the same header, and two ids two
+/// headers: only an encoded one holds a `%` (`a b` is `a%20b`, `a%20b` is `a%2520b`).
 pub fn header_id(id: &str) -> std::borrow::Cow<'_, str> {
     use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
-    let plain = |b: u8| b.is_ascii_graphic();
+    let plain = |b: u8| b.is_ascii_graphic() && b != b'%';
     if !id.is_empty() && id.len() <= MAX_HEADER_ID && id.bytes().all(plain) {
         return id.into();
     }
@@ -220,5 +224,9 @@ mod tests {
         assert!(h.starts_with("sha256:") && h.len() == 71, "{h}");
         assert_eq!(header_id(&long), h, "always the same");
         assert_eq!(header_id(&"x".repeat(256)), "x".repeat(256));
+        // Two ids, two headers: a `%` of the id is encoded too.
+        assert_eq!(header_id("a b"), "a%20b");
+        assert_eq!(header_id("a%20b"), "a%2520b");
+        assert_eq!(header_id("100%"), "100%25");
     }
 }

@@ -73,13 +73,17 @@ pub fn check_headers(
         }
         Auth::OAuth2 { clients, token_ttl } => {
             let bearer = crate::web::authorization::credentials(headers, "Bearer");
-            let unauthorized = |m: &str| {
-                ApiError::unauthorized(m.to_string()).with_header(WWW_AUTHENTICATE, "Bearer")
-            };
             let Some(tok) = bearer else {
-                return Err(unauthorized(
+                return Err(ApiError::unauthorized(
                     "a Bearer token from POST /oauth/token is required",
-                ));
+                )
+                .with_header(WWW_AUTHENTICATE, "Bearer"));
+            };
+            // A token was presented and refused: RFC 6750 §3.1 says so, for a client that
+            // fetches a new token on this signal.
+            let unauthorized = |m: &str| {
+                ApiError::unauthorized(m.to_string())
+                    .with_header(WWW_AUTHENTICATE, r#"Bearer error="invalid_token""#)
             };
             let Some(key) = &config.server.token_secret else {
                 return Err(unauthorized("no token secret is configured"));

@@ -106,13 +106,20 @@ pub fn limits(config: &Config, drain: Duration) -> Limits {
     }
 }
 
+/// The `source` label of token requests (no source name has parentheses).
+const TOKEN_LABEL: &str = "(token)";
+
 /// One request: never fails, every problem is an answer.
 pub async fn handle(app: &Deps, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let config = app.config();
     // The rarer paths' futures are boxed: every request's future is as large as its largest
     // path, and it is copied a few times on its way into the connection's task.
     if req.uri().path() == TOKEN_PATH && config.issues_tokens() {
-        return Box::pin(oauth::token_endpoint(&config, peer, req)).await;
+        let resp = Box::pin(oauth::token_endpoint(&config, peer, req)).await;
+        // Counted apart from the sources (a client that fails here never posts): a wrong
+        // client secret on the provider's side shows as 401s under `(token)`.
+        app.metrics.ingress(TOKEN_LABEL, resp.status().as_u16());
+        return resp;
     }
     let found = config.source_for_path(req.uri().path()).cloned();
     let source = found.as_ref().map_or("(none)", |s| s.name.as_str());
@@ -143,6 +150,8 @@ async fn accept(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    // A reply route's `timeout` counts from here: the provider waits for the whole of it.
+    let arrived = tokio::time::Instant::now();
     let source = source.ok_or_else(|| ApiError::not_found(req.uri().path()))?;
     check_address(config, &source, peer, &req)?;
     check_method(&req)?;
@@ -191,6 +200,15 @@ async fn accept(
     let reply = ev.reply;
     let deliveries = ev.new.destinations.len();
     let (seq, duplicate, kept) = admit(app, config, &source, ev.new).await?;
+    if deliveries == 0 && !duplicate {
+        // Counted once accepted: not a refused one, nor a resend.
+        app.metrics
+            .unrouted
+            .get_or_create(&crate::metrics::SourceLabel {
+                source: source.name.clone(),
+            })
+            .inc();
+    }
     if let Some(reply) = reply.and_then(|ri| config.routes[ri].reply.as_ref()) {
         if let Some(kept) = &kept {
             return Ok(reply::stored(kept));
@@ -203,7 +221,7 @@ async fn accept(
             content_type: ev.content_type,
             body: ev.body,
         };
-        return Ok(Box::pin(reply::call(app, config, reply, &event, !duplicate)).await);
+        return Ok(Box::pin(reply::call(app, config, reply, &event, !duplicate, arrived)).await);
     }
     let deliveries = if duplicate { 0 } else { deliveries };
     debug!(duplicate, deliveries, "accepted");
@@ -295,14 +313,6 @@ fn routed(
         .map(|&d| &config.destinations[d])
         .find(|dest| app.store.queue_depth(&dest.name) >= dest.max_queue)
         .map(|dest| dest.name.clone());
-    if fanout.destinations.is_empty() {
-        app.metrics
-            .unrouted
-            .get_or_create(&crate::metrics::SourceLabel {
-                source: source.name.clone(),
-            })
-            .inc();
-    }
     let received_ms = now_ms();
     let reply = fanout
         .reply_route

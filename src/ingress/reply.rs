@@ -29,10 +29,10 @@ use crate::delivery::call_once;
 use crate::store::{DeliveryKey, Outcome, StoredEvent, StoredReply};
 use crate::web::response::Body;
 
-/// How long after the reply timeout the held delivery falls due: the call's timeout starts
-/// only once the event is stored (up to the accept's own timeout after it was received),
-/// and its outcome then needs a commit, so the scheduler never sends it while the call
-/// may still be out.
+/// How long after the reply timeout the held delivery falls due: the call ends within the
+/// timeout of the request's arrival, but its outcome then needs a commit (up to the
+/// accept's own timeout), so the scheduler does not send it while that outcome is on its
+/// way.
 pub const HOLD_MARGIN_MS: u64 = super::ACCEPT_TIMEOUT.as_millis() as u64 + 2_000;
 
 /// What a finished call answered: the destination's 2xx (status, content type, body), or
@@ -109,22 +109,25 @@ fn fallback(reply: &Reply) -> Response<Body> {
     )
 }
 
-/// Calls `reply.from` for `event` and answers with its response or the fallback.
-/// `fresh` says whether this request stored the event (a duplicate's call settles the held
-/// delivery only by delivering it).
+/// Calls `reply.from` for `event` and answers with its response or the fallback, within
+/// `reply.timeout` of the request's arrival (`arrived`: reading the body and the store's
+/// commit count too, since the provider's clock runs through them). `fresh` says whether
+/// this request stored the event (a duplicate's call settles the held delivery only by
+/// delivering it).
 pub async fn call(
     app: &Deps,
     config: &Config,
     reply: &Reply,
     event: &StoredEvent,
     fresh: bool,
+    arrived: tokio::time::Instant,
 ) -> Response<Body> {
     // A duplicate that waits for the call already out calls within what is left of its own
     // timeout, not a whole new one: the provider waits for one timeout, not two.
-    let deadline = tokio::time::Instant::now() + reply.timeout;
+    let deadline = arrived + reply.timeout;
     if !fresh {
         if let Some(mut out) = app.replies.out(event.seq) {
-            match tokio::time::timeout(reply.timeout, out.wait_for(Option::is_some)).await {
+            match tokio::time::timeout_at(deadline, out.wait_for(Option::is_some)).await {
                 Ok(Ok(a)) => {
                     if let Some(Some((status, ct, body))) = a.clone() {
                         info!(status, "reply of the call already out for this event");

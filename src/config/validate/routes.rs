@@ -45,6 +45,15 @@ impl Cx<'_> {
             let Some(field) = self.expand(field, v.span(), &mk) else {
                 continue;
             };
+            // A JSONPath here would silently never match: keys are top-level field names.
+            if field == "$" || field.starts_with("$.") || field.starts_with("$[") {
+                self.err(
+                    Some(v.span()),
+                    &mk,
+                    format!("{field:?} is not a top-level field name: match compares top-level fields (write \"eventType\", not \"$.eventType\"); test a nested field with filter"),
+                );
+                continue;
+            }
             let listed = match v.get_ref() {
                 RawMatchValue::One(s) => std::slice::from_ref(s),
                 RawMatchValue::Many(list) => list.as_slice(),
