@@ -214,6 +214,28 @@ async fn address_outside_allowlist_is_403_even_before_method() {
 }
 
 #[tokio::test]
+async fn address_and_method_are_checked_before_credentials() {
+    let extra = r#"
+[[sources]]
+name = "walled-locked"
+path = "/walled-locked"
+allow_ips = ["203.0.113.0/24"]
+auth = { kind = "header", header = "Authorization", value = "Basic dGVzdA==" }
+"#;
+    let r = TestRelay::start(&config("", extra)).await;
+    // No credentials, from outside the allowlist: the address answers first.
+    r.post("/walled-locked", b"{}")
+        .await
+        .error(403, "forbidden");
+    // No credentials, the wrong method: the method answers first.
+    let a = send(Method::GET, &r.url("/8x8/voice"), &[], b"").await;
+    a.error(405, "method_not_allowed");
+    assert_eq!(a.headers["allow"], "POST");
+    let a = send(Method::GET, &r.url("/8x8/sms"), &[], b"").await;
+    a.error(405, "method_not_allowed");
+}
+
+#[tokio::test]
 async fn forwarded_address_is_believed_from_a_trusted_proxy() {
     let r = TestRelay::start(&config(r#"trusted_proxies = ["127.0.0.0/8"]"#, "")).await;
     let ok = r

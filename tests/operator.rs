@@ -302,6 +302,11 @@ async fn the_event_list_pages_through_everything_once_and_filters_exactly() {
 
     let every = all_pages(&relay, "").await;
     assert_eq!(every, ids(&|_, _| true), "newest first, each once");
+    // Without a limit, a page holds 50.
+    let first = admin(&relay, Method::GET, "/api/events").await.json();
+    assert_eq!(first["events"].as_array().unwrap().len(), 50);
+    assert_eq!(first["events"][0]["id"], every[0]);
+    assert!(first["next"].is_string(), "{first}");
     assert_eq!(every.iter().collect::<HashSet<_>>().len(), 250);
     assert_eq!(
         all_pages(&relay, "&source=other").await,

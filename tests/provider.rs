@@ -444,8 +444,31 @@ async fn signed_request_accepted_tampered_and_stale_refused() {
         .await
         .error(401, "unauthorized");
     assert!(msg.contains("tolerance"), "{msg}");
+    // A timestamp as far ahead is refused too.
+    let ahead = signed_headers("msg_3", now_s() + 600, &body);
+    let msg = post_signed(&r, &ahead, &body)
+        .await
+        .error(401, "unauthorized");
+    assert!(msg.contains("tolerance"), "{msg}");
 
     r.post("/hooks/dids", &body)
+        .await
+        .error(401, "unauthorized");
+}
+
+#[tokio::test]
+async fn a_raw_signing_secret_is_the_key_itself() {
+    // The same key written as raw text instead of `whsec_<base64>`.
+    let whsec = "whsec_c2lnbmluZy1zZWNyZXQtZm9yLWRpZHM=";
+    assert!(CONFIG.contains(whsec));
+    let raw = CONFIG.replace(whsec, std::str::from_utf8(DIDS_SECRET).unwrap());
+    let r = TestRelay::start_env(&raw, ENV).await;
+    let body = fixture("dids/dids-update.json");
+    let h = signed_headers("msg_raw", now_s(), &body);
+    assert_eq!(post_signed(&r, &h, &body).await.status, 200);
+    let mut wrong = h.clone();
+    wrong[2].1 = signed_headers("msg_raw", now_s(), b"{}")[2].1.clone();
+    post_signed(&r, &wrong, &body)
         .await
         .error(401, "unauthorized");
 }
