@@ -6,7 +6,10 @@
 //!
 //! The breaker: after `failures` consecutive failed (non-2xx) attempts it opens and nothing
 //! is sent for `cool_down`; then one attempt probes: a 2xx closes it, a failure opens it
-//! again. Deliveries wait meanwhile: no attempt is spent, nothing is made dead.
+//! again. Deliveries wait meanwhile: no attempt is spent, nothing is made dead. Instances
+//! sharing a store (JetStream) tell each other when theirs opens or closes
+//! ([`DestinationStatus::peer_breaker`]): the others stop sending too, and leave the probe
+//! to the instance that opened it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,6 +63,10 @@ enum BreakerState {
     Open { since_ms: u64 },
     /// One attempt is out to probe the destination.
     Probing,
+    /// Another instance's breaker opened at this time (ms): it probes after `cool_down`,
+    /// and says whether that closed it. This one sends nothing meanwhile, and probes
+    /// itself only after twice `cool_down` without news (the other may be gone).
+    PeerOpen { since_ms: u64 },
 }
 
 /// When a breaker opened at `since_ms` lets a probe go.
@@ -76,6 +83,14 @@ fn gate_of(state: BreakerState, breaker: &Breaker, now_ms: u64) -> Gate {
             Gate::WaitUntil(reopens(since_ms, breaker))
         }
         BreakerState::Open { .. } => Gate::Probe,
+        BreakerState::PeerOpen { since_ms } => {
+            let probe_at = reopens(reopens(since_ms, breaker), breaker);
+            if now_ms < probe_at {
+                Gate::WaitUntil(probe_at)
+            } else {
+                Gate::Probe
+            }
+        }
         BreakerState::Probing => Gate::WaitProbe,
     }
 }
@@ -198,6 +213,40 @@ impl DestinationStatus {
                 Some(Change::Opened)
             }
             _ => None,
+        }
+    }
+
+    /// Another instance sharing the store says its breaker for this destination opened at
+    /// `open_since_ms` (`Some`) or closed (`None`); returns this one's change of state.
+    /// Opened there, it is open here too (unless this one probes now), and the newest
+    /// opening is the one whose probe counts; closed there, the destination answers again:
+    /// closed here too, unless a probe of this one's is out (its outcome decides).
+    pub fn peer_breaker(&self, open_since_ms: Option<u64>, breaker: &Breaker) -> Option<Change> {
+        if breaker.failures == 0 || self.breaker_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut state = self.breaker.lock().unwrap();
+        match (open_since_ms, *state) {
+            (_, BreakerState::Probing) => None,
+            (Some(since_ms), BreakerState::Closed) => {
+                *state = BreakerState::PeerOpen { since_ms };
+                Some(Change::Opened)
+            }
+            (
+                Some(since_ms),
+                BreakerState::Open { since_ms: ours } | BreakerState::PeerOpen { since_ms: ours },
+            ) => {
+                if since_ms > ours {
+                    *state = BreakerState::PeerOpen { since_ms };
+                }
+                None
+            }
+            (None, BreakerState::Closed) => None,
+            (None, BreakerState::Open { .. } | BreakerState::PeerOpen { .. }) => {
+                *state = BreakerState::Closed;
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                Some(Change::Closed)
+            }
         }
     }
 
@@ -373,6 +422,55 @@ mod tests {
         s.probe_abandoned();
         assert_eq!(s.gate(&b, 1002), Gate::Probe, "not stuck waiting for it");
         assert!(s.breaker_open());
+    }
+
+    #[test]
+    fn another_instances_breaker_holds_this_one_and_its_probe_decides() {
+        let b = Breaker {
+            failures: 3,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        // Opened elsewhere at 100: nothing sent here, and no probe of ours before 2100.
+        assert_eq!(s.peer_breaker(Some(100), &b), Some(Change::Opened));
+        assert!(s.breaker_open());
+        assert_eq!(s.gate(&b, 500), Gate::WaitUntil(2100));
+        assert!(
+            !s.would_send(&b, 1100),
+            "the opener probes at 1100, not this one"
+        );
+        // Its probe failed at 1150: still open, the wait moves on.
+        assert_eq!(s.peer_breaker(Some(1150), &b), None);
+        assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(3150));
+        // An older opening changes nothing.
+        assert_eq!(s.peer_breaker(Some(900), &b), None);
+        assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(3150));
+        // Its next probe closed it: closed here too.
+        assert_eq!(s.peer_breaker(None, &b), Some(Change::Closed));
+        assert_eq!(s.gate(&b, 2200), Gate::Send);
+        assert_eq!(s.peer_breaker(None, &b), None, "closed already");
+        // No news for twice the cool-down (the opener gone): this one probes.
+        assert_eq!(s.peer_breaker(Some(5000), &b), Some(Change::Opened));
+        assert_eq!(s.gate(&b, 7000), Gate::Probe);
+        // Its own probe out, news from elsewhere waits for its outcome.
+        assert_eq!(s.peer_breaker(None, &b), None);
+        assert_eq!(s.gate(&b, 7001), Gate::WaitProbe);
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), &b, 7100),
+            Some(Change::Reopened)
+        );
+        // Opened here first, then elsewhere later: the later opening's probe counts.
+        assert_eq!(s.peer_breaker(Some(7200), &b), None);
+        assert_eq!(s.gate(&b, 8150), Gate::WaitUntil(9200));
+        // A delivery of ours that succeeds closes it, as any success does.
+        assert_eq!(s.outcome(None, &b, 8200), Some(Change::Closed));
+        // The breaker off: news changes nothing.
+        let off = Breaker {
+            failures: 0,
+            cool_down: Duration::from_secs(1),
+        };
+        assert_eq!(s.peer_breaker(Some(9000), &off), None);
+        assert!(!s.breaker_open());
     }
 
     #[test]

@@ -1310,3 +1310,44 @@ async fn an_event_too_large_for_its_records_is_refused_and_every_accepted_one_de
     r.stop().await;
     sink.stop().await;
 }
+
+/// A breaker that opens on one instance holds on the others (CONTRACT §8 across §7): with
+/// `max_in_flight = 1` only one instance sends to the destination, so only its own
+/// failures could open the others' breakers. Its probe closes them all again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_instance_holds_on_the_others_and_its_probe_closes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let down = FaultSink::answering(503).await;
+    let text = config(&[nats.url()], &[("down", down.url("/down"))])
+        .replace("max_in_flight = 32", "max_in_flight = 1")
+        .replace(
+            "[delivery]\n",
+            "[delivery]\nbreaker = { failures = 2, cool_down = \"2s\" }\n",
+        );
+    assert!(text.contains("breaker =") && text.contains("max_in_flight = 1"));
+    let relays = relays(dir.path(), &text, 2).await;
+    wait_instances(&relays, 2).await;
+    let mut ids = HashSet::new();
+    for i in 0..4 {
+        let id = format!("brk-{i}");
+        assert_eq!(post(&relays[i % 2], &id).await.0, 200);
+        ids.insert(id);
+    }
+    // Open on both: the one that sends, and the one that only heard of it.
+    for r in &relays {
+        wait_destination(r, "down", "state", serde_json::json!("open")).await;
+    }
+    down.set_behaviour(|_| Action::Answer(200));
+    // The sender's probe, after the cool-down, closes both.
+    for r in &relays {
+        wait_destination(r, "down", "state", serde_json::json!("ok")).await;
+    }
+    down.wait_delivered(&ids, Duration::from_secs(30))
+        .await
+        .expect("every event delivered once the breaker closed");
+    for r in relays {
+        r.sigterm(Duration::from_secs(10)).await;
+    }
+    drop(nats);
+}

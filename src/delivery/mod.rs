@@ -29,8 +29,8 @@ pub use client::{send_once, Answer, AttemptResult, HttpClient, SendError};
 
 use crate::clock::now_ms;
 use crate::config::Destination;
-use crate::destinations::{DestinationStatus, Gate};
-use crate::store::{Delivery, Outcome, StoredEvent};
+use crate::destinations::{Change, DestinationStatus, Gate};
+use crate::store::{Delivery, Outcome, Store, StoredEvent};
 
 /// A reply route's synchronous call, as delivery judges it.
 pub struct Called {
@@ -53,11 +53,11 @@ pub struct Called {
 /// its breaker the outcome, like an attempt.
 pub async fn call_once(
     client: &HttpClient,
+    store: &dyn Store,
     dest: &Destination,
     event: &StoredEvent,
     timeout: std::time::Duration,
     status: &DestinationStatus,
-    paused: bool,
 ) -> Called {
     let skipped = |why: &str| Called {
         answer: None,
@@ -65,7 +65,7 @@ pub async fn call_once(
         described: why.to_string(),
         seconds: 0.0,
     };
-    if paused {
+    if store.paused(&dest.name) {
         return skipped("the destination is paused");
     }
     // An open breaker first (or a quiet the destination asked for), before a slot or a
@@ -145,10 +145,58 @@ pub async fn call_once(
         Some(o) => o.error().map(str::to_string),
         None => None,
     };
-    let change = status.outcome(error.as_deref(), &dest.breaker, now_ms());
+    tell_breaker(store, status, dest, error.as_deref());
     call.settled = true;
-    crate::destinations::log_change(change, &dest.name, &dest.breaker);
     called
+}
+
+/// Tells `dest`'s breaker an attempt's outcome (`error`: `None` when delivered); a change
+/// of its state is logged and shared with the other instances on the store.
+fn tell_breaker(
+    store: &dyn Store,
+    status: &DestinationStatus,
+    dest: &Destination,
+    error: Option<&str>,
+) {
+    let now = now_ms();
+    let change = status.outcome(error, &dest.breaker, now);
+    crate::destinations::log_change(change, &dest.name, &dest.breaker);
+    match change {
+        Some(Change::Opened | Change::Reopened) => store.share_breaker(&dest.name, Some(now)),
+        Some(Change::Closed) => store.share_breaker(&dest.name, None),
+        None => {}
+    }
+}
+
+/// Applies the breaker changes other instances share until `stop`: a destination's breaker
+/// opened elsewhere holds here too, and one closed elsewhere wakes its scheduler here.
+async fn hear_breakers(ctx: Arc<Context>) {
+    let Some(mut news) = ctx.deps.store.breaker_news() else {
+        return;
+    };
+    loop {
+        let (name, open_since) = tokio::select! {
+            _ = ctx.stop.cancelled() => return,
+            n = news.recv() => match n {
+                Some(n) => n,
+                None => return,
+            },
+        };
+        let Some(dest) = ctx.deps.live.get().destination(&name).cloned() else {
+            continue;
+        };
+        let change = ctx
+            .deps
+            .statuses
+            .of(&name)
+            .peer_breaker(open_since, &dest.breaker);
+        if change.is_some() {
+            tracing::info!(destination = %name, open = open_since.is_some(), "breaker: as another instance's");
+        }
+        if change == Some(Change::Closed) {
+            ctx.deps.store.wakeup(&name).notify_one();
+        }
+    }
 }
 
 /// A reply route's call under way.
@@ -237,6 +285,7 @@ pub fn start(deps: Deps, stop: CancellationToken) -> Engine {
         abort: abort.clone(),
         tasks: tasks.clone(),
     });
+    tasks.spawn(hear_breakers(ctx.clone()));
     tasks.spawn(supervise(ctx));
     Engine { tasks, abort }
 }

@@ -489,11 +489,7 @@ async fn attempt(
         ctx.deps
             .metrics
             .delivery(&dest.name, outcome.word(), took.as_secs_f64());
-        let change = guard
-            .set
-            .status
-            .outcome(outcome.error(), &dest.breaker, now_ms());
-        crate::destinations::log_change(change, &dest.name, &dest.breaker);
+        super::tell_breaker(&*ctx.deps.store, &guard.set.status, &dest, outcome.error());
         // The breaker has its outcome: no longer probing (a no-op on drop).
         drop(probing);
         let slots = permit.semaphore().clone();

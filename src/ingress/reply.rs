@@ -144,14 +144,13 @@ pub async fn call(
     let registered = fresh.then(|| app.replies.register(event.seq));
     let dest = &config.destinations[reply.from];
     let status = app.statuses.of(&dest.name);
-    let paused = app.store.paused(&dest.name);
     // Less than a quarter of it left, a call would mostly time out, and count against the
     // destination's breaker as a failure of its own.
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
     if timeout < reply.timeout / 4 {
         return fallback(reply);
     }
-    let called = call_once(&app.client, dest, event, timeout, &status, paused).await;
+    let called = call_once(&app.client, &*app.store, dest, event, timeout, &status).await;
     if called.outcome.is_some() {
         // Its outcome may have closed (or opened) the breaker: the scheduler looks again.
         app.store.wakeup(&dest.name).notify_one();

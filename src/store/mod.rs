@@ -27,6 +27,9 @@ use tokio::sync::Notify;
 
 pub use crate::clock::now_ms;
 
+/// Other instances' breaker changes: destination, open since (unix ms; `None`: closed).
+pub type BreakerNews = tokio::sync::mpsc::UnboundedReceiver<(String, Option<u64>)>;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -449,6 +452,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Woken whenever a delivery of `destination` becomes pending (accept, replay).
     fn wakeup(&self, destination: &str) -> Arc<Notify>;
+
+    /// Tells the other instances sharing the store that this one's breaker for
+    /// `destination` opened at `open_since_ms` (`Some`) or closed (`None`). At most once
+    /// (a change missed leaves that instance on its own breaker). Nothing on an embedded
+    /// store: one instance owns it.
+    fn share_breaker(&self, _destination: &str, _open_since_ms: Option<u64>) {}
+
+    /// The breaker changes other instances share ([`Store::share_breaker`]): destination,
+    /// open since (`None`: closed). Taken once, by the delivery engine; `None` on an
+    /// embedded store.
+    fn breaker_news(&self) -> Option<BreakerNews> {
+        None
+    }
 
     /// How many relay instances share this store's deliveries (each takes `1/n` of a
     /// destination's `rate` and `max_in_flight`); 1 for an embedded store.

@@ -20,6 +20,7 @@
 //!   lookups, lists and replays read the stream, so any instance sees everything.
 
 mod batch;
+mod breakers;
 mod fanout;
 mod leases;
 mod lines;
@@ -86,6 +87,10 @@ pub struct JetStreamStore {
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
     members: Arc<watchers::Membership>,
+    /// This instance's id among the members (and in its breaker news).
+    id: String,
+    /// Other instances' breaker changes, until the delivery engine takes them.
+    breaker_news: Mutex<Option<crate::store::BreakerNews>>,
     /// `max(dedup window, retain)` at start: how long the records of an event accepted by
     /// an earlier build (which did not say, [`EventMeta::keep_ms`]) are kept.
     keep_events: Duration,
@@ -112,6 +117,8 @@ impl JetStreamStore {
             replicas = s.replicas,
             "store: JetStream"
         );
+        let me_id = format!("{:032x}", rand::random::<u128>());
+        let (news, breaker_news) = tokio::sync::mpsc::unbounded_channel();
         let store = Arc::new_cyclic(|me| JetStreamStore {
             client: c.client,
             stream: c.stream,
@@ -125,6 +132,8 @@ impl JetStreamStore {
             orphans: Mutex::default(),
             unfanned: AtomicU64::new(0),
             members: Arc::new(watchers::Membership::new()),
+            id: me_id.clone(),
+            breaker_news: Mutex::new(Some(breaker_news)),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
             stop: CancellationToken::new(),
@@ -134,8 +143,14 @@ impl JetStreamStore {
         // Watching starts before the first read, so no pause or resume falls between.
         let watch = store.pauses.watch_with_history(">").await?;
         store.load_pauses().await?;
+        store.tasks.spawn(breakers::listen(
+            store.client.clone(),
+            store.names.prefix.clone(),
+            me_id.clone(),
+            news,
+            store.stop.clone(),
+        ));
         // Counted before any scheduler asks whether this instance sends to a destination.
-        let me_id = format!("{:032x}", rand::random::<u128>());
         watchers::beat(&c.members, &store.members, &me_id).await;
         store.tasks.spawn(watchers::heartbeat(
             c.members,
@@ -746,6 +761,20 @@ impl Store for JetStreamStore {
 
     fn share(&self) -> usize {
         self.members.count()
+    }
+
+    fn share_breaker(&self, destination: &str, open_since_ms: Option<u64>) {
+        breakers::publish(
+            &self.client,
+            &self.names.prefix,
+            &self.id,
+            destination,
+            open_since_ms,
+        );
+    }
+
+    fn breaker_news(&self) -> Option<crate::store::BreakerNews> {
+        self.breaker_news.lock().unwrap().take()
     }
 
     fn largest_body(&self) -> Option<u64> {
