@@ -565,6 +565,52 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
     store.close().await.unwrap();
 }
 
+/// CONTRACT §6: SIGTERM stops accepting (a new connection is refused) and finishes the
+/// requests in flight: one whose body is still coming gets its 200, its event stored.
+#[tokio::test]
+async fn sigterm_refuses_new_connections_and_finishes_a_request_in_flight() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
+    let body = br#"{"payload":{"eventId":"in-flight-1"}}"#;
+    let mut s = tokio::net::TcpStream::connect(p.ingress).await.unwrap();
+    let head = format!(
+        "POST /open HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body[..10]).await.unwrap();
+    p.signal("TERM");
+    // The listener closes (bounded wait): a new connection is refused.
+    let deadline = std::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(p.ingress).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The request in flight is finished.
+    s.write_all(&body[10..]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""accepted":true"#), "{text}");
+    assert_eq!(p.exit_within(Duration::from_secs(20)).await.code(), Some(0));
+    let store = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
+    use hookrelay::store::Store;
+    let v = store.lookup("in-flight-1").await.unwrap();
+    assert_eq!(v.len(), 1, "the event is stored");
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn secrets_never_reach_logs_or_admin_answers() {
     let secrets = [

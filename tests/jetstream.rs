@@ -1347,7 +1347,8 @@ async fn a_breaker_opened_on_one_instance_holds_on_the_others_and_its_probe_clos
         .await
         .expect("every event delivered once the breaker closed");
     for r in relays {
-        r.sigterm(Duration::from_secs(10)).await;
+        // CONTRACT §6 on JetStream too: SIGTERM exits 0.
+        assert_eq!(r.sigterm(Duration::from_secs(10)).await.code(), Some(0));
     }
     drop(nats);
 }

@@ -166,6 +166,15 @@ impl RelayProcess {
         self.child.kill().await.unwrap();
     }
 
+    /// Waits (bounded by `within`) for the exit status, signalling nothing (after a
+    /// [`signal`](Self::signal) already sent).
+    pub async fn exit_within(mut self, within: Duration) -> ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(s) => s.unwrap(),
+            Err(_) => panic!("the relay did not exit within {within:?}"),
+        }
+    }
+
     /// SIGTERM, and waits (bounded by `within`) for the exit status.
     pub async fn sigterm(self, within: Duration) -> ExitStatus {
         self.sigterm_or_kill(within)
