@@ -1,7 +1,9 @@
 //! The operator console in a real headless Chromium (Debian's `chromium` driven through
 //! `chromedriver` by fantoccini): the operator enters the token, finds an event by its id,
 //! sees its deliveries, replays a dead one and watches it become delivered, pauses and
-//! resumes a destination; an event whose body holds markup runs no script when shown.
+//! resumes a destination; an event whose body holds markup runs no script when shown;
+//! filters the events by source, replays a destination's dead letters at once, and reloads
+//! the config from the routing tab (a broken file's problems listed as text).
 //!
 //! `HOOKRELAY_SCREENSHOTS=docs` writes the screenshots the README links to.
 
@@ -176,6 +178,40 @@ async fn rows_become(c: &Client, n: u64) {
     }
 }
 
+/// Runs `scenario` in a browser of its own, bounded: whatever happens (a failed assertion
+/// too), the browser and its driver go.
+async fn in_browser<F, Fut>(scenario: F)
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let driver = Driver::start().await;
+    let c = driver.browser().await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        std::panic::AssertUnwindSafe(scenario(c.clone())).catch_unwind(),
+    )
+    .await;
+    // Bounded: a stuck browser must not keep the driver (and Chromium) from being killed.
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.close()).await;
+    drop(driver);
+    match outcome {
+        Err(_) => panic!("the console scenario did not finish within 120 s"),
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Ok(Ok(())) => {}
+    }
+}
+
+/// Opens the console at `admin` and signs in; the token goes into the Authorization
+/// header only.
+async fn sign_in(c: &Client, admin: std::net::SocketAddr) {
+    c.goto(&format!("http://{admin}/")).await.unwrap();
+    let token = appears(c, "//input[@id='token']").await;
+    token.send_keys(TOKEN).await.unwrap();
+    click(c, "//*[@id='login-button']").await;
+    appears(c, "//nav[@id='nav' and not(contains(@class,'hidden'))]").await;
+}
+
 async fn screenshot(c: &Client, dir: &std::path::Path, name: &str) {
     let png = c.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
@@ -243,14 +279,10 @@ to = ["calls"]
         Ok(d) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d),
         Err(_) => dir.path().to_path_buf(),
     };
-    let driver = Driver::start().await;
-    let c = driver.browser().await;
-    let run = async {
-        c.goto(&format!("http://{}/", relay.admin)).await.unwrap();
-        // The token form; the token goes into the Authorization header only.
-        let token = appears(&c, "//input[@id='token']").await;
-        token.send_keys(TOKEN).await.unwrap();
-        click(&c, "//*[@id='login-button']").await;
+    let running = &relay;
+    in_browser(|c| async move {
+        let relay = running;
+        sign_in(&c, relay.admin).await;
         appears(&c, "//table[@id='events']//tr[@data-event-id='ev-dead']").await;
         screenshot(&c, &shots, "events").await;
 
@@ -355,21 +387,123 @@ to = ["calls"]
         let states = states.as_array().unwrap();
         assert_eq!(states.len(), 57);
         assert!(states.iter().all(|s| s == "calls: delivered"), "{states:?}");
-    };
-    // Whatever happens above (a failed assertion too), the browser and its driver go.
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(120),
-        std::panic::AssertUnwindSafe(run).catch_unwind(),
-    )
+    })
     .await;
-    // Bounded: a stuck browser must not keep the driver (and Chromium) from being killed.
-    let _ = tokio::time::timeout(Duration::from_secs(10), c.close()).await;
-    drop(driver);
-    match outcome {
-        Err(_) => panic!("the console scenario did not finish within 120 s"),
-        Ok(Err(panic)) => std::panic::resume_unwind(panic),
-        Ok(Ok(())) => {}
-    }
     stop_relay(relay).await;
     sink.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_replays_a_destinations_dead_letters_filters_by_source_and_reloads() {
+    // `bad` refuses the first three deliveries for good (400): three dead letters.
+    let bad = Sink::start(vec![Reply::status(400); 3], Reply::status(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token = "{TOKEN}"
+
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.id"]
+
+[[sources]]
+name = "sms"
+path = "/8x8/sms"
+event_id = ["$.id"]
+
+[[destinations]]
+name = "bad"
+url = "{}"
+
+[[routes]]
+name = "voice-to-bad"
+source = "voice"
+to = ["bad"]
+"#,
+        bad.url("/bad")
+    );
+    let relay = start_relay(dir.path(), &toml).await;
+    for i in 0..3 {
+        let id = format!("dl-{i}");
+        let body = format!(r#"{{"id":"{id}"}}"#);
+        assert_eq!(
+            post(&relay, "/8x8/voice", "application/json", body.as_bytes())
+                .await
+                .0,
+            200
+        );
+        wait_state(&relay, &id, "bad", hookrelay::store::DeliveryState::Dead).await;
+    }
+    let (s, _) = post(&relay, "/8x8/sms", "application/json", br#"{"id":"sms-1"}"#).await;
+    assert_eq!(s, 200);
+    let file = dir.path().join("routes.toml");
+    let running = &relay;
+    in_browser(|c| async move {
+        let relay = running;
+        sign_in(&c, relay.admin).await;
+
+        // The events of one source only.
+        appears(&c, "//table[@id='events']//tr[@data-event-id='sms-1']").await;
+        rows_become(&c, 4).await;
+        click(&c, "//select[@id='filter-source']/option[@value='voice']").await;
+        click(&c, "//*[@id='apply-filters']").await;
+        rows_become(&c, 3).await;
+        let sources = c
+            .execute(
+                "return Array.from(document.querySelectorAll('#events tbody tr'), (r) => r.cells[1].textContent);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(sources, json!(["voice", "voice", "voice"]));
+
+        // A destination's dead letters, replayed at once.
+        click(&c, "//*[@id='tab-dead']").await;
+        appears(&c, "//button[@id='replay-all' and @disabled]").await;
+        click(&c, "//select[@id='dead-destination']/option[@value='bad']").await;
+        for i in 0..3 {
+            appears(&c, &format!("//table[@id='dead']//tr[@data-event-id='dl-{i}']")).await;
+        }
+        click(&c, "//button[@id='replay-all' and not(@disabled)]").await;
+        appears(&c, "//p[@id='dead-empty' and not(contains(@class,'hidden'))]").await;
+        for i in 0..3 {
+            let id = format!("dl-{i}");
+            wait_state(relay, &id, "bad", hookrelay::store::DeliveryState::Delivered).await;
+        }
+
+        // The routing table, and a reload that takes a new route.
+        click(&c, "//*[@id='tab-routing']").await;
+        appears(&c, "//pre[@id='routing-table' and contains(., 'voice-to-bad')]").await;
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("\n[[routes]]\nname = \"sms-to-bad\"\nsource = \"sms\"\nto = [\"bad\"]\n");
+        std::fs::write(&file, &text).unwrap();
+        click(&c, "//*[@id='reload']").await;
+        appears(&c, "//*[@id='reload-result' and normalize-space(.)='reloaded']").await;
+        appears(&c, "//pre[@id='routing-table' and contains(., 'sms-to-bad')]").await;
+
+        // A broken file: its problems listed as text, the routes in force kept.
+        text.push_str("\n[[routes]]\nname = \"<b>x</b>\"\nsource = \"nowhere\"\nto = [\"bad\"]\n");
+        std::fs::write(&file, &text).unwrap();
+        click(&c, "//*[@id='reload']").await;
+        let problem = appears(&c, "//ul[@id='reload-problems']/li[contains(., 'nowhere')]")
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(problem.contains("routes[2].source"), "{problem}");
+        let made = c
+            .execute("return document.querySelectorAll('#reload-problems b').length;", vec![])
+            .await
+            .unwrap();
+        assert_eq!(made, json!(0), "markup in a problem is shown as text");
+        appears(&c, "//pre[@id='routing-table' and contains(., 'sms-to-bad')]").await;
+        assert_eq!(relay.app.config().routes.len(), 2, "the old config stays");
+    })
+    .await;
+    stop_relay(relay).await;
+    bad.stop().await;
 }
