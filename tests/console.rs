@@ -351,7 +351,7 @@ to = ["calls"]
         for i in 0..55 {
             let id = format!("ev-p-{i}");
             let (s, _) = post(
-                &relay,
+                relay,
                 "/8x8/voice",
                 "application/json",
                 status(&id, "").as_bytes(),
@@ -359,7 +359,7 @@ to = ["calls"]
             .await;
             assert_eq!(s, 200);
             wait_state(
-                &relay,
+                relay,
                 &id,
                 "calls",
                 hookrelay::store::DeliveryState::Delivered,
