@@ -44,3 +44,62 @@ pub fn route(config: &Config, source: &Source, wrapped: &Value) -> Fanout {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two routes send a CALL_STATUS to `calls`, the second ordering it: the first in the
+    /// file decides (CONTRACT §8), and `calls` gets it once. The second alone sends to
+    /// `alerts`, so it is `alerts`' route.
+    #[test]
+    fn each_destination_once_by_the_first_route_in_the_file() {
+        let text = r#"
+[[sources]]
+name = "voice"
+path = "/voice"
+
+[[destinations]]
+name = "calls"
+url = "http://127.0.0.1:9/calls"
+
+[[destinations]]
+name = "alerts"
+url = "http://127.0.0.1:9/alerts"
+
+[[routes]]
+name = "unordered"
+source = "voice"
+match = { eventType = "CALL_STATUS" }
+to = ["calls"]
+
+[[routes]]
+name = "ordered"
+source = "voice"
+order_by = ["$.payload.callId"]
+to = ["alerts", "calls"]
+"#;
+        let config =
+            crate::config::parse(text, std::path::Path::new("routes.toml"), &|_| None).unwrap();
+        let source = &config.sources[0];
+        let event = serde_json::json!([{"eventType": "CALL_STATUS", "payload": {"callId": "c1"}}]);
+        let f = route(&config, source, &event);
+        let names: Vec<&str> = f
+            .destinations
+            .iter()
+            .map(|&d| config.destinations[d].name.as_str())
+            .collect();
+        let via: Vec<&str> = f
+            .via
+            .iter()
+            .map(|&r| config.routes[r].name.as_str())
+            .collect();
+        assert_eq!(names, ["calls", "alerts"]);
+        assert_eq!(via, ["unordered", "ordered"]);
+        assert_eq!(f.reply_route, None);
+        // Not a CALL_STATUS: the ordered route alone, for both.
+        let other = serde_json::json!([{"eventType": "SESSION_SUMMARY"}]);
+        let f = route(&config, source, &other);
+        assert_eq!(f.via, vec![1, 1]);
+    }
+}

@@ -620,6 +620,7 @@ async fn secrets_never_reach_logs_or_admin_answers() {
         "SECRETDESTKEY4410",
         "SECRETSIGN9906",
         "SECRETADMIN3307",
+        "SECRETWHOOK6604",
     ];
     let cfg_text = format!(
         r#"
@@ -638,6 +639,10 @@ auth = {{ kind = "header", header = "Authorization", value = "{}" }}
 name = "sms"
 path = "/sms"
 auth = {{ kind = "oauth2", clients = [{{ id = "c1", secret = "{}" }}] }}
+[[sources]]
+name = "dids"
+path = "/dids"
+auth = {{ kind = "standard-webhooks", secret = "{}" }}
 [[destinations]]
 name = "calls"
 url = "http://127.0.0.1:9/calls"
@@ -652,7 +657,7 @@ name = "s"
 source = "sms"
 to = ["calls"]
 "#,
-        secrets[2], secrets[5], secrets[0], secrets[1], secrets[3], secrets[4]
+        secrets[2], secrets[5], secrets[0], secrets[1], secrets[6], secrets[3], secrets[4]
     );
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("routes.toml");
@@ -698,6 +703,31 @@ to = ["calls"]
     )
     .await;
     assert_eq!(a.status, 200);
+    // A signed event (the raw secret is the key), and one whose signature is wrong.
+    let ts = (hookrelay::store::now_ms() / 1000).to_string();
+    let body = br#"{"n":2}"#;
+    let sig = {
+        use base64::Engine;
+        use hmac::{KeyInit, Mac};
+        let mut m =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secrets[6].as_bytes()).unwrap();
+        m.update(format!("msg_1.{ts}.").as_bytes());
+        m.update(body);
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes())
+        )
+    };
+    for (signature, status) in [(sig.as_str(), 200), ("v1,AAAA", 401)] {
+        let h = [
+            ("webhook-id", "msg_1"),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", signature),
+        ];
+        let a = send(Method::POST, &ing("/dids"), &h, body).await;
+        assert_eq!(a.status, status);
+        answers.push(a.body);
+    }
     let bearer = format!("Bearer {}", secrets[5]);
     let admin_auth = [("authorization", bearer.as_str())];
     for path in [

@@ -729,3 +729,114 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
         "{p:#?}"
     );
 }
+
+#[test]
+fn the_contract_defaults_hold_and_a_destination_inherits_what_it_does_not_set() {
+    use std::time::Duration;
+    let text = format!(
+        "{BASE}\n[delivery]\nretry = {{ max_delay = \"1m\" }}\nbreaker = {{ failures = 4 }}\n"
+    )
+    .replace(
+        "url = \"http://127.0.0.1:8003/ivr\"",
+        "url = \"http://127.0.0.1:8003/ivr\"\nretry = { first = \"5s\" }\nmax_in_flight = 3",
+    );
+    let c = hookrelay::config::parse(&text, Path::new("routes.toml"), &|_| None).unwrap();
+    let s = &c.server;
+    assert_eq!(s.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(s.admin_listen.to_string(), "127.0.0.1:9090");
+    assert_eq!(s.max_body_bytes, 1_048_576);
+    assert_eq!(s.shutdown_grace, Duration::from_secs(10));
+    assert!(s.trusted_proxies.is_empty() && s.tls.is_none());
+    assert_eq!(c.store.backend, hookrelay::config::Backend::Redb);
+    assert_eq!(c.store.retain, Duration::from_secs(7 * 86_400));
+    assert_eq!(c.dedup_window, Duration::from_secs(86_400));
+    let calls = c.destination("calls").unwrap();
+    assert_eq!(calls.timeout, Duration::from_secs(10));
+    assert_eq!(calls.max_in_flight, 32);
+    assert_eq!(calls.max_queue, 100_000);
+    let r = &calls.retry;
+    assert_eq!(
+        (
+            r.first,
+            r.factor,
+            r.max_delay,
+            r.give_up_after,
+            r.max_attempts
+        ),
+        (
+            Duration::from_secs(1),
+            2.0,
+            Duration::from_secs(60),
+            Duration::from_secs(86_400),
+            0
+        )
+    );
+    assert_eq!((calls.rate.per_second, calls.rate.burst), (100.0, 100));
+    assert_eq!(calls.breaker.failures, 4);
+    assert_eq!(calls.breaker.cool_down, Duration::from_secs(30));
+    // `ivr` sets its first retry and max_in_flight; the rest comes from [delivery].
+    let ivr = c.destination("ivr").unwrap();
+    assert_eq!(ivr.retry.first, Duration::from_secs(5));
+    assert_eq!(ivr.retry.max_delay, Duration::from_secs(60));
+    assert_eq!(ivr.retry.factor, 2.0);
+    assert_eq!(ivr.max_in_flight, 3);
+    assert_eq!(ivr.breaker.failures, 4);
+    assert_eq!(ivr.timeout, Duration::from_secs(10));
+}
+
+#[test]
+fn the_contracts_complete_example_is_accepted_once_its_variables_are_set() {
+    let text = include_str!("data/contract-example.toml");
+    let env = |name: &str| {
+        [
+            "CALLS_KEY",
+            "CALLS_SIGNING_SECRET",
+            "DIDS_SIGNING_SECRET",
+            "HOOKRELAY_ADMIN_TOKEN",
+            "HOOKRELAY_TOKEN_SECRET",
+            "SMS_CLIENT_SECRET",
+            "VOICE_AUTH",
+        ]
+        .contains(&name)
+        .then(|| format!("value-of-{name}"))
+    };
+    assert_eq!(problems_with(text, &env), Vec::<String>::new());
+    // Without them, each is named.
+    let p = problems(text).join("\n");
+    assert!(
+        p.contains("VOICE_AUTH") && p.contains("SMS_CLIENT_SECRET"),
+        "{p}"
+    );
+}
+
+#[test]
+fn the_config_is_the_flags_then_the_environments_then_routes_toml_where_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("routes.toml");
+    std::fs::write(&good, BASE).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        BASE.replace("source = \"voice\"", "source = \"nope\""),
+    )
+    .unwrap();
+    let check = |args: &[&Path], env: Option<&Path>| {
+        let mut c = Command::new(support::bin());
+        c.arg("check").current_dir(dir.path());
+        c.env_remove("HOOKRELAY_CONFIG");
+        for a in args {
+            c.arg(a);
+        }
+        if let Some(e) = env {
+            c.env("HOOKRELAY_CONFIG", e);
+        }
+        c.output().unwrap().status.code()
+    };
+    // No flag, no variable: ./routes.toml.
+    assert_eq!(check(&[], None), Some(0));
+    // The variable over ./routes.toml.
+    assert_eq!(check(&[], Some(&bad)), Some(1));
+    // The flag over the variable.
+    assert_eq!(check(&[Path::new("--config"), &good], Some(&bad)), Some(0));
+    assert_eq!(check(&[Path::new("--config"), &bad], Some(&good)), Some(1));
+}
