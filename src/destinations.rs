@@ -8,8 +8,10 @@
 //! is sent for `cool_down`; then one attempt probes: a 2xx closes it, a failure opens it
 //! again. Deliveries wait meanwhile: no attempt is spent, nothing is made dead. Instances
 //! sharing a store (JetStream) tell each other when theirs opens or closes
-//! ([`DestinationStatus::peer_breaker`]): the others stop sending too, and leave the probe
-//! to the instance that opened it.
+//! ([`DestinationStatus::peer_breaker`]): the others hold off too, for as long as the
+//! opener's probe may take to say otherwise, and leave the probe to it. A hold nobody
+//! renews (the opener gone, its news lost) lapses: the instance sends, and its own
+//! failures open its own breaker.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,10 +65,10 @@ enum BreakerState {
     Open { since_ms: u64 },
     /// One attempt is out to probe the destination.
     Probing,
-    /// Another instance's breaker opened at this time (ms): it probes after `cool_down`,
-    /// and says whether that closed it. This one sends nothing meanwhile, and probes
-    /// itself only after twice `cool_down` without news (the other may be gone).
-    PeerOpen { since_ms: u64 },
+    /// Another instance's breaker is open: it probes after `cool_down` and says whether
+    /// that closed it (a failed probe renews this). This one sends nothing until this time
+    /// (ms, by its own clock), and is closed after it.
+    PeerOpen { until_ms: u64 },
 }
 
 /// When a breaker opened at `since_ms` lets a probe go.
@@ -83,14 +85,8 @@ fn gate_of(state: BreakerState, breaker: &Breaker, now_ms: u64) -> Gate {
             Gate::WaitUntil(reopens(since_ms, breaker))
         }
         BreakerState::Open { .. } => Gate::Probe,
-        BreakerState::PeerOpen { since_ms } => {
-            let probe_at = reopens(reopens(since_ms, breaker), breaker);
-            if now_ms < probe_at {
-                Gate::WaitUntil(probe_at)
-            } else {
-                Gate::Probe
-            }
-        }
+        BreakerState::PeerOpen { until_ms } if now_ms < until_ms => Gate::WaitUntil(until_ms),
+        BreakerState::PeerOpen { .. } => Gate::Send,
         BreakerState::Probing => Gate::WaitProbe,
     }
 }
@@ -163,8 +159,10 @@ impl DestinationStatus {
         let mut state = self.breaker.lock().unwrap();
         let gate = gate_of(*state, breaker, now_ms);
         match gate {
-            // Turned off: whatever it was, it is closed.
-            Gate::Send if breaker.failures == 0 => *state = BreakerState::Closed,
+            // Turned off, or another instance's hold lapsed: closed.
+            Gate::Send if breaker.failures == 0 || *state != BreakerState::Closed => {
+                *state = BreakerState::Closed
+            }
             Gate::Probe => *state = BreakerState::Probing,
             _ => {}
         }
@@ -197,6 +195,11 @@ impl DestinationStatus {
         let mut state = self.breaker.lock().unwrap();
         let Some(_) = error else {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+            // Held by another instance's breaker, only an attempt started before it opened
+            // can end now: the opener's probe decides, not this.
+            if matches!(*state, BreakerState::PeerOpen { until_ms } if now_ms < until_ms) {
+                return None;
+            }
             let was = std::mem::take(&mut *state);
             return (was != BreakerState::Closed).then_some(Change::Closed);
         };
@@ -216,33 +219,31 @@ impl DestinationStatus {
         }
     }
 
-    /// Another instance sharing the store says its breaker for this destination opened at
-    /// `open_since_ms` (`Some`) or closed (`None`); returns this one's change of state.
-    /// Opened there, it is open here too (unless this one probes now), and the newest
-    /// opening is the one whose probe counts; closed there, the destination answers again:
-    /// closed here too, unless a probe of this one's is out (its outcome decides).
-    pub fn peer_breaker(&self, open_since_ms: Option<u64>, breaker: &Breaker) -> Option<Change> {
+    /// Another instance sharing the store says its breaker for this destination opened
+    /// (`open`; this one then holds off until `until_ms`, by its own clock) or closed;
+    /// returns this one's change of state. Closed there (its probe got a 2xx), closed here
+    /// too, unless a probe of this one's is out: its outcome decides.
+    pub fn peer_breaker(&self, open: bool, until_ms: u64, breaker: &Breaker) -> Option<Change> {
         if breaker.failures == 0 || self.breaker_off.load(Ordering::Relaxed) {
             return None;
         }
         let mut state = self.breaker.lock().unwrap();
-        match (open_since_ms, *state) {
+        match (open, *state) {
             (_, BreakerState::Probing) => None,
-            (Some(since_ms), BreakerState::Closed) => {
-                *state = BreakerState::PeerOpen { since_ms };
+            (true, BreakerState::Closed) => {
+                *state = BreakerState::PeerOpen { until_ms };
                 Some(Change::Opened)
             }
-            (
-                Some(since_ms),
-                BreakerState::Open { since_ms: ours } | BreakerState::PeerOpen { since_ms: ours },
-            ) => {
-                if since_ms > ours {
-                    *state = BreakerState::PeerOpen { since_ms };
-                }
+            (true, BreakerState::PeerOpen { until_ms: was }) => {
+                *state = BreakerState::PeerOpen {
+                    until_ms: until_ms.max(was),
+                };
                 None
             }
-            (None, BreakerState::Closed) => None,
-            (None, BreakerState::Open { .. } | BreakerState::PeerOpen { .. }) => {
+            // Open here as well: this one probes after its own cool-down.
+            (true, BreakerState::Open { .. }) => None,
+            (false, BreakerState::Closed) => None,
+            (false, BreakerState::Open { .. } | BreakerState::PeerOpen { .. }) => {
                 *state = BreakerState::Closed;
                 self.consecutive_failures.store(0, Ordering::Relaxed);
                 Some(Change::Closed)
@@ -267,7 +268,11 @@ impl DestinationStatus {
 
     /// Whether the breaker is open (or probing): the destination's state is `open`.
     pub fn breaker_open(&self) -> bool {
-        *self.breaker.lock().unwrap() != BreakerState::Closed
+        match *self.breaker.lock().unwrap() {
+            BreakerState::Closed => false,
+            BreakerState::PeerOpen { until_ms } => crate::clock::now_ms() < until_ms,
+            BreakerState::Open { .. } | BreakerState::Probing => true,
+        }
     }
 
     /// The scheduler's limits now (`None`: this instance does not send to it).
@@ -425,51 +430,48 @@ mod tests {
     }
 
     #[test]
-    fn another_instances_breaker_holds_this_one_and_its_probe_decides() {
+    fn another_instances_breaker_holds_this_one_until_its_probe_or_the_hold_lapses() {
         let b = Breaker {
             failures: 3,
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        // Opened elsewhere at 100: nothing sent here, and no probe of ours before 2100.
-        assert_eq!(s.peer_breaker(Some(100), &b), Some(Change::Opened));
-        assert!(s.breaker_open());
+        // Opened elsewhere: nothing sent here until 2100, no probe of ours.
+        assert_eq!(s.peer_breaker(true, 2100, &b), Some(Change::Opened));
         assert_eq!(s.gate(&b, 500), Gate::WaitUntil(2100));
-        assert!(
-            !s.would_send(&b, 1100),
-            "the opener probes at 1100, not this one"
-        );
-        // Its probe failed at 1150: still open, the wait moves on.
-        assert_eq!(s.peer_breaker(Some(1150), &b), None);
-        assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(3150));
-        // An older opening changes nothing.
-        assert_eq!(s.peer_breaker(Some(900), &b), None);
-        assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(3150));
+        assert!(!s.would_send(&b, 1100));
+        // Its probe failed: the hold is renewed, never shortened.
+        assert_eq!(s.peer_breaker(true, 3150, &b), None);
+        assert_eq!(s.peer_breaker(true, 1000, &b), None);
+        assert_eq!(s.gate(&b, 2200), Gate::WaitUntil(3150));
+        // An attempt of ours from before the opening succeeds: the probe decides, not it.
+        assert_eq!(s.outcome(None, &b, 2300), None);
+        assert_eq!(s.gate(&b, 2400), Gate::WaitUntil(3150));
         // Its next probe closed it: closed here too.
-        assert_eq!(s.peer_breaker(None, &b), Some(Change::Closed));
-        assert_eq!(s.gate(&b, 2200), Gate::Send);
-        assert_eq!(s.peer_breaker(None, &b), None, "closed already");
-        // No news for twice the cool-down (the opener gone): this one probes.
-        assert_eq!(s.peer_breaker(Some(5000), &b), Some(Change::Opened));
-        assert_eq!(s.gate(&b, 7000), Gate::Probe);
-        // Its own probe out, news from elsewhere waits for its outcome.
-        assert_eq!(s.peer_breaker(None, &b), None);
-        assert_eq!(s.gate(&b, 7001), Gate::WaitProbe);
-        assert_eq!(
-            s.outcome(Some("HTTP 503"), &b, 7100),
-            Some(Change::Reopened)
-        );
-        // Opened here first, then elsewhere later: the later opening's probe counts.
-        assert_eq!(s.peer_breaker(Some(7200), &b), None);
-        assert_eq!(s.gate(&b, 8150), Gate::WaitUntil(9200));
-        // A delivery of ours that succeeds closes it, as any success does.
-        assert_eq!(s.outcome(None, &b, 8200), Some(Change::Closed));
+        assert_eq!(s.peer_breaker(false, 0, &b), Some(Change::Closed));
+        assert_eq!(s.gate(&b, 2500), Gate::Send);
+        assert_eq!(s.peer_breaker(false, 0, &b), None, "closed already");
+        // No renewal (the opener gone): the hold lapses, and this one sends.
+        assert_eq!(s.peer_breaker(true, 5000, &b), Some(Change::Opened));
+        assert_eq!(s.gate(&b, 5000), Gate::Send);
+        assert_eq!(s.gate(&b, 5001), Gate::Send, "closed now");
+        // Its own failures open its own breaker, and its probe is its own.
+        for _ in 0..2 {
+            assert_eq!(s.outcome(Some("HTTP 503"), &b, 5100), None);
+        }
+        assert_eq!(s.outcome(Some("HTTP 503"), &b, 5100), Some(Change::Opened));
+        assert_eq!(s.peer_breaker(true, 9000, &b), None, "open here already");
+        assert_eq!(s.gate(&b, 6100), Gate::Probe);
+        // News waits for the outcome of a probe of its own.
+        assert_eq!(s.peer_breaker(false, 0, &b), None);
+        assert_eq!(s.gate(&b, 6101), Gate::WaitProbe);
+        assert_eq!(s.outcome(None, &b, 6200), Some(Change::Closed));
         // The breaker off: news changes nothing.
         let off = Breaker {
             failures: 0,
             cool_down: Duration::from_secs(1),
         };
-        assert_eq!(s.peer_breaker(Some(9000), &off), None);
+        assert_eq!(s.peer_breaker(true, 9000, &off), None);
         assert!(!s.breaker_open());
     }
 

@@ -162,20 +162,22 @@ fn tell_breaker(
     let change = status.outcome(error, &dest.breaker, now);
     crate::destinations::log_change(change, &dest.name, &dest.breaker);
     match change {
-        Some(Change::Opened | Change::Reopened) => store.share_breaker(&dest.name, Some(now)),
-        Some(Change::Closed) => store.share_breaker(&dest.name, None),
+        Some(Change::Opened | Change::Reopened) => store.share_breaker(&dest.name, true),
+        Some(Change::Closed) => store.share_breaker(&dest.name, false),
         None => {}
     }
 }
 
 /// Applies the breaker changes other instances share until `stop`: a destination's breaker
-/// opened elsewhere holds here too, and one closed elsewhere wakes its scheduler here.
+/// opened elsewhere holds this instance for as long as the opener's probe may take to say
+/// otherwise (its cool-down and the probe's own timeout, twice over; a failed probe renews
+/// it), and one closed elsewhere wakes its scheduler here.
 async fn hear_breakers(ctx: Arc<Context>) {
     let Some(mut news) = ctx.deps.store.breaker_news() else {
         return;
     };
     loop {
-        let (name, open_since) = tokio::select! {
+        let (name, open) = tokio::select! {
             _ = ctx.stop.cancelled() => return,
             n = news.recv() => match n {
                 Some(n) => n,
@@ -185,13 +187,15 @@ async fn hear_breakers(ctx: Arc<Context>) {
         let Some(dest) = ctx.deps.live.get().destination(&name).cloned() else {
             continue;
         };
+        let hold = 2 * (dest.breaker.cool_down + dest.timeout);
+        let until = now_ms().saturating_add(hold.as_millis() as u64);
         let change = ctx
             .deps
             .statuses
             .of(&name)
-            .peer_breaker(open_since, &dest.breaker);
+            .peer_breaker(open, until, &dest.breaker);
         if change.is_some() {
-            tracing::info!(destination = %name, open = open_since.is_some(), "breaker: as another instance's");
+            tracing::info!(destination = %name, open, "breaker: as another instance's");
         }
         if change == Some(Change::Closed) {
             ctx.deps.store.wakeup(&name).notify_one();

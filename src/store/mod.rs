@@ -27,8 +27,8 @@ use tokio::sync::Notify;
 
 pub use crate::clock::now_ms;
 
-/// Other instances' breaker changes: destination, open since (unix ms; `None`: closed).
-pub type BreakerNews = tokio::sync::mpsc::UnboundedReceiver<(String, Option<u64>)>;
+/// Other instances' breaker changes: destination, and whether it opened (else closed).
+pub type BreakerNews = tokio::sync::mpsc::Receiver<(String, bool)>;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -454,14 +454,13 @@ pub trait Store: Send + Sync + 'static {
     fn wakeup(&self, destination: &str) -> Arc<Notify>;
 
     /// Tells the other instances sharing the store that this one's breaker for
-    /// `destination` opened at `open_since_ms` (`Some`) or closed (`None`). At most once
-    /// (a change missed leaves that instance on its own breaker). Nothing on an embedded
-    /// store: one instance owns it.
-    fn share_breaker(&self, _destination: &str, _open_since_ms: Option<u64>) {}
+    /// `destination` opened (`open`) or closed, in order, at most once (a change missed
+    /// leaves that instance on its own breaker). Nothing on an embedded store: one
+    /// instance owns it.
+    fn share_breaker(&self, _destination: &str, _open: bool) {}
 
-    /// The breaker changes other instances share ([`Store::share_breaker`]): destination,
-    /// open since (`None`: closed). Taken once, by the delivery engine; `None` on an
-    /// embedded store.
+    /// The breaker changes other instances share ([`Store::share_breaker`]). Taken once,
+    /// by the delivery engine; `None` on an embedded store.
     fn breaker_news(&self) -> Option<BreakerNews> {
         None
     }

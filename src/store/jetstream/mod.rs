@@ -87,8 +87,8 @@ pub struct JetStreamStore {
     /// to any destination, so `max_queue` counts them for every one.
     unfanned: AtomicU64,
     members: Arc<watchers::Membership>,
-    /// This instance's id among the members (and in its breaker news).
-    id: String,
+    /// This instance's breaker changes, for its publisher ([`breakers::publish`]).
+    breaker_changes: tokio::sync::mpsc::Sender<(String, bool)>,
     /// Other instances' breaker changes, until the delivery engine takes them.
     breaker_news: Mutex<Option<crate::store::BreakerNews>>,
     /// `max(dedup window, retain)` at start: how long the records of an event accepted by
@@ -118,7 +118,8 @@ impl JetStreamStore {
             "store: JetStream"
         );
         let me_id = format!("{:032x}", rand::random::<u128>());
-        let (news, breaker_news) = tokio::sync::mpsc::unbounded_channel();
+        let (news, breaker_news) = tokio::sync::mpsc::channel(breakers::BACKLOG);
+        let (breaker_changes, changes) = tokio::sync::mpsc::channel(breakers::BACKLOG);
         let store = Arc::new_cyclic(|me| JetStreamStore {
             client: c.client,
             stream: c.stream,
@@ -132,7 +133,7 @@ impl JetStreamStore {
             orphans: Mutex::default(),
             unfanned: AtomicU64::new(0),
             members: Arc::new(watchers::Membership::new()),
-            id: me_id.clone(),
+            breaker_changes,
             breaker_news: Mutex::new(Some(breaker_news)),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
@@ -148,6 +149,13 @@ impl JetStreamStore {
             store.names.prefix.clone(),
             me_id.clone(),
             news,
+            store.stop.clone(),
+        ));
+        store.tasks.spawn(breakers::publish(
+            store.client.clone(),
+            store.names.prefix.clone(),
+            me_id.clone(),
+            changes,
             store.stop.clone(),
         ));
         // Counted before any scheduler asks whether this instance sends to a destination.
@@ -763,14 +771,11 @@ impl Store for JetStreamStore {
         self.members.count()
     }
 
-    fn share_breaker(&self, destination: &str, open_since_ms: Option<u64>) {
-        breakers::publish(
-            &self.client,
-            &self.names.prefix,
-            &self.id,
-            destination,
-            open_since_ms,
-        );
+    fn share_breaker(&self, destination: &str, open: bool) {
+        // At most once: a full backlog drops it, as a lost message would.
+        let _ = self
+            .breaker_changes
+            .try_send((destination.to_string(), open));
     }
 
     fn breaker_news(&self) -> Option<crate::store::BreakerNews> {
