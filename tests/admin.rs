@@ -576,12 +576,25 @@ async fn sigterm_refuses_new_connections_and_finishes_a_request_in_flight() {
     let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
     let body = br#"{"payload":{"eventId":"in-flight-1"}}"#;
     let mut s = tokio::net::TcpStream::connect(p.ingress).await.unwrap();
+    // `Expect: 100-continue`: the relay says when it reads the body, so the request is in
+    // progress (not still in the listen backlog) before the signal.
     let head = format!(
         "POST /open HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n",
+         expect: 100-continue\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();
+    let mut go_on = Vec::new();
+    while !go_on.ends_with(b"\r\n\r\n") && go_on.len() < 256 {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("100 Continue")
+            .unwrap();
+        assert_eq!(n, 1, "closed before 100 Continue: {go_on:?}");
+        go_on.push(b[0]);
+    }
+    assert!(go_on.starts_with(b"HTTP/1.1 100"), "{go_on:?}");
     s.write_all(&body[..10]).await.unwrap();
     p.signal("TERM");
     // The listener closes (bounded wait): a new connection is refused.

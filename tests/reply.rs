@@ -378,5 +378,7 @@ async fn the_reply_timeout_counts_from_the_requests_arrival() {
         text.ends_with(r#"{"callflow":[{"action":"hangup"}]}"#),
         "{text}"
     );
-    assert_eq!(ivr.wait_for(1).await.len(), 1, "called with the time left");
+    // Called, with the time left (not skipped for lack of it): the sink counts a request
+    // when it comes, before its answer's delay.
+    assert_eq!(ivr.seen().len(), 1, "called with the time left");
 }

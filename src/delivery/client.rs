@@ -114,24 +114,34 @@ pub fn build_request(
 
 /// The longest `webhook-id` sent as the id itself.
 const MAX_HEADER_ID: usize = 256;
+/// How a `webhook-id` made of the id's hash starts.
+const HASHED: &str = "sha256:";
 
 /// The event id as its `webhook-id` header (and the signature's message id): as it is when
 /// a header carries it unchanged (visible ASCII but `%`, at most [`MAX_HEADER_ID`] bytes);
 /// else percent-encoded (non-ASCII, spaces, controls, `%`), or, still longer, `sha256:` and
 /// the hex SHA-256 of the id. The same id always gives the same header, and two ids two
-/// headers: only an encoded one holds a `%` (`a b` is `a%20b`, `a%20b` is `a%2520b`).
+/// headers: only an encoded one holds a `%` (`a b` is `a%20b`, `a%20b` is `a%2520b`), and
+/// only a hashed one starts `sha256:` (an id that does so is encoded: `sha256%3A…`).
 pub fn header_id(id: &str) -> std::borrow::Cow<'_, str> {
     use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
     let plain = |b: u8| b.is_ascii_graphic() && b != b'%';
-    if !id.is_empty() && id.len() <= MAX_HEADER_ID && id.bytes().all(plain) {
+    let like_hashed = id.starts_with(HASHED);
+    if !like_hashed && !id.is_empty() && id.len() <= MAX_HEADER_ID && id.bytes().all(plain) {
         return id.into();
     }
     const NOT_PLAIN: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
-    let encoded = utf8_percent_encode(id, NOT_PLAIN).to_string();
+    const NOT_PLAIN_NOR_COLON: &AsciiSet = &NOT_PLAIN.add(b':');
+    let set = if like_hashed {
+        NOT_PLAIN_NOR_COLON
+    } else {
+        NOT_PLAIN
+    };
+    let encoded = utf8_percent_encode(id, set).to_string();
     if !encoded.is_empty() && encoded.len() <= MAX_HEADER_ID {
         return encoded.into();
     }
-    format!("sha256:{}", crate::event_id::body_hash(id.as_bytes())).into()
+    format!("{HASHED}{}", crate::event_id::body_hash(id.as_bytes())).into()
 }
 
 /// The error and its causes, joined (hyper's own message alone says little).
@@ -228,5 +238,8 @@ mod tests {
         assert_eq!(header_id("a b"), "a%20b");
         assert_eq!(header_id("a%20b"), "a%2520b");
         assert_eq!(header_id("100%"), "100%25");
+        // An id that looks hashed is not taken for a hashed one.
+        let hashed = header_id(&long).into_owned();
+        assert_eq!(header_id(&hashed), hashed.replacen(':', "%3A", 1));
     }
 }

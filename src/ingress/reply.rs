@@ -148,6 +148,10 @@ pub async fn call(
     // destination's breaker as a failure of its own.
     let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
     if timeout < reply.timeout / 4 {
+        static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+        if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
+            info!(destination = %dest.name, ?timeout, held_back, "reply destination not called: too little of the reply's timeout is left; answering the fallback");
+        }
         return fallback(reply);
     }
     let called = call_once(&app.client, &*app.store, dest, event, timeout, &status).await;
