@@ -342,3 +342,45 @@ async fn while_outcomes_cannot_be_stored_the_queue_is_not_all_sent() {
     support::stop_relay(relay).await;
     assert_eq!(sink.count(), 10, "nothing sent twice");
 }
+
+/// A directory holding one engine's store is refused by the other, before it writes a
+/// thing: opened, it would start a new, empty store beside the old one, whose pending
+/// deliveries, dead letters and dedup records would be silently left behind (as after an
+/// upgrade that changed the default backend from sled to redb).
+#[tokio::test]
+async fn a_store_of_the_other_engine_is_refused_not_started_afresh_beside() {
+    let dir = tempfile::tempdir().unwrap();
+    let sled_dir = dir.path().join("sled");
+    let s = hookrelay::store::sled::SledStore::open(&sled_dir).unwrap();
+    s.close().await.unwrap();
+    drop(s);
+    let e = hookrelay::store::redb::RedbStore::open(&sled_dir)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("holds a sled store") && e.contains("backend = \"sled\""),
+        "{e}"
+    );
+    assert!(!sled_dir.join("hookrelay.redb").exists(), "nothing written");
+
+    let redb_dir = dir.path().join("redb");
+    let r = hookrelay::store::redb::RedbStore::open(&redb_dir).unwrap();
+    r.close().await.unwrap();
+    drop(r);
+    let e = hookrelay::store::sled::SledStore::open(&redb_dir)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("holds a redb store") && e.contains("backend = \"redb\""),
+        "{e}"
+    );
+    assert!(!redb_dir.join("conf").exists(), "nothing written");
+    // Each still opens as what it is.
+    hookrelay::store::sled::SledStore::open(&sled_dir)
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+}

@@ -6,6 +6,29 @@
 
 use super::StoreError;
 
+/// The file redb keeps a store in, inside the store's directory.
+pub const REDB_FILE: &str = "hookrelay.redb";
+
+/// Refuses a directory that holds the other engine's store: opened as it is, this engine
+/// would start a new, empty store beside it, and everything the other holds (pending
+/// deliveries, dead letters, dedup records) would be silently left behind. `backend` is
+/// this engine's name in `[store] backend`.
+pub fn refuse_the_other_engines(path: &std::path::Path, backend: &str) -> Result<(), StoreError> {
+    let sled = path.join("conf").is_file() && path.join("db").is_file();
+    let redb = path.join(REDB_FILE).is_file();
+    let other = match backend {
+        "redb" if sled => "sled",
+        "sled" if redb => "redb",
+        _ => return Ok(()),
+    };
+    Err(StoreError::Unavailable(format!(
+        "{} holds a {other} store, not a {backend} one: set [store] backend = \"{other}\" to \
+         use it (the default changed from sled to redb), or point [store] path at another \
+         directory for a new {backend} store",
+        path.display()
+    )))
+}
+
 /// Visits `(key, value)` pairs; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, StoreError> + 'a;
 

@@ -49,8 +49,9 @@ type ReadTable = ReadOnlyTable<&'static [u8], &'static [u8]>;
 impl RedbEngine {
     /// Opens (or creates) the engine's file in the directory `path`.
     pub fn create(path: &Path) -> Result<Self, StoreError> {
+        super::engine::refuse_the_other_engines(path, "redb")?;
         std::fs::create_dir_all(path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-        let file = path.join("hookrelay.redb");
+        let file = path.join(super::engine::REDB_FILE);
         Ok(RedbEngine {
             db: RwLock::new(Some(open(&file)?)),
             file,

@@ -38,6 +38,7 @@ impl SledEngine {
     /// after the close returns) or a process still exiting: it is tried again for up to
     /// [`LOCK_WAIT`] before the error says the store is in use.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        super::engine::refuse_the_other_engines(path, "sled")?;
         let config = ::sled::Config::new()
             .path(path)
             .cache_capacity(32 << 20)
