@@ -17,7 +17,16 @@ pub(super) fn persist_depth(
             continue;
         }
         let k = depth_key(dest);
-        let cur = txn.get(&k)?.map_or(0, |v| read_u64(&v));
+        let cur = match txn.get(&k)? {
+            Some(v) if v.len() == 8 => read_u64(&v),
+            None => 0,
+            // Damaged: counted again at the next start.
+            Some(v) => {
+                tracing::warn!(destination = %dest, bytes = v.len(), "a kept queue count cannot be read; the queue is counted again at the next start");
+                txn.put(RECOUNT_KEY, b"1")?;
+                0
+            }
+        };
         let new = if *delta >= 0 {
             cur.saturating_add(*delta as u64)
         } else {
@@ -34,12 +43,18 @@ pub(super) fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>,
     let trusted = engine.get(RECOUNT_KEY)?.is_none()
         && (engine.get(CLEAN_KEY)?.is_some() || engine.atomic_groups());
     let mut kept: HashMap<String, u64> = HashMap::new();
+    let mut damaged = false;
     engine.scan_prefix(DEPTH_PREFIX, &mut |k, v| {
         let dest = String::from_utf8_lossy(&k[DEPTH_PREFIX.len()..]).into_owned();
-        kept.insert(dest, read_u64(v));
+        match v.len() {
+            8 => {
+                kept.insert(dest, read_u64(v));
+            }
+            _ => damaged = true,
+        }
         Ok(true)
     })?;
-    let depth = if trusted {
+    let depth = if trusted && !damaged {
         kept.clone()
     } else {
         // Pending = the due queue plus the deliveries waiting in an order key's line

@@ -165,7 +165,16 @@ impl<E: Engine> KvStore<E> {
             Some(k) if k.len() >= 10 => read_u64(&k[2..10]) + 1,
             _ => 1,
         }
-        .max(engine.get(NEXT_SEQ_KEY)?.map_or(1, |v| read_u64(&v)));
+        .max(match engine.get(NEXT_SEQ_KEY)? {
+            None => 1,
+            Some(v) if v.len() == 8 => read_u64(&v),
+            Some(v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "the store's next-sequence record holds {} bytes, not 8",
+                    v.len()
+                )))
+            }
+        });
         let mut paused = HashSet::new();
         engine.scan_prefix(PAUSED_PREFIX, &mut |k, _| {
             paused.insert(String::from_utf8_lossy(&k[PAUSED_PREFIX.len()..]).into_owned());
@@ -370,12 +379,15 @@ impl<E: Engine> Store for KvStore<E> {
         _fresh: bool,
     ) -> Result<(), StoreError> {
         let job: Job = Box::new(move |w: &mut Writer<'_>| {
+            // The outcome first: it reads before it writes, so one that fails (a damaged
+            // delivery record) has written nothing, and its group (other requests' accepts)
+            // still commits, where a reply written before it would doom the whole group.
             let mut r = Ok(());
-            if let Some(reply) = reply {
-                r = w.txn.put(&reply_key(seq), &reply.encode());
-            }
-            if let (Ok(()), Some((key, outcome))) = (&r, attempt) {
+            if let Some((key, outcome)) = attempt {
                 r = w.record(&key, outcome);
+            }
+            if let (Ok(()), Some(reply)) = (&r, reply) {
+                r = w.txn.put(&reply_key(seq), &reply.encode());
             }
             r = match r {
                 Ok(()) => w.end_op(),
