@@ -349,38 +349,25 @@ async fn while_outcomes_cannot_be_stored_the_queue_is_not_all_sent() {
 /// upgrade that changed the default backend from sled to redb).
 #[tokio::test]
 async fn a_store_of_the_other_engine_is_refused_not_started_afresh_beside() {
-    let dir = tempfile::tempdir().unwrap();
-    let sled_dir = dir.path().join("sled");
-    let s = hookrelay::store::sled::SledStore::open(&sled_dir).unwrap();
-    s.close().await.unwrap();
-    drop(s);
-    let e = hookrelay::store::redb::RedbStore::open(&sled_dir)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(
-        e.contains("holds a sled store") && e.contains("backend = \"sled\""),
-        "{e}"
-    );
-    assert!(!sled_dir.join("hookrelay.redb").exists(), "nothing written");
-
-    let redb_dir = dir.path().join("redb");
-    let r = hookrelay::store::redb::RedbStore::open(&redb_dir).unwrap();
-    r.close().await.unwrap();
-    drop(r);
-    let e = hookrelay::store::sled::SledStore::open(&redb_dir)
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(
-        e.contains("holds a redb store") && e.contains("backend = \"redb\""),
-        "{e}"
-    );
-    assert!(!redb_dir.join("conf").exists(), "nothing written");
-    // Each still opens as what it is.
-    hookrelay::store::sled::SledStore::open(&sled_dir)
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+    let open_as = |backend: &str, dir: &std::path::Path| -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match backend {
+            "sled" => hookrelay::store::sled::SledStore::open(dir)? as Arc<dyn Store>,
+            _ => hookrelay::store::redb::RedbStore::open(dir)? as Arc<dyn Store>,
+        })
+    };
+    let root = tempfile::tempdir().unwrap();
+    // (the store made, the engine that must refuse it, a file that engine would make)
+    for (made, other, its_file) in [("sled", "redb", "hookrelay.redb"), ("redb", "sled", "conf")] {
+        let dir = root.path().join(made);
+        open_as(made, &dir).unwrap().close().await.unwrap();
+        let e = open_as(other, &dir).err().expect("refused").to_string();
+        assert!(
+            e.contains(&format!("holds a {made} store"))
+                && e.contains(&format!("backend = \"{made}\"")),
+            "{e}"
+        );
+        assert!(!dir.join(its_file).exists(), "{other} wrote nothing");
+        // It still opens as what it is.
+        open_as(made, &dir).unwrap().close().await.unwrap();
+    }
 }
