@@ -1,5 +1,5 @@
 //! Logs: `tracing` to stderr, level from `HOOKRELAY_LOG` (env-filter syntax, default
-//! `info`), shape from `--log-format`; colours only when stderr is a terminal. No secret is
+//! `info`; the HTTP/2 library's own lines at `error` unless it names `h2`), shape from `--log-format`; colours only when stderr is a terminal. No secret is
 //! ever a field of a log event.
 
 use std::io::IsTerminal;
@@ -8,15 +8,30 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
 
+/// Added to a filter that says nothing of `h2`: the HTTP/2 library warns once per frame a
+/// client may send at will (a PING acknowledgement never asked for), so at `warn` any
+/// client could flood the log, a line per 17 bytes.
+const QUIET_H2: &str = "h2=error";
+
+/// The filter `HOOKRELAY_LOG` asks for (`info` without it), with [`QUIET_H2`] unless it
+/// names `h2` itself.
+fn filter_text(asked: Option<&str>) -> String {
+    let asked = asked.unwrap_or("info");
+    if asked.contains("h2") {
+        asked.to_string()
+    } else {
+        format!("{asked},{QUIET_H2}")
+    }
+}
+
 pub fn init_logs(format: LogFormat) {
-    let filter = match std::env::var("HOOKRELAY_LOG") {
-        Ok(v) => EnvFilter::try_new(&v).unwrap_or_else(|e| {
-            // Said before any log line, where the operator looks first.
-            eprintln!("HOOKRELAY_LOG={v:?} is not a valid filter ({e}); logging at info");
-            EnvFilter::new("info")
-        }),
-        Err(_) => EnvFilter::new("info"),
-    };
+    let asked = std::env::var("HOOKRELAY_LOG").ok();
+    let filter = EnvFilter::try_new(filter_text(asked.as_deref())).unwrap_or_else(|e| {
+        // Said before any log line, where the operator looks first.
+        let v = asked.as_deref().unwrap_or_default();
+        eprintln!("HOOKRELAY_LOG={v:?} is not a valid filter ({e}); logging at info");
+        EnvFilter::new(filter_text(None))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -75,7 +90,7 @@ impl Default for Throttle {
 
 #[cfg(test)]
 mod tests {
-    use super::Throttle;
+    use super::{filter_text, Throttle};
 
     #[test]
     fn a_throttle_passes_one_line_a_second_and_counts_the_rest() {
@@ -88,5 +103,12 @@ mod tests {
         assert_eq!(t.pass(60_000), Some(1));
         // The clock set back: not silenced until it catches up.
         assert_eq!(t.pass(30_000), Some(0));
+    }
+
+    #[test]
+    fn the_http2_librarys_warnings_are_quiet_unless_asked_for() {
+        assert_eq!(filter_text(None), "info,h2=error");
+        assert_eq!(filter_text(Some("debug")), "debug,h2=error");
+        assert_eq!(filter_text(Some("info,h2=debug")), "info,h2=debug");
     }
 }

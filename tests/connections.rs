@@ -206,9 +206,9 @@ async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
         TestRelay::start(&config(100).replace("read_timeout = \"1s\"", "read_timeout = \"5s\""))
             .await;
     const ANNOUNCE: &[u8] = b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 4194304\r\n\r\n{";
-    // Announcing a large body holds only a small first part until its data comes: 64
-    // clients announcing 4 MiB (max_body_bytes; 4 times the 64 MiB budget in all) and
-    // sending one byte leave room for others.
+    // Announcing a large body holds only 1 KiB until its data comes: 64 clients announcing
+    // 4 MiB (max_body_bytes; 4 times the 64 MiB budget in all) and sending one byte leave
+    // room for others.
     let mut idle = Vec::new();
     for _ in 0..64 {
         let mut s = TcpStream::connect(r.addr()).await.unwrap();
@@ -216,11 +216,11 @@ async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
         idle.push(s);
     }
     assert_eq!(r.post("/open", b"{\"n\":0}").await.status, 200);
-    // Each of these sends 2 MiB of its 4, so each needs 4 MiB of the budget while it waits
-    // for the rest: 16 of them and the 64 first parts need more than the budget, so at
-    // least one is refused, at once, whatever the order they are read in.
+    // Each of these sends 2 MiB of its 4 and holds at least that while it waits for the
+    // rest: 33 of them need more than the budget, so at least one is refused, at once,
+    // whatever the order they are read in.
     let mut slow = Vec::new();
-    for _ in 0..hookrelay::ingress::body_memory::BUDGET / 4_194_304 {
+    for _ in 0..hookrelay::ingress::body_memory::BUDGET / (2 << 20) + 1 {
         let mut s = TcpStream::connect(r.addr()).await.unwrap();
         s.write_all(ANNOUNCE).await.unwrap();
         s.write_all(&vec![b' '; 2 << 20]).await.unwrap();

@@ -1,7 +1,7 @@
 //! A budget for the request bodies the ingress holds in memory at once, so that many
 //! clients each sending a large body slowly (or many HTTP/2 streams per connection) cannot
-//! exhaust memory. A body reserves a small first part before it is read, then more as its
-//! data comes (never past the length it announced), and keeps what it turned out to need
+//! exhaust memory. A body reserves 1 KiB before it is read, then more as its data comes
+//! (never past the length it announced), and keeps what it turned out to need
 //! until its request is answered: a client announcing a large body and sending it slowly
 //! holds only what it has sent. Past the budget the request is answered 503 with
 //! `Retry-After`, at once.
@@ -14,8 +14,9 @@ use crate::web::response::ApiError;
 
 /// Bytes of request bodies held at once, across every connection.
 pub const BUDGET: u64 = 64 << 20;
-/// What a body reserves before its first data (less when it announces less).
-const FIRST_PART: u64 = 64 << 10;
+/// What a body reserves before its first data: little, so that requests whose bodies do
+/// not come (stalled streams, many to an HTTP/2 connection) hold next to nothing of it.
+const FIRST_PART: u64 = 1 << 10;
 /// The budget's unit.
 const KIB: u64 = 1024;
 
@@ -97,6 +98,19 @@ impl Room {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_that_do_not_come_hold_next_to_nothing() {
+        // 10,000 requests announcing 1 MiB and sending nothing (stalled HTTP/2 streams):
+        // 10 MiB held, and a real body still finds room.
+        let m = BodyMemory::default();
+        let stalled: Vec<_> = (0..10_000)
+            .map(|_| m.reserve(Some(1 << 20)).expect("room for a stalled one"))
+            .collect();
+        let mut real = m.reserve(Some(1 << 20)).unwrap();
+        real.grow_to(1 << 20).unwrap();
+        drop(stalled);
+    }
 
     #[test]
     fn bodies_past_the_budget_are_refused_until_room_comes_back() {

@@ -181,10 +181,15 @@ async fn accept(
     if let Some(dest) = &ev.full {
         // Shed without a write, unless it may be a retry of an event already kept: the
         // store answers that one as the duplicate it is, full queue or not.
-        let kept = app
-            .store
-            .kept(&source.name, &ev.id)
+        // Bounded: under overload, shedding must not hold the request (its connection and
+        // body room) for long.
+        let kept = tokio::time::timeout(ACCEPT_TIMEOUT, app.store.kept(&source.name, &ev.id))
             .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "no answer within {ACCEPT_TIMEOUT:?}"
+                )))
+            })
             .unwrap_or_else(|e| {
                 static SAID: Throttle = Throttle::new();
                 if let Some(held_back) = SAID.pass(now_ms()) {
