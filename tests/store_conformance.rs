@@ -1188,6 +1188,43 @@ async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     st.close().await.unwrap();
 }
 
+/// A waiting delivery whose line entry went after its fan-out (an accept that gave up, its
+/// ack late, deletes its entries while another instance fans the event out, finding the
+/// entry still there) is put back when it comes back for its recheck, and goes once the
+/// head is done, where it waited forever before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_delivery_whose_entry_went_after_its_fan_out_still_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let st = jetstream(dir.path(), &nats).await;
+    let stream = stream_of(&nats).await;
+    let ordered = |id: &str| NewEvent {
+        order_keys: vec![Some("K".into())],
+        ..ev(id, "o", &["r"])
+    };
+    let k0 = accepted(st.as_ref(), ordered("k0")).await;
+    let k1 = accepted(st.as_ref(), ordered("k1")).await;
+    due(st.as_ref(), "r", k0).await;
+    // K-1 fanned out, waiting behind K-0 (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while st.lookup("k1").await.unwrap()[0].deliveries.is_empty() {
+        assert!(Instant::now() < deadline, "K-1 never fanned out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!lists_any(st.as_ref(), "r", &[k1]).await, "K-1 waits");
+    // Then its entry, the line's last, goes.
+    let last = stream
+        .get_last_raw_message_by_subject("c.o.n-r.*.*")
+        .await
+        .unwrap();
+    assert!(stream.delete_message(last.sequence).await.unwrap());
+    st.record(&key(k0, "r"), Outcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    due_within(st.as_ref(), "r", k1, Duration::from_secs(40)).await;
+    st.close().await.unwrap();
+}
+
 /// Waits until `st` holds `dest`'s delivery `seq` with a scheduler's window of one (so its
 /// puller takes no more).
 async fn held_alone(st: &dyn Store, dest: &str, seq: u64) {

@@ -325,10 +325,10 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
         // In a task of its own: the rest of the batch, delivered to this instance already,
         // must be held (and so renewed) meanwhile, not wait for a long line to be read.
         if let (true, Some(s)) = (leases.recheck(key), store.upgrade()) {
-            let (dest, key) = (leases.destination.clone(), key.to_string());
+            let dest = leases.destination.clone();
             let tasks = s.tasks.clone();
             tasks.spawn(async move {
-                if let Err(e) = s.advance(&dest, &key).await {
+                if let Err(e) = s.recheck_waiting(&rec).await {
                     debug!(destination = %dest, error = %e, "checking an order key's line failed");
                 }
             });

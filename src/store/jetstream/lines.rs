@@ -350,6 +350,36 @@ impl JetStreamStore {
         old
     }
 
+    /// A waiting delivery back for its recheck: moves its key's line on, and puts its entry
+    /// back if the entry is gone. A waiting delivery without an entry would never be told
+    /// to go: that happens when an accept that gave up (its ack late) deletes its entries
+    /// after another instance has fanned the event out, finding its entry still there.
+    pub(super) async fn recheck_waiting(&self, rec: &DeliveryRecord) -> Result<(), StoreError> {
+        let (Some(key), Some(slot)) = (&rec.delivery.order_key, &rec.slot) else {
+            return Ok(());
+        };
+        let dest = &rec.delivery.destination;
+        self.advance(dest, key).await?;
+        if self
+            .last(&self.names.line_entry(dest, key, slot))
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        // Still waiting, as it was (not told to go, finished or replayed meanwhile)?
+        let current = self.delivery_state(dest, &rec.part()).await?;
+        let Some((_, now, _)) = current.filter(|(_, r, _)| {
+            r.waiting && r.slot == rec.slot && r.delivery.state == DeliveryState::Pending
+        }) else {
+            return Ok(());
+        };
+        warn!(destination = %dest, seq = rec.delivery.seq, "a waiting delivery's line entry was gone; it is put back");
+        let e = event_token(&now.event.source, &now.event.id);
+        self.put_back(&now, &e).await?;
+        self.advance(dest, key).await
+    }
+
     /// Puts back the entry of a delivery whose entry was let go (its event stored later
     /// than the orphan wait): by accept order, behind the line's head, as a replay does;
     /// at the line's end if the line keeps changing.
