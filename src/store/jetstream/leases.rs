@@ -281,10 +281,16 @@ pub async fn pull(
                     if !pulls::pause_after(&what, &e, &stop).await {
                         return;
                     }
+                    let made = consumer.cached_info().created;
                     let again = pulls::consumer(&stream, &name, make, &what, &stop);
                     let Some(c) = again.await else { return };
-                    // Made again, the consumer hands out what was held here afresh.
-                    leases.all_stale();
+                    // Made again, the consumer hands out what was held here afresh. The
+                    // same one (a pull that failed in a server's failover) still counts the
+                    // holds this instance renews: they stand (one that lapsed meanwhile is
+                    // let go by its own check), not sent a second time by another instance.
+                    if c.cached_info().created != made {
+                        leases.all_stale();
+                    }
                     consumer = c;
                     break;
                 }
