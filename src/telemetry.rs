@@ -1,6 +1,7 @@
 //! Logs: `tracing` to stderr, level from `HOOKRELAY_LOG` (env-filter syntax, default
-//! `info`; the HTTP/2 library's own lines at `error` unless it names `h2`), shape from `--log-format`; colours only when stderr is a terminal. No secret is
-//! ever a field of a log event.
+//! `info`; the HTTP/2 library's own lines at `error` unless it names `h2`), shape from
+//! `--log-format`; colours only when stderr is a terminal. No secret is ever a field of a
+//! log event.
 
 use std::io::IsTerminal;
 

@@ -94,6 +94,14 @@ fn dead() -> Outcome {
     }
 }
 
+/// Event `id` of source `o` to destination `r`, ordered by the key `K`.
+fn ordered(id: &str) -> NewEvent {
+    NewEvent {
+        order_keys: vec![Some("K".into())],
+        ..ev(id, "o", &["r"])
+    }
+}
+
 async fn accepted(st: &dyn Store, e: NewEvent) -> u64 {
     match st.accept(e).await.unwrap() {
         Admission::Accepted { seq } => seq,
@@ -907,10 +915,6 @@ async fn a_line_left_behind_by_a_dead_instance_moves_on() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
-    let ordered = |id: &str| NewEvent {
-        order_keys: vec![Some("K".into())],
-        ..ev(id, "o", &["r"])
-    };
     let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let k1 = accepted(st.as_ref(), ordered("k1")).await;
     due(st.as_ref(), "r", k0).await;
@@ -1071,14 +1075,7 @@ async fn an_entry_whose_event_never_came_is_let_go_once_old() {
         &format!(r#"{{"e":"0000000000000000.0000000000000000","ms":{minute_ago}}}"#),
     )
     .await;
-    let k0 = accepted(
-        st.as_ref(),
-        NewEvent {
-            order_keys: vec![Some("K".into())],
-            ..ev("k0", "o", &["r"])
-        },
-    )
-    .await;
+    let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let started = Instant::now();
     due_within(st.as_ref(), "r", k0, Duration::from_secs(40)).await;
     let waited = started.elapsed();
@@ -1138,10 +1135,6 @@ async fn a_failed_accepts_line_entries_do_not_hold_its_key_back() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
-    let ordered = |id: &str| NewEvent {
-        order_keys: vec![Some("K".into())],
-        ..ev(id, "o", &["r"])
-    };
     let too_large = NewEvent {
         body: Bytes::from(vec![b' '; 9 << 20]),
         ..ordered("big")
@@ -1165,10 +1158,6 @@ async fn a_delivery_whose_entry_was_let_go_rejoins_its_line_at_the_end() {
     let st = jetstream(dir.path(), &nats).await;
     st.pending("r", 1, &|_| false).await.unwrap();
     let stream = paused_fanout(&nats).await;
-    let ordered = |id: &str| NewEvent {
-        order_keys: vec![Some("K".into())],
-        ..ev(id, "o", &["r"])
-    };
     let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let k1 = accepted(st.as_ref(), ordered("k1")).await;
     // K-0's entry, the line's first, goes (as an orphan's would).
@@ -1198,10 +1187,6 @@ async fn a_waiting_delivery_whose_entry_went_after_its_fan_out_still_goes() {
     let nats = NatsServer::start(dir.path()).await;
     let st = jetstream(dir.path(), &nats).await;
     let stream = stream_of(&nats).await;
-    let ordered = |id: &str| NewEvent {
-        order_keys: vec![Some("K".into())],
-        ..ev(id, "o", &["r"])
-    };
     let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let k1 = accepted(st.as_ref(), ordered("k1")).await;
     due(st.as_ref(), "r", k0).await;

@@ -21,10 +21,15 @@ pub fn refuse_the_other_engines(path: &std::path::Path, backend: &str) -> Result
         "sled" if redb => "redb",
         _ => return Ok(()),
     };
+    // A sled store met by redb is most likely an older build's default, kept by an upgrade.
+    let why = if other == "sled" {
+        " (the default changed from sled to redb)"
+    } else {
+        ""
+    };
     Err(StoreError::Unavailable(format!(
         "{} holds a {other} store, not a {backend} one: set [store] backend = \"{other}\" to \
-         use it (the default changed from sled to redb), or point [store] path at another \
-         directory for a new {backend} store",
+         use it{why}, or point [store] path at another directory for a new {backend} store",
         path.display()
     )))
 }

@@ -17,12 +17,12 @@ pub(super) fn persist_depth(
             continue;
         }
         let k = depth_key(dest);
-        let cur = match txn.get(&k)? {
-            Some(v) if v.len() == 8 => read_u64(&v),
+        let cur = match txn.get(&k)?.map(|v| stored_u64(&v).ok_or(v.len())) {
             None => 0,
+            Some(Ok(n)) => n,
             // Damaged: counted again at the next start.
-            Some(v) => {
-                tracing::warn!(destination = %dest, bytes = v.len(), "a kept queue count cannot be read; the queue is counted again at the next start");
+            Some(Err(bytes)) => {
+                tracing::warn!(destination = %dest, bytes, "a kept queue count cannot be read; the queue is counted again at the next start");
                 txn.put(RECOUNT_KEY, b"1")?;
                 0
             }
@@ -46,11 +46,11 @@ pub(super) fn load_depths<E: Engine>(engine: &E) -> Result<HashMap<String, u64>,
     let mut damaged = false;
     engine.scan_prefix(DEPTH_PREFIX, &mut |k, v| {
         let dest = String::from_utf8_lossy(&k[DEPTH_PREFIX.len()..]).into_owned();
-        match v.len() {
-            8 => {
-                kept.insert(dest, read_u64(v));
+        match stored_u64(v) {
+            Some(n) => {
+                kept.insert(dest, n);
             }
-            _ => damaged = true,
+            None => damaged = true,
         }
         Ok(true)
     })?;

@@ -24,8 +24,7 @@ pub(super) fn check_format<E: Engine>(engine: &E) -> Result<u64, StoreError> {
     }
     if found == FORMAT {
         return match engine.get(LEGACY_UNTIL_KEY)? {
-            Some(v) if v.len() == 8 => Ok(read_u64(&v)),
-            Some(_) => Err(corrupt("the marker m/legacy-dedup-until")),
+            Some(v) => stored_u64(&v).ok_or_else(|| corrupt("the marker m/legacy-dedup-until")),
             None => Ok(0),
         };
     }

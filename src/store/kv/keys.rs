@@ -14,6 +14,12 @@ pub(super) fn read_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// A stored number (a meta value): `None` when the value is not the 8 bytes of one
+/// (damaged), where [`read_u64`] would panic.
+pub(super) fn stored_u64(v: &[u8]) -> Option<u64> {
+    (v.len() == 8).then(|| read_u64(v))
+}
+
 pub(super) fn key(parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
     for p in parts {

@@ -167,13 +167,12 @@ impl<E: Engine> KvStore<E> {
         }
         .max(match engine.get(NEXT_SEQ_KEY)? {
             None => 1,
-            Some(v) if v.len() == 8 => read_u64(&v),
-            Some(v) => {
-                return Err(StoreError::Corrupt(format!(
+            Some(v) => stored_u64(&v).ok_or_else(|| {
+                StoreError::Corrupt(format!(
                     "the store's next-sequence record holds {} bytes, not 8",
                     v.len()
-                )))
-            }
+                ))
+            })?,
         });
         let mut paused = HashSet::new();
         engine.scan_prefix(PAUSED_PREFIX, &mut |k, _| {
