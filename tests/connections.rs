@@ -190,10 +190,10 @@ async fn an_idle_http2_connection_is_closed_after_the_read_timeout() {
 async fn a_connection_in_use_is_kept() {
     let r = TestRelay::start(&config(100)).await;
     let (mut send, task) = h2_connection(&r).await;
-    // Requests every 400 ms for 2.4 s, over a 1 s read timeout: one connection serves all.
-    for n in 0..6 {
+    // Requests every 250 ms for 2.5 s, over a 1 s read timeout: one connection serves all.
+    for n in 0..10 {
         assert_eq!(h2_post(&mut send, n).await, 200, "request {n}");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(!task.is_finished(), "the connection closed while in use");
     task.abort();

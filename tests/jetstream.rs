@@ -388,10 +388,11 @@ async fn rate_holds_across_three_instances(burst: u32) {
     for r in relays {
         r.sigterm(Duration::from_secs(10)).await;
     }
-    // A single sender paced at exactly the rate sits on the line: half an arrival of
-    // room for the sink's own timing; one request too many is a whole one.
+    // A single sender paced at exactly the rate sits on the line: most of an arrival of
+    // room for the timing of the first (a new connection) and the sink's own; one request
+    // too many is a whole one.
     assert!(
-        worst <= 0.5,
+        worst <= 0.9,
         "arrivals exceeded per_second × t + burst by {worst}"
     );
     // And the instances together used most of it (each took a third, not less).
@@ -917,6 +918,14 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     let old = std::env::var("HOOKRELAY_OLD_NATS").expect(
         "HOOKRELAY_OLD_NATS names an old nats-server (Debian's 2.9.10); scripts/test sets it",
     );
+    // Its version as it says it ("nats-server: v2.9.10"): what the refusal must name.
+    let said = std::process::Command::new(&old)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&said.stdout);
+    let version = said.trim().rsplit('v').next().unwrap().to_string();
+    assert!(version.starts_with("2."), "{said}");
     let dir = tempfile::tempdir().unwrap();
     let js = dir.path().join("js");
     let (server, port) = nats_server_on_its_own_port(
@@ -935,7 +944,7 @@ async fn a_server_older_than_the_oldest_supported_is_refused_at_start() {
     drop(server);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("nats-server 2.9.10"), "{err}");
+    assert!(err.contains(&format!("nats-server {version}")), "{err}");
     assert!(err.contains("needs 2.12.0 or newer"), "{err}");
 }
 
