@@ -51,7 +51,7 @@ impl Driver {
     async fn start() -> Driver {
         // Port 0: chromedriver binds a free port and says which ("... started successfully
         // on port N."); no port found free here can be taken by another process first.
-        let mut child = tokio::process::Command::new("chromedriver")
+        let mut child = tokio::process::Command::new("/usr/bin/chromedriver")
             .arg("--port=0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -59,7 +59,7 @@ impl Driver {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .expect("chromedriver (Debian's chromium-driver) on PATH: run scripts/test");
+            .expect("/usr/bin/chromedriver (Debian's chromium-driver): run scripts/test");
         let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
         let port = tokio::time::timeout(Duration::from_secs(20), async {
             while let Some(line) = out.next_line().await.unwrap() {

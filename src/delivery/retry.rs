@@ -57,11 +57,19 @@ pub fn classify(result: &AttemptResult) -> Class {
 pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
     use backon::BackoffBuilder;
     let cap = longest_delay(policy);
-    // The curve is flat once it reaches the cap; 64 steps reach it for any factor > 1.
-    let step = failed.clamp(1, 64) as usize - 1;
+    // The curve is flat once it reaches the cap: no more steps than it takes to get there
+    // (a factor near 1 takes many: 1.05 from 1 s to 10 m, 132).
+    let factor = policy.factor.max(1.0);
+    let to_cap = if factor > 1.0 && !policy.first.is_zero() {
+        let steps = (cap.as_secs_f64() / policy.first.as_secs_f64()).ln() / factor.ln();
+        steps.ceil().clamp(0.0, 1e6) as usize + 1
+    } else {
+        0
+    };
+    let step = (failed.max(1) as usize - 1).min(to_cap);
     let d = backon::ExponentialBuilder::default()
         .with_min_delay(policy.first)
-        .with_factor(policy.factor.max(1.0) as f32)
+        .with_factor(factor as f32)
         .with_max_delay(cap)
         .without_max_times()
         .build()
@@ -353,6 +361,18 @@ mod tests {
         // factor 1: constant.
         let flat = RetryPolicy { factor: 1.0, ..p };
         assert_eq!(base_delay(&flat, 7), Duration::from_millis(100));
+        // A factor near 1 reaches the cap too, after many steps (1 s × 1.05^132 > 10 m);
+        // it once stopped growing at the 64th (~21.6 s).
+        let slow = RetryPolicy {
+            first: Duration::from_secs(1),
+            factor: 1.05,
+            max_delay: Duration::from_secs(600),
+            ..p
+        };
+        assert_eq!(base_delay(&slow, 200), Duration::from_secs(600));
+        assert_eq!(base_delay(&slow, u32::MAX), Duration::from_secs(600));
+        let d100 = base_delay(&slow, 100).as_secs_f64();
+        assert!((d100 - 1.05f64.powi(99)).abs() < 0.01 * d100, "{d100}");
     }
 
     #[test]

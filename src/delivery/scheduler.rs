@@ -92,7 +92,12 @@ impl Limits {
 
     fn update(&mut self, (rate, max): (Rate, usize)) {
         if rate != self.rate {
-            self.limiter = Arc::new(limiter(&rate));
+            // Empty, not full: the old limiter's burst may just have gone out, and a full
+            // new one would let a second burst follow it at once.
+            let fresh = limiter(&rate);
+            let burst = NonZeroU32::new(rate.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+            let _ = fresh.check_n(burst);
+            self.limiter = Arc::new(fresh);
             self.rate = rate;
         }
         let max = max.clamp(1, MAX_IN_FLIGHT);
@@ -576,5 +581,22 @@ mod tests {
         assert_eq!(senders(&rate(30.0, 2), 64), 2);
         assert_eq!(part(&rate(30.0, 2), 64, 3), (rate(15.0, 1), 32));
         assert_eq!(part(&rate(30.0, 1), 64, 3), (rate(30.0, 1), 64));
+    }
+
+    #[test]
+    fn a_changed_rate_starts_with_no_burst_to_spend() {
+        let mut l = Limits::new((rate(1.0, 10), 4));
+        assert!(l
+            .limiter
+            .check_n(NonZeroU32::new(10).unwrap())
+            .unwrap()
+            .is_ok());
+        // The burst just went out; a reload nudges the rate: no second burst at once.
+        l.update((rate(1.1, 10), 4));
+        assert!(l.limiter.check().is_err(), "a fresh burst after the reload");
+        // The same rate again changes nothing.
+        let before = Arc::as_ptr(&l.limiter);
+        l.update((rate(1.1, 10), 4));
+        assert_eq!(Arc::as_ptr(&l.limiter), before);
     }
 }

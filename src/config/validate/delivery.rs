@@ -13,6 +13,20 @@ use super::Cx;
 use crate::config::raw::*;
 use crate::config::*;
 
+/// Headers that frame the message or the connection: hyper writes them from the body and
+/// the URL, and one set by hand would cut the body short, mislabel it, or name another host.
+const FRAMING: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
 /// Defaults of `[delivery]`, after the file's own `[delivery]` is applied.
 pub(super) struct DeliveryDefaults {
     pub(super) timeout: Duration,
@@ -207,6 +221,14 @@ impl Cx<'_> {
                 self.err(Some(v.span()), &k, format!("invalid header name {h:?}"));
                 continue;
             };
+            if FRAMING.contains(&hn.as_str()) {
+                self.err(
+                    Some(v.span()),
+                    &k,
+                    format!("{h:?} is set by the relay for each request (it frames the message), not by a destination"),
+                );
+                continue;
+            }
             let Some(val) = self.string(v, &k) else {
                 continue;
             };
