@@ -21,13 +21,11 @@ pub struct Claims {
     pub scope: Option<String>,
     /// Expiry, unix seconds.
     pub exp: u64,
-    /// Issue time, unix seconds; absent in a token an older build issued (then only `exp`
-    /// is checked against the `token_ttl` in force).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub iat: Option<u64>,
-    /// [`secret_mark`] of the client secret the token was issued against; empty in a token
-    /// an older build issued (accepted until it expires).
-    #[serde(rename = "sk", default, skip_serializing_if = "String::is_empty")]
+    /// Issue time, unix seconds: no token outlives the `token_ttl` in force from it.
+    pub iat: u64,
+    /// [`secret_mark`] of the client secret the token was issued against. Required: a
+    /// token without it would not need the client's secret, only the token key.
+    #[serde(rename = "sk")]
     pub secret: String,
 }
 
@@ -89,7 +87,7 @@ mod tests {
             client: "8x8-sms".into(),
             scope: None,
             exp,
-            iat: None,
+            iat: 0,
             secret: secret_mark(b"k", b"s"),
         }
     }
@@ -108,5 +106,20 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         assert_eq!(verify(b"k", "nodot", 1), Err(TokenError::Malformed));
+        // Signed, but without the issue time or the mark of the client's secret (as a
+        // build before them wrote it): not a token.
+        for unmarked in [
+            r#"{"src":"sms","cid":"8x8-sms","exp":999}"#,
+            r#"{"src":"sms","cid":"8x8-sms","exp":999,"iat":0}"#,
+        ] {
+            let payload = URL_SAFE_NO_PAD.encode(unmarked);
+            let mut m = mac(b"k");
+            m.update(payload.as_bytes());
+            let tag = URL_SAFE_NO_PAD.encode(m.finalize().into_bytes());
+            assert_eq!(
+                verify(b"k", &format!("{payload}.{tag}"), 1),
+                Err(TokenError::Malformed)
+            );
+        }
     }
 }

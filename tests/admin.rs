@@ -78,6 +78,22 @@ async fn health_ready_and_unknown_paths() {
     )
     .await;
     a.error(405, "method_not_allowed");
+    // Every answer, an error too, is kept by no cache and read only as what it says it is
+    // (event bodies hold personal data).
+    for (method, path) in [
+        (Method::GET, "/healthz"),
+        (Method::GET, "/api/events"),
+        (Method::GET, "/api/events/missing"),
+        (Method::GET, "/api/dead"),
+        (Method::GET, "/api/destinations"),
+        (Method::GET, "/api/config"),
+        (Method::GET, "/metrics"),
+        (Method::POST, "/api/reload"),
+    ] {
+        let a = send(method, &r.admin_url(path), &[], b"").await;
+        assert_eq!(a.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(a.headers["x-content-type-options"], "nosniff", "{path}");
+    }
 }
 
 /// `GET /api/events/{id}` shows the body exactly as received (key order, numbers), and one

@@ -66,7 +66,7 @@ proptest! {
 
     #[test]
     fn a_forged_token_never_verifies(exp in any::<u64>(), src in "[a-z]{1,8}") {
-        let claims = hookrelay::token::Claims { source: src, client: "c".into(), scope: None, exp, iat: None, secret: String::new() };
+        let claims = hookrelay::token::Claims { source: src, client: "c".into(), scope: None, exp, iat: 0, secret: String::new() };
         let t = hookrelay::token::issue(b"other key", &claims);
         prop_assert!(hookrelay::token::verify(b"k", &t, 0).is_err());
     }

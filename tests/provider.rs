@@ -268,7 +268,7 @@ async fn expired_token_is_refused() {
         client: "8x8-sms".into(),
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 - 1,
-        iat: None,
+        iat: hookrelay::store::now_ms() / 1000 - 61,
         secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
     };
     let old = hookrelay::token::issue(b"token-signing-key", &claims);
@@ -320,42 +320,42 @@ async fn a_token_issued_against_a_rotated_secret_is_refused() {
     assert_eq!(post_sms(&r, &auth).await.status, 200);
 }
 
-/// A token an older build issued (no mark of its client's secret) stays valid until it
-/// expires: 8x8 keeps using its cached token across the relay's upgrade.
+/// A token without the mark of its client's secret (as a build before the mark issued it)
+/// is refused: it would open the source to whoever holds the token key, without the
+/// client's secret.
 #[tokio::test]
-async fn a_token_from_before_the_secret_mark_is_valid_until_it_expires() {
+async fn a_token_without_the_mark_of_its_clients_secret_is_refused() {
     let r = TestRelay::start_env(CONFIG, ENV).await;
-    // As an older build wrote it: no mark of the secret (no `sk` member at all).
+    let now = hookrelay::store::now_ms() / 1000;
     let claims = hookrelay::token::Claims {
         source: "sms".into(),
         client: "8x8-sms".into(),
         scope: None,
-        exp: hookrelay::store::now_ms() / 1000 + 600,
-        iat: None,
+        exp: now + 600,
+        iat: now,
         secret: String::new(),
     };
     let token = hookrelay::token::issue(b"token-signing-key", &claims);
-    let payload = token.split('.').next().unwrap();
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .unwrap();
-    assert!(!String::from_utf8(json).unwrap().contains("\"sk\""));
-    let old = format!("Bearer {token}");
-    let a = post_sms(&r, &old).await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = post_sms(&r, &format!("Bearer {token}")).await;
+    a.error(401, "unauthorized");
+    assert_eq!(
+        a.headers["www-authenticate"],
+        "Bearer error=\"invalid_token\""
+    );
 }
 
 #[tokio::test]
 async fn a_token_outliving_the_token_ttl_is_refused() {
-    // Signed with the right key (as one issued before token_ttl was lowered would be),
-    // but expiring later than a token issued now could.
+    // Signed with the right key, issued 2 h ago for 30 days (as under a longer token_ttl,
+    // before it was lowered to 1 h): older than the token_ttl in force.
     let r = TestRelay::start_env(CONFIG, ENV).await;
+    let now = hookrelay::store::now_ms() / 1000;
     let claims = hookrelay::token::Claims {
         source: "sms".into(),
         client: "8x8-sms".into(),
         scope: None,
-        exp: hookrelay::store::now_ms() / 1000 + 30 * 24 * 3600,
-        iat: None,
+        exp: now + 30 * 24 * 3600,
+        iat: now - 2 * 3600,
         secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
     };
     let long = format!(
@@ -366,10 +366,8 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
     assert!(msg.contains("token_ttl"), "{msg}");
     // Issued 2 h ago for 2 h 10 min, before token_ttl was lowered to 1 h: it expires within
     // the hour, yet it is older than the token_ttl in force.
-    let now = hookrelay::store::now_ms() / 1000;
     let issued = hookrelay::token::Claims {
         exp: now + 600,
-        iat: Some(now - 2 * 3600),
         ..claims
     };
     let old = format!(
@@ -382,7 +380,7 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
     // its issue time it is within the hour in force, so it passes until then.
     let recent = hookrelay::token::Claims {
         exp: now + 30 * 24 * 3600,
-        iat: Some(now - 60),
+        iat: now - 60,
         ..issued
     };
     let recent = format!(
@@ -510,4 +508,26 @@ async fn decode_json_field_that_is_not_json_is_400_naming_it() {
     let h = signed_headers("bad", now_s(), body);
     let msg = post_signed(&r, &h, body).await.error(400, "invalid_json");
     assert!(msg.contains("\"data\""), "{msg}");
+}
+
+/// From an address one token source allows but the client's own source does not, a right
+/// secret and a wrong one get the same answer: the endpoint is no oracle for the secrets of
+/// sources the address may not use.
+#[tokio::test]
+async fn a_client_s_secret_is_not_told_to_an_address_its_source_refuses() {
+    let text = CONFIG.replace(
+        "path = \"/8x8/chatapps\"\n",
+        "path = \"/8x8/chatapps\"\nallow_ips = [\"203.0.113.0/24\"]\n",
+    );
+    assert_ne!(text, CONFIG);
+    let r = TestRelay::start_env(&text, ENV).await;
+    let right = token_basic(&r, "8x8-chat", "other").await;
+    let wrong = token_basic(&r, "8x8-chat", "not-it").await;
+    for a in [&right, &wrong] {
+        assert_eq!(a.status, 403, "{:?}", a.body);
+        assert_eq!(a.json()["error"], "access_denied");
+    }
+    assert_eq!(right.body, wrong.body);
+    // The source that allows the address still issues.
+    assert_eq!(token_basic(&r, "8x8-sms", "s3cr3t&=:x").await.status, 200);
 }

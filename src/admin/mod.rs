@@ -62,10 +62,18 @@ pub fn limits(config: &Config) -> Limits {
 }
 
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
-    match route(app, req).await {
+    let mut resp = match route(app, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    // Answers hold event bodies (personal data): kept by no browser or proxy cache, and
+    // never read as anything but what they say they are. The console's files set their own.
+    let h = resp.headers_mut();
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(http::HeaderValue::from_static("no-store"));
+    h.entry(header::X_CONTENT_TYPE_OPTIONS)
+        .or_insert(http::HeaderValue::from_static("nosniff"));
+    resp
 }
 
 fn query(req: &Request<Incoming>) -> HashMap<String, String> {

@@ -91,29 +91,21 @@ pub fn check_headers(
             match token::verify(key.expose(), tok.trim(), now) {
                 // A client removed from the config (or renamed), or given another secret,
                 // loses its tokens at the reload, not when they expire.
-                // No token outlives the `token_ttl` in force (a lowered one included):
-                // counted from its issue time, or (a token from an older build, without
-                // one) from now to its expiry.
+                // No token outlives the `token_ttl` in force (a lowered one included),
+                // counted from its issue time.
                 Ok(claims)
-                    if {
-                        let limit = token_ttl.as_secs().saturating_add(TOKEN_CLOCK_SKEW_SECS);
-                        match claims.iat {
-                            Some(iat) => now > iat.saturating_add(limit),
-                            None => claims.exp > now.saturating_add(limit),
-                        }
-                    } =>
+                    if now
+                        > claims.iat.saturating_add(
+                            token_ttl.as_secs().saturating_add(TOKEN_CLOCK_SKEW_SECS),
+                        ) =>
                 {
                     Err(unauthorized("the token outlives the source's token_ttl"))
                 }
                 Ok(claims) if claims.source == source.name => {
                     match clients.iter().find(|c| c.id == claims.client) {
                         Some(c) => {
-                            // A token from before tokens carried the mark: valid until it
-                            // expires (a rotation revokes only marked ones).
                             let mark = token::secret_mark(key.expose(), c.secret.expose());
-                            if claims.secret.is_empty()
-                                || bool::from(mark.as_bytes().ct_eq(claims.secret.as_bytes()))
-                            {
+                            if bool::from(mark.as_bytes().ct_eq(claims.secret.as_bytes())) {
                                 Ok(None)
                             } else {
                                 Err(unauthorized(

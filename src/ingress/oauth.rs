@@ -101,6 +101,13 @@ fn authenticate<'a>(config: &'a Config, id: &str, secret: &str) -> Option<&'a So
     found
 }
 
+/// The oauth2 source that has a client `id`.
+fn owner<'a>(config: &'a Config, id: &str) -> Option<&'a Source> {
+    config.sources.iter().map(AsRef::as_ref).find(
+        |s| matches!(&s.auth, Auth::OAuth2 { clients, .. } if clients.iter().any(|c| c.id == id)),
+    )
+}
+
 fn forbidden() -> Response<Body> {
     error(
         StatusCode::FORBIDDEN,
@@ -214,15 +221,21 @@ pub async fn token_endpoint(
     if !allowed_somewhere {
         return forbidden();
     }
+    // The address is checked against the source of the client named (ids are not secret,
+    // and unique across sources) before its secret: a right secret and a wrong one get the
+    // same answer from an address that source does not allow.
+    let refused_here = candidates
+        .iter()
+        .any(|(id, _)| owner(config, id).is_some_and(|s| !client_ip::allowed(ip, &s.allow_ips)));
+    if refused_here {
+        return forbidden();
+    }
     let Some((source, id, secret)) = candidates
         .into_iter()
         .find_map(|(id, secret)| authenticate(config, &id, &secret).map(|s| (s, id, secret)))
     else {
         return invalid_client();
     };
-    if !client_ip::allowed(ip, &source.allow_ips) {
-        return forbidden();
-    }
     let (Auth::OAuth2 { token_ttl, .. }, Some(key)) = (&source.auth, &config.server.token_secret)
     else {
         return invalid_client();
@@ -234,7 +247,7 @@ pub async fn token_endpoint(
         client: id,
         scope: scope.clone(),
         exp: now.saturating_add(ttl),
-        iat: Some(now),
+        iat: now,
         secret: token::secret_mark(key.expose(), secret.as_bytes()),
     };
     let mut body = json!({
