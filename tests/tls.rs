@@ -6,6 +6,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -156,22 +157,27 @@ async fn bad_certificate_file_is_a_config_error_naming_it() {
     assert!(text.contains("server.tls.key"), "{text}");
 }
 
-/// A destination on HTTPS whose certificate no public root vouches for, trusted by the host
-/// (here through `SSL_CERT_FILE`, as a private CA added to the system's store would be), is
-/// delivered to.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
+/// An HTTPS destination on 127.0.0.1 with a certificate for `localhost` that only the file
+/// it writes in `dir` trusts (its path is returned, for `SSL_CERT_FILE`), offering HTTP/2
+/// over ALPN when `h2`. Also returned: its port, a count of the requests it got (and of
+/// those over HTTP/2), and its task.
+async fn https_sink(
+    dir: &std::path::Path,
+    h2: bool,
+) -> (
+    std::path::PathBuf,
+    u16,
+    tokio::sync::watch::Receiver<(usize, usize)>,
+    tokio::task::JoinHandle<()>,
+) {
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let dir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let ca_file = dir.path().join("internal-ca.pem");
+    let ca_file = dir.join("internal-ca.pem");
     std::fs::write(&ca_file, ck.cert.pem()).unwrap();
-    // The destination: HTTPS on 127.0.0.1 with that certificate, counting what it gets.
     let key = rustls_pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
@@ -179,40 +185,55 @@ async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
     .with_no_client_auth()
     .with_single_cert(vec![ck.cert.der().clone()], key)
     .unwrap();
+    if h2 {
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let got = Arc::new(AtomicUsize::new(0));
-    let (told, mut arrived) = tokio::sync::watch::channel(0usize);
-    let server = {
-        let got = got.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
+    let (told, arrived) = tokio::sync::watch::channel((0usize, 0usize));
+    let server = tokio::spawn(async move {
+        // Its connections end with it.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let (acceptor, told) = (acceptor.clone(), told.clone());
+            connections.spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
                 };
-                let (acceptor, got, told) = (acceptor.clone(), got.clone(), told.clone());
-                tokio::spawn(async move {
-                    let Ok(stream) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                        let n = got.fetch_add(1, Ordering::SeqCst) + 1;
-                        told.send_replace(n);
-                        async {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::new(),
-                            )))
-                        }
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let over_h2 = (req.version() == http::Version::HTTP_2) as usize;
+                    told.send_modify(|(n, h2)| {
+                        *n += 1;
+                        *h2 += over_h2;
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::new(),
+                        )))
+                    }
                 });
-            }
-        })
-    };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (ca_file, port, arrived, server)
+}
+
+/// A relay delivering whatever `/open` gets to `url`, retried every 100–200 ms, its attempts
+/// timed out after `timeout`, trusting the certificates of `ca_file`.
+async fn relay_to(
+    dir: &std::path::Path,
+    url: &str,
+    timeout: &str,
+    ca_file: &std::path::Path,
+) -> support::RelayProcess {
     let config = format!(
         r#"
 [server]
@@ -228,7 +249,8 @@ path = "/open"
 
 [[destinations]]
 name = "internal"
-url = "https://localhost:{port}/hook"
+url = "{url}"
+timeout = "{timeout}"
 retry = {{ first = "100ms", max_delay = "200ms" }}
 
 [[routes]]
@@ -237,30 +259,123 @@ source = "open"
 to = ["internal"]
 "#
     );
-    let cfg = dir.path().join("routes.toml");
+    let cfg = dir.join("routes.toml");
     std::fs::write(&cfg, config).unwrap();
-    let ca = ca_file.to_str().unwrap();
-    let relay = support::RelayProcess::spawn_with_env(
+    support::RelayProcess::spawn_with_env(
         &cfg,
-        &dir.path().join("relay.log"),
-        &[("SSL_CERT_FILE", ca)],
+        &dir.join("relay.log"),
+        &[("SSL_CERT_FILE", ca_file.to_str().unwrap())],
     )
-    .await;
+    .await
+}
+
+async fn post_open(relay: &support::RelayProcess, body: &[u8]) {
     let answer = support::try_post(
         &support::client(),
         &format!("http://{}/open", relay.ingress),
-        br#"{"internal":true}"#.to_vec(),
+        body.to_vec(),
         WAIT,
     )
     .await
     .expect("an answer");
     assert_eq!(answer.status, 200);
-    let delivered = tokio::time::timeout(WAIT, arrived.wait_for(|n| *n >= 1)).await;
+}
+
+/// A destination whose certificate only the host trusts (here through `SSL_CERT_FILE`, as
+/// a private CA added to the system's store would be), is delivered to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, port, mut arrived, server) = https_sink(dir.path(), false).await;
+    let url = format!("https://localhost:{port}/hook");
+    let relay = relay_to(dir.path(), &url, "10s", &ca_file).await;
+    post_open(&relay, br#"{"internal":true}"#).await;
+    let delivered = tokio::time::timeout(WAIT, arrived.wait_for(|(n, _)| *n >= 1)).await;
     if !matches!(delivered, Ok(Ok(_))) {
         let log = relay.finish().await;
         server.abort();
         panic!("never delivered over HTTPS; the relay's log:\n{log}");
     }
     relay.sigterm(std::time::Duration::from_secs(10)).await;
+    server.abort();
+}
+
+/// A TCP proxy to 127.0.0.1:`to` that can freeze the connections it has: once `freeze`
+/// is sent a number above theirs, they stop passing bytes with their sockets kept open (a
+/// path black-holed by a failed-over load balancer), while connections made later pass.
+async fn freezing_proxy(
+    to: u16,
+) -> (
+    u16,
+    tokio::sync::watch::Sender<u64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (freeze, frozen) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut frozen = frozen.clone();
+            let generation = *frozen.borrow();
+            connections.spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                else {
+                    return;
+                };
+                let froze = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = frozen.wait_for(|g| *g > generation) => true,
+                };
+                if froze {
+                    // Held open, passing nothing, until the proxy ends.
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    (port, freeze, task)
+}
+
+/// An HTTP/2 destination whose connection goes silent (no FIN, no RST: a black-holed path)
+/// is reached again over a new one: the relay's PINGs find the old one dead. Without them
+/// every attempt went out over the dead connection, each timing out, for as long as the
+/// kernel kept it (some 15 minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http2_connection_is_dropped_and_the_destination_reached_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, sink_port, mut arrived, server) = https_sink(dir.path(), true).await;
+    let (port, freeze, proxy) = freezing_proxy(sink_port).await;
+    let url = format!("https://localhost:{port}/hook");
+    let relay = relay_to(dir.path(), &url, "1s", &ca_file).await;
+    post_open(&relay, br#"{"n":1}"#).await;
+    let first = tokio::time::timeout(WAIT, arrived.wait_for(|(n, _)| *n >= 1))
+        .await
+        .map(|r| r.map(|seen| *seen));
+    assert!(
+        matches!(first, Ok(Ok((1, 1)))),
+        "the first event, over HTTP/2: {first:?}"
+    );
+    freeze.send_replace(1);
+    post_open(&relay, br#"{"n":2}"#).await;
+    // A PING after 5 s without a frame, its answer awaited 5 s more, then a new connection.
+    let second = tokio::time::timeout(Duration::from_secs(30), arrived.wait_for(|(n, _)| *n >= 2))
+        .await
+        .map(|r| r.map(|seen| *seen));
+    let reached = matches!(second, Ok(Ok(_)));
+    if !reached {
+        let log = relay.finish().await;
+        proxy.abort();
+        server.abort();
+        panic!("never reached over a new connection; the relay's log:\n{log}");
+    }
+    // At least once (an attempt timed out on the dead connection may be sent again), and
+    // all of it over HTTP/2.
+    assert!(
+        matches!(second, Ok(Ok((n, h2))) if n == h2),
+        "over HTTP/2: {second:?}"
+    );
+    relay.sigterm(Duration::from_secs(10)).await;
+    proxy.abort();
     server.abort();
 }

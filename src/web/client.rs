@@ -2,7 +2,8 @@
 //! pooled client over hyper-rustls (ring provider, ALPN h2 and http/1.1; plain `http://`
 //! URLs too). It trusts the public roots (webpki-roots) and the system's store, or the
 //! file `SSL_CERT_FILE` names, so destinations behind a private CA can be reached.
-//! Redirects are not followed.
+//! Redirects are not followed. An HTTP/2 connection that stops answering is found out by
+//! PINGs and closed ([`H2_PING_AFTER`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,13 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive on outbound connections: a peer gone without a word is found out.
 const KEEPALIVE: Duration = Duration::from_secs(60);
+/// HTTP/2: a connection with requests open that has heard nothing for this long is sent a
+/// PING, and closed if its answer does not come within as long again. TCP keepalive cannot
+/// tell a connection black-holed by a failed-over load balancer (its data unacknowledged)
+/// from a busy one, and every request to the destination shares that one connection: a
+/// timed-out request resets only its stream, so without this the connection, and every
+/// delivery over it, hangs until the kernel gives up on it, some 15 minutes.
+const H2_PING_AFTER: Duration = Duration::from_secs(5);
 
 /// The pooled outbound client. Cheap to clone (the pool is shared).
 #[derive(Clone)]
@@ -74,6 +82,9 @@ impl HttpClient {
             .pool_idle_timeout(POOL_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            .http2_keep_alive_interval(H2_PING_AFTER)
+            .http2_keep_alive_timeout(H2_PING_AFTER)
+            .http2_keep_alive_while_idle(false)
             .build(https);
         Ok(HttpClient { inner })
     }
