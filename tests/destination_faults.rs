@@ -138,18 +138,10 @@ async fn a_hanging_destination_does_not_hold_back_a_healthy_one() {
 // ---- (b) connection reset mid-response ----------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connection_resets_mid_response_are_retried_until_answered() {
+async fn connection_resets_before_the_answer_are_retried_until_answered() {
     const N: usize = 20;
-    // Every request is read whole, then the connection is reset before any answer (even
-    // arrivals) or cut in the middle of a 200 answer's body (odd arrivals).
-    let sink = FaultSink::start(|n| {
-        if n % 2 == 0 {
-            Action::Reset
-        } else {
-            Action::Truncate
-        }
-    })
-    .await;
+    // Every request is read whole, then the connection is reset before any answer.
+    let sink = FaultSink::start(|_| Action::Reset).await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = fault_config(
         "",
@@ -203,6 +195,44 @@ async fn connection_resets_mid_response_are_retried_until_answered() {
     println!(
         "connection resets: {N} events, {broken} cut-off attempts, then all {N} delivered, none dead"
     );
+    stop_relay(relay).await;
+    sink.stop().await;
+}
+
+/// A 2xx is the destination's word that it has the event: a body that breaks off after
+/// it, or stalls until the timeout, does not make it an attempt to make again (that would
+/// only send the event twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_whose_body_breaks_off_or_stalls_is_delivered_once() {
+    const N: usize = 6;
+    let sink = FaultSink::start(|n| {
+        if n % 2 == 0 {
+            Action::Truncate
+        } else {
+            Action::Stall
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = fault_config(
+        "",
+        r#"timeout = "500ms"
+retry = { first = "50ms", factor = 2.0, max_delay = "200ms" }"#,
+        &format!(
+            "{}{}",
+            destination_toml("d", &sink.url("/d"), ""),
+            route_toml(&["d"])
+        ),
+    );
+    let relay = start_relay(dir.path(), &cfg).await;
+    let store = relay.app.store.clone();
+    let ids = post_all(&relay, "cut", N).await;
+    wait_all_in(&store, &ids, "d", DeliveryState::Delivered).await;
+    for id in &ids {
+        let d = delivery(&store, id, "d").await.unwrap();
+        assert_eq!((d.attempts, d.last_status), (1, Some(200)), "{d:?}");
+    }
+    assert_eq!(sink.count(), N, "each sent once");
     stop_relay(relay).await;
     sink.stop().await;
 }

@@ -3,9 +3,10 @@
 //! received Content-Type, the contract's headers (`webhook-id`, `webhook-timestamp`,
 //! `webhook-signature` when the destination signs, `x-hookrelay-source`,
 //! `x-hookrelay-attempt`) and the destination's own `headers`. Redirects are not followed.
-//! The answer's body is read (so the connection can be reused, and so a reply route can
-//! forward it) up to [`MAX_ANSWER_BYTES`]. The engine and the reply route share this code
-//! path; the engine adds rate, concurrency and retry around it.
+//! The answer's status decides the attempt; its body is read (so the connection can be
+//! reused, and so a reply route can forward it) up to [`MAX_ANSWER_BYTES`]. The engine and
+//! the reply route share this code path; the engine adds rate, concurrency and retry
+//! around it.
 
 use std::error::Error as _;
 use std::time::Duration;
@@ -38,7 +39,8 @@ pub struct Answer {
     pub headers: HeaderMap,
     /// At most [`MAX_ANSWER_BYTES`].
     pub body: Bytes,
-    /// The body was longer than [`MAX_ANSWER_BYTES`]; `body` holds its start.
+    /// The body was longer than [`MAX_ANSWER_BYTES`], broke off, or had not all come by the
+    /// timeout; `body` holds what came.
     pub truncated: bool,
 }
 
@@ -170,50 +172,58 @@ pub async fn send_once(
     timeout: Duration,
 ) -> AttemptResult {
     let req = build_request(dest, event, attempt, crate::clock::now_ms() / 1000);
-    let call = async {
-        let resp = client.request(req).await.map_err(|e| {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let resp = match tokio::time::timeout_at(deadline, client.request(req)).await {
+        Err(_) => return Err(SendError::Timeout(timeout)),
+        Ok(Err(e)) => {
             let text = match e.source() {
                 Some(s) => chain(s),
                 None => e.to_string(),
             };
-            if e.is_connect() {
+            return Err(if e.is_connect() {
                 SendError::Connect(text)
             } else {
                 SendError::Request(text)
-            }
-        })?;
-        let (parts, mut body) = resp.into_parts();
-        let mut buf = BytesMut::new();
-        let mut truncated = false;
-        while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| SendError::Request(format!("reading the answer: {}", chain(&e))))?;
-            if let Ok(data) = frame.into_data() {
-                let room = MAX_ANSWER_BYTES - buf.len();
-                if data.len() > room {
-                    buf.extend_from_slice(&data[..room]);
-                    truncated = true;
-                    break; // dropping the rest closes the connection
-                }
-                buf.extend_from_slice(&data);
-            }
+            });
         }
-        Ok(Answer {
-            status: parts.status.as_u16(),
-            content_type: parts
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
-            headers: parts.headers,
-            body: buf.freeze(),
-            truncated,
-        })
+        Ok(Ok(resp)) => resp,
     };
-    match tokio::time::timeout(timeout, call).await {
-        Ok(r) => r,
-        Err(_) => Err(SendError::Timeout(timeout)),
+    // The status is the answer: a body that breaks off or stalls after it leaves the
+    // answer `truncated` (a 2xx is delivered; sending it again would only duplicate it),
+    // and dropping the rest closes the connection.
+    let (parts, mut body) = resp.into_parts();
+    let mut buf = BytesMut::new();
+    let mut truncated = false;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => {
+                truncated = true;
+                break;
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = MAX_ANSWER_BYTES - buf.len();
+            if data.len() > room {
+                buf.extend_from_slice(&data[..room]);
+                truncated = true;
+                break;
+            }
+            buf.extend_from_slice(&data);
+        }
     }
+    Ok(Answer {
+        status: parts.status.as_u16(),
+        content_type: parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        headers: parts.headers,
+        body: buf.freeze(),
+        truncated,
+    })
 }
 
 #[cfg(test)]

@@ -246,6 +246,9 @@ pub enum Action {
     Reset,
     /// Starts a 200 answer promising a 100-byte body, sends 10 bytes of it, then closes.
     Truncate,
+    /// Starts a 200 answer promising a 100-byte body, sends 10 bytes of it, then holds the
+    /// connection, sending nothing more (until the sink stops).
+    Stall,
     /// Answers this status after this many milliseconds.
     Later(u16, u64),
     /// Answers this status once the sink is released ([`FaultSink::release`]); holds the
@@ -265,12 +268,13 @@ pub struct Arrival {
 }
 
 impl Arrival {
-    /// Answered 2xx: the relay counts this as delivered.
+    /// Answered 2xx (a body cut off or stalled after the status too): the relay counts this
+    /// as delivered.
     pub fn delivered(&self) -> bool {
         matches!(
             self.action,
             Action::Answer(s) | Action::Later(s, _) | Action::Held(s) if (200..300).contains(&s)
-        )
+        ) || matches!(self.action, Action::Truncate | Action::Stall)
     }
 }
 
@@ -571,12 +575,15 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
                 let _ = s.set_zero_linger();
                 return;
             }
-            Action::Truncate => {
+            Action::Truncate | Action::Stall => {
                 let _ = s
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"ok\":tru")
                     .await;
-                // A plain close (FIN): the partial answer reaches the client, then EOF.
                 let _ = s.flush().await;
+                if action == Action::Stall {
+                    stop.cancelled().await;
+                }
+                // A plain close (FIN): the partial answer reaches the client, then EOF.
                 return;
             }
         }
