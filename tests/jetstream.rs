@@ -730,6 +730,48 @@ async fn a_call_action_reply_is_kept_for_a_duplicate_at_another_instance() {
     drop(nats);
 }
 
+/// A duplicate's call that gets ivr's answer delivers the delivery the first call's 404
+/// left dead, and takes it off the dead list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_whose_call_succeeds_delivers_a_delivery_left_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let answering = Reply::status(200)
+        .header("content-type", "application/json")
+        .body(CALL_ACTION_REPLY);
+    let ivr = Sink::start(vec![Reply::status(404)], answering).await;
+    let text = call_action_config(&nats.url(), &ivr.url("/call-action"), "", None, "2s");
+    let relay = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let a = relay.post("/8x8/voice", &body).await;
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay
+        .app()
+        .store
+        .dead(Some("ivr"), 10)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "never dead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = relay.post("/8x8/voice", &body).await;
+    assert_eq!(&again.body[..], CALL_ACTION_REPLY);
+    ivr_delivered(&relay, "77e6a667-133a-11ef-9dd4-e911cc6fc82f").await;
+    assert!(relay
+        .app()
+        .store
+        .dead(Some("ivr"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(ivr.seen().len(), 2);
+    relay.stop().await;
+    drop(nats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instances_delivery_in_flight_is_sent_by_another_soon() {
     let dir = tempfile::tempdir().unwrap();

@@ -268,6 +268,39 @@ async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call
 }
 
 #[tokio::test]
+async fn a_resend_whose_call_succeeds_delivers_a_delivery_the_first_call_left_dead() {
+    // The first call gets a 404: the held delivery is dead at once. 8x8 sends the event
+    // again and that call gets ivr's answer: the delivery is delivered, off the dead list
+    // (a replay of the dead list would have sent the call action a second time).
+    let ivr = Sink::start(
+        vec![Reply::status(404)],
+        Reply::status(200)
+            .header("content-type", "application/json")
+            .body(REPLY),
+    )
+    .await;
+    let analytics = Sink::always(200).await;
+    let r = TestRelay::start(&config(ivr.addr, analytics.addr)).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let a = r.post("/8x8/voice", &body).await;
+    assert_eq!(&a.body[..], br#"{"callflow":[{"action":"hangup"}]}"#);
+    delivery_of(&r, "ivr", |d| d.state == DeliveryState::Dead).await;
+    assert_eq!(r.app().store.dead(Some("ivr"), 10).await.unwrap().len(), 1);
+    assert_eq!(&r.post("/8x8/voice", &body).await.body[..], REPLY);
+    let d = delivery_of(&r, "ivr", |d| d.state != DeliveryState::Dead).await;
+    assert_eq!(d.state, DeliveryState::Delivered);
+    assert_eq!((d.attempts, d.last_status), (2, Some(200)));
+    assert!(r
+        .app()
+        .store
+        .dead(Some("ivr"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(ivr.seen().len(), 2);
+}
+
+#[tokio::test]
 async fn a_resend_whose_call_succeeds_delivers_the_held_delivery() {
     // The first call fails: 8x8 gets the fallback and the held delivery waits for its retry
     // (an hour off). 8x8 sends the event again; that call gets ivr's answer, which is

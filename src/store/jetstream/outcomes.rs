@@ -160,7 +160,12 @@ impl JetStreamStore {
                 else {
                     break;
                 };
-                if rec.delivery.state != DeliveryState::Pending {
+                // A duplicate's call delivered what the first call left dead (a 4xx): the
+                // delivered state takes it off the dead list (which lists dead states only).
+                // It left its line when it died.
+                let revived = rec.delivery.state == DeliveryState::Dead
+                    && matches!(outcome, Outcome::Delivered { .. });
+                if rec.delivery.state != DeliveryState::Pending && !revived {
                     break;
                 }
                 // Which attempt this is, once known: tried again after a write that
@@ -176,7 +181,9 @@ impl JetStreamStore {
                     .write(&self.state_writes(state_seq, &rec, &body))
                     .await?
                 {
-                    self.advance_after(&rec, true).await;
+                    if !revived {
+                        self.advance_after(&rec, true).await;
+                    }
                     break;
                 }
             }

@@ -216,6 +216,16 @@ impl Writer<'_> {
         let Some(mut d) = self.delivery(k.seq, &k.destination)? else {
             return Ok(()); // purged meanwhile: nothing to record
         };
+        if d.state == DeliveryState::Dead && matches!(outcome, Outcome::Delivered { .. }) {
+            // A reply route's call for a duplicate delivered what the first call left dead
+            // (a 4xx): off the dead list, so no replay sends it again. It left its queue
+            // and its line when it died.
+            self.txn.delete(&dead_key(&k.destination, k.seq))?;
+            d.apply(&outcome, now_ms());
+            return self
+                .txn
+                .put(&delivery_key(k.seq, &k.destination), &encode_delivery(&d));
+        }
         if d.state != DeliveryState::Pending {
             return Ok(());
         }
