@@ -96,6 +96,45 @@ async fn health_ready_and_unknown_paths() {
     }
 }
 
+/// `/readyz` answers a balancer without the admin token, but names destinations (those
+/// removed from the config with deliveries pending) only to the operator.
+#[tokio::test]
+async fn readiness_names_removed_destinations_only_to_the_operator() {
+    let text = CONFIG.replace(
+        "admin_listen = \"127.0.0.1:0\"\n",
+        "admin_listen = \"127.0.0.1:0\"\nadmin_token = \"tok-0123\"\n",
+    );
+    assert_ne!(text, CONFIG);
+    let r = TestRelay::start(&text).await;
+    let body = br#"{"payload":{"eventId":"orphan-1"}}"#;
+    assert_eq!(r.post("/open", body).await.status, 200);
+    let bearer = [("authorization", "Bearer tok-0123")];
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    std::fs::write(
+        &file,
+        text.replace("name = \"calls\"", "name = \"elsewhere\"")
+            .replace("to = [\"calls\"]", "to = [\"elsewhere\"]"),
+    )
+    .unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &bearer, b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let open = send(Method::GET, &r.admin_url("/readyz"), &[], b"").await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.json()["status"], "ready");
+    assert!(
+        !String::from_utf8_lossy(&open.body).contains("calls"),
+        "{:?}",
+        open.body
+    );
+    let operator = send(Method::GET, &r.admin_url("/readyz"), &bearer, b"").await;
+    assert_eq!(
+        operator.json()["unconfigured_destinations_with_pending"]["calls"],
+        1,
+        "{:?}",
+        operator.body
+    );
+}
+
 /// `GET /api/events/{id}` shows the body exactly as received (key order, numbers), and one
 /// event at its top level even when two sources used the id (the newest; all of them, newest
 /// first, under `events`).

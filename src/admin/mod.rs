@@ -153,7 +153,10 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         }
         "/readyz" => {
             only(&req, Method::GET)?;
-            return Ok(readyz(app).await);
+            // Open to a balancer; what is pending for removed destinations (their names)
+            // only to the operator.
+            let operator = authorized(app, &req).is_ok();
+            return Ok(readyz(app, operator).await);
         }
         p => {
             if let Some(page) = console::asset(p) {
@@ -488,15 +491,10 @@ async fn destination(app: &App, name: &str) -> Value {
 /// How long readiness waits for the store's probe.
 const PROBE_WAIT: Duration = Duration::from_secs(2);
 
-async fn readyz(app: &App) -> Response<Body> {
+/// Ready or not, and why; to the `operator` (the admin token given, or none configured)
+/// also the pending counts of destinations no longer configured, by name.
+async fn readyz(app: &App, operator: bool) -> Response<Body> {
     let config = app.config();
-    let orphans: serde_json::Map<String, Value> = app
-        .store
-        .queue_depths()
-        .into_iter()
-        .filter(|(d, _)| config.destination(d).is_none())
-        .map(|(d, n)| (d, json!(n)))
-        .collect();
     if app.health.is_stopping() {
         return ApiError::unavailable("the relay is shutting down", "5").into_response();
     }
@@ -518,11 +516,21 @@ async fn readyz(app: &App) -> Response<Body> {
         )
         .into_response();
     }
-    ok(json!({
+    let mut ready = json!({
         "status": "ready",
         "instances": app.store.share(),
-        "unconfigured_destinations_with_pending": orphans,
-    }))
+    });
+    if operator {
+        let orphans: serde_json::Map<String, Value> = app
+            .store
+            .queue_depths()
+            .into_iter()
+            .filter(|(d, _)| config.destination(d).is_none())
+            .map(|(d, n)| (d, json!(n)))
+            .collect();
+        ready["unconfigured_destinations_with_pending"] = Value::Object(orphans);
+    }
+    ok(ready)
 }
 
 async fn metrics(app: &App, openmetrics: bool) -> String {
