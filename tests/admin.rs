@@ -135,6 +135,37 @@ async fn readiness_names_removed_destinations_only_to_the_operator() {
     );
 }
 
+/// The routing table (`/api/config`, a reload's answer, `check`) shows a source's path, match
+/// values and filter as the file writes them: a `${VAR}` there may hold a secret (a secret
+/// URL path, a verification token).
+#[tokio::test]
+async fn the_routing_table_shows_variables_not_their_values() {
+    let text = CONFIG
+        .replace("path = \"/open\"", "path = \"/open/${HOOK_PATH}\"")
+        .replace(
+            "source = \"open\"\n",
+            "source = \"open\"\nmatch = { kind = \"${KIND}\" }\nfilter = \"$[?@.token == '${VERIFY}']\"\n",
+        );
+    let env = [
+        ("HOOK_PATH", "p-7f3c9e"),
+        ("KIND", "k-51d2aa"),
+        ("VERIFY", "v-90be13"),
+    ];
+    let r = TestRelay::start_env(&text, &env).await;
+    let body = br#"{"kind":"k-51d2aa","token":"v-90be13","payload":{"eventId":"shown-1"}}"#;
+    let a = r.post("/open/p-7f3c9e", body).await;
+    assert_eq!(a.json()["deliveries"], 1, "{:?}", a.body);
+    // (A reload's answer shows the same table; `check` prints it.)
+    let config = send(Method::GET, &r.admin_url("/api/config"), &[], b"").await;
+    let shown = String::from_utf8_lossy(&config.body);
+    for value in ["p-7f3c9e", "k-51d2aa", "v-90be13"] {
+        assert!(!shown.contains(value), "{value} in {shown}");
+    }
+    for var in ["${HOOK_PATH}", "${KIND}", "${VERIFY}"] {
+        assert!(shown.contains(var), "{var} not in {shown}");
+    }
+}
+
 /// `GET /api/events/{id}` shows the body exactly as received (key order, numbers), and one
 /// event at its top level even when two sources used the id (the newest; all of them, newest
 /// first, under `events`).

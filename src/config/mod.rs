@@ -160,6 +160,9 @@ impl std::fmt::Debug for StoreSettings {
 pub struct Source {
     pub name: String,
     pub path: String,
+    /// `path` as the file writes it: what the routing table shows (a `${VAR}` in it may
+    /// hold a secret, as in a secret URL).
+    pub shown_path: String,
     /// Empty = any address.
     pub allow_ips: Vec<IpNet>,
     pub auth: Auth,
@@ -242,6 +245,9 @@ pub struct Route {
     pub source: usize,
     pub matchers: Vec<Matcher>,
     pub filter: Option<Filter>,
+    /// `match` and `filter` as the file writes them (`${VAR}`s not filled in), or "every
+    /// event": what the routing table shows.
+    pub shown_when: String,
     /// Indexes into `Config::destinations`.
     pub to: Vec<usize>,
     pub reply: Option<Reply>,

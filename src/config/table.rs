@@ -1,5 +1,6 @@
 //! The routing table as text: what `check` prints and what a reload answers with.
-//! Shows names, paths, match values and filters; never a secret.
+//! Shows names, paths, match values and filters as the file writes them (a `${VAR}` is not
+//! filled in: it may hold a secret); never a secret.
 
 use std::fmt::Write;
 
@@ -35,20 +36,13 @@ pub fn routing_table(c: &Config) -> String {
         let _ = writeln!(
             out,
             "source {}  POST {}  auth: {auth}  allow: {allow}  event id: {ids}",
-            s.name, s.path
+            s.name, s.shown_path
         );
         if s.routes.is_empty() {
             let _ = writeln!(out, "  (no routes: events are accepted and not delivered)");
         }
         for &ri in &s.routes {
             let r = &c.routes[ri];
-            let mut cond: Vec<String> = r.matchers.iter().map(ToString::to_string).collect();
-            if cond.is_empty() {
-                cond.push("every event".into());
-            }
-            if let Some(f) = &r.filter {
-                cond.push(format!("filter {}", f.text));
-            }
             let to: Vec<&str> =
                 r.to.iter()
                     .map(|&d| c.destinations[d].name.as_str())
@@ -57,7 +51,7 @@ pub fn routing_table(c: &Config) -> String {
                 out,
                 "  route {}: {} -> {}",
                 r.name,
-                cond.join(" "),
+                r.shown_when,
                 to.join(", ")
             );
             if !r.order_by.is_empty() {

@@ -40,8 +40,10 @@ impl Cx<'_> {
             );
         }
         let mut matchers = Vec::new();
+        let mut shown = Vec::new();
         for (field, v) in raw.match_.iter().flatten() {
             let mk = format!("{key}.match.{field}");
+            let raw_field = field;
             let Some(field) = self.expand(field, v.span(), &mk) else {
                 continue;
             };
@@ -70,6 +72,13 @@ impl Cx<'_> {
                 );
             }
             matchers.push(Matcher::new(field, values));
+            shown.push(Matcher::new(raw_field.clone(), listed.to_vec()).to_string());
+        }
+        if let Some(f) = &raw.filter {
+            shown.push(format!("filter {}", f.get_ref()));
+        }
+        if shown.is_empty() {
+            shown.push("every event".to_string());
         }
         let filter = raw.filter.as_ref().and_then(|f| {
             let k = format!("{key}.filter");
@@ -196,6 +205,7 @@ impl Cx<'_> {
             source: source?,
             matchers,
             filter,
+            shown_when: shown.join(" "),
             to,
             reply,
             order_by,

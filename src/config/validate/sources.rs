@@ -86,6 +86,7 @@ impl Cx<'_> {
         Source {
             name,
             path,
+            shown_path: r.path.get_ref().clone(),
             allow_ips,
             auth,
             event_id,
