@@ -1,8 +1,9 @@
 //! Until the store is open: both listeners are bound and answer, so a balancer and a
 //! provider hear "not ready yet" (503 with `Retry-After`, `/readyz` saying why) instead of a
-//! refused connection, and a JetStream out of reach is waited for instead of ending the
-//! process. What a restart would only repeat (a store in use or unreadable, NATS refusing
-//! the account or too old) still ends it, with the reason.
+//! refused connection. A JetStream out of reach, or an embedded store another process holds
+//! (the relay this one replaces, still stopping), is waited for instead of ending the
+//! process. What a restart would only repeat (a store unreadable, NATS refusing the account
+//! or too old) still ends it, with the reason.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use crate::config::{Backend, Config};
 use crate::store::jetstream::{JetStreamStore, OutOfReach};
 use crate::store::redb::RedbStore;
 use crate::store::sled::SledStore;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::web::response::{json_response, ApiError};
 use crate::web::server;
 
@@ -77,15 +78,17 @@ pub async fn open_store(
     tokio::join!(opening, answering).0
 }
 
-/// Opens the store; a JetStream out of reach is tried again (1 s, doubling to 10 s) until
-/// it answers, `why` saying what is awaited.
+/// Opens the store; a JetStream out of reach, or an embedded store another process holds
+/// (the relay this one replaces, still stopping), is tried again (1 s, doubling to 10 s)
+/// until it opens, `why` saying what is awaited.
 async fn open_waiting(config: &Config, why: &Mutex<String>) -> anyhow::Result<Arc<dyn Store>> {
     let mut wait = FIRST_RETRY;
     loop {
         match open_once(config).await {
-            Err(e) if e.downcast_ref::<OutOfReach>().is_some() => {
+            Err(e) if waitable(&e).is_some() => {
                 let text = format!("{e:#}");
-                warn!(error = %text, retry_in = ?wait, "JetStream is out of reach; answering 503 until it is reached");
+                let what = waitable(&e).unwrap_or_default();
+                warn!(error = %text, retry_in = ?wait, "{what}; answering 503 until it opens");
                 *why.lock().unwrap() = format!("{text} (trying again every {MAX_RETRY:?} at most)");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(MAX_RETRY);
@@ -93,6 +96,16 @@ async fn open_waiting(config: &Config, why: &Mutex<String>) -> anyhow::Result<Ar
             r => return r,
         }
     }
+}
+
+/// What keeps the store from opening for now, if that is why `e` came: a JetStream out of
+/// reach, or an embedded store another process holds.
+fn waitable(e: &anyhow::Error) -> Option<&'static str> {
+    if e.downcast_ref::<OutOfReach>().is_some() {
+        return Some("JetStream is out of reach");
+    }
+    matches!(e.downcast_ref::<StoreError>(), Some(StoreError::InUse(_)))
+        .then_some("the store is in use by another process")
 }
 
 async fn open_once(config: &Config) -> anyhow::Result<Arc<dyn Store>> {

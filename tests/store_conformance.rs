@@ -525,6 +525,12 @@ async fn the_store_contract_on_redb() {
     an_id_past_its_window_is_new("redb", st.as_ref()).await;
     a_reused_ids_dead_letter_is_found_and_replayed_by_id("redb", st.as_ref()).await;
     st.close().await.unwrap();
+    // Closed, it lets go of its file at once, not when its last reference goes: a relay
+    // replacing this one opens it meanwhile (redb's lock is the database's).
+    let next = RedbStore::open(dir.path()).expect("opened while the closed one lives on");
+    assert!(!next.lookup("k0").await.unwrap().is_empty());
+    next.close().await.unwrap();
+    drop(st);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,11 @@ pub trait Engine: Send + Sync + 'static {
     fn group(&self, f: &mut dyn FnMut(&mut dyn Txn)) -> Result<(), StoreError>;
     /// Makes everything committed so far durable (at close).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Lets go of the files at close, after [`Engine::sync`]: another process may open them
+    /// from then on (a relay replacing this one), and nothing is read or written here.
+    fn release(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Whether a group commits all or nothing, so that what a group writes last (the queue
     /// counts) always agrees with the rest of it, crash or not.
     fn atomic_groups(&self) -> bool;

@@ -40,6 +40,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Format(String),
+    /// Another process holds the store's files (a relay this one replaces, still stopping).
+    #[error("{0}: in use by another process (a relay still stopping?)")]
+    InUse(String),
 }
 
 /// An event as ingress hands it to the store.

@@ -27,9 +27,11 @@ const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hookrelay");
 pub type RedbStore = KvStore<RedbEngine>;
 
 pub struct RedbEngine {
-    /// `None` while a reopen after an I/O error has not succeeded yet.
+    /// `None` while a reopen after an I/O error has not succeeded yet, and once released.
     db: RwLock<Option<Database>>,
     file: PathBuf,
+    /// Released at close: never opened again.
+    released: std::sync::atomic::AtomicBool,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -55,6 +57,7 @@ impl RedbEngine {
         Ok(RedbEngine {
             db: RwLock::new(Some(open(&file)?)),
             file,
+            released: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -89,6 +92,9 @@ impl RedbEngine {
     /// file again, which recovers the last commit.
     fn reopen(&self) -> Result<(), StoreError> {
         let mut slot = self.db.write().unwrap();
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
         if let Some(old) = slot.take() {
             let _ = old.close();
         }
@@ -117,7 +123,12 @@ fn open(file: &Path) -> Result<Database, StoreError> {
     let db = redb::Builder::new()
         .set_cache_size(CACHE_BYTES)
         .create(file)
-        .map_err(|e| err(format!("{}: {e}", file.display())))?;
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::InUse(file.display().to_string())
+            }
+            e => err(format!("{}: {e}", file.display())),
+        })?;
     let tx = db.begin_write().map_err(err)?;
     tx.open_table(TABLE).map_err(err)?;
     tx.commit().map_err(err)?;
@@ -216,6 +227,17 @@ impl Engine for RedbEngine {
     }
     fn sync(&self) -> Result<(), StoreError> {
         Ok(()) // every commit is already durable
+    }
+    fn release(&self) -> Result<(), StoreError> {
+        // redb holds its file's lock, and writes its clean shutdown, until the database is
+        // dropped: here, not when the last reference goes (at the process's exit, at best).
+        let mut slot = self.db.write().unwrap();
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        match slot.take() {
+            Some(db) => db.close().map_err(err),
+            None => Ok(()),
+        }
     }
     fn atomic_groups(&self) -> bool {
         true // one write transaction per group

@@ -49,10 +49,10 @@ impl SledEngine {
             match config.open() {
                 Ok(db) => return Ok(SledEngine { db }),
                 // sled reports a held lock as an `Other` I/O error with this text.
-                Err(::sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
+                Err(::sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse(path.display().to_string()));
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => return Err(StoreError::Unavailable(format!("{}: {e}", path.display()))),

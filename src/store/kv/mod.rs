@@ -679,17 +679,18 @@ impl<E: Engine> Store for KvStore<E> {
         }
         // Every write is done: the kept counts are exact (unless keeping them failed); say
         // so for the next start.
-        if self.shared.recount.load(Ordering::Relaxed) {
-            return self.shared.engine.sync();
-        }
         let engine = self.shared.engine.clone();
+        let recount = self.shared.recount.load(Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
-            let mut marked = Ok(());
-            engine.group(&mut |txn| {
-                marked = txn.put(CLEAN_KEY, b"1").and_then(|_| txn.end_op());
-            })?;
-            marked?;
-            engine.sync()
+            if !recount {
+                let mut marked = Ok(());
+                engine.group(&mut |txn| {
+                    marked = txn.put(CLEAN_KEY, b"1").and_then(|_| txn.end_op());
+                })?;
+                marked?;
+            }
+            engine.sync()?;
+            engine.release()
         })
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))?
