@@ -33,6 +33,9 @@ pub struct Relay {
     pub admin: SocketAddr,
     pub app: Arc<App>,
     shutdown: CancellationToken,
+    /// Cut the shutdown short: what is in flight is dropped (deliveries stay pending), and
+    /// the store closes at once.
+    hurry: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -61,6 +64,7 @@ impl Relay {
         let admin = admin_listener.local_addr()?;
         let app = App::new(config, store).context("building the HTTP client")?;
         let shutdown = CancellationToken::new();
+        let hurry = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         tokio::spawn(crate::admin::serve(
             admin_listener,
@@ -68,9 +72,9 @@ impl Relay {
             admin_stop.clone(),
         ));
         let task = {
-            let (app, shutdown) = (app.clone(), shutdown.clone());
+            let (app, shutdown, hurry) = (app.clone(), shutdown.clone(), hurry.clone());
             tokio::spawn(async move {
-                let r = run(app, listener, shutdown).await;
+                let r = run(app, listener, shutdown, hurry).await;
                 admin_stop.cancel();
                 r
             })
@@ -80,6 +84,7 @@ impl Relay {
             admin,
             app,
             shutdown,
+            hurry,
             task,
         })
     }
@@ -110,6 +115,7 @@ async fn run(
     app: Arc<App>,
     listener: TcpListener,
     shutdown: CancellationToken,
+    hurry: CancellationToken,
 ) -> anyhow::Result<()> {
     let config = app.config();
     let delivery_stop = CancellationToken::new();
@@ -123,20 +129,27 @@ async fn run(
             app.health.set_stopping();
         });
     }
-    crate::ingress::serve(
-        listener,
-        app.ingress(),
-        shutdown.clone(),
-        config.server.read_timeout * 3,
-    )
-    .await;
+    // A second signal cuts each wait short: requests still in flight get no answer (their
+    // senders try again; what was stored stays), deliveries stay pending.
+    tokio::select! {
+        _ = crate::ingress::serve(
+            listener,
+            app.ingress(),
+            shutdown.clone(),
+            config.server.read_timeout * 3,
+        ) => {}
+        _ = hurry.cancelled() => {}
+    }
     let grace = app.config().server.shutdown_grace;
     delivery_stop.cancel();
-    if tokio::time::timeout(grace, delivery.wait()).await.is_err() {
-        warn!(
-            ?grace,
-            "deliveries still in flight after shutdown_grace; they stay pending"
-        );
+    tokio::select! {
+        waited = tokio::time::timeout(grace, delivery.wait()) => if waited.is_err() {
+            warn!(
+                ?grace,
+                "deliveries still in flight after shutdown_grace; they stay pending"
+            );
+        },
+        _ = hurry.cancelled() => {}
     }
     // Attempts past the grace are abandoned (they stay pending) before the store closes,
     // not left to answer into a closing store.
@@ -163,8 +176,14 @@ async fn purge_loop(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
-/// `hookrelay serve`: runs until SIGTERM or Ctrl-C; a second signal exits at once.
+/// `hookrelay serve`: runs until SIGTERM or Ctrl-C; a second signal drops what is in flight
+/// and exits once the store is closed (status 1), a third without closing it.
 pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
+    // Handlers are in place before anything else (the config's files are read first), so
+    // no early signal takes the default action, which would kill the process.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let config = match config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -172,11 +191,6 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    // Handlers are in place before anything starts, so no early signal takes the default
-    // action (which would kill the process).
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Nothing is accepted before the store is open, so a signal then simply ends it.
     let relay = tokio::select! {
         r = Relay::start(config) => r?,
@@ -189,7 +203,7 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
     );
     info!(ingress = %relay.ingress, admin = %relay.admin, "listening");
     tokio::spawn(reload_on_sighup(relay.app.clone(), hup));
-    let stop = relay.shutdown.clone();
+    let (stop, hurry) = (relay.shutdown.clone(), relay.hurry.clone());
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
@@ -201,11 +215,22 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        error!("second signal: exiting at once");
+        error!("second signal: dropping what is in flight (it stays pending), closing the store and exiting");
+        hurry.cancel();
+        // The store's close is quick; should it hang, a third signal ends the process.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        error!("third signal: exiting without closing the store");
         std::process::exit(1);
     });
+    let hurried = relay.hurry.clone();
     relay.stopped().await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(match hurried.is_cancelled() {
+        true => ExitCode::FAILURE,
+        false => ExitCode::SUCCESS,
+    })
 }
 
 fn stopped_while_starting() -> ExitCode {
@@ -216,6 +241,10 @@ fn stopped_while_starting() -> ExitCode {
 /// SIGHUP: reload as `POST /api/reload` does; on errors the old config stays.
 async fn reload_on_sighup(app: Arc<App>, mut hup: Signal) {
     while hup.recv().await.is_some() {
+        if app.health.is_stopping() {
+            info!("SIGHUP while stopping: the config is read at the next start");
+            continue;
+        }
         match app.reload() {
             Ok(_) => info!("config reloaded (SIGHUP)"),
             Err(errors) => {

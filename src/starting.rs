@@ -13,7 +13,7 @@ use http::{Method, StatusCode};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::{Backend, Config};
 use crate::store::jetstream::{JetStreamStore, OutOfReach};
@@ -37,6 +37,22 @@ pub async fn open_store(
     admin: &TcpListener,
 ) -> anyhow::Result<Arc<dyn Store>> {
     let why = Arc::new(Mutex::new("the store is being opened".to_string()));
+    // Said before the open, which may take a while (a store not closed cleanly is
+    // recovered; one in use is waited for): the listeners answer 503 meanwhile.
+    let embedded = match config.store.backend {
+        Backend::Redb => Some("redb"),
+        Backend::Sled => Some("sled"),
+        Backend::Jetstream => None,
+    };
+    if let Some(backend) = embedded {
+        info!(
+            backend,
+            path = %config.store.path.display(),
+            ingress = %ingress.local_addr()?,
+            admin = %admin.local_addr()?,
+            "opening the store; answering 503 until it is open"
+        );
+    }
     let opened = CancellationToken::new();
     let opening = async {
         let store = open_waiting(config, &why).await;

@@ -651,6 +651,67 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
     store.close().await.unwrap();
 }
 
+/// A reload during the shutdown is refused; a second signal during the shutdown's waits (a
+/// delivery holds it for its grace) ends them: the relay closes its store and exits 1 at once; the next start finds the store
+/// closed cleanly (redb needs no repair) with the delivery still pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_the_shutdown_short_and_still_closes_the_store() {
+    use support::{Action, FaultSink};
+    let sink = FaultSink::start(|_| Action::Hang).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(
+        &cfg,
+        CONFIG
+            .replace("[server]", "[server]\nshutdown_grace = \"60s\"")
+            .replace("http://127.0.0.1:9/calls", &sink.url("/calls")),
+    )
+    .unwrap();
+    let mut p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
+    let url = format!("http://{}/open", p.ingress);
+    let a = send(
+        Method::POST,
+        &url,
+        &[],
+        br#"{"payload":{"eventId":"held-1"}}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(sink.wait_count(1, WAIT).await, "the delivery is out");
+    p.signal("TERM");
+    assert!(p.wait_log("stopping", WAIT).await);
+    // A reload now has nothing to apply to: said, not answered "reloaded".
+    let admin = format!("http://{}/api/reload", p.admin);
+    send(Method::POST, &admin, &[], b"")
+        .await
+        .error(503, "unavailable");
+    p.signal("INT");
+    let status = p.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1));
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let seen = repaired.clone();
+        let db = redb::Builder::new()
+            .set_repair_callback(move |_| seen.store(true, std::sync::atomic::Ordering::SeqCst))
+            .open(dir.path().join("data").join("hookrelay.redb"))
+            .unwrap();
+        drop(db);
+    }
+    assert!(
+        !repaired.load(std::sync::atomic::Ordering::SeqCst),
+        "the store was left unclosed"
+    );
+    let store = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
+    use hookrelay::store::Store;
+    let v = store.lookup("held-1").await.unwrap();
+    assert_eq!(
+        v[0].deliveries[0].state,
+        hookrelay::store::DeliveryState::Pending
+    );
+    store.close().await.unwrap();
+    sink.stop().await;
+}
+
 /// CONTRACT §6: SIGTERM stops accepting (a new connection is refused) and finishes the
 /// requests in flight: one whose body is still coming gets its 200, its event stored.
 #[tokio::test]

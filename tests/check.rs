@@ -863,3 +863,23 @@ fn a_destination_header_that_frames_the_message_is_refused() {
         );
     }
 }
+
+#[test]
+fn the_admin_api_needs_a_port_of_its_own() {
+    for (listen, admin) in [
+        ("127.0.0.1:18080", "127.0.0.1:18080"),
+        ("0.0.0.0:18080", "127.0.0.1:18080"),
+    ] {
+        let t = BASE.replace(
+            "token_secret = \"t\"\n",
+            &format!("token_secret = \"t\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n"),
+        );
+        rejects(&t, "server.admin_listen", "takes the port of server.listen");
+    }
+    // Another address on the same port is another socket.
+    let t = BASE.replace(
+        "token_secret = \"t\"\n",
+        "token_secret = \"t\"\nlisten = \"127.0.0.2:18080\"\nadmin_listen = \"127.0.0.1:18080\"\n",
+    );
+    assert!(problems(&t).is_empty(), "{:?}", problems(&t));
+}

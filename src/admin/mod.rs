@@ -550,6 +550,14 @@ async fn metrics(app: &App, openmetrics: bool) -> String {
 }
 
 fn reload(app: &App) -> Response<Body> {
+    // What a reload would start (schedulers, a grace) has no time left to run.
+    if app.health.is_stopping() {
+        return ApiError::unavailable(
+            "the relay is stopping; it reads the config at its next start",
+            "5",
+        )
+        .into_response();
+    }
     match app.reload() {
         Ok(table) => {
             info!("config reloaded");

@@ -101,8 +101,24 @@ impl Cx<'_> {
                 ),
             );
         }
+        let listen = self.addr(&r.listen, "server.listen", defaults::LISTEN);
+        // One port for both (a wildcard address covers every other): serve would fail to
+        // bind the second, "address in use", as if another process held it.
+        let overlap = |a: std::net::IpAddr, b: std::net::IpAddr| {
+            a == b || a.is_unspecified() || b.is_unspecified()
+        };
+        if listen.port() != 0
+            && listen.port() == admin_listen.port()
+            && overlap(listen.ip(), admin_listen.ip())
+        {
+            self.err(
+                r.admin_listen.as_ref().map(|a| a.span()),
+                "server.admin_listen",
+                format!("{admin_listen} takes the port of server.listen {listen}: give the admin API a port of its own"),
+            );
+        }
         Server {
-            listen: self.addr(&r.listen, "server.listen", defaults::LISTEN),
+            listen,
             admin_listen,
             admin_token,
             max_body_bytes: self.positive(
