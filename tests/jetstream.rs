@@ -876,6 +876,43 @@ async fn an_attempt_longer_than_the_ack_wait_is_not_sent_by_another_instance_mea
     drop(nats);
 }
 
+/// An accepted event waits for its fan-out as long as that takes, however short `retain`
+/// and the dedup window are: it once expired with them (1 s here) while the fan-out was held
+/// up, and was never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waiting_for_its_fan_out_outlives_a_short_retain() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let text = config(&[nats.url()], &[("a", a.url("/a"))])
+        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"")
+        + "\n[dedup]\nwindow = \"1s\"\n";
+    let r = TestRelay::start(&text).await;
+    // The fan-out held up for 3 s: the server hands its consumer nothing until then.
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let until = humantime::format_rfc3339(std::time::SystemTime::now() + Duration::from_secs(3));
+    let paused = nc
+        .request(
+            "$JS.API.CONSUMER.PAUSE.t.t-fanout",
+            serde_json::json!({ "pause_until": until.to_string() })
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let paused: serde_json::Value = serde_json::from_slice(&paused.payload).unwrap();
+    assert_eq!(paused["paused"], true, "{paused}");
+    let url = r.url("/8x8/voice");
+    let p = try_post(&client(), &url, voice("waits"), Duration::from_secs(10)).await;
+    assert_eq!(p.expect("an answer").status, 200);
+    assert!(
+        a.wait_count(1, Duration::from_secs(20)).await,
+        "the event expired before its fan-out"
+    );
+    r.stop().await;
+    drop(nats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_deleted_under_a_running_relay_are_made_again() {
     let dir = tempfile::tempdir().unwrap();

@@ -56,6 +56,11 @@ pub use self::setup::OLDEST_SERVER;
 use super::*;
 use crate::config::Config;
 
+/// The least an event (and what is kept with it) stays in the stream, whatever `retain`
+/// and the dedup window say: until its fan-out has written its deliveries, nothing else
+/// holds them.
+const UNFANNED_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// The longest one write waits for JetStream's ack (the ingress gives up sooner, at its own
 /// timeout: a dropped accept deletes its line entries, [`lines::Entries`]).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -335,10 +340,16 @@ impl JetStreamStore {
 
     /// How long the records that live as long as `meta`'s event are kept.
     fn keep(&self, meta: &EventMeta) -> Duration {
-        match meta.keep_ms {
+        let kept = match meta.keep_ms {
             0 => self.keep_events,
             ms => Duration::from_millis(ms),
-        }
+        };
+        // Until its fan-out writes the deliveries, the event is the only copy of them: it
+        // is kept a day at least, however short `retain` and the window are (relays all
+        // down, or the fan-out failing, for longer than those). What is kept with it, its
+        // delivered states, stays as long: a fan-out made again reads every event kept, and
+        // one whose states were gone would be sent again.
+        kept.max(UNFANNED_KEPT)
     }
 
     /// The delivery of the event at `seq` (its event part `e`) to `destination`: on its
