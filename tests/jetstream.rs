@@ -876,6 +876,87 @@ async fn an_attempt_longer_than_the_ack_wait_is_not_sent_by_another_instance_mea
     drop(nats);
 }
 
+/// A relay started while its cluster has no JetStream leader (two of three servers down:
+/// the one left answers nothing, or "not available") waits, answering 503, and starts once
+/// a quorum is back; it once ended at once, "offers no JetStream to this account".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_waits_for_a_cluster_without_a_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(dir.path()).await;
+    cluster.servers[1].sigkill();
+    cluster.servers[2].sigkill();
+    let first = cluster.servers[0].url();
+    // Until the server left says it has no JetStream to offer (bounded: each query times
+    // out on its own).
+    let js = async_nats::jetstream::new(async_nats::connect(first.clone()).await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while js.query_account().await.is_ok() {
+        assert!(Instant::now() < deadline, "JetStream still answers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a = FaultSink::answering(200).await;
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, config(&[first], &[("a", a.url("/a"))])).unwrap();
+    let log = dir.path().join("relay.log");
+    let starting = {
+        let (cfg, log) = (cfg.clone(), log.clone());
+        tokio::spawn(async move { RelayProcess::spawn_at(&cfg, &log, "info").await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("not ready yet")
+    {
+        assert!(
+            Instant::now() < deadline && !starting.is_finished(),
+            "no word of waiting: {}",
+            support::tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.servers[1].restart().await;
+    let relay = starting.await.unwrap();
+    assert_eq!(post(&relay, "after-the-election").await.0, 200);
+    assert!(a.wait_count(1, Duration::from_secs(30)).await, "delivered");
+    relay.sigterm(Duration::from_secs(10)).await;
+    drop(cluster);
+}
+
+/// A stream made beforehand (by an operator) with settings that break the relay's promises
+/// is refused at start, naming each: it was taken as it was, memory storage losing every
+/// accepted event at the server's restart, `max_age` deleting pending deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_beforehand_with_unsafe_settings_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "t".into(),
+        subjects: vec!["t.>".into()],
+        max_messages_per_subject: 1,
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        max_age: Duration::from_secs(3600),
+        allow_message_ttl: true,
+        allow_atomic_publish: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(
+        &cfg,
+        config(&[nats.url()], &[("a", "http://127.0.0.1:9/".into())]),
+    )
+    .unwrap();
+    let out = serve_to_exit(&cfg).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("storage is memory"), "{err}");
+    assert!(err.contains("max_age"), "{err}");
+    assert!(err.contains("nats stream edit t"), "{err}");
+    drop(nats);
+}
+
 /// An accepted event waits for its fan-out as long as that takes, however short `retain`
 /// and the dedup window are: it once expired with them (1 s here) while the fan-out was held
 /// up, and was never delivered.

@@ -102,11 +102,11 @@ impl RelayProcess {
         });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line)).await;
+        let read = tokio::time::timeout(Duration::from_secs(60), stdout.read_line(&mut line)).await;
         if !matches!(read, Ok(Ok(n)) if n > 0) {
             let _ = child.kill().await;
             panic!(
-                "the relay did not say it was listening within 30s ({read:?}); its log:\n{}",
+                "the relay did not say it was listening within 60s ({read:?}); its log:\n{}",
                 tail(log)
             );
         }

@@ -166,15 +166,38 @@ pub async fn connect(
         );
     }
     let js = jetstream::new(client.clone());
-    js.query_account().await.map_err(|e| {
-        anyhow!(
-            "NATS at {shown} offers no JetStream to this account (is nats-server started with -js, \
-             and does the account have JetStream enabled?): {e}"
-        )
-    })?;
-    // A cluster that has just started may not have elected its JetStream leaders yet: the
-    // creations are retried for a while (bounded) before that is a start-up error.
+    // A cluster that has just started may not have elected its JetStream leaders yet (its
+    // servers do not answer, or say so): the account's query and the creations are retried
+    // for a while (bounded), then the relay waits for JetStream like one out of reach.
     let deadline = tokio::time::Instant::now() + SETUP_WAIT;
+    loop {
+        use jetstream::context::AccountErrorKind;
+        let e = match js.query_account().await {
+            Ok(_) => break,
+            Err(e) => e,
+        };
+        let electing = match e.kind() {
+            AccountErrorKind::TimedOut => true,
+            AccountErrorKind::JetStream(j) => {
+                j.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+            }
+            _ => false,
+        };
+        if !electing {
+            bail!(
+                "NATS at {shown} offers no JetStream to this account (is nats-server started with -js, \
+                 and does the account have JetStream enabled?): {e}"
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(OutOfReach(format!(
+                "JetStream at {shown} did not answer within {SETUP_WAIT:?} (a cluster still electing its leader?): {e}"
+            ))
+            .into());
+        }
+        tracing::info!(error = %e, "JetStream is not ready yet; trying again");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let (stream, pauses, members) = loop {
         match create(&js, s, names).await {
             Ok(made) => break made,
@@ -197,12 +220,77 @@ pub async fn connect(
             }
         }
     };
+    let problems = stream_problems(&stream.cached_info().config, s, names);
+    if !problems.is_empty() {
+        bail!(
+            "the stream {:?} was made with settings the relay cannot keep its promises on: {}. \
+             Change them (`nats stream edit {0}`), or remove the stream (it holds the relay's \
+             events and deliveries) and let the relay make it",
+            names.stream(),
+            problems.join("; ")
+        );
+    }
     Ok(Connected {
         client,
         stream,
         pauses,
         members,
     })
+}
+
+/// What in a stream made before this start (by an operator, or by hand) breaks what the
+/// relay promises; empty when it is as the relay makes it.
+fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<String> {
+    let mut p = Vec::new();
+    if c.storage != stream::StorageType::File {
+        p.push("storage is memory (a server's restart would lose every accepted event)".into());
+    }
+    if c.persist_mode == Some(stream::PersistenceMode::Async) {
+        p.push("persist_mode is async (the server would ack a write before it is stored)".into());
+    }
+    if c.num_replicas > s.replicas {
+        p.push(format!(
+            "it has {} replicas and [store] replicas = {} (lowering them is not done at start: \
+             set replicas = {0}, or lower the stream's by hand)",
+            c.num_replicas, s.replicas
+        ));
+    }
+    if !c.subjects.contains(&names.all()) {
+        p.push(format!(
+            "its subjects are {:?}, not {:?} (writes outside them would find no stream)",
+            c.subjects,
+            names.all()
+        ));
+    }
+    if c.retention != stream::RetentionPolicy::Limits {
+        p.push(format!(
+            "retention is {:?}, not limits (the server would delete what consumers ack)",
+            c.retention
+        ));
+    }
+    if c.max_messages_per_subject != 1 {
+        p.push(format!(
+            "max_msgs_per_subject is {}, not 1 (a state would not replace the last)",
+            c.max_messages_per_subject
+        ));
+    }
+    if c.max_age > Duration::ZERO || c.max_messages > 0 || c.max_bytes > 0 {
+        p.push(
+            "it has max_age, max_msgs or max_bytes limits (the server would delete pending \
+             deliveries and dead letters)"
+                .into(),
+        );
+    }
+    if !c.allow_message_ttl || !c.allow_atomic_publish {
+        p.push("per-message TTL and atomic batch publish must be allowed".into());
+    }
+    if c.subject_delete_marker_ttl.is_some() {
+        p.push("subject delete markers are on (a marker would stand for a record)".into());
+    }
+    if c.no_ack || c.sealed || c.deny_delete || c.mirror.is_some() {
+        p.push("it takes no acks, is sealed, denies deletes, or mirrors another stream".into());
+    }
+    p
 }
 
 /// JetStream's error codes for settings it will never take (as opposed to a cluster still
@@ -243,8 +331,10 @@ async fn create(
         .with_context(|| format!("creating the stream {:?}", names.stream()))?;
     // A stream made earlier keeps its settings; `replicas` is the one an operator changes
     // (1 → 3 when a cluster grows), and it must hold, or one server's loss loses events.
+    // Lowered, it is refused ([`stream_problems`]): an instance with a stale config would
+    // weaken every other's 200.
     let stream = match stream.cached_info().config.num_replicas {
-        n if n == s.replicas => stream,
+        n if n >= s.replicas => stream,
         was => {
             let mut config = stream.cached_info().config.clone();
             config.num_replicas = s.replicas;
