@@ -178,7 +178,16 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     };
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while !stop.is_cancelled() {
-        let Some(mut batch) = pulls::batch(&consumer, CONCURRENT * 4, what, &stop).await else {
+        // No more than there are free slots: a fetched event does not queue for one (its
+        // ack wait running, its body held), and at most CONCURRENT bodies are held at once.
+        let free = tokio::select! {
+            _ = stop.cancelled() => break,
+            one = slots.clone().acquire_owned() => {
+                drop(one);
+                slots.available_permits().max(1)
+            }
+        };
+        let Some(mut batch) = pulls::batch(&consumer, free, what, &stop).await else {
             continue;
         };
         loop {
