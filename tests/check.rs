@@ -883,3 +883,17 @@ fn the_admin_api_needs_a_port_of_its_own() {
     );
     assert!(problems(&t).is_empty(), "{:?}", problems(&t));
 }
+
+#[test]
+fn a_name_longer_than_jetstream_takes_is_refused() {
+    // A destination's consumer is named after it (in hex, with a dot): 125 characters with a
+    // dot made a consumer name JetStream refused, and nothing was ever delivered.
+    let long = format!("a.{}", "x".repeat(123));
+    let t = BASE.replace("name = \"voice\"", &format!("name = \"{long}\""));
+    let t = t.replace("source = \"voice\"", &format!("source = \"{long}\""));
+    rejects(&t, "sources[0].name", "at most 100");
+    let ok = format!("a.{}", "x".repeat(98));
+    let t = BASE.replace("name = \"voice\"", &format!("name = \"{ok}\""));
+    let t = t.replace("source = \"voice\"", &format!("source = \"{ok}\""));
+    assert!(problems(&t).is_empty(), "{:?}", problems(&t));
+}

@@ -19,6 +19,9 @@ use crate::config::raw::*;
 use crate::config::*;
 use crate::signature::decode_secret;
 
+/// The longest name of a source, destination or route ([`Cx::name`]).
+const MAX_NAME: usize = 100;
+
 impl Cx<'_> {
     /// Expands `${VAR}` in a string value.
     pub(super) fn string(&mut self, s: &Str, key: &str) -> Option<String> {
@@ -244,6 +247,8 @@ impl Cx<'_> {
         }
     }
 
+    /// A name's longest: JetStream names a destination's consumer after it (in hex when it
+    /// holds a dot), within its 255 characters with the longest `prefix`.
     pub(super) fn name(
         &mut self,
         s: &Str,
@@ -263,6 +268,15 @@ impl Cx<'_> {
                 Some(s.span()),
                 key,
                 format!("invalid {what} name {name:?}: use letters, digits, '-', '_' or '.'"),
+            );
+        } else if name.len() > MAX_NAME {
+            self.err(
+                Some(s.span()),
+                key,
+                format!(
+                    "the {what} name is {} characters long: at most {MAX_NAME}",
+                    name.len()
+                ),
             );
         } else if !seen.insert(name.clone()) {
             self.err(
