@@ -667,7 +667,7 @@ async fn a_second_signal_cuts_the_shutdown_short_and_still_closes_the_store() {
             .replace("http://127.0.0.1:9/calls", &sink.url("/calls")),
     )
     .unwrap();
-    let mut p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
+    let p = RelayProcess::spawn_at(&cfg, &dir.path().join("relay.log"), "info").await;
     let url = format!("http://{}/open", p.ingress);
     let a = send(
         Method::POST,
@@ -679,7 +679,13 @@ async fn a_second_signal_cuts_the_shutdown_short_and_still_closes_the_store() {
     assert_eq!(a.status, 200);
     assert!(sink.wait_count(1, WAIT).await, "the delivery is out");
     p.signal("TERM");
-    assert!(p.wait_log("stopping", WAIT).await);
+    // Stopping once /readyz says so.
+    let ready = format!("http://{}/readyz", p.admin);
+    let deadline = std::time::Instant::now() + WAIT;
+    while send(Method::GET, &ready, &[], b"").await.status != 503 {
+        assert!(std::time::Instant::now() < deadline, "never stopping");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A reload now has nothing to apply to: said, not answered "reloaded".
     let admin = format!("http://{}/api/reload", p.admin);
     send(Method::POST, &admin, &[], b"")

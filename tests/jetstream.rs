@@ -757,6 +757,20 @@ async fn a_resend_whose_call_succeeds_delivers_a_delivery_left_dead() {
         assert!(Instant::now() < deadline, "never dead");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("reply").await.unwrap();
+    let dead_entry = || async {
+        // One message a subject: the first on any of ivr's index subjects is the entry.
+        match stream
+            .get_first_raw_message_by_subject("reply.dl.n-ivr.>", 1)
+            .await
+        {
+            Ok(m) => Some(m.payload.to_vec()),
+            Err(e) if e.to_string().contains("no message found") => None,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(dead_entry().await.as_deref(), Some(&b"dead"[..]));
     let again = relay.post("/8x8/voice", &body).await;
     assert_eq!(&again.body[..], CALL_ACTION_REPLY);
     ivr_delivered(&relay, "77e6a667-133a-11ef-9dd4-e911cc6fc82f").await;
@@ -768,6 +782,9 @@ async fn a_resend_whose_call_succeeds_delivers_a_delivery_left_dead() {
         .unwrap()
         .is_empty());
     assert_eq!(ivr.seen().len(), 2);
+    // Its dead-letter index entry is marked replayed (and expires), not left "dead" for
+    // every walk of the dead list to read again.
+    assert_ne!(dead_entry().await.as_deref(), Some(&b"dead"[..]));
     relay.stop().await;
     drop(nats);
 }

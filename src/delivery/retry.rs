@@ -58,11 +58,12 @@ pub fn base_delay(policy: &RetryPolicy, failed: u32) -> Duration {
     use backon::BackoffBuilder;
     let cap = longest_delay(policy);
     // The curve is flat once it reaches the cap: no more steps than it takes to get there
-    // (a factor near 1 takes many: 1.05 from 1 s to 10 m, 132).
+    // (a factor near 1 takes many: 1.05 from 1 s to 10 m, 132; `check` takes none below
+    // 1.01, so at most some 2,900, from 1 ms to 100 years).
     let factor = policy.factor.max(1.0);
     let to_cap = if factor > 1.0 && !policy.first.is_zero() {
         let steps = (cap.as_secs_f64() / policy.first.as_secs_f64()).ln() / factor.ln();
-        steps.ceil().clamp(0.0, 1e6) as usize + 1
+        steps.ceil().clamp(0.0, 4096.0) as usize + 1
     } else {
         0
     };

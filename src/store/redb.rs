@@ -63,6 +63,9 @@ impl RedbEngine {
 
     fn begin_read(&self) -> Result<ReadTransaction, StoreError> {
         let db = self.db.read().unwrap();
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
         let db = db.as_ref().ok_or_else(reopening)?;
         db.begin_read().map_err(err)
     }

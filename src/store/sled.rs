@@ -49,7 +49,12 @@ impl SledEngine {
             match config.open() {
                 Ok(db) => return Ok(SledEngine { db }),
                 // sled reports a held lock as an `Other` I/O error with this text.
-                Err(::sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                // Held by another (EWOULDBLOCK); not a file system without locks (ENOLCK),
+                // which no wait would mend.
+                Err(::sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && e.to_string().contains("WouldBlock") =>
+                {
                     if std::time::Instant::now() >= deadline {
                         return Err(StoreError::InUse(path.display().to_string()));
                     }
@@ -220,16 +225,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             drop(held);
         });
-        // Still held: the open waits, then fails naming the lock.
+        // Still held: the open waits, then fails: in use.
         let path = dir.path().to_path_buf();
         let started = std::time::Instant::now();
         let second = std::thread::spawn(move || SledEngine::open(&path).map(|_| ()));
         let e = match second.join().unwrap() {
-            Err(e) => e.to_string(),
+            Err(e) => e,
             Ok(()) => panic!("opened while held"),
         };
         let gave_up = started.elapsed();
-        assert!(e.contains("could not acquire lock"), "{e}");
+        assert!(matches!(e, StoreError::InUse(_)), "{e}");
         assert!(
             gave_up >= LOCK_WAIT,
             "gave up after {gave_up:?}, before the {LOCK_WAIT:?} wait"

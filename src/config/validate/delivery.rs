@@ -13,12 +13,12 @@ use super::Cx;
 use crate::config::raw::*;
 use crate::config::*;
 
-/// Headers that frame the message or the connection: hyper writes them from the body and
-/// the URL, and one set by hand would cut the body short, mislabel it, or name another host.
+/// Headers that frame the message or the connection: hyper writes them from the body, and
+/// one set by hand would cut the body short or mislabel it. (`Host` may be set: a virtual
+/// host behind an address.)
 const FRAMING: &[&str] = &[
     "content-length",
     "transfer-encoding",
-    "host",
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -48,13 +48,15 @@ impl Cx<'_> {
             p.give_up_after,
         );
         if let Some(f) = &r.factor {
-            if *f.get_ref() >= 1.0 && f.get_ref().is_finite() {
-                p.factor = *f.get_ref();
+            let factor = *f.get_ref();
+            // Between 1 and 1.01 the delay would take thousands of steps to grow at all.
+            if factor == 1.0 || (factor >= 1.01 && factor.is_finite()) {
+                p.factor = factor;
             } else {
                 self.err(
                     Some(f.span()),
                     &format!("{key}.factor"),
-                    "must be a number >= 1.0",
+                    "must be 1 (a fixed delay) or a number >= 1.01",
                 );
             }
         }

@@ -28,6 +28,8 @@ use crate::store::StoreError;
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// Events fanned out at once by one instance.
 const CONCURRENT: usize = 64;
+/// The fewest free slots a fetch waits for.
+const FETCH_AT_LEAST: u32 = CONCURRENT as u32 / 4;
 
 /// The fan-out consumer; every instance creates it with the same settings.
 pub fn consumer_config(names: &Names) -> pull::Config {
@@ -178,12 +180,13 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     };
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while !stop.is_cancelled() {
-        // No more than there are free slots: a fetched event does not queue for one (its
-        // ack wait running, its body held), and at most CONCURRENT bodies are held at once.
+        // No more than there are free slots, a quarter of them at least (fetching one at a
+        // time would be a round trip an event): a fetched event does not queue for a slot
+        // (its ack wait running, its body held), and at most CONCURRENT bodies are held.
         let free = tokio::select! {
             _ = stop.cancelled() => break,
-            one = slots.clone().acquire_owned() => {
-                drop(one);
+            some = slots.clone().acquire_many_owned(FETCH_AT_LEAST) => {
+                drop(some);
                 slots.available_permits().max(1)
             }
         };

@@ -96,7 +96,7 @@ pub struct JetStreamStore {
     breaker_changes: tokio::sync::mpsc::Sender<(String, bool)>,
     /// Other instances' breaker changes, until the delivery engine takes them.
     breaker_news: Mutex<Option<crate::store::BreakerNews>>,
-    /// `max(dedup window, retain)` at start: how long the records of an event accepted by
+    /// `max(dedup window, retain, 1 day)` at start: how long the records of an event accepted by
     /// an earlier build (which did not say, [`EventMeta::keep_ms`]) are kept.
     keep_events: Duration,
     retain: Duration,

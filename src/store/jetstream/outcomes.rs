@@ -177,10 +177,19 @@ impl JetStreamStore {
                     }
                 }
                 rec.delivery.apply(outcome, now_ms());
-                if let Written::Stored { .. } = self
-                    .write(&self.state_writes(state_seq, &rec, &body))
-                    .await?
-                {
+                let mut writes = self.state_writes(state_seq, &rec, &body);
+                if revived {
+                    // Its dead-letter index entry goes too, as a replay's does.
+                    let dest = &rec.delivery.destination;
+                    writes.push(
+                        Write::new(
+                            self.names.dead(dest, &rec.part()),
+                            Bytes::from_static(b"replayed"),
+                        )
+                        .ttl(REPLAYED_TTL),
+                    );
+                }
+                if let Written::Stored { .. } = self.write(&writes).await? {
                     if !revived {
                         self.advance_after(&rec, true).await;
                     }

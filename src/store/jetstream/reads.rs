@@ -77,7 +77,7 @@ impl JetStreamStore {
     }
 
     /// Every kept event with this id (one per source), with its deliveries. A dead letter
-    /// outlives its event's message (kept `max(dedup window, retain)`): an event gone while
+    /// outlives its event's message (kept `max(dedup window, retain, 1 day)`): an event gone while
     /// a delivery is still dead is shown from its dead deliveries' records.
     pub(super) async fn events_with_id(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut out = Vec::new();

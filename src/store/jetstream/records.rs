@@ -4,7 +4,7 @@
 //! event; `<d>` is a subject-safe token of a destination name):
 //! - `<p>.ev.<e>`: the event (meta, destinations + body); its existence is the dedup
 //!   record, so it is written with "no message on this subject yet" as its condition and
-//!   lives for `max(dedup window, retain)`. A shared consumer fans it out.
+//!   lives for `max(dedup window, retain, 1 day)`. A shared consumer fans it out.
 //! - `<p>.q.<d>.<e>`: one delivery's current state (pending with the body; delivered,
 //!   small, for `retain`; dead with the body, until replayed). The stream keeps one message
 //!   per subject, so each write replaces the previous state; every write is conditional on
@@ -149,7 +149,7 @@ pub struct EventMeta {
     pub source: String,
     pub received_ms: u64,
     pub content_type: Option<String>,
-    /// How long its event record is kept (`max(dedup window, retain)` when it was accepted),
+    /// How long its event record is kept (`max(dedup window, retain, 1 day)` when it was accepted),
     /// ms; 0 in records of earlier builds. A delivered state and a kept reply live as long,
     /// whatever the window is by then: a fan-out consumer made again reads every event kept,
     /// and one whose delivered state had gone would be sent again.

@@ -41,6 +41,19 @@ impl std::fmt::Display for OutOfReach {
 
 impl std::error::Error for OutOfReach {}
 
+/// A stream made beforehand whose settings break the relay's promises
+/// ([`stream_problems`]): a start-up error, not waited out.
+#[derive(Debug)]
+struct UnsafeStream(String);
+
+impl std::fmt::Display for UnsafeStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UnsafeStream {}
+
 /// The connection, the stream and the buckets.
 pub struct Connected {
     pub client: Client,
@@ -201,6 +214,7 @@ pub async fn connect(
     let (stream, pauses, members) = loop {
         match create(&js, s, names).await {
             Ok(made) => break made,
+            Err(e) if e.downcast_ref::<UnsafeStream>().is_some() => return Err(e),
             // Settings the server refuses for good: waiting would only repeat it.
             Err(e) if refused_settings(&e) => {
                 return Err(e.context(
@@ -220,16 +234,6 @@ pub async fn connect(
             }
         }
     };
-    let problems = stream_problems(&stream.cached_info().config, s, names);
-    if !problems.is_empty() {
-        bail!(
-            "the stream {:?} was made with settings the relay cannot keep its promises on: {}. \
-             Change them (`nats stream edit {0}`), or remove the stream (it holds the relay's \
-             events and deliveries) and let the relay make it",
-            names.stream(),
-            problems.join("; ")
-        );
-    }
     Ok(Connected {
         client,
         stream,
@@ -351,6 +355,18 @@ async fn create(
                 .with_context(|| format!("reading the stream {:?}", names.stream()))?
         }
     };
+    // Before the buckets are made or changed (a stale `replicas` would lower theirs).
+    let problems = stream_problems(&stream.cached_info().config, s, names);
+    if !problems.is_empty() {
+        return Err(UnsafeStream(format!(
+            "the stream {:?} was made with settings the relay cannot keep its promises on: {}. \
+             Change them (`nats stream edit {0}`), or remove the stream (it holds the relay's \
+             events and deliveries) and let the relay make it",
+            names.stream(),
+            problems.join("; ")
+        ))
+        .into());
+    }
     let bucket = |name: String, max_age: Duration| kv::Config {
         bucket: name,
         history: 1,

@@ -668,7 +668,9 @@ impl<E: Engine> Store for KvStore<E> {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        let sender = self.jobs.lock().unwrap().take();
+        let Some(sender) = self.jobs.lock().unwrap().take() else {
+            return Ok(()); // closed already
+        };
         drop(sender);
         let handle = self.writer.lock().unwrap().take();
         if let Some(h) = handle {
