@@ -137,20 +137,29 @@ async fn a_hanging_destination_does_not_hold_back_a_healthy_one() {
 
 // ---- (b) connection reset mid-response ----------------------------------------------------
 
+/// A relay's config sending every event to the destination `d` at `sink`, with the
+/// `[delivery]` settings `delivery`.
+fn to_d(sink: &FaultSink, delivery: &str) -> String {
+    fault_config(
+        "",
+        delivery,
+        &format!(
+            "{}{}",
+            destination_toml("d", &sink.url("/d"), ""),
+            route_toml(&["d"])
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_resets_before_the_answer_are_retried_until_answered() {
     const N: usize = 20;
     // Every request is read whole, then the connection is reset before any answer.
     let sink = FaultSink::start(|_| Action::Reset).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = fault_config(
-        "",
+    let cfg = to_d(
+        &sink,
         r#"retry = { first = "50ms", factor = 2.0, max_delay = "200ms" }"#,
-        &format!(
-            "{}{}",
-            destination_toml("d", &sink.url("/d"), ""),
-            route_toml(&["d"])
-        ),
     );
     let relay = start_relay(dir.path(), &cfg).await;
     let store = relay.app.store.clone();
@@ -214,15 +223,10 @@ async fn a_2xx_whose_body_breaks_off_or_stalls_is_delivered_once() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = fault_config(
-        "",
+    let cfg = to_d(
+        &sink,
         r#"timeout = "500ms"
 retry = { first = "50ms", factor = 2.0, max_delay = "200ms" }"#,
-        &format!(
-            "{}{}",
-            destination_toml("d", &sink.url("/d"), ""),
-            route_toml(&["d"])
-        ),
     );
     let relay = start_relay(dir.path(), &cfg).await;
     let store = relay.app.store.clone();

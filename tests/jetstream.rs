@@ -974,6 +974,13 @@ async fn a_stream_made_beforehand_with_unsafe_settings_is_refused_at_start() {
     drop(nats);
 }
 
+/// [`config`] on `nats` to the sink `a` with `retain` and the dedup window at 1 s.
+fn short_lived(nats: &NatsServer, a: &FaultSink) -> String {
+    config(&[nats.url()], &[("a", a.url("/a"))])
+        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"")
+        + "\n[dedup]\nwindow = \"1s\"\n"
+}
+
 /// An accepted event waits for its fan-out as long as that takes, however short `retain`
 /// and the dedup window are: it once expired with them (1 s here) while the fan-out was held
 /// up, and was never delivered.
@@ -982,9 +989,7 @@ async fn an_event_waiting_for_its_fan_out_outlives_a_short_retain() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
-    let text = config(&[nats.url()], &[("a", a.url("/a"))])
-        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"")
-        + "\n[dedup]\nwindow = \"1s\"\n";
+    let text = short_lived(&nats, &a);
     let r = TestRelay::start(&text).await;
     // The fan-out held up for 3 s: the server hands its consumer nothing until then.
     let nc = async_nats::connect(nats.url()).await.unwrap();
@@ -1018,10 +1023,8 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
     let a = FaultSink::answering(200).await;
     // Delivered states are kept as long as their events, not only for `retain`: the new
     // fan-out consumer reads every event kept. Here the dedup window is raised from 1 s
-    // to 24 h by a reload before the first event, so it is kept for 24 h.
-    let text = config(&[nats.url()], &[("a", a.url("/a"))])
-        .replace("prefix = \"t\"", "prefix = \"t\"\nretain = \"1s\"")
-        + "\n[dedup]\nwindow = \"1s\"\n";
+    // to 24 h by a reload before the first event (an event is kept a day at least anyway).
+    let text = short_lived(&nats, &a);
     let r = TestRelay::start(&text).await;
     let file = r.dir.as_ref().unwrap().path().join("routes.toml");
     let written = std::fs::read_to_string(&file).unwrap();
