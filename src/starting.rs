@@ -100,17 +100,18 @@ pub async fn open_store(
 async fn open_waiting(config: &Config, why: &Mutex<String>) -> anyhow::Result<Arc<dyn Store>> {
     let mut wait = FIRST_RETRY;
     loop {
-        match open_once(config).await {
-            Err(e) if waitable(&e).is_some() => {
-                let text = format!("{e:#}");
-                let what = waitable(&e).unwrap_or_default();
-                warn!(error = %text, retry_in = ?wait, "{what}; answering 503 until it opens");
-                *why.lock().unwrap() = format!("{text} (trying again every {MAX_RETRY:?} at most)");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(MAX_RETRY);
-            }
-            r => return r,
-        }
+        let e = match open_once(config).await {
+            Ok(store) => return Ok(store),
+            Err(e) => e,
+        };
+        let Some(what) = waitable(&e) else {
+            return Err(e);
+        };
+        let text = format!("{e:#}");
+        warn!(error = %text, retry_in = ?wait, "{what}; answering 503 until it opens");
+        *why.lock().unwrap() = format!("{text} (trying again every {MAX_RETRY:?} at most)");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_RETRY);
     }
 }
 

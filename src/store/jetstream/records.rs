@@ -6,7 +6,7 @@
 //!   record, so it is written with "no message on this subject yet" as its condition and
 //!   lives for `max(dedup window, retain, 1 day)`. A shared consumer fans it out.
 //! - `<p>.q.<d>.<e>`: one delivery's current state (pending with the body; delivered,
-//!   small, for `retain`; dead with the body, until replayed). The stream keeps one message
+//!   small, as long as its event; dead with the body, until replayed). The stream keeps one message
 //!   per subject, so each write replaces the previous state; every write is conditional on
 //!   the state it read, so two instances cannot both move a delivery on. When an earlier
 //!   event with the same id and source still has a pending or dead state there (kept past

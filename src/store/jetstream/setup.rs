@@ -30,29 +30,15 @@ pub const DELIVERY_STATE_ROOM: u64 = 4 * 1024;
 /// Why start-up could not reach NATS or its JetStream: worth waiting for (a server or a
 /// cluster still starting, a network partition), unlike the refusals, which a restart
 /// would only repeat.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct OutOfReach(pub String);
-
-impl std::fmt::Display for OutOfReach {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for OutOfReach {}
 
 /// A stream made beforehand whose settings break the relay's promises
 /// ([`stream_problems`]): a start-up error, not waited out.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct UnsafeStream(String);
-
-impl std::fmt::Display for UnsafeStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UnsafeStream {}
 
 /// The connection, the stream and the buckets.
 pub struct Connected {
