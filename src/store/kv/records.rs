@@ -128,9 +128,9 @@ pub(super) fn decode_delivery(v: &[u8]) -> Result<Delivery, StoreError> {
         window_base: r.u32()?,
         first_attempt_ms: r.opt_u64()?,
         next_due_ms: r.u64()?,
-        last_status: match r.u8()? {
-            0 => None,
-            _ => Some(u16::from_be_bytes(r.take(2)?.try_into().unwrap())),
+        last_status: match r.present()? {
+            false => None,
+            true => Some(u16::from_be_bytes(r.take(2)?.try_into().unwrap())),
         },
         last_error: r.opt_string()?,
         updated_ms: r.u64()?,
@@ -197,10 +197,19 @@ impl In<'_> {
     fn u64(&mut self) -> Result<u64, StoreError> {
         Ok(u64::from_be_bytes(self.take(8)?.try_into().unwrap()))
     }
+    /// An optional field's flag: 0 absent, 1 present; any other byte is damage, not
+    /// "present" (which would misread what follows).
+    fn present(&mut self) -> Result<bool, StoreError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            n => Err(corrupt(format!("optional field flag {n}"))),
+        }
+    }
     fn opt_u64(&mut self) -> Result<Option<u64>, StoreError> {
-        Ok(match self.u8()? {
-            0 => None,
-            _ => Some(self.u64()?),
+        Ok(match self.present()? {
+            false => None,
+            true => Some(self.u64()?),
         })
     }
     fn string(&mut self) -> Result<String, StoreError> {
@@ -209,9 +218,9 @@ impl In<'_> {
         String::from_utf8(b.to_vec()).map_err(corrupt)
     }
     fn opt_string(&mut self) -> Result<Option<String>, StoreError> {
-        Ok(match self.u8()? {
-            0 => None,
-            _ => Some(self.string()?),
+        Ok(match self.present()? {
+            false => None,
+            true => Some(self.string()?),
         })
     }
 }
@@ -252,6 +261,48 @@ mod tests {
                     order_key: rest.5,
                 }
             })
+    }
+
+    #[test]
+    fn a_damaged_optional_field_flag_is_an_error_not_a_present_field() {
+        let d = Delivery {
+            seq: 2,
+            destination: "d".into(),
+            state: DeliveryState::Pending,
+            attempts: 3,
+            window_base: 4,
+            first_attempt_ms: Some(7),
+            next_due_ms: 8,
+            last_status: Some(500),
+            last_error: Some("e".into()),
+            updated_ms: 9,
+            order_key: Some("k".into()),
+        };
+        let v = encode_delivery(&d);
+        // The flags of first_attempt_ms, last_status, last_error and order_key.
+        for at in [23, 40, 43, 57] {
+            assert_eq!(v[at], 1, "a flag at {at}");
+            for n in 2..=255u8 {
+                let mut bad = v.clone();
+                bad[at] = n;
+                assert!(decode_delivery(&bad).is_err(), "flag {n} at {at}");
+            }
+        }
+        // An event without a content type whose body starts like one: a damaged flag must
+        // not turn the body's first bytes into a content type.
+        let meta = EventMeta {
+            id: "i".into(),
+            source: "s".into(),
+            received_ms: 1,
+            content_type: None,
+        };
+        let v = encode_event(&meta, b"\0\0\0\x01x{}");
+        assert_eq!(v[19], 0, "the content type's flag");
+        for n in 2..=255u8 {
+            let mut bad = v.clone();
+            bad[19] = n;
+            assert!(decode_meta(&bad).is_err(), "flag {n}");
+        }
     }
 
     proptest! {
