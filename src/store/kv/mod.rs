@@ -150,6 +150,40 @@ impl<E: Engine> Shared<E> {
     }
 }
 
+/// Records a list could not read: one damaged record is left out of an operator's list (and
+/// logged), not made to fail the whole list with it.
+#[derive(Default)]
+struct Unreadable {
+    count: usize,
+    first: Option<(u64, StoreError)>,
+}
+
+impl Unreadable {
+    /// `read`'s value; `None`, counted, when what it read is damaged. Other errors stay errors.
+    fn skip<T>(&mut self, seq: u64, read: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
+        match read {
+            Ok(v) => Ok(Some(v)),
+            Err(e @ StoreError::Corrupt(_)) => {
+                self.count += 1;
+                self.first.get_or_insert((seq, e));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn warn(self, list: &str) {
+        if let Some((seq, error)) = self.first {
+            tracing::warn!(
+                count = self.count,
+                seq,
+                %error,
+                "records of the store's {list} cannot be read; the list leaves them out"
+            );
+        }
+    }
+}
+
 impl<E: Engine> KvStore<E> {
     /// Starts the store over an opened engine: counts pending deliveries per destination
     /// and starts the writer thread.
@@ -441,10 +475,13 @@ impl<E: Engine> Store for KvStore<E> {
         found.sort_unstable_by_key(|(seq, _)| *seq);
         found.truncate(limit);
         let mut out = Vec::new();
+        let mut unreadable = Unreadable::default();
         for (seq, dest) in found {
-            let (Some(delivery), Some(meta)) =
-                (self.shared.delivery(seq, &dest)?, self.shared.meta(seq)?)
-            else {
+            let read = self.shared.delivery(seq, &dest).and_then(|d| {
+                let meta = self.shared.meta(seq)?;
+                Ok(d.zip(meta))
+            });
+            let Some((delivery, meta)) = unreadable.skip(seq, read)?.flatten() else {
                 continue;
             };
             out.push(NamedDelivery {
@@ -453,6 +490,7 @@ impl<E: Engine> Store for KvStore<E> {
                 delivery,
             });
         }
+        unreadable.warn("dead letters");
         Ok(out)
     }
 
@@ -463,6 +501,7 @@ impl<E: Engine> Store for KvStore<E> {
         let mut next = None;
         let mut examined = 0;
         let shared = &self.shared;
+        let mut unreadable = Unreadable::default();
         shared.engine.scan_back(b"e/", &below, &mut |k, raw| {
             let seq = read_u64(&k[2..10]);
             if events.len() == limit || examined == RECENT_EXAMINE {
@@ -471,11 +510,15 @@ impl<E: Engine> Store for KvStore<E> {
             }
             examined += 1;
             // No body: a list shows none, and a page may hold thousands.
-            let (event, _) = decode_head(seq, raw)?;
+            let Some((event, _)) = unreadable.skip(seq, decode_head(seq, raw))? else {
+                return Ok(true);
+            };
             if q.source.as_ref().is_some_and(|s| &event.source != s) {
                 return Ok(true);
             }
-            let deliveries = shared.deliveries_of(seq)?;
+            let Some(deliveries) = unreadable.skip(seq, shared.deliveries_of(seq))? else {
+                return Ok(true);
+            };
             let wanted = |d: &Delivery| {
                 q.destination.as_ref().is_none_or(|n| &d.destination == n)
                     && q.state.is_none_or(|s| d.state == s)
@@ -486,6 +529,7 @@ impl<E: Engine> Store for KvStore<E> {
             events.push(EventView { event, deliveries });
             Ok(true)
         })?;
+        unreadable.warn("events");
         Ok(EventPage { events, next })
     }
 

@@ -663,6 +663,8 @@ async fn a_damaged_record_holds_back_only_its_own() {
             // And a dead letter of another destination whose record is damaged.
             txn.put(&delivery_key(1, "z"), b"\xff\xff").unwrap();
             txn.put(&dead_key("z", 1), &[]).unwrap();
+            // And a damaged event record.
+            txn.put(&event_key(2), b"\xb3x").unwrap();
             txn.end_op().unwrap();
         })
         .unwrap();
@@ -679,6 +681,17 @@ async fn a_damaged_record_holds_back_only_its_own() {
     // A replay of that destination leaves it and goes on (none other to replay here).
     let replayed = st.replay(ReplaySelector::Destination("z".into())).await;
     assert_eq!(replayed.unwrap(), 0);
+    // The operator's lists leave the damaged records out, and show the rest.
+    assert!(st.dead(None, 10).await.unwrap().is_empty());
+    let page = st
+        .recent(&EventQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed: Vec<u64> = page.events.iter().map(|v| v.event.seq).collect();
+    assert_eq!(listed, [seq]);
     st.close().await.unwrap();
 }
 
