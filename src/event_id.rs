@@ -47,7 +47,7 @@ impl IdPath {
     }
 
     /// Adds each value this path finds in `event` to `out`; returns whether it found any.
-    fn find_into(&self, event: &Value, out: &mut Vec<String>) -> bool {
+    fn find_into(&self, event: &Value, out: &mut Found) -> bool {
         if let Some(members) = &self.members {
             let mut v = event;
             for m in members {
@@ -81,14 +81,36 @@ fn plain_members(text: &str) -> Option<Vec<String>> {
     ok.then_some(parts)
 }
 
+/// The values paths found, as text.
+#[derive(Default)]
+struct Found {
+    values: Vec<String>,
+    /// Whether a value held a number that is not a 64-bit integer: read as a double, it may
+    /// stand for other numbers as well (`123456789012345678901` and `…902` read the same).
+    inexact: bool,
+}
+
 /// Adds `v` to `out` (a string as it is, another value as compact JSON); `null` is no value.
-fn push_value(v: &Value, out: &mut Vec<String>) -> bool {
+fn push_value(v: &Value, out: &mut Found) -> bool {
     match v {
         Value::Null => return false,
-        Value::String(s) => out.push(s.clone()),
-        other => out.push(other.to_string()),
+        Value::String(s) => out.values.push(s.clone()),
+        other => {
+            out.inexact |= !exact(other);
+            out.values.push(other.to_string())
+        }
     }
     true
+}
+
+/// Whether every number in `v` is an integer that fits 64 bits (held exactly).
+fn exact(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_i64() || n.is_u64(),
+        Value::Array(a) => a.iter().all(exact),
+        Value::Object(o) => o.values().all(exact),
+        _ => true,
+    }
 }
 
 /// Stands for a path that found nothing, before a later one that found a value: by
@@ -134,31 +156,37 @@ fn join(mut parts: Vec<Option<String>>, paths: &[IdPath]) -> Option<String> {
 /// event with an empty id would be one event). Event ids are made this way.
 pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut parts = Vec::with_capacity(paths.len());
-    let (mut found, mut missing) = (Vec::new(), 0);
+    let (mut found, mut missing) = (Found::default(), 0);
     for p in paths {
         p.find_into(event, &mut found);
-        found.retain(|v: &String| !v.is_empty());
-        if !found.is_empty() {
+        found.values.retain(|v: &String| !v.is_empty());
+        if !found.values.is_empty() {
             parts.extend(std::iter::repeat_n(None, missing));
-            parts.extend(found.drain(..).map(Some));
+            parts.extend(found.values.drain(..).map(Some));
             missing = 0;
         } else {
             missing += 1;
         }
     }
+    // Two events whose ids differ past a double's precision would be one event, the second
+    // answered as a duplicate and never delivered: the body's hash stands in instead.
+    if found.inexact {
+        return None;
+    }
     join(parts, paths)
 }
 
 /// An `order_by` key: the values `paths` find in `event`, joined; `None` (not ordered) when
-/// a path finds none, so that events missing part of the key do not share one line.
+/// a path finds none, so that events missing part of the key do not share one line. (A key
+/// read inexactly at worst puts two events in one line: they are still delivered.)
 pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
-    let mut parts = Vec::with_capacity(paths.len());
+    let mut found = Found::default();
     for p in paths {
-        if !p.find_into(event, &mut parts) {
+        if !p.find_into(event, &mut found) {
             return None;
         }
     }
-    join(parts.into_iter().map(Some).collect(), paths)
+    join(found.values.into_iter().map(Some).collect(), paths)
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -191,6 +219,32 @@ mod tests {
         let ev = json!({"schema":"dids","type":"update","data":{"id":48213}});
         let id = event_id(&paths(&["$.schema", "$.type", "$.data.id"]), &ev, b"x");
         assert_eq!(id, "dids:update:48213");
+    }
+
+    #[test]
+    fn ids_past_a_doubles_precision_are_not_one_id() {
+        let p = paths(&["$.payload.eventId"]);
+        let id = |body: &str| {
+            let ev: Value = serde_json::from_str(body).unwrap();
+            event_id(&p, &ev, body.as_bytes())
+        };
+        let one = id(r#"{"payload":{"eventId":123456789012345678901}}"#);
+        let two = id(r#"{"payload":{"eventId":123456789012345678902}}"#);
+        assert_ne!(one, two, "two events, not a duplicate");
+        assert_eq!(one.len(), 64, "the body's hash: {one}");
+        // Inside a value found, too.
+        let one = id(r#"{"payload":{"eventId":[1, 0.30000000000000000001]}}"#);
+        let two = id(r#"{"payload":{"eventId":[1, 0.30000000000000000002]}}"#);
+        assert_ne!(one, two);
+        // A 64-bit integer is exact, and its digits are the id.
+        assert_eq!(
+            id(r#"{"payload":{"eventId":18446744073709551615}}"#),
+            "18446744073709551615"
+        );
+        assert_eq!(
+            id(r#"{"payload":{"eventId":-9223372036854775808}}"#),
+            "-9223372036854775808"
+        );
     }
 
     #[test]
