@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use jsonpath_rust::parser::model::JpQuery;
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
 use jsonpath_rust::parser::parse_json_path;
 use jsonpath_rust::query::js_path_process;
 use serde_json::Value;
@@ -97,6 +97,14 @@ impl fmt::Debug for Filter {
 impl Filter {
     pub fn compile(expr: &str) -> Result<Self, String> {
         let query = parse_json_path(&format!("$[?{expr}]")).map_err(|e| e.to_string())?;
+        // One filter selector and nothing else: `a == 1, 0` would add a selector that
+        // takes every event, `a == 1].b[0` a segment.
+        if !matches!(
+            query.segments.as_slice(),
+            [Segment::Selector(Selector::Filter(_))]
+        ) {
+            return Err("not one filter expression (a `,` or `]` outside quotes ends it)".into());
+        }
         Ok(Filter {
             text: expr.to_string(),
             query,
@@ -154,5 +162,18 @@ mod tests {
         assert!(f.matches(&yes));
         assert!(!f.matches(&no));
         assert!(Filter::compile("@.a ==").is_err());
+    }
+
+    #[test]
+    fn a_filter_is_one_filter_expression() {
+        // Each would take events the expression before it does not.
+        for bad in ["@.a == 1, 0", "@.a == 1, *", "@.a == 1].b[0", "@.a == 1][0"] {
+            assert!(Filter::compile(bad).is_err(), "{bad}");
+        }
+        // A comma or bracket inside quotes is the expression's own.
+        let f = Filter::compile("@.a == 'x, 0' || @.b == ']'").unwrap();
+        assert!(f.matches(&json!([{"a":"x, 0"}])));
+        assert!(f.matches(&json!([{"b":"]"}])));
+        assert!(!f.matches(&json!([{"a":2}])));
     }
 }
