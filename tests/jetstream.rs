@@ -974,6 +974,107 @@ async fn a_stream_made_beforehand_with_unsafe_settings_is_refused_at_start() {
     drop(nats);
 }
 
+/// The stream is marked with the format of its records: a stream a newer build marked is
+/// refused (this build would misread that build's records), one made before the marker is
+/// marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_a_newer_format_is_refused_at_start_and_an_unmarked_one_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let text = config(&[nats.url()], &[("a", "http://127.0.0.1:9/".into())]);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let marker = || async {
+        let mut stream = js.get_stream("t").await.unwrap();
+        let config = stream.info().await.unwrap().config.clone();
+        (config.metadata.get("hookrelay_format").cloned(), config)
+    };
+    TestRelay::start(&text).await.stop().await;
+    let (format, mut config) = marker().await;
+    assert_eq!(format.as_deref(), Some("2"), "this build's format");
+    // As a build before the marker made it.
+    config.metadata.remove("hookrelay_format");
+    js.update_stream(&config).await.unwrap();
+    assert_eq!(marker().await.0, None);
+    TestRelay::start(&text).await.stop().await;
+    let (format, mut config) = marker().await;
+    assert_eq!(format.as_deref(), Some("2"), "marked at start");
+    // As a newer build marks it.
+    config
+        .metadata
+        .insert("hookrelay_format".into(), "3".into());
+    js.update_stream(&config).await.unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let out = serve_to_exit(&cfg).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("records in format 3"), "{err}");
+    assert!(err.contains("newer hookrelay"), "{err}");
+    drop(nats);
+}
+
+/// A delivery state this build cannot read (damaged, or a newer build's during a rolling
+/// upgrade) is handed back to be offered again later, not terminated: the destination's
+/// consumer is every instance's, so a terminated state would be sent by none, ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_delivery_state_is_offered_again_not_terminated() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let r = TestRelay::start(&config(&[nats.url()], &[("a", a.url("/a"))])).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let publish = |subject: &'static str, payload: &'static str| {
+        let js = js.clone();
+        async move {
+            let ack = js.publish(subject, payload.into()).await.unwrap();
+            ack.await.unwrap().sequence
+        }
+    };
+    let unreadable = publish(
+        "t.q.n-a.0123456789abcdef.0123456789abcdef",
+        "{\"garbage\":1}\n",
+    )
+    .await;
+    // Its dead-letter index entry, and an unreadable event: the operator's lists leave
+    // them out, and still list the rest.
+    publish("t.dl.n-a.0123456789abcdef.0123456789abcdef", "dead").await;
+    publish("t.ev.0123456789abcdef.0123456789abcdef", "{\"garbage\":1}\n").await;
+    // Taken after it, by the same consumer: once it is delivered, the unreadable one was
+    // handled.
+    let url = r.url("/8x8/voice");
+    let p = try_post(&client(), &url, voice("after"), Duration::from_secs(10)).await;
+    assert_eq!(p.expect("an answer").status, 200);
+    let after: HashSet<String> = ["after".to_string()].into();
+    a.wait_delivered(&after, Duration::from_secs(15))
+        .await
+        .expect("delivered");
+    let mut consumer = js
+        .get_stream("t")
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("t-n-a")
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert!(
+        info.ack_floor.stream_sequence < unreadable && info.num_ack_pending >= 1,
+        "the unreadable state is still the consumer's to offer: {info:?}"
+    );
+    let store = &r.app().store;
+    assert!(store.dead(None, 10).await.unwrap().is_empty());
+    let page = store
+        .recent(&hookrelay::store::EventQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page.events.iter().map(|v| v.event.id.as_str()).collect();
+    assert_eq!(ids, ["after"]);
+    r.stop().await;
+    drop(nats);
+}
+
 /// [`config`] on `nats` to the sink `a` with `retain` and the dedup window at 1 s.
 fn short_lived(nats: &NatsServer, a: &FaultSink) -> String {
     config(&[nats.url()], &[("a", a.url("/a"))])

@@ -16,6 +16,7 @@ pub mod jetstream;
 pub mod kv;
 pub mod redb;
 pub mod sled;
+pub mod unreadable;
 
 use std::sync::Arc;
 use std::time::Duration;

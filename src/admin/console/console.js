@@ -55,6 +55,12 @@
   // Patch an existing row in place (keeps element identity across refreshes).
   function patchNode(old, fresh) {
     if (old.className !== fresh.className) old.className = fresh.className;
+    // What a screen reader says of a button follows its text (Pause → Resume).
+    for (const name of ['aria-label', 'title']) {
+      const v = fresh.getAttribute(name);
+      if (v === null) old.removeAttribute(name);
+      else if (old.getAttribute(name) !== v) old.setAttribute(name, v);
+    }
     const a = old.children, b = fresh.children;
     if (a.length === 0 && b.length === 0) {
       if (old.textContent !== fresh.textContent) old.textContent = fresh.textContent;
@@ -196,7 +202,7 @@
     e.preventDefault();
     app.loginTried = true;
     const token = $('token').value.trim();
-    if (/[^\x21-\x7e]/.test(token)) {
+    if (/[^\x20-\x7e]/.test(token)) {
       $('login-message').textContent = 'The token contains characters that cannot be sent in a header.';
       return;
     }
@@ -361,7 +367,8 @@
     const raw = typeof ev.body_text === 'string' ? ev.body_text : null;
     $('event-body').textContent = raw !== null ? (raw.length <= INDENTED_MAX ? indentJson(raw) : raw)
       : ev.body === undefined ? '' : JSON.stringify(ev.body, null, 2);
-    const decoded = decodeBase64Body(ev.body);
+    // Only a body that was not JSON is kept as base64 (a JSON body shaped like one is not).
+    const decoded = raw === null ? decodeBase64Body(ev.body) : null;
     $('event-body-decoded').textContent = decoded || '';
     show($('event-body-decoded'), decoded !== null);
     show($('event-decoded-title'), decoded !== null);

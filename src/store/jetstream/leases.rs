@@ -40,6 +40,8 @@ use crate::store::DeliveryState;
 
 /// How long the server waits for an ack (or progress) before giving a message to another.
 pub const ACK_WAIT: Duration = Duration::from_secs(6);
+/// How long a delivery state this build cannot read waits before it is offered again.
+const UNREADABLE_AGAIN: Duration = Duration::from_secs(300);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// With no renewal sent while connected for this long, what is held may have been given to
@@ -307,9 +309,12 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
     };
     let (rec, body) = match decode_delivery(&m.payload) {
         Ok(r) => r,
+        // Handed back to be offered again later, never terminated: the consumer is every
+        // instance's, so a terminated state would be sent by none, and be on no dead list,
+        // even once a build that reads it (a newer format's, in a rolling upgrade) runs.
         Err(e) => {
-            warn!(destination = %leases.destination, seq = state_seq, error = %e, "an unreadable delivery record; set aside");
-            let _ = m.ack_with(AckKind::Term).await;
+            warn!(destination = %leases.destination, seq = state_seq, error = %e, "an unreadable delivery record; offered again in {UNREADABLE_AGAIN:?}");
+            let _ = m.ack_with(AckKind::Nak(Some(UNREADABLE_AGAIN))).await;
             return;
         }
     };

@@ -291,7 +291,9 @@ impl JetStreamStore {
     /// reply kept for it (a reply written before `seq` was an earlier event's).
     async fn duplicate_of(&self, seq: u64, e: &str) -> Result<Admission, StoreError> {
         let reply = match self.last(&self.names.reply(e)).await? {
-            Some((at, p)) if at > seq => StoredReply::decode(&p).ok(),
+            // Unreadable, it is an error (the caller is answered 503), not "no reply": the
+            // call action would be asked for a second time.
+            Some((at, p)) if at > seq => Some(StoredReply::decode(&p)?),
             _ => None,
         };
         Ok(Admission::Duplicate { seq, reply })
@@ -429,6 +431,7 @@ impl Store for JetStreamStore {
             false => lines::Entries::none(),
         };
         let meta = EventMeta {
+            v: FORMAT,
             id: ev.id.clone(),
             source: ev.source.clone(),
             received_ms: ev.received_ms,

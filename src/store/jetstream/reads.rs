@@ -6,14 +6,29 @@ use futures_util::StreamExt;
 
 use super::records::*;
 use super::*;
+use crate::store::unreadable::Unreadable;
 
 /// Messages one event-list call examines.
 const RECENT_EXAMINED: u64 = 10_000;
+/// Bytes of messages one event-list call reads: the stream's messages hold bodies (events,
+/// delivery states), so a page filtered down to few events could otherwise read gigabytes.
+/// A page that stops here has a cursor to go on from.
+const RECENT_READ: usize = 64 << 20;
 
 impl JetStreamStore {
     /// An event and its deliveries, from the event's message.
     pub(super) async fn view(&self, seq: u64, payload: &Bytes) -> Result<EventView, StoreError> {
         let (meta, event) = decode_event(seq, payload)?;
+        self.deliveries_view(meta, event).await
+    }
+
+    /// An event and its deliveries, from its decoded message.
+    async fn deliveries_view(
+        &self,
+        meta: EventMeta,
+        event: StoredEvent,
+    ) -> Result<EventView, StoreError> {
+        let seq = event.seq;
         let e = event_token(&meta.source, &meta.id);
         let mut deliveries = Vec::new();
         for d in &meta.destinations {
@@ -38,6 +53,7 @@ impl JetStreamStore {
     ) -> Result<Vec<(u64, u64, DeliveryRecord, Bytes)>, StoreError> {
         let filter = self.names.dead_of(destination);
         let mut out = Vec::new();
+        let mut unreadable = Unreadable::default();
         let mut next = from.max(1);
         while out.len() < limit {
             let m = match self
@@ -59,12 +75,14 @@ impl JetStreamStore {
             let Some((dest, e)) = self.dead_subject_parts(&m.subject) else {
                 continue;
             };
-            if let Some((state_seq, rec, body)) = self.delivery_state(&dest, e).await? {
+            let state = unreadable.skip(m.sequence, self.delivery_state(&dest, e).await)?;
+            if let Some((state_seq, rec, body)) = state.flatten() {
                 if rec.delivery.state == DeliveryState::Dead {
                     out.push((m.sequence, state_seq, rec, body));
                 }
             }
         }
+        unreadable.warn("dead letters");
         Ok(out)
     }
 
@@ -81,17 +99,21 @@ impl JetStreamStore {
     /// a delivery is still dead is shown from its dead deliveries' records.
     pub(super) async fn events_with_id(&self, id: &str) -> Result<Vec<EventView>, StoreError> {
         let mut out = Vec::new();
+        let mut unreadable = Unreadable::default();
         for s in self
             .subjects(&self.names.events_of_id(id), usize::MAX)
             .await?
         {
             if let Some((seq, p)) = self.last(&s).await? {
-                let v = self.view(seq, &p).await?;
+                let Some(v) = unreadable.skip(seq, self.view(seq, &p).await)? else {
+                    continue;
+                };
                 if v.event.id == id {
                     out.push(v);
                 }
             }
         }
+        unreadable.warn("events");
         let kept = out.len();
         for (_, rec, body) in self.dead_with_id(id).await? {
             let seq = rec.delivery.seq;
@@ -176,9 +198,12 @@ impl JetStreamStore {
         // Below the first message kept, nothing is: no page walks the expired ones.
         let oldest = state.first_sequence.max(1) - 1;
         let mut events = Vec::new();
+        let mut unreadable = Unreadable::default();
+        let mut read = 0;
+        let of_source = query.source.as_deref().map(Names::source_part);
         let mut seq = last;
         let floor = last.saturating_sub(RECENT_EXAMINED).max(oldest);
-        while seq > floor && events.len() < query.limit {
+        while seq > floor && events.len() < query.limit && read < RECENT_READ {
             let m = match self.stream.get_raw_message(seq).await {
                 Ok(m) => m,
                 Err(e) if not_found(&e) => {
@@ -188,15 +213,36 @@ impl JetStreamStore {
                 Err(e) => return Err(StoreError::Unavailable(e.to_string())),
             };
             seq -= 1;
+            read += m.payload.len();
             if !self.names.is_event(&m.subject) {
                 continue;
             }
-            let mut v = self.view(m.sequence, &m.payload).await?;
-            // No body: a list shows none, and a page may hold thousands.
-            v.event.body = Bytes::new();
-            if query.source.as_ref().is_some_and(|s| *s != v.event.source) {
+            // Another source's event is passed over by its subject, unread.
+            if of_source
+                .as_ref()
+                .is_some_and(|p| m.subject.rsplit('.').next() != Some(p.as_str()))
+            {
                 continue;
             }
+            let decoded = unreadable.skip(m.sequence, decode_event(m.sequence, &m.payload))?;
+            let Some((meta, mut event)) = decoded else {
+                continue;
+            };
+            if query.source.as_ref().is_some_and(|s| *s != event.source) {
+                continue;
+            }
+            // Nor are the states of an event not sent to the destination asked for read.
+            if let Some(d) = &query.destination {
+                if !meta.destinations.contains(d) {
+                    continue;
+                }
+            }
+            // No body: a list shows none, and a page may hold thousands.
+            event.body = Bytes::new();
+            let Some(v) = unreadable.skip(m.sequence, self.deliveries_view(meta, event).await)?
+            else {
+                continue;
+            };
             let fits = |d: &Delivery| {
                 query
                     .destination
@@ -211,6 +257,7 @@ impl JetStreamStore {
             }
             events.push(v);
         }
+        unreadable.warn("events");
         let next = (seq > oldest).then_some(seq + 1);
         Ok(EventPage { events, next })
     }

@@ -55,6 +55,10 @@ impl Names {
     pub fn fanout_consumer(&self) -> String {
         format!("{}-fanout", self.prefix)
     }
+    /// The last token of the events of `source` (`<p>.ev.<e>` ends with it).
+    pub fn source_part(source: &str) -> String {
+        hash(source)
+    }
     pub fn events_of_id(&self, id: &str) -> String {
         format!("{}.ev.{}.*", self.prefix, hash(id))
     }
@@ -142,9 +146,19 @@ pub fn untoken(t: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// The format of the records this build writes: the stream is marked with it
+/// ([`super::setup::FORMAT_KEY`]) and every event and delivery record carries it, so that a
+/// build reading a newer one's record refuses it instead of misreading it (serde would drop
+/// the fields it does not know, and a rewrite would lose them). 1: records without a
+/// format, of builds before 2026-12-07; their layout is this one's.
+pub const FORMAT: u32 = 2;
+
 /// The event's facts kept with it and with each delivery.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventMeta {
+    /// The record's format ([`FORMAT`]; 0 in records of builds before it).
+    #[serde(default)]
+    pub v: u32,
     pub id: String,
     pub source: String,
     pub received_ms: u64,
@@ -302,6 +316,16 @@ fn frame<T: Serialize>(head: &T, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// An error when a record's format is newer than [`FORMAT`].
+fn readable(v: u32) -> Result<(), StoreError> {
+    if v > FORMAT {
+        return Err(StoreError::Format(format!(
+            "a record in format {v}, written by a newer hookrelay (this build reads formats up              to {FORMAT}): run the newer build on every instance"
+        )));
+    }
+    Ok(())
+}
+
 fn unframe<T: for<'de> Deserialize<'de>>(payload: &Bytes) -> Result<(T, Bytes), StoreError> {
     let cut = payload
         .iter()
@@ -318,6 +342,7 @@ pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Bytes {
 
 pub fn decode_event(seq: u64, payload: &Bytes) -> Result<(EventMeta, StoredEvent), StoreError> {
     let (meta, body): (EventMeta, Bytes) = unframe(payload)?;
+    readable(meta.v)?;
     let ev = StoredEvent {
         seq,
         id: meta.id.clone(),
@@ -334,7 +359,9 @@ pub fn encode_delivery(rec: &DeliveryRecord, body: &[u8]) -> Bytes {
 }
 
 pub fn decode_delivery(payload: &Bytes) -> Result<(DeliveryRecord, Bytes), StoreError> {
-    unframe(payload)
+    let (rec, body): (DeliveryRecord, Bytes) = unframe(payload)?;
+    readable(rec.event.v)?;
+    Ok((rec, body))
 }
 
 /// The event a delivery record carries, as `event()` returns it.
@@ -376,6 +403,7 @@ mod tests {
             prefix: "hr".into(),
         };
         let meta = EventMeta {
+            v: FORMAT,
             id: "i".into(),
             source: "s".into(),
             received_ms: 1,
@@ -421,6 +449,7 @@ mod tests {
     #[test]
     fn a_body_with_newlines_survives_its_frame() {
         let meta = EventMeta {
+            v: FORMAT,
             id: "x\ny".into(),
             source: "s".into(),
             received_ms: 5,
@@ -435,5 +464,34 @@ mod tests {
         assert_eq!(m.id, "x\ny");
         assert_eq!(&ev.body[..], b"{\n\"a\":1}\n");
         assert_eq!(ev.seq, 9);
+    }
+
+    #[test]
+    fn a_newer_builds_record_is_refused_and_an_unmarked_one_read() {
+        let meta = EventMeta {
+            v: FORMAT + 1,
+            id: "i".into(),
+            source: "s".into(),
+            received_ms: 5,
+            content_type: None,
+            keep_ms: 0,
+            destinations: vec!["d".into()],
+            held: None,
+            lines: Vec::new(),
+        };
+        let newer = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Format(m)) if m.contains("newer hookrelay"));
+        assert!(newer(
+            decode_event(1, &encode_event(&meta, b"{}")).map(drop)
+        ));
+        let rec = meta.first_delivery(1, "d");
+        assert!(newer(
+            decode_delivery(&encode_delivery(&rec, b"{}")).map(drop)
+        ));
+        // Written before records carried a format.
+        let json = String::from_utf8(encode_event(&meta, b"{}").to_vec()).unwrap();
+        let unmarked = json.replacen(&format!("\"v\":{},", FORMAT + 1), "", 1);
+        assert_ne!(unmarked, json);
+        let (m, _) = decode_event(1, &Bytes::from(unmarked)).unwrap();
+        assert_eq!(m.v, 0);
     }
 }

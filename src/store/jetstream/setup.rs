@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context as _};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{Client, ConnectErrorKind, ServerAddr};
 
-use super::records::Names;
+use super::records::{Names, FORMAT};
 use crate::config::StoreSettings;
 
 /// The oldest nats-server the backend runs on: atomic batch publish arrived in 2.12.
@@ -34,8 +34,9 @@ pub const DELIVERY_STATE_ROOM: u64 = 4 * 1024;
 #[error("{0}")]
 pub struct OutOfReach(pub String);
 
-/// A stream made beforehand whose settings break the relay's promises
-/// ([`stream_problems`]): a start-up error, not waited out.
+/// A stream the relay must not use: made beforehand with settings that break its promises
+/// ([`stream_problems`]), or written in a newer format than this build reads
+/// ([`FORMAT_KEY`]). A start-up error, not waited out.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UnsafeStream(String);
@@ -315,6 +316,7 @@ async fn create(
             storage: stream::StorageType::File,
             allow_message_ttl: true,
             allow_atomic_publish: true,
+            metadata: format_marker(),
             ..Default::default()
         })
         .await
@@ -341,6 +343,7 @@ async fn create(
                 .with_context(|| format!("reading the stream {:?}", names.stream()))?
         }
     };
+    let stream = marked(js, stream, names).await?;
     // Before the buckets are made or changed (a stale `replicas` would lower theirs).
     let problems = stream_problems(&stream.cached_info().config, s, names);
     if !problems.is_empty() {
@@ -370,6 +373,49 @@ async fn create(
         .await
         .with_context(|| format!("creating the bucket {:?}", names.members_bucket()))?;
     Ok((stream, pauses, members))
+}
+
+/// The stream's metadata key naming the format of the records in it ([`FORMAT`]).
+pub const FORMAT_KEY: &str = "hookrelay_format";
+
+fn format_marker() -> std::collections::HashMap<String, String> {
+    [(FORMAT_KEY.to_string(), FORMAT.to_string())].into()
+}
+
+/// The stream, refused when a newer build has marked it with a format this one does not
+/// read (it would misread that build's records); marked with this build's format when
+/// unmarked (made by a build before the marker) or older.
+async fn marked(
+    js: &jetstream::Context,
+    stream: stream::Stream,
+    names: &Names,
+) -> anyhow::Result<stream::Stream> {
+    let config = &stream.cached_info().config;
+    let found = config.metadata.get(FORMAT_KEY);
+    let format = match found.map(|v| v.parse::<u32>()) {
+        Some(Ok(n)) => n,
+        None => 0,
+        Some(Err(_)) => u32::MAX,
+    };
+    if format > FORMAT {
+        return Err(UnsafeStream(format!(
+            "the stream {:?} holds records in format {} (its metadata {FORMAT_KEY:?}),              written by a newer hookrelay; this build reads formats up to {FORMAT}. Run the              newer build on every instance, or give this one another [store] prefix",
+            names.stream(),
+            found.map_or("", |v| v.as_str()),
+        ))
+        .into());
+    }
+    if format == FORMAT {
+        return Ok(stream);
+    }
+    let mut config = config.clone();
+    config.metadata.extend(format_marker());
+    js.update_stream(&config)
+        .await
+        .with_context(|| format!("marking the stream {:?} with its format", names.stream()))?;
+    js.get_stream(names.stream())
+        .await
+        .with_context(|| format!("reading the stream {:?}", names.stream()))
 }
 
 #[cfg(test)]

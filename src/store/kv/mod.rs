@@ -52,6 +52,7 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
 
 use super::engine::Engine;
+use super::unreadable::Unreadable;
 use super::*;
 use depth::load_depths;
 use format::check_format;
@@ -147,40 +148,6 @@ impl<E: Engine> Shared<E> {
                 Ok(true)
             })?;
         Ok(out)
-    }
-}
-
-/// Records a list could not read: one damaged record is left out of an operator's list (and
-/// logged), not made to fail the whole list with it.
-#[derive(Default)]
-struct Unreadable {
-    count: usize,
-    first: Option<(u64, StoreError)>,
-}
-
-impl Unreadable {
-    /// `read`'s value; `None`, counted, when what it read is damaged. Other errors stay errors.
-    fn skip<T>(&mut self, seq: u64, read: Result<T, StoreError>) -> Result<Option<T>, StoreError> {
-        match read {
-            Ok(v) => Ok(Some(v)),
-            Err(e @ StoreError::Corrupt(_)) => {
-                self.count += 1;
-                self.first.get_or_insert((seq, e));
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn warn(self, list: &str) {
-        if let Some((seq, error)) = self.first {
-            tracing::warn!(
-                count = self.count,
-                seq,
-                %error,
-                "records of the store's {list} cannot be read; the list leaves them out"
-            );
-        }
     }
 }
 
