@@ -736,6 +736,53 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
     );
 }
 
+/// A problem with a value filled in from the environment quotes the value as the file
+/// writes it, its `${VAR}`s unfilled: a source path, a filter or a destination URL may hold
+/// a credential, and `check`'s output ends up in CI logs. The routing table shows a
+/// destination URL with variables as written too.
+#[test]
+fn a_filled_in_value_is_quoted_as_written() {
+    let env = |n: &str| match n {
+        "HOOK_TOKEN" => Some("p4th-S3CRET".to_string()),
+        "VERIFY" => Some("ab'cd-S3CRET".to_string()),
+        "SLACK" => Some("https://hooks.slack.example/services/T0/B0/S3CRET".to_string()),
+        "WAIT" => Some("ten seconds".to_string()),
+        _ => None,
+    };
+    let t = BASE
+        .replace("path = \"/8x8/voice\"", "path = \"/in/${HOOK_TOKEN}\"")
+        .replace(
+            "to = [\"calls\"]",
+            "to = [\"calls\"]\nfilter = \"@.token == '${VERIFY}'\"",
+        )
+        + "\n[[sources]]\nname = \"again\"\npath = \"/in/${HOOK_TOKEN}\"\n"
+        + "\n[delivery]\ntimeout = \"${WAIT}\"\n";
+    let p = problems_with(&t, &env);
+    assert_eq!(p.len(), 3, "{p:#?}");
+    assert!(p.iter().all(|l| !l.contains("S3CRET")), "{p:#?}");
+    let at = |key: &str| {
+        p.iter()
+            .find(|l| l.contains(key))
+            .unwrap_or_else(|| panic!("{key}: {p:#?}"))
+    };
+    assert!(
+        at("sources[1].path").contains("\"/in/${HOOK_TOKEN}\""),
+        "{p:#?}"
+    );
+    assert!(at("routes[0].filter").contains("${VERIFY}"), "{p:#?}");
+    // A value that is no secret is shown as written as well, with what it is made of.
+    assert!(at("delivery.timeout").contains("\"${WAIT}\""), "{p:#?}");
+    let t = BASE.replace("http://127.0.0.1:8003/ivr", "${SLACK}");
+    let c = hookrelay::config::parse(&t, Path::new("routes.toml"), &env).unwrap();
+    let table = hookrelay::config::routing_table(&c);
+    assert!(
+        !table.contains("S3CRET") && table.contains("${SLACK}"),
+        "{table}"
+    );
+    assert_eq!(c.destination("ivr").unwrap().shown_url, "${SLACK}");
+    assert!(table.contains("http://127.0.0.1:8001/hooks"), "{table}");
+}
+
 #[test]
 fn the_contract_defaults_hold_and_a_destination_inherits_what_it_does_not_set() {
     use std::time::Duration;

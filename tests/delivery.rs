@@ -704,6 +704,7 @@ fn destination(url: &str) -> Destination {
     Destination {
         name: "reply".into(),
         url: url.parse().unwrap(),
+        shown_url: url.into(),
         headers: Vec::new(),
         sign: None,
         timeout: Duration::from_secs(2),

@@ -1038,7 +1038,11 @@ async fn an_unreadable_delivery_state_is_offered_again_not_terminated() {
     // Its dead-letter index entry, and an unreadable event: the operator's lists leave
     // them out, and still list the rest.
     publish("t.dl.n-a.0123456789abcdef.0123456789abcdef", "dead").await;
-    publish("t.ev.0123456789abcdef.0123456789abcdef", "{\"garbage\":1}\n").await;
+    publish(
+        "t.ev.0123456789abcdef.0123456789abcdef",
+        "{\"garbage\":1}\n",
+    )
+    .await;
     // Taken after it, by the same consumer: once it is delivered, the unreadable one was
     // handled.
     let url = r.url("/8x8/voice");

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::clock::now_ms;
-use crate::config::{shown_url, Config};
+use crate::config::Config;
 use crate::store::{DeliveryState, EventQuery, ReplaySelector, StoreError};
 use crate::web::response::{answer, json_response, ApiError, Body};
 use crate::web::server::{self, Limits};
@@ -475,7 +475,7 @@ async fn destination(app: &App, name: &str) -> Value {
     let status = app.statuses.of(name);
     json!({
         "name": name,
-        "url": config.destination(name).map(|d| shown_url(&d.url)),
+        "url": config.destination(name).map(|d| d.shown_url.as_str()),
         "configured": config.destination(name).is_some(),
         "state": state_of(app, name),
         "queue_depth": app.store.queue_depth(name),

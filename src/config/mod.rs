@@ -205,6 +205,10 @@ pub struct Client {
 pub struct Destination {
     pub name: String,
     pub url: Uri,
+    /// The URL as the routing table and the admin API show it: without user info or query,
+    /// and as the file writes it when it has `${VAR}`s (a chat service's incoming webhook
+    /// holds its credential in the path).
+    pub shown_url: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub sign: Option<Secret>,
     pub timeout: Duration,

@@ -73,7 +73,7 @@ pub fn routing_table(c: &Config) -> String {
             out,
             "destination {}  {}  timeout {:?}  rate {}/s burst {}  max_in_flight {}{}",
             d.name,
-            shown_url(&d.url),
+            d.shown_url,
             d.timeout,
             d.rate.per_second,
             d.rate.burst,

@@ -184,10 +184,9 @@ impl Cx<'_> {
         let r = d.get_ref();
         let name = self.name(&r.name, &format!("{key}.name"), names, "destination");
         let text = self.string(&r.url, &format!("{key}.url"));
-        // User info (sent as Basic auth) or a query may hold a credential.
-        if text.as_deref().is_some_and(|t| t.contains(['@', '?'])) {
-            self.expanded_a_secret();
-        }
+        // User info (sent as Basic auth), a query or a path (a chat service's incoming
+        // webhook) may hold a credential.
+        self.expanded_a_secret();
         let url = match text {
             Some(text) => match text.parse::<Uri>() {
                 Ok(u)
@@ -274,9 +273,16 @@ impl Cx<'_> {
             Some(b) => self.breaker(b.get_ref(), &format!("{key}.breaker"), &defaults.breaker),
             None => defaults.breaker.clone(),
         };
+        let written = r.url.get_ref();
+        let shown_url = if written.contains("${") {
+            crate::config::shown_url_text(written)
+        } else {
+            crate::config::shown_url(&url)
+        };
         Destination {
             name,
             url,
+            shown_url,
             headers,
             sign,
             timeout: self.duration_nonzero(&r.timeout, &format!("{key}.timeout"), defaults.timeout),

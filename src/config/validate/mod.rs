@@ -93,6 +93,7 @@ pub fn parse(
         published_secrets: Vec::new(),
         expanded: Vec::new(),
         secret_vars: Vec::new(),
+        last_expansion: None,
     };
     let (raw, mut found) = deserialize_all(text);
     found.sort_by_key(|(_, span, _)| span.as_ref().map(|s| s.start));
@@ -120,12 +121,22 @@ pub fn parse(
 /// wording around stays as it is. The longest first, so that one holding another is not
 /// shown in part.
 fn without_secrets(reason: &str, secrets: &[(String, String)]) -> String {
-    let mut secrets: Vec<&(String, String)> =
-        secrets.iter().filter(|(_, v)| !v.is_empty()).collect();
-    if secrets.is_empty() {
+    let shown: Vec<(String, String)> = secrets
+        .iter()
+        .map(|(name, value)| (value.clone(), format!("${{{name}}}")))
+        .collect();
+    without_values(reason, &shown)
+}
+
+/// `reason` with each (value, shown) pair's value (as it is, or as Debug quotes it) written
+/// as `shown` in what it quotes (`"…"`): the wording around stays as it is. The longest
+/// first, so that one holding another is not shown in part.
+fn without_values(reason: &str, values: &[(String, String)]) -> String {
+    let mut values: Vec<&(String, String)> = values.iter().filter(|(v, _)| !v.is_empty()).collect();
+    if values.is_empty() {
         return reason.to_string();
     }
-    secrets.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+    values.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
     // Split at the quotes that are not escaped: odd pieces are quoted.
     let mut pieces = vec![String::new()];
     let mut escaped = false;
@@ -138,16 +149,28 @@ fn without_secrets(reason: &str, secrets: &[(String, String)]) -> String {
         pieces.last_mut().expect("one at least").push(c);
     }
     for piece in pieces.iter_mut().skip(1).step_by(2) {
-        for (name, value) in &secrets {
-            let quoted = format!("{value:?}");
-            for shown in [value.as_str(), &quoted[1..quoted.len() - 1]] {
-                if piece.contains(shown) {
-                    *piece = piece.replace(shown, &format!("${{{name}}}"));
-                }
-            }
-        }
+        *piece = replaced(piece, &values);
     }
     pieces.join("\"")
+}
+
+/// `text` with each (value, shown) pair's value, as it is and as Debug quotes it, written
+/// as `shown` (quoted the same way).
+fn replaced<P: std::borrow::Borrow<(String, String)>>(text: &str, values: &[P]) -> String {
+    let mut text = text.to_string();
+    for pair in values {
+        let (value, instead) = pair.borrow();
+        if text.contains(value.as_str()) {
+            text = text.replace(value.as_str(), instead);
+        }
+        let quoted = format!("{value:?}");
+        let quoted = &quoted[1..quoted.len() - 1];
+        if quoted != value && text.contains(quoted) {
+            let shown = format!("{instead:?}");
+            text = text.replace(quoted, &shown[1..shown.len() - 1]);
+        }
+    }
+    text
 }
 
 type SerdeProblem = (String, Option<Range<usize>>, String);
@@ -295,7 +318,13 @@ struct Cx<'a> {
     /// Variables (name, value) expanded into a secret: a problem quoting one of their values
     /// (the same variable put in another key as well, by mistake) shows `${NAME}` instead.
     secret_vars: Vec<(String, String)>,
+    /// The last value expanded with variables: (its place, as written, as filled in).
+    last_expansion: Option<(Range<usize>, String, String)>,
 }
+
+/// How long a filled-in value must be to be replaced where a problem's wording shows it
+/// unquoted (a parser's echo of its input): a shorter one could be part of a word.
+const ECHO_MIN: usize = 8;
 
 impl Cx<'_> {
     fn line_col(&self, offset: usize) -> (usize, usize) {
@@ -307,12 +336,27 @@ impl Cx<'_> {
     }
 
     fn err(&mut self, span: Option<Range<usize>>, key: &str, reason: impl Into<String>) {
+        let mut reason = reason.into();
+        // A problem with the value just expanded quotes it as the file writes it: a value
+        // filled in from the environment may be a secret URL path or token, and `check`'s
+        // output and a reload's answer end up in CI logs and terminals.
+        if let (Some(s), Some((at, written, filled))) = (&span, &self.last_expansion) {
+            if s == at && !filled.is_empty() {
+                let pair = [(filled.clone(), written.clone())];
+                reason = if filled.len() >= ECHO_MIN {
+                    // Unquoted too: a parser's message echoes its input.
+                    replaced(&reason, &pair)
+                } else {
+                    without_values(&reason, &pair)
+                };
+            }
+        }
         let at = span.map(|s| self.line_col(s.start));
         self.problems.push(Problem {
             file: self.file.clone(),
             at,
             key: key.to_string(),
-            reason: reason.into(),
+            reason,
         });
     }
 

@@ -83,6 +83,8 @@ impl Cx<'_> {
         let filter = raw.filter.as_ref().and_then(|f| {
             let k = format!("{key}.filter");
             let text = self.string(f, &k)?;
+            // A filter may compare with a secret (a provider's verification token).
+            self.expanded_a_secret();
             Filter::compile(&text)
                 .map_err(|e| {
                     self.err(

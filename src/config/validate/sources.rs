@@ -25,6 +25,8 @@ impl Cx<'_> {
         let path = self
             .string(&r.path, &format!("{key}.path"))
             .unwrap_or_default();
+        // A path may hold a secret (a token in the URL a provider is given).
+        self.expanded_a_secret();
         if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
             self.err(
                 Some(r.path.span()),

@@ -78,6 +78,8 @@ impl Cx<'_> {
             rest = &after[end + 1..];
         }
         out.push_str(rest);
+        let used_vars = !self.expanded.is_empty() || !self.defaulted.is_empty();
+        self.last_expansion = used_vars.then(|| (span, v.to_string(), out.clone()));
         Some(out)
     }
 
