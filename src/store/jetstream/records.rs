@@ -120,9 +120,12 @@ pub fn event_token(source: &str, id: &str) -> String {
     format!("{}.{}", hash(id), hash(source))
 }
 
-/// A destination name as one subject token (names may hold '.').
+/// A destination name as one subject token: as it is when it holds only letters, digits,
+/// `-` and `_`; else hex (a config name may hold `.`; a name an admin query gives may hold
+/// anything, a space or a wildcard `*` or `>` included, and must still name one token).
 pub fn token(name: &str) -> String {
-    if name.contains('.') {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if !name.bytes().all(plain) {
         let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
         format!("h-{hex}")
     } else {
@@ -388,6 +391,13 @@ mod tests {
         let e = event_token("voice", "a.b c>*");
         assert_eq!(e.split('.').count(), 2);
         assert!(!e.contains(['*', '>', ' ']));
+        for name in ["a b", "*", ">", "a.b", "a\tb", "ü"] {
+            let t = token(name);
+            assert!(t.starts_with("h-"), "{t}");
+            assert!(t[2..].bytes().all(|b| b.is_ascii_hexdigit()), "{t}");
+            assert_eq!(untoken(&t).as_deref(), Some(name));
+        }
+        assert_eq!(token("crm_eu-1"), "n-crm_eu-1");
         assert_eq!(n.event_part(&n.event(&e)), Some(e.as_str()));
         assert_eq!(n.event_part(&n.delivery("crm.eu", &e)), Some(e.as_str()));
         assert_eq!(n.event_part(&n.dead("crm", &e)), Some(e.as_str()));
