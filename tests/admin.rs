@@ -369,6 +369,30 @@ async fn event_lookup_dead_list_and_replay() {
     assert!(a.json()["message"].as_str().unwrap().contains("\"nosuch\""));
     let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
     assert_eq!(a.json().as_array().unwrap().len(), 0);
+    // The event list says so too, for a source or a destination: a typo is not "no events".
+    for (q, named) in [
+        ("source=nosuch", "no source is named \"nosuch\""),
+        ("destination=nosuch", "no destination is named \"nosuch\""),
+    ] {
+        let a = send(
+            Method::GET,
+            &r.admin_url(&format!("/api/events?{q}")),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(a.status, 404, "{q}");
+        assert_eq!(a.json()["message"], named, "{q}");
+    }
+    // A known one with nothing to show is an empty page.
+    let a = send(
+        Method::GET,
+        &r.admin_url("/api/events?source=open&state=dead"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
 }
 
 #[tokio::test]

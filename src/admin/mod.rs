@@ -358,6 +358,24 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
         before,
     };
     let page = app.store.recent(&query).await.map_err(store_error)?;
+    // A name nothing has (a typo) is said, not shown as "no events", as for /api/dead.
+    if page.events.is_empty() && page.next.is_none() {
+        let config = app.config();
+        if let Some(s) = query
+            .source
+            .as_deref()
+            .filter(|s| !config.sources.iter().any(|c| c.name == *s))
+        {
+            return Err(not_found(format!("no source is named {s:?}")));
+        }
+        if let Some(d) = query
+            .destination
+            .as_deref()
+            .filter(|d| !destination_names(app).iter().any(|n| n == d))
+        {
+            return Err(unknown_destination(d));
+        }
+    }
     Ok(ok(json!({
         "events": page.events.iter().map(views::event_summary).collect::<Vec<_>>(),
         "next": page.next.map(|n| n.to_string()),
