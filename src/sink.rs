@@ -69,6 +69,7 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
         drain: Duration::from_secs(1),
         tls: None,
         name: "sink",
+        answered_itself: None,
     };
     let serving = tokio::spawn(server::serve(
         listener,

@@ -416,6 +416,18 @@ async fn metrics_count_known_traffic_exactly() {
     assert_eq!(r.post("/locked", b"{}").await.status, 401);
     assert_eq!(r.post("/locked", b"{}").await.status, 401);
     assert_eq!(r.post("/nowhere", b"{}").await.status, 404);
+    // A request hyper answers itself, never seen by a handler: counted all the same.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(r.addr()).await.unwrap();
+        s.write_all(b"NOT AN HTTP REQUEST\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 400"), "{answer:?}");
+    }
     // Prometheus text 0.0.4 by default; OpenMetrics to a scraper that asks for it.
     let plain = send(Method::GET, &r.admin_url("/metrics"), &[], b"").await;
     assert_eq!(
@@ -462,6 +474,13 @@ async fn metrics_count_known_traffic_exactly() {
         metric(
             &text,
             r#"hookrelay_ingress_requests_total{source="(none)",status="404"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"hookrelay_ingress_requests_total{source="(none)",status="400"}"#
         ),
         1.0
     );

@@ -58,6 +58,7 @@ pub fn limits(config: &Config) -> Limits {
         drain: Duration::from_secs(2),
         tls: None,
         name: "admin",
+        answered_itself: None,
     }
 }
 

@@ -84,6 +84,10 @@ impl Deps {
 pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken, drain: Duration) {
     let mut limits = limits(&app.config(), drain);
     limits.tls = crate::tls::live_acceptor(app.live.clone());
+    // Requests hyper answers itself (unreadable, headers too large) are counted too: a
+    // flood of them is otherwise nowhere to be seen.
+    let metrics = app.metrics.clone();
+    limits.answered_itself = Some(Arc::new(move |status| metrics.ingress(NO_SOURCE, status)));
     server::serve(listener, limits, shutdown, move |peer, req| {
         let app = app.clone();
         async move { handle(&app, peer, req).await }
@@ -103,10 +107,13 @@ pub fn limits(config: &Config, drain: Duration) -> Limits {
             .as_ref()
             .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone())),
         name: "ingress",
+        answered_itself: None,
     }
 }
 
-/// The `source` label of token requests (no source name has parentheses).
+/// The `source` label of requests no source takes (no source name has parentheses).
+const NO_SOURCE: &str = "(none)";
+/// The `source` label of token requests.
 const TOKEN_LABEL: &str = "(token)";
 
 /// One request: never fails, every problem is an answer.
@@ -122,7 +129,7 @@ pub async fn handle(app: &Deps, peer: SocketAddr, req: Request<Incoming>) -> Res
         return resp;
     }
     let found = config.source_for_path(req.uri().path()).cloned();
-    let source = found.as_ref().map_or("(none)", |s| s.name.as_str());
+    let source = found.as_ref().map_or(NO_SOURCE, |s| s.name.as_str());
     let span = info_span!("ingress", source, event_id = Empty, status = Empty);
     let resp = match accept(app, &config, found.clone(), peer, req)
         .instrument(span.clone())

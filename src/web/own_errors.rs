@@ -13,19 +13,24 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::server::AnsweredItself;
+
 /// A connection whose bodiless 4xx answers from hyper get the contract's JSON body.
 pub struct JsonErrors<S> {
     inner: S,
     /// A replacement being written: the bytes, how many went out, and how many bytes of
     /// the caller's buffer it stands for.
     rewrite: Option<(Vec<u8>, usize, usize)>,
+    /// Told each such answer's status (for the metrics: no handler sees these requests).
+    told: Option<AnsweredItself>,
 }
 
 impl<S> JsonErrors<S> {
-    pub fn new(inner: S) -> Self {
+    pub fn new(inner: S, told: Option<AnsweredItself>) -> Self {
         JsonErrors {
             inner,
             rewrite: None,
+            told,
         }
     }
 }
@@ -96,6 +101,13 @@ impl<S: AsyncWrite + Unpin> JsonErrors<S> {
     fn start(&mut self, buf: &[u8]) -> bool {
         match rewrite(buf) {
             Some(bytes) => {
+                if let Some(told) = &self.told {
+                    // `rewrite` took only heads with a three-digit status at 9..12.
+                    let status = std::str::from_utf8(&buf[9..12])
+                        .ok()
+                        .and_then(|s| s.parse().ok());
+                    told(status.unwrap_or(400));
+                }
                 self.rewrite = Some((bytes, 0, buf.len()));
                 true
             }

@@ -44,7 +44,13 @@ pub struct Limits {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The listener's name in log lines.
     pub name: &'static str,
+    /// Told the status of each answer hyper gives itself (a request it could not read,
+    /// headers too large: [`super::own_errors`]), which no handler sees.
+    pub answered_itself: Option<AnsweredItself>,
 }
+
+/// See [`Limits::answered_itself`].
+pub type AnsweredItself = Arc<dyn Fn(u16) + Send + Sync>;
 
 /// Serves `handler` on `listener` until `shutdown`; then stops accepting (closes the
 /// listener if it was given, leaves it open if lent) and lets requests in flight finish
@@ -120,6 +126,7 @@ pub async fn serve<H, F>(
         });
         let builder = builder.clone();
         let tls = limits.tls.clone();
+        let answered_itself = limits.answered_itself.clone();
         let idle = limits.header_timeout;
         let drain = limits.drain;
         let shutdown = shutdown.clone();
@@ -138,7 +145,8 @@ pub async fn serve<H, F>(
                     }
                 },
             };
-            let io = TokioIo::new(JsonErrors::new(Watched::new(stream, &activity)));
+            let io = JsonErrors::new(Watched::new(stream, &activity), answered_itself.clone());
+            let io = TokioIo::new(io);
             let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
             // Until it ends, the relay stops (then it gets `drain` to finish what it has in
             // progress) or it has had no request in progress for `idle` (then it is closed,
