@@ -383,6 +383,21 @@ pub fn stored_event(rec: &DeliveryRecord, body: Bytes) -> StoredEvent {
 mod tests {
     use super::*;
 
+    /// An event's facts: `id` from source `s`, for destination `d`.
+    fn meta(id: &str) -> EventMeta {
+        EventMeta {
+            v: FORMAT,
+            id: id.into(),
+            source: "s".into(),
+            received_ms: 5,
+            content_type: None,
+            keep_ms: 0,
+            destinations: vec!["d".into()],
+            held: None,
+            lines: Vec::new(),
+        }
+    }
+
     #[test]
     fn subjects_name_their_event_and_tokens_stay_one_token() {
         let n = Names {
@@ -413,15 +428,8 @@ mod tests {
             prefix: "hr".into(),
         };
         let meta = EventMeta {
-            v: FORMAT,
-            id: "i".into(),
-            source: "s".into(),
-            received_ms: 1,
-            content_type: None,
-            keep_ms: 0,
             destinations: Vec::new(),
-            held: None,
-            lines: Vec::new(),
+            ..meta("i")
         };
         let mut rec = meta.first_delivery(42, "d");
         let e = event_token("s", "i");
@@ -458,17 +466,7 @@ mod tests {
 
     #[test]
     fn a_body_with_newlines_survives_its_frame() {
-        let meta = EventMeta {
-            v: FORMAT,
-            id: "x\ny".into(),
-            source: "s".into(),
-            received_ms: 5,
-            content_type: None,
-            keep_ms: 0,
-            destinations: vec!["d".into()],
-            held: None,
-            lines: Vec::new(),
-        };
+        let meta = meta("x\ny");
         let p = encode_event(&meta, b"{\n\"a\":1}\n");
         let (m, ev) = decode_event(9, &p).unwrap();
         assert_eq!(m.id, "x\ny");
@@ -480,14 +478,7 @@ mod tests {
     fn a_newer_builds_record_is_refused_and_an_unmarked_one_read() {
         let meta = EventMeta {
             v: FORMAT + 1,
-            id: "i".into(),
-            source: "s".into(),
-            received_ms: 5,
-            content_type: None,
-            keep_ms: 0,
-            destinations: vec!["d".into()],
-            held: None,
-            lines: Vec::new(),
+            ..meta("i")
         };
         let newer = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Format(m)) if m.contains("newer hookrelay"));
         assert!(newer(
