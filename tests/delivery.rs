@@ -454,10 +454,10 @@ async fn a_restart_resumes_the_retry_schedule() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    // factor 1: every retry 750 ms to 1 s after the last answer.
+    // factor 1: every retry 2.25 to 3 s after the last answer (room for the stop).
     let toml = one_destination(
         &sink.url("/x"),
-        r#"retry = { first = "1s", factor = 1.0, give_up_after = "1m" }"#,
+        r#"retry = { first = "3s", factor = 1.0, give_up_after = "1m" }"#,
     );
     let relay = start_relay(dir.path(), &toml).await;
     let id = post_open(&relay, 1).await;
@@ -486,7 +486,7 @@ async fn a_restart_resumes_the_retry_schedule() {
 async fn shutdown_lets_attempts_in_flight_finish() {
     let sink = Sink::start(
         Vec::new(),
-        Reply::status(200).delay(Duration::from_millis(400)),
+        Reply::status(200).delay(Duration::from_millis(1500)),
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -498,7 +498,7 @@ async fn shutdown_lets_attempts_in_flight_finish() {
     stop_relay(relay).await;
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(300),
+        took >= Duration::from_millis(1000),
         "did not wait for the answer: {took:?}"
     );
     // Its outcome was stored before the store closed: nothing is sent again.

@@ -1520,8 +1520,9 @@ async fn a_reply_calls_attempt_is_recorded_after_an_outage() {
         }
     })
     .await;
-    // The held delivery falls due 14 s after the event (the reply's timeout and 4 s).
-    let text = call_action_config(&nats.url(), &ivr.url("/call-action"), "", None, "10s");
+    // The held delivery falls due 29 s after the event (the reply's timeout and 4 s): room
+    // for the outage, the restart and the reconnection on a loaded machine.
+    let text = call_action_config(&nats.url(), &ivr.url("/call-action"), "", None, "25s");
     let one = TestRelay::start(&text).await;
     let body = fixture("8x8/voice-call-action.json");
     let posting = {

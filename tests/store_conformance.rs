@@ -1285,9 +1285,14 @@ async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
     // Held by `a`, in a window of one: its puller takes nothing more (nor this delivery
     // again once the server hands it out after the outage).
     held_alone(a.as_ref(), "w", seq).await;
-    // `a` sends it; its answer comes only after an outage longer than the ack wait.
+    // `a` sends it; its answer comes only after an outage longer than the ack wait: until
+    // `a`'s hold has lapsed (bounded wait).
     nats.sigkill();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.still_held("w", seq) {
+        assert!(Instant::now() < deadline, "still held long after the lapse");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     nats.restart().await;
     let b = jetstream(dir.path(), &nats).await;
     let d = due_within(b.as_ref(), "w", seq, Duration::from_secs(30)).await;
