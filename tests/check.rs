@@ -156,6 +156,30 @@ fn durations_and_rates_past_a_century_are_refused() {
     assert!(problems(&t).is_empty(), "{:#?}", problems(&t));
 }
 
+/// Counts held at once are counted by semaphores: a count past what one holds (which
+/// panicked at start) is refused by `check`.
+#[test]
+fn connections_and_requests_at_once_have_a_ceiling() {
+    let many = "3000000000000000000";
+    let t = BASE.replace(
+        "token_secret = \"t\"",
+        &format!("token_secret = \"t\"\nmax_connections = {many}"),
+    );
+    rejects(&t, "server.max_connections", "at most 1000000");
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8003/ivr\"",
+        &format!("url = \"http://127.0.0.1:8003/ivr\"\nmax_in_flight = {many}"),
+    );
+    rejects(&t, "destinations[1].max_in_flight", "at most 1000000");
+    let t = format!("{BASE}\n[delivery]\nmax_in_flight = {many}\n");
+    rejects(&t, "delivery.max_in_flight", "at most 1000000");
+    let t = BASE.replace(
+        "token_secret = \"t\"",
+        "token_secret = \"t\"\nmax_connections = 1000000",
+    );
+    assert!(problems(&t).is_empty());
+}
+
 #[test]
 fn a_fallback_content_type_a_header_cannot_carry_is_refused() {
     let t = BASE.replace(

@@ -158,11 +158,11 @@ impl Cx<'_> {
             d.breaker = self.breaker(b.get_ref(), "delivery.breaker", &d.breaker);
         }
         d.timeout = self.duration_nonzero(&r.timeout, "delivery.timeout", d.timeout);
-        d.max_in_flight = self.positive(
+        d.max_in_flight = self.at_once(
             &r.max_in_flight,
             "delivery.max_in_flight",
             d.max_in_flight as u64,
-        ) as usize;
+        );
         d.max_queue = self.positive(&r.max_queue, "delivery.max_queue", d.max_queue);
         if let Some(rt) = &r.retry {
             d.retry = self.retry(rt.get_ref(), "delivery.retry", &d.retry);
@@ -286,11 +286,11 @@ impl Cx<'_> {
             headers,
             sign,
             timeout: self.duration_nonzero(&r.timeout, &format!("{key}.timeout"), defaults.timeout),
-            max_in_flight: self.positive(
+            max_in_flight: self.at_once(
                 &r.max_in_flight,
                 &format!("{key}.max_in_flight"),
                 defaults.max_in_flight as u64,
-            ) as usize,
+            ),
             max_queue: self.positive(
                 &r.max_queue,
                 &format!("{key}.max_queue"),

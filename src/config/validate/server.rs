@@ -142,11 +142,11 @@ impl Cx<'_> {
                 "server.read_timeout",
                 defaults::READ_TIMEOUT,
             ),
-            max_connections: self.positive(
+            max_connections: self.at_once(
                 &r.max_connections,
                 "server.max_connections",
                 defaults::MAX_CONNECTIONS,
-            ) as usize,
+            ),
         }
     }
 

@@ -21,6 +21,8 @@ use crate::signature::decode_secret;
 
 /// The longest name of a source, destination or route ([`Cx::name`]).
 const MAX_NAME: usize = 100;
+/// The most connections or requests a limit may allow at once ([`Cx::at_once`]).
+const MAX_AT_ONCE: u64 = 1_000_000;
 
 impl Cx<'_> {
     /// Expands `${VAR}` in a string value.
@@ -148,6 +150,18 @@ impl Cx<'_> {
                 default
             }
         }
+    }
+
+    /// A count of things held at once (connections, requests in flight): more than 0, at
+    /// most [`MAX_AT_ONCE`] (a larger one could not be counted by a semaphore).
+    pub(super) fn at_once(&mut self, v: &Option<Spanned<i64>>, key: &str, default: u64) -> usize {
+        let n = self.positive(v, key, default);
+        if n > MAX_AT_ONCE {
+            let span = v.as_ref().map(|n| n.span());
+            self.err(span, key, format!("must be at most {MAX_AT_ONCE}"));
+            return default as usize;
+        }
+        n as usize
     }
 
     pub(super) fn positive(&mut self, v: &Option<Spanned<i64>>, key: &str, default: u64) -> u64 {
