@@ -251,3 +251,48 @@ async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
     }
     assert_eq!(r.post("/open", b"{\"n\":2}").await.status, 200);
 }
+
+/// The token endpoint's form counts in the bodies held at once: once slow bodies have taken
+/// the budget, a token request is answered 503 too, not read into memory the budget does
+/// not see.
+#[tokio::test]
+async fn token_requests_share_the_body_memory_budget() {
+    let text = config(100).replace(
+        "read_timeout = \"1s\"",
+        "read_timeout = \"10s\"\ntoken_secret = \"k\"",
+    ) + "\n[[sources]]\nname = \"sms\"\npath = \"/sms\"\n\
+           auth = { kind = \"oauth2\", clients = [{ id = \"c\", secret = \"s\" }] }\n";
+    let r = TestRelay::start(&text).await;
+    // 2 MiB announced, all but its last byte sent: each holds 2 MiB (never more than it
+    // announced), so 32 of them hold the whole budget, and the 33rd is refused.
+    const ANNOUNCE: &[u8] = b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 2097152\r\n\r\n{";
+    let mut slow = Vec::new();
+    for _ in 0..hookrelay::ingress::body_memory::BUDGET / (2 << 20) + 1 {
+        let mut s = TcpStream::connect(r.addr()).await.unwrap();
+        s.write_all(ANNOUNCE).await.unwrap();
+        s.write_all(&vec![b' '; (2 << 20) - 2]).await.unwrap();
+        slow.push(s);
+    }
+    let form = b"grant_type=client_credentials&client_id=c&client_secret=s";
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let a = r
+            .post_with(
+                "/oauth/token",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                form,
+            )
+            .await;
+        if a.status == 503 {
+            assert_eq!(a.headers["retry-after"], "1");
+            break;
+        }
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        assert!(
+            Instant::now() < deadline,
+            "token requests were read past the budget"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(slow);
+}

@@ -122,7 +122,7 @@ pub async fn handle(app: &Deps, peer: SocketAddr, req: Request<Incoming>) -> Res
     // The rarer paths' futures are boxed: every request's future is as large as its largest
     // path, and it is copied a few times on its way into the connection's task.
     if req.uri().path() == TOKEN_PATH && config.issues_tokens() {
-        let resp = Box::pin(oauth::token_endpoint(&config, peer, req)).await;
+        let resp = Box::pin(oauth::token_endpoint(&config, &app.bodies, peer, req)).await;
         // Counted apart from the sources (a client that fails here never posts): a wrong
         // client secret on the provider's side shows as 401s under `(token)`.
         app.metrics.ingress(TOKEN_LABEL, resp.status().as_u16());

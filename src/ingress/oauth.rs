@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::body_memory::BodyMemory;
 use super::client_ip;
 use crate::clock::now_ms;
 use crate::config::{Auth, Config, Source};
@@ -118,6 +119,7 @@ fn forbidden() -> Response<Body> {
 
 pub async fn token_endpoint(
     config: &Config,
+    bodies: &BodyMemory,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
@@ -134,11 +136,23 @@ pub async fn token_endpoint(
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // Its form counts in the bodies held at once like an event's: stalled token requests
+    // must not hold memory the budget does not see.
+    let announced = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|n| n.min(MAX_FORM_BYTES as u64));
+    let mut room = match bodies.reserve(announced) {
+        Ok(room) => room,
+        Err(e) => return e.into_response(),
+    };
     let body = match super::read_body(
         req.into_body(),
         MAX_FORM_BYTES,
         config.server.read_timeout,
-        None,
+        Some(&mut room),
     )
     .await
     {
