@@ -143,7 +143,7 @@ pub async fn token_endpoint(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map(|n| n.min(MAX_FORM_BYTES as u64));
+        .map(|n| n.min(MAX_FORM_BYTES));
     let mut room = match bodies.reserve(announced) {
         Ok(room) => room,
         Err(e) => return e.into_response(),
