@@ -30,6 +30,7 @@ pub mod health;
 pub mod ingress;
 pub mod metrics;
 pub mod needed;
+pub mod open_files;
 pub mod relay;
 pub mod routing;
 pub mod rules;

@@ -191,6 +191,7 @@ pub async fn run_serve(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    crate::open_files::check(crate::open_files::raise(), config.server.max_connections);
     // Nothing is accepted before the store is open, so a signal then simply ends it.
     let relay = tokio::select! {
         r = Relay::start(config) => r?,

@@ -240,6 +240,44 @@ async fn an_event_id_cannot_break_a_log_line() {
     assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
 }
 
+/// A soft open-file limit below the hard one (often 1,024, below `max_connections`) is
+/// raised to the hard one at start; none is said then, with room for the connections.
+#[tokio::test]
+async fn the_open_file_limit_is_raised_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    let text = CONFIG.replace("[server]\n", "[server]\nmax_connections = 100\n");
+    std::fs::write(&config, text).unwrap();
+    let (child, mut out, mut err) = piped(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"ulimit -S -n 128 && exec "$0" serve --config "$1""#)
+            .arg(bin())
+            .arg(&config)
+            .env("HOOKRELAY_LOG", "warn"),
+    );
+    listening(&mut out).await;
+    let pid = child.id().expect("running");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files <soft> <hard> files"
+    assert_ne!(words[3], "128", "{line}");
+    assert_eq!(words[3], words[4], "{line}");
+    assert!(interrupt(child).await, "serve exits 0 on Ctrl-C");
+    let mut said = Vec::new();
+    while let Ok(Some(l)) = err.next_line().await {
+        said.push(l);
+    }
+    assert!(
+        said.iter().all(|l| !l.contains("open-file limit")),
+        "{said:?}"
+    );
+}
+
 #[tokio::test]
 async fn out_of_file_descriptors_the_relay_says_so_once_a_second_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -259,6 +297,9 @@ async fn out_of_file_descriptors_the_relay_says_so_once_a_second_and_recovers() 
     for _ in 0..100 {
         clients.push(tokio::net::TcpStream::connect(&ingress).await.unwrap());
     }
+    // The limit, far below what max_connections needs, is said at start.
+    let said = next_line(&mut err).await;
+    assert!(said.contains("open-file limit"), "{said}");
     // Accepts fail for as long as the clients stay: said at most once a second, with how
     // many were held back (10 ms apart, they were 100 lines a second before).
     let first = next_line(&mut err).await;
