@@ -117,7 +117,6 @@ async fn run(
     shutdown: CancellationToken,
     hurry: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = app.config();
     let delivery_stop = CancellationToken::new();
     let delivery = crate::delivery::start(app.delivery(), delivery_stop.clone());
     let upkeep = tokio::spawn(purge_loop(app.clone(), shutdown.clone()));
@@ -132,12 +131,7 @@ async fn run(
     // A second signal cuts each wait short: requests still in flight get no answer (their
     // senders try again; what was stored stays), deliveries stay pending.
     tokio::select! {
-        _ = crate::ingress::serve(
-            listener,
-            app.ingress(),
-            shutdown.clone(),
-            config.server.read_timeout * 3,
-        ) => {}
+        _ = crate::ingress::serve(listener, app.ingress(), shutdown.clone()) => {}
         _ = hurry.cancelled() => {}
     }
     let grace = app.config().server.shutdown_grace;

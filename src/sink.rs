@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::web::server::{self, Limits};
+use crate::web::server::{self, Drain, Limits};
 
 /// The longest body the sink reads: far past the relay's `max_body_bytes` default (1 MiB),
 /// so the bodies the relay forwards always fit.
@@ -66,7 +66,7 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
     let limits = Limits {
         max_connections: 1024,
         header_timeout: Duration::from_secs(10),
-        drain: Duration::from_secs(1),
+        drain: Drain::fixed(Duration::from_secs(1)),
         tls: None,
         name: "sink",
         answered_itself: None,

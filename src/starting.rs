@@ -21,7 +21,7 @@ use crate::store::redb::RedbStore;
 use crate::store::sled::SledStore;
 use crate::store::{Store, StoreError};
 use crate::web::response::{json_response, ApiError};
-use crate::web::server;
+use crate::web::server::{self, Drain};
 
 /// The first wait before trying JetStream again; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -61,12 +61,12 @@ pub async fn open_store(
     };
     let answering = async {
         let mut admin_limits = crate::admin::limits(config);
-        admin_limits.drain = HAND_OVER;
+        admin_limits.drain = Drain::fixed(HAND_OVER);
         let why = why.clone();
         tokio::join!(
             server::serve(
                 ingress,
-                crate::ingress::limits(config, HAND_OVER),
+                crate::ingress::limits(config, Drain::fixed(HAND_OVER)),
                 opened.clone(),
                 |_, _| async {
                     ApiError::unavailable("the relay is starting; try again shortly", "5")

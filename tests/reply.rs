@@ -415,3 +415,25 @@ async fn the_reply_timeout_counts_from_the_requests_arrival() {
     // when it comes, before its answer's delay.
     assert_eq!(ivr.seen().len(), 1, "called with the time left");
 }
+
+/// A reply route's call still out at shutdown is waited for, however short `read_timeout`
+/// is (the drain was three read timeouts): the provider gets the next call action, not a
+/// connection closed under it.
+#[tokio::test]
+async fn a_reply_call_out_at_shutdown_is_answered() {
+    let ivr = replying(200, REPLY, Duration::from_secs(2)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr)
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nread_timeout = \"250ms\"",
+        )
+        .replace("timeout = \"300ms\"", "timeout = \"4s\"");
+    let r = TestRelay::start(&text).await;
+    let first = first_try_out(&r, &ivr, &fixture("8x8/voice-call-action.json")).await;
+    let dir = r.stop().await;
+    let a = first.await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(&a.body[..], REPLY);
+    drop(dir);
+}

@@ -30,7 +30,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::store::{DeliveryState, EventQuery, ReplaySelector, StoreError};
 use crate::web::response::{answer, json_response, ApiError, Body};
-use crate::web::server::{self, Limits};
+use crate::web::server::{self, Drain, Limits};
 
 /// Most entries one list answer holds.
 const MAX_LIMIT: usize = 10_000;
@@ -55,7 +55,7 @@ pub fn limits(config: &Config) -> Limits {
     Limits {
         max_connections: MAX_CONNECTIONS,
         header_timeout: config.server.read_timeout,
-        drain: Duration::from_secs(2),
+        drain: Drain::fixed(Duration::from_secs(2)),
         tls: None,
         name: "admin",
         answered_itself: None,

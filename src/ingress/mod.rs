@@ -43,7 +43,7 @@ use crate::store::{Admission, NewEvent, StoreError, StoredEvent, StoredReply};
 use crate::telemetry::Throttle;
 use crate::web::client::HttpClient;
 use crate::web::response::{json_response, ApiError, Body};
-use crate::web::server::{self, Limits};
+use crate::web::server::{self, Drain, Limits};
 
 /// The longest the ingress waits for the store to commit an event before answering 503
 /// (the event may still be committed: the provider's retry is then a duplicate).
@@ -80,8 +80,10 @@ impl Deps {
 }
 
 /// Serves the ingress on `listener` until `shutdown`; then stops accepting and lets
-/// requests in flight finish (bounded by `drain`).
-pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken, drain: Duration) {
+/// requests in flight finish ([`drain`]).
+pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken) {
+    let live = app.live.clone();
+    let drain = Drain::computed(move || drain(&live.get()));
     let mut limits = limits(&app.config(), drain);
     limits.tls = crate::tls::live_acceptor(app.live.clone());
     // Requests hyper answers itself (unreadable, headers too large) are counted too: a
@@ -95,8 +97,22 @@ pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken
     .await
 }
 
+/// How long requests in flight get at shutdown: three read timeouts (a body still coming),
+/// or as long as a reply route's call may take, from the request's arrival, and the margin
+/// to answer with what it held (the provider waits for the next call action).
+pub fn drain(config: &Config) -> Duration {
+    let longest_reply = config
+        .routes
+        .iter()
+        .filter_map(|r| r.reply.as_ref().map(|p| p.timeout))
+        .max()
+        .unwrap_or_default();
+    (config.server.read_timeout * 3)
+        .max(longest_reply + Duration::from_millis(reply::HOLD_MARGIN_MS))
+}
+
 /// How the ingress listener serves connections (TLS when configured), `drain` at the end.
-pub fn limits(config: &Config, drain: Duration) -> Limits {
+pub fn limits(config: &Config, drain: Drain) -> Limits {
     Limits {
         max_connections: config.server.max_connections,
         header_timeout: config.server.read_timeout,

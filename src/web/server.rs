@@ -40,7 +40,7 @@ pub struct Limits {
     /// How long a client may take to send its request head (and its TLS handshake).
     pub header_timeout: Duration,
     /// How long connections get to finish their requests at shutdown.
-    pub drain: Duration,
+    pub drain: Drain,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The listener's name in log lines.
     pub name: &'static str,
@@ -51,6 +51,23 @@ pub struct Limits {
 
 /// See [`Limits::answered_itself`].
 pub type AnsweredItself = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// How long connections get to finish at shutdown, read when it comes (the config in force
+/// then may ask for longer than the one the listener started with).
+#[derive(Clone)]
+pub struct Drain(Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl Drain {
+    pub fn fixed(d: Duration) -> Self {
+        Drain(Arc::new(move || d))
+    }
+    pub fn computed(f: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
+        Drain(Arc::new(f))
+    }
+    fn get(&self) -> Duration {
+        (self.0)()
+    }
+}
 
 /// Serves `handler` on `listener` until `shutdown`; then stops accepting (closes the
 /// listener if it was given, leaves it open if lent) and lets requests in flight finish
@@ -128,7 +145,7 @@ pub async fn serve<H, F>(
         let tls = limits.tls.clone();
         let answered_itself = limits.answered_itself.clone();
         let idle = limits.header_timeout;
-        let drain = limits.drain;
+        let drain = limits.drain.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let stream = match tls {
@@ -158,7 +175,7 @@ pub async fn serve<H, F>(
                     }
                     return;
                 }
-                _ = shutdown.cancelled() => drain,
+                _ = shutdown.cancelled() => drain.get(),
                 _ = activity.idle_for(idle) => IDLE_CLOSE_GRACE,
             };
             conn.as_mut().graceful_shutdown();
@@ -169,11 +186,16 @@ pub async fn serve<H, F>(
     }
     drop(listener);
     connections.close();
-    if tokio::time::timeout(limits.drain, connections.wait())
+    let drain = limits.drain.get();
+    if tokio::time::timeout(drain, connections.wait())
         .await
         .is_err()
     {
-        warn!(listener = name, drain = ?limits.drain, "connections still open after the drain period");
+        warn!(
+            listener = name,
+            ?drain,
+            "connections still open after the drain period"
+        );
     }
 }
 
