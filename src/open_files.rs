@@ -9,13 +9,17 @@ use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 /// listeners, the admin API, outbound connections.
 pub const RESERVE: u64 = 256;
 
+/// What an unlimited hard limit raises the soft one to (Linux's default `nr_open`).
+const UNLIMITED_AS: u64 = 1 << 20;
+
 /// Raises the soft open-file limit to the hard one; the limit in force afterwards (`None`:
 /// unlimited).
 pub fn raise() -> Option<u64> {
     let limit = getrlimit(Resource::Nofile);
     if limit.current.is_some() && limit.current != limit.maximum {
+        // An unlimited hard limit is no soft one the kernel takes: Linux's usual ceiling.
         let raised = Rlimit {
-            current: limit.maximum,
+            current: limit.maximum.or(Some(UNLIMITED_AS)),
             maximum: limit.maximum,
         };
         if let Err(e) = setrlimit(Resource::Nofile, raised) {

@@ -246,7 +246,7 @@ async fn an_event_id_cannot_break_a_log_line() {
 async fn the_open_file_limit_is_raised_to_the_hard_one() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
-    let text = CONFIG.replace("[server]\n", "[server]\nmax_connections = 100\n");
+    let text = CONFIG.replace("[server]\n", "[server]\nmax_connections = 10\n");
     std::fs::write(&config, text).unwrap();
     let (child, mut out, mut err) = piped(
         Command::new("sh")

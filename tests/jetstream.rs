@@ -1013,11 +1013,11 @@ async fn a_stream_in_a_newer_format_is_refused_at_start_and_an_unmarked_one_mark
     drop(nats);
 }
 
-/// A delivery state this build cannot read (damaged, or a newer build's during a rolling
-/// upgrade) is handed back to be offered again later, not terminated: the destination's
-/// consumer is every instance's, so a terminated state would be sent by none, ever.
+/// A delivery state of a newer build's format (a rolling upgrade) is handed back to be
+/// offered again later, not terminated: the destination's consumer is every instance's, so
+/// a terminated state would be sent by none, ever, even once all run the newer build.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_delivery_state_is_offered_again_not_terminated() {
+async fn a_newer_formats_delivery_state_is_offered_again_not_terminated() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
@@ -1030,20 +1030,26 @@ async fn an_unreadable_delivery_state_is_offered_again_not_terminated() {
             ack.await.unwrap().sequence
         }
     };
-    let unreadable = publish(
+    let newer = publish(
         "t.q.n-a.0123456789abcdef.0123456789abcdef",
-        "{\"garbage\":1}\n",
+        concat!(
+            r#"{"delivery":{"seq":1,"destination":"a","state":"dead","attempts":1,"#,
+            r#""first_attempt_ms":1,"next_due_ms":1,"last_status":400,"last_error":"x","#,
+            r#""updated_ms":1},"event":{"v":99,"id":"new","source":"voice","received_ms":1,"#,
+            r#""content_type":null}}"#,
+            "\n{}"
+        ),
     )
     .await;
-    // Its dead-letter index entry, and an unreadable event: the operator's lists leave
-    // them out, and still list the rest.
+    // Its dead-letter index entry, and a damaged event: the operator's lists leave them
+    // out, and still list the rest.
     publish("t.dl.n-a.0123456789abcdef.0123456789abcdef", "dead").await;
     publish(
         "t.ev.0123456789abcdef.0123456789abcdef",
         "{\"garbage\":1}\n",
     )
     .await;
-    // Taken after it, by the same consumer: once it is delivered, the unreadable one was
+    // Taken after it, by the same consumer: once it is delivered, the newer one was
     // handled.
     let url = r.url("/8x8/voice");
     let p = try_post(&client(), &url, voice("after"), Duration::from_secs(10)).await;
@@ -1061,8 +1067,8 @@ async fn an_unreadable_delivery_state_is_offered_again_not_terminated() {
         .unwrap();
     let info = consumer.info().await.unwrap();
     assert!(
-        info.ack_floor.stream_sequence < unreadable && info.num_ack_pending >= 1,
-        "the unreadable state is still the consumer's to offer: {info:?}"
+        info.ack_floor.stream_sequence < newer && info.num_ack_pending >= 1,
+        "the newer state is still the consumer's to offer: {info:?}"
     );
     let store = &r.app().store;
     assert!(store.dead(None, 10).await.unwrap().is_empty());

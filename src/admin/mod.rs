@@ -359,22 +359,19 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
         before,
     };
     let page = app.store.recent(&query).await.map_err(store_error)?;
-    // A name nothing has (a typo) is said, not shown as "no events", as for /api/dead.
-    if page.events.is_empty() && page.next.is_none() {
+    // A name nothing has (a typo) is said, not shown as "no events", as for /api/dead:
+    // asked for alone, a whole walk of the store found no event of it, and the config has
+    // none by that name.
+    if page.events.is_empty() && page.next.is_none() && query.state.is_none() {
         let config = app.config();
-        if let Some(s) = query
-            .source
-            .as_deref()
-            .filter(|s| !config.sources.iter().any(|c| c.name == *s))
-        {
-            return Err(not_found(format!("no source is named {s:?}")));
-        }
-        if let Some(d) = query
-            .destination
-            .as_deref()
-            .filter(|d| !destination_names(app).iter().any(|n| n == d))
-        {
-            return Err(unknown_destination(d));
+        match (query.source.as_deref(), query.destination.as_deref()) {
+            (Some(s), None) if !config.sources.iter().any(|c| c.name == *s) => {
+                return Err(not_found(format!("no source is named {s:?}")));
+            }
+            (None, Some(d)) if !destination_names(app).iter().any(|n| n == d) => {
+                return Err(unknown_destination(d));
+            }
+            _ => {}
         }
     }
     Ok(ok(json!({

@@ -290,15 +290,18 @@ fn check_method(req: &Request<Incoming>) -> Result<(), ApiError> {
 /// The body's announced length, refused (413) past `max_body_bytes`.
 fn check_announced_size(config: &Config, req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
     let limit = config.server.max_body_bytes;
-    let announced = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match announced {
+    match announced_length(req) {
         Some(n) if n > limit => Err(ApiError::too_large(limit)),
         n => Ok(n),
     }
+}
+
+/// The body's length as its `Content-Length` announces it, if it does.
+fn announced_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// An event routed and ready for the store.
@@ -412,7 +415,11 @@ async fn admit(
             a
         }
         Ok(Err(e)) => {
-            app.health.set_store_healthy(false);
+            // One damaged (or newer) record is that event's trouble, not the store's: the
+            // others are still taken, so readiness stays.
+            if !matches!(e, StoreError::Corrupt(_) | StoreError::Format(_)) {
+                app.health.set_store_healthy(false);
+            }
             return Err(store_unavailable(e));
         }
         Err(_) => {

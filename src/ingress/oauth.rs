@@ -138,12 +138,7 @@ pub async fn token_endpoint(
         .map(str::to_string);
     // Its form counts in the bodies held at once like an event's: stalled token requests
     // must not hold memory the budget does not see.
-    let announced = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|n| n.min(MAX_FORM_BYTES));
+    let announced = super::announced_length(&req).map(|n| n.min(MAX_FORM_BYTES));
     let mut room = match bodies.reserve(announced) {
         Ok(room) => room,
         Err(e) => return e.into_response(),
@@ -157,6 +152,8 @@ pub async fn token_endpoint(
     .await
     {
         Ok(b) => b,
+        // Past the body budget: the 503 as it is, with its Retry-After.
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => return e.into_response(),
         Err(e) => return error(e.status, "invalid_request", &e.message),
     };
     let mut grant = None;

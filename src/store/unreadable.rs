@@ -29,12 +29,19 @@ impl Unreadable {
         }
     }
 
+    /// Logs what was left out, at most once a second (the console refreshes its lists
+    /// every few seconds).
     pub fn warn(self, list: &str) {
-        if let Some((seq, error)) = self.first {
+        static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+        let Some((seq, error)) = self.first else {
+            return;
+        };
+        if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
             tracing::warn!(
                 count = self.count,
                 seq,
                 %error,
+                held_back,
                 "records of the store's {list} cannot be read; the list leaves them out"
             );
         }

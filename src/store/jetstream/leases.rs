@@ -36,7 +36,7 @@ use super::records::{decode_delivery, DeliveryRecord, Names};
 use super::watchers::Pauses;
 use super::{lines, pulls, JetStreamStore};
 use crate::clock::now_ms;
-use crate::store::DeliveryState;
+use crate::store::{DeliveryState, StoreError};
 
 /// How long the server waits for an ack (or progress) before giving a message to another.
 pub const ACK_WAIT: Duration = Duration::from_secs(6);
@@ -309,12 +309,19 @@ async fn take(store: &Weak<JetStreamStore>, leases: &Leases, m: jetstream::Messa
     };
     let (rec, body) = match decode_delivery(&m.payload) {
         Ok(r) => r,
-        // Handed back to be offered again later, never terminated: the consumer is every
-        // instance's, so a terminated state would be sent by none, and be on no dead list,
-        // even once a build that reads it (a newer format's, in a rolling upgrade) runs.
-        Err(e) => {
-            warn!(destination = %leases.destination, seq = state_seq, error = %e, "an unreadable delivery record; offered again in {UNREADABLE_AGAIN:?}");
+        // A newer build's (a rolling upgrade): handed back to be offered again later, never
+        // terminated, since the consumer is every instance's and a terminated state would be
+        // sent by none, even once every instance runs the build that reads it.
+        Err(e @ StoreError::Format(_)) => {
+            warn!(destination = %leases.destination, seq = state_seq, error = %e, "a delivery record of a newer format; offered again in {UNREADABLE_AGAIN:?}");
             let _ = m.ack_with(AckKind::Nak(Some(UNREADABLE_AGAIN))).await;
+            return;
+        }
+        // Damaged: no build will read it, and held it would stand at the consumer's floor
+        // for ever (its oldest-pending age and its depth wrong).
+        Err(e) => {
+            tracing::error!(destination = %leases.destination, seq = state_seq, error = %e, "a damaged delivery record; set aside");
+            let _ = m.ack_with(AckKind::Term).await;
             return;
         }
     };

@@ -31,13 +31,17 @@ impl JetStreamStore {
         let seq = event.seq;
         let e = event_token(&meta.source, &meta.id);
         let mut deliveries = Vec::new();
+        // A delivery whose state cannot be read is left out; the event and the rest shown.
+        let mut unreadable = Unreadable::default();
         for d in &meta.destinations {
-            match self.state_of(seq, d, &e).await? {
-                Some((_, rec, _)) => deliveries.push(rec.delivery),
+            match unreadable.skip(seq, self.state_of(seq, d, &e).await)? {
+                Some(Some((_, rec, _))) => deliveries.push(rec.delivery),
                 // Not fanned out yet: pending, as it will be written.
-                _ => deliveries.push(meta.first_delivery(seq, d).delivery),
+                Some(None) => deliveries.push(meta.first_delivery(seq, d).delivery),
+                None => {}
             }
         }
+        unreadable.warn("deliveries");
         Ok(EventView { event, deliveries })
     }
 
@@ -139,6 +143,7 @@ impl JetStreamStore {
         id: &str,
     ) -> Result<Vec<(u64, DeliveryRecord, Bytes)>, StoreError> {
         let mut out = Vec::new();
+        let mut unreadable = Unreadable::default();
         for s in self
             .subjects(&self.names.dead_of_id(id), usize::MAX)
             .await?
@@ -146,12 +151,14 @@ impl JetStreamStore {
             let Some((dest, part)) = self.dead_subject_parts(&s) else {
                 continue;
             };
-            if let Some(t) = self.delivery_state(&dest, part).await? {
+            let state = unreadable.skip(0, self.delivery_state(&dest, part).await)?;
+            if let Some(t) = state.flatten() {
                 if t.1.event.id == id && t.1.delivery.state == DeliveryState::Dead {
                     out.push(t);
                 }
             }
         }
+        unreadable.warn("dead letters");
         Ok(out)
     }
 

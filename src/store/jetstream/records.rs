@@ -152,8 +152,8 @@ pub fn untoken(t: &str) -> Option<String> {
 /// The format of the records this build writes: the stream is marked with it
 /// ([`super::setup::FORMAT_KEY`]) and every event and delivery record carries it, so that a
 /// build reading a newer one's record refuses it instead of misreading it (serde would drop
-/// the fields it does not know, and a rewrite would lose them). 1: records without a
-/// format, of builds before 2026-12-07; their layout is this one's.
+/// the fields it does not know, and a rewrite would lose them). Records and streams without
+/// one (builds before 2026-12-07) read as 0 and 1 alike: their layout is format 2's.
 pub const FORMAT: u32 = 2;
 
 /// The event's facts kept with it and with each delivery.

@@ -384,14 +384,36 @@ fn format_marker() -> std::collections::HashMap<String, String> {
 
 /// The stream, refused when a newer build has marked it with a format this one does not
 /// read (it would misread that build's records); marked with this build's format when
-/// unmarked (made by a build before the marker) or older.
+/// unmarked (made by a build before the marker) or older. The mark is written on the
+/// stream's settings as read afresh (another instance may have raised its replicas since),
+/// and a failure to write it (an account that may not edit streams) is only said.
 async fn marked(
     js: &jetstream::Context,
     stream: stream::Stream,
     names: &Names,
 ) -> anyhow::Result<stream::Stream> {
-    let config = &stream.cached_info().config;
-    let found = config.metadata.get(FORMAT_KEY);
+    if stream_format(&stream, names)? == FORMAT {
+        return Ok(stream);
+    }
+    let fresh = js
+        .get_stream(names.stream())
+        .await
+        .with_context(|| format!("reading the stream {:?}", names.stream()))?;
+    if stream_format(&fresh, names)? == FORMAT {
+        return Ok(fresh);
+    }
+    let mut config = fresh.cached_info().config.clone();
+    config.metadata.extend(format_marker());
+    if let Err(e) = js.update_stream(&config).await {
+        tracing::warn!(stream = %names.stream(), error = %e, "marking the stream with its records' format failed; an older build would not know to refuse it");
+    }
+    Ok(fresh)
+}
+
+/// The format the stream is marked with (0: none); an error when it is newer than
+/// [`FORMAT`].
+fn stream_format(stream: &stream::Stream, names: &Names) -> anyhow::Result<u32> {
+    let found = stream.cached_info().config.metadata.get(FORMAT_KEY);
     let format = match found.map(|v| v.parse::<u32>()) {
         Some(Ok(n)) => n,
         None => 0,
@@ -399,23 +421,15 @@ async fn marked(
     };
     if format > FORMAT {
         return Err(UnsafeStream(format!(
-            "the stream {:?} holds records in format {} (its metadata {FORMAT_KEY:?}),              written by a newer hookrelay; this build reads formats up to {FORMAT}. Run the              newer build on every instance, or give this one another [store] prefix",
+            "the stream {:?} holds records in format {} (its metadata {FORMAT_KEY:?}), \
+             written by a newer hookrelay; this build reads formats up to {FORMAT}. Run the \
+             newer build on every instance, or give this one another [store] prefix",
             names.stream(),
             found.map_or("", |v| v.as_str()),
         ))
         .into());
     }
-    if format == FORMAT {
-        return Ok(stream);
-    }
-    let mut config = config.clone();
-    config.metadata.extend(format_marker());
-    js.update_stream(&config)
-        .await
-        .with_context(|| format!("marking the stream {:?} with its format", names.stream()))?;
-    js.get_stream(names.stream())
-        .await
-        .with_context(|| format!("reading the stream {:?}", names.stream()))
+    Ok(format)
 }
 
 #[cfg(test)]
