@@ -1278,10 +1278,33 @@ async fn a_delivery_held_through_an_outage_is_let_go() {
 /// becomes delivered rather than being sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
+    made_after_its_hold_lapsed("m1", |attempts| Outcome::Retry {
+        due_ms: now_ms() + 60_000,
+        status: Some(503),
+        error: "HTTP 503".into(),
+        attempt: Some(attempts + 1),
+    })
+    .await;
+}
+
+/// The same, after the other instance's attempt got a 4xx and made it dead: it is
+/// delivered, and off the dead list (a replay would send it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_after_its_hold_lapsed_is_not_left_dead() {
+    made_after_its_hold_lapsed("m2", |_| Outcome::Dead {
+        status: Some(400),
+        error: "HTTP 400".into(),
+    })
+    .await;
+}
+
+/// `id`'s delivery held by `a` through an outage, taken over by `b` whose attempt ends in
+/// `b_outcome` (given its attempts so far), then delivered by `a`: delivered, not dead.
+async fn made_after_its_hold_lapsed(id: &str, b_outcome: fn(u32) -> Outcome) {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsServer::start(dir.path()).await;
     let a = jetstream(dir.path(), &nats).await;
-    let seq = accepted(a.as_ref(), ev("m1", "x", &["w"])).await;
+    let seq = accepted(a.as_ref(), ev(id, "x", &["w"])).await;
     // Held by `a`, in a window of one: its puller takes nothing more (nor this delivery
     // again once the server hands it out after the outage).
     held_alone(a.as_ref(), "w", seq).await;
@@ -1300,28 +1323,22 @@ async fn a_delivery_made_after_its_hold_lapsed_is_not_sent_again() {
         seq: d.seq,
         destination: "w".into(),
     };
-    // `b`'s own attempt failed: a retry due in a minute.
-    b.record(
-        &key,
-        Outcome::Retry {
-            due_ms: now_ms() + 60_000,
-            status: Some(503),
-            error: "HTTP 503".into(),
-            attempt: Some(d.attempts + 1),
-        },
-    )
-    .await
-    .unwrap();
+    // `b`'s own attempt failed.
+    b.record(&key, b_outcome(d.attempts)).await.unwrap();
     // Then `a`'s answer: delivered.
     a.record(&key, Outcome::Delivered { status: 200 })
         .await
         .unwrap();
-    let views = b.lookup("m1").await.unwrap();
+    let views = b.lookup(id).await.unwrap();
     let states: Vec<DeliveryState> = views
         .iter()
         .flat_map(|v| v.deliveries.iter().map(|d| d.state))
         .collect();
     assert_eq!(states, vec![DeliveryState::Delivered], "{views:?}");
+    assert!(
+        b.dead(None, 10).await.unwrap().is_empty(),
+        "on the dead list"
+    );
     a.close().await.unwrap();
     b.close().await.unwrap();
 }

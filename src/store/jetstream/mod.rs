@@ -590,11 +590,13 @@ impl Store for JetStreamStore {
                 // Conflict: another instance moved it on (a replay, or a lease it took
                 // over); its state stands, but for a delivery made here all the same.
                 let mut written = matches!(w, Written::Stored { .. });
+                // A dead one it made delivered had left its order line when it died.
+                let mut in_line = true;
                 if !written && matches!(outcome, Outcome::Delivered { .. }) {
                     match self.delivered_over(&rec, window_base, &outcome).await {
-                        Ok(Some((new_seq, new_rec))) => {
+                        Ok(Some((new_seq, new_rec, revived))) => {
                             leases.take_if(key.seq, new_seq);
-                            (written, rec) = (true, new_rec);
+                            (written, rec, in_line) = (true, new_rec, !revived);
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -612,7 +614,9 @@ impl Store for JetStreamStore {
                 // per subject), and the server settles a pending message it removes as if
                 // acked. An ack now would be one more operation per delivery for nothing.
                 leases.take_if(key.seq, state_seq);
-                self.advance_after(&rec, written).await;
+                if in_line {
+                    self.advance_after(&rec, written).await;
+                }
                 Ok(())
             }
             // Still held as it was read: the write is tried again, or another instance

@@ -34,33 +34,59 @@ impl JetStreamStore {
         }
     }
 
+    /// The writes of `rec`'s new state; with `revived` (a delivered state over a dead one),
+    /// its dead-letter index entry is marked replayed too, as a replay's is, so the dead
+    /// list no longer shows it.
+    fn settling_writes(
+        &self,
+        state_seq: u64,
+        rec: &DeliveryRecord,
+        body: &[u8],
+        revived: bool,
+    ) -> Vec<Write> {
+        let mut writes = self.state_writes(state_seq, rec, body);
+        if revived {
+            writes.push(
+                Write::new(
+                    self.names.dead(&rec.delivery.destination, &rec.part()),
+                    Bytes::from_static(b"replayed"),
+                )
+                .ttl(REPLAYED_TTL),
+            );
+        }
+        writes
+    }
+
     /// After a delivery made here met a state another instance wrote meanwhile (it took the
-    /// delivery over when the hold here lapsed, and its own attempt failed): the destination
-    /// has the event, so that pending state becomes delivered rather than sent again. Not
-    /// over a state a replay made since `window_base` (the operator asked for it again),
-    /// nor over a settled one. The state written and its sequence, if it was.
+    /// delivery over when the hold here lapsed, and its own attempt failed, or gave up: a
+    /// 4xx made it dead): the destination has the event, so that pending or dead state
+    /// becomes delivered rather than sent again (or replayed by an operator). Not over a
+    /// state a replay made since `window_base` (the operator asked for it again), nor over
+    /// a delivered one. The state written, its sequence, and whether it was dead (it left
+    /// its order line then), if it was written.
     pub(super) async fn delivered_over(
         &self,
         mine: &DeliveryRecord,
         window_base: u32,
         outcome: &Outcome,
-    ) -> Result<Option<(u64, DeliveryRecord)>, StoreError> {
+    ) -> Result<Option<(u64, DeliveryRecord, bool)>, StoreError> {
         let (seq, dest) = (mine.delivery.seq, &mine.delivery.destination);
         let e = event_token(&mine.event.source, &mine.event.id);
         for _ in 0..3 {
             let Some((state_seq, mut rec, body)) = self.state_of(seq, dest, &e).await? else {
                 return Ok(None);
             };
-            if rec.delivery.state != DeliveryState::Pending
+            let revived = rec.delivery.state == DeliveryState::Dead;
+            if !(rec.delivery.state == DeliveryState::Pending || revived)
                 || rec.waiting
                 || rec.delivery.window_base != window_base
             {
                 return Ok(None);
             }
             rec.delivery.apply(outcome, now_ms());
-            let writes = self.state_writes(state_seq, &rec, &body);
+            let writes = self.settling_writes(state_seq, &rec, &body, revived);
             if let Written::Stored { .. } = self.write(&writes).await? {
-                return Ok(Some((state_seq, rec)));
+                return Ok(Some((state_seq, rec, revived)));
             }
         }
         Ok(None)
@@ -177,18 +203,7 @@ impl JetStreamStore {
                     }
                 }
                 rec.delivery.apply(outcome, now_ms());
-                let mut writes = self.state_writes(state_seq, &rec, &body);
-                if revived {
-                    // Its dead-letter index entry goes too, as a replay's does.
-                    let dest = &rec.delivery.destination;
-                    writes.push(
-                        Write::new(
-                            self.names.dead(dest, &rec.part()),
-                            Bytes::from_static(b"replayed"),
-                        )
-                        .ttl(REPLAYED_TTL),
-                    );
-                }
+                let writes = self.settling_writes(state_seq, &rec, &body, revived);
                 if let Written::Stored { .. } = self.write(&writes).await? {
                     if !revived {
                         self.advance_after(&rec, true).await;
