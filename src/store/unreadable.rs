@@ -1,5 +1,6 @@
 //! Records an operator's list could not read (damaged, or in a newer build's format): left
-//! out of the list and logged once per list, not made to fail the whole list with them.
+//! out of the list and logged (at most once a second), not made to fail the whole list
+//! with them.
 
 use super::StoreError;
 
@@ -10,9 +11,12 @@ pub struct Unreadable {
     first: Option<(u64, StoreError)>,
 }
 
+/// The `seq` of a record read by its subject alone: its sequence is not known.
+pub const UNKNOWN_SEQ: u64 = 0;
+
 impl Unreadable {
-    /// `read`'s value; `None`, counted, when what it read is damaged or in a newer build's
-    /// format. Other errors (the store out of reach) stay errors.
+    /// `read`'s value (the record at `seq`); `None`, counted, when what it read is damaged
+    /// or in a newer build's format. Other errors (the store out of reach) stay errors.
     pub fn skip<T>(
         &mut self,
         seq: u64,

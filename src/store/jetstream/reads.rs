@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 
 use super::records::*;
 use super::*;
-use crate::store::unreadable::Unreadable;
+use crate::store::unreadable::{Unreadable, UNKNOWN_SEQ};
 
 /// Messages one event-list call examines.
 const RECENT_EXAMINED: u64 = 10_000;
@@ -151,7 +151,7 @@ impl JetStreamStore {
             let Some((dest, part)) = self.dead_subject_parts(&s) else {
                 continue;
             };
-            let state = unreadable.skip(0, self.delivery_state(&dest, part).await)?;
+            let state = unreadable.skip(UNKNOWN_SEQ, self.delivery_state(&dest, part).await)?;
             if let Some(t) = state.flatten() {
                 if t.1.event.id == id && t.1.delivery.state == DeliveryState::Dead {
                     out.push(t);
@@ -246,10 +246,8 @@ impl JetStreamStore {
             }
             // No body: a list shows none, and a page may hold thousands.
             event.body = Bytes::new();
-            let Some(v) = unreadable.skip(m.sequence, self.deliveries_view(meta, event).await)?
-            else {
-                continue;
-            };
+            // (A delivery state it cannot read leaves only that delivery out.)
+            let v = self.deliveries_view(meta, event).await?;
             let fits = |d: &Delivery| {
                 query
                     .destination
