@@ -189,15 +189,28 @@ impl DestinationStatus {
     }
 
     /// An attempt was delivered (`error` is `None`) or failed with `error`, at `now_ms`;
-    /// returns the breaker's change of state, if any.
-    pub fn outcome(&self, error: Option<&str>, breaker: &Breaker, now_ms: u64) -> Option<Change> {
+    /// `probe` says whether it was the breaker's probe. Returns the breaker's change of
+    /// state, if any. While the breaker is open only its probe's outcome decides: any other
+    /// attempt ending then was sent before it opened, and neither closes it (the cool-down
+    /// would not be kept) nor opens it again (a second probe could go out beside the first).
+    pub fn outcome(
+        &self,
+        error: Option<&str>,
+        probe: bool,
+        breaker: &Breaker,
+        now_ms: u64,
+    ) -> Option<Change> {
         *self.last_error.lock().unwrap() = error.map(str::to_string);
         let mut state = self.breaker.lock().unwrap();
+        let held = match *state {
+            BreakerState::Closed => false,
+            BreakerState::Open { .. } | BreakerState::Probing => !probe,
+            // Held by another instance's breaker: the opener's probe decides, not this.
+            BreakerState::PeerOpen { until_ms } => now_ms < until_ms,
+        };
         let Some(_) = error else {
             self.consecutive_failures.store(0, Ordering::Relaxed);
-            // Held by another instance's breaker, only an attempt started before it opened
-            // can end now: the opener's probe decides, not this.
-            if matches!(*state, BreakerState::PeerOpen { until_ms } if now_ms < until_ms) {
+            if held {
                 return None;
             }
             let was = std::mem::take(&mut *state);
@@ -207,7 +220,7 @@ impl DestinationStatus {
         let open = BreakerState::Open { since_ms: now_ms };
         match *state {
             _ if breaker.failures == 0 || self.breaker_off.load(Ordering::Relaxed) => None,
-            BreakerState::Probing => {
+            BreakerState::Probing if probe => {
                 *state = open;
                 Some(Change::Reopened)
             }
@@ -378,7 +391,7 @@ mod tests {
         };
         let s = DestinationStatus::default();
         assert_eq!(
-            s.outcome(Some("HTTP 503"), &hour, 1000),
+            s.outcome(Some("HTTP 503"), false, &hour, 1000),
             Some(Change::Opened)
         );
         assert_eq!(s.gate(&hour, 2000), Gate::WaitUntil(3_601_000));
@@ -397,20 +410,45 @@ mod tests {
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
-        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
         assert_eq!(s.gate(&b, 0), Gate::Send);
-        assert_eq!(s.outcome(Some("HTTP 503"), &b, 10), Some(Change::Opened));
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 10), Some(Change::Opened));
         assert!(s.breaker_open());
         assert_eq!(s.gate(&b, 500), Gate::WaitUntil(1010));
         assert_eq!(s.gate(&b, 1010), Gate::Probe);
         assert_eq!(s.gate(&b, 1011), Gate::WaitProbe, "one probe at a time");
-        assert_eq!(s.outcome(Some("timeout"), &b, 1100), Some(Change::Reopened));
+        assert_eq!(s.outcome(Some("timeout"), true, &b, 1100), Some(Change::Reopened));
         assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(2100));
         assert_eq!(s.gate(&b, 2100), Gate::Probe);
-        assert_eq!(s.outcome(None, &b, 2150), Some(Change::Closed));
+        assert_eq!(s.outcome(None, true, &b, 2150), Some(Change::Closed));
         assert!(!s.breaker_open());
         assert_eq!(s.consecutive_failures(), 0);
+        assert_eq!(s.gate(&b, 2151), Gate::Send);
+    }
+
+    #[test]
+    fn only_the_probe_settles_an_open_breaker() {
+        let b = Breaker {
+            failures: 2,
+            cool_down: Duration::from_secs(1),
+        };
+        let s = DestinationStatus::default();
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 10), Some(Change::Opened));
+        // Attempts sent before it opened end now: a 2xx does not close it, a failure does
+        // not restart the cool-down.
+        assert_eq!(s.outcome(None, false, &b, 20), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 30), None);
+        assert!(s.breaker_open());
+        assert_eq!(s.gate(&b, 500), Gate::WaitUntil(1010));
+        assert_eq!(s.gate(&b, 1010), Gate::Probe);
+        // While the probe is out, a late failure neither reopens it nor lets a second
+        // probe go; a late 2xx does not close it.
+        assert_eq!(s.outcome(Some("timeout"), false, &b, 1020), None);
+        assert_eq!(s.outcome(None, false, &b, 1030), None);
+        assert_eq!(s.gate(&b, 2100), Gate::WaitProbe, "one probe at a time");
+        assert_eq!(s.outcome(None, true, &b, 2150), Some(Change::Closed));
         assert_eq!(s.gate(&b, 2151), Gate::Send);
     }
 
@@ -421,7 +459,7 @@ mod tests {
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), Some(Change::Opened));
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), Some(Change::Opened));
         assert_eq!(s.gate(&b, 1000), Gate::Probe);
         assert_eq!(s.gate(&b, 1001), Gate::WaitProbe);
         s.probe_abandoned();
@@ -445,7 +483,7 @@ mod tests {
         assert_eq!(s.peer_breaker(true, 1000, &b), None);
         assert_eq!(s.gate(&b, 2200), Gate::WaitUntil(3150));
         // An attempt of ours from before the opening succeeds: the probe decides, not it.
-        assert_eq!(s.outcome(None, &b, 2300), None);
+        assert_eq!(s.outcome(None, false, &b, 2300), None);
         assert_eq!(s.gate(&b, 2400), Gate::WaitUntil(3150));
         // Its next probe closed it: closed here too.
         assert_eq!(s.peer_breaker(false, 0, &b), Some(Change::Closed));
@@ -457,15 +495,15 @@ mod tests {
         assert_eq!(s.gate(&b, 5001), Gate::Send, "closed now");
         // Its own failures open its own breaker, and its probe is its own.
         for _ in 0..2 {
-            assert_eq!(s.outcome(Some("HTTP 503"), &b, 5100), None);
+            assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 5100), None);
         }
-        assert_eq!(s.outcome(Some("HTTP 503"), &b, 5100), Some(Change::Opened));
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 5100), Some(Change::Opened));
         assert_eq!(s.peer_breaker(true, 9000, &b), None, "open here already");
         assert_eq!(s.gate(&b, 6100), Gate::Probe);
         // News waits for the outcome of a probe of its own.
         assert_eq!(s.peer_breaker(false, 0, &b), None);
         assert_eq!(s.gate(&b, 6101), Gate::WaitProbe);
-        assert_eq!(s.outcome(None, &b, 6200), Some(Change::Closed));
+        assert_eq!(s.outcome(None, true, &b, 6200), Some(Change::Closed));
         // The breaker off: news changes nothing.
         let off = Breaker {
             failures: 0,
@@ -483,7 +521,7 @@ mod tests {
         };
         let s = DestinationStatus::default();
         for _ in 0..100 {
-            assert_eq!(s.outcome(Some("HTTP 503"), &b, 0), None);
+            assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
         }
         assert_eq!(s.gate(&b, 0), Gate::Send);
         assert_eq!(s.consecutive_failures(), 100);
@@ -496,12 +534,12 @@ mod tests {
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        assert_eq!(s.outcome(Some("HTTP 503"), &on, 0), Some(Change::Opened));
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &on, 0), Some(Change::Opened));
         assert!(s.set_breaker_on(false), "it was open");
         assert!(!s.breaker_open());
         assert_eq!(s.consecutive_failures(), 0);
         // An attempt started under the old config fails: the breaker stays closed.
-        assert_eq!(s.outcome(Some("HTTP 503"), &on, 10), None);
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &on, 10), None);
         assert!(
             !s.set_breaker_on(false),
             "closed already: counts are left alone"
@@ -509,6 +547,6 @@ mod tests {
         assert_eq!(s.consecutive_failures(), 1);
         // On again, the next failure opens it.
         assert!(!s.set_breaker_on(true));
-        assert_eq!(s.outcome(Some("HTTP 503"), &on, 20), Some(Change::Opened));
+        assert_eq!(s.outcome(Some("HTTP 503"), false, &on, 20), Some(Change::Opened));
     }
 }

@@ -675,6 +675,48 @@ async fn the_breaker_opens_after_three_failures_probes_once_per_cool_down_and_cl
 }
 
 #[tokio::test]
+async fn an_attempt_sent_before_the_breaker_opened_does_not_close_it() {
+    // Four go at once: the first is held, the other three fail and open the breaker; then
+    // the first gets its 200. Only a probe, after the cool-down, may close the breaker.
+    let sink = FaultSink::start(|n| {
+        if n == 0 {
+            Action::Held(200)
+        } else {
+            Action::Answer(503)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "max_in_flight = 4\nbreaker = { failures = 3, cool_down = \"30s\" }";
+    let toml = voice_config(&Backend::Embedded("redb"), &sink, extra);
+    let relay = start(dir.path(), &toml, 0).await;
+    let bodies: Vec<Vec<u8>> = (0..6).map(|i| voice_event(&format!("b{i}"), 0)).collect();
+    post_all(std::slice::from_ref(&relay), "/voice", &bodies).await;
+    assert!(sink.wait_count(4, WAIT).await);
+    breaker_opened(&relay).await;
+    sink.release();
+    // The held attempt's 2xx is counted (consecutive failures back to 0) ...
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
+        if d[0]["consecutive_failures"] == 0 {
+            // ... and the breaker stays open.
+            assert_eq!(d[0]["state"], "open", "{d}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the held 2xx never counted: {d}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !sink.wait_count(5, Duration::from_secs(3)).await,
+        "sent during the cool-down: {:?}",
+        sink.arrivals()
+    );
+    drop(relay);
+    sink.stop().await;
+}
+
+#[tokio::test]
 async fn an_attempt_waiting_for_its_rate_token_is_not_sent_once_the_breaker_opened_and_a_reload_turns_it_off(
 ) {
     // One request every 5 s. The first attempt fails (held until released, then 503),

@@ -145,21 +145,23 @@ pub async fn call_once(
         Some(o) => o.error().map(str::to_string),
         None => None,
     };
-    tell_breaker(store, status, dest, error.as_deref());
+    tell_breaker(store, status, dest, error.as_deref(), probe);
     call.settled = true;
     called
 }
 
-/// Tells `dest`'s breaker an attempt's outcome (`error`: `None` when delivered); a change
-/// of its state is logged and shared with the other instances on the store.
+/// Tells `dest`'s breaker an attempt's outcome (`error`: `None` when delivered; `probe`:
+/// the attempt was its probe); a change of its state is logged and shared with the other
+/// instances on the store.
 fn tell_breaker(
     store: &dyn Store,
     status: &DestinationStatus,
     dest: &Destination,
     error: Option<&str>,
+    probe: bool,
 ) {
     let now = now_ms();
-    let change = status.outcome(error, &dest.breaker, now);
+    let change = status.outcome(error, probe, &dest.breaker, now);
     crate::destinations::log_change(change, &dest.name, &dest.breaker);
     match change {
         Some(Change::Opened | Change::Reopened) => store.share_breaker(&dest.name, true),

@@ -494,7 +494,13 @@ async fn attempt(
         ctx.deps
             .metrics
             .delivery(&dest.name, outcome.word(), took.as_secs_f64());
-        super::tell_breaker(&*ctx.deps.store, &guard.set.status, &dest, outcome.error());
+        super::tell_breaker(
+            &*ctx.deps.store,
+            &guard.set.status,
+            &dest,
+            outcome.error(),
+            probing.is_some(),
+        );
         // The breaker has its outcome: no longer probing (a no-op on drop).
         drop(probing);
         let slots = permit.semaphore().clone();
