@@ -413,12 +413,18 @@ mod tests {
         assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
         assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
         assert_eq!(s.gate(&b, 0), Gate::Send);
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 10), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &b, 10),
+            Some(Change::Opened)
+        );
         assert!(s.breaker_open());
         assert_eq!(s.gate(&b, 500), Gate::WaitUntil(1010));
         assert_eq!(s.gate(&b, 1010), Gate::Probe);
         assert_eq!(s.gate(&b, 1011), Gate::WaitProbe, "one probe at a time");
-        assert_eq!(s.outcome(Some("timeout"), true, &b, 1100), Some(Change::Reopened));
+        assert_eq!(
+            s.outcome(Some("timeout"), true, &b, 1100),
+            Some(Change::Reopened)
+        );
         assert_eq!(s.gate(&b, 1200), Gate::WaitUntil(2100));
         assert_eq!(s.gate(&b, 2100), Gate::Probe);
         assert_eq!(s.outcome(None, true, &b, 2150), Some(Change::Closed));
@@ -435,7 +441,10 @@ mod tests {
         };
         let s = DestinationStatus::default();
         assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), None);
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 10), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &b, 10),
+            Some(Change::Opened)
+        );
         // Attempts sent before it opened end now: a 2xx does not close it, a failure does
         // not restart the cool-down.
         assert_eq!(s.outcome(None, false, &b, 20), None);
@@ -459,7 +468,10 @@ mod tests {
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 0), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &b, 0),
+            Some(Change::Opened)
+        );
         assert_eq!(s.gate(&b, 1000), Gate::Probe);
         assert_eq!(s.gate(&b, 1001), Gate::WaitProbe);
         s.probe_abandoned();
@@ -497,7 +509,10 @@ mod tests {
         for _ in 0..2 {
             assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 5100), None);
         }
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &b, 5100), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &b, 5100),
+            Some(Change::Opened)
+        );
         assert_eq!(s.peer_breaker(true, 9000, &b), None, "open here already");
         assert_eq!(s.gate(&b, 6100), Gate::Probe);
         // News waits for the outcome of a probe of its own.
@@ -534,7 +549,10 @@ mod tests {
             cool_down: Duration::from_secs(1),
         };
         let s = DestinationStatus::default();
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &on, 0), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &on, 0),
+            Some(Change::Opened)
+        );
         assert!(s.set_breaker_on(false), "it was open");
         assert!(!s.breaker_open());
         assert_eq!(s.consecutive_failures(), 0);
@@ -547,6 +565,9 @@ mod tests {
         assert_eq!(s.consecutive_failures(), 1);
         // On again, the next failure opens it.
         assert!(!s.set_breaker_on(true));
-        assert_eq!(s.outcome(Some("HTTP 503"), false, &on, 20), Some(Change::Opened));
+        assert_eq!(
+            s.outcome(Some("HTTP 503"), false, &on, 20),
+            Some(Change::Opened)
+        );
     }
 }

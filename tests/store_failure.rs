@@ -24,6 +24,8 @@ struct Flaky {
     /// Only the events' reads fail; and how many did.
     failing_events: AtomicBool,
     event_failures: tokio::sync::watch::Sender<usize>,
+    /// The next read of an event finds it damaged.
+    damaged_event: AtomicBool,
 }
 
 impl Flaky {
@@ -35,6 +37,7 @@ impl Flaky {
             records: tokio::sync::watch::channel(0).0,
             failing_events: AtomicBool::new(false),
             event_failures: tokio::sync::watch::channel(0).0,
+            damaged_event: AtomicBool::new(false),
         }
     }
 }
@@ -70,6 +73,9 @@ impl Store for Flaky {
         if self.failing_events.load(Ordering::SeqCst) {
             self.event_failures.send_modify(|n| *n += 1);
             return Err(StoreError::Unavailable("event not read (simulated)".into()));
+        }
+        if self.damaged_event.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Corrupt("an event record (simulated)".into()));
         }
         self.inner.event(seq).await
     }
@@ -302,6 +308,51 @@ async fn a_probe_whose_event_cannot_be_read_lets_the_next_attempt_probe() {
         sink.wait_count(2, Duration::from_secs(10)).await,
         "the breaker still waits for a probe that ended without an outcome"
     );
+    support::stop_relay(relay).await;
+}
+
+#[tokio::test]
+async fn a_delivery_whose_event_is_damaged_is_dead_not_tried_each_second() {
+    let sink = support::FaultSink::answering(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), &sink.url("/"));
+    let (_store, relay) = start_flaky(dir.path(), config, |s| {
+        s.damaged_event.store(true, Ordering::SeqCst)
+    })
+    .await;
+    let url = format!("http://{}/open", relay.ingress);
+    let r = support::send(http::Method::POST, &url, &[], br#"{"id":"damaged"}"#).await;
+    assert_eq!(r.status, 200);
+    // Dead, saying why, on the dead list; nothing was sent.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let d = loop {
+        let v = relay.app.store.lookup("damaged").await.unwrap();
+        let d = v[0].deliveries[0].clone();
+        if d.state != DeliveryState::Pending {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "still pending: {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(d.state, DeliveryState::Dead, "{d:?}");
+    let error = d.last_error.clone().unwrap_or_default();
+    assert!(error.contains("cannot be read"), "{error}");
+    assert_eq!(
+        relay.app.store.dead(Some("calls"), 10).await.unwrap().len(),
+        1
+    );
+    assert_eq!(sink.count(), 0);
+    // The record mended (here: read again), a replay sends it.
+    let n = relay
+        .app
+        .store
+        .replay(hookrelay::store::ReplaySelector::Destination(
+            "calls".into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(sink.wait_count(1, Duration::from_secs(10)).await);
     support::stop_relay(relay).await;
 }
 

@@ -39,7 +39,7 @@ use super::Context;
 use crate::clock::now_ms;
 use crate::config::{Destination, Rate};
 use crate::destinations::{DestinationStatus, Gate, SendLimits};
-use crate::store::{Delivery, DeliveryKey, Outcome};
+use crate::store::{Delivery, DeliveryKey, Outcome, StoreError};
 
 /// The fewest and most deliveries one pass reads.
 const MIN_WINDOW: usize = 16;
@@ -428,13 +428,19 @@ async fn attempt(
     let n = d.attempts.saturating_add(1);
     let event = match ctx.deps.store.event(d.seq).await {
         Ok(Some(e)) => e,
-        Ok(None) => {
+        // A damaged event cannot be sent, now or later: dead (listed, replayable once
+        // mended), not retried each second, spending the rate and holding its key's line.
+        found @ (Ok(None) | Err(StoreError::Corrupt(_))) => {
             let slots = permit.semaphore().clone();
             drop(permit);
-            warn!(destination = %dest.name, seq = d.seq, "the event is no longer stored; delivery dropped as dead");
+            let error = match found {
+                Err(e) => format!("the event cannot be read: {e}"),
+                _ => "the event is no longer stored".to_string(),
+            };
+            warn!(destination = %dest.name, seq = d.seq, %error, "delivery dropped as dead");
             let outcome = Outcome::Dead {
                 status: None,
-                error: "the event is no longer stored".into(),
+                error,
             };
             // Counted, but no request was made: no duration to observe.
             ctx.deps

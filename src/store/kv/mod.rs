@@ -337,7 +337,11 @@ impl<E: Engine> Store for KvStore<E> {
                 let mut d = match decode_delivery(raw) {
                     Ok(d) => d,
                     Err(e) => {
-                        tracing::warn!(destination, seq = found[i].0, error = %e, "a pending delivery's record cannot be read; it is skipped");
+                        // Every pass meets it again: said at most once a second.
+                        static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
+                        if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
+                            tracing::warn!(destination, seq = found[i].0, error = %e, held_back, "a pending delivery's record cannot be read; it is skipped");
+                        }
                         return Ok(());
                     }
                 };
