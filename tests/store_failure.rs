@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ struct Flaky {
     event_failures: tokio::sync::watch::Sender<usize>,
     /// The next read of an event finds it damaged.
     damaged_event: AtomicBool,
+    /// How many times what is due was read.
+    pending_reads: AtomicUsize,
 }
 
 impl Flaky {
@@ -38,6 +40,7 @@ impl Flaky {
             failing_events: AtomicBool::new(false),
             event_failures: tokio::sync::watch::channel(0).0,
             damaged_event: AtomicBool::new(false),
+            pending_reads: AtomicUsize::new(0),
         }
     }
 }
@@ -64,6 +67,7 @@ impl Store for Flaky {
         limit: usize,
         skip: &(dyn Fn(u64) -> bool + Send + Sync),
     ) -> Result<Vec<Delivery>, StoreError> {
+        self.pending_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.pending(d, limit, skip).await
     }
     async fn oldest_pending(&self, d: &str) -> Result<Option<u64>, StoreError> {
@@ -353,6 +357,47 @@ async fn a_delivery_whose_event_is_damaged_is_dead_not_tried_each_second() {
         .unwrap();
     assert_eq!(n, 1);
     assert!(sink.wait_count(1, Duration::from_secs(10)).await);
+    support::stop_relay(relay).await;
+}
+
+#[tokio::test]
+async fn an_open_breaker_reads_nothing_due_while_events_come_in() {
+    let sink = support::FaultSink::answering(503).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(
+        dir.path(),
+        &sink.url("/"),
+        "breaker = { failures = 1, cool_down = \"1h\" }",
+        "",
+    );
+    let (store, relay) = start_flaky(dir.path(), config, |_| {}).await;
+    let url = format!("http://{}/open", relay.ingress);
+    let post = |id: String| {
+        let url = url.clone();
+        async move {
+            let body = format!("{{\"id\":\"{id}\"}}");
+            support::send(http::Method::POST, &url, &[], body.as_bytes()).await
+        }
+    };
+    assert_eq!(post("first".into()).await.status, 200);
+    assert!(sink.wait_count(1, Duration::from_secs(10)).await);
+    let status = relay.app.statuses.of("calls");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !status.breaker_open() {
+        assert!(std::time::Instant::now() < deadline, "never opened");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Each accept wakes the destination's scheduler: with the breaker open it reads nothing.
+    let before = store.pending_reads.load(Ordering::SeqCst);
+    for i in 0..20 {
+        assert_eq!(post(format!("later-{i}")).await.status, 200);
+    }
+    let reads = store.pending_reads.load(Ordering::SeqCst) - before;
+    assert!(
+        reads <= 1,
+        "{reads} reads of what is due while the breaker was open"
+    );
+    assert_eq!(sink.count(), 1);
     support::stop_relay(relay).await;
 }
 

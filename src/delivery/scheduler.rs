@@ -294,18 +294,29 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             .max_in_flight
             .saturating_mul(2)
             .clamp(MIN_WINDOW, MAX_WINDOW);
-        let batch = match ctx.deps.store.pending(&name, window, &skip).await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(destination = %name, error = %e, "reading pending deliveries failed");
-                tokio::select! {
-                    _ = ctx.stop.cancelled() => break,
-                    _ = tokio::time::sleep(STORE_RETRY) => continue,
+        // An open breaker, or a quiet the destination asked for, sends nothing: what is due
+        // is not read while it holds (each accept's commit wakes this pass, and during an
+        // outage the backlog grows).
+        let held = match in_flight.status.peek(&dest.breaker, now_ms()) {
+            Gate::Send | Gate::Probe => None,
+            Gate::WaitUntil(t) => Some(Some(t)),
+            Gate::WaitProbe => Some(None),
+        };
+        let batch = match held {
+            Some(_) => Vec::new(),
+            None => match ctx.deps.store.pending(&name, window, &skip).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(destination = %name, error = %e, "reading pending deliveries failed");
+                    tokio::select! {
+                        _ = ctx.stop.cancelled() => break,
+                        _ = tokio::time::sleep(STORE_RETRY) => continue,
+                    }
                 }
-            }
+            },
         };
         let full = batch.len() >= window;
-        let mut next_due = None;
+        let mut next_due = held.flatten();
         for d in batch {
             if ctx.deps.store.paused(&name) {
                 break;
