@@ -107,9 +107,13 @@ async fn an_http2_connection_that_only_pings_is_closed() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    // SETTINGS, PING acknowledgements, a GOAWAY, then the close.
+    // SETTINGS, PING acknowledgements, a GOAWAY, then the close: after the read timeout
+    // (not at once, as for a broken preface), and not much later.
     let after = closed_after(&mut read).await;
-    assert!(after < 3 * READ_TIMEOUT, "closed after {after:?}");
+    assert!(
+        after >= READ_TIMEOUT - Duration::from_millis(200) && after < 5 * READ_TIMEOUT,
+        "closed after {after:?}"
+    );
     pinging.abort();
 }
 
@@ -190,10 +194,11 @@ async fn an_idle_http2_connection_is_closed_after_the_read_timeout() {
 async fn a_connection_in_use_is_kept() {
     let r = TestRelay::start(&config(100)).await;
     let (mut send, task) = h2_connection(&r).await;
-    // Requests every 250 ms for 2.5 s, over a 1 s read timeout: one connection serves all.
-    for n in 0..10 {
+    // Requests every 100 ms for 2.5 s, over a 1 s read timeout: one connection serves all
+    // (the gaps leave room for a stall of the loaded machine).
+    for n in 0..25 {
         assert_eq!(h2_post(&mut send, n).await, 200, "request {n}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!task.is_finished(), "the connection closed while in use");
     task.abort();
@@ -223,7 +228,8 @@ async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
     for _ in 0..hookrelay::ingress::body_memory::BUDGET / (2 << 20) + 1 {
         let mut s = TcpStream::connect(r.addr()).await.unwrap();
         s.write_all(ANNOUNCE).await.unwrap();
-        s.write_all(&vec![b' '; 2 << 20]).await.unwrap();
+        // One refused is answered and closed while this still writes: judged by its answer.
+        let _ = s.write_all(&vec![b' '; 2 << 20]).await;
         slow.push(s);
     }
     // The rest time out (408) and give their room back; the clients that sent one byte
@@ -270,7 +276,8 @@ async fn token_requests_share_the_body_memory_budget() {
     for _ in 0..hookrelay::ingress::body_memory::BUDGET / (2 << 20) + 1 {
         let mut s = TcpStream::connect(r.addr()).await.unwrap();
         s.write_all(ANNOUNCE).await.unwrap();
-        s.write_all(&vec![b' '; (2 << 20) - 2]).await.unwrap();
+        // One refused is answered and closed while this still writes.
+        let _ = s.write_all(&vec![b' '; (2 << 20) - 2]).await;
         slow.push(s);
     }
     let form = b"grant_type=client_credentials&client_id=c&client_secret=s";

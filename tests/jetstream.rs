@@ -374,10 +374,13 @@ async fn rate_holds_across_three_instances(burst: u32) {
     let mut at: Vec<Instant> = a.arrivals().iter().map(|r| r.at).collect();
     at.sort();
     let t0 = at[0];
-    // Within any time t of the first arrival: at most per_second × t + burst arrivals.
+    // Within any time t of the first arrival: at most per_second × (t + 0.1 s) + burst
+    // arrivals (the 0.1 s: the first may come late, paying for a new connection on a
+    // loaded machine, which makes every later one look early; an instance taking more
+    // than its third still shows within a second).
     let mut worst = 0.0f64;
     for (k, t) in at.iter().enumerate() {
-        let allowed = 30.0 * t.duration_since(t0).as_secs_f64() + burst as f64;
+        let allowed = 30.0 * (t.duration_since(t0).as_secs_f64() + 0.1) + burst as f64;
         worst = worst.max((k + 1) as f64 - allowed);
     }
     let took = at.last().unwrap().duration_since(t0).as_secs_f64();

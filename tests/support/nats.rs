@@ -202,8 +202,15 @@ impl NatsServer {
                 .filter(|p| **p != own)
                 .map(|p| format!("nats://127.0.0.1:{p}"))
                 .collect();
+            // Named after the test's own directory: a server of another test's cluster that
+            // drew the same route port does not join this one.
+            let unique: String = dir
+                .to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect();
             text.push_str(&format!(
-                "cluster {{ name: hr, listen: 127.0.0.1:{own}, routes: [{}] }}\n",
+                "cluster {{ name: hr{unique}, listen: 127.0.0.1:{own}, routes: [{}] }}\n",
                 routes.join(", ")
             ));
         }

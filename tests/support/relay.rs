@@ -47,7 +47,7 @@ impl TestRelay {
         let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let config = hookrelay::config::parse(toml, &file, &lookup)
             .unwrap_or_else(|e| panic!("config: {e}"));
-        let relay = hookrelay::Relay::start(config).await.unwrap();
+        let relay = started(config).await;
         TestRelay {
             relay: Some(relay),
             dir: Some(dir),
@@ -134,7 +134,17 @@ pub async fn start_relay(dir: &Path, toml: &str) -> RunningRelay {
     std::fs::write(&file, toml).unwrap();
     let config =
         hookrelay::config::parse(toml, &file, &|_| None).unwrap_or_else(|e| panic!("config: {e}"));
-    RunningRelay::new(hookrelay::Relay::start(config).await.unwrap())
+    RunningRelay::new(started(config).await)
+}
+
+/// The relay on `config`, started within two minutes (its start waits for its store for
+/// as long as it takes: a JetStream that never answers would hold the test until CI's
+/// deadline, naming nothing).
+async fn started(config: hookrelay::config::Config) -> hookrelay::Relay {
+    tokio::time::timeout(Duration::from_secs(120), hookrelay::Relay::start(config))
+        .await
+        .expect("the relay started within 2 minutes")
+        .unwrap()
 }
 
 /// Stops a relay and waits (bounded) until it has.
