@@ -421,6 +421,32 @@ fn on_fixed_ports(text: &str) -> (String, std::net::SocketAddr, std::net::Socket
     (text, addr(ingress), addr(admin))
 }
 
+/// SIGTERM while the JetStream is out of reach: the relay stops within its grace and a
+/// few seconds, exit 0 (its close waited for a flush the NATS client only answers once it
+/// is connected again, so it hung until SIGKILL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stops_while_its_jetstream_is_out_of_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    // (Its shutdown_grace: 2 s.)
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
+    let relay = relays(dir.path(), &text, 1).await.remove(0);
+    assert_eq!(post(&relay, "before").await.0, 200);
+    assert!(a.wait_count(1, Duration::from_secs(20)).await);
+    nats.sigkill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while admin(&relay, Method::GET, "/readyz").await.status != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "still ready after the server died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = relay.sigterm(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jetstream_out_of_reach_at_start_is_waited_for_with_503s_then_used() {
     let dir = tempfile::tempdir().unwrap();

@@ -73,6 +73,8 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const DEPTH_EVERY: Duration = Duration::from_secs(1);
 /// A replayed dead letter's index entry (`replayed`) stays this long.
 const REPLAYED_TTL: Duration = Duration::from_secs(1);
+/// The most a close waits for the server to take back what this instance holds.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct JetStreamStore {
     client: Client,
@@ -832,10 +834,22 @@ impl Store for JetStreamStore {
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
         let all: Vec<Arc<Leases>> = self.leases.lock().unwrap().values().cloned().collect();
-        for l in all {
-            l.release().await;
+        // Handing back what this instance holds, and the flush, need the server (the
+        // client answers a flush only once connected): out of reach, they are given up.
+        // Every accept and outcome was acknowledged before it was answered or counted;
+        // what is held here goes to the other instances once its ack wait lapses.
+        let hand_back = async {
+            for l in all {
+                l.release().await;
+            }
+            let _ = self.client.flush().await;
+        };
+        if tokio::time::timeout(CLOSE_WAIT, hand_back).await.is_err() {
+            tracing::warn!(
+                "JetStream did not take the hand-back of held deliveries within {CLOSE_WAIT:?}; \
+                 they go to the other instances once their ack wait lapses"
+            );
         }
-        let _ = self.client.flush().await;
         Ok(())
     }
 }
