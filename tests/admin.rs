@@ -357,16 +357,19 @@ async fn event_lookup_dead_list_and_replay() {
             a.json()
         );
     }
-    // So is an id no event has.
-    let a = send(
-        Method::POST,
-        &r.admin_url("/api/dead/replay?id=nosuch"),
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(a.status, 404);
-    assert!(a.json()["message"].as_str().unwrap().contains("\"nosuch\""));
+    // So is an id no event has, alone or with a destination (the console's replay of one
+    // row: a purged event is not "nothing was dead").
+    for q in ["id=nosuch", "id=nosuch&destination=calls"] {
+        let a = send(
+            Method::POST,
+            &r.admin_url(&format!("/api/dead/replay?{q}")),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(a.status, 404, "{q}");
+        assert!(a.json()["message"].as_str().unwrap().contains("\"nosuch\""));
+    }
     let a = send(Method::GET, &r.admin_url("/api/dead"), &[], b"").await;
     assert_eq!(a.json().as_array().unwrap().len(), 0);
     // The event list says so too, for a source or a destination: a typo is not "no events".
@@ -384,15 +387,18 @@ async fn event_lookup_dead_list_and_replay() {
         assert_eq!(a.status, 404, "{q}");
         assert_eq!(a.json()["message"], named, "{q}");
     }
-    // A known one with nothing to show is an empty page.
-    let a = send(
-        Method::GET,
-        &r.admin_url("/api/events?source=open&state=dead"),
-        &[],
-        b"",
-    )
-    .await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
+    // A known one with nothing to show is an empty page; so is a later page of any (a
+    // source that left the config pages to an empty end).
+    for q in ["source=open&state=dead", "source=nosuch&before=1"] {
+        let a = send(
+            Method::GET,
+            &r.admin_url(&format!("/api/events?{q}")),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(a.status, 200, "{q}: {:?}", a.body);
+    }
 }
 
 #[tokio::test]
@@ -694,7 +700,7 @@ async fn sigterm_exits_0_and_keeps_pending_deliveries() {
     store.close().await.unwrap();
 }
 
-/// A reload during the shutdown is refused; a second signal during the shutdown's waits (a
+/// A reload, a replay or a pause during the shutdown is refused; a second signal during the shutdown's waits (a
 /// delivery holds it for its grace) ends them: the relay closes its store and exits 1 at once; the next start finds the store
 /// closed cleanly (redb needs no repair) with the delivery still pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -729,11 +735,18 @@ async fn a_second_signal_cuts_the_shutdown_short_and_still_closes_the_store() {
         assert!(std::time::Instant::now() < deadline, "never stopping");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A reload now has nothing to apply to: said, not answered "reloaded".
-    let admin = format!("http://{}/api/reload", p.admin);
-    send(Method::POST, &admin, &[], b"")
-        .await
-        .error(503, "unavailable");
+    // A reload now has nothing to apply to: said, not answered "reloaded"; nor is a
+    // replay or a pause made while the store closes.
+    for change in [
+        "/api/reload",
+        "/api/dead/replay?destination=calls",
+        "/api/destinations/calls/pause",
+    ] {
+        let admin = format!("http://{}{change}", p.admin);
+        send(Method::POST, &admin, &[], b"")
+            .await
+            .error(503, "unavailable");
+    }
     p.signal("INT");
     let status = p.exit_within(Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(1));

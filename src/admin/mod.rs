@@ -219,6 +219,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
         }
         "/api/dead/replay" => {
             only(&req, Method::POST)?;
+            running(app)?;
             let q = query(&req);
             // Both: that event's dead delivery to that destination only (`seq`: of the
             // event with that sequence, when several have the id).
@@ -288,6 +289,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                 }
             };
             only(&req, Method::POST)?;
+            running(app)?;
             let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
             if !destination_names(app).iter().any(|d| *d == name) {
                 return Err(unknown_destination(&name));
@@ -362,7 +364,12 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
     // A name nothing has (a typo) is said, not shown as "no events", as for /api/dead:
     // asked for alone, a whole walk of the store found no event of it, and the config has
     // none by that name.
-    if page.events.is_empty() && page.next.is_none() && query.state.is_none() {
+    // (Not on a later page: a source that left the config can page to an empty end.)
+    if page.events.is_empty()
+        && page.next.is_none()
+        && query.state.is_none()
+        && query.before.is_none()
+    {
         let config = app.config();
         match (query.source.as_deref(), query.destination.as_deref()) {
             (Some(s), None) if !config.sources.iter().any(|c| c.name == *s) => {
@@ -405,6 +412,11 @@ async fn replay(
             });
         }
         ReplaySelector::EventId(id) => id,
+        ReplaySelector::Delivery { id, .. }
+            if app.store.lookup(&id).await.map_err(store_error)?.is_empty() =>
+        {
+            return Err(not_found(format!("no event has the id {id:?}")));
+        }
         which => {
             // To its end even when the request is gone (a client's timeout on a large one),
             // rather than some of the letters replayed and the rest left for no reason.
@@ -565,14 +577,22 @@ async fn metrics(app: &App, openmetrics: bool) -> String {
     app.metrics.render(openmetrics)
 }
 
-fn reload(app: &App) -> Response<Body> {
-    // What a reload would start (schedulers, a grace) has no time left to run.
-    if app.health.is_stopping() {
-        return ApiError::unavailable(
-            "the relay is stopping; it reads the config at its next start",
+/// A change (a replay, a pause, a reload) is refused while the relay stops: what it would
+/// start has no time left to run, and the store closes under it (a replay of a whole
+/// destination could be cut off half done).
+fn running(app: &App) -> Result<(), ApiError> {
+    match app.health.is_stopping() {
+        true => Err(ApiError::unavailable(
+            "the relay is stopping: make the change on a running instance, or after its restart",
             "5",
-        )
-        .into_response();
+        )),
+        false => Ok(()),
+    }
+}
+
+fn reload(app: &App) -> Response<Body> {
+    if let Err(e) = running(app) {
+        return e.into_response();
     }
     match app.reload() {
         Ok(table) => {
