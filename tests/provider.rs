@@ -501,6 +501,32 @@ async fn every_dids_fixture_routed_and_deduplicated_by_decoded_id() {
     assert_eq!(r.app().store.queue_depth("numbers"), cases.len() as u64);
 }
 
+/// Without `event_id`, a signed message's `webhook-id` is its id (the same on a resend,
+/// Standard Webhooks says): a record set back to an earlier state (delete, insert, delete:
+/// the same bytes twice) is a new change, not a duplicate of the first, as the body's hash
+/// made it.
+#[tokio::test]
+async fn without_event_id_a_signed_messages_webhook_id_is_its_id() {
+    let config = CONFIG.replace("event_id = [\"$.schema\", \"$.type\", \"$.data.id\"]\n", "");
+    assert_ne!(config, CONFIG);
+    let r = TestRelay::start_env(&config, ENV).await;
+    let delete = fixture("dids/dids-delete.json");
+    let insert = fixture("dids/dids-insert.json");
+    for (id, body) in [("m1", &delete), ("m2", &insert), ("m3", &delete)] {
+        let v = post_signed(&r, &signed_headers(id, now_s(), body), body)
+            .await
+            .json();
+        assert_eq!(v["id"], id, "{v}");
+        assert_eq!(v["duplicate"], false, "{id}: {v}");
+    }
+    // The sender's resend of one (its id kept, signed anew) is a duplicate.
+    let v = post_signed(&r, &signed_headers("m3", now_s(), &delete), &delete)
+        .await
+        .json();
+    assert_eq!(v["duplicate"], true, "{v}");
+    assert_eq!(r.app().store.queue_depth("numbers"), 3);
+}
+
 #[tokio::test]
 async fn decode_json_field_that_is_not_json_is_400_naming_it() {
     let r = TestRelay::start_env(CONFIG, ENV).await;

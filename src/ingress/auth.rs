@@ -25,6 +25,12 @@ pub struct BodyCheck {
 }
 
 impl BodyCheck {
+    /// The message's `webhook-id`: the sender's id of it, the same on a resend (Standard
+    /// Webhooks); trusted once [`verify`](Self::verify) passed, as the signature covers it.
+    pub fn into_id(self) -> String {
+        self.id
+    }
+
     pub fn verify(&self, source: &Source, body: &[u8]) -> Result<(), ApiError> {
         let Auth::StandardWebhooks { secret, .. } = &source.auth else {
             return Ok(());

@@ -193,11 +193,23 @@ async fn accept(
         Some(&mut room),
     )
     .await?;
+    // A signed message's `webhook-id` is its id where the source names none in its body
+    // (an empty one is none: the body's hash then, as for any event without an id).
+    let mut signed_id = None;
     if let Some(check) = body_check {
         check.verify(&source, &body)?;
+        signed_id = Some(check.into_id()).filter(|id| source.event_id.is_empty() && !id.is_empty());
     }
     let wrapped = parse_event(&source, &body)?;
-    let ev = routed(app, config, &source, &wrapped, body, content_type)?;
+    let ev = routed(
+        app,
+        config,
+        &source,
+        &wrapped,
+        body,
+        content_type,
+        signed_id,
+    )?;
     // The parsed tree can be many times the body's size, and no budget counts it: it is
     // not kept through the waits below (the store's commit, a reply route's call).
     drop(wrapped);
@@ -326,8 +338,12 @@ fn routed(
     wrapped: &Value,
     body: Bytes,
     content_type: Option<String>,
+    signed_id: Option<String>,
 ) -> Result<Routed, ApiError> {
-    let id = event_id(&source.event_id, &wrapped[0], &body);
+    let id = match signed_id {
+        Some(id) => id,
+        None => event_id(&source.event_id, &wrapped[0], &body),
+    };
     // As its `webhook-id`: bounded, and nothing in it can break a log line (worked out
     // only when something logs).
     let span = Span::current();
