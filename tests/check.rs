@@ -190,6 +190,21 @@ fn a_fallback_content_type_a_header_cannot_carry_is_refused() {
 }
 
 #[test]
+fn a_dedup_window_shorter_than_a_signatures_life_is_refused() {
+    // Accepted for 5 minutes either side of its timestamp, a signed message must be
+    // remembered for 10, or a copy of it is a new event.
+    let signed = BASE.replace(
+        "event_id = [\"$.payload.eventId\"]\n",
+        "event_id = [\"$.payload.eventId\"]\nauth = { kind = \"standard-webhooks\", secret = \"whsec_c2VjcmV0\", tolerance = \"5m\" }\n",
+    );
+    assert!(problems(&signed).is_empty(), "{:#?}", problems(&signed));
+    let short = format!("{signed}\n[dedup]\nwindow = \"9m\"\n");
+    let line = rejects(&short, "sources[0].auth.tolerance", "dedup.window");
+    assert!(line.contains("at least 10m"), "{line}");
+    assert!(problems(&format!("{signed}\n[dedup]\nwindow = \"10m\"\n")).is_empty());
+}
+
+#[test]
 fn invalid_duration() {
     let t = format!("{BASE}\n[dedup]\nwindow = \"24 parsecs\"\n");
     rejects(&t, "dedup.window", "invalid duration");

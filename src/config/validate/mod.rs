@@ -398,6 +398,23 @@ impl Cx<'_> {
             if matches!(src.auth, Auth::OAuth2 { .. }) && any_oauth.is_none() {
                 any_oauth = Some(s.span());
             }
+            // A signed message is taken for 2 × tolerance (a timestamp that far either side
+            // of now): its id must be remembered as long, or it can be posted again, by
+            // anyone who saw it, as a new event.
+            if let Auth::StandardWebhooks { tolerance, .. } = &src.auth {
+                if dedup_window < *tolerance * 2 {
+                    self.err(
+                        Some(s.span()),
+                        &format!("sources[{i}].auth.tolerance"),
+                        format!(
+                            "a signed message is accepted for twice the tolerance ({}), longer than dedup.window ({}) remembers its id: a copy could be posted again as a new event; make dedup.window at least {}",
+                            humantime::format_duration(*tolerance * 2),
+                            humantime::format_duration(dedup_window),
+                            humantime::format_duration(*tolerance * 2),
+                        ),
+                    );
+                }
+            }
             sources.push(src);
         }
         if let (Some(span), None) = (any_oauth, &server.token_secret) {
