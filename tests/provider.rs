@@ -428,6 +428,14 @@ async fn signed_request_accepted_tampered_and_stale_refused() {
     let body = fixture("dids/dids-update.json");
     let h = signed_headers("msg_1", now_s(), &body);
     assert_eq!(post_signed(&r, &h, &body).await.status, 200);
+    // The signatures on two header lines, the valid one second: one list.
+    let mut lines = h.clone();
+    let both = lines.pop().unwrap().1;
+    let (stale, valid) = both.split_once(' ').unwrap();
+    lines.push(("webhook-signature".into(), stale.into()));
+    lines.push(("webhook-signature".into(), valid.into()));
+    let a = post_signed(&r, &lines, &body).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
 
     let mut tampered = body.clone();
     let at = tampered.iter().position(|&b| b == b'7').unwrap();

@@ -127,10 +127,23 @@ pub fn check_headers(
             }
         }
         Auth::StandardWebhooks { tolerance, .. } => {
+            // Signatures on several header lines (a sender rotating its key may write each
+            // on its own) are one list, as if written on one line space-separated.
+            let mut lines = headers
+                .get_all("webhook-signature")
+                .iter()
+                .filter_map(|v| v.to_str().ok());
+            let sig = lines.next().map(|first| {
+                lines.fold(first.to_string(), |mut all, more| {
+                    all.push(' ');
+                    all.push_str(more);
+                    all
+                })
+            });
             let (Some(id), Some(ts), Some(sig)) = (
                 header(headers, "webhook-id"),
                 header(headers, "webhook-timestamp"),
-                header(headers, "webhook-signature"),
+                sig,
             ) else {
                 return Err(ApiError::unauthorized(
                     "webhook-id, webhook-timestamp and webhook-signature are required",
@@ -149,7 +162,7 @@ pub fn check_headers(
             Ok(Some(BodyCheck {
                 id: id.to_string(),
                 timestamp: ts.trim().to_string(),
-                signatures: sig.to_string(),
+                signatures: sig,
             }))
         }
     }
