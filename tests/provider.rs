@@ -565,3 +565,26 @@ async fn a_client_s_secret_is_not_told_to_an_address_its_source_refuses() {
     // The source that allows the address still issues.
     assert_eq!(token_basic(&r, "8x8-sms", "s3cr3t&=:x").await.status, 200);
 }
+
+/// An address no token source allows is refused before anything else: its form is not
+/// read, and its method or missing fields are not told apart.
+#[tokio::test]
+async fn an_address_no_token_source_allows_is_refused_first() {
+    let text = CONFIG
+        .replace(
+            "path = \"/8x8/chatapps\"\n",
+            "path = \"/8x8/chatapps\"\nallow_ips = [\"203.0.113.0/24\"]\n",
+        )
+        .replace(
+            "path = \"/8x8/sms\"\n",
+            "path = \"/8x8/sms\"\nallow_ips = [\"203.0.113.0/24\"]\n",
+        );
+    assert_eq!(text.matches("203.0.113.0/24").count(), 2);
+    let r = TestRelay::start_env(&text, ENV).await;
+    for method in [http::Method::POST, http::Method::GET] {
+        let a = support::send(method.clone(), &r.url("/oauth/token"), &[], b"").await;
+        assert_eq!(a.status, 403, "{method}: {:?}", a.body);
+        assert_eq!(a.json()["error"], "access_denied");
+        assert_eq!(a.headers["cache-control"], "no-store");
+    }
+}

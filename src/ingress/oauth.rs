@@ -30,7 +30,11 @@ use crate::web::response::{json_response, Body};
 const MAX_FORM_BYTES: u64 = 8 * 1024;
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response<Body> {
-    let mut r = json_response(status, body.to_string());
+    uncached(json_response(status, body.to_string()))
+}
+
+/// Every answer of the token endpoint is kept by no cache (RFC 6749 §5.1).
+fn uncached(mut r: Response<Body>) -> Response<Body> {
     let h = r.headers_mut();
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
@@ -123,6 +127,16 @@ pub async fn token_endpoint(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    // The address first, as for an event (path, address, method, ...): one that no token
+    // source allows learns nothing, and has no form read.
+    let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
+    let allowed_somewhere = config
+        .sources
+        .iter()
+        .any(|s| matches!(s.auth, Auth::OAuth2 { .. }) && client_ip::allowed(ip, &s.allow_ips));
+    if !allowed_somewhere {
+        return forbidden();
+    }
     if req.method() != Method::POST {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -130,7 +144,6 @@ pub async fn token_endpoint(
             "the token endpoint takes POST",
         );
     }
-    let ip = client_ip::client_ip(peer.ip(), req.headers(), &config.server.trusted_proxies);
     let basic = req
         .headers()
         .get(AUTHORIZATION)
@@ -141,7 +154,7 @@ pub async fn token_endpoint(
     let announced = super::announced_length(&req).map(|n| n.min(MAX_FORM_BYTES));
     let mut room = match bodies.reserve(announced) {
         Ok(room) => room,
-        Err(e) => return e.into_response(),
+        Err(e) => return uncached(e.into_response()),
     };
     let body = match super::read_body(
         req.into_body(),
@@ -153,7 +166,9 @@ pub async fn token_endpoint(
     {
         Ok(b) => b,
         // Past the body budget: the 503 as it is, with its Retry-After.
-        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => return e.into_response(),
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            return uncached(e.into_response())
+        }
         Err(e) => return error(e.status, "invalid_request", &e.message),
     };
     let mut grant = None;
@@ -223,14 +238,6 @@ pub async fn token_endpoint(
                 "grant_type is required",
             )
         }
-    }
-    // An address no token source allows learns nothing about the credentials it tries.
-    let allowed_somewhere = config
-        .sources
-        .iter()
-        .any(|s| matches!(s.auth, Auth::OAuth2 { .. }) && client_ip::allowed(ip, &s.allow_ips));
-    if !allowed_somewhere {
-        return forbidden();
     }
     // The address is checked against the source of the client named (ids are not secret,
     // and unique across sources) before its secret: a right secret and a wrong one get the
