@@ -34,6 +34,7 @@ impl fmt::Debug for IdPath {
 impl IdPath {
     pub fn compile(text: &str) -> Result<Self, String> {
         let query = parse_json_path(text).map_err(|e| e.to_string())?;
+        crate::ingress::descent::searches_once(text)?;
         Ok(IdPath {
             text: text.to_string(),
             members: plain_members(text),
