@@ -165,12 +165,13 @@ fn join(mut parts: Vec<Option<String>>, paths: &[IdPath]) -> Option<String> {
 pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut parts = Vec::with_capacity(paths.len());
     let (mut found, mut missing) = (Found::default(), 0);
+    let grouped = grouped(paths);
     for p in paths {
         p.find_into(event, &mut found);
         found.values.retain(|v: &String| !v.is_empty());
         if !found.values.is_empty() {
             parts.extend(std::iter::repeat_n(None, missing));
-            parts.extend(found.values.drain(..).map(Some));
+            take_found(p, grouped, &mut found.values, &mut parts);
             missing = 0;
         } else {
             missing += 1;
@@ -189,12 +190,50 @@ pub fn joined(paths: &[IdPath], event: &Value) -> Option<String> {
 /// read inexactly at worst puts two events in one line: they are still delivered.)
 pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
     let mut found = Found::default();
+    let mut parts = Vec::with_capacity(paths.len());
+    let grouped = grouped(paths);
     for p in paths {
         if !p.find_into(event, &mut found) {
             return None;
         }
+        take_found(p, grouped, &mut found.values, &mut parts);
     }
-    join(found.values.into_iter().map(Some).collect(), paths)
+    join(parts, paths)
+}
+
+/// Whether each path's values make one part: with several paths of which one may find
+/// several values, where they end must show (by `["$.p[*]", "$.q"]`, `{"p":["x","y"]}`
+/// and `{"p":["x"],"q":"y"}` would both join `x:y`). One path alone, or only plain member
+/// paths (one value each), join their values as they are.
+fn grouped(paths: &[IdPath]) -> bool {
+    paths.len() > 1 && paths.iter().any(|p| p.members.is_none())
+}
+
+/// Moves the values `p` found into `parts`: one part each, or, `grouped` and `p` able to
+/// find several, one part of them all, joined with `,` (`\` and `,` inside escaped).
+fn take_found(
+    p: &IdPath,
+    grouped: bool,
+    values: &mut Vec<String>,
+    parts: &mut Vec<Option<String>>,
+) {
+    if !grouped || p.members.is_some() {
+        parts.extend(values.drain(..).map(Some));
+        return;
+    }
+    let mut group = String::new();
+    for (i, v) in values.drain(..).enumerate() {
+        if i > 0 {
+            group.push(',');
+        }
+        for c in v.chars() {
+            if c == '\\' || c == ',' {
+                group.push('\\');
+            }
+            group.push(c);
+        }
+    }
+    parts.push(Some(group));
 }
 
 /// The event id of `event` (the decoded JSON) received as `body`.
@@ -306,6 +345,29 @@ mod tests {
         assert_eq!(
             event_id(&paths(&["$.id"]), &json!({"id":""}), b"abc"),
             body_hash(b"abc")
+        );
+    }
+
+    #[test]
+    fn where_a_paths_several_values_end_shows_beside_other_paths() {
+        let p = paths(&["$.p[*]", "$.q"]);
+        let id = |v: Value| event_id(&p, &v, b"");
+        assert_ne!(id(json!({"p":["x","y"]})), id(json!({"p":["x"],"q":"y"})));
+        assert_ne!(
+            id(json!({"p":["x","y","z"]})),
+            id(json!({"p":["x","y"],"q":"z"}))
+        );
+        assert_ne!(id(json!({"p":["x,y"]})), id(json!({"p":["x","y"]})));
+        assert_eq!(id(json!({"p":["x","y"],"q":"z"})), "x,y:z");
+        // The same for order keys.
+        let key = |v: Value| order_key(&p, &v);
+        assert_ne!(
+            key(json!({"p":["x","y"],"q":"z"})),
+            key(json!({"p":["x"],"q":"y:z"}))
+        );
+        assert_ne!(
+            key(json!({"p":["x","y"],"q":"z"})),
+            key(json!({"p":["x,y"],"q":"z"}))
         );
     }
 
