@@ -589,3 +589,40 @@ async fn serve_conn(mut s: TcpStream, state: Arc<SinkState>, stop: CancellationT
         }
     }
 }
+
+/// A TCP proxy to 127.0.0.1:`to` that can freeze the connections it has: once `freeze`
+/// is sent a number above theirs, they stop passing bytes with their sockets kept open (a
+/// path black-holed by a failed-over load balancer), while connections made later pass.
+pub async fn freezing_proxy(
+    to: u16,
+) -> (
+    u16,
+    tokio::sync::watch::Sender<u64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (freeze, frozen) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut frozen = frozen.clone();
+            let generation = *frozen.borrow();
+            connections.spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                else {
+                    return;
+                };
+                let froze = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = frozen.wait_for(|g| *g > generation) => true,
+                };
+                if froze {
+                    // Held open, passing nothing, until the proxy ends.
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    (port, freeze, task)
+}
