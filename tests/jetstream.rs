@@ -1175,6 +1175,83 @@ fn short_lived(nats: &NatsServer, a: &FaultSink) -> String {
         + "\n[dedup]\nwindow = \"1s\"\n"
 }
 
+/// A fan-out consumer made again reads every event kept, each as if for the first time: an
+/// event whose delivery went apart (an earlier event with its id still held the usual
+/// subject) was written a second time on the usual one once that had emptied, and sent
+/// again. Here the earlier event's state is deleted by hand, as its age would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_consumer_made_again_does_not_send_an_event_a_second_time() {
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let r = TestRelay::start(&short_lived(&nats, &a)).await;
+    let post = || {
+        let url = r.url("/8x8/voice");
+        async move {
+            let p = try_post(&client(), &url, voice("x"), Duration::from_secs(10)).await;
+            let p = p.expect("an answer");
+            assert_eq!(p.status, 200);
+            serde_json::from_slice::<serde_json::Value>(&p.body).unwrap()
+        }
+    };
+    assert_eq!(post().await["duplicate"], false);
+    assert!(a.wait_count(1, Duration::from_secs(10)).await);
+    // Past the dedup window (1 s): the same id is a new event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post().await["duplicate"] != false {
+        assert!(Instant::now() < deadline, "still a duplicate");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.wait_count(2, Duration::from_secs(10)).await);
+    // The first event's message went with the second's (one per subject); its delivered
+    // state ages out (deleted here), emptying the usual subject.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("t").await.unwrap();
+    let hash = |s: &str| -> String {
+        sha2::Sha256::digest(s.as_bytes())[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let usual = format!("t.q.n-a.{}.{}", hash("x"), hash("voice"));
+    let state = stream
+        .get_last_raw_message_by_subject(&usual)
+        .await
+        .unwrap();
+    assert!(stream.delete_message(state.sequence).await.unwrap());
+    // The fan-out's consumer is made again, and goes through every event kept.
+    assert!(stream.delete_consumer("t-fanout").await.unwrap().success);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let through = match stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("t-fanout")
+            .await
+        {
+            Ok(mut c) => {
+                let info = c.info().await.unwrap();
+                info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence > 0
+            }
+            Err(_) => false,
+        };
+        if through {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fan-out never went through again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !a.wait_count(3, Duration::from_secs(3)).await,
+        "sent again: {:?}",
+        a.arrivals().iter().map(|r| &r.id).collect::<Vec<_>>()
+    );
+}
+
 /// An accepted event waits for its fan-out as long as that takes, however short `retain`
 /// and the dedup window are: it once expired with them (1 s here) while the fan-out was held
 /// up, and was never delivered.

@@ -166,6 +166,18 @@ impl JetStreamStore {
     }
 }
 
+/// The consumer's [`REPLAY_UNTIL`] mark: the events up to it were kept before it was made,
+/// and may have been fanned out by the one before it.
+fn replayed_until(consumer: &async_nats::jetstream::consumer::PullConsumer) -> u64 {
+    consumer
+        .cached_info()
+        .config
+        .metadata
+        .get(REPLAY_UNTIL)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Takes accepted events from the shared consumer and fans them out, until `stop`.
 pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: CancellationToken) {
     let Some(names) = store.upgrade().map(|s| s.names.clone()) else {
@@ -178,6 +190,7 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     let Some(mut consumer) = pulls::consumer(&stream, &name, make, what, &stop).await else {
         return;
     };
+    let mut replay_until = replayed_until(&consumer);
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while !stop.is_cancelled() {
         // No more than there are free slots, a quarter of them at least (fetching one at a
@@ -207,6 +220,7 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
                     let again = pulls::consumer(&stream, &name, make, what, &stop);
                     let Some(c) = again.await else { return };
                     consumer = c;
+                    replay_until = replayed_until(&consumer);
                     break;
                 }
                 Some(Ok(m)) => m,
@@ -218,7 +232,9 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             let tasks = s.tasks.clone();
             tasks.spawn(async move {
-                let again = m.info().is_ok_and(|i| i.delivered > 1);
+                // Handed out before, or kept from before the consumer was made (made
+                // again, it hands each out as if for the first time): look before writing.
+                let again = seq <= replay_until || m.info().is_ok_and(|i| i.delivered > 1);
                 match s.fan_out(seq, &m.payload, again).await {
                     Ok(()) => {
                         let _ = m.ack().await;
