@@ -53,8 +53,13 @@ pub(super) async fn beat(members: &kv::Store, membership: &Membership, me: &str)
         return;
     };
     let mut ids = Vec::new();
-    while let Some(Ok(id)) = keys.next().await {
-        ids.push(id);
+    while let Some(id) = keys.next().await {
+        match id {
+            Ok(id) => ids.push(id),
+            // A list cut short would count too few: each would take too large a share of
+            // every destination's rate and requests at once. The last count stands.
+            Err(_) => return,
+        }
     }
     ids.sort();
     // Its own key was just written; missing, it counts last.
