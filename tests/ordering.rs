@@ -608,13 +608,23 @@ async fn each_records_insert_update_delete_arrive_in_order_under_32_senders_jets
 
 /// Waits (bounded) until the admin API says destination `d`'s breaker is open.
 async fn breaker_opened(relay: &RelayProcess) {
+    destination_when(relay, "open", |d| d["state"] == "open").await;
+}
+
+/// Waits (bounded) until the admin API's view of destination `d` is `what` by `seen`;
+/// returns that view.
+async fn destination_when(
+    relay: &RelayProcess,
+    what: &str,
+    seen: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + WAIT;
     loop {
         let d = admin(relay, http::Method::GET, "/api/destinations").await;
-        if d[0]["state"] == "open" {
-            return;
+        if seen(&d[0]) {
+            return d[0].clone();
         }
-        assert!(Instant::now() < deadline, "never open: {d}");
+        assert!(Instant::now() < deadline, "never {what}: {d}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -696,29 +706,16 @@ async fn an_attempt_sent_before_the_breaker_opened_does_not_close_it() {
     breaker_opened(&relay).await;
     // Attempts sent before it opened may still be out (a slot freed by the first failure
     // sends the next event): once only the held one is, nothing more is sent.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
-        if d[0]["in_flight"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never down to the held one: {d}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    destination_when(&relay, "down to the held one", |d| d["in_flight"] == 1).await;
     let sent = sink.count();
     sink.release();
-    // The held attempt's 2xx is counted (consecutive failures back to 0) ...
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let d = admin(&relay, http::Method::GET, "/api/destinations").await;
-        if d[0]["consecutive_failures"] == 0 {
-            // ... and the breaker stays open.
-            assert_eq!(d[0]["state"], "open", "{d}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the held 2xx never counted: {d}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The held attempt's 2xx is counted (consecutive failures back to 0), and the breaker
+    // stays open.
+    let d = destination_when(&relay, "past the held 2xx", |d| {
+        d["consecutive_failures"] == 0
+    })
+    .await;
+    assert_eq!(d["state"], "open", "{d}");
     assert!(
         !sink.wait_count(sent + 1, Duration::from_secs(3)).await,
         "sent during the cool-down: {:?}",
