@@ -3,12 +3,14 @@
 //!
 //! Each path is compiled once. Plain member paths (`$.payload.eventId`) take a direct walk
 //! over the JSON tree; anything else goes through the RFC 9535 engine. The values found are
-//! joined with [`SEPARATOR`] (strings as they are, other values as compact JSON); when no
-//! path finds anything the id is the lowercase hex SHA-256 of the received bytes.
+//! joined with [`SEPARATOR`] (strings as they are, other values as compact JSON; beside
+//! other paths, those of a path that may find several as one part, joined with `,`); when no
+//! path finds anything the id is the lowercase hex SHA-256 of the received bytes. A path
+//! that searches descendants within a search is refused at compile ([`searches_once`]).
 
 use std::fmt;
 
-use jsonpath_rust::parser::model::JpQuery;
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
 use jsonpath_rust::parser::parse_json_path;
 use jsonpath_rust::query::js_path_process;
 use serde_json::Value;
@@ -22,6 +24,8 @@ pub struct IdPath {
     pub text: String,
     /// `Some` for plain member paths, walked without the JSONPath engine.
     members: Option<Vec<String>>,
+    /// It may find several values (a wildcard, a slice, a filter, a union, `..`).
+    several: bool,
     query: JpQuery,
 }
 
@@ -34,10 +38,11 @@ impl fmt::Debug for IdPath {
 impl IdPath {
     pub fn compile(text: &str) -> Result<Self, String> {
         let query = parse_json_path(text).map_err(|e| e.to_string())?;
-        crate::ingress::descent::searches_once(text)?;
+        searches_once(text)?;
         Ok(IdPath {
             text: text.to_string(),
             members: plain_members(text),
+            several: query.segments.iter().any(finds_several),
             query,
         })
     }
@@ -68,6 +73,65 @@ impl IdPath {
         }
         any
     }
+}
+
+/// Whether `segment` may select several nodes of one.
+fn finds_several(segment: &Segment) -> bool {
+    match segment {
+        Segment::Descendant(_) => true,
+        Segment::Selectors(s) => s.len() > 1 || s.iter().any(|s| !single(s)),
+        Segment::Selector(s) => !single(s),
+    }
+}
+
+fn single(s: &Selector) -> bool {
+    matches!(s, Selector::Name(_) | Selector::Index(_))
+}
+
+/// `Err` for a JSONPath or filter that searches descendants (`..`) within a search: a `..`
+/// after another in one path (`$..a..b`), or in a filter applied below one (`$..[?@..x]`),
+/// searches again below every node the first found, which the ingress's one-walk budget for
+/// descendant searches does not bound. Searches side by side (`@..a || @..b`) each walk
+/// once. What is quoted does not count.
+pub fn searches_once(text: &str) -> Result<(), String> {
+    // By bracket depth: whether the path read there, or one it is inside, has searched.
+    let mut searched = vec![false];
+    let (mut quote, mut escaped, mut dot) = (None, false, false);
+    for c in text.chars() {
+        if let Some(q) = quote {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                _ if c == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        let depth = searched.len() - 1;
+        let was_dot = std::mem::replace(&mut dot, c == '.');
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '$' | '@' => searched[depth] = depth > 0 && searched[depth - 1],
+            '[' => searched.push(searched[depth]),
+            ']' if depth > 0 => {
+                searched.pop();
+            }
+            '.' if was_dot => {
+                if searched[depth] {
+                    return Err(
+                        "searches descendants (`..`) within a search of descendants: \
+                                each node the first finds is searched again, which a hostile \
+                                event could make vast; search once"
+                            .into(),
+                    );
+                }
+                searched[depth] = true;
+                dot = false;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// `$.a.b` → `["a","b"]` when every segment is a plain identifier.
@@ -148,14 +212,19 @@ fn join(mut parts: Vec<Option<String>>, paths: &[IdPath]) -> Option<String> {
             out.push_str(MISSING);
             continue;
         };
-        for c in p.chars() {
-            if c == '\\' || c == SEPARATOR {
-                out.push('\\');
-            }
-            out.push(c);
-        }
+        escape_into(&mut out, p, SEPARATOR);
     }
     Some(out)
+}
+
+/// Appends `s` to `out` with `\` and `sep` escaped (`\\`, `\<sep>`).
+fn escape_into(out: &mut String, s: &str, sep: char) {
+    for c in s.chars() {
+        if c == '\\' || c == sep {
+            out.push('\\');
+        }
+        out.push(c);
+    }
 }
 
 /// The values `paths` find in `event`, joined ([`join`]), with a path that found nothing
@@ -206,7 +275,7 @@ pub fn order_key(paths: &[IdPath], event: &Value) -> Option<String> {
 /// and `{"p":["x"],"q":"y"}` would both join `x:y`). One path alone, or only plain member
 /// paths (one value each), join their values as they are.
 fn grouped(paths: &[IdPath]) -> bool {
-    paths.len() > 1 && paths.iter().any(|p| p.members.is_none())
+    paths.len() > 1 && paths.iter().any(|p| p.several)
 }
 
 /// Moves the values `p` found into `parts`: one part each, or, `grouped` and `p` able to
@@ -217,7 +286,7 @@ fn take_found(
     values: &mut Vec<String>,
     parts: &mut Vec<Option<String>>,
 ) {
-    if !grouped || p.members.is_some() {
+    if !grouped || !p.several {
         parts.extend(values.drain(..).map(Some));
         return;
     }
@@ -226,12 +295,7 @@ fn take_found(
         if i > 0 {
             group.push(',');
         }
-        for c in v.chars() {
-            if c == '\\' || c == ',' {
-                group.push('\\');
-            }
-            group.push(c);
-        }
+        escape_into(&mut group, &v, ',');
     }
     parts.push(Some(group));
 }
@@ -369,6 +433,45 @@ mod tests {
             key(json!({"p":["x","y"],"q":"z"})),
             key(json!({"p":["x,y"],"q":"z"}))
         );
+    }
+
+    #[test]
+    fn a_search_within_a_search_is_refused_but_side_by_side_ones_are_not() {
+        for once in [
+            "$..eventId",
+            "$.a.b",
+            "@..x == 'a..b'",
+            "$['a..b']..c",
+            "@.u == \"..\"",
+            "@..a || @..b",
+            "@..a == @..b",
+            "$.a[?@..x]",
+            "$..[?@.x == 1]",
+        ] {
+            assert!(searches_once(once).is_ok(), "{once}");
+        }
+        for nested in ["$..a..b", "$..[?@..x]", "$.a..b[?@..c]", "@..a..b || @.c"] {
+            assert!(searches_once(nested).is_err(), "{nested}");
+        }
+    }
+
+    #[test]
+    fn only_paths_that_may_find_several_values_are_grouped() {
+        for (text, several) in [
+            ("$.a", false),
+            ("$['a']", false),
+            ("$.a[0]", false),
+            ("$.a[*]", true),
+            ("$..a", true),
+            ("$.a[0:2]", true),
+            ("$.a[?@.b]", true),
+            ("$['a','b']", true),
+        ] {
+            assert_eq!(IdPath::compile(text).unwrap().several, several, "{text}");
+        }
+        // A single value beside another path is joined as before, `,` and all.
+        let p = paths(&["$['a']", "$.b"]);
+        assert_eq!(event_id(&p, &json!({"a":"x,y","b":"z"}), b""), "x,y:z");
     }
 
     #[test]

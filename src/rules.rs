@@ -97,7 +97,7 @@ impl fmt::Debug for Filter {
 impl Filter {
     pub fn compile(expr: &str) -> Result<Self, String> {
         let query = parse_json_path(&format!("$[?{expr}]")).map_err(|e| e.to_string())?;
-        crate::ingress::descent::searches_once(expr)?;
+        crate::event_id::searches_once(expr)?;
         // One filter selector and nothing else: `a == 1, 0` would add a selector that
         // takes every event, `a == 1].b[0` a segment.
         if !matches!(

@@ -208,7 +208,7 @@ fn a_dedup_window_shorter_than_a_signatures_life_is_refused() {
 fn a_path_searching_descendants_twice_is_refused() {
     let t = BASE.replace("[\"$.payload.eventId\"]", "[\"$..a..b\"]");
     assert_ne!(t, BASE);
-    rejects(&t, "sources[0].event_id[0]", "more than once");
+    rejects(&t, "sources[0].event_id[0]", "within a search");
 }
 
 #[test]

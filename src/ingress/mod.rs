@@ -9,7 +9,7 @@
 mod auth;
 pub mod body_memory;
 pub mod client_ip;
-pub(crate) mod descent;
+mod descent;
 
 mod oauth;
 mod reply;

@@ -44,11 +44,9 @@ pub const ACK_WAIT: Duration = Duration::from_secs(6);
 const UNREADABLE_AGAIN: Duration = Duration::from_secs(300);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// With no renewal the server confirmed for this long, what is held may have been given to
+/// With no renewal sent while connected for this long, what is held may have been given to
 /// another instance: a second's margin under the ack wait.
 const LAPSE: Duration = Duration::from_secs(5);
-/// The longest a renewal's confirmation is waited for.
-const CONFIRM_WAIT: Duration = Duration::from_secs(2);
 /// Past this many order keys checked, the ones checked longer ago than a recheck's delay
 /// are forgotten.
 const RECHECKS_KEPT: usize = 4_096;
@@ -402,19 +400,10 @@ async fn renew(leases: &Leases, connected: bool) {
         .filter(|l| !l.stale)
         .map(|l| l.msg.clone())
         .collect();
-    // Counted as made once the server answers the last (after the others, on the one
-    // connection): a path gone silent (no FIN, no RST) leaves the client "connected" for
-    // as long as its pings take to fail, while the server gives what is held here to
-    // another instance after its ack wait.
-    let mut confirmed = connected;
-    if let Some((last, rest)) = msgs.split_last() {
-        for m in rest {
-            let _ = m.ack_with(AckKind::Progress).await;
-        }
-        let answered = tokio::time::timeout(CONFIRM_WAIT, last.double_ack_with(AckKind::Progress));
-        confirmed &= matches!(answered.await, Ok(Ok(())));
+    for m in msgs {
+        let _ = m.ack_with(AckKind::Progress).await;
     }
-    if confirmed {
+    if connected {
         *leases.renewed.lock().unwrap() = started;
     }
 }
