@@ -168,10 +168,8 @@ impl JetStreamStore {
 
 /// The consumer's [`REPLAY_UNTIL`] mark: the events up to it were kept before it was made,
 /// and may have been fanned out by the one before it.
-fn replayed_until(consumer: &async_nats::jetstream::consumer::PullConsumer) -> u64 {
-    consumer
-        .cached_info()
-        .config
+fn replayed_until(info: &async_nats::jetstream::consumer::Info) -> u64 {
+    info.config
         .metadata
         .get(REPLAY_UNTIL)
         .and_then(|v| v.parse().ok())
@@ -190,7 +188,10 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
     let Some(mut consumer) = pulls::consumer(&stream, &name, make, what, &stop).await else {
         return;
     };
-    let mut replay_until = replayed_until(&consumer);
+    let mut replay_until = replayed_until(consumer.cached_info());
+    // The last event handed out for the first time (first hand-outs come in stream order);
+    // at first none, so the first one reads the mark afresh.
+    let mut last_first = u64::MAX;
     let slots = Arc::new(Semaphore::new(CONCURRENT));
     while !stop.is_cancelled() {
         // No more than there are free slots, a quarter of them at least (fetching one at a
@@ -220,21 +221,33 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
                     let again = pulls::consumer(&stream, &name, make, what, &stop);
                     let Some(c) = again.await else { return };
                     consumer = c;
-                    replay_until = replayed_until(&consumer);
+                    replay_until = replayed_until(consumer.cached_info());
                     break;
                 }
                 Some(Ok(m)) => m,
             };
-            let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+            let Ok((seq, delivered)) = m.info().map(|i| (i.stream_sequence, i.delivered)) else {
                 continue;
             };
+            if delivered == 1 {
+                // A first hand-out before the last: the consumer was made again, perhaps by
+                // another instance (this one's pull did not fail), with a mark of its own.
+                // (Or the first of this puller: the consumer may have been made again
+                // since this one read it.)
+                if seq < last_first {
+                    if let Ok(info) = stream.consumer_info(&name).await {
+                        replay_until = replayed_until(&info);
+                    }
+                }
+                last_first = seq;
+            }
             let Some(s) = store.upgrade() else { return };
             let permit = slots.clone().acquire_owned().await.expect("never closed");
             let tasks = s.tasks.clone();
             tasks.spawn(async move {
                 // Handed out before, or kept from before the consumer was made (made
                 // again, it hands each out as if for the first time): look before writing.
-                let again = seq <= replay_until || m.info().is_ok_and(|i| i.delivered > 1);
+                let again = seq <= replay_until || delivered > 1;
                 match s.fan_out(seq, &m.payload, again).await {
                     Ok(()) => {
                         let _ = m.ack().await;
