@@ -300,6 +300,43 @@ async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
     server.abort();
 }
 
+/// A TCP proxy to 127.0.0.1:`to` that can freeze the connections it has: once `freeze`
+/// is sent a number above theirs, they stop passing bytes with their sockets kept open (a
+/// path black-holed by a failed-over load balancer), while connections made later pass.
+async fn freezing_proxy(
+    to: u16,
+) -> (
+    u16,
+    tokio::sync::watch::Sender<u64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (freeze, frozen) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut frozen = frozen.clone();
+            let generation = *frozen.borrow();
+            connections.spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                else {
+                    return;
+                };
+                let froze = tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => false,
+                    _ = frozen.wait_for(|g| *g > generation) => true,
+                };
+                if froze {
+                    // Held open, passing nothing, until the proxy ends.
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    (port, freeze, task)
+}
+
 /// An HTTP/2 destination whose connection goes silent (no FIN, no RST: a black-holed path)
 /// is reached again over a new one: the relay's PINGs find the old one dead. Without them
 /// every attempt went out over the dead connection, each timing out, for as long as the
@@ -308,7 +345,7 @@ async fn a_destination_behind_a_ca_the_host_trusts_is_delivered_to() {
 async fn a_silent_http2_connection_is_dropped_and_the_destination_reached_again() {
     let dir = tempfile::tempdir().unwrap();
     let (ca_file, sink_port, mut arrived, server) = https_sink(dir.path(), true).await;
-    let (port, freeze, proxy) = support::freezing_proxy(sink_port).await;
+    let (port, freeze, proxy) = freezing_proxy(sink_port).await;
     let url = format!("https://localhost:{port}/hook");
     let relay = relay_to(dir.path(), &url, "1s", &ca_file).await;
     post_open(&relay, br#"{"n":1}"#).await;

@@ -278,12 +278,19 @@ impl NatsServer {
         }
     }
 
-    /// Starts it again on the same port and store.
+    /// Starts it again on the same port and store. The port may have been taken meanwhile
+    /// as the local end of some connection of a test running beside: tried again for a
+    /// while, as such a connection ends.
     pub async fn restart(&mut self) {
-        self.sigkill();
-        self.run();
-        assert!(
-            self.listening().await,
+        for _ in 0..20 {
+            self.sigkill();
+            self.run();
+            if self.listening().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!(
             "nats-server {} did not start again on port {} (taken meanwhile?):\n{}",
             self.name,
             self.port,
