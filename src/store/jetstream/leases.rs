@@ -44,9 +44,8 @@ pub const ACK_WAIT: Duration = Duration::from_secs(6);
 const UNREADABLE_AGAIN: Duration = Duration::from_secs(300);
 /// How often a held message's lease is renewed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// With no renewal the server confirmed for this long, what is held may have been given to
-/// another instance: a second's margin under the ack wait (which runs from after the
-/// confirmed pass began).
+/// With no renewal sent while connected for this long, what is held may have been given to
+/// another instance: a second's margin under the ack wait.
 const LAPSE: Duration = Duration::from_secs(5);
 /// Past this many order keys checked, the ones checked longer ago than a recheck's delay
 /// are forgotten.
@@ -78,8 +77,7 @@ pub struct Leases {
     /// When each order key's line was last checked for a waiting delivery that came back:
     /// once per [`lines::WAITING_RECHECK`] is enough, however many of the key wait.
     rechecked: Mutex<HashMap<String, Instant>>,
-    /// When the last renewal pass the server confirmed began (one with nothing to renew:
-    /// made while connected).
+    /// When the held leases were last renewed while connected.
     renewed: Mutex<Instant>,
 }
 
@@ -96,7 +94,7 @@ impl Leases {
         }
     }
 
-    /// Marks every held lease stale if the last renewal the server confirmed is [`LAPSE`]
+    /// Marks every held lease stale if the last renewal made while connected is [`LAPSE`]
     /// old: checked at each renewal and each read of what is due.
     pub fn check_lapse(&self) {
         let renewed = *self.renewed.lock().unwrap();
@@ -390,8 +388,8 @@ pub async fn renew_every(leases: Arc<Leases>, client: async_nats::Client, stop: 
 }
 
 /// Tells the server every held message is still being worked on (marking them all stale
-/// first if the last renewal it confirmed is [`LAPSE`] old).
-async fn renew(leases: &Arc<Leases>, connected: bool) {
+/// first if the last renewal made while `connected` is [`LAPSE`] old).
+async fn renew(leases: &Leases, connected: bool) {
     let started = Instant::now();
     leases.check_lapse();
     let msgs: Vec<jetstream::Message> = leases
@@ -402,26 +400,10 @@ async fn renew(leases: &Arc<Leases>, connected: bool) {
         .filter(|l| !l.stale)
         .map(|l| l.msg.clone())
         .collect();
-    let Some((last, rest)) = msgs.split_last() else {
-        if connected {
-            *leases.renewed.lock().unwrap() = started;
-        }
-        return;
-    };
-    for m in rest {
+    for m in msgs {
         let _ = m.ack_with(AckKind::Progress).await;
     }
-    // The pass counts once the server answers its last renewal (sent after the others on
-    // the one connection): a path gone silent (no FIN, no RST) leaves the client
-    // "connected", and then connected again, while the server gives what is held here to
-    // another instance. Waited for apart, so a slow answer delays no pass, and one within
-    // the lapse still counts.
-    let (last, leases) = (last.clone(), leases.clone());
-    tokio::spawn(async move {
-        let answered = tokio::time::timeout(LAPSE, last.double_ack_with(AckKind::Progress));
-        if let Ok(Ok(())) = answered.await {
-            let mut renewed = leases.renewed.lock().unwrap();
-            *renewed = (*renewed).max(started);
-        }
-    });
+    if connected {
+        *leases.renewed.lock().unwrap() = started;
+    }
 }

@@ -133,9 +133,6 @@ pub async fn connect(
     let client = options
         .name("hookrelay")
         .connection_timeout(Duration::from_secs(3))
-        // A path gone silent is found in seconds, not the default minutes: `/readyz` and
-        // the ingress say so, and the client connects again.
-        .ping_interval(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
         .connect(addrs)
         .await
