@@ -297,14 +297,10 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
         // An open breaker, or a quiet the destination asked for, sends nothing: what is due
         // is not read while it holds (each accept's commit wakes this pass, and during an
         // outage the backlog grows).
-        let held = match in_flight.status.peek(&dest.breaker, now_ms()) {
-            Gate::Send | Gate::Probe => None,
-            Gate::WaitUntil(t) => Some(Some(t)),
-            Gate::WaitProbe => Some(None),
-        };
-        let batch = match held {
-            Some(_) => Vec::new(),
-            None => match ctx.deps.store.pending(&name, window, &skip).await {
+        let gate = in_flight.status.peek(&dest.breaker, now_ms());
+        let batch = match gate {
+            Gate::WaitUntil(_) | Gate::WaitProbe => Vec::new(),
+            Gate::Send | Gate::Probe => match ctx.deps.store.pending(&name, window, &skip).await {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(destination = %name, error = %e, "reading pending deliveries failed");
@@ -316,7 +312,10 @@ pub(super) async fn run(ctx: Arc<Context>, name: String) {
             },
         };
         let full = batch.len() >= window;
-        let mut next_due = held.flatten();
+        let mut next_due = match gate {
+            Gate::WaitUntil(t) => Some(t),
+            _ => None,
+        };
         for d in batch {
             if ctx.deps.store.paused(&name) {
                 break;

@@ -129,17 +129,12 @@ pub fn check_headers(
         Auth::StandardWebhooks { tolerance, .. } => {
             // Signatures on several header lines (a sender rotating its key may write each
             // on its own) are one list, as if written on one line space-separated.
-            let mut lines = headers
+            let lines: Vec<&str> = headers
                 .get_all("webhook-signature")
                 .iter()
-                .filter_map(|v| v.to_str().ok());
-            let sig = lines.next().map(|first| {
-                lines.fold(first.to_string(), |mut all, more| {
-                    all.push(' ');
-                    all.push_str(more);
-                    all
-                })
-            });
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            let sig = (!lines.is_empty()).then(|| lines.join(" "));
             let (Some(id), Some(ts), Some(sig)) = (
                 header(headers, "webhook-id"),
                 header(headers, "webhook-timestamp"),

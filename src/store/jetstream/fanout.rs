@@ -168,7 +168,7 @@ impl JetStreamStore {
 
 /// The consumer's [`REPLAY_UNTIL`] mark: the events up to it were kept before it was made,
 /// and may have been fanned out by the one before it.
-fn replayed_until(info: &async_nats::jetstream::consumer::Info) -> u64 {
+pub(super) fn replayed_until(info: &async_nats::jetstream::consumer::Info) -> u64 {
     info.config
         .metadata
         .get(REPLAY_UNTIL)

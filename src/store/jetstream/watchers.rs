@@ -199,12 +199,7 @@ pub(super) async fn count_depths(store: Weak<JetStreamStore>, stop: Cancellation
         *s.backlog_oldest.lock().unwrap() = backlog;
         // The unfanned count before the depths: whoever sees the new depths sees it too.
         if let Some(info) = unfanned {
-            let until = info
-                .config
-                .metadata
-                .get(fanout::REPLAY_UNTIL)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let until = fanout::replayed_until(&info);
             let n = fanout::unfanned_of(info.num_pending, info.delivered.stream_sequence, until);
             s.unfanned.store(n, Ordering::Relaxed);
         }

@@ -309,6 +309,7 @@ impl<E: Engine> Store for KvStore<E> {
             self.shared.flushed.load(Ordering::Acquire),
         );
         let mut out = Vec::new();
+        let mut unreadable = Unreadable::default();
         let mut from = prefix.clone();
         // More than once only past unreadable records: those do not count toward `limit`,
         // so a run of them at the head does not hide what is due behind it.
@@ -334,16 +335,8 @@ impl<E: Engine> Store for KvStore<E> {
             self.shared.engine.get_each(&keys, &mut |i, raw| {
                 let Some(raw) = raw else { return Ok(()) };
                 // A damaged record holds back its own delivery, not the destination's queue.
-                let mut d = match decode_delivery(raw) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Every pass meets it again: said at most once a second.
-                        static SAID: crate::telemetry::Throttle = crate::telemetry::Throttle::new();
-                        if let Some(held_back) = SAID.pass(crate::clock::now_ms()) {
-                            tracing::warn!(destination, seq = found[i].0, error = %e, held_back, "a pending delivery's record cannot be read; it is skipped");
-                        }
-                        return Ok(());
-                    }
+                let Some(mut d) = unreadable.skip(found[i].0, decode_delivery(raw))? else {
+                    return Ok(());
                 };
                 if d.state == DeliveryState::Pending {
                     // The later of the two: the queue was read before the records, so an
@@ -355,7 +348,11 @@ impl<E: Engine> Store for KvStore<E> {
             })?;
             match resume {
                 Some(k) if out.len() < limit => from = k,
-                _ => return Ok(out),
+                _ => {
+                    // Every pass meets one again: said at most once a second.
+                    unreadable.warn("due deliveries");
+                    return Ok(out);
+                }
             }
         }
     }
