@@ -5,8 +5,6 @@
 //! after a SIGKILL. `BENCH_ORDER_KEYS=100000` gives the deliveries that many `order_by` keys
 //! (round robin), so that only each key's head is in the due queue.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +12,7 @@ mod support;
 
 use bytes::Bytes;
 use hookrelay::store::{now_ms, EventQuery, NewEvent, Store};
+use support::child::Child;
 use tokio::sync::mpsc;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -95,7 +94,7 @@ async fn pages(store: &dyn Store, backend: &str) {
     })
     .await;
     eprintln!(
-        "{backend}: GET /api/events, 50 per page: page 1 {} µs, page 10 {} µs (median of 5)",
+        "{backend}: the event list (what GET /api/events reads), 50 per page: page 1 {} µs, page 10 {} µs (median of 5)",
         first.as_micros(),
         tenth.as_micros()
     );
@@ -109,16 +108,10 @@ async fn start_relay(
 ) -> (Option<Duration>, u64) {
     while arrivals.try_recv().is_ok() {}
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .args(["serve", "--config"])
-        .arg(cfg)
-        .env("HOOKRELAY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
+    let cfg = cfg.to_path_buf();
+    // Killed when dropped, a panic included.
+    let (relay, _, _) = tokio::task::spawn_blocking(move || Child::relay(&cfg))
+        .await
         .unwrap();
     let first = tokio::time::timeout(Duration::from_secs(60), arrivals.recv())
         .await
@@ -126,9 +119,8 @@ async fn start_relay(
         .flatten()
         .map(|t| t.duration_since(start));
     tokio::time::sleep_until((start + Duration::from_secs(3)).into()).await;
-    let rss = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let rss = rss_kib(relay.id());
+    drop(relay);
     (first, rss)
 }
 

@@ -2,12 +2,14 @@
 # The relay against nginx `proxy_pass` under the same wrk load (issue: "a durable relay that
 # keeps pace with a plain forwarder"). Both forward the 8x8 call status sample (a distinct
 # eventId per request) to the same sink (`hookrelay sink`, output discarded); the relay also
-# stores, deduplicates and routes each event durably (redb). Runs them alternately
-# BENCH_ROUNDS times (default 3) for BENCH_SECONDS each (default 10) with BENCH_CONNS
-# connections (default 64) and prints each run (with the CPU time per request of the relay
-# process and of nginx's processes, and the bytes they wrote to disk), the medians, the
-# ratios, and each round's ratio with their median, and how quick the disk was before each
-# round (the relay's figures move with it).
+# stores, deduplicates and routes each event durably (redb). After an uncounted warm-up of
+# each, runs them BENCH_ROUNDS times (default 3), which goes first alternating by round, for
+# BENCH_SECONDS each (default 10) with BENCH_CONNS connections (default 64) and prints each
+# run (with the CPU time per request of the relay process and of nginx's processes, the
+# bytes they wrote to disk, and the events fully relayed per second: for the relay, over the
+# load and the delivery of its backlog), the medians, the ratios, and each round's ratio with
+# their median, and how quick the disk was before each round (the relay's figures move with
+# it). A non-2xx answer or a socket error fails the bench.
 # BENCH_PERF=file first records a CPU profile of the relay (perf, call graphs) in a round of
 # its own, not counted. Installs Debian's nginx and wrk when missing. Everything listens on 127.0.0.1.
 set -euo pipefail
@@ -143,27 +145,41 @@ disk_probe() {
 per_request() { awk -v t="$1" -v r="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / r}'; }
 
 # wrk's Requests/sec, its 99th percentile in ms, its non-2xx count and its request count.
-run() { # name port round
+# A run with a non-2xx answer or a socket error (a timeout too: wrk leaves those out of its
+# latencies) fails the bench: its rate would count requests that were not accepted.
+run() { # name port round [seconds]
   local out
-  out=$(TEMPLATE="$work/template.json" ROUND="$3" wrk -t2 -c"$conns" -d"${seconds}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/in")
-  local rps p99 bad reqs
+  out=$(TEMPLATE="$work/template.json" ROUND="$3" wrk -t2 -c"$conns" -d"${4:-$seconds}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/in")
+  local rps p99 bad reqs errors
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
   bad=$(awk '/Non-2xx/ {print $5}' <<<"$out"); bad=${bad:-0}
+  errors=$(awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}' <<<"$out"); errors=${errors:-0}
+  if [ "$bad" != 0 ] || [ "$errors" != 0 ]; then
+    echo "$1 round $3: $bad non-2xx answers, $errors socket errors; wrk said:" >&2
+    echo "$out" >&2
+    return 1
+  fi
   echo "$1 $rps $p99 $bad $reqs"
 }
 
-# Waits until the relay has delivered its backlog (bounded: 120 s).
+# Waits until the relay has delivered its backlog (bounded: 120 s). A depth it cannot read
+# fails the bench rather than ending the wait.
 drain() {
   for _ in $(seq 1 1200); do
     depth=$(curl -s "http://127.0.0.1:$admin_port/metrics" | awk '/^hookrelay_queue_depth\{destination="sink"\}/ {print $2}' || true)
-    [ "${depth:-0}" = "0" ] && return 0
+    case "$depth" in
+      0) return 0 ;;
+      ''|*[!0-9]*) echo "the relay's queue depth could not be read (got '$depth')" >&2; return 1 ;;
+    esac
     sleep 0.1
   done
   echo "the relay did not deliver its backlog within 120 s" >&2
   return 1
 }
+
+now() { date +%s.%N; }
 
 if [ -n "${BENCH_PERF:-}" ]; then
   # A CPU profile of the relay under the load, in a round of its own that no figure counts
@@ -176,38 +192,54 @@ if [ -n "${BENCH_PERF:-}" ]; then
   echo "profile of the relay: $BENCH_PERF"
 fi
 
-echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request | disk bytes/request |"
-echo "|---|---|---:|---:|---:|---:|---:|"
-declare -a nginx_rps relay_rps nginx_p99 relay_p99 nginx_cpu relay_cpu relay_disk disk_us
-for r in $(seq 1 "$rounds"); do
-  disk_us+=("$(disk_probe)")
+# Both warm up first (connections, caches, the relay's store file), in a run no figure counts.
+run nginx "$nginx_port" w0 2 > /dev/null
+run relay "$relay_port" w0 2 > /dev/null
+drain
+
+echo "| round | system | req/s | p99 ms | non-2xx | CPU µs/request | disk bytes/request | fully relayed/s |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|"
+declare -a nginx_rps relay_rps relay_full nginx_p99 relay_p99 nginx_cpu relay_cpu relay_disk disk_us
+nginx_round() {
   # The forwarder's own CPU (nginx's processes, the relay's process), not the sink's or wrk's.
   # shellcheck disable=SC2086
   before=$(ticks $nginx_pids)
   # shellcheck disable=SC2086
   wrote=$(written $nginx_pids)
-  read -r _ rps p99 bad reqs < <(run nginx "$nginx_port" "n$r")
+  read -r _ rps p99 bad reqs < <(run nginx "$nginx_port" "n$r") || exit 1
   # shellcheck disable=SC2086
   cpu=$(per_request $(($(ticks $nginx_pids) - before)) "$reqs")
   # shellcheck disable=SC2086
   disk=$((($(written $nginx_pids) - wrote) / reqs))
   nginx_rps+=("$rps"); nginx_p99+=("$p99"); nginx_cpu+=("$cpu")
-  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu | $disk |"
+  # nginx answers only once the sink has answered: what it accepts, it has relayed.
+  echo "| $r | nginx proxy_pass | $rps | $p99 | $bad | $cpu | $disk | $rps |"
+}
+relay_round() {
   before=$(ticks "$relay_pid")
   wrote=$(written "$relay_pid")
-  read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r")
+  t0=$(now)
+  read -r _ rps p99 bad reqs < <(run relay "$relay_port" "r$r") || exit 1
   # Its CPU counts until its backlog is delivered, so each accepted event's delivery is in
-  # the figure.
+  # the figure; so does the time for "fully relayed".
   drain
+  full=$(awk -v n="$reqs" -v a="$t0" -v b="$(now)" 'BEGIN {printf "%.2f", n / (b - a)}')
   cpu=$(per_request $(($(ticks "$relay_pid") - before)) "$reqs")
   disk=$((($(written "$relay_pid") - wrote) / reqs))
-  relay_rps+=("$rps"); relay_p99+=("$p99"); relay_cpu+=("$cpu"); relay_disk+=("$disk")
-  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad | $cpu | $disk |"
+  relay_rps+=("$rps"); relay_full+=("$full"); relay_p99+=("$p99"); relay_cpu+=("$cpu"); relay_disk+=("$disk")
+  echo "| $r | hookrelay (redb, durable) | $rps | $p99 | $bad | $cpu | $disk | $full |"
+}
+for r in $(seq 1 "$rounds"); do
+  disk_us+=("$(disk_probe)")
+  # Which goes first alternates, so a machine that drifts within a round favours neither.
+  if [ $((r % 2)) = 1 ]; then nginx_round; relay_round; else relay_round; nginx_round; fi
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 n=$(median "${nginx_rps[@]}"); h=$(median "${relay_rps[@]}")
 echo
 echo "median req/s: nginx $n, hookrelay $h; hookrelay / nginx = $(awk -v a="$h" -v b="$n" 'BEGIN {printf "%.2f", a/b}')"
+f=$(median "${relay_full[@]}")
+echo "median fully relayed/s: nginx $n, hookrelay $f; hookrelay / nginx = $(awk -v a="$f" -v b="$n" 'BEGIN {printf "%.2f", a/b}')"
 echo "median p99 ms: nginx $(median "${nginx_p99[@]}"), hookrelay $(median "${relay_p99[@]}")"
 nc=$(median "${nginx_cpu[@]}"); hc=$(median "${relay_cpu[@]}")
 echo "median CPU µs/request: nginx $nc, hookrelay $hc; hookrelay / nginx = $(awk -v a="$hc" -v b="$nc" 'BEGIN {printf "%.2f", a/b}')"

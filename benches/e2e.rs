@@ -1,11 +1,16 @@
-//! End-to-end throughput and latency, in one process on loopback:
+//! End-to-end throughput and latency on loopback. Each server measured runs as a process of
+//! its own, so its CPU time counts neither the load generator's nor the sink's:
 //! - the reference: a bare hyper 1 handler that reads the body and answers a small JSON;
-//! - the relay on a temp store, one route to an in-process fast sink;
+//! - the relay binary on a temp store, one route to a fast sink in the bench's process;
 //! - a load generator of `BENCH_CONNS` (64) HTTP/1.1 keep-alive connections posting the
 //!   8x8 voice fixture with a unique `eventId` per request;
 //! - the ceiling of any relay on these cores: a bare hyper forwarder that answers each request
 //!   at once and posts its body to the sink through a pooled hyper client (no store, no
 //!   checks). It does the two HTTP exchanges per event that a relay must do, nothing else.
+//!
+//! The relay's and the forwarder's CPU time count until the sink has every event they
+//! accepted. A fixed-rate request's latency counts from when it was due, so one held up
+//! behind a slow answer counts its wait.
 //!
 //! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000)
 //! runs an open-loop fixed-rate phase on the relay as well; `BENCH_BACKENDS` (default
@@ -23,7 +28,8 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::load::{env_u64, process_cpu, run_load, Load};
+use support::child::Child;
+use support::load::{env_u64, run_load, Load};
 
 use bytes::Bytes;
 use http::Request;
@@ -69,10 +75,26 @@ async fn counting_sink() -> (SocketAddr, Arc<AtomicU64>) {
 struct RelayPhase {
     accept: Load,
     fixed: Option<Load>,
+    /// Deliveries reaching the sink per second during the load.
     delivery_rate: f64,
+    /// Events delivered per second over the load and the drain of its backlog.
+    sustained: f64,
 }
 
-/// The relay on `backend` with one route to an in-process fast sink.
+/// Waits (bounded: 120 s) until `count` reaches `target`.
+async fn drained(count: &AtomicU64, target: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < target {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog was not delivered within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The relay binary on `backend`, with one route to an in-process fast sink. Its CPU time
+/// counts until the sink has every accepted event, as the forwarder's does.
 async fn relay_phase(
     backend: &str,
     conns: usize,
@@ -83,6 +105,7 @@ async fn relay_phase(
     let (sink, delivered) = counting_sink().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("routes.toml");
+    let data = dir.path().join("data");
     let toml = format!(
         r#"
 [server]
@@ -90,6 +113,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 [store]
 backend = "{backend}"
+path = "{}"
 [delivery]
 max_in_flight = 64
 max_queue = 100000000
@@ -106,24 +130,38 @@ name = "all"
 source = "voice"
 match = {{ namespace = "VOICE" }}
 to = ["sink"]
-"#
+"#,
+        data.display()
     );
-    let config = hookrelay::config::parse(&toml, &file, &|_| None).unwrap();
-    let relay = hookrelay::Relay::start(config).await.unwrap();
-    let d0 = delivered.load(Ordering::Relaxed);
-    let accept = run_load(relay.ingress, "/8x8/voice", conns, secs, None, seq.clone()).await;
-    let d1 = delivered.load(Ordering::Relaxed);
-    let delivery_rate = (d1 - d0) as f64 / accept.elapsed.as_secs_f64();
+    std::fs::write(&file, toml).unwrap();
+    let (relay, ingress, _) = Child::relay(&file);
+    let (t0, cpu0, d0) = (
+        Instant::now(),
+        relay.cpu(),
+        delivered.load(Ordering::Relaxed),
+    );
+    let mut accept = run_load(ingress, "/8x8/voice", conns, secs, None, seq.clone()).await;
+    let delivery_rate =
+        (delivered.load(Ordering::Relaxed) - d0) as f64 / accept.elapsed.as_secs_f64();
+    drained(&delivered, d0 + accept.ok).await;
+    let sustained = accept.ok as f64 / t0.elapsed().as_secs_f64();
+    accept.cpu = relay.cpu().saturating_sub(cpu0);
     let fixed = match rate {
-        Some(r) => Some(run_load(relay.ingress, "/8x8/voice", conns, secs, Some(r), seq).await),
+        Some(r) => {
+            let (cpu0, d0) = (relay.cpu(), delivered.load(Ordering::Relaxed));
+            let mut fixed = run_load(ingress, "/8x8/voice", conns, secs, Some(r), seq).await;
+            drained(&delivered, d0 + fixed.ok).await;
+            fixed.cpu = relay.cpu().saturating_sub(cpu0);
+            Some(fixed)
+        }
         None => None,
     };
-    relay.shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(15), relay.stopped()).await;
+    relay.stop();
     RelayPhase {
         accept,
         fixed,
         delivery_rate,
+        sustained,
     }
 }
 
@@ -131,7 +169,35 @@ to = ["sink"]
 /// per event / the forwarder's.
 type RoundRatios = Vec<(String, f64, f64)>;
 
+/// This bench run again as a server of its own (`Child::role`): the reference or the
+/// forwarder, on a runtime of 2 threads as the relay's.
+fn serve_role(role: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let addr = match role {
+            "reference" => {
+                support::answering_server(Bytes::from_static(b"{\"ok\":true}"), |_| {}).await
+            }
+            "forwarder" => {
+                let sink = std::env::var("BENCH_SINK").unwrap().parse().unwrap();
+                forwarder(sink).await
+            }
+            other => panic!("no bench role {other}"),
+        };
+        tokio::task::spawn_blocking(move || support::child::serve_until_stdin_closes(addr))
+            .await
+            .unwrap();
+    });
+}
+
 fn main() {
+    if let Ok(role) = std::env::var("BENCH_ROLE") {
+        return serve_role(&role);
+    }
     let secs = env_u64("BENCH_SECONDS", 5);
     let conns = env_u64("BENCH_CONNS", 64) as usize;
     let rounds = env_u64("BENCH_ROUNDS", 1).max(1);
@@ -207,18 +273,15 @@ struct ForwarderRun {
 
 async fn forwarder_phase(conns: usize, secs: u64, seq: Arc<AtomicU64>) -> ForwarderRun {
     let (fwd_sink, fwd_count) = counting_sink().await;
-    let fwd_addr = forwarder(fwd_sink).await;
-    let (t0, cpu0) = (Instant::now(), process_cpu());
+    let (fwd, fwd_addr) = Child::role("forwarder", &[("BENCH_SINK", fwd_sink.to_string())]);
+    let (t0, cpu0) = (Instant::now(), fwd.cpu());
     let mut load = run_load(fwd_addr, "/", conns, secs, None, seq).await;
     let delivered = fwd_count.load(Ordering::Relaxed) as f64 / load.elapsed.as_secs_f64();
     // Its backlog drains before the next phase; events fully relayed per second over the
     // whole time (load + drain) is what a relay whose deliveries keep up can reach.
-    let drain_deadline = Instant::now() + Duration::from_secs(120);
-    while fwd_count.load(Ordering::Relaxed) < load.ok && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drained(&fwd_count, load.ok).await;
     let sustained = fwd_count.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
-    load.cpu = process_cpu().saturating_sub(cpu0);
+    load.cpu = fwd.cpu().saturating_sub(cpu0);
     ForwarderRun {
         load,
         delivered,
@@ -236,8 +299,11 @@ async fn round(
     seq: Arc<AtomicU64>,
 ) -> RoundRatios {
     // Reference.
-    let (ref_addr, _) = counting_sink().await;
+    let (reference_server, ref_addr) = Child::role("reference", &[]);
+    let cpu0 = reference_server.cpu();
     let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
+    reference.cpu = reference_server.cpu().saturating_sub(cpu0);
+    drop(reference_server);
 
     // The ceiling: two HTTP exchanges per event and nothing else; before the relay and after.
     let mut before = forwarder_phase(conns, secs, seq.clone()).await;
@@ -289,8 +355,12 @@ async fn round(
             row(&format!("relay accept, {backend}, at fixed {r}/s"), f);
         }
         println!(
-            "| deliveries reaching the sink, {backend} | {:.0} | | | | |",
+            "| deliveries reaching the sink during the load, {backend} | {:.0} | | | | |",
             p.delivery_rate
+        );
+        println!(
+            "| {backend}, events fully relayed (load + drain) | {:.0} | | | | |",
+            p.sustained
         );
     }
     println!();
@@ -307,9 +377,11 @@ async fn round(
         let cpu = p.accept.cpu_us_per_event() / ceiling_cpu;
         println!(
             "{backend}: accept / reference = {:.2}; accept / fully relayed by the bare \
-             forwarder = {accept:.2}; CPU per event / the bare forwarder's = {cpu:.2}; \
-             deliveries / accepts = {:.2}",
+             forwarder = {accept:.2}; fully relayed / fully relayed by the bare forwarder = \
+             {:.2}; CPU per event / the bare forwarder's = {cpu:.2}; deliveries during the \
+             load / accepts = {:.2}",
             p.accept.rate() / reference.rate(),
+            p.sustained / sustained,
             p.delivery_rate / p.accept.rate()
         );
         ratios.push((backend.to_string(), accept, cpu));

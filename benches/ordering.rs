@@ -97,7 +97,10 @@ url = "http://{sink}/"
         .expect("every delivery within 300 s");
     let rate = events as f64 / started.elapsed().as_secs_f64();
     relay.shutdown();
-    relay.stopped().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(15), relay.stopped())
+        .await
+        .expect("the relay stops within 15 s")
+        .unwrap();
     drop(nats);
     rate
 }

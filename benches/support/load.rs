@@ -32,7 +32,12 @@ pub struct Load {
 /// User + system CPU time of this process so far, from `/proc/self/stat` (clock ticks of
 /// 10 ms: ~1 % resolution over a 5 s phase on 2 cores).
 pub fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat_cpu("/proc/self/stat")
+}
+
+/// User + system CPU time from a process's `stat` file.
+pub fn stat_cpu(path: &str) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<u64> = after
         .split_whitespace()
@@ -59,6 +64,9 @@ impl Load {
         self.latencies_us[i] as f64 / 1000.0
     }
 }
+
+/// How long one request may take before the connection's run ends as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn body_for(template: &str, n: u64) -> Bytes {
     Bytes::from(template.replace("EVENT_ID", &event_id(n)))
@@ -122,6 +130,9 @@ pub async fn run_load(
             let (mut ok, mut errors) = (0u64, 0u64);
             let mut k: u64 = 0;
             loop {
+                // A request's latency counts from when it was due (at a fixed rate) or sent,
+                // so one held up behind a slow answer counts its wait.
+                let mut t0 = Instant::now();
                 if let Some(r) = rate {
                     // Request number k of this connection is due at start + (k*conns + c)/r.
                     let due = start
@@ -131,6 +142,7 @@ pub async fn run_load(
                         break;
                     }
                     tokio::time::sleep_until(due.into()).await;
+                    t0 = due;
                 } else if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
                     break;
                 }
@@ -140,23 +152,25 @@ pub async fn run_load(
                     .header("host", "bench")
                     .body(Full::new(body_for(&template, n)))
                     .unwrap();
-                let t0 = Instant::now();
-                if send.ready().await.is_err() {
-                    errors += 1;
-                    break;
+                if rate.is_none() {
+                    t0 = Instant::now();
                 }
-                match send.send_request(req).await {
-                    Ok(resp) => {
-                        let status = resp.status();
-                        let _ = resp.into_body().collect().await;
-                        if status.is_success() {
-                            ok += 1;
-                            lat.push(t0.elapsed().as_micros() as u32);
-                        } else {
-                            errors += 1;
-                        }
+                // Bounded: a server that stops answering ends the connection's run as an
+                // error instead of hanging the bench.
+                let exchange = async {
+                    send.ready().await?;
+                    let resp = send.send_request(req).await?;
+                    let status = resp.status();
+                    resp.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(status)
+                };
+                match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                    Ok(Ok(status)) if status.is_success() => {
+                        ok += 1;
+                        lat.push(t0.elapsed().as_micros() as u32);
                     }
-                    Err(_) => {
+                    Ok(Ok(_)) => errors += 1,
+                    Ok(Err(_)) | Err(_) => {
                         errors += 1;
                         break;
                     }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod child;
 pub mod disk;
 pub mod load;
 pub mod nats;
