@@ -93,15 +93,28 @@ impl RedbEngine {
 
     /// Closes the database (read transactions still alive fail from then on) and opens its
     /// file again, which recovers the last commit.
+    ///
+    /// The lock is not held meanwhile: after an I/O error redb recovers the whole file at the
+    /// open, which can take seconds, and readers (on the async workers) get "reopening" at
+    /// once instead of blocking their threads. Only the writer thread writes, so no other
+    /// reopen runs beside this one.
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut slot = self.db.write().unwrap();
-        if self.released.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(StoreError::Closed);
-        }
-        if let Some(old) = slot.take() {
+        let old = {
+            let mut slot = self.db.write().unwrap();
+            if self.released.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(StoreError::Closed);
+            }
+            slot.take()
+        };
+        if let Some(old) = old {
             let _ = old.close();
         }
         let db = open(&self.file)?;
+        let mut slot = self.db.write().unwrap();
+        // Released meanwhile: the new database is dropped (closed) here.
+        if self.released.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
         *slot = Some(db);
         tracing::warn!(
             "the store had an I/O error (a full disk?); it was closed and opened again, and takes writes"

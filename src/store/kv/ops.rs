@@ -75,7 +75,11 @@ impl Writer<'_> {
                 };
                 return Ok(Admission::Duplicate { seq, reply });
             }
-            for s in event_seqs(&v).take(EARLIER_KEPT) {
+            // The newest still stored, whatever number of those named were purged.
+            for s in event_seqs(&v) {
+                if earlier.len() == EARLIER_KEPT {
+                    break;
+                }
                 if self.txn.get(&event_key(s))?.is_some() {
                     earlier.push(s);
                 }
@@ -205,6 +209,8 @@ impl Writer<'_> {
                 Err(StoreError::Corrupt(e)) => {
                     tracing::warn!(seq, destination = dest, error = %e, "a delivery record cannot be read; it leaves its key's line, the next goes");
                     self.txn.delete(&order_key(dest, order, seq))?;
+                    // A line holds pending deliveries only: this one no longer counts.
+                    self.count(dest, -1);
                 }
                 Err(e) => return Err(e),
             }

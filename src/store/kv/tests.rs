@@ -282,6 +282,60 @@ async fn on_every_engine(check: fn(Arc<dyn Store>) -> BoxCheck) {
     }
 }
 
+/// An id used again as many times as its record names: once the newer events but the
+/// newest are purged, its oldest one, dead, is still found by the id (the record names the
+/// stored ones, not the first so many it named).
+async fn an_id_used_often_keeps_its_oldest_stored_event_reachable(st: Arc<dyn Store>) {
+    let base = now_ms() - 1_000;
+    let at = |i: u64| {
+        let mut e = ev("e1", &["a"]);
+        e.dedup_window = Duration::from_millis(1);
+        e.received_ms = base + 2 * i;
+        e
+    };
+    let key = |seq| DeliveryKey {
+        seq,
+        destination: "a".into(),
+    };
+    let Admission::Accepted { seq: old } = st.accept(at(0)).await.unwrap() else {
+        panic!()
+    };
+    let dead = Outcome::Dead {
+        status: Some(400),
+        error: "HTTP 400".into(),
+    };
+    st.record(&key(old), dead).await.unwrap();
+    let newer = EARLIER_KEPT as u64;
+    let mut pending = 0;
+    for i in 1..=newer {
+        let Admission::Accepted { seq } = st.accept(at(i)).await.unwrap() else {
+            panic!()
+        };
+        // The newest stays pending, so the purge keeps it and the record it heads.
+        if i < newer {
+            st.record(&key(seq), Outcome::Delivered { status: 200 })
+                .await
+                .unwrap();
+        } else {
+            pending = seq;
+        }
+    }
+    assert_eq!(st.purge(Duration::ZERO).await.unwrap(), newer as usize - 1);
+    let Admission::Accepted { seq: last } = st.accept(at(newer + 1)).await.unwrap() else {
+        panic!()
+    };
+    let mut found: Vec<u64> = st
+        .lookup("e1")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.event.seq)
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found, [old, pending, last]);
+    st.close().await.unwrap();
+}
+
 type BoxCheck = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 #[tokio::test]
@@ -295,6 +349,8 @@ async fn purge_on_every_engine() {
     on_every_engine(|st| Box::pin(dedup_expires_and_purge_keeps_undelivered(st))).await;
     on_every_engine(|st| Box::pin(purge_crosses_batches(st))).await;
     on_every_engine(|st| Box::pin(purge_keeps_an_earlier_dead_event_of_the_id_reachable(st))).await;
+    on_every_engine(|st| Box::pin(an_id_used_often_keeps_its_oldest_stored_event_reachable(st)))
+        .await;
 }
 
 /// Queue counts come back exact after a clean close (read, not counted) and after a
@@ -868,6 +924,13 @@ async fn a_damaged_delivery_stops_neither_its_keys_line_nor_the_purge() {
         .expect("the head's outcome is kept");
     let due = st.pending("a", 10, &|_| false).await.unwrap();
     assert_eq!(due.iter().map(|d| d.seq).collect::<Vec<_>>(), [line[2]]);
+    let depth = |st: &KvStore<crate::store::redb::RedbEngine>| {
+        st.queue_depths()
+            .into_iter()
+            .find(|(d, _)| d == "a")
+            .map_or(0, |(_, n)| n)
+    };
+    assert_eq!(depth(&st), 1, "the damaged one no longer counts as pending");
     assert_eq!(
         st.purge(Duration::ZERO).await.unwrap(),
         1,
