@@ -208,10 +208,21 @@ impl Metrics {
     /// Sets the destination gauges to `gauges`, and takes away the series of any other
     /// destination (one a reload removed, with nothing pending: its gauges, counters and
     /// histogram), so an alert on them clears.
-    /// All under one lock: a concurrent scrape cannot put a removed one back.
-    pub fn set_destination_gauges(&self, gauges: &[DestinationGauges]) {
+    /// All under one lock: a concurrent scrape cannot put a removed one back. `current`
+    /// names the destinations now (read under the lock): one a reload added after `gauges`
+    /// were read keeps its series, as the reload announced them.
+    pub fn set_destination_gauges(
+        &self,
+        gauges: &[DestinationGauges],
+        current: &dyn Fn() -> Vec<String>,
+    ) {
         let mut gauged = self.gauged.lock().unwrap();
-        let destinations: Vec<String> = gauges.iter().map(|g| g.name.clone()).collect();
+        let mut destinations: Vec<String> = gauges.iter().map(|g| g.name.clone()).collect();
+        for d in current() {
+            if !destinations.contains(&d) && gauged.contains(&d) {
+                destinations.push(d);
+            }
+        }
         for gone in gauged.iter().filter(|d| !destinations.contains(d)) {
             let label = DestinationLabel {
                 destination: gone.clone(),
@@ -302,16 +313,45 @@ fn prometheus_text(openmetrics: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A scrape read its gauges, then a reload added a destination: the scrape's gauges
+    /// leave that destination's series in place; one gone from the config loses them.
+    #[test]
+    fn a_scrape_around_a_reload_keeps_the_new_destinations_series() {
+        let m = Metrics::new();
+        let gauge = |name: &str| DestinationGauges {
+            name: name.into(),
+            depth: 0,
+            oldest_pending_age: 0,
+            state: "ok",
+        };
+        m.announce_destination("old");
+        m.announce_destination("gone");
+        let read_before_the_reload = [gauge("old")];
+        m.announce_destination("new");
+        m.set_destination_gauges(&read_before_the_reload, &|| {
+            vec!["old".to_string(), "new".to_string()]
+        });
+        let text = m.render(false);
+        assert!(
+            text.contains(r#"hookrelay_queue_depth{destination="new"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"destination="gone""#), "{text}");
+    }
+
     #[test]
     fn prometheus_text_names_counters_with_their_total_and_has_no_eof() {
         let m = Metrics::new();
         m.ingress("voice", 200);
-        m.set_destination_gauges(&[DestinationGauges {
-            name: "calls".into(),
-            depth: 3,
-            oldest_pending_age: 0,
-            state: "ok",
-        }]);
+        m.set_destination_gauges(
+            &[DestinationGauges {
+                name: "calls".into(),
+                depth: 3,
+                oldest_pending_age: 0,
+                state: "ok",
+            }],
+            &Vec::new,
+        );
         let text = m.render(false);
         assert!(
             text.contains("# HELP hookrelay_ingress_requests_total "),

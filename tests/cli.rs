@@ -122,6 +122,34 @@ async fn the_sink_prints_each_request_and_answers_as_told() {
     assert!(interrupt(child).await, "the sink exits 0 on Ctrl-C");
 }
 
+/// `--status 400` without `--reply` is answered as told: the status, no body. (The relay's
+/// listeners give hyper's own bodiless 400s a JSON body; an answer the sink made is not one.)
+#[tokio::test]
+async fn the_sinks_bodiless_400_goes_out_as_told() {
+    let (child, _out, mut err) =
+        piped(Command::new(bin()).args(["sink", "--listen", "127.0.0.1:0", "--status", "400"]));
+    let said = next_line(&mut err).await;
+    let addr = said
+        .strip_prefix("hookrelay sink listening on ")
+        .unwrap_or_else(|| panic!("{said}"));
+    let a = send(Method::POST, &format!("http://{addr}/x"), &[], b"{}").await;
+    assert_eq!(a.status, 400);
+    assert!(a.body.is_empty(), "{:?}", a.body);
+    assert!(!a.headers.contains_key("content-type"), "{:?}", a.headers);
+    // A request it cannot read still gets hyper's 400, with the contract's JSON body.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"NOT HTTP\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), raw.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 15 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""error":"bad_request""#), "{answer}");
+    assert!(interrupt(child).await, "the sink exits 0 on Ctrl-C");
+}
+
 const CONFIG: &str = r#"
 [server]
 listen = "127.0.0.1:0"

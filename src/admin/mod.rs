@@ -573,7 +573,8 @@ async fn metrics(app: &App, openmetrics: bool) -> String {
             name,
         });
     }
-    app.metrics.set_destination_gauges(&gauges);
+    app.metrics
+        .set_destination_gauges(&gauges, &|| destination_names(app));
     app.metrics.render(openmetrics)
 }
 

@@ -97,9 +97,10 @@ pub async fn serve(listener: TcpListener, app: Deps, shutdown: CancellationToken
     .await
 }
 
-/// How long requests in flight get at shutdown: three read timeouts (a body still coming),
-/// or as long as a reply route's call may take, from the request's arrival, and the margin
-/// to answer with what it held (the provider waits for the next call action).
+/// How long requests in flight get at shutdown: three read timeouts (a body still coming);
+/// at least a body's read, the duplicate check's and the commit's waits and a second; and
+/// as long as a reply route's call may take, from the request's arrival, and the margin to
+/// answer with what it held (the provider waits for the next call action).
 pub fn drain(config: &Config) -> Duration {
     let longest_reply = config
         .routes
@@ -107,7 +108,9 @@ pub fn drain(config: &Config) -> Duration {
         .filter_map(|r| r.reply.as_ref().map(|p| p.timeout))
         .max()
         .unwrap_or_default();
+    let longest_accept = config.server.read_timeout + ACCEPT_TIMEOUT * 2 + Duration::from_secs(1);
     (config.server.read_timeout * 3)
+        .max(longest_accept)
         .max(longest_reply + Duration::from_millis(reply::HOLD_MARGIN_MS))
 }
 

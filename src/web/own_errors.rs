@@ -5,10 +5,14 @@
 //! hyper's `connection`, `content-length: 0` and `date`) is replaced by the same head with a
 //! JSON body. The relay's own error answers always carry a body, and a reply route's bodiless
 //! fallback of another status (a 404, say) passes as configured; HTTP/2 frames never start
-//! with `HTTP/1.1 `.
+//! with `HTTP/1.1 `. A head that answers a handler's response (counted as each is ready) is
+//! never rewritten, whatever it looks like: the sink's `--status 400` without `--reply`, or a
+//! reply route's bodiless 400 fallback, go out as they were made.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,14 +27,18 @@ pub struct JsonErrors<S> {
     rewrite: Option<(Vec<u8>, usize, usize)>,
     /// Told each such answer's status (for the metrics: no handler sees these requests).
     told: Option<AnsweredItself>,
+    /// Handlers' responses ready and whose heads are not written yet.
+    handled: Arc<AtomicUsize>,
 }
 
 impl<S> JsonErrors<S> {
-    pub fn new(inner: S, told: Option<AnsweredItself>) -> Self {
+    /// `handled` counts the handlers' responses as each is ready.
+    pub fn new(inner: S, told: Option<AnsweredItself>, handled: Arc<AtomicUsize>) -> Self {
         JsonErrors {
             inner,
             rewrite: None,
             told,
+            handled,
         }
     }
 }
@@ -99,6 +107,16 @@ impl<S: AsyncWrite + Unpin> JsonErrors<S> {
     }
 
     fn start(&mut self, buf: &[u8]) -> bool {
+        // A final answer's head (not a `100 Continue`) for a handler's response.
+        if buf.starts_with(b"HTTP/1.1 ")
+            && !buf.starts_with(b"HTTP/1.1 1")
+            && self
+                .handled
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return false;
+        }
         match rewrite(buf) {
             Some(bytes) => {
                 if let Some(told) = &self.told {

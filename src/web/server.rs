@@ -132,11 +132,15 @@ pub async fn serve<H, F>(
         let activity = Arc::new(Activity::new(limits.header_timeout));
         let handler = handler.clone();
         let busy = activity.clone();
+        let handled = Arc::new(AtomicUsize::new(0));
+        let answered = handled.clone();
         let svc = hyper::service::service_fn(move |req| {
             let started = busy.start();
             let answer = handler(peer, req);
+            let answered = answered.clone();
             async move {
                 let answer = answer.await;
+                answered.fetch_add(1, Ordering::SeqCst);
                 drop(started);
                 Ok::<_, std::convert::Infallible>(answer)
             }
@@ -162,25 +166,38 @@ pub async fn serve<H, F>(
                     }
                 },
             };
-            let io = JsonErrors::new(Watched::new(stream, &activity), answered_itself.clone());
+            let io = JsonErrors::new(
+                Watched::new(stream, &activity),
+                answered_itself.clone(),
+                handled,
+            );
             let io = TokioIo::new(io);
             let mut conn = std::pin::pin!(builder.serve_connection(io, svc));
             // Until it ends, the relay stops (then it gets `drain` to finish what it has in
             // progress) or it has had no request in progress for `idle` (then it is closed,
             // gracefully if that is quick).
-            let grace = tokio::select! {
+            let stopping = tokio::select! {
                 r = conn.as_mut() => {
                     if let Err(e) = r {
                         debug!(listener = name, error = %e, %peer, "connection ended with an error");
                     }
                     return;
                 }
-                _ = shutdown.cancelled() => drain.get(),
-                _ = activity.idle_for(idle) => IDLE_CLOSE_GRACE,
+                _ = shutdown.cancelled() => true,
+                _ = activity.idle_for(idle) => false,
             };
             conn.as_mut().graceful_shutdown();
-            // Past the grace, dropping the connection closes the socket.
-            let _ = tokio::time::timeout(grace, conn).await;
+            // Past the grace, dropping the connection closes the socket. A request that
+            // began as an idle connection was being closed (its head arriving then) gets
+            // the drain, as one in progress at a stop does: cut off, it could be a reply
+            // route's call whose answer the provider waits for.
+            let grace = if stopping { drain.get() } else { IDLE_CLOSE_GRACE };
+            if tokio::time::timeout(grace, conn.as_mut()).await.is_err()
+                && !stopping
+                && activity.in_progress()
+            {
+                let _ = tokio::time::timeout(drain.get(), conn).await;
+            }
             drop(permit);
         });
     }
@@ -321,6 +338,11 @@ impl Activity {
     fn start(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::SeqCst);
         Busy(self.clone())
+    }
+
+    /// Whether a request is in progress.
+    fn in_progress(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) > 0
     }
 
     /// When the connection will have been idle for `idle`, if it is idle now.
