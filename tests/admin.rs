@@ -135,6 +135,41 @@ async fn readiness_names_removed_destinations_only_to_the_operator() {
     );
 }
 
+/// With no admin token (a loopback admin listener), a cross-site page (DNS rebinding) gets
+/// `/readyz`'s status but not the names the operator gets.
+#[tokio::test]
+async fn readiness_names_no_destination_to_a_cross_site_page() {
+    let r = TestRelay::start(CONFIG).await;
+    let body = br#"{"payload":{"eventId":"orphan-1"}}"#;
+    assert_eq!(r.post("/open", body).await.status, 200);
+    let file = r.dir.as_ref().unwrap().path().join("routes.toml");
+    std::fs::write(
+        &file,
+        CONFIG
+            .replace("name = \"calls\"", "name = \"elsewhere\"")
+            .replace("to = [\"calls\"]", "to = [\"elsewhere\"]"),
+    )
+    .unwrap();
+    let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let page = [("sec-fetch-site", "cross-site")];
+    let open = send(Method::GET, &r.admin_url("/readyz"), &page, b"").await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.json()["status"], "ready");
+    assert!(
+        !String::from_utf8_lossy(&open.body).contains("calls"),
+        "{:?}",
+        open.body
+    );
+    let operator = send(Method::GET, &r.admin_url("/readyz"), &[], b"").await;
+    assert_eq!(
+        operator.json()["unconfigured_destinations_with_pending"]["calls"],
+        1,
+        "{:?}",
+        operator.body
+    );
+}
+
 /// The routing table (`/api/config`, a reload's answer, `check`) shows a source's path, match
 /// values and filter as the file writes them: a `${VAR}` there may hold a secret (a secret
 /// URL path, a verification token).

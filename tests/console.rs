@@ -280,6 +280,14 @@ to = ["calls"]
     let (s, _) = post(&relay, "/8x8/voice", "application/json", lookalike).await;
     assert_eq!(s, 200);
     let lookalike_id = hookrelay::event_id::body_hash(lookalike);
+    // Deeply nested: indented, its lines go no deeper than 16 levels.
+    let deep = format!(
+        r#"{{"namespace":"VOICE","eventType":"CALL_STATUS","payload":{{"eventId":"ev-deep"}},"deep":{}1,2{}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let (s, _) = post(&relay, "/8x8/voice", "application/json", deep.as_bytes()).await;
+    assert_eq!(s, 200);
 
     let shots = match std::env::var("HOOKRELAY_SCREENSHOTS") {
         Ok(d) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d),
@@ -332,6 +340,19 @@ to = ["calls"]
             "no script ran, no element was made"
         );
         screenshot(&c, &shots, "event-body").await;
+        open_event(&c, "ev-deep").await;
+        let body = appears(&c, "//pre[@id='event-body']")
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(body.contains("1,\n"), "{body}");
+        let deepest = body
+            .lines()
+            .map(|l| l.len() - l.trim_start().len())
+            .max()
+            .unwrap();
+        assert_eq!(deepest, 32, "indented to 16 levels at most");
         open_event(&c, &lookalike_id).await;
         let body = appears(&c, "//pre[@id='event-body']")
             .await
@@ -378,7 +399,7 @@ to = ["calls"]
         assert!(!relay.app.store.paused("calls"));
 
         // "Load more" goes on with the filter its list was loaded with, whatever the boxes
-        // say meanwhile: 58 delivered events, 50 a page.
+        // say meanwhile: 59 delivered events, 50 a page.
         for i in 0..55 {
             let id = format!("ev-p-{i}");
             let (s, _) = post(
@@ -407,7 +428,7 @@ to = ["calls"]
         rows_become(&c, 50).await;
         click(&c, "//select[@id='filter-state']/option[@value='pending']").await;
         click(&c, "//*[@id='more']").await;
-        rows_become(&c, 58).await;
+        rows_become(&c, 59).await;
         let states = c
             .execute(
                 "return Array.from(document.querySelectorAll('#events tbody .badge'), (b) => b.textContent);",
@@ -416,8 +437,21 @@ to = ["calls"]
             .await
             .unwrap();
         let states = states.as_array().unwrap();
-        assert_eq!(states.len(), 58);
+        assert_eq!(states.len(), 59);
         assert!(states.iter().all(|s| s == "calls: delivered"), "{states:?}");
+
+        // Signed out, the page keeps no event, body or list.
+        open_event(&c, "ev-xss").await;
+        click(&c, "//*[@id='logout']").await;
+        appears(&c, "//*[@id='login' and not(contains(@class,'hidden'))]").await;
+        let kept = c
+            .execute(
+                "return [document.getElementById('event-body').textContent, document.querySelectorAll('#events tbody tr, #deliveries tbody tr, #dead tbody tr, #destinations tbody tr').length, document.getElementById('routing-table').textContent];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(kept, json!(["", 0, ""]), "nothing stays once signed out");
     })
     .await;
     stop_relay(relay).await;

@@ -156,7 +156,9 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
             only(&req, Method::GET)?;
             // Open to a balancer; what is pending for removed destinations (their names)
             // only to the operator.
-            let operator = authorized(app, &req).is_ok();
+            // Not to a cross-site page either (with no token set, DNS rebinding).
+            let operator = authorized(app, &req).is_ok()
+                && origin::same_site(&req, app.config().server.admin_token.is_some()).is_ok();
             return Ok(readyz(app, operator).await);
         }
         p => {

@@ -10,8 +10,12 @@
   const PAGE_SIZE = 50;
   const DEAD_SHOWN = 500;
   const INDENTED_MAX = 256 * 1024;
+  // Indenting stops past this output (then the body is shown as received), and past this depth
+  // a line is indented no further: a small, deeply nested body cannot grow a hundredfold.
+  const INDENTED_OUT_MAX = 2 * 1024 * 1024;
+  const INDENT_DEPTH_MAX = 16;
   const app = { token: '', authed: false, needsToken: false, started: false, loginTried: false, authGen: 0,
-    view: 'events', next: null, filter: null, eventId: null, eventPick: null, pollTimer: null, destTimer: null };
+    view: 'events', next: null, filter: null, eventId: null, eventPick: null, shownEvent: null, pollTimer: null, destTimer: null };
 
   // ---- DOM helpers -------------------------------------------------------
   const SAFE_ATTR = /^(class|id|type|value|title|disabled|aria-label|data-[a-z0-9-]+)$/;
@@ -179,10 +183,24 @@
     app.token = '';
     stopPoll();
     stopDestTimer();
+    forgetShown();
     show($('login'), true);
     for (const id of ['app', 'nav', 'logout']) show($(id), false);
     $('login-message').textContent = message || '';
     $('token').focus();
+  }
+
+  // What the signed-out page must not keep: event bodies, lists, URLs, the routing table.
+  function forgetShown() {
+    for (const id of ['events', 'dead', 'destinations', 'deliveries']) clear($(id).tBodies[0]);
+    for (const id of ['event-body', 'event-body-decoded', 'routing-table']) $(id).textContent = '';
+    show($('event-view'), false);
+    show($('more'), false);
+    app.eventId = null;
+    app.eventPick = null;
+    app.shownEvent = null;
+    app.next = null;
+    app.filter = null;
   }
 
   function enterApp() {
@@ -251,6 +269,8 @@
         state: $('filter-state').value };
     }
     const params = { ...app.filter, limit: PAGE_SIZE, before: append ? app.next : '' };
+    // A new list's "Load more" waits for it: the old cursor belongs to the old filter.
+    if (!append) { app.next = null; show($('more'), false); }
     const data = await api('GET', '/api/events' + query(params));
     if (!current()) return;
     const tbody = $('events').tBodies[0];
@@ -317,8 +337,9 @@
     let depth = 0;
     let inString = false;
     let escaped = false;
-    const line = () => '\n' + '  '.repeat(depth);
+    const line = () => '\n' + '  '.repeat(Math.min(depth, INDENT_DEPTH_MAX));
     for (let i = 0; i < src.length; i++) {
+      if (out.length > INDENTED_OUT_MAX) return src;
       const ch = src[i];
       if (inString) {
         out += ch;
@@ -357,6 +378,14 @@
   }
 
   function renderEvent(ev, list) {
+    // The same event again (a poll after a replay): only its deliveries change, and the
+    // body keeps the operator's scroll position and selection.
+    const shown = `${ev.source}\u0000${ev.seq}\u0000${list.length}`;
+    if (app.shownEvent === shown && !$('event-view').classList.contains('hidden')) {
+      syncRows($('deliveries').tBodies[0], ev.deliveries || [], (d) => String(d.destination), deliveryRow);
+      return;
+    }
+    app.shownEvent = shown;
     $('event-id').textContent = text(ev.id);
     $('event-source').textContent = text(ev.source);
     $('event-seq').textContent = text(ev.seq);
