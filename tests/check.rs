@@ -211,6 +211,52 @@ fn a_path_searching_descendants_twice_is_refused() {
     rejects(&t, "sources[0].event_id[0]", "within a search");
 }
 
+/// A network with bits set past its prefix is most likely a typo for one address: refused,
+/// not widened to the whole network.
+#[test]
+fn a_network_with_host_bits_is_refused_not_widened() {
+    let t = BASE.replace(
+        "path = \"/8x8/voice\"",
+        "path = \"/8x8/voice\"\nallow_ips = [\"10.1.2.3/8\"]",
+    );
+    let line = rejects(&t, "sources[0].allow_ips[0]", "bits set past its /8 prefix");
+    assert!(
+        line.contains("10.0.0.0/8") && line.contains("10.1.2.3/32"),
+        "{line}"
+    );
+    let proxies = BASE.replace(
+        "token_secret = \"t\"",
+        "token_secret = \"t\"\ntrusted_proxies = [\"::ffff:10.0.0.5/100\"]",
+    );
+    rejects(&proxies, "server.trusted_proxies[0]", "bits set past its /4 prefix");
+}
+
+/// Values that would pass and misbehave: a store path that puts its files beside the
+/// config, a body limit no read could reach beside another, a retry limit of no time at all.
+#[test]
+fn an_empty_store_path_a_body_past_the_memory_budget_and_no_time_to_retry_are_refused() {
+    let path = format!("{BASE}\n[store]\npath = \"\"\n");
+    rejects(&path, "store.path", "is empty");
+    let body = BASE.replace("[server]\n", "[server]\nmax_body_bytes = 67108865\n");
+    rejects(&body, "server.max_body_bytes", "must be at most 67108864");
+    let most = BASE.replace("[server]\n", "[server]\nmax_body_bytes = 67108864\n");
+    assert_eq!(problems(&most), Vec::<String>::new());
+    let retry = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"0s\" }}\n");
+    rejects(&retry, "delivery.retry.give_up_after", "must be more than 0");
+}
+
+/// `${VAR:-default}` takes the default for an empty variable too, as a shell does.
+#[test]
+fn a_default_stands_in_for_an_empty_variable() {
+    let t = BASE.replace(
+        "[server]\n",
+        "[server]\nlisten = \"${LISTEN:-127.0.0.1:8085}\"\n",
+    );
+    let env = |k: &str| (k == "LISTEN").then(String::new);
+    let c = hookrelay::config::parse(&t, Path::new("routes.toml"), &env).unwrap();
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:8085");
+}
+
 #[test]
 fn invalid_duration() {
     let t = format!("{BASE}\n[dedup]\nwindow = \"24 parsecs\"\n");

@@ -42,7 +42,7 @@ impl Cx<'_> {
         let mut p = base.clone();
         p.first = self.duration(&r.first, &format!("{key}.first"), p.first);
         p.max_delay = self.duration(&r.max_delay, &format!("{key}.max_delay"), p.max_delay);
-        p.give_up_after = self.duration(
+        p.give_up_after = self.duration_nonzero(
             &r.give_up_after,
             &format!("{key}.give_up_after"),
             p.give_up_after,

@@ -121,11 +121,7 @@ impl Cx<'_> {
             listen,
             admin_listen,
             admin_token,
-            max_body_bytes: self.positive(
-                &r.max_body_bytes,
-                "server.max_body_bytes",
-                defaults::MAX_BODY_BYTES,
-            ),
+            max_body_bytes: self.body_limit(&r.max_body_bytes),
             trusted_proxies: self.cidrs(&r.trusted_proxies, "server.trusted_proxies"),
             tls,
             token_secret: r
@@ -148,6 +144,24 @@ impl Cx<'_> {
                 defaults::MAX_CONNECTIONS,
             ),
         }
+    }
+
+    /// `server.max_body_bytes`: at most the memory all bodies being read may take at once
+    /// (a larger body could never be read whole beside any other).
+    fn body_limit(&mut self, v: &Option<Spanned<i64>>) -> u64 {
+        let key = "server.max_body_bytes";
+        let n = self.positive(v, key, defaults::MAX_BODY_BYTES);
+        let most = crate::ingress::body_memory::BUDGET;
+        if n > most {
+            let span = v.as_ref().map(|n| n.span());
+            self.err(
+                span,
+                key,
+                format!("must be at most {most} (64 MiB, what all bodies being read may take)"),
+            );
+            return defaults::MAX_BODY_BYTES;
+        }
+        n
     }
 
     pub(super) fn store(&mut self, raw: Option<&Spanned<RawStore>>) -> StoreSettings {
@@ -178,8 +192,16 @@ impl Cx<'_> {
             }
         }
         if let Some(p) = &r.path {
-            if let Some(p) = self.string(p, "store.path") {
-                out.path = self.dir.join(p);
+            match self.string(p, "store.path") {
+                // Joined to the config's directory, it would put the store's files loose
+                // beside routes.toml.
+                Some(text) if text.is_empty() => self.err(
+                    Some(p.span()),
+                    "store.path",
+                    "is empty; name the store's directory (default \"data\")",
+                ),
+                Some(text) => out.path = self.dir.join(text),
+                None => {}
             }
         }
         out.retain = self.duration(&r.retain, "store.retain", out.retain);

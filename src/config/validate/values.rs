@@ -60,6 +60,11 @@ impl Cx<'_> {
                 return None;
             }
             match (self.env)(name) {
+                // As in a shell, `:-` stands in for an empty value too.
+                Some(val) if val.is_empty() && default.is_some() => {
+                    out.push_str(default.unwrap_or_default());
+                    self.defaulted.push(name.to_string());
+                }
                 Some(val) => {
                     out.push_str(&val);
                     self.expanded.push((name.to_string(), val));
@@ -194,6 +199,26 @@ impl Cx<'_> {
         }
     }
 
+    /// Takes `n` into `out` if it is a network as written: one with bits set past its
+    /// prefix (`10.1.2.3/8`) is refused, not widened, as it is most likely a typo for one
+    /// address that would open the list to a whole network.
+    fn network(&mut self, n: IpNet, s: &Str, key: &str, text: &str, out: &mut Vec<IpNet>) {
+        if n.trunc() == n {
+            out.push(n);
+            return;
+        }
+        let one = IpNet::from(n.addr());
+        self.err(
+            Some(s.span()),
+            key,
+            format!(
+                "{text:?} has bits set past its /{} prefix; write the network {} or the one address {one}",
+                n.prefix_len(),
+                n.trunc()
+            ),
+        );
+    }
+
     pub(super) fn cidrs(&mut self, list: &Option<Vec<Str>>, key: &str) -> Vec<IpNet> {
         let mut out = Vec::new();
         for (i, s) in list.iter().flatten().enumerate() {
@@ -213,11 +238,11 @@ impl Cx<'_> {
                         .to_ipv4_mapped()
                         .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED);
                     match ipnet::Ipv4Net::new(v4, n.prefix_len() - 96) {
-                        Ok(n) => out.push(IpNet::V4(n.trunc())),
-                        Err(_) => out.push(IpNet::V6(n.trunc())),
+                        Ok(n) => self.network(IpNet::V4(n), s, &k, &text, &mut out),
+                        Err(_) => self.network(IpNet::V6(n), s, &k, &text, &mut out),
                     }
                 }
-                Ok(n) => out.push(n.trunc()),
+                Ok(n) => self.network(n, s, &k, &text, &mut out),
                 Err(_) => self.err(
                     Some(s.span()),
                     &k,
