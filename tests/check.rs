@@ -228,7 +228,11 @@ fn a_network_with_host_bits_is_refused_not_widened() {
         "token_secret = \"t\"",
         "token_secret = \"t\"\ntrusted_proxies = [\"::ffff:10.0.0.5/100\"]",
     );
-    rejects(&proxies, "server.trusted_proxies[0]", "bits set past its /4 prefix");
+    rejects(
+        &proxies,
+        "server.trusted_proxies[0]",
+        "bits set past its /4 prefix",
+    );
 }
 
 /// Values that would pass and misbehave: a store path that puts its files beside the
@@ -242,7 +246,55 @@ fn an_empty_store_path_a_body_past_the_memory_budget_and_no_time_to_retry_are_re
     let most = BASE.replace("[server]\n", "[server]\nmax_body_bytes = 67108864\n");
     assert_eq!(problems(&most), Vec::<String>::new());
     let retry = format!("{BASE}\n[delivery]\nretry = {{ give_up_after = \"0s\" }}\n");
-    rejects(&retry, "delivery.retry.give_up_after", "must be more than 0");
+    rejects(
+        &retry,
+        "delivery.retry.give_up_after",
+        "must be more than 0",
+    );
+}
+
+/// A wrong shape is said in the file's words, and a value written where a secret goes is
+/// not quoted back, whatever its type.
+#[test]
+fn a_number_in_match_and_a_secret_of_the_wrong_type_are_said_plainly() {
+    let t = BASE.replace(
+        "match = { eventType = \"CALL_STATUS\" }",
+        "match = { sipCode = 404 }",
+    );
+    rejects(
+        &t,
+        "routes[0].match",
+        "must be a string or a list of strings",
+    );
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"\n",
+        "url = \"http://127.0.0.1:8001/hooks\"\nsign = { secret = 12345678 }\n",
+    );
+    let line = rejects(
+        &t,
+        "destinations[0].sign",
+        "invalid type: integer, expected",
+    );
+    assert!(!line.contains("12345678"), "{line}");
+    let t = BASE.replace(
+        "path = \"/8x8/voice\"",
+        "path = \"/8x8/voice\"\nauth = \"k-0123\"",
+    );
+    let line = rejects(&t, "sources[0].auth", "a table such as { kind =");
+    assert!(!line.contains("k-0123"), "{line}");
+}
+
+/// A problem inside a value written over several lines, or inside a sub-table of an array
+/// table's element, names the key it belongs to.
+#[test]
+fn a_problem_in_a_multi_line_value_or_an_elements_sub_table_names_its_key() {
+    let t = BASE.replace("to = [\"calls\"]", "to = [\n  \"calls\",\n  5,\n]");
+    rejects(&t, "routes[0].to", "invalid type: integer");
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8003/ivr\"\n",
+        "url = \"http://127.0.0.1:8003/ivr\"\n[destinations.retry]\nfrist = \"1s\"\n",
+    );
+    rejects(&t, "destinations[1].retry.frist", "unknown field `frist`");
 }
 
 /// `${VAR:-default}` takes the default for an empty variable too, as a shell does.
@@ -416,6 +468,25 @@ fn unset_variable_is_named() {
         "server.token_secret",
         "environment variable NOT_SET_ANYWHERE is not set",
     );
+}
+
+/// A value that could not be read (its variable unset or empty) is one problem, not that
+/// one and another about the empty value it left.
+#[test]
+fn a_variable_that_is_not_set_is_one_problem_not_two() {
+    let path = BASE.replace("path = \"/8x8/voice\"", "path = \"${VOICE_PATH}\"");
+    rejects(&path, "sources[0].path", "VOICE_PATH is not set");
+    let source = BASE.replace("source = \"voice\"", "source = \"${SOURCE}\"");
+    rejects(&source, "routes[0].source", "SOURCE is not set");
+    let secret = format!(
+        "{}\n[[sources]]\nname = \"sms\"\npath = \"/sms\"\n\
+         auth = {{ kind = \"oauth2\", clients = [{{ id = \"c\", secret = \"s\" }}] }}\n",
+        BASE.replace("token_secret = \"t\"", "token_secret = \"${TOKEN_SECRET}\"")
+    );
+    let empty = |k: &str| (k == "TOKEN_SECRET").then(String::new);
+    let p = problems_with(&secret, &empty);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("server.token_secret: "), "{p:#?}");
 }
 
 #[test]

@@ -98,7 +98,7 @@ pub fn parse(
     let (raw, mut found) = deserialize_all(text);
     found.sort_by_key(|(_, span, _)| span.as_ref().map(|s| s.start));
     for (key, span, reason) in found {
-        cx.err(span, &key, without_string_value(reason));
+        cx.err(span, &key, in_words(&without_value(reason)));
     }
     let Some(raw) = raw else {
         return Err(ConfigErrors(cx.problems));
@@ -222,6 +222,12 @@ fn blankable_line(text: &str, offset: usize) -> Option<Range<usize>> {
     if line.starts_with('[') || !line.contains('=') {
         return None;
     }
+    (nesting(line) == Some(0)).then_some(start..end)
+}
+
+/// How many brackets and braces `line` leaves open (outside strings and comments); `None`
+/// when a string is left open.
+fn nesting(line: &str) -> Option<i32> {
     let mut depth = 0i32;
     let mut quote: Option<char> = None;
     for c in line.chars() {
@@ -235,20 +241,43 @@ fn blankable_line(text: &str, offset: usize) -> Option<Range<usize>> {
             _ => {}
         }
     }
-    (depth == 0 && quote.is_none()).then_some(start..end)
+    quote.is_none().then_some(depth)
 }
 
-/// serde's "invalid type: string \"…\", expected …" without the string: a secret written in
-/// the file under the wrong shape (`sign = "whsec_…"` for `sign = { secret = … }`) is not
-/// printed by `check` nor by a reload's answer.
-fn without_string_value(reason: String) -> String {
-    let Some(start) = reason.find("string \"") else {
+/// serde's "invalid type: string \"…\", expected …" (or "integer `…`", "floating point
+/// `…`") without the value: a secret written in the file under the wrong shape
+/// (`sign = "whsec_…"` for `sign = { secret = … }`, or a number) is not printed by `check`
+/// nor by a reload's answer.
+fn without_value(reason: String) -> String {
+    let Some(at) = reason.find("invalid type: ") else {
         return reason;
     };
-    match reason[start..].rfind("\", expected") {
-        Some(end) => format!("{}a string{}", &reason[..start], &reason[start + end + 1..]),
-        None => reason,
-    }
+    let start = at + "invalid type: ".len();
+    let Some(end) = reason[start..].rfind(", expected").map(|e| start + e) else {
+        return reason;
+    };
+    let what = &reason[start..end];
+    let kind = if what.starts_with("string \"") {
+        "a string"
+    } else if let Some((kind, _)) = what.split_once(" `") {
+        kind
+    } else {
+        return reason;
+    };
+    format!("{}{kind}{}", &reason[..start], &reason[end..])
+}
+
+/// serde's names of the file's own types in words a user writes.
+fn in_words(reason: &str) -> String {
+    reason
+        .replace(
+            "data did not match any variant of untagged enum RawMatchValue",
+            "must be a string or a list of strings (a number is written as one: \"404\")",
+        )
+        .replace(
+            "internally tagged enum RawAuth",
+            "a table such as { kind = \"header\", header = \"…\", value = \"…\" }",
+        )
 }
 
 fn deserialize(text: &str) -> Result<RawConfig, SerdeProblem> {
@@ -267,28 +296,43 @@ fn key_path_at(text: &str, offset: usize) -> String {
     let mut table = String::new();
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut line_start = 0;
+    // A value over several lines (`to = [` … `]`): its key, and the brackets still open.
+    let mut open: Option<(String, i32)> = None;
     for line in text.split_inclusive('\n') {
         let end = line_start + line.len();
         let t = line.trim();
+        let mut key = String::new();
         // A header line belongs to the table it opens (serde points a missing field there).
-        let header = if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+        let header = if open.is_some() {
+            false
+        } else if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
             let name = name.trim().to_string();
             let n = counts.entry(name.clone()).or_insert(0);
             table = format!("{name}[{n}]");
             *n += 1;
             true
         } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
-            table = name.trim().to_string();
+            table = within_array_table(name.trim(), &counts);
             true
         } else {
             false
         };
+        if let Some((k, depth)) = &mut open {
+            key = k.clone();
+            *depth += nesting(t).unwrap_or(0);
+            if *depth <= 0 {
+                open = None;
+            }
+        } else if !header {
+            if let Some((k, value)) = t.split_once('=') {
+                key = k.trim().trim_matches('"').to_string();
+                if let Some(d @ 1..) = nesting(value) {
+                    open = Some((key.clone(), d));
+                }
+            }
+        }
         if offset < end {
-            let key = if header {
-                ""
-            } else {
-                t.split('=').next().unwrap_or("").trim().trim_matches('"')
-            };
+            let key = key.as_str();
             return match (table.is_empty(), key.is_empty()) {
                 (true, true) => "(top level)".into(),
                 (true, false) => key.to_string(),
@@ -299,6 +343,19 @@ fn key_path_at(text: &str, offset: usize) -> String {
         line_start = end;
     }
     "(end of file)".into()
+}
+
+/// A table header's name as a key path: a sub-table of an array table's latest element
+/// (`[destinations.retry]` after the first `[[destinations]]`) is `destinations[0].retry`.
+fn within_array_table(name: &str, counts: &HashMap<String, usize>) -> String {
+    let mut cut = name.len();
+    while let Some(dot) = name[..cut].rfind('.') {
+        if let Some(n) = counts.get(&name[..dot]) {
+            return format!("{}[{}]{}", &name[..dot], n.saturating_sub(1), &name[dot..]);
+        }
+        cut = dot;
+    }
+    name.to_string()
 }
 
 struct Cx<'a> {
@@ -417,7 +474,12 @@ impl Cx<'_> {
             }
             sources.push(src);
         }
-        if let (Some(span), None) = (any_oauth, &server.token_secret) {
+        // A secret written but not read (an unset or empty variable) is said already.
+        let written = raw
+            .server
+            .as_ref()
+            .is_some_and(|s| s.get_ref().token_secret.is_some());
+        if let (Some(span), None, false) = (any_oauth, &server.token_secret, written) {
             self.err(
                 Some(span),
                 "server.token_secret",

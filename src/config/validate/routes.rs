@@ -27,11 +27,12 @@ impl Cx<'_> {
         let key = format!("routes[{i}]");
         let raw = r.get_ref();
         let name = self.name(&raw.name, &format!("{key}.name"), names, "route");
-        let source_name = self
-            .string(&raw.source, &format!("{key}.source"))
-            .unwrap_or_default();
+        // `None`: its problem (an unset variable) is said already.
+        let source_name = self.string(&raw.source, &format!("{key}.source"));
+        let unread = source_name.is_none();
+        let source_name = source_name.unwrap_or_default();
         let source = src_index.get(&source_name).copied();
-        if source.is_none() {
+        if source.is_none() && !unread {
             let known: Vec<&str> = src_index.keys().map(String::as_str).collect();
             self.err(
                 Some(raw.source.span()),

@@ -22,30 +22,26 @@ impl Cx<'_> {
         let key = format!("sources[{i}]");
         let r = s.get_ref();
         let name = self.name(&r.name, &format!("{key}.name"), names, "source");
-        let path = self
-            .string(&r.path, &format!("{key}.path"))
-            .unwrap_or_default();
+        // `None`: its problem (an unset variable) is said already.
+        let path = self.string(&r.path, &format!("{key}.path"));
         // A path may hold a secret (a token in the URL a provider is given).
         self.expanded_a_secret();
-        if !path.starts_with('/') || path.contains(['?', '#', ' ']) {
-            self.err(
-                Some(r.path.span()),
-                &format!("{key}.path"),
-                format!("invalid path {path:?}: must start with '/' and have no query"),
-            );
-        } else if path == TOKEN_PATH {
-            self.err(
-                Some(r.path.span()),
-                &format!("{key}.path"),
-                format!("{path} is reserved for the OAuth2 token endpoint"),
-            );
-        } else if paths.insert(path.clone(), i).is_some() {
-            self.err(
-                Some(r.path.span()),
-                &format!("{key}.path"),
-                format!("duplicate path {path:?}: another source already uses it"),
-            );
+        let problem = match path.as_deref() {
+            None => None,
+            Some(p) if !p.starts_with('/') || p.contains(['?', '#', ' ']) => Some(format!(
+                "invalid path {p:?}: must start with '/' and have no query"
+            )),
+            Some(TOKEN_PATH) => Some(format!(
+                "{TOKEN_PATH} is reserved for the OAuth2 token endpoint"
+            )),
+            Some(p) => paths
+                .insert(p.to_string(), i)
+                .map(|_| format!("duplicate path {p:?}: another source already uses it")),
+        };
+        if let Some(problem) = problem {
+            self.err(Some(r.path.span()), &format!("{key}.path"), problem);
         }
+        let path = path.unwrap_or_default();
         let allow_ips = self.cidrs(&r.allow_ips, &format!("{key}.allow_ips"));
         let auth = match &r.auth {
             None => Auth::None,
