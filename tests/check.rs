@@ -489,6 +489,25 @@ fn a_variable_that_is_not_set_is_one_problem_not_two() {
     assert!(p[0].contains("server.token_secret: "), "{p:#?}");
 }
 
+/// A header made of a variable that holds nothing is refused; one written empty on purpose
+/// (`${KEY:-}`) is not.
+#[test]
+fn a_header_made_of_an_empty_variable_is_refused() {
+    let t = BASE.replace(
+        "url = \"http://127.0.0.1:8001/hooks\"\n",
+        "url = \"http://127.0.0.1:8001/hooks\"\nheaders = { \"X-Api-Key\" = \"${CALLS_KEY}\" }\n",
+    );
+    let empty = |k: &str| (k == "CALLS_KEY").then(String::new);
+    let p = problems_with(&t, &empty);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(
+        p[0].contains("destinations[0].headers.X-Api-Key: is empty"),
+        "{p:#?}"
+    );
+    let on_purpose = t.replace("${CALLS_KEY}", "${CALLS_KEY:-}");
+    assert_eq!(problems_with(&on_purpose, &|_| None), Vec::<String>::new());
+}
+
 #[test]
 fn every_problem_is_listed_at_once() {
     let t = BASE

@@ -233,7 +233,18 @@ impl Cx<'_> {
             let Some(val) = self.string(v, &k) else {
                 continue;
             };
+            // An empty variable would send the header empty on every delivery (a key the
+            // destination refuses, each time): most likely it was not meant to be empty.
+            let from_variable = !self.expanded.is_empty();
             self.expanded_a_secret();
+            if val.is_empty() && from_variable {
+                self.err(
+                    Some(v.span()),
+                    &k,
+                    "is empty: the variable it is made of holds nothing",
+                );
+                continue;
+            }
             match HeaderValue::from_str(&val) {
                 Ok(mut hv) => {
                     hv.set_sensitive(true);
