@@ -12,7 +12,8 @@
 //! accepted. A fixed-rate request's latency counts from when it was due, so one held up
 //! behind a slow answer counts its wait.
 //!
-//! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000)
+//! `BENCH_SECONDS` (default 5) sets each phase's length; `BENCH_RATE` (events/s, e.g. 2000, or
+//! `half`: half the relay's closed-loop rate in the same phase)
 //! runs an open-loop fixed-rate phase on the relay as well; `BENCH_BACKENDS` (default
 //! "sled,redb") picks the stores. Prints one table with the ratios per round;
 //! `BENCH_ROUNDS` (default 1) runs the whole sequence that many times and then prints each
@@ -72,9 +73,18 @@ async fn counting_sink() -> (SocketAddr, Arc<AtomicU64>) {
     (addr, n)
 }
 
+/// `BENCH_RATE`: events per second, or `half`: half the relay's closed-loop rate in the
+/// same phase (the "half the relay's maximum rate").
+#[derive(Clone, Copy)]
+enum FixedRate {
+    Events(u64),
+    HalfMax,
+}
+
 struct RelayPhase {
     accept: Load,
-    fixed: Option<Load>,
+    /// The fixed-rate phase: its rate, and its load.
+    fixed: Option<(u64, Load)>,
     /// Deliveries reaching the sink per second during the load.
     delivery_rate: f64,
     /// Events delivered per second over the load and the drain of its backlog.
@@ -99,7 +109,7 @@ async fn relay_phase(
     backend: &str,
     conns: usize,
     secs: u64,
-    rate: Option<u64>,
+    rate: Option<FixedRate>,
     seq: Arc<AtomicU64>,
 ) -> RelayPhase {
     let (sink, delivered) = counting_sink().await;
@@ -148,11 +158,16 @@ to = ["sink"]
     accept.cpu = relay.cpu().saturating_sub(cpu0);
     let fixed = match rate {
         Some(r) => {
+            let r = match r {
+                FixedRate::Events(n) => n,
+                // Half of what this relay just accepted at most, in this run.
+                FixedRate::HalfMax => (accept.rate() / 2.0).round().max(1.0) as u64,
+            };
             let (cpu0, d0) = (relay.cpu(), delivered.load(Ordering::Relaxed));
             let mut fixed = run_load(ingress, "/8x8/voice", conns, secs, Some(r), seq).await;
             drained(&delivered, d0 + fixed.ok).await;
             fixed.cpu = relay.cpu().saturating_sub(cpu0);
-            Some(fixed)
+            Some((r, fixed))
         }
         None => None,
     };
@@ -201,9 +216,10 @@ fn main() {
     let secs = env_u64("BENCH_SECONDS", 5);
     let conns = env_u64("BENCH_CONNS", 64) as usize;
     let rounds = env_u64("BENCH_ROUNDS", 1).max(1);
-    let rate = std::env::var("BENCH_RATE")
-        .ok()
-        .and_then(|v| v.parse().ok());
+    let rate = std::env::var("BENCH_RATE").ok().map(|v| match v.as_str() {
+        "half" => FixedRate::HalfMax,
+        n => FixedRate::Events(n.parse().expect("BENCH_RATE: events per second, or half")),
+    });
     let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sled,redb".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -294,7 +310,7 @@ async fn forwarder_phase(conns: usize, secs: u64, seq: Arc<AtomicU64>) -> Forwar
 async fn round(
     conns: usize,
     secs: u64,
-    rate: Option<u64>,
+    rate: Option<FixedRate>,
     backends: &str,
     seq: Arc<AtomicU64>,
 ) -> RoundRatios {
@@ -351,7 +367,7 @@ async fn round(
             &format!("relay accept, {backend} (durable, deduplicated, routed)"),
             &mut p.accept,
         );
-        if let (Some(r), Some(f)) = (rate, p.fixed.as_mut()) {
+        if let Some((r, f)) = p.fixed.as_mut() {
             row(&format!("relay accept, {backend}, at fixed {r}/s"), f);
         }
         println!(
