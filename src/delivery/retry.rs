@@ -195,13 +195,10 @@ pub fn decide(
                 };
             }
             let mut wait = backoff(policy, failed, unit);
-            // Held no longer than the longest backoff, as the destination's quiet is: one
-            // answer asking for hours must not make the delivery dead long before its
-            // `give_up_after`.
             let told = match result {
                 Ok(a) => {
                     let now = SystemTime::UNIX_EPOCH + Duration::from_millis(now_ms);
-                    retry_after(&a.headers, now).map(|t| t.min(longest_delay(policy)))
+                    retry_after(&a.headers, now)
                 }
                 Err(_) => None,
             };
@@ -474,10 +471,7 @@ mod tests {
 
     #[test]
     fn retry_after_raises_the_delay_never_lowers_it() {
-        let p = RetryPolicy {
-            max_delay: Duration::from_secs(10),
-            ..policy()
-        };
+        let p = policy();
         let now = 1_700_000_000_000;
         match decide(
             &p,
@@ -579,23 +573,11 @@ mod tests {
             ),
             Outcome::Retry { .. }
         ));
-        // A Retry-After of an hour is held to the longest backoff (1 s): retried then,
-        // not dead long before the 10 s are up.
-        match decide(
-            &timed,
-            &delivery(0, None),
-            &answer(429, &[("retry-after", "3600")]),
-            now,
-            0.0,
-        ) {
-            Outcome::Retry { due_ms, .. } => assert_eq!(due_ms, now + 1_000),
-            o => panic!("{o:?}"),
-        }
-        // So held, past the deadline still: it gives up rather than retry early.
+        // A Retry-After past the deadline gives up rather than retry early.
         assert!(matches!(
             decide(
                 &timed,
-                &delivery(1, Some(now - 9_500)),
+                &delivery(0, None),
                 &answer(429, &[("retry-after", "3600")]),
                 now,
                 0.0
