@@ -185,7 +185,7 @@ if [ -n "${BENCH_PERF:-}" ]; then
   # A CPU profile of the relay under the load, in a round of its own that no figure counts
   # (perf slows what it records): 5 s from 2 s into the round.
   (sleep 2; exec perf record -q -F 499 --call-graph dwarf -o "$BENCH_PERF" -p "$relay_pid" -- sleep 5) > /dev/null 2>&1 &
-  perf_pid=$!
+  perf_pid=$!; pids+=("$perf_pid")
   run relay "$relay_port" r0 > /dev/null
   wait "$perf_pid" || { echo "perf record failed" >&2; exit 1; }
   drain

@@ -144,7 +144,10 @@ to = ["sink"]
         data.display()
     );
     std::fs::write(&file, toml).unwrap();
-    let (relay, ingress, _) = Child::relay(&file);
+    // Blocking while it starts: off the runtime's workers, which run the sink.
+    let (relay, ingress, _) = tokio::task::spawn_blocking(move || Child::relay(&file))
+        .await
+        .unwrap();
     let (t0, cpu0, d0) = (
         Instant::now(),
         relay.cpu(),
@@ -171,7 +174,9 @@ to = ["sink"]
         }
         None => None,
     };
-    relay.stop();
+    tokio::task::spawn_blocking(move || relay.stop())
+        .await
+        .unwrap();
     RelayPhase {
         accept,
         fixed,
@@ -289,7 +294,10 @@ struct ForwarderRun {
 
 async fn forwarder_phase(conns: usize, secs: u64, seq: Arc<AtomicU64>) -> ForwarderRun {
     let (fwd_sink, fwd_count) = counting_sink().await;
-    let (fwd, fwd_addr) = Child::role("forwarder", &[("BENCH_SINK", fwd_sink.to_string())]);
+    let env = [("BENCH_SINK", fwd_sink.to_string())];
+    let (fwd, fwd_addr) = tokio::task::spawn_blocking(move || Child::role("forwarder", &env))
+        .await
+        .unwrap();
     let (t0, cpu0) = (Instant::now(), fwd.cpu());
     let mut load = run_load(fwd_addr, "/", conns, secs, None, seq).await;
     let delivered = fwd_count.load(Ordering::Relaxed) as f64 / load.elapsed.as_secs_f64();
@@ -315,7 +323,10 @@ async fn round(
     seq: Arc<AtomicU64>,
 ) -> RoundRatios {
     // Reference.
-    let (reference_server, ref_addr) = Child::role("reference", &[]);
+    let (reference_server, ref_addr) =
+        tokio::task::spawn_blocking(|| Child::role("reference", &[]))
+            .await
+            .unwrap();
     let cpu0 = reference_server.cpu();
     let mut reference = run_load(ref_addr, "/", conns, secs, None, seq.clone()).await;
     reference.cpu = reference_server.cpu().saturating_sub(cpu0);

@@ -152,15 +152,20 @@ async fn readiness_names_no_destination_to_a_cross_site_page() {
     .unwrap();
     let a = send(Method::POST, &r.admin_url("/api/reload"), &[], b"").await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    let page = [("sec-fetch-site", "cross-site")];
-    let open = send(Method::GET, &r.admin_url("/readyz"), &page, b"").await;
-    assert_eq!(open.status, 200);
-    assert_eq!(open.json()["status"], "ready");
-    assert!(
-        !String::from_utf8_lossy(&open.body).contains("calls"),
-        "{:?}",
-        open.body
-    );
+    // A page of another site, and one whose name was rebound to the loopback address.
+    for page in [
+        ("sec-fetch-site", "cross-site"),
+        ("host", "attacker.example"),
+    ] {
+        let open = send(Method::GET, &r.admin_url("/readyz"), &[page], b"").await;
+        assert_eq!(open.status, 200, "{page:?}");
+        assert_eq!(open.json()["status"], "ready");
+        assert!(
+            !String::from_utf8_lossy(&open.body).contains("calls"),
+            "{page:?}: {:?}",
+            open.body
+        );
+    }
     let operator = send(Method::GET, &r.admin_url("/readyz"), &[], b"").await;
     assert_eq!(
         operator.json()["unconfigured_destinations_with_pending"]["calls"],

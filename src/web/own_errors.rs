@@ -107,9 +107,11 @@ impl<S: AsyncWrite + Unpin> JsonErrors<S> {
     }
 
     fn start(&mut self, buf: &[u8]) -> bool {
-        // A final answer's head (not a `100 Continue`) for a handler's response.
-        if buf.starts_with(b"HTTP/1.1 ")
-            && !buf.starts_with(b"HTTP/1.1 1")
+        // A final answer's head (not a `100 Continue`) for a handler's response. (A head
+        // that does not begin its write, behind a pipelined answer still being written,
+        // is not counted: hyper's own error later on that connection then goes bodiless.)
+        if (buf.starts_with(b"HTTP/1.1 ") || buf.starts_with(b"HTTP/1.0 "))
+            && !buf[9..].starts_with(b"1")
             && self
                 .handled
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

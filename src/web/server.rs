@@ -187,6 +187,7 @@ pub async fn serve<H, F>(
                 _ = activity.idle_for(idle) => false,
             };
             conn.as_mut().graceful_shutdown();
+            let closed_at = tokio::time::Instant::now();
             // Past the grace, dropping the connection closes the socket. A request that
             // began as an idle connection was being closed (its head arriving then) gets
             // the drain, as one in progress at a stop does: cut off, it could be a reply
@@ -196,7 +197,8 @@ pub async fn serve<H, F>(
                 && !stopping
                 && activity.in_progress()
             {
-                let _ = tokio::time::timeout(drain.get(), conn).await;
+                // From the close: over before a stop's drain, counted from later, is.
+                let _ = tokio::time::timeout_at(closed_at + drain.get(), conn).await;
             }
             drop(permit);
         });

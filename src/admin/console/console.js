@@ -193,7 +193,10 @@
   // What the signed-out page must not keep: event bodies, lists, URLs, the routing table.
   function forgetShown() {
     for (const id of ['events', 'dead', 'destinations', 'deliveries']) clear($(id).tBodies[0]);
-    for (const id of ['event-body', 'event-body-decoded', 'routing-table']) $(id).textContent = '';
+    for (const id of ['event-body', 'event-body-decoded', 'routing-table', 'event-id', 'event-source',
+      'event-seq', 'event-received', 'event-content-type', 'event-choices', 'reload-result', 'reload-problems']) {
+      $(id).textContent = '';
+    }
     show($('event-view'), false);
     show($('more'), false);
     app.eventId = null;

@@ -42,11 +42,19 @@ impl Cx<'_> {
         let mut p = base.clone();
         p.first = self.duration(&r.first, &format!("{key}.first"), p.first);
         p.max_delay = self.duration(&r.max_delay, &format!("{key}.max_delay"), p.max_delay);
-        p.give_up_after = self.duration_nonzero(
+        p.give_up_after = self.duration(
             &r.give_up_after,
             &format!("{key}.give_up_after"),
             p.give_up_after,
         );
+        if let (Some(v), true) = (&r.give_up_after, p.give_up_after.is_zero()) {
+            self.err(
+                Some(v.span()),
+                &format!("{key}.give_up_after"),
+                "must be more than 0 (for no retries, set max_attempts = 1)",
+            );
+            p.give_up_after = base.give_up_after;
+        }
         if let Some(f) = &r.factor {
             let factor = *f.get_ref();
             // Between 1 and 1.01 the delay would take thousands of steps to grow at all.

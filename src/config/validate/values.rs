@@ -208,11 +208,17 @@ impl Cx<'_> {
             return;
         }
         let one = IpNet::from(n.addr());
+        // An IPv4-mapped network is read as its IPv4 one: said so, the prefix is clear.
+        let read_as = if n.to_string() == text {
+            String::new()
+        } else {
+            format!(" (read as {n})")
+        };
         self.err(
             Some(s.span()),
             key,
             format!(
-                "{text:?} has bits set past its /{} prefix; write the network {} or the one address {one}",
+                "{text:?}{read_as} has bits set past its /{} prefix; write the network {} or the one address {one}",
                 n.prefix_len(),
                 n.trunc()
             ),
