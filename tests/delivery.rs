@@ -527,8 +527,9 @@ async fn an_attempt_cut_off_by_the_grace_goes_out_after_restart() {
     let t = Instant::now();
     stop_relay(relay).await;
     let took = t.elapsed();
+    // Not the 5 s the attempt would take.
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_millis(4_500),
         "the grace bounds the stop: {took:?}"
     );
 

@@ -211,8 +211,9 @@ async fn full_disk(backend: &str, live: bool) -> FullDisk {
     disk.resize("64m");
     let mut recovered = None;
     let mut unready_after_free = false;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for i in 0..50 {
+    // Room for a loaded machine: redb reopens its file at the next write.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0..200 {
         let id = format!("disk-after-{i}");
         let p = try_post(&c, &ingress, voice_event(&id, 0), Duration::from_secs(2)).await;
         if p.is_ok_and(|p| p.status == 200) {

@@ -479,7 +479,11 @@ async fn the_http_layers_own_answers_are_json_errors() {
 
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_their_turn() {
-    let r = TestRelay::start(&config("max_connections = 2", "")).await;
+    // Idle connections are closed after `read_timeout`: long enough here that only closing
+    // a held one frees a slot, however slow the machine.
+    let text = config("max_connections = 2", "")
+        .replace("read_timeout = \"500ms\"", "read_timeout = \"30s\"");
+    let r = TestRelay::start(&text).await;
     let req = b"POST /open HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}";
     // Two keep-alive connections, each served once and left open.
     let mut held = Vec::new();

@@ -118,16 +118,25 @@ pub async fn write(
         return Ok(Written::Stored { first: 0 });
     };
     let batch_id = (!rest.is_empty()).then(|| format!("{:032x}", rand::random::<u128>()));
+    // The whole batch within `timeout`: a publish waits while the client's outbound buffer
+    // is full (the server out of reach), and must not hold its caller past it.
+    let started = tokio::time::Instant::now();
     for (i, w) in rest.iter().enumerate() {
         let mut h = headers(w, stream);
         let id = batch_id.as_deref().unwrap_or_default();
         h.insert("Nats-Batch-Id", id);
         h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-        client
-            .publish_with_headers(w.subject.clone(), h, w.payload.clone())
-            .await
-            .map_err(|e| unavailable("publishing to JetStream", e))?;
+        let publish = client.publish_with_headers(w.subject.clone(), h, w.payload.clone());
+        match tokio::time::timeout_at(started + timeout, publish).await {
+            Ok(r) => r.map_err(|e| unavailable("publishing to JetStream", e))?,
+            Err(_) => {
+                return Err(StoreError::Unavailable(format!(
+                    "JetStream took no batch within {timeout:?}"
+                )))
+            }
+        }
     }
+    let timeout = timeout.saturating_sub(started.elapsed());
     let mut h = headers(last, stream);
     if let Some(id) = &batch_id {
         h.insert("Nats-Batch-Id", id.as_str());
@@ -160,6 +169,14 @@ pub async fn write(
         )));
     }
     let count = ack.count.unwrap_or(1).max(1);
+    // An answer naming no stored message (another responder on the subject, say) is no
+    // acknowledgement: the event would be answered 200 unstored.
+    if ack.seq < count {
+        return Err(StoreError::Unavailable(format!(
+            "JetStream's acknowledgement names no stored message: {:?}",
+            String::from_utf8_lossy(&answer.payload)
+        )));
+    }
     if batch_id.is_some() && ack.count != Some(writes.len() as u64) {
         return Err(StoreError::Unavailable(format!(
             "JetStream committed {count} of a batch of {}",

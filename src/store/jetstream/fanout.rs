@@ -137,15 +137,23 @@ impl JetStreamStore {
                 rec.waiting = true;
             }
         }
-        for _ in 0..2 {
+        for _ in 0..CONFLICT_TRIES {
             let subject = self.names.delivery(dest, &rec.part());
             let w = Write::new(subject, encode_delivery(&rec, body)).expect(0);
             let written = match self.write(&[w]).await? {
                 Written::Stored { .. } => true,
                 Written::Conflict => match self.delivery_state(dest, &rec.part()).await? {
                     Some((_, r, _)) if r.delivery.seq == seq => false,
-                    _ => {
+                    Some(_) => {
                         rec.apart = true;
+                        continue;
+                    }
+                    // A conflict with nothing to read yet: another write to the subject is
+                    // in flight (with replicas, not yet committed), most likely another
+                    // instance's fan-out of this same event. Read again, not apart, or the
+                    // event would have two deliveries to this destination.
+                    None => {
+                        tokio::time::sleep(CONFLICT_PAUSE).await;
                         continue;
                     }
                 },
@@ -165,6 +173,15 @@ impl JetStreamStore {
         )))
     }
 }
+
+/// How long an ack or nak of a fanned-out event may wait to be sent.
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes of one delivery's state, when its subjects conflict, before the fan-out gives up
+/// (and is offered again): the usual subject, apart, and a few looks at a write in flight.
+const CONFLICT_TRIES: usize = 6;
+/// How long a write in flight on the same subject is given before the next look.
+const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The consumer's [`REPLAY_UNTIL`] mark: the events up to it were kept before it was made,
 /// and may have been fanned out by the one before it.
@@ -248,13 +265,16 @@ pub async fn run(store: Weak<JetStreamStore>, stream: stream::Stream, stop: Canc
                 // Handed out before, or kept from before the consumer was made (made
                 // again, it hands each out as if for the first time): look before writing.
                 let again = seq <= replay_until || delivered > 1;
+                // The answer is bounded (it waits while the client's outbound buffer is
+                // full) so that the slot is freed; one not made is the server's to redo.
                 match s.fan_out(seq, &m.payload, again).await {
                     Ok(()) => {
-                        let _ = m.ack().await;
+                        let _ = tokio::time::timeout(ANSWER_WAIT, m.ack()).await;
                     }
                     Err(e) => {
                         warn!(seq, error = %e, "fanning an event out failed; it comes again");
-                        let _ = m.ack_with(AckKind::Nak(Some(RETRY))).await;
+                        let nak = m.ack_with(AckKind::Nak(Some(RETRY)));
+                        let _ = tokio::time::timeout(ANSWER_WAIT, nak).await;
                     }
                 }
                 drop(permit);

@@ -344,8 +344,11 @@ pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Bytes {
 }
 
 pub fn decode_event(seq: u64, payload: &Bytes) -> Result<(EventMeta, StoredEvent), StoreError> {
-    let (meta, body): (EventMeta, Bytes) = unframe(payload)?;
+    let (mut meta, body): (EventMeta, Bytes) = unframe(payload)?;
     readable(meta.v)?;
+    // Read, it is in this build's layout: what is written from it (a delivery's record)
+    // carries this build's format, not the older one it was read in.
+    meta.v = FORMAT;
     let ev = StoredEvent {
         seq,
         id: meta.id.clone(),
@@ -362,8 +365,10 @@ pub fn encode_delivery(rec: &DeliveryRecord, body: &[u8]) -> Bytes {
 }
 
 pub fn decode_delivery(payload: &Bytes) -> Result<(DeliveryRecord, Bytes), StoreError> {
-    let (rec, body): (DeliveryRecord, Bytes) = unframe(payload)?;
+    let (mut rec, body): (DeliveryRecord, Bytes) = unframe(payload)?;
     readable(rec.event.v)?;
+    // As for an event: written back, it carries this build's format.
+    rec.event.v = FORMAT;
     Ok((rec, body))
 }
 
@@ -493,6 +498,25 @@ mod tests {
         let unmarked = json.replacen(&format!("\"v\":{},", FORMAT + 1), "", 1);
         assert_ne!(unmarked, json);
         let (m, _) = decode_event(1, &Bytes::from(unmarked)).unwrap();
-        assert_eq!(m.v, 0);
+        assert_eq!(
+            m.v, FORMAT,
+            "read, it is this build's: written again, marked so"
+        );
+    }
+
+    /// A delivery read from an older format's record is written back in this build's
+    /// format (an older build must not take this build's layout for its own).
+    #[test]
+    fn a_record_read_in_an_older_format_is_written_back_in_this_one() {
+        let older = EventMeta {
+            v: FORMAT - 1,
+            ..meta("i")
+        };
+        let rec = older.first_delivery(1, "d");
+        let (read, _) = decode_delivery(&encode_delivery(&rec, b"{}")).unwrap();
+        let json = String::from_utf8(encode_delivery(&read, b"{}").to_vec()).unwrap();
+        assert!(json.contains(&format!("\"v\":{FORMAT}")), "{json}");
+        let (event, _) = decode_event(1, &encode_event(&older, b"{}")).unwrap();
+        assert_eq!(event.first_delivery(1, "d").event.v, FORMAT);
     }
 }
