@@ -362,12 +362,22 @@ async fn rate_holds_across_three_instances(burst: u32) {
     );
     let relays = relays(dir.path(), &text, 3).await;
     wait_instances(&relays, 3).await;
+    // Paused while the events are posted, so that what is measured is the delivery's pace,
+    // not how fast a loaded machine posts them.
+    let p = admin(&relays[0], Method::POST, "/api/destinations/a/pause").await;
+    assert_eq!(p.json()["state"], "paused");
+    for r in &relays[1..] {
+        wait_destination(r, "a", "state", serde_json::json!("paused")).await;
+    }
     let mut ids = HashSet::new();
     for i in 0..150 {
         let id = format!("rate-{i}");
         assert_eq!(post(&relays[i % 3], &id).await.0, 200);
         ids.insert(id);
     }
+    assert_eq!(a.count(), 0, "delivered while paused");
+    let r = admin(&relays[1], Method::POST, "/api/destinations/a/resume").await;
+    assert_eq!(r.json()["state"], "ok");
     a.wait_delivered(&ids, Duration::from_secs(60))
         .await
         .expect("all delivered");
