@@ -626,6 +626,7 @@ async fn a_pause_through_one_jetstream_store_is_seen_by_another_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     b.set_paused("p", false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
     while a.paused("p") {
         assert!(
             Instant::now() < deadline,
@@ -980,7 +981,8 @@ async fn a_retry_due_at_once_is_due_again_at_once() {
             attempt: Some(1),
         };
         st.record(&key(seq, "w"), now).await.unwrap();
-        due_within(st.as_ref(), "w", seq, Duration::from_secs(3)).await;
+        // Under the 6 s ack wait it would otherwise take, with room for a loaded machine.
+        due_within(st.as_ref(), "w", seq, Duration::from_secs(5)).await;
         st.record(&key(seq, "w"), Outcome::Delivered { status: 200 })
             .await
             .unwrap();
@@ -1129,8 +1131,9 @@ async fn a_damaged_line_entry_holds_nothing_back() {
         },
     )
     .await;
-    due_within(st.as_ref(), "u", k0, Duration::from_secs(5)).await;
-    due_within(st.as_ref(), "r", k0, Duration::from_secs(5)).await;
+    // Under the 10 s an orphan entry waits, with room for a loaded machine.
+    due_within(st.as_ref(), "u", k0, Duration::from_secs(9)).await;
+    due_within(st.as_ref(), "r", k0, Duration::from_secs(9)).await;
     st.close().await.unwrap();
 }
 
@@ -1150,7 +1153,8 @@ async fn a_failed_accepts_line_entries_do_not_hold_its_key_back() {
     assert!(matches!(refused, Admission::TooLarge { .. }), "{refused:?}");
     let k0 = accepted(st.as_ref(), ordered("k0")).await;
     let started = Instant::now();
-    due_within(st.as_ref(), "r", k0, Duration::from_secs(4)).await;
+    // Under the 10 s an orphan entry waits, with room for a loaded machine.
+    due_within(st.as_ref(), "r", k0, Duration::from_secs(9)).await;
     println!("K-0 due after {:?}", started.elapsed());
     st.close().await.unwrap();
 }
