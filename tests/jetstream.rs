@@ -992,6 +992,7 @@ async fn a_stream_made_beforehand_with_unsafe_settings_is_refused_at_start() {
         max_messages_per_subject: 1,
         storage: async_nats::jetstream::stream::StorageType::Memory,
         max_age: Duration::from_secs(3600),
+        max_message_size: 1 << 20,
         allow_message_ttl: true,
         allow_atomic_publish: true,
         ..Default::default()
@@ -1009,6 +1010,7 @@ async fn a_stream_made_beforehand_with_unsafe_settings_is_refused_at_start() {
     assert!(!out.status.success());
     assert!(err.contains("storage is memory"), "{err}");
     assert!(err.contains("max_age"), "{err}");
+    assert!(err.contains("max_msg_size is 1048576"), "{err}");
     assert!(err.contains("nats stream edit t"), "{err}");
     drop(nats);
 }

@@ -281,6 +281,24 @@ fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<
     if c.no_ack || c.sealed || c.deny_delete || c.mirror.is_some() {
         p.push("it takes no acks, is sealed, denies deletes, or mirrors another stream".into());
     }
+    if c.max_message_size > 0 {
+        p.push(format!(
+            "max_msg_size is {} (a delivery's record, larger than its event, could be refused              after the event was accepted)",
+            c.max_message_size
+        ));
+    }
+    if c.subject_transform.is_some() || c.sources.as_ref().is_some_and(|s| !s.is_empty()) {
+        p.push(
+            "it transforms subjects or takes messages from other streams (records would be              stored where the relay does not look, or appear where it did not write)"
+                .into(),
+        );
+    }
+    if c.discard_new_per_subject {
+        p.push(
+            "discard_new_per_subject is on (every change of a delivery's state would be refused)"
+                .into(),
+        );
+    }
     p
 }
 
