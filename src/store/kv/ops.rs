@@ -14,6 +14,9 @@ use crate::store::*;
 /// Events one purge operation looks at. A purge is as many operations as it takes, so the
 /// writer serves other work between them and holds at most this many events' metadata.
 pub(super) const PURGE_BATCH: usize = 1024;
+/// How far past now an event's arrival may be before the purge takes the clock for set
+/// back since (and passes over it) rather than for the first young event.
+const CLOCK_SET_BACK_MS: u64 = 60 * 60 * 1000;
 /// Dead letters one operation of a destination's replay reopens at most.
 pub(super) const REPLAY_CHUNK: usize = 1024;
 
@@ -385,7 +388,8 @@ impl Writer<'_> {
     /// Purges among the events from `from` on, looking at [`PURGE_BATCH`] at most. Events
     /// go, with their dedup record, once older than both `retain` and their dedup window and
     /// every delivery is delivered. Events are scanned in sequence (= arrival) order,
-    /// stopping at the first one too young. Returns how many went and where the next batch
+    /// stopping at the first one too young (one stamped well ahead of now, since the clock
+    /// was set back, is passed over). Returns how many went and where the next batch
     /// starts (`None`: no older event left).
     pub(super) fn purge_batch(
         &mut self,
@@ -396,12 +400,14 @@ impl Writer<'_> {
         let cutoff = now.saturating_sub(retain.as_millis() as u64);
         let mut old = Vec::new();
         let mut next = None;
+        let mut looked = 0;
         self.txn.scan_from(b"e/", &event_key(from), &mut |k, raw| {
             let seq = read_u64(&k[2..10]);
-            if old.len() == PURGE_BATCH {
+            if looked == PURGE_BATCH {
                 next = Some(seq);
                 return Ok(false);
             }
+            looked += 1;
             let meta = match decode_meta(raw) {
                 Ok((meta, _)) => meta,
                 Err(e) => {
@@ -410,6 +416,12 @@ impl Writer<'_> {
                     return Ok(true);
                 }
             };
+            // Stamped well ahead of now (the clock was set back since): left for when its
+            // time comes, not taken for the first of the young events, which would stop
+            // the purge of every event after it for as long.
+            if meta.received_ms > now.saturating_add(CLOCK_SET_BACK_MS) {
+                return Ok(true);
+            }
             if meta.received_ms >= cutoff {
                 return Ok(false);
             }

@@ -336,6 +336,32 @@ async fn an_id_used_often_keeps_its_oldest_stored_event_reachable(st: Arc<dyn St
     st.close().await.unwrap();
 }
 
+/// An event stamped a year ahead (accepted while the clock was ahead, set back since) does
+/// not stop the purge of the older events accepted after it.
+async fn an_event_stamped_ahead_does_not_stop_the_purge(st: Arc<dyn Store>) {
+    let key = |seq| DeliveryKey {
+        seq,
+        destination: "a".into(),
+    };
+    let mut ahead = ev("e1", &["a"]);
+    ahead.received_ms = now_ms() + 365 * 24 * 3600 * 1000;
+    ahead.dedup_window = Duration::ZERO;
+    let mut old = ev("old", &["a"]);
+    old.received_ms = now_ms() - 10_000;
+    old.dedup_window = Duration::ZERO;
+    for e in [ahead, old] {
+        let Admission::Accepted { seq } = st.accept(e).await.unwrap() else {
+            panic!()
+        };
+        st.record(&key(seq), Outcome::Delivered { status: 200 })
+            .await
+            .unwrap();
+    }
+    assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1, "the old one");
+    assert_eq!(st.lookup("e1").await.unwrap().len(), 1, "the one ahead");
+    assert!(st.lookup("old").await.unwrap().is_empty());
+}
+
 type BoxCheck = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 #[tokio::test]
@@ -351,6 +377,7 @@ async fn purge_on_every_engine() {
     on_every_engine(|st| Box::pin(purge_keeps_an_earlier_dead_event_of_the_id_reachable(st))).await;
     on_every_engine(|st| Box::pin(an_id_used_often_keeps_its_oldest_stored_event_reachable(st)))
         .await;
+    on_every_engine(|st| Box::pin(an_event_stamped_ahead_does_not_stop_the_purge(st))).await;
 }
 
 /// Queue counts come back exact after a clean close (read, not counted) and after a
