@@ -339,29 +339,10 @@ async fn create(
         })
         .await
         .with_context(|| format!("creating the stream {:?}", names.stream()))?;
-    // A stream made earlier keeps its settings; `replicas` is the one an operator changes
-    // (1 → 3 when a cluster grows), and it must hold, or one server's loss loses events.
-    // Lowered, it is refused ([`stream_problems`]): an instance with a stale config would
-    // weaken every other's 200.
-    let stream = match stream.cached_info().config.num_replicas {
-        n if n >= s.replicas => stream,
-        was => {
-            let mut config = stream.cached_info().config.clone();
-            config.num_replicas = s.replicas;
-            js.update_stream(&config).await.with_context(|| {
-                format!(
-                    "changing the stream {:?} from {was} to {} replicas",
-                    names.stream(),
-                    s.replicas
-                )
-            })?;
-            tracing::info!(stream = %names.stream(), was, now = s.replicas, "the stream's replicas follow the config");
-            js.get_stream(names.stream())
-                .await
-                .with_context(|| format!("reading the stream {:?}", names.stream()))?
-        }
-    };
+    // Marked first: the mark is written on the whole config as read then, and so, made
+    // after the raise below, it could set back another instance's raise.
     let stream = marked(js, stream, names).await?;
+    let stream = with_replicas(js, stream, s, names).await?;
     // Before the buckets are made or changed (a stale `replicas` would lower theirs).
     let problems = stream_problems(&stream.cached_info().config, s, names);
     if !problems.is_empty() {
@@ -392,6 +373,58 @@ async fn create(
         .with_context(|| format!("creating the bucket {:?}", names.members_bucket()))?;
     Ok((stream, pauses, members))
 }
+
+/// The stream with at least `s.replicas` replicas. A stream made earlier keeps its
+/// settings; `replicas` is the one an operator changes (1 → 3 when a cluster grows), and it
+/// must hold, or one server's loss loses events. Lowered, it is refused
+/// ([`stream_problems`]): an instance with a stale config would weaken every other's 200.
+/// Raised on the config as read afresh, and read again after: another instance's write of
+/// the whole config (its format mark) may have set it back meanwhile.
+async fn with_replicas(
+    js: &jetstream::Context,
+    mut stream: stream::Stream,
+    s: &StoreSettings,
+    names: &Names,
+) -> anyhow::Result<stream::Stream> {
+    let read = |js: &jetstream::Context| {
+        let js = js.clone();
+        async move {
+            js.get_stream(names.stream())
+                .await
+                .with_context(|| format!("reading the stream {:?}", names.stream()))
+        }
+    };
+    for _ in 0..RAISE_TRIES {
+        let was = stream.cached_info().config.num_replicas;
+        if was >= s.replicas {
+            return Ok(stream);
+        }
+        let mut config = read(js).await?.cached_info().config.clone();
+        config.num_replicas = config.num_replicas.max(s.replicas);
+        js.update_stream(&config).await.with_context(|| {
+            format!(
+                "changing the stream {:?} from {was} to {} replicas",
+                names.stream(),
+                s.replicas
+            )
+        })?;
+        tracing::info!(stream = %names.stream(), was, now = s.replicas, "the stream's replicas follow the config");
+        stream = read(js).await?;
+    }
+    let now = stream.cached_info().config.num_replicas;
+    if now >= s.replicas {
+        return Ok(stream);
+    }
+    anyhow::bail!(
+        "the stream {:?} keeps {now} replicas though [store] replicas = {} (another instance \
+         with an older config sets them back?)",
+        names.stream(),
+        s.replicas
+    )
+}
+
+/// Raises of the stream's replicas tried before the start gives up.
+const RAISE_TRIES: usize = 3;
 
 /// The stream's metadata key naming the format of the records in it ([`FORMAT`]).
 pub const FORMAT_KEY: &str = "hookrelay_format";
