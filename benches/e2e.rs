@@ -25,12 +25,12 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod support;
 
 use support::child::Child;
-use support::load::{env_u64, run_load, Load};
+use support::load::{drained, env_u64, run_load, Load};
 
 use bytes::Bytes;
 use http::Request;
@@ -89,18 +89,6 @@ struct RelayPhase {
     delivery_rate: f64,
     /// Events delivered per second over the load and the drain of its backlog.
     sustained: f64,
-}
-
-/// Waits (bounded: 120 s) until `count` reaches `target`.
-async fn drained(count: &AtomicU64, target: u64) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while count.load(Ordering::Relaxed) < target {
-        assert!(
-            Instant::now() < deadline,
-            "the backlog was not delivered within 120 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The relay binary on `backend`, with one route to an in-process fast sink. Its CPU time

@@ -65,6 +65,19 @@ impl Load {
     }
 }
 
+/// Waits (bounded: 120 s) until a sink's `count` reaches `target`: every accepted event
+/// delivered.
+pub async fn drained(count: &AtomicU64, target: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count.load(Ordering::Relaxed) < target {
+        assert!(
+            Instant::now() < deadline,
+            "the backlog was not delivered within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// How long one request may take before the connection's run ends as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -135,6 +135,16 @@ async fn sequence_numbers_are_not_given_twice_after_a_purge() {
     }
 }
 
+/// The sequence numbers of the stored events with `id`.
+async fn seqs_with_id(st: &dyn Store, id: &str) -> Vec<u64> {
+    st.lookup(id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.event.seq)
+        .collect()
+}
+
 /// An id used again past its window: once the newer event is delivered and purged, the
 /// earlier one, dead, is still found and replayed by the id (the dedup record is kept for
 /// it, not deleted with the newer event).
@@ -165,14 +175,7 @@ async fn purge_keeps_an_earlier_dead_event_of_the_id_reachable(st: Arc<dyn Store
         .unwrap();
     assert_eq!(st.purge(Duration::ZERO).await.unwrap(), 1);
     assert!(st.event(new).await.unwrap().is_none());
-    let found: Vec<u64> = st
-        .lookup("e1")
-        .await
-        .unwrap()
-        .iter()
-        .map(|v| v.event.seq)
-        .collect();
-    assert_eq!(found, [old]);
+    assert_eq!(seqs_with_id(st.as_ref(), "e1").await, [old]);
     let n = st
         .replay(ReplaySelector::EventId("e1".into()))
         .await
@@ -324,13 +327,7 @@ async fn an_id_used_often_keeps_its_oldest_stored_event_reachable(st: Arc<dyn St
     let Admission::Accepted { seq: last } = st.accept(at(newer + 1)).await.unwrap() else {
         panic!()
     };
-    let mut found: Vec<u64> = st
-        .lookup("e1")
-        .await
-        .unwrap()
-        .iter()
-        .map(|v| v.event.seq)
-        .collect();
+    let mut found = seqs_with_id(st.as_ref(), "e1").await;
     found.sort_unstable();
     assert_eq!(found, [old, pending, last]);
     st.close().await.unwrap();
