@@ -15,7 +15,7 @@ use support::{
     client, nats_server_on_its_own_port, send, try_post, Action, Answer, FaultSink, NatsCluster,
     NatsServer, RelayProcess,
 };
-use support::{fixture, jetstream_config, Reply, Sink, TestRelay};
+use support::{fixture, get_text, jetstream_config, Reply, Sink, TestRelay};
 
 /// The relay config these tests share (prefix `t`, one server: 1 replica).
 fn config(urls: &[String], destinations: &[(&str, String)]) -> String {
@@ -1318,6 +1318,63 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
         .unwrap();
     let last = stream.get_info().await.unwrap().state.last_sequence;
     assert!((1..=last).contains(&mark), "{mark} of {last}: {info:?}");
+    r.stop().await;
+    drop(nats);
+}
+
+/// An operator's edit of the stream while the relay runs (`max_age`, under which the
+/// server would delete pending deliveries) makes it refuse events, saying why, until the
+/// edit is set back: as it would have refused to start on such a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_edited_unsafely_under_a_running_relay_refuses_events_until_set_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let r = TestRelay::start(&short_lived(&nats, &a)).await;
+    let post = |id: &'static str| {
+        let url = r.url("/8x8/voice");
+        async move {
+            let p = try_post(&client(), &url, voice(id), Duration::from_secs(10)).await;
+            p.expect("an answer").status
+        }
+    };
+    assert_eq!(post("before").await, 200);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let edit = |max_age: Duration| {
+        let js = js.clone();
+        async move {
+            let mut config = js
+                .get_stream("t")
+                .await
+                .unwrap()
+                .cached_info()
+                .config
+                .clone();
+            config.max_age = max_age;
+            js.update_stream(&config).await.unwrap();
+        }
+    };
+    edit(Duration::from_secs(3600)).await;
+    // Seen at the next read of the stream (every 10 s): bounded wait for /readyz to say so.
+    let ready = r.admin_url("/readyz");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = get_text(&ready).await;
+        if status == 503 {
+            assert!(body.contains("max_age"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz still {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(post("while-edited").await, 503);
+    edit(Duration::ZERO).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get_text(&ready).await.0 != 200 {
+        assert!(Instant::now() < deadline, "/readyz never ready again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(post("after").await, 200);
     r.stop().await;
     drop(nats);
 }

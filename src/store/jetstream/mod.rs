@@ -102,6 +102,12 @@ pub struct JetStreamStore {
     /// an earlier build (which did not say, [`EventMeta::keep_ms`]) are kept.
     keep_events: Duration,
     retain: Duration,
+    /// The store's settings, to check the stream against while running
+    /// ([`setup::watch_stream`]).
+    settings: crate::config::StoreSettings,
+    /// What is wrong with the stream's settings as last read (an operator's edit since the
+    /// start): while set, nothing is accepted.
+    stream_problem: Mutex<Option<String>>,
     stop: CancellationToken,
     pub(super) tasks: TaskTracker,
     /// Itself, for work that outlives a call (a reply route's background write).
@@ -144,6 +150,8 @@ impl JetStreamStore {
             breaker_news: Mutex::new(Some(breaker_news)),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
+            settings: s.clone(),
+            stream_problem: Mutex::default(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             me: me.clone(),
@@ -182,6 +190,9 @@ impl JetStreamStore {
         store
             .tasks
             .spawn(watchers::count_depths(me.clone(), store.stop.clone()));
+        store
+            .tasks
+            .spawn(setup::watch_stream(me.clone(), store.stop.clone()));
         store
             .tasks
             .spawn(fanout::run(me, store.stream.clone(), store.stop.clone()));
@@ -812,8 +823,12 @@ impl Store for JetStreamStore {
 
     fn available(&self) -> Result<(), String> {
         match self.client.connection_state() {
-            State::Connected => Ok(()),
-            other => Err(format!("JetStream is not reachable ({other})")),
+            State::Connected => {}
+            other => return Err(format!("JetStream is not reachable ({other})")),
+        }
+        match self.stream_problem.lock().unwrap().as_ref() {
+            Some(problem) => Err(problem.clone()),
+            None => Ok(()),
         }
     }
 

@@ -302,6 +302,64 @@ fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<
     p
 }
 
+/// How often a running instance reads the stream's settings again.
+const STREAM_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// Reads the stream's settings every [`STREAM_CHECK_EVERY`] until `stop`: one changed by
+/// an operator since the start (`nats stream edit` adding `max_age`, say, under which the
+/// server deletes pending deliveries), or marked by a newer build, makes the store
+/// unavailable (the ingress answers 503, `/readyz` says why) until it is set back, as it
+/// would have refused the start. A read that fails changes nothing (the connection's own
+/// state says that).
+pub(super) async fn watch_stream(
+    store: std::sync::Weak<super::JetStreamStore>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(STREAM_CHECK_EVERY) => {}
+        }
+        let Some(s) = store.upgrade() else { return };
+        let Ok(Ok(info)) = tokio::time::timeout(STREAM_CHECK_EVERY, s.stream.get_info()).await
+        else {
+            continue;
+        };
+        let mut problems = stream_problems(&info.config, &s.settings, &s.names);
+        if info.config.num_replicas < s.settings.replicas {
+            problems.push(format!(
+                "it has {} replicas and [store] replicas = {}",
+                info.config.num_replicas, s.settings.replicas
+            ));
+        }
+        let format = info.config.metadata.get(FORMAT_KEY);
+        if format.is_some_and(|v| v.parse::<u32>().map_or(true, |n| n > FORMAT)) {
+            problems.push(format!(
+                "a newer hookrelay marked it with format {} (this build reads up to {FORMAT})",
+                format.map_or("", |v| v.as_str())
+            ));
+        }
+        let problem = (!problems.is_empty()).then(|| {
+            format!(
+                "the stream {:?} was changed since the start and the relay cannot keep its \
+                 promises on it: {}; events are refused until it is set back",
+                s.names.stream(),
+                problems.join("; ")
+            )
+        });
+        let mut was = s.stream_problem.lock().unwrap();
+        if *was != problem {
+            match &problem {
+                Some(p) => tracing::error!("{p}"),
+                None => {
+                    tracing::info!(stream = %s.names.stream(), "the stream's settings are as the relay needs again")
+                }
+            }
+            *was = problem;
+        }
+    }
+}
+
 /// JetStream's error codes for settings it will never take (as opposed to a cluster still
 /// electing its leaders, or servers not yet joined): replicas above 1 on a server that is
 /// not clustered, or not to be changed; subjects another stream takes; an invalid stream
