@@ -981,7 +981,9 @@ async fn a_retry_due_at_once_is_due_again_at_once() {
             attempt: Some(1),
         };
         st.record(&key(seq, "w"), now).await.unwrap();
-        // Under the 6 s ack wait it would otherwise take, with room for a loaded machine.
+        // Under the 6 s ack wait it would otherwise take (counted from the hand-out, a little
+        // before this wait starts), with room for a loaded machine; twenty rounds catch a
+        // build that waits for it.
         due_within(st.as_ref(), "w", seq, Duration::from_secs(5)).await;
         st.record(&key(seq, "w"), Outcome::Delivered { status: 200 })
             .await

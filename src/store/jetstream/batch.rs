@@ -59,6 +59,14 @@ pub enum Written {
     Conflict,
 }
 
+/// An answer as an error shows it: its first 200 bytes (a stray responder's could echo an
+/// event's body).
+fn shown(payload: &[u8]) -> String {
+    let cut = payload.len().min(200);
+    let more = if payload.len() > cut { "…" } else { "" };
+    format!("{}{more}", String::from_utf8_lossy(&payload[..cut]))
+}
+
 #[derive(Deserialize)]
 struct Ack {
     #[serde(default)]
@@ -156,7 +164,7 @@ pub async fn write(
     let ack: Ack = serde_json::from_slice(&answer.payload).map_err(|e| {
         unavailable(
             "JetStream's acknowledgement",
-            format!("{e}: {:?}", String::from_utf8_lossy(&answer.payload)),
+            format!("{e}: {:?}", shown(&answer.payload)),
         )
     })?;
     if let Some(e) = ack.error {
@@ -174,7 +182,7 @@ pub async fn write(
     if ack.seq < count {
         return Err(StoreError::Unavailable(format!(
             "JetStream's acknowledgement names no stored message: {:?}",
-            String::from_utf8_lossy(&answer.payload)
+            shown(&answer.payload)
         )));
     }
     if batch_id.is_some() && ack.count != Some(writes.len() as u64) {

@@ -323,7 +323,7 @@ fn frame<T: Serialize>(head: &T, body: &[u8]) -> Bytes {
 fn readable(v: u32) -> Result<(), StoreError> {
     if v > FORMAT {
         return Err(StoreError::Format(format!(
-            "a record in format {v}, written by a newer hookrelay (this build reads formats up              to {FORMAT}): run the newer build on every instance"
+            "a record in format {v}, written by a newer hookrelay (this build reads formats up to {FORMAT}): run the newer build on every instance"
         )));
     }
     Ok(())

@@ -283,13 +283,13 @@ fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<
     }
     if c.max_message_size > 0 {
         p.push(format!(
-            "max_msg_size is {} (a delivery's record, larger than its event, could be refused              after the event was accepted)",
+            "max_msg_size is {} (a delivery's record, larger than its event, could be refused after the event was accepted)",
             c.max_message_size
         ));
     }
     if c.subject_transform.is_some() || c.sources.as_ref().is_some_and(|s| !s.is_empty()) {
         p.push(
-            "it transforms subjects or takes messages from other streams (records would be              stored where the relay does not look, or appear where it did not write)"
+            "it transforms subjects or takes messages from other streams (records would be stored where the relay does not look, or appear where it did not write)"
                 .into(),
         );
     }
@@ -325,20 +325,7 @@ pub(super) async fn watch_stream(
         else {
             continue;
         };
-        let mut problems = stream_problems(&info.config, &s.settings, &s.names);
-        if info.config.num_replicas < s.settings.replicas {
-            problems.push(format!(
-                "it has {} replicas and [store] replicas = {}",
-                info.config.num_replicas, s.settings.replicas
-            ));
-        }
-        let format = info.config.metadata.get(FORMAT_KEY);
-        if format.is_some_and(|v| v.parse::<u32>().map_or(true, |n| n > FORMAT)) {
-            problems.push(format!(
-                "a newer hookrelay marked it with format {} (this build reads up to {FORMAT})",
-                format.map_or("", |v| v.as_str())
-            ));
-        }
+        let problems = running_problems(&info.config, &s.settings, &s.names);
         let problem = (!problems.is_empty()).then(|| {
             format!(
                 "the stream {:?} was changed since the start and the relay cannot keep its \
@@ -358,6 +345,31 @@ pub(super) async fn watch_stream(
             *was = problem;
         }
     }
+}
+
+/// What in the stream's settings, read while running, breaks what the relay promises:
+/// [`stream_problems`], but for more replicas than this instance's config asks (another
+/// instance, or the operator, raised them: safer, not a problem; the start refuses it only
+/// so that a stale config does not lower the buckets it makes), and fewer replicas, or a
+/// newer build's format mark.
+fn running_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<String> {
+    let mut settings = s.clone();
+    settings.replicas = settings.replicas.max(c.num_replicas);
+    let mut problems = stream_problems(c, &settings, names);
+    if c.num_replicas < s.replicas {
+        problems.push(format!(
+            "it has {} replicas and [store] replicas = {}",
+            c.num_replicas, s.replicas
+        ));
+    }
+    let format = c.metadata.get(FORMAT_KEY);
+    if format.is_some_and(|v| v.parse::<u32>().map_or(true, |n| n > FORMAT)) {
+        problems.push(format!(
+            "a newer hookrelay marked it with format {} (this build reads up to {FORMAT})",
+            format.map_or("", |v| v.as_str())
+        ));
+    }
+    problems
 }
 
 /// JetStream's error codes for settings it will never take (as opposed to a cluster still
@@ -587,6 +599,54 @@ mod tests {
             "nats://10.0.0.1:4222, tls://nats.example:4222, 127.0.0.1:4222"
         );
         assert!(!shown.contains("s3cret") && !shown.contains("tok3n"));
+    }
+
+    /// While running, a stream with more replicas than this instance's config (another
+    /// instance raised them) is fine; fewer, or a newer build's mark, is not.
+    #[test]
+    fn more_replicas_than_the_config_are_no_problem_while_running() {
+        let names = Names { prefix: "t".into() };
+        let settings = |replicas| StoreSettings {
+            backend: crate::config::Backend::Jetstream,
+            path: std::path::PathBuf::new(),
+            retain: Duration::from_secs(86_400),
+            url: Vec::new(),
+            prefix: "t".into(),
+            replicas,
+        };
+        let made = |replicas| stream::Config {
+            name: names.stream(),
+            subjects: vec![names.all()],
+            max_messages_per_subject: 1,
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            allow_message_ttl: true,
+            allow_atomic_publish: true,
+            metadata: format_marker(),
+            ..Default::default()
+        };
+        assert_eq!(
+            running_problems(&made(3), &settings(1), &names),
+            Vec::<String>::new()
+        );
+        assert!(
+            !stream_problems(&made(3), &settings(1), &names).is_empty(),
+            "at start"
+        );
+        let fewer = running_problems(&made(1), &settings(3), &names);
+        assert!(fewer.iter().any(|p| p.contains("1 replicas")), "{fewer:?}");
+        let mut newer = made(1);
+        newer
+            .metadata
+            .insert(FORMAT_KEY.into(), (FORMAT + 1).to_string());
+        let newer = running_problems(&newer, &settings(1), &names);
+        assert!(
+            newer.iter().any(|p| p.contains("newer hookrelay")),
+            "{newer:?}"
+        );
+        let mut aged = made(1);
+        aged.max_age = Duration::from_secs(3600);
+        assert!(!running_problems(&aged, &settings(1), &names).is_empty());
     }
 
     #[test]
