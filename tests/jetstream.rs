@@ -62,6 +62,18 @@ async fn post(relay: &RelayProcess, id: &str) -> (u16, serde_json::Value) {
 }
 
 /// The voice event `id` posted to the ingress at `ingress`: its answer.
+/// The status an in-process relay answers the voice event `id` with (bounded: 10 s).
+async fn post_status(r: &TestRelay, id: &str) -> u16 {
+    let p = try_post(
+        &client(),
+        &r.url("/8x8/voice"),
+        voice(id),
+        Duration::from_secs(10),
+    )
+    .await;
+    p.expect("an answer").status
+}
+
 async fn post_at(ingress: std::net::SocketAddr, id: &str) -> support::Posted {
     let url = format!("http://{ingress}/8x8/voice");
     try_post(&client(), &url, voice(id), Duration::from_secs(10))
@@ -1263,14 +1275,7 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
     )
     .unwrap();
     r.app().reload().unwrap();
-    let post = |id: &'static str| {
-        let url = r.url("/8x8/voice");
-        async move {
-            let p = try_post(&client(), &url, voice(id), Duration::from_secs(10)).await;
-            p.expect("an answer").status
-        }
-    };
-    assert_eq!(post("before").await, 200);
+    assert_eq!(post_status(&r, "before").await, 200);
     assert!(a.wait_count(1, Duration::from_secs(10)).await, "delivered");
     // Past `retain` and the first window.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1284,7 +1289,7 @@ async fn consumers_deleted_under_a_running_relay_are_made_again() {
             "{name}"
         );
     }
-    assert_eq!(post("after").await, 200);
+    assert_eq!(post_status(&r, "after").await, 200);
     let after: HashSet<String> = ["after".to_string()].into();
     a.wait_delivered(&after, Duration::from_secs(15))
         .await
@@ -1331,14 +1336,7 @@ async fn a_stream_edited_unsafely_under_a_running_relay_refuses_events_until_set
     let nats = NatsServer::start(dir.path()).await;
     let a = FaultSink::answering(200).await;
     let r = TestRelay::start(&short_lived(&nats, &a)).await;
-    let post = |id: &'static str| {
-        let url = r.url("/8x8/voice");
-        async move {
-            let p = try_post(&client(), &url, voice(id), Duration::from_secs(10)).await;
-            p.expect("an answer").status
-        }
-    };
-    assert_eq!(post("before").await, 200);
+    assert_eq!(post_status(&r, "before").await, 200);
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let edit = |max_age: Duration| {
         let js = js.clone();
@@ -1367,14 +1365,14 @@ async fn a_stream_edited_unsafely_under_a_running_relay_refuses_events_until_set
         assert!(Instant::now() < deadline, "/readyz still {status}: {body}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(post("while-edited").await, 503);
+    assert_eq!(post_status(&r, "while-edited").await, 503);
     edit(Duration::ZERO).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while get_text(&ready).await.0 != 200 {
         assert!(Instant::now() < deadline, "/readyz never ready again");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(post("after").await, 200);
+    assert_eq!(post_status(&r, "after").await, 200);
     r.stop().await;
     drop(nats);
 }
