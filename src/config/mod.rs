@@ -130,7 +130,6 @@ pub enum Backend {
 }
 
 /// `Debug` shows the NATS addresses without their credentials.
-#[derive(Clone)]
 pub struct StoreSettings {
     pub backend: Backend,
     pub path: PathBuf,

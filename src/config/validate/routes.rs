@@ -29,10 +29,8 @@ impl Cx<'_> {
         let name = self.name(&raw.name, &format!("{key}.name"), names, "route");
         // `None`: its problem (an unset variable) is said already.
         let source_name = self.string(&raw.source, &format!("{key}.source"));
-        let unread = source_name.is_none();
-        let source_name = source_name.unwrap_or_default();
-        let source = src_index.get(&source_name).copied();
-        if source.is_none() && !unread {
+        let source = source_name.as_ref().and_then(|n| src_index.get(n).copied());
+        if let (None, Some(source_name)) = (source, &source_name) {
             let known: Vec<&str> = src_index.keys().map(String::as_str).collect();
             self.err(
                 Some(raw.source.span()),

@@ -59,21 +59,18 @@ impl Cx<'_> {
                 );
                 return None;
             }
-            match (self.env)(name) {
-                // As in a shell, `:-` stands in for an empty value too.
-                Some(val) if val.is_empty() && default.is_some() => {
-                    out.push_str(default.unwrap_or_default());
-                    self.defaulted.push(name.to_string());
-                }
-                Some(val) => {
+            // As in a shell, `:-` stands in for an empty value too.
+            let value = (self.env)(name).filter(|v| !v.is_empty() || default.is_none());
+            match (value, default) {
+                (Some(val), _) => {
                     out.push_str(&val);
                     self.expanded.push((name.to_string(), val));
                 }
-                None if default.is_some() => {
-                    out.push_str(default.unwrap_or_default());
+                (None, Some(default)) => {
+                    out.push_str(default);
                     self.defaulted.push(name.to_string());
                 }
-                None => {
+                (None, None) => {
                     self.err(
                         Some(span.clone()),
                         key,

@@ -102,9 +102,9 @@ pub struct JetStreamStore {
     /// an earlier build (which did not say, [`EventMeta::keep_ms`]) are kept.
     keep_events: Duration,
     retain: Duration,
-    /// The store's settings, to check the stream against while running
+    /// The stream's replicas the config asks for, to check it against while running
     /// ([`setup::watch_stream`]).
-    settings: crate::config::StoreSettings,
+    replicas: usize,
     /// What is wrong with the stream's settings as last read (an operator's edit since the
     /// start): while set, nothing is accepted.
     stream_problem: Mutex<Option<String>>,
@@ -150,7 +150,7 @@ impl JetStreamStore {
             breaker_news: Mutex::new(Some(breaker_news)),
             keep_events: config.dedup_window.max(s.retain),
             retain: s.retain,
-            settings: s.clone(),
+            replicas: s.replicas,
             stream_problem: Mutex::default(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -231,7 +231,7 @@ pub async fn connect(
 
 /// What in a stream made before this start (by an operator, or by hand) breaks what the
 /// relay promises; empty when it is as the relay makes it.
-fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<String> {
+fn stream_problems(c: &stream::Config, replicas: usize, names: &Names) -> Vec<String> {
     let mut p = Vec::new();
     if c.storage != stream::StorageType::File {
         p.push("storage is memory (a server's restart would lose every accepted event)".into());
@@ -239,11 +239,11 @@ fn stream_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<
     if c.persist_mode == Some(stream::PersistenceMode::Async) {
         p.push("persist_mode is async (the server would ack a write before it is stored)".into());
     }
-    if c.num_replicas > s.replicas {
+    if c.num_replicas > replicas {
         p.push(format!(
             "it has {} replicas and [store] replicas = {} (lowering them is not done at start: \
              set replicas = {0}, or lower the stream's by hand)",
-            c.num_replicas, s.replicas
+            c.num_replicas, replicas
         ));
     }
     if !c.subjects.contains(&names.all()) {
@@ -325,7 +325,7 @@ pub(super) async fn watch_stream(
         else {
             continue;
         };
-        let problems = running_problems(&info.config, &s.settings, &s.names);
+        let problems = running_problems(&info.config, s.replicas, &s.names);
         let problem = (!problems.is_empty()).then(|| {
             format!(
                 "the stream {:?} was changed since the start and the relay cannot keep its \
@@ -352,21 +352,18 @@ pub(super) async fn watch_stream(
 /// instance, or the operator, raised them: safer, not a problem; the start refuses it only
 /// so that a stale config does not lower the buckets it makes), and fewer replicas, or a
 /// newer build's format mark.
-fn running_problems(c: &stream::Config, s: &StoreSettings, names: &Names) -> Vec<String> {
-    let mut settings = s.clone();
-    settings.replicas = settings.replicas.max(c.num_replicas);
-    let mut problems = stream_problems(c, &settings, names);
-    if c.num_replicas < s.replicas {
+fn running_problems(c: &stream::Config, replicas: usize, names: &Names) -> Vec<String> {
+    let mut problems = stream_problems(c, replicas.max(c.num_replicas), names);
+    if c.num_replicas < replicas {
         problems.push(format!(
-            "it has {} replicas and [store] replicas = {}",
-            c.num_replicas, s.replicas
+            "it has {} replicas and [store] replicas = {replicas}",
+            c.num_replicas
         ));
     }
-    let format = c.metadata.get(FORMAT_KEY);
-    if format.is_some_and(|v| v.parse::<u32>().map_or(true, |n| n > FORMAT)) {
+    if marked_format(c) > FORMAT {
         problems.push(format!(
-            "a newer hookrelay marked it with format {} (this build reads up to {FORMAT})",
-            format.map_or("", |v| v.as_str())
+            "a newer hookrelay marked it with format {:?} (this build reads up to {FORMAT})",
+            c.metadata.get(FORMAT_KEY).map_or("", |v| v.as_str())
         ));
     }
     problems
@@ -414,7 +411,7 @@ async fn create(
     let stream = marked(js, stream, names).await?;
     let stream = with_replicas(js, stream, s, names).await?;
     // Before the buckets are made or changed (a stale `replicas` would lower theirs).
-    let problems = stream_problems(&stream.cached_info().config, s, names);
+    let problems = stream_problems(&stream.cached_info().config, s.replicas, names);
     if !problems.is_empty() {
         return Err(UnsafeStream(format!(
             "the stream {:?} was made with settings the relay cannot keep its promises on: {}. \
@@ -535,11 +532,7 @@ async fn marked(
 /// [`FORMAT`].
 fn stream_format(stream: &stream::Stream, names: &Names) -> anyhow::Result<u32> {
     let found = stream.cached_info().config.metadata.get(FORMAT_KEY);
-    let format = match found.map(|v| v.parse::<u32>()) {
-        Some(Ok(n)) => n,
-        None => 0,
-        Some(Err(_)) => u32::MAX,
-    };
+    let format = marked_format(&stream.cached_info().config);
     if format > FORMAT {
         return Err(UnsafeStream(format!(
             "the stream {:?} holds records in format {} (its metadata {FORMAT_KEY:?}), \
@@ -551,6 +544,16 @@ fn stream_format(stream: &stream::Stream, names: &Names) -> anyhow::Result<u32> 
         .into());
     }
     Ok(format)
+}
+
+/// The format a stream's config is marked with: 0 when unmarked, `u32::MAX` (newer than
+/// any) when the mark is not a number.
+fn marked_format(c: &stream::Config) -> u32 {
+    match c.metadata.get(FORMAT_KEY).map(|v| v.parse::<u32>()) {
+        Some(Ok(n)) => n,
+        None => 0,
+        Some(Err(_)) => u32::MAX,
+    }
 }
 
 #[cfg(test)]
@@ -606,14 +609,6 @@ mod tests {
     #[test]
     fn more_replicas_than_the_config_are_no_problem_while_running() {
         let names = Names { prefix: "t".into() };
-        let settings = |replicas| StoreSettings {
-            backend: crate::config::Backend::Jetstream,
-            path: std::path::PathBuf::new(),
-            retain: Duration::from_secs(86_400),
-            url: Vec::new(),
-            prefix: "t".into(),
-            replicas,
-        };
         let made = |replicas| stream::Config {
             name: names.stream(),
             subjects: vec![names.all()],
@@ -625,28 +620,22 @@ mod tests {
             metadata: format_marker(),
             ..Default::default()
         };
-        assert_eq!(
-            running_problems(&made(3), &settings(1), &names),
-            Vec::<String>::new()
-        );
-        assert!(
-            !stream_problems(&made(3), &settings(1), &names).is_empty(),
-            "at start"
-        );
-        let fewer = running_problems(&made(1), &settings(3), &names);
+        assert_eq!(running_problems(&made(3), 1, &names), Vec::<String>::new());
+        assert!(!stream_problems(&made(3), 1, &names).is_empty(), "at start");
+        let fewer = running_problems(&made(1), 3, &names);
         assert!(fewer.iter().any(|p| p.contains("1 replicas")), "{fewer:?}");
         let mut newer = made(1);
         newer
             .metadata
             .insert(FORMAT_KEY.into(), (FORMAT + 1).to_string());
-        let newer = running_problems(&newer, &settings(1), &names);
+        let newer = running_problems(&newer, 1, &names);
         assert!(
             newer.iter().any(|p| p.contains("newer hookrelay")),
             "{newer:?}"
         );
         let mut aged = made(1);
         aged.max_age = Duration::from_secs(3600);
-        assert!(!running_problems(&aged, &settings(1), &names).is_empty());
+        assert!(!running_problems(&aged, 1, &names).is_empty());
     }
 
     #[test]
