@@ -872,7 +872,7 @@ async fn secrets_never_reach_logs_or_admin_answers() {
     let secrets = [
         "SECRETHDR8812",
         "SECRETCLIENT7731",
-        "SECRETTOKSIGN5520",
+        "SECRETTOKSIGN5520SECRETTOKSIGN5520",
         "SECRETDESTKEY4410",
         "SECRETSIGN9906",
         "SECRETADMIN3307",

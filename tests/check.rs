@@ -7,7 +7,7 @@ use std::process::Command;
 
 const BASE: &str = r#"
 [server]
-token_secret = "t"
+token_secret = "tok-secret-for-tests-0123456789abcdef"
 
 [[sources]]
 name = "voice"
@@ -162,8 +162,10 @@ fn durations_and_rates_past_a_century_are_refused() {
 fn connections_and_requests_at_once_have_a_ceiling() {
     let many = "3000000000000000000";
     let t = BASE.replace(
-        "token_secret = \"t\"",
-        &format!("token_secret = \"t\"\nmax_connections = {many}"),
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        &format!(
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nmax_connections = {many}"
+        ),
     );
     rejects(&t, "server.max_connections", "at most 1000000");
     let t = BASE.replace(
@@ -174,8 +176,8 @@ fn connections_and_requests_at_once_have_a_ceiling() {
     let t = format!("{BASE}\n[delivery]\nmax_in_flight = {many}\n");
     rejects(&t, "delivery.max_in_flight", "at most 1000000");
     let t = BASE.replace(
-        "token_secret = \"t\"",
-        "token_secret = \"t\"\nmax_connections = 1000000",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nmax_connections = 1000000",
     );
     assert!(problems(&t).is_empty());
 }
@@ -225,8 +227,8 @@ fn a_network_with_host_bits_is_refused_not_widened() {
         "{line}"
     );
     let proxies = BASE.replace(
-        "token_secret = \"t\"",
-        "token_secret = \"t\"\ntrusted_proxies = [\"::ffff:10.0.0.5/100\"]",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\ntrusted_proxies = [\"::ffff:10.0.0.5/100\"]",
     );
     rejects(
         &proxies,
@@ -387,10 +389,15 @@ fn reply_from_not_in_to() {
 
 #[test]
 fn token_secret_missing_with_oauth2_source() {
-    let t = BASE.replace("token_secret = \"t\"", "").replace(
-        "event_id = [\"$.payload.eventId\"]",
-        "auth = { kind = \"oauth2\", clients = [{ id = \"a\", secret = \"b\" }] }",
-    );
+    let t = BASE
+        .replace(
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+            "",
+        )
+        .replace(
+            "event_id = [\"$.payload.eventId\"]",
+            "auth = { kind = \"oauth2\", clients = [{ id = \"a\", secret = \"b\" }] }",
+        );
     rejects(
         &t,
         "server.token_secret",
@@ -441,8 +448,8 @@ fn an_unknown_key_inside_an_inline_table_is_an_error() {
 fn ipv4_mapped_networks_are_read_as_ipv4() {
     let t = BASE
         .replace(
-            "token_secret = \"t\"",
-            "token_secret = \"t\"\ntrusted_proxies = [\"::ffff:10.0.0.5\"]",
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\ntrusted_proxies = [\"::ffff:10.0.0.5\"]",
         )
         .replace(
             "event_id = [\"$.payload.eventId\"]",
@@ -460,7 +467,7 @@ fn ipv4_mapped_networks_are_read_as_ipv4() {
 #[test]
 fn unset_variable_is_named() {
     let t = BASE.replace(
-        "token_secret = \"t\"",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
         "token_secret = \"${NOT_SET_ANYWHERE}\"",
     );
     rejects(
@@ -481,12 +488,39 @@ fn a_variable_that_is_not_set_is_one_problem_not_two() {
     let secret = format!(
         "{}\n[[sources]]\nname = \"sms\"\npath = \"/sms\"\n\
          auth = {{ kind = \"oauth2\", clients = [{{ id = \"c\", secret = \"s\" }}] }}\n",
-        BASE.replace("token_secret = \"t\"", "token_secret = \"${TOKEN_SECRET}\"")
+        BASE.replace(
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+            "token_secret = \"${TOKEN_SECRET}\""
+        )
     );
     let empty = |k: &str| (k == "TOKEN_SECRET").then(String::new);
     let p = problems_with(&secret, &empty);
     assert_eq!(p.len(), 1, "{p:#?}");
     assert!(p[0].contains("server.token_secret: "), "{p:#?}");
+}
+
+/// A `token_secret` shorter than 32 bytes is refused, not quoted, whether written or read
+/// from the environment: one token is enough to find a short key by trying keys.
+#[test]
+fn a_short_token_secret_is_refused_without_quoting_it() {
+    let short = BASE.replace(
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        "token_secret = \"short-secret-xyz\"",
+    );
+    let line = rejects(&short, "server.token_secret", "is 16 bytes");
+    assert!(line.contains("32 random bytes or more"), "{line}");
+    assert!(!line.contains("short-secret-xyz"), "{line}");
+    let from_env = BASE.replace(
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        "token_secret = \"${TOKEN_SECRET}\"",
+    );
+    let env = |k: &str| (k == "TOKEN_SECRET").then(|| "a".repeat(31));
+    let p = problems_with(&from_env, &env);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(p[0].contains("server.token_secret: is 31 bytes"), "{p:#?}");
+    assert!(!p[0].contains(&"a".repeat(31)), "{p:#?}");
+    let env = |k: &str| (k == "TOKEN_SECRET").then(|| "a".repeat(32));
+    assert_eq!(problems_with(&from_env, &env), Vec::<String>::new());
 }
 
 /// A header made of a variable that holds nothing is refused; one written empty on purpose
@@ -649,18 +683,18 @@ fn a_missing_field_names_the_table_it_is_missing_from() {
 #[test]
 fn an_admin_listener_other_hosts_reach_needs_a_token() {
     let open = BASE.replace(
-        "token_secret = \"t\"\n",
-        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nadmin_listen = \"0.0.0.0:9090\"\n",
     );
     rejects(&open, "server.admin_listen", "set server.admin_token");
     let empty = BASE.replace(
-        "token_secret = \"t\"\n",
-        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"\"\n",
     );
     rejects(&empty, "server.admin_listen", "set server.admin_token");
     let guarded = BASE.replace(
-        "token_secret = \"t\"\n",
-        "token_secret = \"t\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"s3cret\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nadmin_listen = \"0.0.0.0:9090\"\nadmin_token = \"s3cret\"\n",
     );
     assert!(problems(&guarded).is_empty(), "{:#?}", problems(&guarded));
 }
@@ -812,7 +846,7 @@ fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
             Some("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ=".to_string())
         }
         "HOOKRELAY_ADMIN_LISTEN" | "HOOKRELAY_DATA" | "HOOKRELAY_ADMIN_TOKEN" => None,
-        _ => Some("set-by-the-operator".to_string()),
+        _ => Some("set-by-the-operator-of-this-relay".to_string()),
     };
     if let Err(e) = hookrelay::config::parse(&shipped, file, &everything_set) {
         panic!("{e}");
@@ -848,8 +882,8 @@ fn a_published_default_secret_is_refused_once_the_ingress_is_public() {
 #[test]
 fn pem_text_where_a_tls_path_goes_is_not_printed() {
     let t = BASE.replace(
-        "token_secret = \"t\"",
-        "token_secret = \"t\"\ntls = { cert = \"cert.pem\", key = \"${TLS_KEY}\" }",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\ntls = { cert = \"cert.pem\", key = \"${TLS_KEY}\" }",
     );
     let env = |n: &str| {
         (n == "TLS_KEY")
@@ -884,8 +918,8 @@ fn a_secret_in_the_wrong_place_is_not_printed() {
     // holding another is not shown in part; the wording around a value stays as it is.
     let t =
         BASE.replace(
-            "token_secret = \"t\"",
-            "token_secret = \"t\"\nadmin_token = \"${ADMIN}\"",
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"",
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nadmin_token = \"${ADMIN}\"",
         )
         .replace(
             "http://127.0.0.1:8001/hooks",
@@ -1033,7 +1067,7 @@ fn the_contracts_complete_example_is_accepted_once_its_variables_are_set() {
             "VOICE_AUTH",
         ]
         .contains(&name)
-        .then(|| format!("value-of-{name}"))
+        .then(|| format!("value-of-{name}-set-by-this-test"))
     };
     assert_eq!(problems_with(text, &env), Vec::<String>::new());
     // Without them, each is named.
@@ -1105,15 +1139,15 @@ fn the_admin_api_needs_a_port_of_its_own() {
         ("0.0.0.0:18080", "127.0.0.1:18080"),
     ] {
         let t = BASE.replace(
-            "token_secret = \"t\"\n",
-            &format!("token_secret = \"t\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n"),
+            "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\n",
+            &format!("token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n"),
         );
         rejects(&t, "server.admin_listen", "takes the port of server.listen");
     }
     // Another address on the same port is another socket.
     let t = BASE.replace(
-        "token_secret = \"t\"\n",
-        "token_secret = \"t\"\nlisten = \"127.0.0.2:18080\"\nadmin_listen = \"127.0.0.1:18080\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\n",
+        "token_secret = \"tok-secret-for-tests-0123456789abcdef\"\nlisten = \"127.0.0.2:18080\"\nadmin_listen = \"127.0.0.1:18080\"\n",
     );
     assert!(problems(&t).is_empty(), "{:?}", problems(&t));
 }

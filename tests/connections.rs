@@ -266,7 +266,7 @@ async fn slow_bodies_cannot_take_more_than_the_memory_budget() {
 async fn token_requests_share_the_body_memory_budget() {
     let text = config(100).replace(
         "read_timeout = \"1s\"",
-        "read_timeout = \"10s\"\ntoken_secret = \"k\"",
+        "read_timeout = \"10s\"\ntoken_secret = \"tok-secret-for-tests-0123456789abcdef\"",
     ) + "\n[[sources]]\nname = \"sms\"\npath = \"/sms\"\n\
            auth = { kind = \"oauth2\", clients = [{ id = \"c\", secret = \"s\" }] }\n";
     let r = TestRelay::start(&text).await;

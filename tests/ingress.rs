@@ -17,7 +17,7 @@ fn config(extra_server: &str, extra: &str) -> String {
 listen = "127.0.0.1:0"
 max_body_bytes = 4096
 read_timeout = "500ms"
-token_secret = "test-token-secret"
+token_secret = "test-token-secret-0123456789abcdef"
 {extra_server}
 
 [delivery]

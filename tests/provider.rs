@@ -60,7 +60,7 @@ match = { schema = ["dids", "lnp_requests", "sms_enablement"] }
 to = ["numbers"]
 "#;
 
-const ENV: &[(&str, &str)] = &[("TOKEN_SECRET", "token-signing-key")];
+const ENV: &[(&str, &str)] = &[("TOKEN_SECRET", "token-signing-key-for-the-provider-tests")];
 
 fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
     let mut s = form_urlencoded::Serializer::new(String::new());
@@ -269,9 +269,12 @@ async fn expired_token_is_refused() {
         scope: None,
         exp: hookrelay::store::now_ms() / 1000 - 1,
         iat: hookrelay::store::now_ms() / 1000 - 61,
-        secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
+        secret: hookrelay::token::secret_mark(
+            b"token-signing-key-for-the-provider-tests",
+            b"s3cr3t&=:x",
+        ),
     };
-    let old = hookrelay::token::issue(b"token-signing-key", &claims);
+    let old = hookrelay::token::issue(b"token-signing-key-for-the-provider-tests", &claims);
     let a = r
         .post_with(
             "/8x8/sms",
@@ -335,7 +338,7 @@ async fn a_token_without_the_mark_of_its_clients_secret_is_refused() {
         iat: now,
         secret: String::new(),
     };
-    let token = hookrelay::token::issue(b"token-signing-key", &claims);
+    let token = hookrelay::token::issue(b"token-signing-key-for-the-provider-tests", &claims);
     let a = post_sms(&r, &format!("Bearer {token}")).await;
     a.error(401, "unauthorized");
     assert_eq!(
@@ -356,11 +359,14 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
         scope: None,
         exp: now + 30 * 24 * 3600,
         iat: now - 2 * 3600,
-        secret: hookrelay::token::secret_mark(b"token-signing-key", b"s3cr3t&=:x"),
+        secret: hookrelay::token::secret_mark(
+            b"token-signing-key-for-the-provider-tests",
+            b"s3cr3t&=:x",
+        ),
     };
     let long = format!(
         "Bearer {}",
-        hookrelay::token::issue(b"token-signing-key", &claims)
+        hookrelay::token::issue(b"token-signing-key-for-the-provider-tests", &claims)
     );
     let msg = post_sms(&r, &long).await.error(401, "unauthorized");
     assert!(msg.contains("token_ttl"), "{msg}");
@@ -372,7 +378,7 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
     };
     let old = format!(
         "Bearer {}",
-        hookrelay::token::issue(b"token-signing-key", &issued)
+        hookrelay::token::issue(b"token-signing-key-for-the-provider-tests", &issued)
     );
     let msg = post_sms(&r, &old).await.error(401, "unauthorized");
     assert!(msg.contains("token_ttl"), "{msg}");
@@ -385,7 +391,7 @@ async fn a_token_outliving_the_token_ttl_is_refused() {
     };
     let recent = format!(
         "Bearer {}",
-        hookrelay::token::issue(b"token-signing-key", &recent)
+        hookrelay::token::issue(b"token-signing-key-for-the-provider-tests", &recent)
     );
     assert_eq!(post_sms(&r, &recent).await.status, 200);
     // One the endpoint issues passes.

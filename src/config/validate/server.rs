@@ -7,6 +7,9 @@ use super::Cx;
 use crate::config::raw::*;
 use crate::config::*;
 
+/// The shortest `server.token_secret`, in bytes.
+const TOKEN_SECRET_MIN: usize = 32;
+
 impl Cx<'_> {
     pub(super) fn server(&mut self, raw: Option<&Spanned<RawServer>>) -> Server {
         let empty = RawServer {
@@ -124,10 +127,7 @@ impl Cx<'_> {
             max_body_bytes: self.body_limit(&r.max_body_bytes),
             trusted_proxies: self.cidrs(&r.trusted_proxies, "server.trusted_proxies"),
             tls,
-            token_secret: r
-                .token_secret
-                .as_ref()
-                .and_then(|s| self.secret(s, "server.token_secret", false)),
+            token_secret: r.token_secret.as_ref().and_then(|s| self.token_secret(s)),
             shutdown_grace: self.duration(
                 &r.shutdown_grace,
                 "server.shutdown_grace",
@@ -308,5 +308,26 @@ impl Cx<'_> {
                 out.replicas = *n.get_ref() as usize;
             }
         }
+    }
+
+    /// `server.token_secret`: at least [`TOKEN_SECRET_MIN`] bytes. A token shows what it
+    /// signs, so from one token a short key can be found by trying keys (RFC 7518 §3.2
+    /// asks for a key as long as the hash, 32 bytes for HMAC-SHA256).
+    fn token_secret(&mut self, s: &Str) -> Option<Secret> {
+        let secret = self.secret(s, "server.token_secret", false)?;
+        let len = secret.expose().len();
+        if len < TOKEN_SECRET_MIN {
+            self.err(
+                Some(s.span()),
+                "server.token_secret",
+                format!(
+                    "is {len} bytes: a token shows what it signs, so a key this short can be \
+                     found from one token by trying keys; give it {TOKEN_SECRET_MIN} random \
+                     bytes or more (e.g. `openssl rand -hex 32`)"
+                ),
+            );
+            return None;
+        }
+        Some(secret)
     }
 }
