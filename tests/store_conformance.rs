@@ -420,6 +420,16 @@ async fn witness(st: &dyn Store, id: &str) {
         .unwrap();
 }
 
+/// Whether the first delivery of each event (by id) is shown waiting behind its key.
+async fn waiting(st: &dyn Store, ids: &[&str]) -> Vec<bool> {
+    let mut out = Vec::new();
+    for id in ids {
+        let views = st.lookup(id).await.unwrap();
+        out.push(views[0].deliveries[0].waiting);
+    }
+    out
+}
+
 /// `order_by` (CONTRACT §8): a key's deliveries are handed out one at a time in accept
 /// order; a retrying head holds back only its own key; a dead head lets the next go; a
 /// replayed one rejoins by accept order, behind the one in flight. `other` accepts every second event (on
@@ -459,6 +469,12 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
         !lists_any(st, "o", &[k1, k2, k3, k4]).await,
         "{name}: K's later events wait"
     );
+    // The admin API says which wait behind another of their key.
+    assert_eq!(
+        waiting(st, &["k0", "k1", "k2", "l0"]).await,
+        [false, true, true, false],
+        "{name}"
+    );
     // L goes on meanwhile.
     st.record(&key(l0, "o"), Outcome::Delivered { status: 200 })
         .await
@@ -484,6 +500,11 @@ async fn the_order_contract(name: &str, st: &dyn Store, other: &dyn Store) {
     assert!(
         !lists_any(st, "o", &[k0, k2, k3]).await,
         "{name}: the replay waits"
+    );
+    assert_eq!(
+        waiting(st, &["k0", "k1", "k2"]).await,
+        [true, false, true],
+        "{name}"
     );
     for (i, (now, next)) in [(k1, k0), (k0, k2), (k2, k3), (k3, k4)]
         .into_iter()

@@ -29,7 +29,11 @@ pub fn delivery(event_id: &str, source: &str, d: &Delivery) -> Value {
         "updated_at": rfc3339(d.updated_ms),
     });
     if d.state == DeliveryState::Pending {
+        // Behind another of its order key, this is the earliest it may go, not a plan.
         v["next_attempt_at"] = json!(rfc3339(d.next_due_ms));
+        if d.waiting {
+            v["waiting"] = json!(true);
+        }
     }
     v
 }
@@ -126,11 +130,15 @@ mod tests {
             last_error: Some("HTTP 503".into()),
             updated_ms: 1_764_000_000_000,
             order_key: None,
+            waiting: false,
         };
         let v = delivery("ev-1", "voice", &d);
         assert_eq!(v["event_id"], "ev-1");
         assert_eq!(v["source"], "voice");
         assert_eq!(v["next_attempt_at"], "2025-11-24T16:00:00.000Z");
+        assert!(v.get("waiting").is_none());
+        d.waiting = true;
+        assert_eq!(delivery("ev-1", "voice", &d)["waiting"], true);
         d.state = DeliveryState::Dead;
         assert!(delivery("ev-1", "voice", &d)
             .get("next_attempt_at")

@@ -274,6 +274,7 @@ mod tests {
             last_error: None,
             updated_ms: 0,
             order_key: None,
+            waiting: false,
         }
     }
 

@@ -207,6 +207,10 @@ pub struct Delivery {
     /// The `order_by` key: deliveries of one destination sharing it go one at a time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_key: Option<String>,
+    /// Pending behind an earlier delivery of its order key (not sent before that one is
+    /// delivered or dead): worked out for the admin API when read, never stored.
+    #[serde(skip)]
+    pub waiting: bool,
 }
 
 impl Delivery {
@@ -236,6 +240,7 @@ impl Delivery {
             last_error: None,
             updated_ms: received_ms,
             order_key,
+            waiting: false,
         }
     }
 

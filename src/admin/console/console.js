@@ -425,7 +425,8 @@
       el('td', { class: 'attempts num' }, text(d.attempts)),
       el('td', { class: 'last-status num' }, text(d.last_status)),
       el('td', { class: 'last-error' }, text(d.last_error)),
-      el('td', { class: 'next-attempt mono' }, d.state === 'pending' ? text(d.next_attempt_at) : '—'),
+      el('td', { class: 'next-attempt mono' }, d.state !== 'pending' ? '—'
+        : d.waiting ? 'after an earlier event with its order key' : text(d.next_attempt_at)),
       el('td', { class: 'actions' }, d.state === 'dead' ? button('replay', 'Replay', `Replay to ${d.destination}`) : null));
   }
 

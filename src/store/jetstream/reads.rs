@@ -15,6 +15,14 @@ const RECENT_EXAMINED: u64 = 10_000;
 /// A page that stops here has a cursor to go on from.
 const RECENT_READ: usize = 64 << 20;
 
+/// A delivery as the admin API shows it: marked `waiting` while pending behind another of
+/// its key's line.
+fn shown(rec: DeliveryRecord) -> Delivery {
+    let mut d = rec.delivery;
+    d.waiting = rec.waiting && d.state == DeliveryState::Pending;
+    d
+}
+
 impl JetStreamStore {
     /// An event and its deliveries, from the event's message.
     pub(super) async fn view(&self, seq: u64, payload: &Bytes) -> Result<EventView, StoreError> {
@@ -35,9 +43,9 @@ impl JetStreamStore {
         let mut unreadable = Unreadable::default();
         for d in &meta.destinations {
             match unreadable.skip(seq, self.state_of(seq, d, &e).await)? {
-                Some(Some((_, rec, _))) => deliveries.push(rec.delivery),
+                Some(Some((_, rec, _))) => deliveries.push(shown(rec)),
                 // Not fanned out yet: pending, as it will be written.
-                Some(None) => deliveries.push(meta.first_delivery(seq, d).delivery),
+                Some(None) => deliveries.push(shown(meta.first_delivery(seq, d))),
                 None => {}
             }
         }

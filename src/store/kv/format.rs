@@ -117,6 +117,7 @@ mod tests {
             last_error: None,
             updated_ms: 1,
             order_key: None,
+            waiting: false,
         };
         engine
             .group(&mut |txn| {

@@ -140,6 +140,8 @@ impl<E: Engine> Shared<E> {
             .transpose()
     }
 
+    /// The event's deliveries as the admin API shows them: a pending ordered one not in
+    /// the due queue (behind another of its key's line) is marked `waiting`.
     fn deliveries_of(&self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
         let mut out = Vec::new();
         self.engine
@@ -147,6 +149,14 @@ impl<E: Engine> Shared<E> {
                 out.push(decode_delivery(v)?);
                 Ok(true)
             })?;
+        // The one of a key's line that may go holds the key's place in the due queue (not
+        // always the line's first: a replayed one rejoins ahead of the one in flight).
+        for d in &mut out {
+            if d.state == DeliveryState::Pending && d.order_key.is_some() {
+                let queued = queue_key(&d.destination, d.next_due_ms, d.seq);
+                d.waiting = self.engine.get(&queued)?.is_none();
+            }
+        }
         Ok(out)
     }
 }

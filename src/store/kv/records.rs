@@ -135,6 +135,7 @@ pub(super) fn decode_delivery(v: &[u8]) -> Result<Delivery, StoreError> {
         last_error: r.opt_string()?,
         updated_ms: r.u64()?,
         order_key: r.opt_string()?,
+        waiting: false,
     };
     if r.at != v.len() {
         return Err(corrupt("trailing bytes in a delivery record"));
@@ -259,6 +260,7 @@ mod tests {
                     last_error: rest.3,
                     updated_ms: rest.4,
                     order_key: rest.5,
+                    waiting: false,
                 }
             })
     }
@@ -277,6 +279,7 @@ mod tests {
             last_error: Some("e".into()),
             updated_ms: 9,
             order_key: Some("k".into()),
+            waiting: false,
         };
         let v = encode_delivery(&d);
         // The flags of first_attempt_ms, last_status, last_error and order_key.

@@ -796,6 +796,7 @@ async fn a_format_2_store_is_read() {
         last_error: Some("HTTP 503".into()),
         updated_ms: 5,
         order_key: None,
+        waiting: false,
     };
     let meta = serde_json::json!({"id": "old-1", "source": "s", "received_ms": 1,
         "content_type": "application/json"});
