@@ -1257,6 +1257,99 @@ async fn an_event_waiting_for_its_fan_out_outlives_a_short_retain() {
     drop(nats);
 }
 
+/// Consumers edited between two starts (by an operator, or made by an older build) are set
+/// back to the relay's settings, the fan-out's mark kept; one the server cannot set back in
+/// place and that would lose deliveries (no acks) is not used: deliveries wait until it is
+/// deleted, and then go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_edited_between_starts_are_set_back_or_left_unused() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path()).await;
+    let a = FaultSink::answering(200).await;
+    let text = config(&[nats.url()], &[("a", a.url("/a"))]);
+    TestRelay::start(&text).await.stop().await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("t").await.unwrap();
+    let config_of = |name: &'static str| {
+        let stream = stream.clone();
+        async move {
+            let mut c: PullConsumer = stream.get_consumer(name).await.unwrap();
+            let info = c.info().await.unwrap().config.clone();
+            pull::Config {
+                durable_name: info.durable_name,
+                description: info.description,
+                deliver_policy: info.deliver_policy,
+                ack_policy: info.ack_policy,
+                ack_wait: info.ack_wait,
+                max_deliver: info.max_deliver,
+                filter_subject: info.filter_subject,
+                max_ack_pending: info.max_ack_pending,
+                metadata: info.metadata,
+                ..Default::default()
+            }
+        }
+    };
+    let (fanout, deliveries) = (config_of("t-fanout").await, config_of("t-n-a").await);
+    let mark = fanout.metadata["hookrelay_replay_until"].clone();
+    let edited = |c: &pull::Config| pull::Config {
+        max_deliver: 2,
+        ack_wait: Duration::from_secs(1),
+        max_ack_pending: 1,
+        ..c.clone()
+    };
+    stream.update_consumer(edited(&fanout)).await.unwrap();
+    stream.update_consumer(edited(&deliveries)).await.unwrap();
+    let r = TestRelay::start(&text).await;
+    assert_eq!(post_status(&r, "e1").await, 200);
+    assert!(a.wait_count(1, Duration::from_secs(15)).await, "delivered");
+    for (name, was) in [("t-fanout", &fanout), ("t-n-a", &deliveries)] {
+        let now = config_of(name).await;
+        assert_eq!(
+            (now.max_deliver, now.ack_wait, now.max_ack_pending),
+            (was.max_deliver, was.ack_wait, was.max_ack_pending),
+            "{name} set back"
+        );
+    }
+    assert_eq!(
+        config_of("t-fanout").await.metadata["hookrelay_replay_until"],
+        mark,
+        "the fan-out's mark kept"
+    );
+    r.stop().await;
+    // Made again without acks: the server cannot change an ack policy in place.
+    assert!(stream.delete_consumer("t-n-a").await.unwrap().success);
+    stream
+        .create_consumer(pull::Config {
+            ack_policy: AckPolicy::None,
+            metadata: Default::default(),
+            ..deliveries.clone()
+        })
+        .await
+        .unwrap();
+    let r = TestRelay::start(&text).await;
+    assert_eq!(post_status(&r, "e2").await, 200);
+    // Nothing is taken through it (it would be gone unacknowledged): e2 waits in the
+    // stream. Waited out: what is checked is that nothing happens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.count(), 1, "not sent through a consumer without acks");
+    let mut c: PullConsumer = stream.get_consumer("t-n-a").await.unwrap();
+    assert_eq!(
+        c.info().await.unwrap().delivered.stream_sequence,
+        0,
+        "nothing taken"
+    );
+    // Deleted, it is made again, and e2 goes.
+    assert!(stream.delete_consumer("t-n-a").await.unwrap().success);
+    assert!(
+        a.wait_count(2, Duration::from_secs(15)).await,
+        "delivered once deleted"
+    );
+    assert_eq!(config_of("t-n-a").await.ack_policy, AckPolicy::Explicit);
+    r.stop().await;
+    drop(nats);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_deleted_under_a_running_relay_are_made_again() {
     let dir = tempfile::tempdir().unwrap();
