@@ -268,6 +268,30 @@ async fn a_duplicate_while_the_call_is_out_gets_its_answer_without_a_second_call
 }
 
 #[tokio::test]
+async fn a_call_goes_on_when_the_provider_hangs_up_and_its_answer_is_kept_for_the_retry() {
+    // 8x8 gives up on a slow answer and hangs up before ivr answers; then it sends the
+    // event again. The call it left is not cut off: ivr's answer counts as its delivery and
+    // is kept, and the retry gets it without a second call.
+    let ivr = replying(200, REPLY, Duration::from_millis(500)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"5s\"");
+    let r = TestRelay::start(&text).await;
+    let body = fixture("8x8/voice-call-action.json");
+    let first = first_try_out(&r, &ivr, &body).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let d = delivery_of(&r, "ivr", |d| d.state != DeliveryState::Pending).await;
+    assert_eq!(
+        (d.state, d.last_status),
+        (DeliveryState::Delivered, Some(200))
+    );
+    let again = r.post("/8x8/voice", &body).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(&again.body[..], REPLY);
+    assert_eq!(ivr.seen().len(), 1, "one call to ivr for both tries");
+}
+
+#[tokio::test]
 async fn a_resend_whose_call_succeeds_delivers_a_delivery_the_first_call_left_dead() {
     // The first call gets a 404: the held delivery is dead at once. 8x8 sends the event
     // again and that call gets ivr's answer: the delivery is delivered, off the dead list

@@ -252,7 +252,7 @@ async fn accept(
             })
             .inc();
     }
-    if let Some(reply) = reply.and_then(|ri| config.routes[ri].reply.as_ref()) {
+    if let Some(route) = reply.filter(|ri| config.routes[*ri].reply.is_some()) {
         if let Some(kept) = &kept {
             return Ok(reply::stored(kept));
         }
@@ -264,7 +264,7 @@ async fn accept(
             content_type: ev.content_type,
             body: ev.body,
         };
-        return Ok(Box::pin(reply::call(app, config, reply, &event, !duplicate, arrived)).await);
+        return Ok(Box::pin(reply::call(app, config, route, &event, !duplicate, arrived)).await);
     }
     let deliveries = if duplicate { 0 } else { deliveries };
     debug!(duplicate, deliveries, "accepted");

@@ -12,16 +12,17 @@
 //!
 //! A duplicate that arrives while this instance's call for the event is still out (the
 //! provider retried a slow answer) waits for that call's answer ([`InProgress`]) instead
-//! of calling the destination a second time at once.
+//! of calling the destination a second time at once. The call runs on a task of its own,
+//! so a provider that hangs up does not cut it off: its answer is kept all the same.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument, Span};
 
 use super::Deps;
 use crate::config::{Config, Reply};
@@ -45,19 +46,19 @@ type Answered = Option<(u16, Option<String>, Bytes)>;
 pub struct InProgress(Mutex<HashMap<u64, tokio::sync::watch::Receiver<Option<Answered>>>>);
 
 /// A call registered in [`InProgress`]: says its answer, and leaves when dropped (a call
-/// dropped without one, the provider having hung up, lets a waiting duplicate call).
-struct Registered<'a> {
-    calls: &'a InProgress,
+/// that ended without one lets a waiting duplicate call).
+struct Registered {
+    calls: Arc<InProgress>,
     seq: u64,
     answered: tokio::sync::watch::Sender<Option<Answered>>,
 }
 
 impl InProgress {
-    fn register(&self, seq: u64) -> Registered<'_> {
+    fn register(self: &Arc<Self>, seq: u64) -> Registered {
         let (answered, rx) = tokio::sync::watch::channel(None);
         self.0.lock().unwrap().insert(seq, rx);
         Registered {
-            calls: self,
+            calls: self.clone(),
             seq,
             answered,
         }
@@ -68,13 +69,13 @@ impl InProgress {
     }
 }
 
-impl Registered<'_> {
+impl Registered {
     fn answer(&self, a: Answered) {
         self.answered.send_replace(Some(a));
     }
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.calls.0.lock().unwrap().remove(&self.seq);
     }
@@ -109,19 +110,27 @@ fn fallback(reply: &Reply) -> Response<Body> {
     )
 }
 
-/// Calls `reply.from` for `event` and answers with its response or the fallback, within
-/// `reply.timeout` of the request's arrival (`arrived`: reading the body and the store's
-/// commit count too, since the provider's clock runs through them). `fresh` says whether
-/// this request stored the event (a duplicate's call settles the held delivery only by
-/// delivering it).
+/// Calls `reply.from` of route `route` for `event` and answers with its response or the
+/// fallback, within `reply.timeout` of the request's arrival (`arrived`: reading the body
+/// and the store's commit count too, since the provider's clock runs through them).
+/// `fresh` says whether this request stored the event (a duplicate's call settles the held
+/// delivery only by delivering it).
+///
+/// The call runs on a task of its own: a provider that gives up on a slow answer hangs up
+/// (and then sends the event again), which drops this request but not the call. Its answer
+/// is then kept for the duplicate, which waits for it while it is out, and the destination
+/// is not called once per try.
 pub async fn call(
     app: &Deps,
-    config: &Config,
-    reply: &Reply,
+    config: &Arc<Config>,
+    route: usize,
     event: &StoredEvent,
     fresh: bool,
     arrived: tokio::time::Instant,
 ) -> Response<Body> {
+    let Some(reply) = config.routes[route].reply.as_ref() else {
+        unreachable!("only a reply route's events are called");
+    };
     // A duplicate that waits for the call already out calls within what is left of its own
     // timeout, not a whole new one: the provider waits for one timeout, not two.
     let deadline = arrived + reply.timeout;
@@ -141,7 +150,37 @@ pub async fn call(
             }
         }
     }
+    // Registered before the task starts: a duplicate right behind finds the call out.
     let registered = fresh.then(|| app.replies.register(event.seq));
+    let task = tokio::spawn(
+        calling(
+            app.clone(),
+            config.clone(),
+            route,
+            event.clone(),
+            fresh,
+            deadline,
+            registered,
+        )
+        .instrument(Span::current()),
+    );
+    task.await.unwrap_or_else(|_| fallback(reply))
+}
+
+/// [`call`]'s call, on its own task: the rest of [`call`] with what it holds.
+async fn calling(
+    app: Deps,
+    config: Arc<Config>,
+    route: usize,
+    event: StoredEvent,
+    fresh: bool,
+    deadline: tokio::time::Instant,
+    registered: Option<Registered>,
+) -> Response<Body> {
+    let (app, event) = (&app, &event);
+    let Some(reply) = config.routes[route].reply.as_ref() else {
+        unreachable!("only a reply route's events are called");
+    };
     let dest = &config.destinations[reply.from];
     let status = app.statuses.of(&dest.name);
     // Less than a quarter of it left, a call would mostly time out, and count against the
