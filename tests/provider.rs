@@ -180,6 +180,20 @@ async fn token_with_form_credentials_and_scope() {
     let auth = bearer(&a);
     let ok = post_sms(&r, &auth).await;
     assert_eq!(ok.status, 200);
+    // A client library that sends its last token along with form credentials: the token
+    // is not HTTP Basic, so not a second way of authenticating.
+    let again = r
+        .post_with(
+            "/oauth/token",
+            &[FORM, ("authorization", &auth)],
+            &form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", "8x8-sms"),
+                ("client_secret", "s3cr3t&=:x"),
+            ]),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{:?}", again.body);
 }
 
 #[tokio::test]

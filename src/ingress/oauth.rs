@@ -144,10 +144,13 @@ pub async fn token_endpoint(
             "the token endpoint takes POST",
         );
     }
+    // Only HTTP Basic authenticates a client here: another scheme (a client library that
+    // sends its last token along) is not a second way of authenticating.
     let basic = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::web::authorization::of_scheme(v, "Basic").is_some())
         .map(str::to_string);
     // Its form counts in the bodies held at once like an event's: stalled token requests
     // must not hold memory the budget does not see.
