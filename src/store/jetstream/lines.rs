@@ -25,7 +25,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull;
-use tracing::debug;
 
 use super::batch::{Write, Written};
 use super::records::*;
@@ -169,6 +168,9 @@ impl JetStreamStore {
     /// be in flight), the entries of earlier events, this one's, those of later events. This
     /// one's is conditional on the line's last sequence as read, so an entry added meanwhile
     /// fails the batch too. `None`: the line is longer than one batch may write.
+    /// `missing_only`: no writes (empty) if its entry is in the line already (another
+    /// instance put it back meanwhile: moving it again could put it behind the entry after
+    /// it, while it is in flight).
     async fn rejoin(
         &self,
         dest: &str,
@@ -176,6 +178,7 @@ impl JetStreamStore {
         slot: &str,
         pos: u64,
         e: &str,
+        missing_only: bool,
     ) -> Result<Option<Vec<Write>>, StoreError> {
         let own = self.names.line_entry(dest, key, slot);
         let subjects = self
@@ -189,6 +192,9 @@ impl JetStreamStore {
         for subject in subjects {
             if let Some((entry_seq, payload)) = self.last(&subject).await? {
                 last = last.max(entry_seq);
+                if subject == own && missing_only {
+                    return Ok(Some(Vec::new()));
+                }
                 if subject != own {
                     line.push((entry_seq, subject, LineEntry::decode(&payload)?));
                 }
@@ -215,23 +221,27 @@ impl JetStreamStore {
     /// The writes that put an ordered delivery's entry (its event part `e`) back in its
     /// key's line: by accept order ([`rejoin`](Self::rejoin)) when `by_order` and its place
     /// is known, else (or for a line too long) at the line's end, unconditionally. None for
-    /// an unordered delivery.
+    /// an unordered delivery, nor when `missing_only` and its entry is in the line.
     pub(super) async fn rejoin_writes(
         &self,
         rec: &DeliveryRecord,
         e: &str,
         by_order: bool,
+        missing_only: bool,
     ) -> Result<Vec<Write>, StoreError> {
         let (Some(key), Some(slot)) = (&rec.delivery.order_key, &rec.slot) else {
             return Ok(Vec::new());
         };
         let dest = &rec.delivery.destination;
         if let (true, Some(pos)) = (by_order, rec.pos) {
-            if let Some(writes) = self.rejoin(dest, key, slot, pos, e).await? {
+            if let Some(writes) = self.rejoin(dest, key, slot, pos, e, missing_only).await? {
                 return Ok(writes);
             }
         }
         let own = self.names.line_entry(dest, key, slot);
+        if missing_only && self.last(&own).await?.is_some() {
+            return Ok(Vec::new());
+        }
         Ok(vec![Write::new(own, end_entry(rec.pos.unwrap_or(0), e))])
     }
 
@@ -307,28 +317,31 @@ impl JetStreamStore {
                 let subject = self.names.line_entry(dest, &l.key, &l.slot);
                 async move {
                     let w = self.write(&[Write::new(subject, entry.encode())]).await;
-                    (l, w)
+                    ((dest, l), w)
                 }
             });
-        let mut entries = Vec::new();
+        let mut entries = Entries {
+            store: self.me.clone(),
+            seqs: Vec::new(),
+            lines: Vec::new(),
+        };
         let mut failed = None;
-        for (l, w) in futures_util::future::join_all(writes).await {
+        for ((dest, l), w) in futures_util::future::join_all(writes).await {
             match w {
                 Ok(Written::Stored { first }) => {
                     l.entry = first;
-                    entries.push(first);
+                    entries.seqs.push(first);
+                    entries.lines.push((dest.clone(), l.key.clone()));
                 }
                 Ok(Written::Conflict) => {}
                 Err(e) => failed = Some(e),
             }
         }
         if failed.is_none() && started.elapsed() <= ENTRIES_FRESH {
-            return Ok(Entries {
-                store: self.me.clone(),
-                seqs: entries,
-            });
+            return Ok(entries);
         }
-        self.forget_entries(entries).await;
+        // The event is not written yet: its entries stand for nothing.
+        entries.forget().await;
         Err(failed.unwrap_or_else(|| {
             StoreError::Unavailable("JetStream was too slow to take the event; try again".into())
         }))
@@ -383,11 +396,15 @@ impl JetStreamStore {
     /// Puts back the entry of a delivery whose entry was let go (its event stored later
     /// than the orphan wait): by accept order, behind the line's head, as a replay does;
     /// at the line's end if the line keeps changing.
+    /// Nothing is written if its entry is back already (put back by another instance).
     pub(super) async fn put_back(&self, rec: &DeliveryRecord, e: &str) -> Result<(), StoreError> {
         for attempt in 0..REJOIN_TRIES {
             let writes = self
-                .rejoin_writes(rec, e, attempt + 1 < REJOIN_TRIES)
+                .rejoin_writes(rec, e, attempt + 1 < REJOIN_TRIES, true)
                 .await?;
+            if writes.is_empty() {
+                return Ok(());
+            }
             if let Written::Stored { .. } = self.write(&writes).await? {
                 return Ok(());
             }
@@ -395,13 +412,17 @@ impl JetStreamStore {
         Ok(())
     }
 
-    /// Deletes line entries that stand for nothing (a duplicate's, a failed accept's); a
-    /// failure is logged (the entry is let go once old).
-    async fn forget_entries(&self, seqs: Vec<u64>) {
+    /// Deletes line entries that stand for nothing (a duplicate's, a refused accept's),
+    /// then moves their lines on: a delivery may be waiting behind one of them. A failure
+    /// is logged (the entry is let go once old).
+    async fn forget_entries(&self, seqs: Vec<u64>, lines: Vec<(String, String)>) {
         for seq in seqs {
             if let Err(e) = self.delete_entry(seq).await {
-                debug!(seq, error = %e, "deleting a line entry that stands for nothing failed; it is let go once old");
+                warn!(seq, error = %e, "deleting a line entry that stands for nothing failed; it holds its key back until it is let go, once old");
             }
+        }
+        for (dest, key) in lines {
+            self.advance_or_log(&dest, &key).await;
         }
     }
 
@@ -488,12 +509,17 @@ impl JetStreamStore {
 }
 
 /// An accept's line entries, written before its event: [`keep`](Self::keep) once the event
-/// is stored, [`forget`](Self::forget) when it is not. Dropped unsettled (the accept itself
-/// was dropped: the ingress answered 503 at its timeout), they are deleted in a task of
-/// their own. (Should the event still be stored, its fan-out puts its entry back.)
+/// is stored, [`forget`](Self::forget) when it is certainly not (a duplicate, too large),
+/// [`leave`](Self::leave) when that is not known (an error, a timeout: the write may have
+/// landed). Left (or dropped unsettled: the ingress gave up at its timeout), they are let
+/// go by the line once they have stood for nothing for [`ORPHAN_AFTER`] (the line checks
+/// that their event is not stored); deleting them at once could take an entry from an
+/// event stored after all, whose delivery may already be going out as its key's head.
 pub(super) struct Entries {
     store: std::sync::Weak<JetStreamStore>,
     seqs: Vec<u64>,
+    /// Each entry's destination and order key.
+    lines: Vec<(String, String)>,
 }
 
 impl Entries {
@@ -502,34 +528,21 @@ impl Entries {
         Entries {
             store: std::sync::Weak::new(),
             seqs: Vec::new(),
+            lines: Vec::new(),
         }
     }
 
     /// The event is stored: its entries stand for it.
-    pub(super) fn keep(mut self) {
-        self.seqs.clear();
-    }
+    pub(super) fn keep(self) {}
 
-    /// The event is not stored: its entries are deleted now.
-    pub(super) async fn forget(mut self) {
-        let seqs = std::mem::take(&mut self.seqs);
+    /// Whether the event is stored is not known: the line decides, once they are old.
+    pub(super) fn leave(self) {}
+
+    /// The event is certainly not stored: its entries are deleted now.
+    pub(super) async fn forget(self) {
         if let Some(store) = self.store.upgrade() {
-            store.forget_entries(seqs).await;
+            store.forget_entries(self.seqs, self.lines).await;
         }
-    }
-}
-
-impl Drop for Entries {
-    fn drop(&mut self) {
-        let seqs = std::mem::take(&mut self.seqs);
-        let (false, Some(store), Ok(rt)) = (
-            seqs.is_empty(),
-            self.store.upgrade(),
-            tokio::runtime::Handle::try_current(),
-        ) else {
-            return;
-        };
-        rt.spawn(async move { store.forget_entries(seqs).await });
     }
 }
 

@@ -62,7 +62,7 @@ use crate::config::Config;
 const UNFANNED_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 /// The longest one write waits for JetStream's ack (the ingress gives up sooner, at its own
-/// timeout: a dropped accept deletes its line entries, [`lines::Entries`]).
+/// timeout: a dropped accept leaves its line entries to their line, [`lines::Entries`]).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Tries at recording a reply route's call, 250 ms apart and doubling up to 4 s: about
 /// 16 s in all, so an outage of a few seconds does not have the delivery sent again.
@@ -499,12 +499,13 @@ impl Store for JetStreamStore {
             ))
         };
         let stored = stored.await;
-        // Entries stand for the event only once it is stored; otherwise (a duplicate, an
-        // error) they go now, and if this accept is dropped first (the ingress gave up),
-        // when it is dropped: a key is not held back by entries that stand for nothing.
+        // Entries stand for the event once it is stored; they go now when it certainly is
+        // not (a duplicate), and are left to their line after an error (the event may have
+        // been stored all the same), as when this accept is dropped (the ingress gave up).
         match &stored {
             Ok(Admission::Accepted { .. }) => entries.keep(),
-            _ => entries.forget().await,
+            Ok(_) => entries.forget().await,
+            Err(_) => entries.leave(),
         }
         stored
     }

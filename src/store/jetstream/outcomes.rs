@@ -117,7 +117,7 @@ impl JetStreamStore {
             )
             .ttl(REPLAYED_TTL);
             let by_order = attempt + 1 < lines::REJOIN_TRIES;
-            let entries = self.rejoin_writes(&rec, &e, by_order).await?;
+            let entries = self.rejoin_writes(&rec, &e, by_order, false).await?;
             let mut writes = vec![
                 Write::new(
                     self.names.delivery(&dest, &part),
