@@ -26,6 +26,10 @@ pub struct App {
     pub bodies: Arc<crate::ingress::body_memory::BodyMemory>,
     reloading: std::sync::Mutex<()>,
     replies: Arc<crate::ingress::ReplyCalls>,
+    /// Work that goes on when its request is gone (a reply route's call, a replay of a
+    /// whole destination): the shutdown waits for it, within `shutdown_grace`, before the
+    /// store closes under it.
+    pub background: tokio_util::task::TaskTracker,
 }
 
 impl App {
@@ -45,6 +49,7 @@ impl App {
             bodies: Arc::default(),
             reloading: std::sync::Mutex::default(),
             replies: Arc::default(),
+            background: tokio_util::task::TaskTracker::new(),
         }))
     }
 
@@ -59,6 +64,7 @@ impl App {
             statuses: self.statuses.clone(),
             bodies: self.bodies.clone(),
             replies: self.replies.clone(),
+            background: self.background.clone(),
         }
     }
 

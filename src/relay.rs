@@ -136,11 +136,17 @@ async fn run(
     }
     let grace = app.config().server.shutdown_grace;
     delivery_stop.cancel();
+    // Reply calls whose provider hung up and replays of whole destinations get the same
+    // grace: their outcomes go into the store before it closes.
+    app.background.close();
+    let both = futures_util::future::join(delivery.wait(), app.background.wait());
     tokio::select! {
-        waited = tokio::time::timeout(grace, delivery.wait()) => if waited.is_err() {
+        waited = tokio::time::timeout(grace, both) => if waited.is_err() {
             warn!(
                 ?grace,
-                "deliveries still in flight after shutdown_grace; they stay pending"
+                in_flight_apart = app.background.len(),
+                "deliveries, reply calls or a replay still under way after shutdown_grace; \
+                 what they did not record stays pending (a replay: dead)"
             );
         },
         _ = hurry.cancelled() => {}

@@ -444,6 +444,38 @@ async fn the_reply_timeout_counts_from_the_requests_arrival() {
 /// is (the drain was three read timeouts): the provider gets the next call action, not a
 /// connection closed under it.
 #[tokio::test]
+async fn a_reply_call_whose_provider_hung_up_is_recorded_before_the_store_closes() {
+    // 8x8 hangs up on a slow answer; the relay is stopped while the call it left is out.
+    // The stop waits for that call (within shutdown_grace), so its answer counts as the
+    // delivery: after the restart the held delivery is not sent a second time.
+    let ivr = replying(200, REPLY, Duration::from_secs(1)).await;
+    let analytics = Sink::always(200).await;
+    let text = config(ivr.addr, analytics.addr).replace("timeout = \"300ms\"", "timeout = \"4s\"");
+    let r = TestRelay::start(&text).await;
+    let first = first_try_out(&r, &ivr, &fixture("8x8/voice-call-action.json")).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let dir = r.stop().await;
+    let store = hookrelay::store::redb::RedbStore::open(&dir.path().join("data")).unwrap();
+    use hookrelay::store::Store;
+    let views = store
+        .lookup("77e6a667-133a-11ef-9dd4-e911cc6fc82f")
+        .await
+        .unwrap();
+    let ivr_delivery = views[0]
+        .deliveries
+        .iter()
+        .find(|d| d.destination == "ivr")
+        .unwrap();
+    assert_eq!(
+        ivr_delivery.state,
+        DeliveryState::Delivered,
+        "{ivr_delivery:?}"
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_reply_call_out_at_shutdown_is_answered() {
     let ivr = replying(200, REPLY, Duration::from_secs(2)).await;
     let analytics = Sink::always(200).await;

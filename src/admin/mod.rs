@@ -423,16 +423,20 @@ async fn replay(
             // To its end even when the request is gone (a client's timeout on a large one),
             // rather than some of the letters replayed and the rest left for no reason.
             let store = app.store.clone();
-            let whole = tokio::spawn(async move {
-                let replayed = store.replay(which).await;
-                // Said here too: the request may be gone.
-                match &replayed {
-                    Ok(n) => info!(replayed = n, "a destination's dead deliveries replayed"),
-                    Err(e) => warn!(error = %e, "replaying a destination's dead deliveries failed"),
-                }
-                replayed
-            })
-            .await;
+            let whole = app
+                .background
+                .spawn(async move {
+                    let replayed = store.replay(which).await;
+                    // Said here too: the request may be gone.
+                    match &replayed {
+                        Ok(n) => info!(replayed = n, "a destination's dead deliveries replayed"),
+                        Err(e) => {
+                            warn!(error = %e, "replaying a destination's dead deliveries failed")
+                        }
+                    }
+                    replayed
+                })
+                .await;
             return match whole {
                 Ok(replayed) => replayed.map_err(store_error),
                 Err(e) => Err(ApiError::new(

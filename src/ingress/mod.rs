@@ -71,6 +71,8 @@ pub struct Deps {
     pub bodies: Arc<body_memory::BodyMemory>,
     /// Reply calls out on this instance (a duplicate waits for the first one's answer).
     pub replies: Arc<reply::InProgress>,
+    /// Where a reply route's call runs, so that the shutdown waits for it.
+    pub background: tokio_util::task::TaskTracker,
 }
 
 impl Deps {

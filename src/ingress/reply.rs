@@ -152,7 +152,7 @@ pub async fn call(
     }
     // Registered before the task starts: a duplicate right behind finds the call out.
     let registered = fresh.then(|| app.replies.register(event.seq));
-    let task = tokio::spawn(
+    let task = app.background.spawn(
         calling(
             app.clone(),
             config.clone(),
