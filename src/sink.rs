@@ -80,7 +80,12 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
             async move { sink.answer(req).await }
         },
     ));
-    let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C or SIGTERM (how a script or a service manager stops it): a clean stop, 0.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
     stop.cancel();
     let _ = serving.await;
     Ok(ExitCode::SUCCESS)

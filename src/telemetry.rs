@@ -14,10 +14,11 @@ use crate::cli::LogFormat;
 /// client could flood the log, a line per 17 bytes.
 const QUIET_H2: &str = "h2=error";
 
-/// The filter `HOOKRELAY_LOG` asks for (`info` without it), with [`QUIET_H2`] unless it
-/// names `h2` itself.
+/// The filter `HOOKRELAY_LOG` asks for (`info` without it, or set empty: an empty filter
+/// would turn every log line off, errors too), with [`QUIET_H2`] unless it names `h2`
+/// itself.
 fn filter_text(asked: Option<&str>) -> String {
-    let asked = asked.unwrap_or("info");
+    let asked = asked.filter(|a| !a.trim().is_empty()).unwrap_or("info");
     if asked.contains("h2") {
         asked.to_string()
     } else {
@@ -111,5 +112,8 @@ mod tests {
         assert_eq!(filter_text(None), "info,h2=error");
         assert_eq!(filter_text(Some("debug")), "debug,h2=error");
         assert_eq!(filter_text(Some("info,h2=debug")), "info,h2=debug");
+        // Set empty (an env file's `HOOKRELAY_LOG=`): the default, not every line off.
+        assert_eq!(filter_text(Some("")), "info,h2=error");
+        assert_eq!(filter_text(Some("  ")), "info,h2=error");
     }
 }

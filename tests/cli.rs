@@ -36,16 +36,21 @@ async fn listening(out: &mut Lines<BufReader<ChildStdout>>) -> (String, String) 
 }
 
 /// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit; true when it exited 0.
-async fn interrupt(mut child: Child) -> bool {
+async fn interrupt(child: Child) -> bool {
+    signalled(child, "-INT").await
+}
+
+/// Sends `signal` (`-INT`, `-TERM`) to `child`; whether it then exits 0 (within 15 s).
+async fn signalled(mut child: Child, signal: &str) -> bool {
     let pid = child.id().expect("still running").to_string();
     let sent = std::process::Command::new("kill")
-        .args(["-INT", &pid])
+        .args([signal, &pid])
         .status()
         .unwrap();
     assert!(sent.success());
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
-        .expect("exits within 15 s of SIGINT")
+        .expect("exits within 15 s of the signal")
         .unwrap();
     status.success()
 }
@@ -147,7 +152,10 @@ async fn the_sinks_bodiless_400_goes_out_as_told() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains(r#""error":"bad_request""#), "{answer}");
-    assert!(interrupt(child).await, "the sink exits 0 on Ctrl-C");
+    assert!(
+        signalled(child, "-TERM").await,
+        "the sink exits 0 on SIGTERM"
+    );
 }
 
 const CONFIG: &str = r#"
