@@ -55,6 +55,9 @@ async fn health_ready_and_unknown_paths() {
     send(Method::GET, &r.admin_url("/api/dead?limit=zero"), &[], b"")
         .await
         .error(400, "bad_request");
+    send(Method::GET, &r.admin_url("/api/dead?after=last"), &[], b"")
+        .await
+        .error(400, "bad_request");
     send(Method::POST, &r.admin_url("/api/dead/replay"), &[], b"")
         .await
         .error(400, "bad_request");
@@ -353,6 +356,16 @@ async fn event_lookup_dead_list_and_replay() {
     assert_eq!(dead.as_array().unwrap().len(), 1, "{dead}");
     assert_eq!(dead[0]["state"], "dead");
     assert_eq!(dead[0]["last_status"], 400);
+    // Its cursor goes on past it: nothing after the only one.
+    let after = dead[0]["cursor"].as_u64().expect("a cursor");
+    let a = send(
+        Method::GET,
+        &r.admin_url(&format!("/api/dead?destination=calls&after={after}")),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(a.json(), serde_json::json!([]));
     // A name no destination has (a typo) is said, not answered as "nothing dead".
     let a = send(
         Method::GET,

@@ -390,6 +390,38 @@ async fn dead_letters_oldest_first(name: &str, st: &dyn Store) {
         .map(|n| n.event_id)
         .collect();
     assert_eq!(first, ["dead-old"], "{name}");
+    // Past the first page: each listed one's cursor goes on after it.
+    let third = accepted(st, ev("dead-third", "x", &["zz"])).await;
+    due(st, "zz", third).await;
+    st.record(&key(third, "zz"), dead()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while st.dead(None, 10).await.unwrap().len() < 3 {
+        assert!(Instant::now() < deadline, "{name}: the third never listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids = |page: &[hookrelay::store::NamedDelivery]| -> Vec<String> {
+        page.iter().map(|n| n.event_id.clone()).collect()
+    };
+    let page1 = st.dead_after(None, 0, 2).await.unwrap();
+    assert_eq!(ids(&page1), ["dead-old", "dead-new"], "{name}");
+    let page2 = st.dead_after(None, page1[1].cursor, 2).await.unwrap();
+    assert_eq!(ids(&page2), ["dead-third"], "{name}");
+    assert!(
+        st.dead_after(None, page2[0].cursor, 2)
+            .await
+            .unwrap()
+            .is_empty(),
+        "{name}"
+    );
+    let zz = st
+        .dead_after(Some("zz"), page1[0].cursor, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&zz), ["dead-third"], "{name}");
+    assert!(
+        st.dead_after(None, u64::MAX, 2).await.unwrap().is_empty(),
+        "{name}"
+    );
 }
 
 /// Whether `dest` lists a pending delivery of any of `seqs` now.

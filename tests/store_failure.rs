@@ -106,8 +106,13 @@ impl Store for Flaky {
         self.check()?;
         self.inner.after_reply(seq, reply, attempt, fresh)
     }
-    async fn dead(&self, d: Option<&str>, limit: usize) -> Result<Vec<NamedDelivery>, StoreError> {
-        self.inner.dead(d, limit).await
+    async fn dead_after(
+        &self,
+        d: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
+        self.inner.dead_after(d, after, limit).await
     }
     async fn recent(&self, q: &EventQuery) -> Result<EventPage, StoreError> {
         self.inner.recent(q).await

@@ -206,16 +206,34 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                 .get("destination")
                 .map(String::as_str)
                 .filter(|d| !d.is_empty());
-            let dead = app.store.dead(dest, limit).await.map_err(store_error)?;
-            // A name no destination has (a typo) is said, not shown as "nothing dead".
-            if let Some(d) =
-                dest.filter(|d| dead.is_empty() && !destination_names(app).iter().any(|n| n == d))
-            {
+            // Past the 10,000 one answer holds: `after` is the last one's `cursor`.
+            let after = match q.get("after").map(String::as_str) {
+                None | Some("") => None,
+                Some(a) => Some(a.parse::<u64>().map_err(|_| {
+                    bad_request(
+                        "after must be the `cursor` of a dead letter an earlier answer listed",
+                    )
+                })?),
+            };
+            let dead = app
+                .store
+                .dead_after(dest, after.unwrap_or(0), limit)
+                .await
+                .map_err(store_error)?;
+            // A name no destination has (a typo) is said, not shown as "nothing dead" (on a
+            // first page: a later one may be empty).
+            if let Some(d) = dest.filter(|d| {
+                after.is_none() && dead.is_empty() && !destination_names(app).iter().any(|n| n == d)
+            }) {
                 return Err(unknown_destination(d));
             }
             Ok(ok(Value::Array(
                 dead.iter()
-                    .map(|n| views::delivery(&n.event_id, &n.source, &n.delivery))
+                    .map(|n| {
+                        let mut v = views::delivery(&n.event_id, &n.source, &n.delivery);
+                        v["cursor"] = n.cursor.into();
+                        v
+                    })
                     .collect(),
             )))
         }

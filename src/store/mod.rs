@@ -346,6 +346,9 @@ pub struct NamedDelivery {
     pub event_id: String,
     pub source: String,
     pub delivery: Delivery,
+    /// Its place in the dead-letter list ([`Store::dead_after`] goes on past it): its
+    /// event's sequence on the embedded stores, its dead-letter index entry's on JetStream.
+    pub cursor: u64,
 }
 
 /// Which events `recent` lists: newest first, all filters must hold.
@@ -420,10 +423,21 @@ pub trait Store: Send + Sync + 'static {
         fresh: bool,
     ) -> Result<(), StoreError>;
 
-    /// Dead deliveries, oldest first, optionally of one destination.
+    /// Dead deliveries, oldest first, optionally of one destination: the first `limit`.
     async fn dead(
         &self,
         destination: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<NamedDelivery>, StoreError> {
+        self.dead_after(destination, 0, limit).await
+    }
+
+    /// [`Store::dead`] past the one whose [`NamedDelivery::cursor`] is `after` (0: from
+    /// the first): the next page of a long dead-letter list.
+    async fn dead_after(
+        &self,
+        destination: Option<&str>,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError>;
 

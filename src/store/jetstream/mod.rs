@@ -672,19 +672,25 @@ impl Store for JetStreamStore {
         Ok(())
     }
 
-    async fn dead(
+    async fn dead_after(
         &self,
         destination: Option<&str>,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError> {
+        // The cursor is the dead-letter index entry's sequence.
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         Ok(self
-            .dead_letters(destination, (1, u64::MAX), limit)
+            .dead_letters(destination, (from, u64::MAX), limit)
             .await?
             .into_iter()
-            .map(|(_, _, rec, _)| NamedDelivery {
+            .map(|(entry, _, rec, _)| NamedDelivery {
                 event_id: rec.event.id,
                 source: rec.event.source,
                 delivery: rec.delivery,
+                cursor: entry,
             })
             .collect())
     }

@@ -420,13 +420,17 @@ impl<E: Engine> Store for KvStore<E> {
             .map_err(|_| StoreError::Closed)
     }
 
-    async fn dead(
+    async fn dead_after(
         &self,
         destination: Option<&str>,
+        after: u64,
         limit: usize,
     ) -> Result<Vec<NamedDelivery>, StoreError> {
         // Dead letters are keyed by destination, then sequence: the oldest of all are the
-        // oldest `limit` of each destination, merged.
+        // oldest `limit` of each destination, merged. The cursor is the sequence.
+        let Some(from) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
         let engine = &*self.shared.engine;
         let mut found = Vec::new();
         let mut next_dest = match destination {
@@ -436,7 +440,7 @@ impl<E: Engine> Store for KvStore<E> {
         while let Some(dest) = next_dest {
             let prefix = key(&[b"z/", dest.as_bytes(), b"\0"]);
             let mut taken = 0;
-            engine.scan_prefix(&prefix, &mut |k, _| {
+            engine.scan_from(&prefix, &dead_key(&dest, from), &mut |k, _| {
                 if taken >= limit {
                     return Ok(false);
                 }
@@ -466,6 +470,7 @@ impl<E: Engine> Store for KvStore<E> {
                 event_id: meta.id,
                 source: meta.source,
                 delivery,
+                cursor: seq,
             });
         }
         unreadable.warn("dead letters");
