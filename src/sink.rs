@@ -54,6 +54,13 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
+    // Ctrl-C or SIGTERM (how a script or a service manager stops it): a clean stop, 0;
+    // caught from before it says it listens.
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
     eprintln!("hookrelay sink listening on {}", listener.local_addr()?);
     let sink = Arc::new(Sink {
         status,
@@ -80,10 +87,8 @@ pub async fn run(opts: SinkOptions) -> anyhow::Result<ExitCode> {
             async move { sink.answer(req).await }
         },
     ));
-    // Ctrl-C or SIGTERM (how a script or a service manager stops it): a clean stop, 0.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     stop.cancel();

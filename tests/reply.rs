@@ -440,9 +440,6 @@ async fn the_reply_timeout_counts_from_the_requests_arrival() {
     assert_eq!(ivr.seen().len(), 1, "called with the time left");
 }
 
-/// A reply route's call still out at shutdown is waited for, however short `read_timeout`
-/// is (the drain was three read timeouts): the provider gets the next call action, not a
-/// connection closed under it.
 #[tokio::test]
 async fn a_reply_call_whose_provider_hung_up_is_recorded_before_the_store_closes() {
     // 8x8 hangs up on a slow answer; the relay is stopped while the call it left is out.
@@ -475,6 +472,9 @@ async fn a_reply_call_whose_provider_hung_up_is_recorded_before_the_store_closes
     store.close().await.unwrap();
 }
 
+/// A reply route's call still out at shutdown is waited for, however short `read_timeout`
+/// is (the drain was three read timeouts): the provider gets the next call action, not a
+/// connection closed under it.
 #[tokio::test]
 async fn a_reply_call_out_at_shutdown_is_answered() {
     let ivr = replying(200, REPLY, Duration::from_secs(2)).await;

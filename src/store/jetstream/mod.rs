@@ -467,13 +467,16 @@ impl Store for JetStreamStore {
             entries.forget().await;
             return Ok(Admission::TooLarge { limit });
         }
+        // Whether a write of the event failed without an answer: it may have landed.
+        let mut unknown = false;
         let stored = async {
             let mut expect = 0;
             for _ in 0..RENEW_TRIES {
                 let writes = [Write::new(self.names.event(&e), payload.clone())
                     .expect(expect)
                     .ttl(self.keep(&meta))];
-                if let Written::Stored { first } = self.write(&writes).await? {
+                let written = self.write(&writes).await.inspect_err(|_| unknown = true)?;
+                if let Written::Stored { first } = written {
                     let mut depths = self.depths.lock().unwrap();
                     for d in &ev.destinations {
                         *depths.entry(d.clone()).or_default() += 1;
@@ -500,12 +503,13 @@ impl Store for JetStreamStore {
         };
         let stored = stored.await;
         // Entries stand for the event once it is stored; they go now when it certainly is
-        // not (a duplicate), and are left to their line after an error (the event may have
-        // been stored all the same), as when this accept is dropped (the ingress gave up).
+        // not (a duplicate, every write refused), and are left to their line after a write
+        // that failed unanswered (the event may have been stored all the same), as when
+        // this accept is dropped (the ingress gave up).
         match &stored {
             Ok(Admission::Accepted { .. }) => entries.keep(),
-            Ok(_) => entries.forget().await,
-            Err(_) => entries.leave(),
+            Err(_) if unknown => entries.leave(),
+            _ => entries.forget().await,
         }
         stored
     }

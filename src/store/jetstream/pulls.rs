@@ -51,12 +51,13 @@ where
     }
 }
 
-/// `found` as `want` says, its metadata kept (the fan-out's mark of what it reads again, the
-/// server's own keys): a consumer found with other settings (an operator's edit, an older
-/// build) is set back to `want`'s, since some of them lose, hold back or stop deliveries.
-/// If the server refuses that in place, the log says to delete it (the relay makes it
-/// again), and it is used as found unless it would lose or skip deliveries
-/// ([`Drift::loses`]): then `None`, and the caller tries again after a while.
+/// `found`, or `found` set back to `want`'s settings when it was found with others (an
+/// operator's edit, an older build's), since some of them hold back or stop deliveries.
+/// Settings the server cannot change in place (or whose change would not bring back what
+/// they made it pass over: its subjects) are not changed: the log says to delete it (the
+/// relay then makes it again, and reads everything kept once more), and it is used as
+/// found unless it would lose or skip deliveries ([`Drift::loses`]): then `None`, and the
+/// caller tries again after a while.
 async fn set_back(
     stream: &stream::Stream,
     found: PullConsumer,
@@ -65,12 +66,35 @@ async fn set_back(
 ) -> Option<PullConsumer> {
     let have = &found.cached_info().config;
     let drift = drift(have, &want);
-    if drift.changed.is_empty() {
+    let name = want.durable_name.clone().unwrap_or_default();
+    if !drift.fixed_only_by_delete.is_empty() {
+        error!(
+            puller = what,
+            consumer = name,
+            changed = drift.fixed_only_by_delete.join("; "),
+            "the JetStream consumer's settings were changed in a way that cannot be set back \
+             in place; delete it (nats consumer rm {} {name}) and the relay makes it again",
+            stream.cached_info().config.name
+        );
+        if drift.loses {
+            return None;
+        }
+    }
+    if drift.fixable.is_empty() {
         return Some(found);
     }
-    let changed = drift.changed.join("; ");
+    let changed = drift.fixable.join("; ");
+    // What the server fills in or will not change in place stays as found, so that the
+    // update is not refused for it.
     want.metadata = have.metadata.clone();
-    let name = want.durable_name.clone().unwrap_or_default();
+    want.max_waiting = have.max_waiting;
+    want.replay_policy = have.replay_policy;
+    want.memory_storage = have.memory_storage;
+    want.max_batch = have.max_batch;
+    want.max_bytes = have.max_bytes;
+    want.max_expires = have.max_expires;
+    want.num_replicas = have.num_replicas;
+    want.pause_until = have.pause_until;
     match stream.update_consumer(want).await {
         Ok(c) => {
             warn!(
@@ -87,8 +111,8 @@ async fn set_back(
                 consumer = name,
                 changed,
                 error = %e,
-                "the JetStream consumer's settings were changed and cannot be set back in place; \
-                 delete it (nats consumer rm {} {name}) and the relay makes it again",
+                "setting the JetStream consumer's changed settings back failed; it is used as \
+                 it is; delete it (nats consumer rm {} {name}) and the relay makes it again",
                 stream.cached_info().config.name
             );
             (!drift.loses).then_some(found)
@@ -96,136 +120,135 @@ async fn set_back(
     }
 }
 
-/// How a consumer's settings differ from what the relay makes.
+/// How a consumer's settings differ from what the relay makes, one phrase per setting.
 #[derive(Debug, Default, PartialEq)]
 pub(super) struct Drift {
-    /// One phrase per setting that differs.
-    pub changed: Vec<String>,
-    /// One of them would lose or skip deliveries (their acks, policy, subjects, payloads).
+    /// Settings an update sets back in place.
+    pub fixable: Vec<String>,
+    /// Settings only a new consumer sets back: the server will not change them, or a
+    /// change would not bring back what they made it pass over (other subjects).
+    pub fixed_only_by_delete: Vec<String>,
+    /// One of them loses or skips deliveries (acks, deliver policy, subjects, payloads):
+    /// such a consumer is not used.
     pub loses: bool,
 }
 
 /// How the settings `have` differ from `want` where it matters to the relay. Settings the
-/// server fills in itself (left at their defaults in `want`) count only when set to
-/// something that would hold deliveries back.
+/// server fills in itself, or that its limits may set (`max_batch`, `max_expires`, …), are
+/// not compared, nor a pause (an operator's own tool: the relay has its own pause).
 pub(super) fn drift(have: &consumer::Config, want: &pull::Config) -> Drift {
     let mut d = Drift::default();
-    let mut differs = |loses: bool, name: &str, have: String, want: String| {
-        if have != want {
-            d.changed.push(format!("{name} is {have}, not {want}"));
-            d.loses |= loses;
+    let shown = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    let mut differs = |class: Class, name: &str, have: String, want: String| {
+        if have == want {
+            return;
+        }
+        let phrase = format!("{name} is {have}, not {want}");
+        match class {
+            Class::Fixable => d.fixable.push(phrase),
+            Class::ByDelete => d.fixed_only_by_delete.push(phrase),
+            Class::Loses => {
+                d.fixed_only_by_delete.push(phrase);
+                d.loses = true;
+            }
         }
     };
-    let shown = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    use Class::*;
     differs(
-        true,
+        Loses,
         "deliver_policy",
         shown(&have.deliver_policy),
         shown(&want.deliver_policy),
     );
     differs(
-        true,
+        Loses,
         "ack_policy",
         shown(&have.ack_policy),
         shown(&want.ack_policy),
     );
     differs(
-        true,
+        Loses,
         "filter_subject",
         have.filter_subject.clone(),
         want.filter_subject.clone(),
     );
     differs(
-        true,
+        Loses,
         "filter_subjects",
         shown(&have.filter_subjects),
         shown(&want.filter_subjects),
     );
     differs(
-        true,
+        Loses,
         "headers_only",
         shown(&have.headers_only),
         shown(&want.headers_only),
     );
     differs(
-        false,
-        "ack_wait",
-        shown(&have.ack_wait),
-        shown(&want.ack_wait),
-    );
-    differs(
-        false,
-        "max_deliver",
-        shown(&have.max_deliver),
-        shown(&want.max_deliver),
-    );
-    differs(
-        false,
-        "max_ack_pending",
-        shown(&have.max_ack_pending),
-        shown(&want.max_ack_pending),
-    );
-    differs(
-        false,
+        ByDelete,
         "replay_policy",
         shown(&have.replay_policy),
         shown(&want.replay_policy),
     );
     differs(
-        false,
+        ByDelete,
         "memory_storage",
         shown(&have.memory_storage),
         shown(&want.memory_storage),
     );
-    differs(false, "backoff", shown(&have.backoff), shown(&want.backoff));
     differs(
-        false,
+        Fixable,
+        "ack_wait",
+        shown(&have.ack_wait),
+        shown(&want.ack_wait),
+    );
+    differs(
+        Fixable,
+        "max_deliver",
+        shown(&have.max_deliver),
+        shown(&want.max_deliver),
+    );
+    differs(
+        Fixable,
+        "max_ack_pending",
+        shown(&have.max_ack_pending),
+        shown(&want.max_ack_pending),
+    );
+    differs(
+        Fixable,
+        "backoff",
+        shown(&have.backoff),
+        shown(&want.backoff),
+    );
+    differs(
+        Fixable,
         "rate_limit",
         shown(&have.rate_limit),
         shown(&want.rate_limit),
     );
     differs(
-        false,
+        Fixable,
         "priority_groups",
         shown(&have.priority_groups),
         shown(&want.priority_groups),
     );
     let unset = String::from("unset");
-    let or_unset = |set: bool, v: String| if set { v } else { unset.clone() };
-    differs(
-        false,
-        "inactive_threshold",
-        or_unset(
-            have.inactive_threshold > Duration::ZERO,
-            shown(&have.inactive_threshold),
-        ),
-        unset.clone(),
-    );
-    differs(
-        false,
-        "max_batch",
-        or_unset(have.max_batch > 0, shown(&have.max_batch)),
-        unset.clone(),
-    );
-    differs(
-        false,
-        "max_bytes",
-        or_unset(have.max_bytes > 0, shown(&have.max_bytes)),
-        unset.clone(),
-    );
-    differs(
-        false,
-        "max_expires",
-        or_unset(have.max_expires > Duration::ZERO, shown(&have.max_expires)),
-        unset.clone(),
-    );
-    differs(
-        false,
-        "pause_until",
-        or_unset(have.pause_until.is_some(), "set".into()),
-        unset.clone(),
-    );
+    let threshold = match have.inactive_threshold > Duration::ZERO {
+        true => shown(&have.inactive_threshold),
+        false => unset.clone(),
+    };
+    differs(Fixable, "inactive_threshold", threshold, unset);
     d
+}
+
+/// How a changed setting is set back.
+enum Class {
+    /// By an update in place.
+    Fixable,
+    /// Only by a new consumer.
+    ByDelete,
+    /// Only by a new consumer, and the found one is not used meanwhile.
+    Loses,
 }
 
 /// After a pull ended with an error (the consumer deleted, no leader during an election, no

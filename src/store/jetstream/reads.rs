@@ -44,8 +44,9 @@ impl JetStreamStore {
         for d in &meta.destinations {
             match unreadable.skip(seq, self.state_of(seq, d, &e).await)? {
                 Some(Some((_, rec, _))) => deliveries.push(shown(rec)),
-                // Not fanned out yet: pending, as it will be written.
-                Some(None) => deliveries.push(shown(meta.first_delivery(seq, d))),
+                // Not fanned out yet: pending, as it will be written (whether it will wait
+                // is the fan-out's to find).
+                Some(None) => deliveries.push(meta.first_delivery(seq, d).delivery),
                 None => {}
             }
         }
