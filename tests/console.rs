@@ -572,3 +572,80 @@ to = ["bad"]
     stop_relay(relay).await;
     bad.stop().await;
 }
+
+/// How many rows the dead-letter table shows.
+async fn dead_rows(c: &Client) -> serde_json::Value {
+    c.execute(
+        "return document.querySelectorAll('#dead tbody tr').length;",
+        vec![],
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_console_pages_through_more_dead_letters_than_one_answer_holds() {
+    // 501 dead letters: one more than the console asks for at once.
+    let bad = Sink::start(Vec::new(), Reply::status(400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token = "{TOKEN}"
+
+[[sources]]
+name = "voice"
+path = "/8x8/voice"
+event_id = ["$.id"]
+
+[[destinations]]
+name = "bad"
+url = "{}"
+rate = {{ per_second = 100000, burst = 1000 }}
+
+[[routes]]
+name = "voice-to-bad"
+source = "voice"
+to = ["bad"]
+"#,
+        bad.url("/bad")
+    );
+    let relay = start_relay(dir.path(), &toml).await;
+    const N: usize = 501;
+    for i in 0..N {
+        let body = format!(r#"{{"id":"many-{i:03}"}}"#);
+        let (status, _) = post(&relay, "/8x8/voice", "application/json", body.as_bytes()).await;
+        assert_eq!(status, 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while relay.app.store.dead(Some("bad"), 1000).await.unwrap().len() < N {
+        assert!(std::time::Instant::now() < deadline, "not all dead in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = &relay;
+    in_browser(|c| async move {
+        sign_in(&c, running.admin).await;
+        click(&c, "//*[@id='tab-dead']").await;
+        click(&c, "//select[@id='dead-destination']/option[@value='bad']").await;
+        // The oldest 500, and a button for the rest.
+        appears(&c, "//table[@id='dead']//tr[@data-event-id='many-499']").await;
+        assert_eq!(dead_rows(&c).await, json!(500));
+        click(
+            &c,
+            "//button[@id='dead-more' and not(contains(@class,'hidden'))]",
+        )
+        .await;
+        appears(&c, "//table[@id='dead']//tr[@data-event-id='many-500']").await;
+        assert_eq!(dead_rows(&c).await, json!(N));
+        appears(
+            &c,
+            "//button[@id='dead-more' and contains(@class,'hidden')]",
+        )
+        .await;
+    })
+    .await;
+    stop_relay(relay).await;
+    bad.stop().await;
+}

@@ -15,7 +15,7 @@
   const INDENTED_OUT_MAX = 2 * 1024 * 1024;
   const INDENT_DEPTH_MAX = 16;
   const app = { token: '', authed: false, needsToken: false, started: false, loginTried: false, authGen: 0,
-    view: 'events', next: null, filter: null, eventId: null, eventPick: null, shownEvent: null, pollTimer: null, destTimer: null };
+    view: 'events', next: null, filter: null, eventId: null, eventPick: null, shownEvent: null, dead: null, pollTimer: null, destTimer: null };
 
   // ---- DOM helpers -------------------------------------------------------
   const SAFE_ATTR = /^(class|id|type|value|title|disabled|aria-label|data-[a-z0-9-]+)$/;
@@ -199,6 +199,8 @@
     }
     show($('event-view'), false);
     show($('more'), false);
+    show($('dead-more'), false);
+    app.dead = null;
     app.eventId = null;
     app.eventPick = null;
     app.shownEvent = null;
@@ -481,17 +483,44 @@
   }
 
   // ---- dead letters ----------------------------------------------------------
+  // The dead letters shown: the filter they were loaded with, the list (oldest first, a
+  // page at a time), and whether a next page may follow.
   async function loadDead() {
     updateReplayAll();
     const current = ticket('dead');
-    const rows = await api('GET', '/api/dead' + query({ destination: $('dead-destination').value, limit: DEAD_SHOWN }));
+    const filter = $('dead-destination').value;
+    const rows = await api('GET', '/api/dead' + query({ destination: filter, limit: DEAD_SHOWN }));
     if (!current()) return;
-    const tbody = $('dead').tBodies[0];
     const list = Array.isArray(rows) ? rows : [];
+    app.dead = { filter, list, full: list.length >= DEAD_SHOWN, loading: false };
+    renderDead();
+  }
+
+  // The next page, after the last one shown, with the filter the list was loaded with. A
+  // new list loaded meanwhile wins: this page belongs to the old one.
+  async function moreDead() {
+    const shown = app.dead;
+    if (!shown || shown.loading || shown.list.length === 0) return;
+    shown.loading = true;
+    try {
+      const last = shown.list[shown.list.length - 1];
+      const rows = await api('GET', '/api/dead' + query({ destination: shown.filter, limit: DEAD_SHOWN, after: last.cursor }));
+      if (app.dead !== shown) return;
+      const page = Array.isArray(rows) ? rows : [];
+      shown.list = shown.list.concat(page);
+      shown.full = page.length >= DEAD_SHOWN;
+      renderDead();
+    } finally {
+      shown.loading = false;
+    }
+  }
+
+  function renderDead() {
+    const tbody = $('dead').tBodies[0];
     // Keyed by the event's sequence too: one id may name several events (sources, reuse).
-    syncRows(tbody, list, (d) => JSON.stringify([d.source, d.event_id, d.destination, d.seq]), deadRow);
+    syncRows(tbody, app.dead.list, (d) => JSON.stringify([d.source, d.event_id, d.destination, d.seq]), deadRow);
     show($('dead-empty'), tbody.rows.length === 0);
-    show($('dead-more'), list.length >= DEAD_SHOWN);
+    show($('dead-more'), app.dead.full);
   }
 
   function deadRow(d) {
@@ -623,6 +652,7 @@
     $('refresh-event').addEventListener('click', () => { setStatus(''); guard(pollEvent)(Date.now() + 15000); });
     $('dead-destination').addEventListener('change', guard(loadDead));
     $('refresh-dead').addEventListener('click', guard(loadDead));
+    $('dead-more').addEventListener('click', guard(moreDead));
     $('replay-all').addEventListener('click', (e) => {
       const dest = $('dead-destination').value;
       if (dest) guard(replayDead)({ destination: dest }, e.currentTarget);
