@@ -422,6 +422,45 @@ async fn dead_letters_oldest_first(name: &str, st: &dyn Store) {
         st.dead_after(None, u64::MAX, 2).await.unwrap().is_empty(),
         "{name}"
     );
+    // An event dead to two destinations: paged one at a time, every dead letter comes
+    // once, none left out at a page's end.
+    let two = accepted(st, ev("dead-two", "x", &["aa", "zz"])).await;
+    for dest in ["aa", "zz"] {
+        due(st, dest, two).await;
+        st.record(&key(two, dest), dead()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while st.dead(None, 10).await.unwrap().len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: dead-two never listed twice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut seen = Vec::new();
+    let mut after = 0;
+    for _ in 0..10 {
+        let page = st.dead_after(None, after, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.cursor;
+        seen.extend(
+            page.iter()
+                .map(|n| (n.event_id.clone(), n.delivery.destination.clone())),
+        );
+    }
+    seen.sort();
+    let pair = |e: &str, d: &str| (e.to_string(), d.to_string());
+    assert_eq!(
+        seen,
+        [
+            pair("dead-new", "aa"),
+            pair("dead-old", "zz"),
+            pair("dead-third", "zz"),
+            pair("dead-two", "aa"),
+            pair("dead-two", "zz"),
+        ],
+        "{name}"
+    );
 }
 
 /// Whether `dest` lists a pending delivery of any of `seqs` now.

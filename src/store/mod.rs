@@ -433,7 +433,9 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// [`Store::dead`] past the one whose [`NamedDelivery::cursor`] is `after` (0: from
-    /// the first): the next page of a long dead-letter list.
+    /// the first): the next page of a long dead-letter list. A page may hold a few more
+    /// than `limit`: it ends with all the dead letters sharing its last cursor (on the
+    /// embedded stores, an event's to several destinations).
     async fn dead_after(
         &self,
         destination: Option<&str>,

@@ -454,8 +454,13 @@ impl<E: Engine> Store for KvStore<E> {
                 None => first_dead_destination(engine, &key(&[b"z/", dest.as_bytes(), b"\x01"]))?,
             };
         }
-        found.sort_unstable_by_key(|(seq, _)| *seq);
-        found.truncate(limit);
+        found.sort_unstable();
+        // An event dead to several destinations shares one cursor (its sequence): a page
+        // ends with all of them, or the next page (after it) would leave some out. Each
+        // destination's first `limit` hold all of them if the merged first `limit` hold one.
+        if let Some(&(last, _)) = found.get(limit.max(1) - 1) {
+            found.retain(|(seq, _)| *seq <= last);
+        }
         let mut out = Vec::new();
         let mut unreadable = Unreadable::default();
         for (seq, dest) in found {
