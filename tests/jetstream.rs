@@ -1271,15 +1271,18 @@ async fn consumers_edited_between_starts_are_set_back_or_left_unused() {
     TestRelay::start(&text).await.stop().await;
     // Taken up again as they were made, the consumers are not changed: nothing is said of
     // their settings (against what the server fills in itself).
-    let again = relays(dir.path(), &text, 1).await.remove(0);
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let again = RelayProcess::spawn_at(&cfg, &dir.path().join("again.log"), "info").await;
     assert_eq!(post(&again, "e0").await.0, 200);
     let ids = |ids: &[&str]| -> HashSet<String> { ids.iter().map(|s| s.to_string()).collect() };
     a.wait_delivered(&ids(&["e0"]), Duration::from_secs(15))
         .await
         .expect("delivered");
     // Stopped cleanly: its delivery's outcome is stored, so it is not sent again later.
-    assert!(again.sigterm(Duration::from_secs(30)).await.success());
-    let log = std::fs::read_to_string(dir.path().join("relay0.log")).unwrap();
+    let (status, log) = again.sigterm_with_log(Duration::from_secs(30)).await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopped"), "the whole log read: {log}");
     assert!(!log.contains("consumer's settings"), "{log}");
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js.get_stream("t").await.unwrap();

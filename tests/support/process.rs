@@ -175,6 +175,21 @@ impl RelayProcess {
         }
     }
 
+    /// SIGTERM, waits (bounded by `within`) for the exit status, then for the last of its
+    /// stderr, and returns both.
+    pub async fn sigterm_with_log(mut self, within: Duration) -> (ExitStatus, String) {
+        self.signal("TERM");
+        let status = match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(s) => s.unwrap(),
+            Err(_) => panic!("the relay did not exit within {within:?} of SIGTERM"),
+        };
+        if let Some(r) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+        }
+        let log = self.lines.lock().unwrap().join("\n");
+        (status, log)
+    }
+
     /// SIGTERM, and waits (bounded by `within`) for the exit status.
     pub async fn sigterm(self, within: Duration) -> ExitStatus {
         self.sigterm_or_kill(within)

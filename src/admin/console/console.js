@@ -85,9 +85,14 @@
   // Render items into tbody, reusing rows with the same key.
   function syncRows(tbody, items, keyOf, build) {
     const old = new Map(Array.from(tbody.rows, (tr) => [tr.dataset.key, tr]));
+    const placed = new Set();
     for (const item of items) {
-      const fresh = build(item);
       const key = keyOf(item);
+      // One row per key: a second item with it (a list that changed between its pages)
+      // would leave a row no later render removes.
+      if (placed.has(key)) continue;
+      placed.add(key);
+      const fresh = build(item);
       fresh.dataset.key = key;
       const prev = old.get(key);
       old.delete(key);
@@ -192,6 +197,8 @@
 
   // What the signed-out page must not keep: event bodies, lists, URLs, the routing table.
   function forgetShown() {
+    // A list still on its way is not shown when it comes.
+    for (const kind of Object.keys(seqs)) seqs[kind] += 1;
     for (const id of ['events', 'dead', 'destinations', 'deliveries']) clear($(id).tBodies[0]);
     for (const id of ['event-body', 'event-body-decoded', 'routing-table', 'event-id', 'event-source',
       'event-seq', 'event-received', 'event-content-type', 'event-choices', 'reload-result', 'reload-problems']) {
@@ -507,7 +514,9 @@
       const rows = await api('GET', '/api/dead' + query({ destination: shown.filter, limit: DEAD_SHOWN, after: last.cursor }));
       if (app.dead !== shown) return;
       const page = Array.isArray(rows) ? rows : [];
-      shown.list = shown.list.concat(page);
+      // One that died again since the first page (a new place in the list) is shown once.
+      const have = new Set(shown.list.map(deadKey));
+      shown.list = shown.list.concat(page.filter((d) => !have.has(deadKey(d))));
       shown.full = page.length >= DEAD_SHOWN;
       renderDead();
     } finally {
@@ -515,10 +524,12 @@
     }
   }
 
+  // Keyed by the event's sequence too: one id may name several events (sources, reuse).
+  const deadKey = (d) => JSON.stringify([d.source, d.event_id, d.destination, d.seq]);
+
   function renderDead() {
     const tbody = $('dead').tBodies[0];
-    // Keyed by the event's sequence too: one id may name several events (sources, reuse).
-    syncRows(tbody, app.dead.list, (d) => JSON.stringify([d.source, d.event_id, d.destination, d.seq]), deadRow);
+    syncRows(tbody, app.dead.list, deadKey, deadRow);
     show($('dead-empty'), tbody.rows.length === 0);
     show($('dead-more'), app.dead.full);
   }
