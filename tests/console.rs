@@ -21,6 +21,17 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// With a space: a header value may hold one, and the console must send it.
 const TOKEN: &str = "console token 41d9";
+/// The head of every test's routes.toml: loopback listeners, the admin token, and the
+/// `voice` source (its `event_id` and the rest follow).
+const VOICE: &str = "
+[server]
+listen = \"127.0.0.1:0\"
+admin_listen = \"127.0.0.1:0\"
+admin_token = \"console token 41d9\"
+
+[[sources]]
+name = \"voice\"
+path = \"/8x8/voice\"";
 /// The longest any one thing the page does may take.
 const UI_WAIT: Duration = Duration::from_secs(15);
 
@@ -225,15 +236,7 @@ async fn the_console_finds_replays_and_pauses_and_shows_bodies_as_text() {
     let sink = Sink::start(vec![Reply::status(400)], Reply::status(200)).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
+        r#"{VOICE}
 event_id = ["$.payload.eventId"]
 
 [[destinations]]
@@ -464,15 +467,7 @@ async fn the_console_replays_a_destinations_dead_letters_filters_by_source_and_r
     let bad = Sink::start(vec![Reply::status(400); 3], Reply::status(200)).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
+        r#"{VOICE}
 event_id = ["$.id"]
 
 [[sources]]
@@ -589,15 +584,7 @@ async fn the_console_pages_through_more_dead_letters_than_one_answer_holds() {
     let bad = Sink::start(Vec::new(), Reply::status(400)).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-admin_token = "{TOKEN}"
-
-[[sources]]
-name = "voice"
-path = "/8x8/voice"
+        r#"{VOICE}
 event_id = ["$.id"]
 
 [[destinations]]
