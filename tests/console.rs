@@ -141,6 +141,11 @@ fn cell(table: &str, dest: &str, class: &str, text: &str) -> String {
     )
 }
 
+/// The text of the element at `xpath`, once it appears.
+async fn text_of(c: &Client, xpath: &str) -> String {
+    appears(c, xpath).await.text().await.unwrap()
+}
+
 /// Clicks the element at `xpath` (it must be there).
 async fn click(c: &Client, xpath: &str) {
     c.find(Locator::XPath(xpath))
@@ -314,11 +319,7 @@ to = ["calls"]
 
         // A body full of markup is shown as text and runs nothing.
         open_event(&c, "ev-xss").await;
-        let body = appears(&c, "//pre[@id='event-body']")
-            .await
-            .text()
-            .await
-            .unwrap();
+        let body = text_of(&c, "//pre[@id='event-body']").await;
         assert!(body.contains("<script>window.__xss=1</script>"), "{body}");
         assert!(body.contains("<img src=x onerror="), "{body}");
         // As received, indented: the number exact, the keys in their order.
@@ -344,11 +345,7 @@ to = ["calls"]
         );
         screenshot(&c, &shots, "event-body").await;
         open_event(&c, "ev-deep").await;
-        let body = appears(&c, "//pre[@id='event-body']")
-            .await
-            .text()
-            .await
-            .unwrap();
+        let body = text_of(&c, "//pre[@id='event-body']").await;
         assert!(body.contains("1,\n"), "{body}");
         let deepest = body
             .lines()
@@ -357,11 +354,7 @@ to = ["calls"]
             .unwrap();
         assert_eq!(deepest, 32, "indented to 16 levels at most");
         open_event(&c, &lookalike_id).await;
-        let body = appears(&c, "//pre[@id='event-body']")
-            .await
-            .text()
-            .await
-            .unwrap();
+        let body = text_of(&c, "//pre[@id='event-body']").await;
         assert!(body.contains("SGVsbG8="), "{body}");
         let decoded_shown = c
             .execute(
@@ -549,11 +542,7 @@ to = ["bad"]
         text.push_str("\n[[routes]]\nname = \"<b>x</b>\"\nsource = \"nowhere\"\nto = [\"bad\"]\n");
         std::fs::write(&file, &text).unwrap();
         click(&c, "//*[@id='reload']").await;
-        let problem = appears(&c, "//ul[@id='reload-problems']/li[contains(., 'nowhere')]")
-            .await
-            .text()
-            .await
-            .unwrap();
+        let problem = text_of(&c, "//ul[@id='reload-problems']/li[contains(., 'nowhere')]").await;
         assert!(problem.contains("routes[2].source"), "{problem}");
         let made = c
             .execute("return document.querySelectorAll('#reload-problems b').length;", vec![])

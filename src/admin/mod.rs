@@ -207,14 +207,11 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, ApiE
                 .map(String::as_str)
                 .filter(|d| !d.is_empty());
             // Past the 10,000 one answer holds: `after` is the last one's `cursor`.
-            let after = match q.get("after").map(String::as_str) {
-                None | Some("") => None,
-                Some(a) => Some(a.parse::<u64>().map_err(|_| {
-                    bad_request(
-                        "after must be the `cursor` of a dead letter an earlier answer listed",
-                    )
-                })?),
-            };
+            let after = cursor(
+                &q,
+                "after",
+                "the `cursor` of a dead letter an earlier answer listed",
+            )?;
             let dead = app
                 .store
                 .dead_after(dest, after.unwrap_or(0), limit)
@@ -365,13 +362,7 @@ async fn events(app: &App, q: &HashMap<String, String>) -> Result<Response<Body>
             )))
         }
     };
-    let before = match q.get("before").map(String::as_str) {
-        None | Some("") => None,
-        Some(b) => Some(
-            b.parse::<u64>()
-                .map_err(|_| bad_request("before must be the `next` of an earlier answer"))?,
-        ),
-    };
+    let before = cursor(q, "before", "the `next` of an earlier answer")?;
     let nonempty = |k: &str| q.get(k).filter(|v| !v.is_empty()).cloned();
     let query = EventQuery {
         source: nonempty("source"),
@@ -600,6 +591,17 @@ async fn metrics(app: &App, openmetrics: bool) -> String {
     app.metrics
         .set_destination_gauges(&gauges, &|| destination_names(app));
     app.metrics.render(openmetrics)
+}
+
+/// The paging cursor `key` of a query (absent or empty: none); `what` says what it must be.
+fn cursor(q: &HashMap<String, String>, key: &str, what: &str) -> Result<Option<u64>, ApiError> {
+    match q.get(key).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(v) => v
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| bad_request(format!("{key} must be {what}"))),
+    }
 }
 
 /// A change (a replay, a pause, a reload) is refused while the relay stops: what it would

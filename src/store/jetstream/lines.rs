@@ -508,13 +508,13 @@ impl JetStreamStore {
     }
 }
 
-/// An accept's line entries, written before its event: [`keep`](Self::keep) once the event
-/// is stored, [`forget`](Self::forget) when it is certainly not (a duplicate, too large),
-/// [`leave`](Self::leave) when that is not known (an error, a timeout: the write may have
-/// landed). Left (or dropped unsettled: the ingress gave up at its timeout), they are let
-/// go by the line once they have stood for nothing for [`ORPHAN_AFTER`] (the line checks
-/// that their event is not stored); deleting them at once could take an entry from an
-/// event stored after all, whose delivery may already be going out as its key's head.
+/// An accept's line entries, written before its event. Once the event is stored they stand
+/// for it; when it certainly is not (a duplicate, too large) they are deleted at once
+/// ([`forget`](Self::forget)). When that is not known (a write that failed unanswered, an
+/// accept dropped at the ingress's timeout) they are left: the line lets them go once they
+/// have stood for nothing for [`ORPHAN_AFTER`] (it checks that their event is not
+/// stored); deleting them at once could take an entry from an event stored after all,
+/// whose delivery may already be going out as its key's head.
 pub(super) struct Entries {
     store: std::sync::Weak<JetStreamStore>,
     seqs: Vec<u64>,
@@ -531,12 +531,6 @@ impl Entries {
             lines: Vec::new(),
         }
     }
-
-    /// The event is stored: its entries stand for it.
-    pub(super) fn keep(self) {}
-
-    /// Whether the event is stored is not known: the line decides, once they are old.
-    pub(super) fn leave(self) {}
 
     /// The event is certainly not stored: its entries are deleted now.
     pub(super) async fn forget(self) {

@@ -507,8 +507,8 @@ impl Store for JetStreamStore {
         // that failed unanswered (the event may have been stored all the same), as when
         // this accept is dropped (the ingress gave up).
         match &stored {
-            Ok(Admission::Accepted { .. }) => entries.keep(),
-            Err(_) if unknown => entries.leave(),
+            Ok(Admission::Accepted { .. }) => {}
+            Err(_) if unknown => {}
             _ => entries.forget().await,
         }
         stored

@@ -140,8 +140,6 @@ impl<E: Engine> Shared<E> {
             .transpose()
     }
 
-    /// The event's deliveries as the admin API shows them: a pending ordered one not in
-    /// the due queue (behind another of its key's line) is marked `waiting`.
     fn deliveries_of(&self, seq: u64) -> Result<Vec<Delivery>, StoreError> {
         let mut out = Vec::new();
         self.engine
@@ -149,15 +147,21 @@ impl<E: Engine> Shared<E> {
                 out.push(decode_delivery(v)?);
                 Ok(true)
             })?;
-        // The one of a key's line that may go holds the key's place in the due queue (not
-        // always the line's first: a replayed one rejoins ahead of the one in flight).
-        for d in &mut out {
+        Ok(out)
+    }
+
+    /// The event's deliveries as the admin API shows them: a pending ordered one not in
+    /// the due queue (behind another of its key's line) is marked `waiting`. The one of a
+    /// key's line that may go holds the key's place in the due queue (not always the
+    /// line's first: a replayed one rejoins ahead of the one in flight).
+    fn shown(&self, mut deliveries: Vec<Delivery>) -> Result<Vec<Delivery>, StoreError> {
+        for d in &mut deliveries {
             if d.state == DeliveryState::Pending && d.order_key.is_some() {
                 let queued = queue_key(&d.destination, d.next_due_ms, d.seq);
                 d.waiting = self.engine.get(&queued)?.is_none();
             }
         }
-        Ok(out)
+        Ok(deliveries)
     }
 }
 
@@ -514,6 +518,9 @@ impl<E: Engine> Store for KvStore<E> {
             if (q.destination.is_some() || q.state.is_some()) && !deliveries.iter().any(wanted) {
                 return Ok(true);
             }
+            let Some(deliveries) = unreadable.skip(seq, shared.shown(deliveries))? else {
+                return Ok(true);
+            };
             events.push(EventView { event, deliveries });
             Ok(true)
         })?;
@@ -630,7 +637,7 @@ impl<E: Engine> Store for KvStore<E> {
             if let Some(event) = self.shared.event(seq)? {
                 out.push(EventView {
                     event,
-                    deliveries: self.shared.deliveries_of(seq)?,
+                    deliveries: self.shared.shown(self.shared.deliveries_of(seq)?)?,
                 });
             }
         }
